@@ -1,0 +1,643 @@
+"""CallController: one per call; executes commands and owns the call's tracks and timers.
+
+State of a call::
+
+    idle --invite/start--> active --hangup/close/kill/autoHangup/inactivity--> ended
+      \\________________________hangup/close/kill___________________________/
+
+The controller sees its session only through :class:`ISessionOutput` (emit
+events, send audio, finish) and everything else through :class:`CallServices`,
+so it can be driven in tests by a Clock and fakes.
+"""
+
+from __future__ import annotations
+
+import base64 as b64
+import binascii
+from typing import Any, Callable, Optional, Protocol
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from activecall.call.legs import WebSocketLeg
+from activecall.call.playback import FilePlay, Sentence, SstSource, TtsPlay, split_sentences, strip_emoji
+from activecall.call.services import CallServices
+from activecall.clock import CallClock
+from activecall.control import commands as cmds
+from activecall.control import events as ev
+from activecall.control.options import CallOption, SynthesisOption
+from activecall.media.mixer import apply_gain
+from activecall.media.resample import Resampler
+from activecall.speech.interfaces import SynthesisRequest, UnknownProviderError
+from activecall.speech.registry import SynthesisSettings
+
+# Events that count as "the user reacted" and cancel a pending waitInputTimeout.
+_INPUT_EVENTS = (ev.SpeakingEvent, ev.DtmfEvent, ev.AsrDeltaEvent, ev.AsrFinalEvent, ev.TrackStartEvent)
+_INACTIVITY_CHECK_S = 1.0
+# Caller audio that arrives before invite is kept (spec §5.3) but bounded.
+_MAX_EARLY_AUDIO_BYTES = 10 * 16000 * 2
+
+
+class ISessionOutput(Protocol):
+    """What a controller needs from its session."""
+
+    sid: str
+    call_type: str
+    server_side_track: str
+
+    def emit(self, event: Any) -> None:
+        """Send an event to every listener of the session."""
+
+    def send_audio(self, data: bytes) -> None:
+        """Send a Binary frame of agent audio to the client."""
+
+    def finish(self) -> None:
+        """The call is over: close the socket and forget the session."""
+
+
+class CallController:
+    """Executes the commands of one call (spec §2) and produces its events (§3)."""
+
+    _log = Logger()
+
+    def __init__(self, session: ISessionOutput, services: CallServices) -> None:
+        self._session = session
+        self._services = services
+        self._timers = CallClock(services.clock)
+        self.sid = session.sid
+        self.sst = session.server_side_track
+        self.option: Optional[CallOption] = None
+        self.leg: Optional[WebSocketLeg] = None
+        self.created_at = services.clock.seconds()
+        self.answered_at: Optional[float] = None
+        self.ended = False
+        self.hangup_reason: Optional[str] = None
+        self._sst: Optional[SstSource] = None
+        self._ticking = False
+        self._mute_agent = False
+        self._mute_caller = False
+        self._early_audio: list[bytes] = []
+        self._early_audio_bytes = 0
+        self._wait_input: Any = None
+        self._last_caller_audio_at = self.created_at
+        self._inactivity_timer: Any = None
+        self._cmd_seq = 0
+
+    # -- plumbing -------------------------------------------------------
+
+    def now_ms(self) -> int:
+        """Current time in ms since the epoch (on the injected clock)."""
+        return int(self._services.clock.seconds() * 1000)
+
+    def emit(self, event: Any) -> None:
+        """Emit an event; user input cancels a pending waitInputTimeout."""
+        if self._wait_input is not None and isinstance(event, _INPUT_EVENTS):
+            self._timers.cancel(self._wait_input)
+            self._wait_input = None
+        self._session.emit(event)
+
+    def error(self, message: str, sender: str = "command", track_id: Optional[str] = None, code: Optional[int] = None) -> None:
+        """Emit an ``error`` event."""
+        self.emit(ev.ErrorEvent(track_id=track_id or self.sid, timestamp=self.now_ms(), sender=sender, error=message, code=code))
+
+    def execute(self, command: Any) -> Optional[Deferred[Any]]:
+        """Run one command; a returned Deferred blocks the session's queue until it fires."""
+        if self.ended:
+            return None
+        self._cmd_seq += 1
+        handler: Callable[[Any], Optional[Deferred[Any]]] = getattr(self, "_cmd_" + type(command).name.lower())
+        return handler(command)
+
+    # -- call setup -----------------------------------------------------
+
+    def _cmd_invite(self, cmd: Any) -> None:
+        if self.leg is not None or self.answered_at is not None:
+            self.error(f"{type(cmd).name} not allowed: the call is already started")
+            return
+        option: CallOption = cmd.option
+        if self.option is not None:
+            option = option.merged_over(self.option)
+        self.option = option
+        if self._session.call_type != "webSocket":
+            # SIP and WebRTC legs are built by their own layers; until those are
+            # wired in, say so instead of pretending the call connected.
+            self.error(f"{self._session.call_type} calls are not supported by this daemon yet", sender="invite")
+            self.hangup("failed", "system")
+            return
+        self.leg = WebSocketLeg(option.codec, option.sample_rate, self._services.ids.ssrc(), self._session.send_audio)
+        self.emit(ev.TrackStartEvent(track_id=self.sid, timestamp=self.now_ms()))
+        self.answered_at = self._services.clock.seconds()
+        self.emit(ev.AnswerEvent(track_id=self.sid, timestamp=self.now_ms(), sdp="", refer=False))
+        self._report_unavailable_processors(option, sender=type(cmd).name)
+        if option.inactivity_timeout:
+            self._last_caller_audio_at = self._services.clock.seconds()
+            self._inactivity_timer = self._timers.call_later(_INACTIVITY_CHECK_S, self._check_inactivity)
+        early, self._early_audio = self._early_audio, []
+        self._early_audio_bytes = 0
+        for chunk in early:
+            self.caller_audio(chunk)
+
+    _cmd_start = _cmd_invite
+
+    def _report_unavailable_processors(self, option: CallOption, sender: str) -> None:
+        # Speech recognition and VAD engines join in later layers; name what this
+        # call asked for and cannot get, and keep the rest of the call running.
+        if option.asr is not None:
+            self.error(f"ASR provider not available: {option.asr.provider}", sender=sender)
+        if option.vad is not None and (option.vad.type or "silero") != "nop":
+            self.error(f"VAD type not available: {option.vad.type or 'silero'}", sender=sender)
+        if option.playbook is not None:
+            self.error(f"playbook engine not available: {option.playbook}", sender="playbook")
+
+    def _cmd_accept(self, cmd: Any) -> None:
+        self.emit(ev.RejectEvent(track_id=self.sid, timestamp=self.now_ms(), reason="no pending call", code=486))
+        self.error("accept not allowed: no pending inbound call")
+
+    def _cmd_reject(self, cmd: Any) -> None:
+        self.error("reject not allowed: no pending inbound call")
+
+    def _cmd_ringing(self, cmd: Any) -> None:
+        self.error("ringing not allowed: no pending inbound call")
+
+    def _cmd_refer(self, cmd: Any) -> None:
+        self.error("refer not allowed: the call has no SIP leg")
+
+    def _cmd_message(self, cmd: Any) -> None:
+        self.error("message command is only supported for SIP calls")
+
+    def _cmd_addicecandidate(self, cmd: Any) -> None:
+        self.error("addIceCandidate not allowed: the call has no WebRTC leg")
+
+    def _cmd_bridge(self, cmd: Any) -> None:
+        self.error(f"bridge target session not found: {cmd.target_session_id}")
+
+    def _cmd_unbridge(self, cmd: Any) -> None:
+        """No bridge exists on this call, which is not an error (spec §2.2)."""
+
+    def _cmd_history(self, cmd: Any) -> None:
+        self.emit(ev.AddHistoryEvent(sender=self.sid, timestamp=self.now_ms(), speaker=cmd.speaker, text=cmd.text))
+
+    def _cmd_custom(self, cmd: Any) -> None:
+        self.emit(ev.CustomEvent(timestamp=self.now_ms(), sender=cmd.sender, data=cmd.data))
+
+    # -- caller audio ---------------------------------------------------
+
+    def caller_audio(self, payload: bytes) -> None:
+        """A Binary frame of caller audio arrived on /call."""
+        if self.ended:
+            return
+        if self.leg is None:
+            if self._early_audio_bytes + len(payload) <= _MAX_EARLY_AUDIO_BYTES:
+                self._early_audio.append(payload)
+                self._early_audio_bytes += len(payload)
+            return
+        self._last_caller_audio_at = self._services.clock.seconds()
+        pcm = self.leg.decode_caller_audio(payload)
+        if self._mute_caller:
+            pcm = bytes(len(pcm))
+        # Speech processors (VAD/ASR) and recording attach here in later layers.
+
+    def _check_inactivity(self) -> None:
+        assert self.option is not None and self.option.inactivity_timeout
+        idle_s = self._services.clock.seconds() - self._last_caller_audio_at
+        if idle_s >= self.option.inactivity_timeout:
+            self.emit(ev.InactivityEvent(track_id=self.sid, timestamp=self.now_ms()))
+            self.hangup("inactivityTimeout", "system")
+            return
+        self._inactivity_timer = self._timers.call_later(_INACTIVITY_CHECK_S, self._check_inactivity)
+
+    # -- agent audio on SST ---------------------------------------------
+
+    def _require_leg(self, cmd: Any) -> bool:
+        if self.leg is None:
+            self.error(f"{type(cmd).name} not allowed: the call is not started")
+            return False
+        return True
+
+    def _set_sst(self, source: SstSource) -> None:
+        self._sst = source
+        if not self._ticking:
+            self._ticking = True
+            self._services.media_clock.subscribe(self)
+
+    def _stop_ticking(self) -> None:
+        if self._ticking:
+            self._ticking = False
+            self._services.media_clock.unsubscribe(self)
+
+    def media_tick(self, frames: int) -> None:
+        """Called by the process-wide media clock: send ``frames`` frames of SST audio."""
+        for _ in range(frames):
+            source = self._sst
+            if source is None:
+                self._stop_ticking()
+                return
+            frame = source.read_frame()
+            if frame is not None and self.leg is not None:
+                if self._mute_agent:
+                    frame = bytes(len(frame))
+                self.leg.send_agent_audio(frame)
+            if source.finished:
+                self._end_sst(source, interrupted=source.kind == "tts" and getattr(source, "stop_after_current", False))
+                return
+            if frame is None:
+                return
+
+    def _end_sst(self, source: SstSource, interrupted: bool) -> None:
+        """Emit the track's trackEnd; a normal end arms autoHangup or waitInputTimeout."""
+        if self._sst is source:
+            self._sst = None
+        source.cancel()
+        duration_ms = int((self._services.clock.seconds() - source.started_at) * 1000)
+        self.emit(ev.TrackEndEvent(track_id=self.sst, timestamp=self.now_ms(), duration=max(0, duration_ms), ssrc=source.ssrc, play_id=source.play_id))
+        if interrupted or self.ended:
+            return
+        if source.auto_hangup:
+            self.hangup("bySystem", "system")
+        elif source.wait_input_timeout_ms:
+            self._arm_wait_input(source.wait_input_timeout_ms)
+
+    def _arm_wait_input(self, timeout_ms: int) -> None:
+        started_ms = self.now_ms()
+
+        def expired() -> None:
+            self._wait_input = None
+            self.emit(ev.SilenceEvent(track_id=self.sst, timestamp=self.now_ms(), start_time=started_ms, duration=timeout_ms, refer=False))
+
+        self._timers.cancel(self._wait_input)
+        self._wait_input = self._timers.call_later(timeout_ms / 1000.0, expired)
+
+    def _cut_sst(self) -> None:
+        """Stop whatever plays on SST now: ``interruption`` for TTS, then ``trackEnd``."""
+        source = self._sst
+        if source is None:
+            return
+        if isinstance(source, TtsPlay):
+            self._emit_interruption(source)
+        self._end_sst(source, interrupted=True)
+
+    def _emit_interruption(self, play: TtsPlay) -> None:
+        subtitle, total_ms, current_ms = play.interruption_info()
+        self.emit(ev.InterruptionEvent(
+            track_id=self.sst, timestamp=self.now_ms(), play_id=play.play_id, subtitle=subtitle,
+            total_duration=total_ms, current=current_ms,
+        ))
+
+    def _cmd_interrupt(self, cmd: Any) -> None:
+        source = self._sst
+        if source is None:
+            return
+        if isinstance(source, TtsPlay) and cmd.graceful and not source.streaming:
+            self._emit_interruption(source)
+            source.cut_after_current()
+            return
+        self._cut_sst()
+
+    def _cmd_pause(self, cmd: Any) -> None:
+        self._set_paused(True)
+
+    def _cmd_resume(self, cmd: Any) -> None:
+        self._set_paused(False)
+
+    def _set_paused(self, paused: bool) -> None:
+        if self._sst is None:
+            self.error(f"track not found: {self.sst}")
+            return
+        self._sst.paused = paused
+
+    def _cmd_mute(self, cmd: Any) -> None:
+        self._set_mute(cmd, True)
+
+    def _cmd_unmute(self, cmd: Any) -> None:
+        self._set_mute(cmd, False)
+
+    def _set_mute(self, cmd: Any, muted: bool) -> None:
+        track = cmd.track_id
+        if track is None:
+            self._mute_agent = self._mute_caller = muted
+        elif track == self.sst:
+            self._mute_agent = muted
+        elif track == self.sid:
+            self._mute_caller = muted
+        else:
+            self.error(f"{type(cmd).name} not allowed: unknown track {track}")
+
+    # -- play ------------------------------------------------------------
+
+    def _cmd_play(self, cmd: Any) -> None:
+        if not self._require_leg(cmd):
+            return
+        assert self.leg is not None
+        self._cut_sst()
+        play_id = cmd.play_id if cmd.play_id is not None else cmd.url
+        source = FilePlay(play_id, self._services.ids.ssrc(), self.leg.frame_bytes, self._services.clock.seconds(), cmd.url)
+        source.auto_hangup = cmd.auto_hangup
+        source.wait_input_timeout_ms = cmd.wait_input_timeout
+        self.emit(ev.TrackStartEvent(track_id=self.sst, timestamp=self.now_ms(), play_id=play_id))
+        self._set_sst(source)
+        rate = self.leg.media_rate_hz
+        offset_bytes = int(cmd.offset_ms or 0) * rate // 1000 * 2
+        d = self.load_audio(cmd.url, rate)
+        source.loader = d
+
+        def loaded(pcm: bytes) -> None:
+            source.loader = None
+            source.loaded(pcm, offset_bytes)
+
+        def failed(f: Failure) -> None:
+            source.loader = None
+            if f.check(CancelledError):
+                return
+            message = f.getErrorMessage() or f.type.__name__
+            self._log.info("play of {url} failed: {message}", url=cmd.url, message=message)
+            if self._sst is source:
+                self.error(message, sender=f"filetrack: {cmd.url}", track_id=self.sst)
+                source.failed = True
+                self._end_sst(source, interrupted=True)
+
+        d.addCallbacks(loaded, failed)
+
+    def load_audio(self, url: str, rate: int) -> Deferred[bytes]:
+        """Decoded PCM of a local file or http(s) URL at ``rate``, through the media cache."""
+        from activecall.media.audiofile import decode_audio
+
+        services = self._services
+        key = services.cache.file_key(url, rate)
+
+        def decode_and_store(data: bytes | str) -> bytes:
+            pcm = decode_audio(data, rate)
+            services.cache.put(key, pcm)
+            return pcm
+
+        def from_cache(cached: Optional[bytes]) -> Any:
+            if cached is not None:
+                return cached
+            if url.startswith(("http://", "https://")):
+                return services.fetch_url(url).addCallback(lambda body: services.run_blocking(decode_and_store, body))
+            return services.run_blocking(decode_and_store, url)
+
+        return services.run_blocking(services.cache.get, key).addCallback(from_cache)
+
+    # -- tts ---------------------------------------------------------------
+
+    def _synthesis_option(self, cmd: Any) -> Optional[SynthesisOption]:
+        base = self.option.tts if self.option is not None else None
+        if cmd.option is not None:
+            return cmd.option.merged_over(base) if base is not None else cmd.option
+        return base
+
+    def _cmd_tts(self, cmd: Any) -> None:
+        if not self._require_leg(cmd):
+            return
+        assert self.leg is not None
+        option = self._synthesis_option(cmd)
+        if option is None or not option.provider:
+            self.error("TTS type not found: no tts provider in the call or command option")
+            return
+        try:
+            provider = self._services.synthesizers.resolve(option.provider)
+        except UnknownProviderError as e:
+            self.error(str(e))
+            return
+        option = option.with_defaults()
+        current = self._sst
+        if isinstance(current, TtsPlay) and current.play_id == cmd.play_id and not current.finished and not current.stop_after_current:
+            play = current
+        else:
+            self._cut_sst()
+            rate = self.leg.media_rate_hz
+            play = TtsPlay(cmd.play_id, self._services.ids.ssrc(), self.leg.frame_bytes, self._services.clock.seconds(), cmd.streaming, rate * 2 / 1000)
+            self.emit(ev.TrackStartEvent(track_id=self.sst, timestamp=self.now_ms(), play_id=cmd.play_id))
+            self._set_sst(play)
+        play.auto_hangup = play.auto_hangup or cmd.auto_hangup
+        if cmd.wait_input_timeout is not None:
+            play.wait_input_timeout_ms = cmd.wait_input_timeout
+        job = _TtsJob(provider, option, cmd.speaker or option.speaker, cmd.cache_key, self._cmd_seq)
+        if cmd.base64 and not play.streaming:
+            self._queue_base64(play, cmd.text, option)
+        elif play.streaming:
+            play.pending_text += strip_emoji(cmd.text)
+            sentences, play.pending_text = split_sentences(play.pending_text)
+            if cmd.end_of_stream and play.pending_text.strip():
+                sentences.append(play.pending_text.strip())
+                play.pending_text = ""
+            for text in sentences:
+                self._queue_sentence(play, text, job, cacheable=False)
+        else:
+            text = strip_emoji(cmd.text).strip()
+            if text:
+                self._queue_sentence(play, text, job, cacheable=True)
+        if cmd.end_of_stream:
+            play.end_of_stream = True
+            play.pending_text = play.pending_text.strip()
+
+    def _queue_base64(self, play: TtsPlay, text: str, option: SynthesisOption) -> None:
+        try:
+            pcm = b64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            self.error("invalid tts.text: expected base64 PCM when base64 is true")
+            return
+        if len(pcm) % 2:
+            pcm = pcm[:-1]
+        sentence = play.add_sentence("")
+        sentence.append(self._to_media(pcm, option.samplerate, option.volume))
+        sentence.done = True
+
+    def _to_media(self, pcm: bytes, rate: int, volume: int) -> bytes:
+        assert self.leg is not None
+        if rate != self.leg.media_rate_hz:
+            pcm = Resampler(rate, self.leg.media_rate_hz).process(pcm)
+        return apply_gain(pcm, volume / 5.0) if volume != 5 else pcm
+
+    def _queue_sentence(self, play: TtsPlay, text: str, job: "_TtsJob", cacheable: bool) -> None:
+        sentence = play.add_sentence(text)
+        _SentenceSynthesis(self, play, sentence, job, cacheable).start()
+
+    # -- ending -----------------------------------------------------------
+
+    def _cmd_hangup(self, cmd: Any) -> None:
+        self.hangup(cmd.reason or "byClient", cmd.initiator or "client")
+
+    def hangup(self, reason: str, initiator: str) -> None:
+        """End the call: stop tracks, emit ``trackEnd{sid}`` and ``hangup{sid}``, close."""
+        if self.ended:
+            return
+        self._cut_sst()
+        self.ended = True
+        self.hangup_reason = reason
+        self._stop_ticking()
+        self._timers.cancel_all()
+        now = self._services.clock.seconds()
+        if self.leg is not None:
+            duration_ms = int((now - self.answered_at) * 1000) if self.answered_at is not None else 0
+            self._session.emit(ev.TrackEndEvent(track_id=self.sid, timestamp=self.now_ms(), duration=duration_ms, ssrc=self.leg.ssrc))
+            self.leg.close()
+        option = self.option
+        self._session.emit(ev.HangupEvent(
+            track_id=self.sid,
+            timestamp=self.now_ms(),
+            reason=reason,
+            initiator=initiator,
+            start_time=ev.format_rfc3339(self.created_at),
+            hangup_time=ev.format_rfc3339(now),
+            answer_time=ev.format_rfc3339(self.answered_at) if self.answered_at is not None else None,
+            from_=ev.Attendee.from_uri(option.caller) if option is not None and option.caller else None,
+            to=ev.Attendee.from_uri(option.callee) if option is not None and option.callee else None,
+            extra={
+                "session_id": self.sid,
+                "call_type": self._session.call_type.lower(),
+                "start_time": ev.format_rfc3339(self.created_at),
+            },
+            refer=False,
+        ))
+        self._session.finish()
+
+    @property
+    def pending_timers(self) -> int:
+        """Timers still scheduled for this call (0 after hangup)."""
+        return self._timers.pending
+
+
+class _TtsJob:
+    """What a ``tts`` command asked for, shared by the sentences it produced."""
+
+    __slots__ = ("provider", "option", "speaker", "cache_key", "cmd_seq")
+
+    def __init__(self, provider: str, option: SynthesisOption, speaker: Optional[str], cache_key: Optional[str], cmd_seq: int) -> None:
+        self.provider = provider
+        self.option = option
+        self.speaker = speaker
+        self.cache_key = cache_key
+        self.cmd_seq = cmd_seq
+
+
+class _SentenceSynthesis:
+    """Synthesizes one sentence (or reads it from the media cache) into its play."""
+
+    _log = Logger()
+
+    def __init__(self, controller: CallController, play: TtsPlay, sentence: Sentence, job: _TtsJob, cacheable: bool) -> None:
+        self._c = controller
+        self._play = play
+        self._sentence = sentence
+        self._job = job
+        self._cacheable = cacheable
+        self._started = controller._services.clock.seconds()
+        self._first_audio: Optional[float] = None
+        self._to_cache: Optional[Resampler] = None
+        self._to_media: Optional[Resampler] = None
+        self._cache_pcm = bytearray()
+        self._key: Optional[str] = None
+
+    def start(self) -> None:
+        services = self._c._services
+        option = self._job.option
+        if self._cacheable:
+            try:
+                self._key = self._job.cache_key or services.cache.tts_key(
+                    self._job.provider, self._sentence.text, option.samplerate, self._job.speaker, option.speed)
+            except ValueError as e:
+                self._c.error(str(e))
+                self._sentence.done = True
+                return
+            d = services.run_blocking(services.cache.get, self._key)
+            self._sentence.synth = d
+            d.addCallbacks(self._cache_result, self._failed)
+        else:
+            self._synthesize()
+
+    def _cache_result(self, pcm: Optional[bytes]) -> None:
+        if self._sentence.done:
+            return
+        if pcm is None:
+            self._synthesize()
+            return
+        self._sentence.cached = True
+        self._sentence.synth = None
+        self._sentence.append(self._c._to_media(pcm, self._job.option.samplerate, self._job.option.volume))
+        self._sentence.done = True
+        self._metrics(len(pcm), cached=True)
+
+    def _synthesize(self) -> None:
+        services = self._c._services
+        option = self._job.option
+        try:
+            synthesizer = services.synthesizers.create(self._job.provider, SynthesisSettings(
+                model=option.model, endpoint=option.endpoint, api_key=option.secret_key, models_dir=services.models_dir))
+        except Exception as e:  # provider construction failed: unavailable engine, bad model path
+            self._log.info("TTS provider {p} unavailable: {e}", p=self._job.provider, e=e)
+            self._c.error(f"TTS provider {self._job.provider} unavailable: {e}", sender="tts", track_id=self._c.sst, code=500)
+            self._sentence.done = True
+            return
+        request = SynthesisRequest(
+            text=self._sentence.text,
+            sample_rate_hz=option.samplerate,
+            speaker=self._job.speaker,
+            speed=option.speed,
+            volume=option.volume,
+            model=option.model,
+            language=option.language,
+            endpoint=option.endpoint,
+            api_key=option.secret_key,
+            extra=dict(option.extra or {}),
+            session_id=option.session_id or self._c.sid,
+        )
+        d = synthesizer.synthesize(request, self._on_audio)
+        self._sentence.synth = d
+        d.addCallbacks(self._done, self._failed)
+
+    def _on_audio(self, pcm: bytes, rate: int) -> None:
+        if self._sentence.done:
+            return
+        if self._first_audio is None:
+            self._first_audio = self._c._services.clock.seconds()
+        option = self._job.option
+        if self._cacheable:
+            if self._to_cache is None:
+                self._to_cache = Resampler(rate, option.samplerate)
+            self._cache_pcm += self._to_cache.process(pcm)
+        assert self._c.leg is not None
+        if self._to_media is None:
+            self._to_media = Resampler(rate, self._c.leg.media_rate_hz)
+        media = self._to_media.process(pcm)
+        self._sentence.append(apply_gain(media, option.volume / 5.0) if option.volume != 5 else media)
+
+    def _done(self, _: object) -> None:
+        self._sentence.synth = None
+        if self._sentence.done:
+            return
+        if self._to_media is not None:
+            self._sentence.append(self._to_media.flush())
+        self._sentence.done = True
+        if self._cacheable and self._key is not None and self._cache_pcm:
+            if self._to_cache is not None:
+                self._cache_pcm += self._to_cache.flush()
+            services = self._c._services
+            services.run_blocking(services.cache.put, self._key, bytes(self._cache_pcm)).addErrback(
+                lambda f: self._log.failure("writing the media cache failed", f))
+        self._metrics(len(self._cache_pcm), cached=False)
+
+    def _failed(self, f: Failure) -> None:
+        self._sentence.synth = None
+        if f.check(CancelledError) or self._sentence.done:
+            return
+        self._sentence.done = True
+        self._log.info("TTS {p} failed: {e}", p=self._job.provider, e=f.getErrorMessage())
+        if not self._c.ended:
+            self._c.error(f"TTS {self._job.provider} failed: {f.getErrorMessage()}", sender="tts", track_id=self._c.sst, code=500)
+
+    def _metrics(self, length: int, cached: bool) -> None:
+        now = self._c._services.clock.seconds()
+        ttfb = int(((self._first_audio or now) - self._started) * 1000)
+        data: dict[str, Any] = {
+            "playId": self._play.play_id,
+            "cmdSeq": self._job.cmd_seq,
+            "length": length,
+            "cached": cached,
+            "ttfb": ttfb,
+            "duration": int((now - self._started) * 1000),
+        }
+        if self._job.speaker:
+            data["speaker"] = self._job.speaker
+        self._c.emit(ev.MetricsEvent(timestamp=self._c.now_ms(), key=f"completed.tts.{self._job.provider}", duration=data["duration"], data=data))

@@ -1,0 +1,32 @@
+"""What every call controller is given by the composition root (tap.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+
+from activecall.ids import IdSource
+from activecall.media.clock import MediaClock
+from activecall.speech.cache import MediaCache
+from activecall.speech.registry import SynthesizerRegistry
+
+
+@dataclass
+class CallServices:
+    """Shared, process-wide collaborators of calls; nothing here is global state."""
+
+    clock: IReactorTime
+    media_clock: MediaClock
+    ids: IdSource
+    synthesizers: SynthesizerRegistry
+    cache: MediaCache
+    # Runs a blocking function in the worker thread pool: run_blocking(f, *args) -> Deferred.
+    run_blocking: Callable[..., Deferred[Any]]
+    # Fetches an http(s) URL: fetch_url(url) -> Deferred[bytes].
+    fetch_url: Callable[[str], Deferred[bytes]]
+    recording_path: str = "./config/recorders"
+    models_dir: str = "./models"
+    environ: Mapping[str, str] = field(default_factory=dict)

@@ -1,0 +1,286 @@
+"""A session: one control WebSocket = one call (spec §1.2).
+
+The session owns the ordered command queue, fans events out to the
+WebSocket, Server-Sent Events listeners and the event dump, sends the
+keep-alive pings, and hands commands to its :class:`CallController`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import deque
+from typing import IO, Any, Callable, Optional
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from activecall.call.controller import CallController
+from activecall.call.services import CallServices
+from activecall.clock import CallClock
+from activecall.control import events as ev
+from activecall.control.commands import CommandError, command_from_object
+from activecall.control.query import SessionParams
+from activecall.interfaces import IControlChannel, ISessionListener
+
+# Active Call holds at most 32 queued commands while one blocks.
+MAX_QUEUED_COMMANDS = 32
+
+
+class EventDump:
+    """Appends every command and event of a session to ``<dir>/<sid>.events.jsonl``."""
+
+    _log = Logger()
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file: Optional[IO[str]] = None
+        try:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            self._file = open(path, "a", encoding="utf-8")
+        except OSError as e:
+            self._log.warn("cannot write event dump {path}: {e}", path=path, e=e)
+
+    def write(self, kind: str, timestamp_ms: int, content: str) -> None:
+        """Append one line; flushed so a crash loses nothing already reported."""
+        if self._file is None:
+            return
+        try:
+            self._file.write(json.dumps({"type": kind, "timestamp": timestamp_ms, "content": content}, ensure_ascii=False) + "\n")
+            self._file.flush()
+        except OSError as e:
+            self._log.warn("event dump {path} failed: {e}", path=self.path, e=e)
+            self.close()
+
+    def close(self) -> None:
+        """Close the file."""
+        if self._file is not None:
+            f, self._file = self._file, None
+            f.close()
+
+
+class CallSession:
+    """One control session and its call."""
+
+    _log = Logger()
+
+    def __init__(self, params: SessionParams, services: CallServices, on_finished: Callable[["CallSession"], None]) -> None:
+        self.params = params
+        self.sid = params.sid
+        self.call_type = params.call_type
+        self.server_side_track = params.server_side_track
+        self._services = services
+        self._on_finished = on_finished
+        self._timers = CallClock(services.clock)
+        self._channel: Optional[IControlChannel] = None
+        self._listeners: list[ISessionListener] = []
+        self._queue: deque[Any] = deque()
+        self._busy = False
+        self.finished = False
+        self.done: Deferred[None] = Deferred()
+        self.dump = EventDump(os.path.join(services.recording_path, f"{self.sid}.events.jsonl")) if params.dump else None
+        self.controller = CallController(self, services)
+        if params.ping_s:
+            self._timers.call_later(params.ping_s, self._ping)
+
+    # -- wiring -------------------------------------------------------------
+
+    def attach(self, channel: IControlChannel) -> None:
+        """Connect the client's WebSocket."""
+        self._channel = channel
+
+    def add_listener(self, listener: ISessionListener) -> None:
+        """Add an observer (an SSE stream)."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: ISessionListener) -> None:
+        """Remove an observer."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def now_ms(self) -> int:
+        """Current time in ms since the epoch."""
+        return int(self._services.clock.seconds() * 1000)
+
+    # -- input ----------------------------------------------------------------
+
+    def receive_text(self, text: str | bytes) -> None:
+        """A Text frame arrived: decode one command, or report why it is not one."""
+        try:
+            obj = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as e:
+            self._record_command(text if isinstance(text, str) else text.decode("utf-8", "replace"))
+            self._command_error(f"invalid JSON: {e}")
+            return
+        self.receive_object(obj)
+
+    def receive_object(self, obj: object) -> None:
+        """A parsed JSON command (WebSocket or ``POST /command/{id}``)."""
+        self._record_command(json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
+        try:
+            command = command_from_object(obj)
+        except CommandError as e:
+            self._command_error(e.message)
+            return
+        self.submit(command)
+
+    def receive_decoded(self, obj: object, command: Any) -> None:
+        """A command already decoded by the caller (``POST /command/{id}``)."""
+        self._record_command(json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
+        self.submit(command)
+
+    def submit(self, command: Any) -> None:
+        """Queue a decoded command; commands run strictly one after another."""
+        if self.finished:
+            return
+        if len(self._queue) >= MAX_QUEUED_COMMANDS:
+            self._command_error(f"{type(command).name} not allowed: command queue is full ({MAX_QUEUED_COMMANDS} waiting)")
+            return
+        self._queue.append(command)
+        self._pump()
+
+    def _pump(self) -> None:
+        while self._queue and not self._busy and not self.finished:
+            command = self._queue.popleft()
+            try:
+                result = self.controller.execute(command)
+            except Exception:
+                self._log.failure("command {name} failed", name=type(command).name)
+                self._command_error(f"{type(command).name} failed: internal error")
+                continue
+            if isinstance(result, Deferred) and not result.called:
+                self._busy = True
+                result.addErrback(lambda f: self._log.failure("command failed", f))
+                result.addBoth(self._unblock)
+
+    def _unblock(self, _: object) -> None:
+        self._busy = False
+        self._pump()
+
+    def receive_audio(self, data: bytes) -> None:
+        """A Binary frame arrived: caller audio on /call, ignored elsewhere."""
+        if self.call_type == "webSocket":
+            self.controller.caller_audio(data)
+
+    def client_closed(self) -> None:
+        """The client closed the socket: same as hangup, recorded reason canceled."""
+        self._channel = None
+        if not self.finished:
+            self.controller.hangup("canceled", "client")
+
+    def kill(self) -> None:
+        """``GET /kill/{id}``: end the call as if the client had closed."""
+        if not self.finished:
+            self.controller.hangup("canceled", "system")
+
+    # -- output ---------------------------------------------------------------
+
+    def emit(self, event: Any) -> None:
+        """Send an event to the WebSocket, SSE listeners and the dump."""
+        text = ev.encode_event(event)
+        if self._channel is not None:
+            self._channel.send_text(text)
+        for listener in list(self._listeners):
+            listener.on_event(text)
+        if self.dump is not None:
+            self.dump.write("event", self.now_ms(), text)
+
+    def send_audio(self, data: bytes) -> None:
+        """Send a Binary frame of agent audio (never dumped)."""
+        if self._channel is not None:
+            self._channel.send_binary(data)
+        for listener in self._listeners:
+            listener.on_binary(data)
+
+    def _record_command(self, text: str) -> None:
+        for listener in list(self._listeners):
+            listener.on_command(text)
+        if self.dump is not None:
+            self.dump.write("command", self.now_ms(), text)
+
+    def _command_error(self, message: str) -> None:
+        self.emit(ev.ErrorEvent(track_id=self.sid, timestamp=self.now_ms(), sender="command", error=message))
+
+    def _ping(self) -> None:
+        now = self._services.clock.seconds()
+        payload = ev.format_rfc3339(now)
+        if self._channel is not None:
+            self._channel.send_ping(payload.encode())
+        text = json.dumps({"event": "ping", "timestamp": int(now * 1000), "payload": payload})
+        for listener in list(self._listeners):
+            listener.on_ping(text)
+        if self.dump is not None:
+            self.dump.write("event", int(now * 1000), text)
+        self._timers.call_later(self.params.ping_s, self._ping)
+
+    def finish(self) -> None:
+        """The call ended: close the socket, end SSE streams, forget the session."""
+        if self.finished:
+            return
+        self.finished = True
+        self._queue.clear()
+        self._timers.cancel_all()
+        if self.dump is not None:
+            self.dump.close()
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.close()
+        listeners, self._listeners = self._listeners, []
+        for listener in listeners:
+            listener.on_close()
+        self._on_finished(self)
+        self.done.callback(None)
+
+    # -- introspection ----------------------------------------------------------
+
+    def list_entry(self) -> dict[str, Any]:
+        """This session as one entry of ``GET /list``."""
+        c = self.controller
+        return {
+            "id": self.sid,
+            "callType": self.call_type,
+            "cs.option": c.option.to_json() if c.option is not None else None,
+            "ringTime": None,
+            "startTime": ev.format_rfc3339_z(c.answered_at) if c.answered_at is not None else None,
+        }
+
+
+class SessionManager:
+    """All live sessions by id (a duplicate id replaces the older entry, spec §6.20)."""
+
+    _log = Logger()
+
+    def __init__(self, services: CallServices) -> None:
+        self._services = services
+        self._sessions: dict[str, CallSession] = {}
+        self.accepting = True
+
+    def open(self, params: SessionParams) -> CallSession:
+        """Create a session and list it at once."""
+        session = CallSession(params, self._services, self._forget)
+        self._sessions[params.sid] = session
+        self._log.info("session {sid} opened ({call_type})", sid=params.sid, call_type=params.call_type)
+        return session
+
+    def _forget(self, session: CallSession) -> None:
+        if self._sessions.get(session.sid) is session:
+            del self._sessions[session.sid]
+        self._log.info("session {sid} ended", sid=session.sid)
+
+    def get(self, sid: str) -> Optional[CallSession]:
+        """The live session with this id, if any."""
+        return self._sessions.get(sid)
+
+    def __contains__(self, sid: str) -> bool:
+        return sid in self._sessions
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def sessions(self) -> list[CallSession]:
+        """All live sessions."""
+        return list(self._sessions.values())
+
+    def new_sid(self) -> str:
+        """A fresh session id ``s.<uuid4>``."""
+        return self._services.ids.session_id()

@@ -1,0 +1,83 @@
+"""The one process-wide 20 ms media clock.
+
+Every call that sends audio subscribes here instead of arming its own
+timers: one :class:`LoopingCall` ticks for all of them, so the cost per
+frame is a method call, and the schedule never drifts (LoopingCall computes
+each deadline from its start time and reports missed ticks as a count).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+FRAME_MS = 20
+FRAME_S = FRAME_MS / 1000.0
+# After a long reactor stall, sending every missed frame would only burst
+# audio the listener can no longer use; cap the catch-up.
+MAX_CATCH_UP_FRAMES = 5
+
+
+class MediaTicker(Protocol):
+    """A subscriber of the media clock."""
+
+    def media_tick(self, frames: int) -> None:
+        """Produce ``frames`` frames of 20 ms (more than 1 when the reactor was late)."""
+
+
+class MediaClock:
+    """Drives all subscribers every 20 ms; runs only while someone listens."""
+
+    _log = Logger()
+
+    def __init__(self, clock: IReactorTime, interval_s: float = FRAME_S) -> None:
+        self._clock = clock
+        self._interval_s = interval_s
+        self._subscribers: dict[int, MediaTicker] = {}
+        self._loop: LoopingCall | None = None
+        self.late_ticks = 0
+        self.ticks = 0
+
+    def subscribe(self, ticker: MediaTicker) -> None:
+        """Add ``ticker``; starts the clock if it was idle."""
+        self._subscribers[id(ticker)] = ticker
+        if self._loop is None:
+            loop = LoopingCall.withCount(self._tick)
+            loop.clock = self._clock
+            self._loop = loop
+            d = loop.start(self._interval_s, now=False)
+            d.addErrback(lambda f: self._log.failure("media clock stopped", f))
+
+    def unsubscribe(self, ticker: MediaTicker) -> None:
+        """Remove ``ticker``; the clock stops when nobody is left."""
+        self._subscribers.pop(id(ticker), None)
+        if not self._subscribers and self._loop is not None:
+            loop, self._loop = self._loop, None
+            if loop.running:
+                loop.stop()
+
+    def __len__(self) -> int:
+        return len(self._subscribers)
+
+    def _tick(self, count: int) -> None:
+        self.ticks += 1
+        if count > 1:
+            self.late_ticks += 1
+        frames = min(count, MAX_CATCH_UP_FRAMES)
+        for ticker in list(self._subscribers.values()):
+            try:
+                ticker.media_tick(frames)
+            except Exception:
+                # One broken call must not stop the media of all the others.
+                self._log.failure("media tick failed for {ticker!r}", ticker=ticker)
+                self._subscribers.pop(id(ticker), None)
+
+    def stop(self) -> None:
+        """Stop ticking and forget every subscriber (service shutdown)."""
+        self._subscribers.clear()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None

