@@ -80,6 +80,14 @@ class ActivecallService(service.MultiService):
         self.config = config
         self._log_observer = log_observer
 
+    def startService(self) -> None:
+        super().startService()
+        # Children bound their ports in privilegedStartService: we are serving now.
+        from twisted.logger import Logger
+
+        Logger(namespace="activecall").info(
+            "activecall {version} ready: HTTP/WebSocket on {addr}", version=activecall.__version__, addr=self.config.http_addr)
+
     def setServiceParent(self, parent: Any) -> None:
         from activecall.logs import install_on_application
 
@@ -149,5 +157,4 @@ def makeService(options: Options) -> service.IService:
     site = ActivecallSite(resource, config.http_access_skip_paths)
     WebService(resource).setServiceParent(top)
     internet.TCPServer(config.http_port, site, interface=config.http_host).setServiceParent(top)
-    log.info("activecall {version} listening for HTTP/WebSocket on {addr}", version=activecall.__version__, addr=config.http_addr)
     return top

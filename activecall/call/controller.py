@@ -29,6 +29,7 @@ from activecall.control import events as ev
 from activecall.control.options import CallOption, SynthesisOption
 from activecall.media.mixer import apply_gain
 from activecall.media.resample import Resampler
+from activecall.speech.cache import validate_key
 from activecall.speech.interfaces import SynthesisRequest, UnknownProviderError
 from activecall.speech.registry import SynthesisSettings
 
@@ -535,10 +536,13 @@ class _SentenceSynthesis:
         option = self._job.option
         if self._cacheable:
             try:
-                self._key = self._job.cache_key or services.cache.tts_key(
-                    self._job.provider, self._sentence.text, option.samplerate, self._job.speaker, option.speed)
+                if self._job.cache_key:
+                    self._key = validate_key(self._job.cache_key)
+                else:
+                    self._key = services.cache.tts_key(
+                        self._job.provider, self._sentence.text, option.samplerate, self._job.speaker, option.speed)
             except ValueError as e:
-                self._c.error(str(e))
+                self._c.error(f"invalid tts.cacheKey: {e}")
                 self._sentence.done = True
                 return
             d = services.run_blocking(services.cache.get, self._key)
