@@ -1,0 +1,213 @@
+"""Start the real daemon (``twistd activecall``) and talk to it over real sockets on 127.0.0.1.
+
+Everything waits for the awaited output or event with a deadline; nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from typing import Any, Callable, Optional
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol, connectWS
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone, ProcessExitedAlready
+from twisted.internet.protocol import ProcessProtocol
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TIMEOUT_S = 30.0
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A currently free port on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Waiters:
+    """Deferreds fired when a predicate over accumulated items becomes true."""
+
+    def __init__(self) -> None:
+        self._waiters: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+
+    def wait(self, check: Callable[[], Any], timeout_s: float, what: str) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        found = check()
+        if found:
+            d.callback(found)
+            return d
+        self._waiters.append((check, d))
+
+        def timed_out(f: Any) -> Any:
+            self._waiters[:] = [(c, w) for c, w in self._waiters if w is not d]
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+        d.addTimeout(timeout_s, reactor, onTimeoutCancel=lambda *_: None)
+        d.addErrback(lambda f: timed_out(f) if not f.check(AssertionError) else f)
+        return d
+
+    def poke(self) -> None:
+        for check, d in list(self._waiters):
+            found = check()
+            if found and not d.called:
+                self._waiters.remove((check, d))
+                d.callback(found)
+
+
+class Daemon(ProcessProtocol):
+    """A running ``twistd -n --reactor=asyncio activecall`` child process."""
+
+    def __init__(self) -> None:
+        self.output = ""
+        self.exit_code: Optional[int] = None
+        self._waiters = _Waiters()
+        self.http_port = 0
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data.decode("utf-8", "replace")
+        self._waiters.poke()
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Any) -> None:
+        self.exit_code = reason.value.exitCode if not reason.check(ProcessDone) else 0
+        self._waiters.poke()
+
+    def wait_output(self, text: str, timeout_s: float = TIMEOUT_S) -> Deferred[Any]:
+        """Fires when ``text`` appeared in stdout/stderr."""
+        return self._waiters.wait(lambda: text in self.output, timeout_s, f"daemon output {text!r}")
+
+    def wait_exit(self, timeout_s: float = TIMEOUT_S) -> Deferred[Any]:
+        """Fires with the exit code when the process ended."""
+        return self._waiters.wait(lambda: self.exit_code is not None and (self.exit_code,), timeout_s, "daemon exit")
+
+    def stop(self) -> Deferred[Any]:
+        """SIGTERM the daemon (SIGKILL if it does not go) and wait for it."""
+        if self.exit_code is not None:
+            return self.wait_exit()
+        try:
+            self.transport.signalProcess("TERM")
+        except ProcessExitedAlready:
+            pass
+        d = self.wait_exit(15)
+
+        def kill(f: Any) -> Any:
+            try:
+                self.transport.signalProcess("KILL")
+            except ProcessExitedAlready:
+                pass
+            return f
+
+        d.addErrback(kill)
+        return d
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.http_port}"
+
+
+def spawn_daemon(workdir: str, args: list[str], env: Optional[dict[str, str]] = None) -> Daemon:
+    """Run twistd activecall with ``args`` in ``workdir``, importing this checkout."""
+    proto = Daemon()
+    child_env = dict(os.environ)
+    child_env["PYTHONPATH"] = REPO + os.pathsep + child_env.get("PYTHONPATH", "")
+    child_env["PYTHONUNBUFFERED"] = "1"
+    child_env.update(env or {})
+    argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+            "-n", "--reactor=asyncio", "--pidfile=", "activecall"] + args
+    reactor.spawnProcess(proto, sys.executable, argv, env=child_env, path=workdir)
+    return proto
+
+
+def start_daemon(workdir: str, config: str, extra_args: tuple[str, ...] = ()) -> Deferred[Daemon]:
+    """Write ``config`` (with {http_port} and {sip_port} filled) and start the daemon; fires when ready."""
+    http_port = free_port()
+    sip_port = free_port(socket.SOCK_DGRAM)
+    path = os.path.join(workdir, "activecall.toml")
+    with open(path, "w") as f:
+        f.write(config.format(http_port=http_port, sip_port=sip_port, workdir=workdir))
+    daemon = spawn_daemon(workdir, ["--conf", path, *extra_args])
+    daemon.http_port = http_port
+    d = daemon.wait_output(" ready: ")
+
+    def failed(f: Any) -> Any:
+        raise AssertionError(f"daemon did not start: {f.getErrorMessage()}\n--- output ---\n{daemon.output}")
+
+    d.addCallbacks(lambda _: daemon, failed)
+    return d
+
+
+BASE_CONFIG = """
+http_addr = "127.0.0.1:{http_port}"
+addr = "127.0.0.1"
+udp_port = {sip_port}
+log_level = "info"
+media_cache_path = "{workdir}/cache"
+[recording]
+path = "{workdir}/recorders"
+"""
+
+
+class CallClient(WebSocketClientProtocol):
+    """A control-socket client recording every event and audio frame with its arrival time."""
+
+    def onOpen(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.frames: list[tuple[float, bytes]] = []
+        self.closed = False
+        self.factory.waiters.poke()
+        self.factory.opened.callback(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if isBinary:
+            self.frames.append((reactor.seconds(), payload))
+        else:
+            self.events.append(json.loads(payload))
+        self.factory.waiters.poke()
+
+    def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
+        self.closed = True
+        if not self.factory.opened.called:
+            self.factory.opened.errback(AssertionError(f"WebSocket not opened: {code} {reason}"))
+        self.factory.waiters.poke()
+
+    def send(self, command: dict[str, Any]) -> None:
+        """Send one command as a Text frame."""
+        self.sendMessage(json.dumps(command).encode(), isBinary=False)
+
+    def wait_event(self, name: str, timeout_s: float = TIMEOUT_S, **fields: Any) -> Deferred[dict[str, Any]]:
+        """Fires with the first event named ``name`` whose fields match."""
+
+        def check() -> Any:
+            for e in self.events:
+                if e.get("event") == name and all(e.get(k) == v for k, v in fields.items()):
+                    return e
+            return None
+
+        return self.factory.waiters.wait(check, timeout_s, f"event {name} {fields}; got {[e.get('event') for e in self.events]}")
+
+    def wait_closed(self, timeout_s: float = TIMEOUT_S) -> Deferred[Any]:
+        """Fires when the server closed the socket."""
+        return self.factory.waiters.wait(lambda: self.closed, timeout_s, "socket close")
+
+    def wait_frames(self, count: int, timeout_s: float = TIMEOUT_S) -> Deferred[Any]:
+        """Fires when at least ``count`` audio frames arrived."""
+        return self.factory.waiters.wait(lambda: len(self.frames) >= count, timeout_s, f"{count} audio frames")
+
+
+def connect(url: str) -> Deferred[CallClient]:
+    """Open a control WebSocket; fires with the connected client."""
+    factory = WebSocketClientFactory(url)
+    factory.protocol = CallClient
+    factory.waiters = _Waiters()
+    factory.opened = Deferred()
+    connectWS(factory)
+    return factory.opened

@@ -1,0 +1,225 @@
+"""End to end: the real daemon on 127.0.0.1 driven by a WebSocket client on /call."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import wave
+from typing import Any
+
+import treq
+from twisted.trial.unittest import TestCase
+
+from harness import BASE_CONFIG, CallClient, connect, spawn_daemon, start_daemon
+
+from activecall.media._audioop import audioop
+
+LONG_TEXT = (
+    "Thank you for calling the activecall demonstration line. This sentence is long enough "
+    "to keep the speech synthesizer busy for several seconds of audio. Here is one more "
+    "sentence, so that an interruption has something to cut."
+)
+
+
+def rms(pcm: bytes) -> float:
+    return float(audioop.rms(pcm, 2)) if pcm else 0.0
+
+
+class WebSocketCallTests(TestCase):
+    """A client opens /call, starts a call, asks for speech and hears it."""
+
+    timeout = 120
+
+    async def _start(self, extra: str = "") -> Any:
+        workdir = self.mktemp()
+        os.makedirs(workdir)
+        self.workdir = workdir
+        daemon = await start_daemon(workdir, BASE_CONFIG + extra)
+        self.addCleanup(daemon.stop)
+        return daemon
+
+    async def _call(self, daemon: Any, sid: str, option: dict[str, Any]) -> CallClient:
+        client = await connect(f"{daemon.ws_url}/call?id={sid}")
+        self.addCleanup(lambda: client.transport.loseConnection() if not client.closed else None)
+        client.send({"command": "invite", "option": option})
+        await client.wait_event("answer", trackId=sid)
+        return client
+
+    async def test_tts_audio_frames_in_session_codec_then_track_end(self) -> None:
+        """invite pcm 16 kHz + tts with Piper: trackStart, answer, >=1 s of 640-byte paced frames, trackEnd, hangup."""
+        daemon = await self._start()
+        client = await self._call(daemon, "e2e-1", {"codec": "pcm", "sampleRate": 16000, "tts": {"provider": "piper"}})
+        self.assertEqual(client.events[0]["event"], "trackStart")
+        self.assertEqual(client.events[0]["trackId"], "e2e-1")
+        self.assertEqual(client.events[1]["sdp"], "")
+        client.send({"command": "tts", "text": "Hello from the activecall daemon. This is a test of speech.", "playId": "p1", "endOfStream": True})
+        start = await client.wait_event("trackStart", trackId="server-side-track")
+        self.assertEqual(start["playId"], "p1")
+        end = await client.wait_event("trackEnd", trackId="server-side-track", playId="p1")
+        frames = [f for _, f in client.frames]
+        self.assertGreaterEqual(len(frames), 50, "at least one second of audio")
+        self.assertEqual({len(f) for f in frames}, {640})
+        audio = b"".join(frames)
+        self.assertGreater(rms(audio), 300, "speech, not silence")
+        # Paced in real time by the media clock, not sent in a burst.
+        first, last = client.frames[0][0], client.frames[-1][0]
+        self.assertGreater(last - first, 0.6 * len(frames) * 0.02)
+        self.assertGreaterEqual(end["duration"], len(frames) * 20 * 0.6)
+        self.assertIsInstance(end["ssrc"], int)
+        metrics = await client.wait_event("metrics")
+        self.assertEqual(metrics["key"], "completed.tts.piper")
+        client.send({"command": "hangup", "reason": "done"})
+        await client.wait_event("trackEnd", trackId="e2e-1")
+        hangup = await client.wait_event("hangup", trackId="e2e-1")
+        self.assertEqual(hangup["reason"], "done")
+        self.assertEqual(hangup["initiator"], "client")
+        await client.wait_closed()
+
+    async def test_interrupt_cuts_speech_with_interruption_then_track_end(self) -> None:
+        """pcmu call: interrupt while speaking gives interruption{playId,...} then trackEnd; frames are 160 bytes."""
+        daemon = await self._start()
+        client = await self._call(daemon, "e2e-2", {"codec": "pcmu", "tts": {"provider": "piper"}})
+        client.send({"command": "tts", "text": LONG_TEXT, "playId": "long", "endOfStream": True})
+        await client.wait_frames(10)
+        client.send({"command": "interrupt"})
+        interruption = await client.wait_event("interruption", playId="long")
+        end = await client.wait_event("trackEnd", trackId="server-side-track", playId="long")
+        self.assertLess(client.events.index(interruption), client.events.index(end))
+        self.assertGreater(interruption["current"], 0)
+        self.assertGreaterEqual(interruption["totalDuration"], interruption["current"])
+        self.assertIn("Thank you", interruption["subtitle"])
+        self.assertEqual({len(f) for _, f in client.frames}, {160})
+        # The speech stopped: far fewer frames than the whole text would give.
+        self.assertLess(len(client.frames), 400)
+
+    async def test_play_wav_file(self) -> None:
+        """play of a 44.1 kHz stereo WAV is resampled to the session rate and ends with trackEnd."""
+        daemon = await self._start()
+        path = os.path.join(self.workdir, "tone.wav")
+        with wave.open(path, "wb") as w:
+            w.setnchannels(2)
+            w.setsampwidth(2)
+            w.setframerate(44100)
+            samples = [int(8000 * math.sin(2 * math.pi * 440 * i / 44100)) for i in range(44100)]
+            w.writeframes(b"".join(struct.pack("<hh", s, s) for s in samples))
+        client = await self._call(daemon, "e2e-3", {"codec": "pcm", "sampleRate": 8000})
+        client.send({"command": "play", "url": path})
+        start = await client.wait_event("trackStart", trackId="server-side-track")
+        self.assertEqual(start["playId"], path)
+        await client.wait_event("trackEnd", trackId="server-side-track", playId=path)
+        frames = [f for _, f in client.frames]
+        self.assertEqual({len(f) for f in frames}, {320})
+        self.assertIn(len(frames), range(49, 52))
+        self.assertGreater(rms(b"".join(frames)), 3000)
+        client.send({"command": "play", "url": os.path.join(self.workdir, "missing.wav")})
+        error = await client.wait_event("error", sender="filetrack: " + os.path.join(self.workdir, "missing.wav"))
+        self.assertEqual(error["trackId"], "server-side-track")
+
+    async def test_bad_commands_get_error_events_and_the_call_goes_on(self) -> None:
+        """Each kind of bad command produces an error event naming it; the session keeps working."""
+        daemon = await self._start()
+        client = await self._call(daemon, "e2e-4", {"codec": "pcm"})
+        bad = [
+            ("{not json", "invalid JSON"),
+            (json.dumps({"command": "dance"}), "unknown command: dance"),
+            (json.dumps({"command": "tts"}), "missing field tts.text"),
+            (json.dumps({"command": "tts", "text": "x", "autoHangup": "false"}), "invalid tts.autoHangup"),
+            (json.dumps({"command": "invite", "option": {"codec": "pcm", "sampleRate": 4000}}), "invalid invite.option.sampleRate"),
+            (json.dumps({"command": "invite", "option": {}}), "invite not allowed"),
+            (json.dumps({"command": "tts", "text": "hi"}), "TTS type not found"),
+            (json.dumps({"command": "tts", "text": "hi", "option": {"provider": "nosuch"}}), "TTS type not found: nosuch"),
+            (json.dumps({"command": "mute", "trackId": "nope"}), "mute not allowed"),
+            (json.dumps({"command": "message", "body": "x"}), "message command is only supported for SIP calls"),
+        ]
+        for text, expected in bad:
+            client.sendMessage(text.encode(), isBinary=False)
+        client.send({"command": "accept", "option": {}})
+        client.send({"command": "history", "speaker": "user", "text": "still here"})
+        echo = await client.wait_event("addHistory")
+        self.assertEqual(echo["text"], "still here")
+        errors = [e["error"] for e in client.events if e["event"] == "error"]
+        for _, expected in bad:
+            self.assertTrue(any(expected in e for e in errors), f"no error containing {expected!r} in {errors}")
+        self.assertTrue(all(e["sender"] == "command" for e in client.events if e["event"] == "error"))
+        reject = await client.wait_event("reject")
+        self.assertEqual((reject["reason"], reject["code"]), ("no pending call", 486))
+        self.assertFalse(client.closed)
+
+    async def test_rest_list_command_kill(self) -> None:
+        """/list shows the session, /command/{id} drives it, /kill/{id} ends it; unknown ids are 404."""
+        daemon = await self._start()
+        client = await self._call(daemon, "e2e-5", {"codec": "pcm", "caller": "sip:bot@example.com"})
+        listing = await (await treq.get(daemon.base_url + "/list")).json()
+        entry = next(c for c in listing["active_calls"] if c["id"] == "e2e-5")
+        self.assertEqual(entry["callType"], "webSocket")
+        self.assertEqual(entry["cs.option"]["caller"], "sip:bot@example.com")
+        self.assertTrue(entry["startTime"].endswith("Z"))
+        r = await treq.post(daemon.base_url + "/command/e2e-5", json.dumps({"command": "custom", "data": {"k": 1}}).encode())
+        self.assertEqual((r.code, await r.json()), (200, {"status": "sent", "id": "e2e-5"}))
+        custom = await client.wait_event("custom")
+        self.assertEqual(custom["data"], {"k": 1})
+        r = await treq.post(daemon.base_url + "/command/e2e-5", b'{"command":"tts"}')
+        self.assertEqual(r.code, 400)
+        self.assertIn("missing field tts.text", (await r.json())["error"])
+        r = await treq.post(daemon.base_url + "/command/nope", b'{"command":"hangup"}')
+        self.assertEqual(r.code, 404)
+        r = await treq.get(daemon.base_url + "/kill/nope")
+        self.assertEqual((r.code, await r.json()), (404, {"status": "not_found", "id": "nope"}))
+        self.assertEqual(await (await treq.get(daemon.base_url + "/health")).json(), {"status": "ok"})
+        ice = await (await treq.get(daemon.base_url + "/iceservers")).json()
+        self.assertEqual(ice[0]["urls"], ["stun:stun.l.google.com:19302"])
+        r = await treq.get(daemon.base_url + "/kill/e2e-5")
+        self.assertEqual(await r.json(), {"status": "killed", "id": "e2e-5"})
+        hangup = await client.wait_event("hangup", trackId="e2e-5")
+        self.assertEqual(hangup["initiator"], "system")
+        await client.wait_closed()
+        listing = await (await treq.get(daemon.base_url + "/list")).json()
+        self.assertEqual([c for c in listing["active_calls"] if c["id"] == "e2e-5"], [])
+        dump = os.path.join(self.workdir, "recorders", "e2e-5.events.jsonl")
+        lines = [json.loads(line) for line in open(dump)]
+        self.assertEqual(lines[0]["type"], "command")
+        self.assertIn('"event":"hangup"', lines[-1]["content"])
+
+    async def test_bad_query_parameter_is_http_400(self) -> None:
+        """A query value of the wrong type fails the upgrade with HTTP 400."""
+        daemon = await self._start()
+        r = await treq.get(daemon.base_url + "/call?ping=x", headers={
+            "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
+        self.assertEqual(r.code, 400)
+
+
+class StartupTests(TestCase):
+    """A bad configuration stops start-up with one clear line and a non-zero exit."""
+
+    timeout = 60
+
+    async def _run(self, config: str) -> Any:
+        workdir = self.mktemp()
+        os.makedirs(workdir)
+        path = os.path.join(workdir, "bad.toml")
+        with open(path, "w") as f:
+            f.write(config)
+        daemon = spawn_daemon(workdir, ["--conf", path])
+        self.addCleanup(daemon.stop)
+        (code,) = await daemon.wait_exit()
+        return code, daemon.output
+
+    async def test_invalid_regex_names_the_key(self) -> None:
+        """An invalid handler rule regex is fatal and names handler.rules[0].caller."""
+        code, output = await self._run('[handler]\ntype = "playbook"\n[[handler.rules]]\ncaller = "(unclosed"\nplaybook = "x.md"\n')
+        self.assertNotEqual(code, 0)
+        self.assertIn("configuration error: handler.rules[0].caller", output)
+        self.assertNotIn("Traceback", output)
+
+    async def test_syntax_and_type_errors(self) -> None:
+        """A TOML syntax error and a wrong type each stop start-up with their message."""
+        code, output = await self._run("udp_port = [\n")
+        self.assertNotEqual(code, 0)
+        self.assertIn("configuration error:", output)
+        code, output = await self._run('udp_port = "many"\n')
+        self.assertNotEqual(code, 0)
+        self.assertIn("configuration error: udp_port", output)
+        self.assertNotIn("Traceback", output)
