@@ -103,13 +103,13 @@ class _EventBase:
         return out
 
 
-# A SIP/SIPS URI, optionally inside a name-addr: user[:password]@host[:port][;params][?headers]
+# A SIP/SIPS URI: user[:password]@host[:port][;params][?headers]
 _URI_RE = re.compile(
-    r"""^(?:[^<]*<)?\s*sips?:
-        (?:(?P<user>[^@:;?>]*)(?::[^@;?>]*)?@)?
+    r"""sips?:
+        (?:(?P<user>[^@:;?]*)(?::[^@;?]*)?@)?
         (?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_]+)
         (?::\d+)?
-        (?:[;?][^>]*)?\s*>?\s*$""",
+        (?:[;?].*)?""",
     re.IGNORECASE | re.VERBOSE,
 )
 
@@ -128,7 +128,13 @@ class Attendee:
 
         ``source`` is always the text given.
         """
-        match = _URI_RE.match(uri.strip())
+        text = uri.strip()
+        # name-addr ("Bob" <sip:bob@host>;tag=x): only the part inside <> is the URI.
+        start = text.find("<")
+        if start >= 0:
+            end = text.find(">", start)
+            text = text[start + 1 : end] if end >= 0 else ""
+        match = _URI_RE.fullmatch(text.strip())
         if match is None:
             return cls(username="", realm="", source=uri)
         return cls(username=match.group("user") or "", realm=match.group("host"), source=uri)
