@@ -11,6 +11,7 @@ Pure module: stdlib only.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Union
 
@@ -325,6 +326,14 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _parse_float(text: str) -> float:
+    # 1e400 parses to inf, which could not be written back as JSON.
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number out of range: {text}")
+    return value
+
+
 def command_from_object(obj: object) -> Command:
     """Decode an already-parsed JSON value into a command; raises :class:`CommandError`."""
     if not isinstance(obj, dict):
@@ -345,7 +354,7 @@ def decode_command(text: str | bytes) -> Command:
     try:
         if isinstance(text, (bytes, bytearray)):
             text = bytes(text).decode("utf-8")
-        obj = json.loads(text, parse_constant=_reject_constant)
+        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_parse_float)
     except RecursionError:
         raise CommandError("invalid JSON: nesting too deep") from None
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors

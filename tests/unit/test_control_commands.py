@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from activecall.control.commands import (
@@ -708,6 +710,51 @@ class MergeTests(SynchronousTestCase):
         """A play without playId reports its URL as playId."""
         self.assertEqual(PlayCommand(url="u").effective_play_id, "u")
         self.assertEqual(PlayCommand(url="u", play_id="").effective_play_id, "")
+
+
+# Keys the decoder knows, so generated objects reach nested option paths.
+_KEYS = sorted(
+    {"command", "option", "options", "recorder", "sip", "tts", "asr", "vad", "agc", "mediaPass",
+     "realtime", "eou", "ambiance", "ringbackDetection", "headers", "extra", "text", "url", "code",
+     "sampleRate", "speed", "format", "enable_srtp", "enableSrtp", "graceful", "data", "provider",
+     "sdp", "offer", "apiKey", "sdpMLineIndex", "timeout", "tools"}
+    | set(COMMAND_TYPES)
+)
+_SCALARS = (
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.sampled_from(_KEYS) | st.text(max_size=5)
+)
+_JSON = st.recursive(
+    _SCALARS,
+    lambda inner: st.lists(inner, max_size=3)
+    | st.dictionaries(st.sampled_from(_KEYS) | st.text(max_size=3), inner, max_size=5),
+    max_leaves=25,
+)
+
+
+class FuzzTests(SynchronousTestCase):
+    """The decoder fails only with CommandError."""
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.sampled_from(sorted(COMMAND_TYPES)), st.dictionaries(st.sampled_from(_KEYS), _JSON, max_size=6))
+    def test_any_object_decodes_or_raises_command_error(self, name: str, body: dict[str, Any]) -> None:
+        """Arbitrary JSON under a known command gives a command that round-trips, or a CommandError."""
+        obj = {**body, "command": name}
+        try:
+            cmd = command_from_object(obj)
+        except CommandError as err:
+            self.assertRegex(err.message, r"^(missing field|invalid) " + name + r"\.")
+        else:
+            self.assertEqual(command_from_object(json.loads(json.dumps(encode_command(cmd)))), cmd)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.text(max_size=40) | st.binary(max_size=40))
+    def test_any_text_decodes_or_raises_command_error(self, text: str | bytes) -> None:
+        """Arbitrary frame text never raises anything but CommandError."""
+        try:
+            decode_command(text)
+        except CommandError:
+            pass
 
 
 class PurityTests(SynchronousTestCase):
