@@ -38,7 +38,9 @@ class SynthesisRequest:
 
     ``sample_rate_hz`` is the rate the caller wants; providers may deliver
     their native rate instead and say so in each ``on_audio`` call.
-    ``volume`` is 0-10 with 5 the provider's normal level (protocol.md §4.6).
+    ``volume`` is 0-10 with 5 the normal level (protocol.md §4.6); providers
+    deliver audio at their normal level and leave volume to the caller, since
+    the media cache key (config.md §13) does not include it.
     """
 
     text: str

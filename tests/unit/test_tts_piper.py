@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import threading
 from typing import Any, Callable, Iterator
 
@@ -84,7 +86,8 @@ class PiperUnitTests(SynchronousTestCase):
     """Voice choice, option mapping and cancellation with a fake voice and inline threads."""
 
     def setUp(self) -> None:
-        self.tmp = self.mktemp()
+        self.tmp = tempfile.mkdtemp(prefix="test-piper-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
         self.default = _touch_voice(os.path.join(self.tmp, "default"), "joe.onnx")
         self.configs: list[Any] = []
         self.loaded: list[str] = []
@@ -137,8 +140,8 @@ class PiperUnitTests(SynchronousTestCase):
         self.assertEqual({rate for _, rate in got}, {22050})
         self.assertIsNone(self.successResultOf(d))
 
-    def test_speed_and_volume_mapping(self) -> None:
-        """speed maps to length_scale 1/speed and volume 5 is full level."""
+    def test_speed_mapping_and_volume_left_to_caller(self) -> None:
+        """speed maps to length_scale 1/speed; volume never changes Piper's level (the caller applies it)."""
         synth = self.make()
         for speed, volume in [(2.0, 5), (0.5, 0), (1.0, 10)]:
             synth.synthesize(SynthesisRequest("Hi.", speed=speed, volume=volume), lambda p, r: None)
@@ -147,7 +150,7 @@ class PiperUnitTests(SynchronousTestCase):
             self.configs,
             [
                 {"length_scale": 0.5, "speaker_id": None, "volume": 1.0},
-                {"length_scale": 2.0, "speaker_id": None, "volume": 0.0},
+                {"length_scale": 2.0, "speaker_id": None, "volume": 1.0},
                 {"length_scale": 1.0, "speaker_id": None, "volume": 1.0},
             ],
         )

