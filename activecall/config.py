@@ -15,11 +15,12 @@ import errno
 import ipaddress
 import os
 import re
+import string
 import tomllib
 import warnings as _warnings
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, TypeAlias, TypeVar
 
 from activecall import __version__
 
@@ -225,7 +226,7 @@ class Rewrite:
 
 @dataclass(frozen=True)
 class TrunkRule:
-    """One ``[[trunk_rules]]`` entry: match conditions and the rewrites to apply (config.md §12.1)."""
+    """One ``[[trunk_rules]]`` entry: match conditions and rewrites (config.md §12.1)."""
 
     match_from_user: re.Pattern[str] | None = None
     match_from_host: re.Pattern[str] | None = None
@@ -388,7 +389,7 @@ def _class_set_error(pattern: str, i: int) -> str | None:
 
 
 def _translate_rust_regex(pattern: str) -> str:
-    """Rewrite the Rust ``regex`` spellings Python lacks; raise ``ValueError`` on Rust-only syntax."""
+    """Respell Rust ``regex`` forms Python lacks; ``ValueError`` on Rust-only syntax."""
     out: list[str] = []
     i = 0
     n = len(pattern)
@@ -406,7 +407,7 @@ def _translate_rust_regex(pattern: str) -> str:
             if nxt == "x" and pattern.startswith("{", i + 2):
                 end = pattern.find("}", i + 3)
                 digits = pattern[i + 3 : end] if end > 0 else ""
-                if digits and all(d in "0123456789abcdefABCDEF" for d in digits) and len(digits) <= 8:
+                if 0 < len(digits) <= 8 and all(d in string.hexdigits for d in digits):
                     out.append(f"\\U{int(digits, 16):08x}")
                     i = end + 1
                     continue
@@ -466,7 +467,9 @@ _REPLACEMENT_REF = re.compile(r"\$(?:(\$)|\{([_0-9A-Za-z]+)\}|([_0-9A-Za-z]+))")
 
 
 def convert_replacement(template: str, pattern: re.Pattern[str] | None = None) -> str:
-    """Convert a Rust replacement (``$1``, ``${1}``, ``$name``, ``$$``) to ``re.sub`` form (``\\1``).
+    """Convert a Rust replacement (``$1``, ``${1}``, ``$name``, ``$$``) to ``re.sub`` form.
+
+    ``$1`` becomes ``\\1`` (``\\g<1>`` when a digit follows), ``$name`` becomes ``\\g<name>``.
 
     Backslashes are escaped so they stay literal. With ``pattern``, references to groups it
     does not have become empty strings, as in Rust (Python would raise at substitution time).
@@ -976,14 +979,18 @@ def _read_callrecord(t: _Table) -> CallRecordConfig:
     elif kind == "http":
         url = t.req_string("url", allow_empty=False).strip()
         if not _is_http_url(url):
-            raise ConfigError(t.key_path("url"), f"expected an http:// or https:// URL, got {url!r}")
+            raise ConfigError(
+                t.key_path("url"), f"expected an http:// or https:// URL, got {url!r}"
+            )
         headers: list[tuple[str, str]] = []
         h = t.table("headers")
         if h is not None:
             for name in h.keys():
                 value = h.req_string(name)
                 if _TOKEN.fullmatch(name) is None:
-                    raise ConfigError(h.key_path(name), f"expected an HTTP header name, got {name!r}")
+                    raise ConfigError(
+                        h.key_path(name), f"expected an HTTP header name, got {name!r}"
+                    )
                 headers.append((name, value))
         result = CallRecordConfig(
             type="http",
@@ -1023,10 +1030,17 @@ def _read_rewrite(t: _Table) -> Rewrite | None:
         # config.md §12: invalid rewrite patterns are logged and skipped, not fatal.
         t.warn(f"{t.key_path('match')}: invalid regex: {e}; rule skipped")
         return None
-    return Rewrite(match=pattern, rewrite=rewrite, replacement=convert_replacement(rewrite, pattern))
+    replacement = convert_replacement(rewrite, pattern)
+    return Rewrite(match=pattern, rewrite=rewrite, replacement=replacement)
 
 
-def _user_host(t: _Table | None, read: Any) -> tuple[Any, Any]:
+_T = TypeVar("_T")
+
+
+def _user_host(
+    t: _Table | None, read: Callable[[_Table, str], _T | None]
+) -> tuple[_T | None, _T | None]:
+    """Read the ``user`` and ``host`` keys of a trunk-rule ``from``/``to``/``contact`` table."""
     if t is None:
         return None, None
     user, host = read(t, "user"), read(t, "host")
@@ -1038,29 +1052,23 @@ def _read_trunk_rule(t: _Table) -> TrunkRule:
     rule = t.table("rule")
     t.finish()
     if rule is None:
-        return TrunkRule()
+        return TrunkRule()  # no conditions, no rewrites: matches and changes nothing
     match = rule.table("match")
     rewrite = rule.table("rewrite")
     rule.finish()
-
-    def pattern(tt: _Table, key: str) -> re.Pattern[str] | None:
-        return _opt_regex(tt, key)
-
-    def text(tt: _Table, key: str) -> str | None:
-        return tt.opt_string(key)
-
     m_from = m_to = r_from = r_to = r_contact = None
     if match is not None:
         m_from, m_to = match.table("from"), match.table("to")
         match.finish()
     if rewrite is not None:
-        r_from, r_to, r_contact = rewrite.table("from"), rewrite.table("to"), rewrite.table("contact")
+        r_from, r_to = rewrite.table("from"), rewrite.table("to")
+        r_contact = rewrite.table("contact")
         rewrite.finish()
-    mfu, mfh = _user_host(m_from, pattern)
-    mtu, mth = _user_host(m_to, pattern)
-    rfu, rfh = _user_host(r_from, text)
-    rtu, rth = _user_host(r_to, text)
-    rcu, rch = _user_host(r_contact, text)
+    mfu, mfh = _user_host(m_from, _opt_regex)
+    mtu, mth = _user_host(m_to, _opt_regex)
+    rfu, rfh = _user_host(r_from, _Table.opt_string)
+    rtu, rth = _user_host(r_to, _Table.opt_string)
+    rcu, rch = _user_host(r_contact, _Table.opt_string)
     return TrunkRule(
         match_from_user=mfu,
         match_from_host=mfh,
@@ -1092,7 +1100,9 @@ def _normalize_peer(peer: str, path: str) -> str | None:
                 raise ConfigError(path, f"missing host in {peer!r}")
             return scheme + rest
     if "://" in s:
-        raise ConfigError(path, f"expected ip:port or a ws://, wss://, http://, https:// URL, got {peer!r}")
+        raise ConfigError(
+            path, f"expected ip:port or a ws://, wss://, http://, https:// URL, got {peer!r}"
+        )
     return "ws://" + s
 
 
@@ -1223,9 +1233,8 @@ def parse_config(text: str, overrides: Overrides = Overrides(), source: str = "<
     if accept_text is not None:
         parsed = parse_duration(accept_text)
         if parsed is None:
-            root.warn(
-                f"{root.key_path('accept_timeout')}: cannot parse duration {accept_text!r}; using 60s"
-            )
+            where = root.key_path("accept_timeout")
+            root.warn(f"{where}: cannot parse duration {accept_text!r}; using 60s")
         else:
             accept_timeout_s = parsed
 
@@ -1350,9 +1359,10 @@ def check_files(config: Config) -> None:
     """Check the files the configuration needs at start-up (TLS certificate and key)."""
     if config.tls_port is None:
         return
-    for key, value in (("tls_cert_file", config.tls_cert_file), ("tls_key_file", config.tls_key_file)):
-        if value is not None:
-            _check_readable(value, key)
+    if config.tls_cert_file is not None:
+        _check_readable(config.tls_cert_file, "tls_cert_file")
+    if config.tls_key_file is not None:
+        _check_readable(config.tls_key_file, "tls_key_file")
 
 
 def load_config(path: str | None, overrides: Overrides = Overrides()) -> Config:

@@ -86,17 +86,22 @@ root = "./config/cdr"
 """
 
 
-class _ErrorMixin:
-    """Helper asserting the key path and reason of a ConfigError."""
+class _ConfigCase(SynchronousTestCase):
+    """Base with a helper asserting the key path and reason of a ConfigError."""
 
     def assert_error(
-        self, text: str, key_path: str, reason: str | None = None, overrides: Overrides = Overrides()
+        self,
+        text: str,
+        key_path: str,
+        reason: str | None = None,
+        overrides: Overrides = Overrides(),
     ) -> ConfigError:
-        err = self.assertRaises(ConfigError, parse_config, text, overrides)  # type: ignore[attr-defined]
-        self.assertEqual(err.key_path, key_path)  # type: ignore[attr-defined]
+        """Assert that parsing ``text`` fails at ``key_path`` (with ``reason`` if given)."""
+        err = self.assertRaises(ConfigError, parse_config, text, overrides)
+        self.assertEqual(err.key_path, key_path)
         if reason is not None:
-            self.assertEqual(err.reason, reason)  # type: ignore[attr-defined]
-        self.assertEqual(str(err), f"{err.key_path}: {err.reason}")  # type: ignore[attr-defined]
+            self.assertEqual(err.reason, reason)
+        self.assertEqual(str(err), f"{err.key_path}: {err.reason}")
         return err
 
 
@@ -145,7 +150,7 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(parse_config(""), load_config(None))
 
     def test_default_file_matches_defaults(self) -> None:
-        """etc/activecall.toml loads without warnings and differs from defaults only in [handler]."""
+        """etc/activecall.toml loads without warnings and differs from defaults only in handler."""
         config = load_config(str(DEFAULT_FILE))
         self.assertEqual(config.warnings, ())
         self.assertEqual(dataclasses.replace(config, handler=None), Config())
@@ -216,7 +221,7 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(out.stdout.strip(), "")
 
 
-class OverrideTests(SynchronousTestCase, _ErrorMixin):
+class OverrideTests(_ConfigCase):
     """Command-line overrides, config.md §2."""
 
     def test_http(self) -> None:
@@ -263,7 +268,9 @@ class OverrideTests(SynchronousTestCase, _ErrorMixin):
 
     def test_sip_port_out_of_range(self) -> None:
         """--sip with an out-of-range port is an error naming --sip."""
-        self.assert_error("", "--sip", "expected a port in 1-65535, got 70000", Overrides(sip="70000"))
+        self.assert_error(
+            "", "--sip", "expected a port in 1-65535, got 70000", Overrides(sip="70000")
+        )
         self.assert_error("", "--sip", overrides=Overrides(sip="10.0.0.1:0"))
 
     def test_handler_url_replaces_table(self) -> None:
@@ -318,14 +325,15 @@ class OverrideTests(SynchronousTestCase, _ErrorMixin):
         self.assertEqual(parse_config("").models_dir, "./models")
 
 
-class UaAliasTests(SynchronousTestCase, _ErrorMixin):
+class UaAliasTests(_ConfigCase):
     """The legacy [ua] table, config.md §1.8 and §6."""
 
     def test_alias_used(self) -> None:
         """[ua] addr, udp_port and handler act as the top-level items."""
         text = (
             '[ua]\naddr = "127.0.0.1"\nudp_port = 13050\n'
-            '[ua.handler]\ntype = "webhook"\nurl = "http://localhost:8090/webhook"\nmethod = "POST"\n'
+            '[ua.handler]\ntype = "webhook"\nurl = "http://localhost:8090/webhook"\n'
+            'method = "POST"\n'
         )
         config = parse_config(text)
         self.assertEqual((config.addr, config.udp_port), ("127.0.0.1", 13050))
@@ -339,7 +347,9 @@ class UaAliasTests(SynchronousTestCase, _ErrorMixin):
         text = 'udp_port = 5060\n[ua]\nudp_port = 13050\naddr = "127.0.0.1"\n'
         config = parse_config(text)
         self.assertEqual((config.addr, config.udp_port), ("127.0.0.1", 5060))
-        self.assertEqual(config.warnings, ("ua.udp_port ignored: top-level udp_port takes precedence",))
+        self.assertEqual(
+            config.warnings, ("ua.udp_port ignored: top-level udp_port takes precedence",)
+        )
 
     def test_override_beats_ua(self) -> None:
         """--sip overrides a port that came from [ua]."""
@@ -349,7 +359,9 @@ class UaAliasTests(SynchronousTestCase, _ErrorMixin):
     def test_errors_name_ua(self) -> None:
         """Errors in values taken from [ua] name the ua.* key path."""
         self.assert_error('[ua]\naddr = "pbx.local"\n', "ua.addr")
-        self.assert_error('[ua]\nudp_port = "x"\n', "ua.udp_port", "expected an integer, got string")
+        self.assert_error(
+            '[ua]\nudp_port = "x"\n', "ua.udp_port", "expected an integer, got string"
+        )
         self.assert_error('[ua.handler]\ntype = "sms"\n', "ua.handler.type")
 
     def test_ua_not_a_table(self) -> None:
@@ -361,7 +373,7 @@ class UaAliasTests(SynchronousTestCase, _ErrorMixin):
         self.assertEqual(parse_config("[ua]\nfoo = 1\n").warnings, ("unknown key: ua.foo",))
 
 
-class ErrorTests(SynchronousTestCase, _ErrorMixin):
+class ErrorTests(_ConfigCase):
     """Every class of fatal error names the key path and the reason."""
 
     def test_error_is_value_error(self) -> None:
@@ -395,7 +407,9 @@ class ErrorTests(SynchronousTestCase, _ErrorMixin):
         self.assert_error("codecs = [8]", "codecs[0]", "expected a string, got integer")
         self.assert_error('handler = "x"', "handler", "expected a table, got string")
         self.assert_error("[ambiance]\nenabled = 'yes'\n", "ambiance.enabled")
-        self.assert_error("register_users = 3", "register_users", "expected an array of tables, got integer")
+        self.assert_error(
+            "register_users = 3", "register_users", "expected an array of tables, got integer"
+        )
 
     def test_int_accepted_for_float(self) -> None:
         """A TOML integer is fine where a float is expected."""
@@ -440,7 +454,9 @@ class ErrorTests(SynchronousTestCase, _ErrorMixin):
         self.assertEqual(parse_config('log_level = "DEBUG"').log_level, "debug")
         self.assertEqual(parse_config('log_level = "Off"').log_level, "off")
         self.assert_error(
-            'log_level = "loud"', "log_level", "expected one of trace, debug, info, warn, error, off"
+            'log_level = "loud"',
+            "log_level",
+            "expected one of trace, debug, info, warn, error, off"
         )
 
     def test_handler_type(self) -> None:
@@ -466,7 +482,8 @@ class ErrorTests(SynchronousTestCase, _ErrorMixin):
         )
         self.assert_error('[handler]\ntype = "webhook"\nheaders = [["A"]]\n', "handler.headers[0]")
         config = parse_config(
-            '[handler]\ntype = "webhook"\nurl = "http://x/"\nheaders = [["Authorization", "Bearer x"]]\n'
+            '[handler]\ntype = "webhook"\nurl = "http://x/"\n'
+            'headers = [["Authorization", "Bearer x"]]\n'
         )
         assert isinstance(config.handler, WebhookHandlerConfig)
         self.assertEqual(config.handler.headers, (("Authorization", "Bearer x"),))
@@ -481,20 +498,27 @@ class ErrorTests(SynchronousTestCase, _ErrorMixin):
         empty = parse_config('[handler]\ntype = "webhook"\n')
         self.assertEqual(empty.handler, WebhookHandlerConfig())
         self.assertEqual(len(empty.warnings), 1)
-        self.assert_error('[handler]\ntype = "webhook"\nurls = ["http://b/", "b"]\n', "handler.urls[1]")
+        self.assert_error(
+            '[handler]\ntype = "webhook"\nurls = ["http://b/", "b"]\n', "handler.urls[1]"
+        )
 
     def test_handler_rule_regex(self) -> None:
         """An invalid handler rule regex is fatal with the rule's key path."""
         text = '[handler]\ntype = "playbook"\n[[handler.rules]]\ncallee = "x"\nplaybook = "a.md"\n'
         text += '[[handler.rules]]\ncaller = "[ab"\nplaybook = "b.md"\n'
         self.assert_error(
-            text, "handler.rules[1].caller", "invalid regex: unterminated character set at position 0"
+            text,
+            "handler.rules[1].caller",
+            "invalid regex: unterminated character set at position 0",
         )
 
     def test_rust_only_regex_rejected(self) -> None:
         """Rust-only syntax (\\p{..}, POSIX classes) is rejected instead of misread."""
         for pattern in ("'\\p{Han}'", "'[[:alpha:]]+'", "'\\PL'", "'[a-z&&[^aeiou]]'"):
-            text = f'[handler]\ntype = "playbook"\n[[handler.rules]]\ncaller = {pattern}\nplaybook = "a.md"\n'
+            text = (
+                f'[handler]\ntype = "playbook"\n[[handler.rules]]\ncaller = {pattern}\n'
+                'playbook = "a.md"\n'
+            )
             err = self.assert_error(text, "handler.rules[0].caller")
             self.assertTrue(err.reason.startswith("invalid regex: "), err.reason)
 
@@ -505,12 +529,18 @@ class ErrorTests(SynchronousTestCase, _ErrorMixin):
 
     def test_trunk_rule_regex(self) -> None:
         """An invalid trunk rule regex is fatal with the full dotted key path."""
-        text = '[[trunk_rules]]\nrule.rewrite.contact.host = "a"\n[[trunk_rules]]\nrule.match.from.user = "(x"\n'
+        text = (
+            '[[trunk_rules]]\nrule.rewrite.contact.host = "a"\n'
+            '[[trunk_rules]]\nrule.match.from.user = "(x"\n'
+        )
         self.assert_error(text, "trunk_rules[1].rule.match.from.user")
 
     def test_invalid_rewrite_is_skipped(self) -> None:
         """An invalid rewrite pattern is skipped with a warning, not fatal (config.md §12)."""
-        text = '[[rewrites]]\nmatch = "(x"\nrewrite = "y"\n[[rewrites]]\nmatch = "a"\nrewrite = "b"\n'
+        text = (
+            '[[rewrites]]\nmatch = "(x"\nrewrite = "y"\n'
+            '[[rewrites]]\nmatch = "a"\nrewrite = "b"\n'
+        )
         config = parse_config(text)
         self.assertEqual(len(config.rewrites), 1)
         self.assertEqual(config.rewrites[0].rewrite, "b")
@@ -525,7 +555,9 @@ class ErrorTests(SynchronousTestCase, _ErrorMixin):
         """tls_port without certificate or key is fatal."""
         self.assert_error("tls_port = 5061", "tls_cert_file", "required when tls_port is set")
         self.assert_error(
-            'tls_port = 5061\ntls_cert_file = "c.pem"', "tls_key_file", "required when tls_port is set"
+            'tls_port = 5061\ntls_cert_file = "c.pem"',
+            "tls_key_file",
+            "required when tls_port is set"
         )
 
     def test_tls_files_must_be_readable(self) -> None:
@@ -549,36 +581,47 @@ class ErrorTests(SynchronousTestCase, _ErrorMixin):
         self.assertIn("array", err.reason)
         self.assert_error("[[ice_servers]]\nusername = 'u'\n", "ice_servers[0].urls", "required")
         self.assert_error(
-            '[[ice_servers]]\nurls = ["stun:a"]\ncredential_type = "x"\n', "ice_servers[0].credential_type"
+            '[[ice_servers]]\nurls = ["stun:a"]\ncredential_type = "x"\n',
+            "ice_servers[0].credential_type"
         )
 
     def test_callrecord(self) -> None:
         """[callrecord] needs a known type, a known s3 vendor and each type's required keys."""
-        self.assert_error('[callrecord]\ntype = "ftp"\n', "callrecord.type", "expected one of local, s3, http")
+        self.assert_error(
+            '[callrecord]\ntype = "ftp"\n', "callrecord.type", "expected one of local, s3, http"
+        )
         self.assert_error('[callrecord]\ntype = "local"\n', "callrecord.root", "required")
         s3 = (
             '[callrecord]\ntype = "s3"\nvendor = "{v}"\nbucket = "b"\nregion = "r"\n'
             'access_key = "a"\nsecret_key = "s"\nendpoint = ""\nroot = "cdr"\n'
         )
         self.assert_error(s3.format(v="dropbox"), "callrecord.vendor")
-        self.assert_error('[callrecord]\ntype = "s3"\nvendor = "aws"\n', "callrecord.bucket", "required")
+        self.assert_error(
+            '[callrecord]\ntype = "s3"\nvendor = "aws"\n', "callrecord.bucket", "required"
+        )
         record = parse_config(s3.format(v="aws")).callrecord
         assert record is not None
         self.assertEqual((record.type, record.vendor, record.endpoint), ("s3", "aws", ""))
         self.assert_error('[callrecord]\ntype = "http"\n', "callrecord.url", "required")
         http = parse_config(
-            '[callrecord]\ntype = "http"\nurl = "http://x/cdr"\nheaders = { X-Key = "1" }\nwith_media = true\n'
+            '[callrecord]\ntype = "http"\nurl = "http://x/cdr"\n'
+            'headers = { X-Key = "1" }\nwith_media = true\n'
         ).callrecord
         assert http is not None
-        self.assertEqual((http.url, http.headers, http.with_media), ("http://x/cdr", (("X-Key", "1"),), True))
+        self.assertEqual(
+            (http.url, http.headers, http.with_media), ("http://x/cdr", (("X-Key", "1"),), True)
+        )
 
     def test_register_users_required_keys(self) -> None:
         """A [[register_users]] entry without server or username is fatal with its index."""
         base = '[[register_users]]\nserver = "a"\nusername = "u"\n'
-        self.assert_error(base + '[[register_users]]\nusername = "u"\n', "register_users[1].server", "required")
+        self.assert_error(
+            base + '[[register_users]]\nusername = "u"\n', "register_users[1].server", "required"
+        )
         self.assert_error(base + '[[register_users]]\nserver = "b"\n', "register_users[1].username")
         self.assert_error(
-            base + "[register_users.credential]\nusername = 'x'\n", "register_users[0].credential.password"
+            base + "[register_users.credential]\nusername = 'x'\n",
+            "register_users[0].credential.password"
         )
 
     def test_recording_format(self) -> None:
@@ -673,7 +716,9 @@ class ValueTests(SynchronousTestCase):
             '[[register_users]]\nserver = "sip:10.0.0.1"\nusername = "c"\n'
         )
         users = parse_config(text).register_users
-        self.assertEqual([u.server for u in users], ["sip:pbx:5060", "sips:pbx.example.org", "sip:10.0.0.1"])
+        self.assertEqual(
+            [u.server for u in users], ["sip:pbx:5060", "sips:pbx.example.org", "sip:10.0.0.1"]
+        )
         self.assertEqual([u.disabled for u in users], [True, False, False])
 
     def test_convert_replacement(self) -> None:
@@ -706,7 +751,10 @@ class ValueTests(SynchronousTestCase):
 
     def test_trunk_rule_matching(self) -> None:
         """Trunk rule patterns search user/host parts; a user pattern needs a user part."""
-        text = '[[trunk_rules]]\nrule.match.to.user = "^1"\nrule.rewrite.to.host = "10.0.0.1:5060"\n'
+        text = (
+            '[[trunk_rules]]\nrule.match.to.user = "^1"\n'
+            'rule.rewrite.to.host = "10.0.0.1:5060"\n'
+        )
         text += "[[trunk_rules]]\n"
         first, catch_all = parse_config(text).trunk_rules
         self.assertTrue(first.matches(None, "a", "123", "b"))
@@ -716,7 +764,9 @@ class ValueTests(SynchronousTestCase):
 
     def test_ambiance_camel_case(self) -> None:
         """[ambiance] reads camelCase keys into snake_case attributes."""
-        config = parse_config('[ambiance]\npath = "bg.wav"\ntransitionSpeed = 0.02\nenabled = false\n')
+        config = parse_config(
+            '[ambiance]\npath = "bg.wav"\ntransitionSpeed = 0.02\nenabled = false\n'
+        )
         self.assertEqual(
             config.ambiance, AmbianceConfig(path="bg.wav", transition_speed=0.02, enabled=False)
         )
