@@ -1223,6 +1223,8 @@ def parse_config(text: str, overrides: Overrides = Overrides(), source: str = "<
     if log_level not in LOG_LEVELS:
         raise ConfigError(root.key_path("log_level"), f"expected one of {', '.join(LOG_LEVELS)}")
     log_file = root.opt_string("log_file")
+    if log_file is not None and not log_file.strip():
+        log_file = None  # blank = unset: log to twistd's log
     skip_paths = root.strings("http_access_skip_paths") or ()
     useragent = root.string("useragent", DEFAULT_USERAGENT)
     graceful_shutdown = root.boolean("graceful_shutdown", True)

@@ -439,6 +439,11 @@ class ErrorTests(_ConfigCase):
         self.assert_error('rtp_bind_ip = "eth0"', "rtp_bind_ip")
         self.assertEqual(parse_config('rtp_bind_ip = "fe80::1"').rtp_bind_ip, "fe80::1")
 
+    def test_blank_log_file_is_unset(self) -> None:
+        """log_file = "" means no log file; a path is kept as given."""
+        self.assertIsNone(parse_config('log_file = " "').log_file)
+        self.assertEqual(parse_config('log_file = "a.log"').log_file, "a.log")
+
     def test_empty_addr_allowed(self) -> None:
         """addr = "" means "first non-loopback interface" and is kept for later resolution."""
         self.assertEqual(parse_config('addr = ""').addr, "")
