@@ -22,7 +22,9 @@ Why this and not the alternatives (numbers from ``benchmarks/codec_throughput.py
 Filter: Kaiser-windowed sinc, beta 8 (about 80 dB stopband), cutoff at 0.94
 of the lower Nyquist, 40 taps per output sample at the lower rate.  When
 downsampling the kernel stretches with the ratio, which is what provides the
-anti-aliasing.  Each phase is normalised to unity DC gain.
+anti-aliasing.  Each phase is normalised to unity DC gain.  Arithmetic is
+float64 so that the summation order (which differs between the vectorised
+fast paths) cannot change how a sample rounds: chunking stays invisible.
 """
 
 from __future__ import annotations
