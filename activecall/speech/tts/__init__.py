@@ -1,0 +1,50 @@
+"""Built-in text-to-speech providers and their registration (called by ``tap.py``)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Mapping
+
+from treq.client import HTTPClient
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.python.threadpool import ThreadPool
+
+from activecall.speech.interfaces import ISpeechSynthesizer
+from activecall.speech.registry import SynthesisSettings, SynthesizerRegistry
+
+__all__ = ["register_builtin_synthesizers"]
+
+
+def register_builtin_synthesizers(
+    registry: SynthesizerRegistry,
+    *,
+    reactor: IReactorFromThreads,
+    clock: IReactorTime,
+    threadpool: ThreadPool,
+    http_client: HTTPClient,
+    environ: Mapping[str, str],
+    models_dir: str,
+) -> None:
+    """Register ``piper`` (alias ``supertonic``) and ``openai`` in ``registry``.
+
+    Providers are built lazily by :meth:`SynthesizerRegistry.create`, so a missing
+    offline extra or API key only matters when the provider is asked for
+    (``ProviderUnavailableError``).  ``models_dir`` fills in settings that leave
+    ``models_dir`` empty.
+    """
+
+    def with_models_dir(settings: SynthesisSettings) -> SynthesisSettings:
+        return settings if settings.models_dir else replace(settings, models_dir=models_dir)
+
+    def piper(settings: SynthesisSettings) -> ISpeechSynthesizer:
+        from activecall.speech.tts.piper import PiperSynthesizer
+
+        return PiperSynthesizer(with_models_dir(settings), reactor=reactor, threadpool=threadpool)
+
+    def openai(settings: SynthesisSettings) -> ISpeechSynthesizer:
+        from activecall.speech.tts.openai import OpenAISynthesizer
+
+        return OpenAISynthesizer(settings, http_client=http_client, clock=clock, environ=environ)
+
+    registry.register("piper", piper, aliases=("supertonic",))
+    registry.register("openai", openai)

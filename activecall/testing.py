@@ -1,0 +1,117 @@
+"""Shipped fakes for tests of activecall and of code built on it."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from activecall.speech.interfaces import ISpeechSynthesizer, SynthesisError, SynthesisRequest
+
+__all__ = ["FakeSynthesizer", "SynthesizerConformanceMixin"]
+
+
+@implementer(ISpeechSynthesizer)
+class FakeSynthesizer:
+    """Deterministic synthesizer: a tone of ``ms_per_char`` per character, in timed chunks.
+
+    Audio is a sine at ``frequency_hz`` at the request's rate (or ``rate_hz``), cut
+    into ``chunk_ms`` pieces; one piece is delivered every ``chunk_interval_s`` on
+    the injected clock (the first one after one interval), then the Deferred fires.
+    With ``fail_with`` set, the Deferred errbacks with it after ``fail_after_chunks``
+    pieces.  ``requests`` records every request; ``cancelled`` counts cancels.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        *,
+        name: str = "fake",
+        ms_per_char: int = 50,
+        chunk_ms: int = 100,
+        chunk_interval_s: float = 0.02,
+        frequency_hz: float = 440.0,
+        rate_hz: int | None = None,
+        fail_with: SynthesisError | None = None,
+        fail_after_chunks: int = 0,
+    ) -> None:
+        self.name = name
+        self._clock = clock
+        self.ms_per_char = ms_per_char
+        self.chunk_ms = chunk_ms
+        self.chunk_interval_s = chunk_interval_s
+        self.frequency_hz = frequency_hz
+        self.rate_hz = rate_hz
+        self.fail_with = fail_with
+        self.fail_after_chunks = fail_after_chunks
+        self.requests: list[SynthesisRequest] = []
+        self.cancelled = 0
+        self.active = 0
+
+    def rate_for(self, request: SynthesisRequest) -> int:
+        """Return the rate audio for ``request`` is delivered at."""
+        return self.rate_hz or request.sample_rate_hz
+
+    def audio_for(self, request: SynthesisRequest) -> bytes:
+        """Return the whole PCM a successful synthesis of ``request`` delivers."""
+        rate = self.rate_for(request)
+        n = max(1, len(request.text)) * self.ms_per_char * rate // 1000
+        tone = np.sin(np.arange(n) * (2 * np.pi * self.frequency_hz / rate)) * 8000
+        return tone.astype("<i2").tobytes()
+
+    def synthesize(self, request: SynthesisRequest, on_audio: Callable[[bytes, int], None]) -> Deferred[None]:
+        """Deliver :meth:`audio_for` in chunks on the clock; see ``ISpeechSynthesizer``."""
+        self.requests.append(request)
+        rate = self.rate_for(request)
+        pcm = self.audio_for(request)
+        step = max(2, self.chunk_ms * rate // 1000 * 2)
+        chunks = [pcm[i : i + step] for i in range(0, len(pcm), step)]
+        pending: list[IDelayedCall] = []
+
+        def cancel(_: Deferred[None]) -> None:
+            self.cancelled += 1
+            self.active -= 1
+            if pending and pending[0].active():
+                pending[0].cancel()
+
+        d: Deferred[None] = Deferred(cancel)
+        self.active += 1
+
+        def tick(index: int) -> None:
+            pending.clear()
+            if self.fail_with is not None and index >= self.fail_after_chunks:
+                self.active -= 1
+                d.errback(Failure(self.fail_with))
+                return
+            if index >= len(chunks):
+                self.active -= 1
+                d.callback(None)
+                return
+            on_audio(chunks[index], rate)
+            if not d.called:  # on_audio may have cancelled us
+                pending.append(self._clock.callLater(self.chunk_interval_s, tick, index + 1))
+
+        pending.append(self._clock.callLater(self.chunk_interval_s, tick, 0))
+        return d
+
+
+class SynthesizerConformanceMixin:
+    """Checks every ``ISpeechSynthesizer`` must pass; mix into a trial TestCase.
+
+    Subclasses define :meth:`make_synthesizer`.
+    """
+
+    def make_synthesizer(self) -> ISpeechSynthesizer:
+        """Return the provider under test."""
+        raise NotImplementedError
+
+    def test_conformance_interface(self) -> None:
+        """The provider verifiably provides ISpeechSynthesizer and has a lower-case str name."""
+        synth = self.make_synthesizer()
+        assert verifyObject(ISpeechSynthesizer, synth)
+        assert isinstance(synth.name, str) and synth.name == synth.name.lower() and synth.name
