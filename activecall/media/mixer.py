@@ -100,7 +100,7 @@ def apply_gain(pcm: bytes, gain: float) -> bytes:
         return bytes(pcm)
     if gain == 0.0:
         return silence(len(pcm) // 2)
-    # audioop.mul is C and already saturates.
+    # audioop.mul is C and already saturates (it rounds toward -inf).
     return audioop.mul(pcm, 2, float(gain))
 
 
