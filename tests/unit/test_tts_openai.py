@@ -52,7 +52,7 @@ class SpeechResource(Resource):
         self.clock = clock
         self.pieces = pieces
         self.delay_s = 0.05
-        self.mode = "ok"  # "ok", "500", "429", "stall"
+        self.mode = "ok"  # "ok", "500", "429", "stall", "mp3"
         self.requests: list[dict[str, Any]] = []
         self.lost: Deferred[None] = Deferred()
         self._calls: list[IDelayedCall] = []
@@ -79,6 +79,9 @@ class SpeechResource(Resource):
         if self.mode == "429":
             return self._error(request, 429, "Rate limit reached for requests", "requests", "rate_limit_exceeded")
         fmt = body.get("response_format", "mp3")
+        if self.mode == "mp3":
+            request.setHeader(b"content-type", b"audio/mpeg")
+            return b"\xff\xfb\x90\x00" * 100
         request.setHeader(b"content-type", b"audio/wav" if fmt == "wav" else b"audio/pcm")
         data = (_wav_header(22050) if fmt == "wav" else b"") + _PCM
         parts: list[bytes] = []
@@ -222,6 +225,15 @@ class OpenAIStubTests(SynchronousTestCase):
             err = self.failureResultOf(d, SynthesisError).value
             self.assertIn(f"HTTP {mode}: {text}", str(err))
             self.assertTrue(err.retryable)
+
+    def test_compressed_response_rejected(self) -> None:
+        """A server answering with MP3 despite response_format pcm is a non-retryable error, not noise."""
+        self.resource.mode = "mp3"
+        d, got = self.run_synth(self.make(), SynthesisRequest("Hi."))
+        err = self.failureResultOf(d, SynthesisError).value
+        self.assertIn("audio/mpeg", str(err))
+        self.assertFalse(err.retryable)
+        self.assertEqual(got, [])
 
     def test_wav_response(self) -> None:
         """With extra response_format wav the header is parsed and its rate reported."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import threading
 from typing import Any, Callable, Iterator
@@ -15,8 +16,9 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from activecall.speech.interfaces import ISpeechSynthesizer, SynthesisError, SynthesisRequest
+from activecall.speech.interfaces import ISpeechSynthesizer, ProviderUnavailableError, SynthesisError, SynthesisRequest
 from activecall.speech.registry import SynthesisSettings
+from activecall.speech.tts import piper as piper_module
 from activecall.speech.tts.piper import PiperSynthesizer, VoiceCache, default_voice_paths
 
 
@@ -115,6 +117,24 @@ class PiperUnitTests(SynchronousTestCase):
         synth = self.make()
         self.assertTrue(verifyObject(ISpeechSynthesizer, synth))
         self.assertEqual(synth.name, "piper")
+
+    def test_missing_offline_extra(self) -> None:
+        """Without the piper package the provider is unavailable with the install hint."""
+        saved = sys.modules.get("piper")
+        sys.modules["piper"] = None  # type: ignore[assignment]  # makes find_spec report it missing
+        self.addCleanup(lambda: sys.modules.__setitem__("piper", saved) if saved else sys.modules.pop("piper", None))
+        with self.assertRaises(ProviderUnavailableError) as cm:
+            PiperSynthesizer(self.settings, reactor=self.reactor, threadpool=_InlinePool())  # type: ignore[arg-type]
+        self.assertEqual(str(cm.exception), "offline TTS not installed: pip install activecall[offline]")
+
+    def test_no_voice_at_all(self) -> None:
+        """No bundled voice and no configured model makes the provider unavailable; a model suffices."""
+        self.patch(piper_module, "default_voice_paths", lambda: None)
+        make = lambda s: PiperSynthesizer(s, reactor=self.reactor, threadpool=_InlinePool(), voices=self.voices)  # type: ignore[arg-type]  # noqa: E731
+        self.assertRaises(ProviderUnavailableError, make, self.settings)
+        synth = make(SynthesisSettings(model="v.onnx", models_dir="/m"))
+        d = synth.synthesize(SynthesisRequest("x", speaker="F1"), lambda p, r: None)
+        self.assertFalse(self.failureResultOf(d, SynthesisError).value.retryable)
 
     def test_voice_selection(self) -> None:
         """model beats a path speaker beats settings.model beats the default; M1..F2 pick the default."""

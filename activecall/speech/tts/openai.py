@@ -48,6 +48,9 @@ DEFAULT_MODEL = "gpt-4o-mini-tts"
 DEFAULT_VOICE = "alloy"
 PCM_RATE_HZ = 24000  # OpenAI's "pcm" format: s16le mono 24 kHz, no header
 _MAX_ERROR_BODY = 64 * 1024
+_COMPRESSED_TYPES = frozenset(
+    {b"audio/mpeg", b"audio/mp3", b"audio/ogg", b"audio/opus", b"audio/aac", b"audio/flac", b"application/json"}
+)
 
 
 class _PcmFramer:
@@ -283,6 +286,11 @@ class _SpeechCall:
             return
         if not 200 <= response.code < 300:
             self._read_error(response)
+            return
+        ctype = (response.headers.getRawHeaders(b"content-type") or [b""])[0].split(b";")[0].strip().lower()
+        if ctype in _COMPRESSED_TYPES:
+            # a server that ignored response_format; we cannot decode compressed audio here
+            self._fail(SynthesisError(f"openai TTS: unsupported response type {ctype.decode('latin-1')}", retryable=False))
             return
         finished: Deferred[None] = Deferred()
         self._body = _BodyStream(self._data, finished)
