@@ -137,7 +137,7 @@ class OpusDecoder:
     def _frame_bytes(frame: AudioFrame) -> bytes:
         samples = frame.samples
         name = frame.format.name
-        if name == "s16":
+        if name == "s16" and len(frame.layout.channels) == 1:
             return bytes(memoryview(frame.planes[0]).cast("B")[: 2 * samples])
         # Other formats (FFmpeg's native decoder gives float planar): mix to mono.
         data = frame.to_ndarray()
