@@ -12,7 +12,7 @@ import sys
 from typing import Any, Callable, Optional
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol, connectWS
-from twisted.internet import reactor
+from twisted.internet import defer, reactor, task
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
@@ -43,11 +43,12 @@ class _Waiters:
         self._waiters.append((check, d))
 
         def timed_out(f: Any) -> Any:
+            f.trap(defer.TimeoutError)
             self._waiters[:] = [(c, w) for c, w in self._waiters if w is not d]
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
-        d.addTimeout(timeout_s, reactor, onTimeoutCancel=lambda *_: None)
-        d.addErrback(lambda f: timed_out(f) if not f.check(AssertionError) else f)
+        d.addTimeout(timeout_s, reactor)
+        d.addErrback(timed_out)
         return d
 
     def poke(self) -> None:
@@ -66,6 +67,11 @@ class Daemon(ProcessProtocol):
         self.exit_code: Optional[int] = None
         self._waiters = _Waiters()
         self.http_port = 0
+        self._reaper: Optional[task.LoopingCall] = None
+
+    def connectionMade(self) -> None:
+        # The daemon reads nothing; an open stdin pipe would also delay processEnded.
+        self.transport.closeStdin()
 
     def outReceived(self, data: bytes) -> None:
         self.output += data.decode("utf-8", "replace")
@@ -73,8 +79,37 @@ class Daemon(ProcessProtocol):
 
     errReceived = outReceived
 
+    def childConnectionLost(self, childFD: int) -> None:
+        # Under pytest no SIGCHLD handler may be installed, so reap the child
+        # ourselves once it closed its output: check every 50 ms until it is gone.
+        if childFD in (1, 2) and self._reaper is None:
+            self._reaper = task.LoopingCall(self._reap)
+            self._reaper.start(0.05)
+
+    def _reap(self) -> None:
+        if self.exit_code is not None:
+            if self._reaper is not None and self._reaper.running:
+                self._reaper.stop()
+            return
+        try:
+            self.transport.reapProcess()
+        except Exception:
+            pass
+
+    def processExited(self, reason: Any) -> None:
+        self.processEnded(reason)
+
     def processEnded(self, reason: Any) -> None:
-        self.exit_code = reason.value.exitCode if not reason.check(ProcessDone) else 0
+        if self.exit_code is not None:
+            return
+        if reason.check(ProcessDone):
+            self.exit_code = 0
+        elif reason.value.exitCode is not None:
+            self.exit_code = reason.value.exitCode
+        else:
+            self.exit_code = -(reason.value.signal or 1)  # ended by a signal
+        if self._reaper is not None and self._reaper.running:
+            self._reaper.stop()
         self._waiters.poke()
 
     def wait_output(self, text: str, timeout_s: float = TIMEOUT_S) -> Deferred[Any]:
@@ -117,6 +152,7 @@ class Daemon(ProcessProtocol):
 def spawn_daemon(workdir: str, args: list[str], env: Optional[dict[str, str]] = None) -> Daemon:
     """Run twistd activecall with ``args`` in ``workdir``, importing this checkout."""
     proto = Daemon()
+    workdir = os.path.abspath(workdir)
     child_env = dict(os.environ)
     child_env["PYTHONPATH"] = REPO + os.pathsep + child_env.get("PYTHONPATH", "")
     child_env["PYTHONUNBUFFERED"] = "1"
@@ -129,6 +165,7 @@ def spawn_daemon(workdir: str, args: list[str], env: Optional[dict[str, str]] = 
 
 def start_daemon(workdir: str, config: str, extra_args: tuple[str, ...] = ()) -> Deferred[Daemon]:
     """Write ``config`` (with {http_port} and {sip_port} filled) and start the daemon; fires when ready."""
+    workdir = os.path.abspath(workdir)
     http_port = free_port()
     sip_port = free_port(socket.SOCK_DGRAM)
     path = os.path.join(workdir, "activecall.toml")
@@ -211,3 +248,11 @@ def connect(url: str) -> Deferred[CallClient]:
     factory.opened = Deferred()
     connectWS(factory)
     return factory.opened
+
+
+def http_client() -> Any:
+    """A treq client without persistent connections, so tests leave a clean reactor."""
+    from treq.client import HTTPClient
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    return HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))

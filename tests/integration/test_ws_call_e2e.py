@@ -9,10 +9,11 @@ import struct
 import wave
 from typing import Any
 
-import treq
 from twisted.trial.unittest import TestCase
 
-from harness import BASE_CONFIG, CallClient, connect, spawn_daemon, start_daemon
+from harness import BASE_CONFIG, CallClient, connect, http_client, spawn_daemon, start_daemon
+
+treq = http_client()
 
 from activecall.media._audioop import audioop
 
@@ -33,7 +34,7 @@ class WebSocketCallTests(TestCase):
     timeout = 120
 
     async def _start(self, extra: str = "") -> Any:
-        workdir = self.mktemp()
+        workdir = os.path.abspath(self.mktemp())
         os.makedirs(workdir)
         self.workdir = workdir
         daemon = await start_daemon(workdir, BASE_CONFIG + extra)
@@ -196,8 +197,8 @@ class StartupTests(TestCase):
 
     timeout = 60
 
-    async def _run(self, config: str) -> Any:
-        workdir = self.mktemp()
+    async def _start_with(self, config: str) -> Any:
+        workdir = os.path.abspath(self.mktemp())
         os.makedirs(workdir)
         path = os.path.join(workdir, "bad.toml")
         with open(path, "w") as f:
@@ -209,17 +210,17 @@ class StartupTests(TestCase):
 
     async def test_invalid_regex_names_the_key(self) -> None:
         """An invalid handler rule regex is fatal and names handler.rules[0].caller."""
-        code, output = await self._run('[handler]\ntype = "playbook"\n[[handler.rules]]\ncaller = "(unclosed"\nplaybook = "x.md"\n')
+        code, output = await self._start_with('[handler]\ntype = "playbook"\n[[handler.rules]]\ncaller = "(unclosed"\nplaybook = "x.md"\n')
         self.assertNotEqual(code, 0)
         self.assertIn("configuration error: handler.rules[0].caller", output)
         self.assertNotIn("Traceback", output)
 
     async def test_syntax_and_type_errors(self) -> None:
         """A TOML syntax error and a wrong type each stop start-up with their message."""
-        code, output = await self._run("udp_port = [\n")
+        code, output = await self._start_with("udp_port = [\n")
         self.assertNotEqual(code, 0)
         self.assertIn("configuration error:", output)
-        code, output = await self._run('udp_port = "many"\n')
+        code, output = await self._start_with('udp_port = "many"\n')
         self.assertNotEqual(code, 0)
         self.assertIn("configuration error: udp_port", output)
         self.assertNotIn("Traceback", output)
