@@ -453,7 +453,20 @@ class CallController:
 
     def _queue_sentence(self, play: TtsPlay, text: str, job: "_TtsJob", cacheable: bool) -> None:
         sentence = play.add_sentence(text)
-        _SentenceSynthesis(self, play, sentence, job, cacheable).start()
+        play.synth_waiting.append(_SentenceSynthesis(self, play, sentence, job, cacheable))
+        self._pump_synthesis(play)
+
+    def _pump_synthesis(self, play: TtsPlay) -> None:
+        """Start queued syntheses, in order, up to the play's maxConcurrentTasks (default 1)."""
+        while play.synth_waiting:
+            limit = play.synth_waiting[0].concurrency
+            if play.synth_running >= limit:
+                return
+            synthesis = play.synth_waiting.pop(0)
+            if synthesis.sentence.done:
+                continue  # cancelled while waiting
+            play.synth_running += 1
+            synthesis.start()
 
     # -- ending -----------------------------------------------------------
 
@@ -530,6 +543,17 @@ class _SentenceSynthesis:
         self._to_media: Optional[Resampler] = None
         self._cache_pcm = bytearray()
         self._key: Optional[str] = None
+        self._finished = False
+        self.sentence = sentence
+        self.concurrency = max(1, job.option.max_concurrent_tasks or 1)
+
+    def _release(self) -> None:
+        """This synthesis no longer occupies a slot of its play; start the next one."""
+        if not self._finished:
+            self._finished = True
+            self._play.synth_running -= 1
+            if not self._c.ended:
+                self._c._pump_synthesis(self._play)
 
     def start(self) -> None:
         services = self._c._services
@@ -544,6 +568,7 @@ class _SentenceSynthesis:
             except ValueError as e:
                 self._c.error(f"invalid tts.cacheKey: {e}")
                 self._sentence.done = True
+                self._release()
                 return
             d = services.run_blocking(services.cache.get, self._key)
             self._sentence.synth = d
@@ -561,6 +586,7 @@ class _SentenceSynthesis:
         self._sentence.synth = None
         self._sentence.append(self._c._to_media(pcm, self._job.option.samplerate, self._job.option.volume))
         self._sentence.done = True
+        self._release()
         self._metrics(len(pcm), cached=True)
 
     def _synthesize(self) -> None:
@@ -573,6 +599,7 @@ class _SentenceSynthesis:
             self._log.info("TTS provider {p} unavailable: {e}", p=self._job.provider, e=e)
             self._c.error(f"TTS provider {self._job.provider} unavailable: {e}", sender="tts", track_id=self._c.sst, code=500)
             self._sentence.done = True
+            self._release()
             return
         request = SynthesisRequest(
             text=self._sentence.text,
@@ -609,6 +636,7 @@ class _SentenceSynthesis:
 
     def _done(self, _: object) -> None:
         self._sentence.synth = None
+        self._release()
         if self._sentence.done:
             return
         if self._to_media is not None:
@@ -624,6 +652,7 @@ class _SentenceSynthesis:
 
     def _failed(self, f: Failure) -> None:
         self._sentence.synth = None
+        self._release()
         if f.check(CancelledError) or self._sentence.done:
             return
         self._sentence.done = True

@@ -90,6 +90,8 @@ class TtsPlay(SstSource):
         self.end_of_stream = False
         self.stop_after_current = False  # graceful interrupt
         self.pending_text = ""  # streaming: text not yet forming a sentence
+        self.synth_waiting: list[Any] = []  # syntheses not started yet (maxConcurrentTasks)
+        self.synth_running = 0
         self._seq = 0
 
     def add_sentence(self, text: str) -> Sentence:
@@ -170,6 +172,7 @@ class TtsPlay(SstSource):
         del self.sentences[keep:]
 
     def cancel(self) -> None:
+        self.synth_waiting.clear()
         for s in self.sentences[self.index:]:
             s.cancel()
         self.sentences = self.sentences[: self.index]

@@ -38,6 +38,8 @@ class MediaClock:
         self._interval_s = interval_s
         self._subscribers: dict[int, MediaTicker] = {}
         self._loop: LoopingCall | None = None
+        self._started_at = 0.0
+        self._frames_done = 0
         self.late_ticks = 0
         self.ticks = 0
 
@@ -45,9 +47,11 @@ class MediaClock:
         """Add ``ticker``; starts the clock if it was idle."""
         self._subscribers[id(ticker)] = ticker
         if self._loop is None:
-            loop = LoopingCall.withCount(self._tick)
+            loop = LoopingCall(self._tick)
             loop.clock = self._clock
             self._loop = loop
+            self._started_at = self._clock.seconds()
+            self._frames_done = 0
             d = loop.start(self._interval_s, now=False)
             d.addErrback(lambda f: self._log.failure("media clock stopped", f))
 
@@ -62,7 +66,14 @@ class MediaClock:
     def __len__(self) -> int:
         return len(self._subscribers)
 
-    def _tick(self, count: int) -> None:
+    def _tick(self) -> None:
+        # Count frames from the start time rather than trusting per-call counts:
+        # with epoch-sized float times a tick can land a hair before its slot.
+        due = int((self._clock.seconds() - self._started_at) / self._interval_s + 1e-3)
+        count = due - self._frames_done
+        if count <= 0:
+            return
+        self._frames_done = due
         self.ticks += 1
         if count > 1:
             self.late_ticks += 1

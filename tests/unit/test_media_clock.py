@@ -44,6 +44,17 @@ class MediaClockTests(SynchronousTestCase):
         self.assertEqual(r.ticks, [1, 3, MAX_CATCH_UP_FRAMES])
         self.assertEqual(mc.late_ticks, 2)
 
+    def test_epoch_sized_times_give_one_frame_per_tick(self) -> None:
+        """Float rounding at epoch-sized times never yields a zero-frame tick followed by a double."""
+        clock = Clock()
+        clock.advance(1_795_326_672.336)
+        mc = MediaClock(clock)
+        r = Recorder()
+        mc.subscribe(r)
+        for _ in range(500):
+            clock.advance(0.02)
+        self.assertEqual(r.ticks, [1] * 500)
+
     def test_stops_when_nobody_listens(self) -> None:
         """The timer is gone when the last subscriber leaves."""
         clock = Clock()
