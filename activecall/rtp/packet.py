@@ -171,7 +171,8 @@ def parse_rtp(data: bytes | bytearray | memoryview, into: RtpHeaderView | None =
     """Parse and validate an RTP packet; raise :class:`RtpParseError` if it is bad.
 
     Checks version 2, that CSRCs and the header extension fit, and that the
-    padding count is at least 1 and fits in what follows the header.
+    padding count is at least 1 and fits in what follows the header.  If it
+    raises, a reused ``into`` view holds unspecified values.
     """
     size = len(data)
     if size < 12:
