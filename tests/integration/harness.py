@@ -163,8 +163,12 @@ def spawn_daemon(workdir: str, args: list[str], env: Optional[dict[str, str]] = 
     return proto
 
 
-def start_daemon(workdir: str, config: str, extra_args: tuple[str, ...] = ()) -> Deferred[Daemon]:
-    """Write ``config`` (with {http_port} and {sip_port} filled) and start the daemon; fires when ready."""
+def start_daemon(workdir: str, config: str, extra_args: tuple[str, ...] = (), ready_text: str = " ready: ") -> Deferred[Daemon]:
+    """Write ``config`` (with {http_port} and {sip_port} filled) and start the daemon; fires when ready.
+
+    Readiness is the daemon's ``ready`` log line on stdout, or, with
+    ``ready_text=""`` (a log_file is configured), the HTTP port accepting.
+    """
     workdir = os.path.abspath(workdir)
     http_port = free_port()
     sip_port = free_port(socket.SOCK_DGRAM)
@@ -173,13 +177,35 @@ def start_daemon(workdir: str, config: str, extra_args: tuple[str, ...] = ()) ->
         f.write(config.format(http_port=http_port, sip_port=sip_port, workdir=workdir))
     daemon = spawn_daemon(workdir, ["--conf", path, *extra_args])
     daemon.http_port = http_port
-    d = daemon.wait_output(" ready: ")
+    d = daemon.wait_output(ready_text) if ready_text else wait_port(http_port)
 
     def failed(f: Any) -> Any:
         raise AssertionError(f"daemon did not start: {f.getErrorMessage()}\n--- output ---\n{daemon.output}")
 
     d.addCallbacks(lambda _: daemon, failed)
     return d
+
+
+def wait_port(port: int, timeout_s: float = TIMEOUT_S) -> Deferred[Any]:
+    """Fires once 127.0.0.1:port accepts TCP connections (tried every 50 ms until the deadline)."""
+    waiters = _Waiters()
+    state = {"up": False}
+
+    def attempt() -> None:
+        with socket.socket() as s:
+            state["up"] = s.connect_ex(("127.0.0.1", port)) == 0
+        waiters.poke()
+
+    loop = task.LoopingCall(attempt)
+    loop.start(0.05)
+    d = waiters.wait(lambda: state["up"], timeout_s, f"port {port}")
+
+    def stop(result: Any) -> Any:
+        if loop.running:
+            loop.stop()
+        return result
+
+    return d.addBoth(stop)
 
 
 BASE_CONFIG = """

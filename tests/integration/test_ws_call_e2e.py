@@ -9,6 +9,7 @@ import struct
 import wave
 from typing import Any
 
+from treq import collect
 from twisted.trial.unittest import TestCase
 
 from harness import BASE_CONFIG, CallClient, connect, http_client, spawn_daemon, start_daemon
@@ -33,11 +34,11 @@ class WebSocketCallTests(TestCase):
 
     timeout = 120
 
-    async def _start(self, extra: str = "") -> Any:
+    async def _start(self, extra: str = "", ready_text: str = " ready: ") -> Any:
         workdir = os.path.abspath(self.mktemp())
         os.makedirs(workdir)
         self.workdir = workdir
-        daemon = await start_daemon(workdir, BASE_CONFIG + extra)
+        daemon = await start_daemon(workdir, extra + BASE_CONFIG, ready_text=ready_text)
         self.addCleanup(daemon.stop)
         return daemon
 
@@ -182,6 +183,40 @@ class WebSocketCallTests(TestCase):
         lines = [json.loads(line) for line in open(dump)]
         self.assertEqual(lines[0]["type"], "command")
         self.assertIn('"event":"hangup"', lines[-1]["content"])
+
+    async def test_event_stream_and_log_file(self) -> None:
+        """GET /events/{id} streams the session's commands and events as SSE; log_file receives the log."""
+        daemon = await self._start('log_file = "{workdir}/activecall.log"\n', ready_text="")
+        client = await self._call(daemon, "e2e-6", {"codec": "pcm"})
+        response = await treq.get(daemon.base_url + "/events/e2e-6", unbuffered=True)
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["text/event-stream;charset=utf-8"])
+        chunks: list[bytes] = []
+        done = collect(response, chunks.append)
+        await client.wait_event("answer")
+        client.send({"command": "history", "speaker": "bot", "text": "hi"})
+        await client.wait_event("addHistory")
+        client.send({"command": "hangup"})
+        await done
+        stream = b"".join(chunks).decode()
+        self.assertIn('event: command\ndata: {"command":"history"', stream)
+        self.assertIn('event: event\ndata: {"event":"addHistory"', stream)
+        self.assertIn('"event":"hangup"', stream)
+        r = await treq.get(daemon.base_url + "/events/e2e-6")
+        self.assertEqual((r.code, await r.text()), (404, "track not active"))
+        with open(os.path.join(self.workdir, "activecall.log")) as f:
+            self.assertIn("session e2e-6 opened", f.read())
+
+    async def test_sip_and_webrtc_endpoints_accept_sessions(self) -> None:
+        """/call/sip and /call/webrtc take connections; until their layers land, invite is an error, not a fake call."""
+        daemon = await self._start()
+        for path, call_type in (("sip", "sip"), ("webrtc", "webrtc")):
+            client = await connect(f"{daemon.ws_url}/call/{path}?id=x-{path}")
+            listing = await (await treq.get(daemon.base_url + "/list")).json()
+            self.assertIn({"id": f"x-{path}", "callType": call_type, "cs.option": None, "ringTime": None, "startTime": None}, listing["active_calls"])
+            client.send({"command": "invite", "option": {"callee": "sip:1001@127.0.0.1"}})
+            error = await client.wait_event("error", sender="invite")
+            self.assertIn("not supported", error["error"])
+            await client.wait_closed()
 
     async def test_bad_query_parameter_is_http_400(self) -> None:
         """A query value of the wrong type fails the upgrade with HTTP 400."""
