@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -118,6 +119,56 @@ class WebSocketCallTests(TestCase):
         client.send({"command": "play", "url": os.path.join(self.workdir, "missing.wav")})
         error = await client.wait_event("error", sender="filetrack: " + os.path.join(self.workdir, "missing.wav"))
         self.assertEqual(error["trackId"], "server-side-track")
+
+    async def test_play_over_http_and_openai_tts_against_local_servers(self) -> None:
+        """play fetches an http URL; tts with provider openai streams from an OpenAI-compatible server."""
+        from twisted.internet import reactor
+        from twisted.web.resource import Resource
+        from twisted.web.server import Site
+        from twisted.web.static import Data
+
+        requests: list[dict[str, Any]] = []
+
+        class Speech(Resource):
+            isLeaf = True
+
+            def render_POST(self, request: Any) -> bytes:
+                requests.append({"auth": request.getHeader("authorization"), "body": json.loads(request.content.read())})
+                request.setHeader("content-type", "audio/pcm")
+                # 0.6 s of a 24 kHz tone, the "pcm" response format of /v1/audio/speech.
+                return b"".join(struct.pack("<h", int(6000 * math.sin(2 * math.pi * 300 * i / 24000))) for i in range(14400))
+
+        root = Resource()
+        v1 = Resource()
+        root.putChild(b"v1", v1)
+        audio = Resource()
+        v1.putChild(b"audio", audio)
+        audio.putChild(b"speech", Speech())
+        wav = io.BytesIO()
+        with wave.open(wav, "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(8000)
+            w.writeframes(struct.pack("<h", 7000) * 4000)
+        root.putChild(b"beep.wav", Data(wav.getvalue(), "audio/wav"))
+        port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        base = f"http://127.0.0.1:{port.getHost().port}"
+
+        daemon = await self._start()
+        client = await self._call(daemon, "e2e-7", {"codec": "pcm", "sampleRate": 24000})
+        client.send({"command": "play", "url": base + "/beep.wav", "playId": "beep"})
+        await client.wait_event("trackEnd", trackId="server-side-track", playId="beep")
+        self.assertEqual(len(client.frames), 25, "0.5 s of audio at 24 kHz")
+        client.frames.clear()
+        client.send({"command": "tts", "text": "Hello over HTTP.", "playId": "o", "endOfStream": True,
+                     "option": {"provider": "openai", "endpoint": base + "/v1", "apiKey": "sk-test", "speaker": "nova"}})
+        await client.wait_event("trackEnd", trackId="server-side-track", playId="o")
+        self.assertEqual(requests[0]["auth"], "Bearer sk-test")
+        self.assertEqual((requests[0]["body"]["input"], requests[0]["body"]["voice"]), ("Hello over HTTP.", "nova"))
+        self.assertEqual(len(client.frames), 30, "0.6 s of audio")
+        self.assertEqual({len(f) for _, f in client.frames}, {960})
+        self.assertGreater(rms(b"".join(f for _, f in client.frames)), 2000)
 
     async def test_bad_commands_get_error_events_and_the_call_goes_on(self) -> None:
         """Each kind of bad command produces an error event naming it; the session keeps working."""
