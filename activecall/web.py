@@ -202,6 +202,7 @@ class ActivecallSite(Site):
 
     def __init__(self, resource: Resource, skip_paths: Sequence[str] = (), **kw: Any) -> None:
         super().__init__(resource, **kw)
+        self.noisy = False
         self._skip_exact = {p for p in skip_paths if not p.endswith("*")}
         self._skip_prefix = tuple(p[:-1] for p in skip_paths if p.endswith("*"))
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar, Union, get_args
 
 from activecall.control.options import (
     CallOption,
@@ -294,31 +294,7 @@ Command = Union[
     CustomCommand,
 ]
 
-COMMAND_TYPES: dict[str, type[Command]] = {
-    cls.name: cls
-    for cls in (
-        InviteCommand,
-        StartCommand,
-        AcceptCommand,
-        RejectCommand,
-        RingingCommand,
-        TtsCommand,
-        PlayCommand,
-        InterruptCommand,
-        PauseCommand,
-        ResumeCommand,
-        HangupCommand,
-        ReferCommand,
-        MessageCommand,
-        BridgeCommand,
-        UnbridgeCommand,
-        AddIceCandidateCommand,
-        MuteCommand,
-        UnmuteCommand,
-        HistoryCommand,
-        CustomCommand,
-    )
-}
+COMMAND_TYPES: dict[str, type[Command]] = {cls.name: cls for cls in get_args(Command)}
 
 
 def _reject_constant(name: str) -> Any:

@@ -20,7 +20,7 @@ import json
 import re
 from dataclasses import KW_ONLY, dataclass
 from datetime import datetime, timezone
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar, Union, get_args
 
 __all__ = [
     "Attendee",
@@ -539,39 +539,7 @@ Event = Union[
     OtherEvent,
 ]
 
-EVENT_TYPES: dict[str, type[Event]] = {
-    cls.name: cls
-    for cls in (
-        IncomingEvent,
-        AnswerEvent,
-        RejectEvent,
-        RingingEvent,
-        MediaReadyEvent,
-        HangupEvent,
-        TrackStartEvent,
-        TrackEndEvent,
-        InterruptionEvent,
-        SpeakingEvent,
-        SilenceEvent,
-        AsrDeltaEvent,
-        AsrFinalEvent,
-        DtmfEvent,
-        HoldEvent,
-        TransferRequestEvent,
-        MessageEvent,
-        RingbackStateEvent,
-        InactivityEvent,
-        MetricsEvent,
-        ErrorEvent,
-        AddHistoryEvent,
-        CustomEvent,
-        InterruptEvent,
-        FunctionCallEvent,
-        AnswerMachineDetectionEvent,
-        EouEvent,
-        OtherEvent,
-    )
-}
+EVENT_TYPES: dict[str, type[Event]] = {cls.name: cls for cls in get_args(Event)}
 
 
 def encode_event(ev: Event) -> str:

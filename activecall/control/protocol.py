@@ -105,6 +105,7 @@ class ControlFactory(WebSocketServerFactory):
 
     def __init__(self, host: ISessionHost, call_type: str, url: str) -> None:
         super().__init__(url)
+        self.noisy = False
         self.host = host
         self.call_type = call_type
         # Audio frames are small and frequent: no fragmentation, no Nagle delay.
