@@ -213,9 +213,9 @@ def make_encoder(name: str, sample_rate_hz: int | None = None) -> Encoder:
 
         inner = G722Encoder()
     else:
-        from activecall.media.codecs.g711 import PcmaEncoder, PcmuEncoder
+        from activecall.media.codecs.g711 import pcma_encoder, pcmu_encoder
 
-        inner = PcmuEncoder() if info.name == "pcmu" else PcmaEncoder()
+        inner = pcmu_encoder() if info.name == "pcmu" else pcma_encoder()
     if sample_rate_hz is None or sample_rate_hz == inner.sample_rate_hz:
         return inner
     return _ResamplingEncoder(inner, sample_rate_hz)
@@ -244,9 +244,9 @@ def make_decoder(name: str, sample_rate_hz: int | None = None) -> Decoder:
 
         inner = G722Decoder()
     else:
-        from activecall.media.codecs.g711 import PcmaDecoder, PcmuDecoder
+        from activecall.media.codecs.g711 import pcma_decoder, pcmu_decoder
 
-        inner = PcmuDecoder() if info.name == "pcmu" else PcmaDecoder()
+        inner = pcmu_decoder() if info.name == "pcmu" else pcma_decoder()
     if sample_rate_hz is None or sample_rate_hz == inner.sample_rate_hz:
         return inner
     return _ResamplingDecoder(inner, sample_rate_hz)

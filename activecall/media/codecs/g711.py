@@ -6,10 +6,12 @@ whole frame in one call; any frame length works.
 
 from __future__ import annotations
 
+from typing import Callable
+
 from activecall.media._audioop import audioop
 from activecall.media.codecs import DEFAULT_PTIME_MS, FrameSizeError
 
-__all__ = ["PcmPassthrough", "PcmaDecoder", "PcmaEncoder", "PcmuDecoder", "PcmuEncoder"]
+__all__ = ["G711Decoder", "G711Encoder", "PcmPassthrough", "pcma_decoder", "pcma_encoder", "pcmu_decoder", "pcmu_encoder"]
 
 SAMPLE_RATE_HZ = 8000
 # One 20 ms frame of silence, returned in place of an empty payload.
@@ -23,66 +25,57 @@ def _check_pcm(pcm: bytes) -> None:
         )
 
 
-class PcmuEncoder:
-    """PCM s16le 8 kHz -> G.711 mu-law, one byte per sample."""
+class G711Encoder:
+    """PCM s16le 8 kHz -> G.711 (mu-law or A-law), one byte per sample."""
 
-    __slots__ = ("sample_rate_hz",)
+    __slots__ = ("sample_rate_hz", "_convert")
 
-    def __init__(self) -> None:
+    def __init__(self, convert: Callable[[bytes, int], bytes]) -> None:
         self.sample_rate_hz = SAMPLE_RATE_HZ
+        self._convert = convert
 
     def encode(self, pcm: bytes) -> bytes:
         """Encode any whole number of samples."""
         _check_pcm(pcm)
-        return audioop.lin2ulaw(pcm, 2)
+        return self._convert(pcm, 2)
 
 
-class PcmuDecoder:
-    """G.711 mu-law -> PCM s16le 8 kHz; an empty payload becomes 20 ms of silence."""
+class G711Decoder:
+    """G.711 (mu-law or A-law) -> PCM s16le 8 kHz; an empty payload becomes 20 ms of silence."""
 
-    __slots__ = ("errors", "sample_rate_hz")
+    __slots__ = ("errors", "sample_rate_hz", "_convert")
 
-    def __init__(self) -> None:
+    def __init__(self, convert: Callable[[bytes, int], bytes]) -> None:
         self.sample_rate_hz = SAMPLE_RATE_HZ
         self.errors = 0
+        self._convert = convert
 
     def decode(self, payload: bytes) -> bytes:
         """Decode; every byte is a valid sample, so only emptiness is an error."""
         if not payload:
             self.errors += 1
             return _SILENCE_FRAME
-        return audioop.ulaw2lin(payload, 2)
+        return self._convert(payload, 2)
 
 
-class PcmaEncoder:
-    """PCM s16le 8 kHz -> G.711 A-law, one byte per sample."""
-
-    __slots__ = ("sample_rate_hz",)
-
-    def __init__(self) -> None:
-        self.sample_rate_hz = SAMPLE_RATE_HZ
-
-    def encode(self, pcm: bytes) -> bytes:
-        """Encode any whole number of samples."""
-        _check_pcm(pcm)
-        return audioop.lin2alaw(pcm, 2)
+def pcmu_encoder() -> G711Encoder:
+    """The mu-law (PCMU) encoder."""
+    return G711Encoder(audioop.lin2ulaw)
 
 
-class PcmaDecoder:
-    """G.711 A-law -> PCM s16le 8 kHz; an empty payload becomes 20 ms of silence."""
+def pcmu_decoder() -> G711Decoder:
+    """The mu-law (PCMU) decoder."""
+    return G711Decoder(audioop.ulaw2lin)
 
-    __slots__ = ("errors", "sample_rate_hz")
 
-    def __init__(self) -> None:
-        self.sample_rate_hz = SAMPLE_RATE_HZ
-        self.errors = 0
+def pcma_encoder() -> G711Encoder:
+    """The A-law (PCMA) encoder."""
+    return G711Encoder(audioop.lin2alaw)
 
-    def decode(self, payload: bytes) -> bytes:
-        """Decode; every byte is a valid sample, so only emptiness is an error."""
-        if not payload:
-            self.errors += 1
-            return _SILENCE_FRAME
-        return audioop.alaw2lin(payload, 2)
+
+def pcma_decoder() -> G711Decoder:
+    """The A-law (PCMA) decoder."""
+    return G711Decoder(audioop.alaw2lin)
 
 
 class PcmPassthrough:
