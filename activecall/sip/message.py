@@ -957,7 +957,7 @@ def make_response(
             if to.tag is None:
                 value = value + ";tag=" + to_tag
             headers.add(name, value)
-        elif key in ("via", "from", "call-id", "cseq") or (key == "timestamp" and status == 100):
+        elif key in ("via", "from", "to", "call-id", "cseq") or (key == "timestamp" and status == 100):
             headers.add(name, value)
     for name, value in extra_headers:
         headers.add(name, value)
