@@ -109,7 +109,10 @@ def makeService(options: Options) -> service.IService:
     from treq.client import HTTPClient
     from twisted.web.client import Agent, HTTPConnectionPool
 
+    from twisted.internet.defer import Deferred
+
     from activecall.call.services import CallServices
+    from activecall.call.tts import precache
     from activecall.call.session import SessionManager
     from activecall.ids import SystemIds
     from activecall.logs import make_observer
@@ -158,7 +161,9 @@ def makeService(options: Options) -> service.IService:
         environ=os.environ,
     )
     sessions = SessionManager(services)
-    resource = ApiResource(sessions, reactor, config.ice_servers)
+    resource = ApiResource(sessions, reactor, config.ice_servers,
+                           precache=lambda command: Deferred.fromCoroutine(precache(services, command)),
+                           gzip=config.http_gzip)
     site = ActivecallSite(resource, config.http_access_skip_paths)
     WebService(resource).setServiceParent(top)
     internet.TCPServer(config.http_port, site, interface=config.http_host).setServiceParent(top)

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from typing import Any, Callable, Optional, Sequence
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
+from activecall.call.tts import PrecacheError
 from activecall.control.commands import CommandError, command_from_object
 from activecall.control.protocol import ControlFactory
 from activecall.interfaces import ISessionListener
@@ -91,9 +94,12 @@ class ApiResource(Resource):
     isLeaf = True
     _log = Logger()
 
-    def __init__(self, sessions: Any, clock: IReactorTime, ice_servers: Sequence[Any]) -> None:
+    def __init__(self, sessions: Any, clock: IReactorTime, ice_servers: Sequence[Any],
+                 precache: Optional[Callable[[Any], Deferred[dict[str, Any]]]] = None, gzip: bool = False) -> None:
         super().__init__()
+        self._gzip = gzip
         self._sessions = sessions
+        self._precache = precache
         self._clock = clock
         self._ice_servers = ice_servers
         self.factories = {
@@ -108,10 +114,15 @@ class ApiResource(Resource):
         parts = [p for p in path.split("/") if p]
         method = request.method.decode("ascii", "replace")
         try:
-            return self._route(request, method, parts)
+            body = self._route(request, method, parts)
         except Exception:
             self._log.failure("HTTP {method} {path} failed", method=method, path=path)
             return _json(request, {"status": "error", "error": "internal error"}, 500)
+        if self._gzip and isinstance(body, bytes) and b"gzip" in (request.getHeader(b"accept-encoding") or b""):
+            request.setHeader(b"Content-Encoding", b"gzip")
+            request.setHeader(b"Vary", b"Accept-Encoding")
+            body = gzip.compress(body)
+        return body
 
     def _route(self, request: Request, method: str, parts: list[str]) -> Any:
         if parts == ["call"]:
@@ -132,6 +143,8 @@ class ApiResource(Resource):
             return self._events(request, parts[1])
         if parts == ["iceservers"] and method == "GET":
             return _json(request, self._ice_servers_json())
+        if parts == ["precache"] and method == "POST" and self._precache is not None:
+            return self._precache_route(request)
         if parts == ["health"] and method == "GET":
             return _json(request, {"status": "ok"})
         return _text(request, "Not Found", 404)
@@ -158,6 +171,31 @@ class ApiResource(Resource):
             return _json(request, {"status": "error", "error": e.message}, 400)
         session.receive_decoded(obj, command)
         return _json(request, {"status": "sent", "id": sid})
+
+    def _precache_route(self, request: Request) -> Any:
+        body = request.content.read() if request.content is not None else b""
+        try:
+            command = command_from_object(json.loads(body))
+        except (ValueError, UnicodeDecodeError) as e:
+            message = e.message if isinstance(e, CommandError) else f"invalid JSON: {e}"
+            return _json(request, {"status": "error", "error": message}, 400)
+        if type(command).name != "tts":
+            return _json(request, {"status": "error", "error": "precache only accepts tts commands"}, 400)
+        assert self._precache is not None
+        d = self._precache(command)
+
+        def done(result: dict[str, Any]) -> None:
+            request.write(_json(request, result))
+            request.finish()
+
+        def failed(f: Any) -> None:
+            if not f.check(PrecacheError):
+                self._log.failure("precache failed", f)
+            request.write(_json(request, {"status": "error", "error": f.getErrorMessage()}, 500))
+            request.finish()
+
+        d.addCallbacks(done, failed)
+        return NOT_DONE_YET
 
     def _events(self, request: Request, sid: str) -> Any:
         session = self._sessions.get(sid)

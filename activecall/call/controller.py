@@ -29,9 +29,8 @@ from activecall.control import events as ev
 from activecall.control.options import CallOption, SynthesisOption
 from activecall.media.mixer import apply_gain
 from activecall.media.resample import Resampler
-from activecall.speech.cache import validate_key
-from activecall.speech.interfaces import SynthesisRequest, UnknownProviderError
-from activecall.speech.registry import SynthesisSettings
+from activecall.call.tts import cache_key, create_synthesizer, synthesis_request
+from activecall.speech.interfaces import UnknownProviderError
 
 # Events that count as "the user reacted" and cancel a pending waitInputTimeout.
 _INPUT_EVENTS = (ev.SpeakingEvent, ev.DtmfEvent, ev.AsrDeltaEvent, ev.AsrFinalEvent, ev.TrackStartEvent)
@@ -560,11 +559,7 @@ class _SentenceSynthesis:
         option = self._job.option
         if self._cacheable:
             try:
-                if self._job.cache_key:
-                    self._key = validate_key(self._job.cache_key)
-                else:
-                    self._key = services.cache.tts_key(
-                        self._job.provider, self._sentence.text, option.samplerate, self._job.speaker, option.speed)
+                self._key = cache_key(services, self._job.provider, self._sentence.text, option, self._job.speaker, self._job.cache_key)
             except ValueError as e:
                 self._c.error(f"invalid tts.cacheKey: {e}")
                 self._sentence.done = True
@@ -593,27 +588,14 @@ class _SentenceSynthesis:
         services = self._c._services
         option = self._job.option
         try:
-            synthesizer = services.synthesizers.create(self._job.provider, SynthesisSettings(
-                model=option.model, endpoint=option.endpoint, api_key=option.secret_key, models_dir=services.models_dir))
+            synthesizer = create_synthesizer(services, self._job.provider, option)
         except Exception as e:  # provider construction failed: unavailable engine, bad model path
             self._log.info("TTS provider {p} unavailable: {e}", p=self._job.provider, e=e)
             self._c.error(f"TTS provider {self._job.provider} unavailable: {e}", sender="tts", track_id=self._c.sst, code=500)
             self._sentence.done = True
             self._release()
             return
-        request = SynthesisRequest(
-            text=self._sentence.text,
-            sample_rate_hz=option.samplerate,
-            speaker=self._job.speaker,
-            speed=option.speed,
-            volume=option.volume,
-            model=option.model,
-            language=option.language,
-            endpoint=option.endpoint,
-            api_key=option.secret_key,
-            extra=dict(option.extra or {}),
-            session_id=option.session_id or self._c.sid,
-        )
+        request = synthesis_request(self._sentence.text, option, self._job.speaker, self._c.sid)
         d = synthesizer.synthesize(request, self._on_audio)
         self._sentence.synth = d
         d.addCallbacks(self._done, self._failed)

@@ -269,6 +269,42 @@ class WebSocketCallTests(TestCase):
             self.assertIn("not supported", error["error"])
             await client.wait_closed()
 
+    async def test_precache_fills_the_cache_a_live_tts_uses(self) -> None:
+        """POST /precache synthesizes once; a second call says exists; a live tts then plays it from cache."""
+        daemon = await self._start()
+        body = {"command": "tts", "text": "Welcome back.", "option": {"provider": "piper"}}
+        r = await treq.post(daemon.base_url + "/precache", json.dumps(body).encode())
+        first = await r.json()
+        self.assertEqual((r.code, first["status"]), (200, "cached"))
+        self.assertGreater(first["bytes"], 16000)
+        self.assertTrue(os.path.exists(os.path.join(self.workdir, "cache", first["cacheKey"] + ".pcm")))
+        again = await (await treq.post(daemon.base_url + "/precache", json.dumps(body).encode())).json()
+        self.assertEqual(again, {"status": "exists", "cacheKey": first["cacheKey"], "bytes": 0})
+        r = await treq.post(daemon.base_url + "/precache", b'{"command":"hangup"}')
+        self.assertEqual((r.code, (await r.json())["error"]), (400, "precache only accepts tts commands"))
+        r = await treq.post(daemon.base_url + "/precache", b'{"command":"tts","text":"x"}')
+        self.assertEqual(r.code, 500)
+        client = await self._call(daemon, "e2e-8", {"codec": "pcm", "tts": {"provider": "piper"}})
+        client.send({"command": "tts", "text": "Welcome back.", "playId": "w", "endOfStream": True})
+        await client.wait_event("trackEnd", trackId="server-side-track", playId="w")
+        metrics = await client.wait_event("metrics")
+        self.assertTrue(metrics["data"]["cached"])
+        self.assertEqual(sum(len(f) for _, f in client.frames) // 640, -(-first["bytes"] // 640))
+
+    async def test_http_gzip(self) -> None:
+        """With http_gzip, REST answers are gzip-compressed for clients that accept it."""
+        import gzip
+
+        from twisted.internet import reactor
+        from twisted.web.client import Agent, HTTPConnectionPool, readBody
+        from twisted.web.http_headers import Headers
+
+        daemon = await self._start("http_gzip = true\n")
+        agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+        response = await agent.request(b"GET", (daemon.base_url + "/health").encode(), Headers({b"Accept-Encoding": [b"gzip"]}))
+        self.assertEqual(response.headers.getRawHeaders(b"content-encoding"), [b"gzip"])
+        self.assertEqual(json.loads(gzip.decompress(await readBody(response))), {"status": "ok"})
+
     async def test_bad_query_parameter_is_http_400(self) -> None:
         """A query value of the wrong type fails the upgrade with HTTP 400."""
         daemon = await self._start()
