@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+from urllib.parse import unquote
 from typing import Any, Callable, Optional, Sequence
 
 from autobahn.twisted.resource import WebSocketResource
@@ -17,10 +19,13 @@ from zope.interface import implementer
 
 from activecall.call.tts import PrecacheError
 from activecall.control.commands import CommandError, command_from_object
+from activecall.control.events import format_rfc3339
 from activecall.control.protocol import ControlFactory
 from activecall.interfaces import ISessionListener
 
 SSE_KEEPALIVE_S = 15.0
+# Playbooks always live here, relative to the working directory (playbook.md §1).
+PLAYBOOK_DIR = os.path.join("config", "playbook")
 
 
 def _json(request: Request, body: Any, code: int = 200) -> bytes:
@@ -145,6 +150,8 @@ class ApiResource(Resource):
             return _json(request, self._ice_servers_json())
         if parts == ["precache"] and method == "POST" and self._precache is not None:
             return self._precache_route(request)
+        if parts[:2] == ["api", "playbooks"] and len(parts) <= 3:
+            return self._playbooks(request, method, parts[2] if len(parts) == 3 else None)
         if parts == ["health"] and method == "GET":
             return _json(request, {"status": "ok"})
         return _text(request, "Not Found", 404)
@@ -196,6 +203,41 @@ class ApiResource(Resource):
 
         d.addCallbacks(done, failed)
         return NOT_DONE_YET
+
+    def _playbooks(self, request: Request, method: str, name: Optional[str]) -> bytes:
+        """``/api/playbooks[/{name}]``: list, read and save files in ``config/playbook/``."""
+        if name is None:
+            if method != "GET":
+                return _text(request, "Method Not Allowed", 405)
+            entries = []
+            if os.path.isdir(PLAYBOOK_DIR):
+                for entry in sorted(os.scandir(PLAYBOOK_DIR), key=lambda e: e.name):
+                    if entry.is_file() and entry.name.endswith(".md"):
+                        entries.append({"name": entry.name, "updated": format_rfc3339(entry.stat().st_mtime)})
+            return _json(request, entries)
+        name = unquote(name)
+        if ".." in name or "/" in name or "\\" in name:
+            return _text(request, "Invalid filename", 400)
+        path = os.path.join(PLAYBOOK_DIR, name)
+        if method == "GET":
+            try:
+                with open(path, "rb") as f:
+                    text = f.read()
+            except OSError:
+                return _text(request, "Playbook not found", 404)
+            request.setHeader(b"Content-Type", b"text/markdown; charset=utf-8")
+            return text
+        if method == "POST":
+            try:
+                os.makedirs(PLAYBOOK_DIR, exist_ok=True)
+                tmp = path + ".tmp"
+                with open(tmp, "wb") as f:
+                    f.write(request.content.read() if request.content is not None else b"")
+                os.replace(tmp, path)
+            except OSError as e:
+                return _text(request, f"cannot save playbook: {e.strerror}", 500)
+            return b""
+        return _text(request, "Method Not Allowed", 405)
 
     def _events(self, request: Request, sid: str) -> Any:
         session = self._sessions.get(sid)

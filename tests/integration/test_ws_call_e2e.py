@@ -305,6 +305,22 @@ class WebSocketCallTests(TestCase):
         self.assertEqual(response.headers.getRawHeaders(b"content-encoding"), [b"gzip"])
         self.assertEqual(json.loads(gzip.decompress(await readBody(response))), {"status": "ok"})
 
+    async def test_playbook_files_api(self) -> None:
+        """/api/playbooks lists, saves and reads files under config/playbook/; bad names are 400."""
+        daemon = await self._start()
+        self.assertEqual(await (await treq.get(daemon.base_url + "/api/playbooks")).json(), [])
+        text = "---\nllm:\n  provider: openai\n---\nHello.\n"
+        r = await treq.post(daemon.base_url + "/api/playbooks/sales.md", text.encode())
+        self.assertEqual(r.code, 200)
+        listing = await (await treq.get(daemon.base_url + "/api/playbooks")).json()
+        self.assertEqual([e["name"] for e in listing], ["sales.md"])
+        self.assertEqual(await (await treq.get(daemon.base_url + "/api/playbooks/sales.md")).text(), text)
+        self.assertTrue(os.path.exists(os.path.join(self.workdir, "config", "playbook", "sales.md")))
+        r = await treq.get(daemon.base_url + "/api/playbooks/missing.md")
+        self.assertEqual((r.code, await r.text()), (404, "Playbook not found"))
+        r = await treq.get(daemon.base_url + "/api/playbooks/..%2Fsecret")
+        self.assertEqual((r.code, await r.text()), (400, "Invalid filename"))
+
     async def test_bad_query_parameter_is_http_400(self) -> None:
         """A query value of the wrong type fails the upgrade with HTTP 400."""
         daemon = await self._start()
