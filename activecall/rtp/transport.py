@@ -147,7 +147,7 @@ class RtpEndpoint:
         reactor: Any,
         allocator: RtpPortAllocator,
         *,
-        on_rtp: Callable[[bytes, float], None],
+        on_rtp: Callable[[bytes, float], None] | None = None,
         on_rtcp: Callable[[bytes, float], None] | None = None,
         bind_ip: str = "",
         latching: bool = True,
@@ -158,7 +158,7 @@ class RtpEndpoint:
         self._clock: IReactorTime = reactor
         self._udp: IReactorUDP = reactor
         self._allocator = allocator
-        self._on_rtp = on_rtp
+        self._on_rtp: Callable[[bytes, float], None] = on_rtp if on_rtp is not None else _ignore
         self._on_rtcp = on_rtcp
         self.bind_ip = bind_ip
         self.latching = latching
@@ -283,6 +283,13 @@ class RtpEndpoint:
         self.remote_rtcp = rtp if rtcp_mux else (rtcp if rtcp is not None else _plus_one(rtp))
         self.rtcp_mux = rtcp_mux
         self._update_destinations()
+
+    def set_handlers(
+        self, on_rtp: Callable[[bytes, float], None], on_rtcp: Callable[[bytes, float], None] | None = None
+    ) -> None:
+        """Route packets to a new owner (the leg built after negotiation)."""
+        self._on_rtp = on_rtp
+        self._on_rtcp = on_rtcp
 
     def set_srtp(self, context: SrtpContext | None) -> None:
         """Use ``context`` to protect/unprotect from now on (``None``: plain RTP)."""
@@ -410,6 +417,10 @@ class RtpEndpoint:
             "tx_rtcp": self.tx_rtcp,
             "latches": self.latches,
         }
+
+
+def _ignore(data: bytes, now: float) -> None:
+    """Packets before anyone listens (ports bound for the SDP, no leg yet) are dropped."""
 
 
 def _plus_one(addr: Address | None) -> Address | None:

@@ -1,0 +1,665 @@
+"""The SIP call's media leg: RTP/SRTP in and out, ticked by the one media clock.
+
+* :class:`RtpLeg` implements :class:`~activecall.interfaces.ICallLeg` for a
+  negotiated audio stream (:class:`~activecall.media.negotiation.NegotiatedMedia`)
+  on an :class:`~activecall.rtp.transport.RtpEndpoint`.  It exchanges PCM
+  s16le mono at 16 kHz (``media_rate_hz``, 640-byte frames) with the call,
+  whatever the codec.
+* :class:`RtpMediaEngine` is subscribed once to the process-wide
+  :class:`~activecall.media.clock.MediaClock` and ticks every leg: per 20 ms
+  frame it pulls each leg's jitter buffer, decodes and delivers the caller
+  frame, then encodes and sends the agent frame.  The G.711 legs' rate
+  conversion (8 <-> 16 kHz) runs as one numpy operation for all of them,
+  which is what keeps hundreds of calls inside one reactor thread.
+
+Receive path (per datagram, on the reactor): endpoint (latching, SRTP) ->
+``parse_rtp`` into one reused header view -> RtpSession accounting ->
+telephone-event to the RFC 4733 receiver, audio into the jitter buffer
+(payload kept as a view of the datagram).  Per tick: pop -> decode ->
+16 kHz frame -> in-band DTMF detector (only when telephone-event was not
+negotiated) -> ``on_audio(frame)``.  A frame is delivered every tick while
+the leg runs: silence when nothing arrived or while the peer holds the call.
+
+Send path: :meth:`RtpLeg.send_agent_audio` queues the frame; the next
+engine frame slot encodes and sends it.  A slot without agent audio sends
+nothing but advances the RTP timestamp (the first packet after such a gap
+carries the marker bit), so timestamps stay true across silence.  RFC 4733
+digits replace audio for their duration; without telephone-event, digits
+are sent as in-band tones.
+
+RTCP SR/RR go out when :class:`~activecall.rtp.session.RtpSession` says so
+(checked once per tick, no timers); :meth:`RtpLeg.close` sends BYE and
+releases the ports.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any, Callable
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from activecall.interfaces import ICallLeg
+from activecall.media._audioop import audioop
+from activecall.media.clock import MediaClock
+from activecall.media.codecs import Decoder, Encoder, make_decoder, make_encoder
+from activecall.media.dtmf_detect import COL_HZ, KEYPAD, ROW_HZ, InbandDtmfDetector
+from activecall.media.negotiation import NegotiatedMedia
+from activecall.rtp.dtmf import DtmfReceiver, DtmfSender, digit_to_event
+from activecall.rtp.jitter import LOSS, JitterBuffer
+from activecall.rtp.packet import RtpHeaderView, RtpParseError, parse_rtcp, parse_rtp, parse_telephone_event
+from activecall.rtp.session import ReceiveStatus, RandomBits, RtpSession
+from activecall.rtp.srtp import SrtpContext
+from activecall.rtp.transport import RtpEndpoint
+
+__all__ = ["RtpLeg", "RtpMediaEngine", "MEDIA_RATE_HZ", "FRAME_BYTES"]
+
+MEDIA_RATE_HZ = 16000
+FRAME_SAMPLES = MEDIA_RATE_HZ // 50
+FRAME_BYTES = 2 * FRAME_SAMPLES
+_SILENCE = bytes(FRAME_BYTES)
+_G711_FRAME = 160  # samples of 8 kHz audio per 20 ms
+_G711_SILENCE = bytes(2 * _G711_FRAME)
+# Polyphase 2x filters for the batched G.711 path: taps per phase (up) and in total (down).
+_UP_TAPS = 32
+_DOWN_TAPS = 64
+_CUTOFF_HZ = 3600.0
+_KAISER_BETA = 8.0
+#: Agent frames queued beyond this (100 ms) are dropped, oldest first, to bound latency.
+MAX_TX_BACKLOG = 5
+_PT_CN = 13
+_ACCEPT = (ReceiveStatus.ACCEPTED, ReceiveStatus.NEW_STREAM)
+
+
+def _lowpass(taps: int, rate_hz: float) -> np.ndarray:
+    """A Kaiser-windowed sinc low-pass at ``_CUTOFF_HZ`` with unity DC gain."""
+    fc = _CUTOFF_HZ / rate_hz
+    t = np.arange(taps, dtype=np.float64) - (taps - 1) / 2.0
+    h = 2.0 * fc * np.sinc(2.0 * fc * t) * np.kaiser(taps, _KAISER_BETA)
+    return h / h.sum()
+
+
+def _up_bank() -> np.ndarray:
+    """(taps, 2) matrix: column p gives output sample 2j+p from the window of 8 kHz input j."""
+    h = _lowpass(2 * _UP_TAPS, 16000.0)
+    bank = np.empty((_UP_TAPS, 2), dtype=np.float64)
+    for p in range(2):
+        for k in range(_UP_TAPS):
+            bank[k, p] = h[p + 2 * (_UP_TAPS - 1 - k)]
+        bank[:, p] /= bank[:, p].sum()
+    return bank.astype(np.float32)
+
+
+def _down_taps() -> np.ndarray:
+    return _lowpass(_DOWN_TAPS, 16000.0)[::-1].astype(np.float32).copy()
+
+
+def _to_s16(y: np.ndarray) -> bytes:
+    np.rint(y, out=y)
+    np.clip(y, -32768.0, 32767.0, out=y)
+    return y.astype("<i2").tobytes()
+
+
+class _G711Batch:
+    """Streaming 8 <-> 16 kHz conversion for many legs at once, one row of filter history per leg."""
+
+    def __init__(self, capacity: int = 64) -> None:
+        self._bank_up = _up_bank()
+        self._taps_down = _down_taps()
+        self._up_hist = np.zeros((capacity, _UP_TAPS - 1), dtype=np.float32)
+        self._down_hist = np.zeros((capacity, _DOWN_TAPS - 1), dtype=np.float32)
+        self._free: list[int] = list(range(capacity - 1, -1, -1))
+
+    def take_row(self) -> int:
+        """A fresh (zeroed) history row for a new leg."""
+        if not self._free:
+            cap = self._up_hist.shape[0]
+            self._up_hist = np.concatenate([self._up_hist, np.zeros_like(self._up_hist)])
+            self._down_hist = np.concatenate([self._down_hist, np.zeros_like(self._down_hist)])
+            self._free = list(range(2 * cap - 1, cap - 1, -1))
+        row = self._free.pop()
+        self.reset_row(row)
+        return row
+
+    def give_row(self, row: int) -> None:
+        """Return a leg's row."""
+        self._free.append(row)
+
+    def reset_row(self, row: int) -> None:
+        """Forget a row's filter history (new stream, or after silence)."""
+        self._up_hist[row] = 0.0
+        self._down_hist[row] = 0.0
+
+    def upsample(self, rows: list[int], pcm8k: list[bytes]) -> bytes:
+        """n frames of 160 samples at 8 kHz -> n frames of 320 samples at 16 kHz, concatenated."""
+        n = len(rows)
+        idx = np.array(rows, dtype=np.intp)
+        x = np.empty((n, _UP_TAPS - 1 + _G711_FRAME), dtype=np.float32)
+        x[:, : _UP_TAPS - 1] = self._up_hist[idx]
+        x[:, _UP_TAPS - 1 :] = np.frombuffer(b"".join(pcm8k), dtype="<i2").reshape(n, _G711_FRAME)
+        self._up_hist[idx] = x[:, _G711_FRAME:]
+        windows = sliding_window_view(x, _UP_TAPS, axis=1)
+        y = np.tensordot(windows, self._bank_up, axes=([2], [0]))  # (n, 160, 2)
+        return _to_s16(y.reshape(n, 2 * _G711_FRAME))
+
+    def downsample(self, rows: list[int], pcm16k: list[bytes]) -> bytes:
+        """n frames of 320 samples at 16 kHz -> n frames of 160 samples at 8 kHz, concatenated."""
+        n = len(rows)
+        idx = np.array(rows, dtype=np.intp)
+        x = np.empty((n, _DOWN_TAPS - 1 + 2 * _G711_FRAME), dtype=np.float32)
+        x[:, : _DOWN_TAPS - 1] = self._down_hist[idx]
+        x[:, _DOWN_TAPS - 1 :] = np.frombuffer(b"".join(pcm16k), dtype="<i2").reshape(n, 2 * _G711_FRAME)
+        self._down_hist[idx] = x[:, 2 * _G711_FRAME :]
+        # Even and odd input phases, each filtered by half the taps: no strided copies.
+        even = np.ascontiguousarray(x[:, 0::2])
+        odd = np.ascontiguousarray(x[:, 1::2])
+        half = _DOWN_TAPS // 2
+        y = sliding_window_view(even, half, axis=1)[:, :_G711_FRAME] @ self._taps_down[0::2]
+        y += sliding_window_view(odd, half, axis=1)[:, :_G711_FRAME] @ self._taps_down[1::2]
+        return _to_s16(y)
+
+
+class RtpMediaEngine:
+    """Ticks all RTP legs from the one media clock; batches the G.711 rate conversion.
+
+    Subscribed to the media clock while at least one leg is attached.
+    """
+
+    _log = Logger()
+
+    def __init__(self, clock: IReactorTime, media_clock: MediaClock, *, batch_g711: bool = True) -> None:
+        self._clock = clock
+        self._media_clock = media_clock
+        self.batch_g711 = batch_g711
+        self._legs: list[RtpLeg] = []
+        self._batch = _G711Batch()
+        self.frames = 0
+        self.late_frames = 0
+        self._subscribed = False
+
+    def __len__(self) -> int:
+        return len(self._legs)
+
+    def add(self, leg: RtpLeg) -> None:
+        """Start ticking ``leg``."""
+        if leg in self._legs:
+            return
+        self._legs.append(leg)
+        if leg._batched:
+            leg._row = self._batch.take_row()
+        if not self._subscribed:
+            self._subscribed = True
+            self._media_clock.subscribe(self)
+
+    def remove(self, leg: RtpLeg) -> None:
+        """Stop ticking ``leg``."""
+        try:
+            self._legs.remove(leg)
+        except ValueError:
+            return
+        if leg._row >= 0:
+            self._batch.give_row(leg._row)
+            leg._row = -1
+        if not self._legs and self._subscribed:
+            self._subscribed = False
+            self._media_clock.unsubscribe(self)
+
+    def _rebatch(self, leg: RtpLeg) -> None:
+        """A leg's codec changed: give it or take away its batch row."""
+        if leg._batched and leg._row < 0:
+            leg._row = self._batch.take_row()
+        elif not leg._batched and leg._row >= 0:
+            self._batch.give_row(leg._row)
+            leg._row = -1
+
+    def media_tick(self, frames: int) -> None:
+        """One media clock tick: ``frames`` frame slots (more than 1 after a late reactor)."""
+        now = self._clock.seconds()
+        if frames > 1:
+            self.late_frames += frames - 1
+        for _ in range(frames):
+            self._frame(now)
+        self.frames += frames
+        for leg in self._legs:
+            if now >= leg._rtcp_due_at:
+                leg._send_rtcp(now)
+
+    def _frame(self, now: float) -> None:
+        batch = self._batch
+        legs = self._legs
+        rows: list[int] = []
+        pcms: list[bytes] = []
+        up_legs: list[RtpLeg] = []
+        for leg in legs:
+            pcm = leg._pull(now)
+            if leg._batched:
+                if pcm is None:
+                    if leg._up_dirty:
+                        leg._up_dirty = False
+                        batch.reset_row(leg._row)
+                    leg._deliver(_SILENCE)
+                else:
+                    leg._up_dirty = True
+                    up_legs.append(leg)
+                    rows.append(leg._row)
+                    pcms.append(pcm)
+            else:
+                leg._deliver(_SILENCE if pcm is None else pcm)
+        if up_legs:
+            out = batch.upsample(rows, pcms)
+            for i, leg in enumerate(up_legs):
+                leg._deliver(out[i * FRAME_BYTES : (i + 1) * FRAME_BYTES])
+        rows = []
+        pcms = []
+        down_legs: list[RtpLeg] = []
+        for leg in legs:
+            pcm = leg._tx_slot(now)
+            if pcm is None:
+                continue
+            if leg._batched:
+                down_legs.append(leg)
+                rows.append(leg._row)
+                pcms.append(pcm)
+            else:
+                leg._send_payload(leg._encode(pcm), now)
+        if down_legs:
+            out = batch.downsample(rows, pcms)
+            n = 2 * _G711_FRAME
+            for i, leg in enumerate(down_legs):
+                leg._send_payload(leg._lin2law(out[i * n : (i + 1) * n], 2), now)
+
+
+def _tone_frames(digit: str, duration_ms: int, gap_ms: int) -> list[bytes]:
+    """An in-band DTMF digit at 16 kHz: tone frames then silent frames (-7 dBFS per tone)."""
+    key = "0123456789*#ABCD"[digit_to_event(digit)]
+    row = next(i for i, r in enumerate(KEYPAD) if key in r)
+    col = KEYPAD[row].index(key)
+    n = MEDIA_RATE_HZ * duration_ms // 1000
+    t = np.arange(n) / MEDIA_RATE_HZ
+    amp = 32767.0 * 10 ** (-7.0 / 20.0) / 2.0
+    tone = amp * (np.sin(2 * math.pi * ROW_HZ[row] * t) + np.sin(2 * math.pi * COL_HZ[col] * t))
+    pcm = tone.astype("<i2").tobytes() + bytes(2 * MEDIA_RATE_HZ * gap_ms // 1000)
+    pcm += bytes(-len(pcm) % FRAME_BYTES)
+    return [pcm[i : i + FRAME_BYTES] for i in range(0, len(pcm), FRAME_BYTES)]
+
+
+@implementer(ICallLeg)
+class RtpLeg:
+    """One SIP call's RTP media leg (see the module docstring for the data paths).
+
+    Callbacks (all optional, all called on the reactor thread):
+    ``on_audio(frame)`` every 20 ms with 640 bytes of caller PCM at 16 kHz;
+    ``on_dtmf(digit)`` once per key press (RFC 4733, or in-band detection
+    when telephone-event was not negotiated); ``on_media_ready()`` once, on
+    the first valid inbound packet after latching.
+
+    States::
+
+        running --update(negotiated)--> running (same sockets, SSRC and sequence)
+        running --close()--> closed (RTCP BYE sent, ports released)
+    """
+
+    _log = Logger()
+
+    media_rate_hz = MEDIA_RATE_HZ
+    frame_bytes = FRAME_BYTES
+
+    def __init__(
+        self,
+        engine: RtpMediaEngine,
+        endpoint: RtpEndpoint,
+        negotiated: NegotiatedMedia,
+        *,
+        clock: IReactorTime,
+        rng: RandomBits,
+        cname: bytes = b"activecall",
+        on_audio: Callable[[bytes], None] | None = None,
+        on_dtmf: Callable[[str], None] | None = None,
+        on_media_ready: Callable[[], None] | None = None,
+        jitter_capacity: int = 64,
+    ) -> None:
+        self._engine = engine
+        self._endpoint = endpoint
+        self._clock = clock
+        self.on_audio = on_audio
+        self.on_dtmf = on_dtmf
+        self.on_media_ready = on_media_ready
+        self._jitter_capacity = jitter_capacity
+        now = clock.seconds()
+        self._session = RtpSession(
+            rng, now, clock_rate_hz=negotiated.clock_rate_hz, payload_type=negotiated.payload_type,
+            cname=cname, min_sequential=1,
+        )
+        self._rtcp_due_at = self._session.deadline()
+        self._view = RtpHeaderView()
+        self._dtmf_rx = DtmfReceiver()
+        self._dtmf_tx: DtmfSender | None = None
+        self._inband_rx: InbandDtmfDetector | None = None
+        self._inband_tx: deque[bytes] = deque()
+        self._tx_queue: deque[bytes] = deque()
+        self._rx_fifo = bytearray()
+        self._row = -1
+        self._up_dirty = False
+        self._tx_marker = True
+        self.media_ready = False
+        self.closed = False
+        # Counters.
+        self.rx_audio_packets = 0
+        self.rx_dropped = 0
+        self.rx_unknown_pt = 0
+        self.rx_dtmf_packets = 0
+        self.rx_rtcp_errors = 0
+        self.tx_audio_packets = 0
+        self.tx_dtmf_packets = 0
+        self.tx_dropped_frames = 0
+        self.tx_silent_slots = 0
+        self.frames_delivered = 0
+        self.negotiated = negotiated
+        self._apply_codec(None, negotiated)
+        self._apply_transport(None, negotiated)
+        endpoint.set_handlers(self._on_rtp, self._on_rtcp)
+        engine.add(self)
+
+    # -- ICallLeg -----------------------------------------------------------
+
+    @property
+    def ssrc(self) -> int:
+        """Our RTP SSRC (also the track ssrc in trackEnd)."""
+        return self._session.sender.ssrc
+
+    def send_agent_audio(self, pcm: bytes) -> None:
+        """Queue one 20 ms frame (640 bytes, 16 kHz) for the next frame slot."""
+        if self.closed:
+            return
+        q = self._tx_queue
+        if len(q) >= MAX_TX_BACKLOG:
+            q.popleft()
+            self.tx_dropped_frames += 1
+        q.append(pcm)
+
+    def close(self) -> Deferred[None]:
+        """Send RTCP BYE, stop ticking and release the ports; the Deferred fires when they are free."""
+        if self.closed:
+            return self._closed_d
+        self.closed = True
+        self._engine.remove(self)
+        if self.negotiated.can_send:
+            self._endpoint.send_rtcp(self._session.bye(self._clock.seconds()))
+        d = self._endpoint.stop()
+        d.addErrback(lambda f: self._log.failure("closing RTP ports failed", f))
+        self._closed_d = d
+        return d
+
+    # -- control ------------------------------------------------------------
+
+    @property
+    def last_packet_at(self) -> float | None:
+        """When the last valid RTP packet arrived (inactivity tracking)."""
+        return self._endpoint.last_rx_at
+
+    @property
+    def on_hold(self) -> bool:
+        """Whether the peer holds the call (its audio is replaced by silence)."""
+        return self.negotiated.remote_hold
+
+    @property
+    def local_port(self) -> int:
+        """Our RTP port."""
+        return self._endpoint.local_port
+
+    @property
+    def session(self) -> RtpSession:
+        """The RTP session (statistics, RTT)."""
+        return self._session
+
+    @property
+    def jitter_buffer(self) -> JitterBuffer:
+        """The receive jitter buffer (statistics)."""
+        return self._jb
+
+    def send_dtmf(self, digits: str, duration_ms: int | None = None) -> None:
+        """Send ``digits`` as RFC 4733 events, or as in-band tones without telephone-event."""
+        if self._dtmf_tx is not None:
+            self._dtmf_tx.send(digits, duration_ms)
+            return
+        for d in digits:
+            self._inband_tx.extend(_tone_frames(d, duration_ms or 100, 60))
+
+    def update(self, negotiated: NegotiatedMedia) -> None:
+        """Apply a re-offer/answer (hold, codec, address, keys) without stopping the stream."""
+        old = self.negotiated
+        self.negotiated = negotiated
+        if (negotiated.codec, negotiated.payload_type, negotiated.clock_rate_hz, negotiated.telephone_event_pt,
+                negotiated.remote_ptime_ms) != (old.codec, old.payload_type, old.clock_rate_hz,
+                                               old.telephone_event_pt, old.remote_ptime_ms):
+            self._apply_codec(old, negotiated)
+            self._engine._rebatch(self)
+        self._apply_transport(old, negotiated)
+        if not negotiated.can_send:
+            self._tx_queue.clear()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of the leg, its endpoint and its jitter buffer."""
+        jb = self._jb
+        cur = self._session.receiver.current
+        return {
+            **self._endpoint.stats(),
+            "rx_audio_packets": self.rx_audio_packets,
+            "rx_dropped": self.rx_dropped,
+            "rx_unknown_pt": self.rx_unknown_pt,
+            "rx_dtmf_packets": self.rx_dtmf_packets,
+            "tx_audio_packets": self.tx_audio_packets,
+            "tx_dtmf_packets": self.tx_dtmf_packets,
+            "tx_dropped_frames": self.tx_dropped_frames,
+            "tx_silent_slots": self.tx_silent_slots,
+            "frames_delivered": self.frames_delivered,
+            "jitter_lost": jb.lost,
+            "jitter_late": jb.late,
+            "jitter_underruns": jb.underruns,
+            "jitter_target_frames": jb.target_frames,
+            "rtp_lost": cur.cumulative_lost if cur is not None else 0,
+            "rtt_s": self._session.rtt_s,
+        }
+
+    # -- setup helpers ------------------------------------------------------
+
+    def _apply_codec(self, old: NegotiatedMedia | None, neg: NegotiatedMedia) -> None:
+        """Set payload types, codec state and jitter buffer; keep what a re-offer did not change."""
+        codec = neg.codec
+        self._pt = neg.payload_type
+        self._te_pt = -1 if neg.telephone_event_pt is None else neg.telephone_event_pt
+        sender = self._session.sender
+        sender.payload_type = neg.payload_type
+        sender.clock_rate_hz = neg.clock_rate_hz
+        self._session.receiver.clock_rate_hz = neg.clock_rate_hz
+        # RTP ticks per 20 ms frame (G.722 runs its RTP clock at 8000).
+        self._spf = neg.clock_rate_hz // 50
+        remote_ptime = neg.remote_ptime_ms if neg.remote_ptime_ms and 10 <= neg.remote_ptime_ms <= 120 else 20
+        if old is None or (old.clock_rate_hz, old.remote_ptime_ms) != (neg.clock_rate_hz, neg.remote_ptime_ms):
+            self._jb = JitterBuffer(neg.clock_rate_hz, remote_ptime, capacity=self._jitter_capacity)
+            self._rx_fifo.clear()
+        if old is None or old.codec != codec:
+            self._rx_fifo.clear()
+            self._batched = codec in ("pcmu", "pcma") and self._engine.batch_g711
+            self._decoder: Decoder | None = None
+            self._encoder: Encoder | None = None
+            if self._batched:
+                self._lin2law = audioop.lin2ulaw if codec == "pcmu" else audioop.lin2alaw
+                self._law2lin = audioop.ulaw2lin if codec == "pcmu" else audioop.alaw2lin
+                self._rx_frame_len = 2 * _G711_FRAME
+            else:
+                self._decoder = make_decoder(codec, MEDIA_RATE_HZ)
+                self._encoder = make_encoder(codec, MEDIA_RATE_HZ)
+                self._rx_frame_len = FRAME_BYTES
+        # Concealment of a lost packet: silence of one remote packet duration.
+        self._loss_fill = bytes(self._rx_frame_len * remote_ptime // 20)
+        if neg.telephone_event_pt is None:
+            self._dtmf_tx = None
+            if self._inband_rx is None:
+                self._inband_rx = InbandDtmfDetector(MEDIA_RATE_HZ)
+        else:
+            if self._dtmf_tx is None or self._dtmf_tx.samples_per_tick != self._spf:
+                self._dtmf_tx = DtmfSender(neg.clock_rate_hz, 20)
+            self._inband_rx = None
+
+    def _apply_transport(self, old: NegotiatedMedia | None, neg: NegotiatedMedia) -> None:
+        self._endpoint.set_remote(
+            (neg.remote_address, neg.remote_port),
+            (neg.remote_rtcp_address, neg.remote_rtcp_port),
+            rtcp_mux=neg.rtcp_mux,
+        )
+        keys = (neg.local_crypto, neg.remote_crypto)
+        if old is None or keys != (old.local_crypto, old.remote_crypto):
+            if neg.local_crypto is not None and neg.remote_crypto is not None:
+                self._endpoint.set_srtp(SrtpContext.from_sdes(neg.local_crypto, neg.remote_crypto))
+            else:
+                self._endpoint.set_srtp(None)
+        self._receiving = neg.can_receive and not neg.remote_hold
+
+    # -- receive (per datagram) -----------------------------------------------
+
+    def _on_rtp(self, data: bytes, now: float) -> None:
+        try:
+            h = parse_rtp(data, self._view)
+        except RtpParseError:
+            self.rx_dropped += 1
+            return
+        pt = h.payload_type
+        if pt == self._pt:
+            status = self._session.receive_rtp(h, now)
+            if status not in _ACCEPT:
+                self.rx_dropped += 1
+                return
+            if status is ReceiveStatus.NEW_STREAM:
+                self._jb.reset()
+                self._rx_fifo.clear()
+            self.rx_audio_packets += 1
+            off = h.payload_offset
+            self._jb.put(h.sequence, h.timestamp, data[off : off + h.payload_length], now, h.marker)
+        elif pt == self._te_pt:
+            status = self._session.receive_rtp(h, now)
+            if status not in _ACCEPT:
+                self.rx_dropped += 1
+                return
+            self.rx_dtmf_packets += 1
+            try:
+                event = parse_telephone_event(h.payload)
+            except RtpParseError:
+                self.rx_dropped += 1
+                return
+            digit = self._dtmf_rx.feed(h.ssrc, h.timestamp, event, now)
+            if digit is not None and self.on_dtmf is not None and self._receiving:
+                self.on_dtmf(digit)
+        elif pt == _PT_CN:
+            # Comfort noise: the peer is silent; the jitter buffer runs dry into silence.
+            self._session.receive_rtp(h, now)
+            return
+        else:
+            self.rx_unknown_pt += 1
+            return
+        if not self.media_ready:
+            self.media_ready = True
+            if self.on_media_ready is not None:
+                self.on_media_ready()
+
+    def _on_rtcp(self, data: bytes, now: float) -> None:
+        try:
+            packets = parse_rtcp(data)
+        except RtpParseError:
+            self.rx_rtcp_errors += 1
+            return
+        self._session.receive_rtcp(packets, now)
+
+    # -- per frame slot (called by the engine) ------------------------------------
+
+    def _pull(self, now: float) -> bytes | None:
+        """The next caller frame at the decode rate (8 kHz for batched G.711), None for silence."""
+        jb = self._jb
+        fifo = self._rx_fifo
+        need = self._rx_frame_len
+        while len(fifo) < need:
+            item = jb.pop(now)
+            if item is None:
+                break
+            if item is LOSS or not self._receiving:
+                pcm = self._loss_fill
+            elif self._batched:
+                pcm = self._law2lin(item, 2)
+            else:
+                assert self._decoder is not None
+                pcm = self._decoder.decode(bytes(item))
+            if not fifo and len(pcm) == need:
+                return pcm
+            fifo += pcm
+        if len(fifo) >= need:
+            out = bytes(fifo[:need])
+            del fifo[:need]
+            return out
+        return None
+
+    def _deliver(self, frame: bytes) -> None:
+        if not self._receiving:
+            frame = _SILENCE
+        self.frames_delivered += 1
+        det = self._inband_rx
+        if det is not None and frame is not _SILENCE and self.on_dtmf is not None:
+            for digit in det.feed(frame):
+                self.on_dtmf(digit)
+        if self.on_audio is not None:
+            self.on_audio(frame)
+
+    def _tx_slot(self, now: float) -> bytes | None:
+        """Use one 20 ms send slot: DTMF, or return the agent frame to encode, or skip."""
+        sender = self._session.sender
+        q = self._tx_queue
+        if not self.negotiated.can_send:
+            q.clear()
+            sender.skip(self._spf)
+            self._tx_marker = True
+            return None
+        dtmf = self._dtmf_tx
+        if dtmf is not None and dtmf.busy:
+            if q:
+                q.popleft()
+            pkt = dtmf.tick(sender.timestamp)
+            if pkt is None:
+                sender.skip(self._spf)
+            else:
+                data = sender.build(pkt.payload, self._spf, now, marker=pkt.marker,
+                                    payload_type=self._te_pt, rtp_ts=pkt.rtp_ts)
+                self._endpoint.send_rtp(data)
+                self.tx_dtmf_packets += 1
+            self._tx_marker = True
+            return None
+        if self._inband_tx:
+            if q:
+                q.popleft()
+            return self._inband_tx.popleft()
+        if q:
+            return q.popleft()
+        sender.skip(self._spf)
+        self.tx_silent_slots += 1
+        self._tx_marker = True
+        return None
+
+    def _encode(self, pcm: bytes) -> bytes:
+        assert self._encoder is not None
+        return self._encoder.encode(pcm)
+
+    def _send_payload(self, payload: bytes, now: float) -> None:
+        data = self._session.sender.build(payload, self._spf, now, marker=self._tx_marker)
+        self._tx_marker = False
+        self._endpoint.send_rtp(data)
+        self.tx_audio_packets += 1
+
+    def _send_rtcp(self, now: float) -> None:
+        packet = self._session.rtcp_due(now)
+        self._rtcp_due_at = self._session.deadline()
+        if packet is not None:
+            self._endpoint.send_rtcp(packet)
