@@ -37,6 +37,8 @@ __all__ = [
     "RecordingConfig",
     "RegisterUser",
     "Rewrite",
+    "SipAclConfig",
+    "SipRateLimitConfig",
     "TrunkRule",
     "WebhookHandlerConfig",
     "check_files",
@@ -72,6 +74,10 @@ DEFAULT_CODECS: Final = ("pcmu", "pcma", "g722", "g729", "opus", "telephone_even
 DEFAULT_MEDIA_CACHE_PATH: Final = "./config/mediacache"
 DEFAULT_RECORDING_PATH: Final = "./config/recorders"
 DEFAULT_MODELS_DIR: Final = "./models"
+# docs/config-security.md: a trunk at ~15 calls/s (INVITE, ACK, BYE) stays under 50/s;
+# the burst absorbs a PBX re-registering all its phones after a restart.
+DEFAULT_SIP_RATE_PER_S: Final = 50.0
+DEFAULT_SIP_RATE_BURST: Final = 200
 
 LOG_LEVELS: Final = ("trace", "debug", "info", "warn", "error", "off")
 RECORDING_FORMATS: Final = ("wav", "pcm", "pcmu", "pcma", "g722")
@@ -154,6 +160,30 @@ class RegisterUser:
     display_name: str | None = None
     disabled: bool = False
     credential: Credential | None = None
+
+
+@dataclass(frozen=True)
+class SipAclConfig:
+    """``[sip_acl]`` (docs/config-security.md): request sources by network; deny wins.
+
+    Empty ``allow`` admits every source not in ``deny``.
+    """
+
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    deny: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+
+@dataclass(frozen=True)
+class SipRateLimitConfig:
+    """``[sip_rate_limit]`` (docs/config-security.md): token bucket per request source.
+
+    ``exempt`` sources (trusted trunks) skip the limit but not the ACL.
+    """
+
+    enabled: bool = True
+    requests_per_second: float = DEFAULT_SIP_RATE_PER_S
+    burst: int = DEFAULT_SIP_RATE_BURST
+    exempt: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -291,6 +321,8 @@ class Config:
     enable_srtp: bool = False
     handler: HandlerConfig | None = None
     register_users: tuple[RegisterUser, ...] = ()
+    sip_acl: SipAclConfig = field(default_factory=SipAclConfig)
+    sip_rate_limit: SipRateLimitConfig = field(default_factory=SipRateLimitConfig)
     ice_servers: tuple[IceServer, ...] = ()
     recording: RecordingConfig = field(default_factory=RecordingConfig)
     callrecord: CallRecordConfig | None = None
@@ -901,6 +933,43 @@ def _read_register_user(t: _Table) -> RegisterUser:
     )
 
 
+_Networks: TypeAlias = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+
+def _read_networks(t: _Table, key: str) -> _Networks:
+    """An array of CIDR networks (a bare address is a /32 or /128); host bits set is an error."""
+    out = []
+    for i, text in enumerate(t.strings(key) or ()):
+        try:
+            out.append(ipaddress.ip_network(text.strip(), strict=True))
+        except ValueError as e:
+            reason = f"expected a network like 10.0.0.0/8: {e}"
+            raise ConfigError(f"{t.key_path(key)}[{i}]", reason) from None
+    return tuple(out)
+
+
+def _read_sip_acl(t: _Table | None) -> SipAclConfig:
+    if t is None:
+        return SipAclConfig()
+    allow = _read_networks(t, "allow")
+    deny = _read_networks(t, "deny")
+    t.finish()
+    return SipAclConfig(allow=allow, deny=deny)
+
+
+def _read_sip_rate_limit(t: _Table | None) -> SipRateLimitConfig:
+    if t is None:
+        return SipRateLimitConfig()
+    enabled = t.boolean("enabled", True)
+    rate = t.number("requests_per_second", DEFAULT_SIP_RATE_PER_S)
+    if rate <= 0:
+        raise ConfigError(t.key_path("requests_per_second"), f"must be positive, got {rate:g}")
+    burst = t.integer("burst", max(DEFAULT_SIP_RATE_BURST, int(rate)), minimum=1)
+    exempt = _read_networks(t, "exempt")
+    t.finish()
+    return SipRateLimitConfig(enabled=enabled, requests_per_second=rate, burst=burst, exempt=exempt)
+
+
 _ICE_SCHEMES: Final = ("stun:", "stuns:", "turn:", "turns:")
 
 
@@ -1286,6 +1355,8 @@ def parse_config(text: str, overrides: Overrides = Overrides(), source: str = "<
     handler_table = root.table("handler")
     handler = None if handler_table is None else _read_handler(handler_table)
     register_users = tuple(_read_register_user(t) for t in root.tables("register_users"))
+    sip_acl = _read_sip_acl(root.table("sip_acl"))
+    sip_rate_limit = _read_sip_rate_limit(root.table("sip_rate_limit"))
     ice_servers = tuple(_read_ice_server(t) for t in root.tables("ice_servers"))
     recording = _read_recording(root.table("recording"))
     callrecord_table = root.table("callrecord")
@@ -1331,6 +1402,8 @@ def parse_config(text: str, overrides: Overrides = Overrides(), source: str = "<
         enable_srtp=enable_srtp,
         handler=handler,
         register_users=register_users,
+        sip_acl=sip_acl,
+        sip_rate_limit=sip_rate_limit,
         ice_servers=ice_servers,
         recording=recording,
         callrecord=callrecord,

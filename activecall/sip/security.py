@@ -1,0 +1,246 @@
+"""SIP security basics: a per-source request rate limit and an allow/deny list of networks.
+
+Pure module: no sockets, no clock (``now`` is passed in), stdlib ``ipaddress`` only.
+
+The transport/user-agent layer asks :meth:`SipGuard.admit` (or the two pieces
+separately) for every *request* it receives, before the transaction layer sees
+it, and drops the datagram silently when the answer is not ``ADMIT``.
+Responses are never filtered: they only match transactions we started, and a
+registrar or carrier we call out to need not be on the allow list.
+
+Why drop silently rather than answer ``403``/``503`` (docs/config-security.md):
+
+* an answer confirms to a scanner that a SIP service listens here and gives it
+  a User-Agent to fingerprint;
+* answering spoofed-source UDP makes us a reflector, and answering a flood
+  costs the very work the limit is there to save;
+* legitimate UDP clients retransmit (Timer A/E), so a request dropped by the
+  rate limit is retried after T1, 2*T1... and gets in once tokens are back.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TypeAlias
+
+from activecall.config import SipAclConfig, SipRateLimitConfig
+
+__all__ = [
+    "Network",
+    "parse_network",
+    "source_key",
+    "RateLimiter",
+    "SipAcl",
+    "Verdict",
+    "SipGuard",
+    "DEFAULT_MAX_SOURCES",
+]
+
+Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+_Address: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Enough for every phone of a large site plus a scan from a few /16s; ~200 bytes each.
+DEFAULT_MAX_SOURCES = 65536
+
+
+def parse_network(text: str) -> Network:
+    """Parse ``"10.0.0.0/8"``, ``"2001:db8::/32"`` or a bare address (a /32 or /128).
+
+    Host bits set (``"10.0.0.1/8"``) are an error rather than silently masked,
+    so a typo in an ACL does not widen or narrow it unnoticed.
+    """
+    return ipaddress.ip_network(text.strip(), strict=True)
+
+
+def _address(ip: str) -> _Address:
+    """Parse a source address; IPv4-mapped IPv6 (``::ffff:a.b.c.d``) becomes IPv4."""
+    host = ip[1:-1] if ip.startswith("[") else ip
+    addr = ipaddress.ip_address(host.split("%", 1)[0])  # drop an IPv6 zone id
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def source_key(ip: str) -> str:
+    """The rate-limit bucket of a source: the IPv4 address, or the IPv6 /64 it is in.
+
+    One IPv6 host usually owns a whole /64 and can rotate through it, so
+    counting per address would let a single scanner escape the limit.
+    """
+    addr = _address(ip)
+    if isinstance(addr, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((int(addr) >> 64 << 64, 64)))
+    return str(addr)
+
+
+class RateLimiter:
+    """Token bucket per source: ``burst`` requests at once, refilled at ``rate_per_s``.
+
+    Memory is bounded two ways.  A source idle long enough for its bucket to be
+    full again (``burst / rate_per_s`` seconds) is forgotten, which changes
+    nothing since a new source starts with a full bucket; buckets are kept in
+    least-recently-seen order so that sweep is O(expired).  And at most
+    ``max_sources`` buckets are kept: under a flood from more sources than
+    that, the least recently seen are dropped first (those sources simply get
+    a fresh bucket if they come back).
+    """
+
+    __slots__ = ("rate_per_s", "burst", "max_sources", "_buckets", "_full_after_s")
+
+    def __init__(
+        self, rate_per_s: float, burst: float, *, max_sources: int = DEFAULT_MAX_SOURCES
+    ) -> None:
+        if rate_per_s <= 0:
+            raise ValueError("rate_per_s must be positive")
+        if burst < 1:
+            raise ValueError("burst must be at least 1")
+        if max_sources < 1:
+            raise ValueError("max_sources must be at least 1")
+        self.rate_per_s = float(rate_per_s)
+        self.burst = float(burst)
+        self.max_sources = max_sources
+        # key -> [tokens, last_seen]; ordered by last_seen (oldest first).
+        self._buckets: OrderedDict[str, list[float]] = OrderedDict()
+        self._full_after_s = self.burst / self.rate_per_s
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def _expire(self, now: float) -> None:
+        """Forget sources whose bucket has refilled completely."""
+        buckets = self._buckets
+        while buckets:
+            key, bucket = next(iter(buckets.items()))
+            if now - bucket[1] < self._full_after_s:
+                break
+            del buckets[key]
+
+    def allow(self, ip: str, now: float) -> bool:
+        """Take one token from ``ip``'s bucket; False when it is empty (drop the request).
+
+        ``ip`` must be an IP literal (as a transport reports it); IPv6 sources
+        share one bucket per /64 (:func:`source_key`).
+        """
+        self._expire(now)
+        key = source_key(ip)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= self.max_sources:
+                self._buckets.popitem(last=False)
+            bucket = [self.burst, now]
+            self._buckets[key] = bucket
+        else:
+            # A clock that steps back must not mint tokens or stall refills.
+            elapsed = max(0.0, now - bucket[1])
+            bucket[0] = min(self.burst, bucket[0] + elapsed * self.rate_per_s)
+            bucket[1] = now
+            self._buckets.move_to_end(key)
+        if bucket[0] >= 1.0:
+            bucket[0] -= 1.0
+            return True
+        return False
+
+
+class SipAcl:
+    """Allow/deny lists of networks for SIP request sources.
+
+    Evaluation order (documented in docs/config-security.md):
+
+    1. a source in any ``deny`` network is denied: deny always wins, however
+       specific an ``allow`` entry is;
+    2. otherwise, an empty ``allow`` list admits every source;
+    3. otherwise the source must be in some ``allow`` network.
+
+    IPv4-mapped IPv6 sources are checked as IPv4.  An unparseable source is denied.
+    """
+
+    __slots__ = ("allow", "deny")
+
+    def __init__(
+        self, allow: Iterable[Network | str] = (), deny: Iterable[Network | str] = ()
+    ) -> None:
+        self.allow: tuple[Network, ...] = tuple(
+            n if not isinstance(n, str) else parse_network(n) for n in allow
+        )
+        self.deny: tuple[Network, ...] = tuple(
+            n if not isinstance(n, str) else parse_network(n) for n in deny
+        )
+
+    @property
+    def is_open(self) -> bool:
+        """True when the lists are both empty (every source allowed, nothing to check)."""
+        return not self.allow and not self.deny
+
+    def allows(self, ip: str) -> bool:
+        """Whether requests from ``ip`` may be processed."""
+        if self.is_open:
+            return True
+        try:
+            addr = _address(ip)
+        except ValueError:
+            return False
+        if any(addr in net for net in self.deny):
+            return False
+        return not self.allow or any(addr in net for net in self.allow)
+
+
+class Verdict(enum.Enum):
+    """What to do with one incoming request."""
+
+    ADMIT = "admit"
+    DENIED = "denied"  # by the ACL
+    RATE_LIMITED = "rate_limited"
+
+
+@dataclass
+class SipGuard:
+    """The ACL, then the rate limit, with drop counters for /metrics and logs.
+
+    ``limiter`` None disables rate limiting; sources in ``exempt`` (e.g. the
+    carrier's trunk addresses) skip the limiter but not the ACL.
+    """
+
+    acl: SipAcl
+    limiter: RateLimiter | None
+    exempt: tuple[Network, ...] = ()
+    denied: int = 0
+    rate_limited: int = 0
+
+    @classmethod
+    def from_config(
+        cls, acl: SipAclConfig, rate_limit: SipRateLimitConfig,
+        *, max_sources: int = DEFAULT_MAX_SOURCES,
+    ) -> SipGuard:
+        """Build the guard from ``Config.sip_acl`` and ``Config.sip_rate_limit``."""
+        limiter = (
+            RateLimiter(rate_limit.requests_per_second, rate_limit.burst, max_sources=max_sources)
+            if rate_limit.enabled else None
+        )
+        return cls(SipAcl(acl.allow, acl.deny), limiter, rate_limit.exempt)
+
+    def admit(self, ip: str, now: float) -> Verdict:
+        """Classify a request from ``ip`` received at ``now``; only ``ADMIT`` goes on."""
+        if not self.acl.allows(ip):
+            self.denied += 1
+            return Verdict.DENIED
+        if self.limiter is None:
+            return Verdict.ADMIT
+        if self.exempt:
+            try:
+                addr = _address(ip)
+            except ValueError:
+                addr = None
+            if addr is not None and any(addr in net for net in self.exempt):
+                return Verdict.ADMIT
+        try:
+            allowed = self.limiter.allow(ip, now)
+        except ValueError:  # not an IP literal: the ACL was open; count it as one bucket
+            allowed = self.limiter.allow("0.0.0.0", now)
+        if allowed:
+            return Verdict.ADMIT
+        self.rate_limited += 1
+        return Verdict.RATE_LIMITED
