@@ -39,7 +39,6 @@ from collections import deque
 from typing import Any, Callable
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -85,19 +84,31 @@ def _lowpass(taps: int, rate_hz: float) -> np.ndarray:
     return h / h.sum()
 
 
-def _up_bank() -> np.ndarray:
-    """(taps, 2) matrix: column p gives output sample 2j+p from the window of 8 kHz input j."""
+def _up_matrix() -> np.ndarray:
+    """Banded (taps-1+160, 320) matrix: [history | 8 kHz frame] @ M = the 16 kHz frame.
+
+    Output sample 2j+p is the window of input j..j+taps-1 dotted with phase p
+    of a 2x interpolation low-pass; each phase has unity DC gain.  One dense
+    matrix product per tick for all legs is several times faster in BLAS than
+    any strided FIR (``benchmarks/rtp_concurrency.py``).
+    """
     h = _lowpass(2 * _UP_TAPS, 16000.0)
-    bank = np.empty((_UP_TAPS, 2), dtype=np.float64)
+    m = np.zeros((_UP_TAPS - 1 + _G711_FRAME, 2 * _G711_FRAME), dtype=np.float64)
     for p in range(2):
-        for k in range(_UP_TAPS):
-            bank[k, p] = h[p + 2 * (_UP_TAPS - 1 - k)]
-        bank[:, p] /= bank[:, p].sum()
-    return bank.astype(np.float32)
+        phase = h[p::2][::-1].copy()
+        phase /= phase.sum()
+        for j in range(_G711_FRAME):
+            m[j : j + _UP_TAPS, 2 * j + p] = phase
+    return m.astype(np.float32)
 
 
-def _down_taps() -> np.ndarray:
-    return _lowpass(_DOWN_TAPS, 16000.0)[::-1].astype(np.float32).copy()
+def _down_matrix() -> np.ndarray:
+    """Banded (taps-1+320, 160) matrix: [history | 16 kHz frame] @ M = the low-passed 8 kHz frame."""
+    g = _lowpass(_DOWN_TAPS, 16000.0)[::-1]
+    m = np.zeros((_DOWN_TAPS - 1 + 2 * _G711_FRAME, _G711_FRAME), dtype=np.float64)
+    for j in range(_G711_FRAME):
+        m[2 * j + 1 : 2 * j + 1 + _DOWN_TAPS, j] = g
+    return m.astype(np.float32)
 
 
 def _to_s16(y: np.ndarray) -> bytes:
@@ -110,8 +121,8 @@ class _G711Batch:
     """Streaming 8 <-> 16 kHz conversion for many legs at once, one row of filter history per leg."""
 
     def __init__(self, capacity: int = 64) -> None:
-        self._bank_up = _up_bank()
-        self._taps_down = _down_taps()
+        self._up = _up_matrix()
+        self._down = _down_matrix()
         self._up_hist = np.zeros((capacity, _UP_TAPS - 1), dtype=np.float32)
         self._down_hist = np.zeros((capacity, _DOWN_TAPS - 1), dtype=np.float32)
         self._free: list[int] = list(range(capacity - 1, -1, -1))
@@ -144,9 +155,7 @@ class _G711Batch:
         x[:, : _UP_TAPS - 1] = self._up_hist[idx]
         x[:, _UP_TAPS - 1 :] = np.frombuffer(b"".join(pcm8k), dtype="<i2").reshape(n, _G711_FRAME)
         self._up_hist[idx] = x[:, _G711_FRAME:]
-        windows = sliding_window_view(x, _UP_TAPS, axis=1)
-        y = np.tensordot(windows, self._bank_up, axes=([2], [0]))  # (n, 160, 2)
-        return _to_s16(y.reshape(n, 2 * _G711_FRAME))
+        return _to_s16(x @ self._up)
 
     def downsample(self, rows: list[int], pcm16k: list[bytes]) -> bytes:
         """n frames of 320 samples at 16 kHz -> n frames of 160 samples at 8 kHz, concatenated."""
@@ -156,13 +165,7 @@ class _G711Batch:
         x[:, : _DOWN_TAPS - 1] = self._down_hist[idx]
         x[:, _DOWN_TAPS - 1 :] = np.frombuffer(b"".join(pcm16k), dtype="<i2").reshape(n, 2 * _G711_FRAME)
         self._down_hist[idx] = x[:, 2 * _G711_FRAME :]
-        # Even and odd input phases, each filtered by half the taps: no strided copies.
-        even = np.ascontiguousarray(x[:, 0::2])
-        odd = np.ascontiguousarray(x[:, 1::2])
-        half = _DOWN_TAPS // 2
-        y = sliding_window_view(even, half, axis=1)[:, :_G711_FRAME] @ self._taps_down[0::2]
-        y += sliding_window_view(odd, half, axis=1)[:, :_G711_FRAME] @ self._taps_down[1::2]
-        return _to_s16(y)
+        return _to_s16(x @ self._down)
 
 
 class RtpMediaEngine:
