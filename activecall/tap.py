@@ -117,6 +117,7 @@ def makeService(options: Options) -> service.IService:
     from activecall.ids import SystemIds
     from activecall.logs import make_observer
     from activecall.media.clock import MediaClock
+    from activecall.media.recorder import WavRecorder
     from activecall.speech.cache import MediaCache
     from activecall.speech.registry import SynthesizerRegistry
     from activecall.speech.tts import register_builtin_synthesizers
@@ -156,6 +157,8 @@ def makeService(options: Options) -> service.IService:
         cache=MediaCache(config.media_cache_path),
         run_blocking=run_blocking,
         fetch_url=fetch_url,
+        make_recorder=lambda path: WavRecorder(path, 16000, reactor=reactor),
+        auto_record=config.recording.enabled and bool(config.recording.auto_start),
         recording_path=config.recording.path,
         models_dir=config.models_dir,
         environ=os.environ,

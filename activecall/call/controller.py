@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64 as b64
 import binascii
+import os
 from typing import Any, Callable, Optional, Protocol
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -37,6 +38,22 @@ _INPUT_EVENTS = (ev.SpeakingEvent, ev.DtmfEvent, ev.AsrDeltaEvent, ev.AsrFinalEv
 _INACTIVITY_CHECK_S = 1.0
 # Caller audio that arrives before invite is kept (spec §5.3) but bounded.
 _MAX_EARLY_AUDIO_BYTES = 10 * 16000 * 2
+
+
+RECORDING_RATE_HZ = 16000
+_RECORDING_FRAME_BYTES = RECORDING_RATE_HZ // 50 * 2
+# Caller audio waiting to be recorded; a client sending faster than real time is trimmed.
+_MAX_RECORD_BACKLOG_BYTES = RECORDING_RATE_HZ * 2
+
+
+def recording_file(recorder_file: str, sid: str, recording_dir: str) -> str:
+    """Where a call's WAV goes (playbook.md §15): ``{id}`` → sid, default/relative under the recording dir."""
+    name = recorder_file.replace("{id}", sid) if recorder_file else f"{sid}.wav"
+    if not os.path.isabs(name):
+        name = os.path.join(recording_dir, name)
+    if not name.endswith(".wav"):
+        name += ".wav"
+    return name
 
 
 class ISessionOutput(Protocol):
@@ -83,6 +100,11 @@ class CallController:
         self._last_caller_audio_at = self.created_at
         self._inactivity_timer: Any = None
         self._cmd_seq = 0
+        self.recorder: Any = None
+        self.recording_path: Optional[str] = None
+        self._caller_to_rec: Optional[Resampler] = None
+        self._agent_to_rec: Optional[Resampler] = None
+        self._caller_rec = bytearray()
 
     # -- plumbing -------------------------------------------------------
 
@@ -130,6 +152,7 @@ class CallController:
         self.answered_at = self._services.clock.seconds()
         self.emit(ev.AnswerEvent(track_id=self.sid, timestamp=self.now_ms(), sdp="", refer=False))
         self._report_unavailable_processors(option, sender=type(cmd).name)
+        self._start_recording(option)
         if option.inactivity_timeout:
             self._last_caller_audio_at = self._services.clock.seconds()
             self._inactivity_timer = self._timers.call_later(_INACTIVITY_CHECK_S, self._check_inactivity)
@@ -139,6 +162,24 @@ class CallController:
             self.caller_audio(chunk)
 
     _cmd_start = _cmd_invite
+
+    def _start_recording(self, option: CallOption) -> None:
+        services = self._services
+        if services.make_recorder is None or (option.recorder is None and not services.auto_record):
+            return
+        recorder_file = option.recorder.recorder_file if option.recorder is not None else ""
+        path = recording_file(recorder_file, self.sid, services.recording_path)
+        try:
+            self.recorder = services.make_recorder(path)
+        except (OSError, ValueError) as e:
+            self.error(f"cannot record to {path}: {e}", sender="invite")
+            return
+        self.recording_path = path
+        assert self.leg is not None
+        if self.leg.media_rate_hz != RECORDING_RATE_HZ:
+            self._caller_to_rec = Resampler(self.leg.media_rate_hz, RECORDING_RATE_HZ)
+            self._agent_to_rec = Resampler(self.leg.media_rate_hz, RECORDING_RATE_HZ)
+        self._ensure_ticking()
 
     def _report_unavailable_processors(self, option: CallOption, sender: str) -> None:
         # Speech recognition and VAD engines join in later layers; name what this
@@ -196,7 +237,14 @@ class CallController:
         pcm = self.leg.decode_caller_audio(payload)
         if self._mute_caller:
             pcm = bytes(len(pcm))
-        # Speech processors (VAD/ASR) and recording attach here in later layers.
+        if self.recorder is not None:
+            if self._caller_to_rec is not None:
+                pcm = self._caller_to_rec.process(pcm)
+            self._caller_rec += pcm
+            excess = len(self._caller_rec) - _MAX_RECORD_BACKLOG_BYTES
+            if excess > 0:
+                del self._caller_rec[: excess + (excess & 1)]
+        # Speech processors (VAD/ASR) attach here in later layers.
 
     def _check_inactivity(self) -> None:
         assert self.option is not None and self.option.inactivity_timeout
@@ -217,6 +265,9 @@ class CallController:
 
     def _set_sst(self, source: SstSource) -> None:
         self._sst = source
+        self._ensure_ticking()
+
+    def _ensure_ticking(self) -> None:
         if not self._ticking:
             self._ticking = True
             self._services.media_clock.subscribe(self)
@@ -227,22 +278,43 @@ class CallController:
             self._services.media_clock.unsubscribe(self)
 
     def media_tick(self, frames: int) -> None:
-        """Called by the process-wide media clock: send ``frames`` frames of SST audio."""
+        """Called by the process-wide media clock: send (and record) ``frames`` frames of SST audio."""
         for _ in range(frames):
-            source = self._sst
-            if source is None:
-                self._stop_ticking()
-                return
-            frame = source.read_frame()
-            if frame is not None and self.leg is not None:
-                if self._mute_agent:
-                    frame = bytes(len(frame))
-                self.leg.send_agent_audio(frame)
-            if source.finished:
-                self._end_sst(source, interrupted=source.kind == "tts" and getattr(source, "stop_after_current", False))
-                return
-            if frame is None:
-                return
+            frame = self._next_agent_frame()
+            if self.recorder is not None:
+                self._record(frame)
+            elif frame is None:
+                break
+        if self._sst is None and self.recorder is None:
+            self._stop_ticking()
+
+    def _next_agent_frame(self) -> Optional[bytes]:
+        source = self._sst
+        if source is None:
+            return None
+        frame = source.read_frame()
+        if frame is not None and self.leg is not None:
+            if self._mute_agent:
+                frame = bytes(len(frame))
+            self.leg.send_agent_audio(frame)
+        if source.finished:
+            self._end_sst(source, interrupted=isinstance(source, TtsPlay) and source.stop_after_current)
+        return frame
+
+    def _record(self, agent_frame: Optional[bytes]) -> None:
+        """One 20 ms stereo frame: caller left, agent right, at 16 kHz."""
+        n = _RECORDING_FRAME_BYTES
+        if agent_frame is None:
+            right = bytes(n)
+        elif self._agent_to_rec is not None:
+            right = self._agent_to_rec.process(agent_frame)
+        else:
+            right = agent_frame
+        left = bytes(self._caller_rec[:n])
+        del self._caller_rec[:n]
+        if len(left) < n:
+            left += bytes(n - len(left))  # the caller sent less than real time: silence
+        self.recorder.write(left, right)
 
     def _end_sst(self, source: SstSource, interrupted: bool) -> None:
         """Emit the track's trackEnd; a normal end arms autoHangup or waitInputTimeout."""
@@ -481,6 +553,8 @@ class CallController:
         self.hangup_reason = reason
         self._stop_ticking()
         self._timers.cancel_all()
+        if self.recorder is not None:
+            self.recorder.close().addErrback(lambda f: self._log.failure("recording {path} failed", f, path=self.recording_path))
         now = self._services.clock.seconds()
         if self.leg is not None:
             duration_ms = int((now - self.answered_at) * 1000) if self.answered_at is not None else 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -27,6 +27,11 @@ class CallServices:
     run_blocking: Callable[..., Deferred[Any]]
     # Fetches an http(s) URL: fetch_url(url) -> Deferred[bytes].
     fetch_url: Callable[[str], Deferred[bytes]]
+    # Opens a stereo WAV recorder at a path: make_recorder(path) -> WavRecorder-like
+    # (write(left, right), close() -> Deferred). None disables recording.
+    make_recorder: Optional[Callable[[str], Any]] = None
+    # [recording] enabled + auto_start: record every call from answer.
+    auto_record: bool = False
     recording_path: str = "./config/recorders"
     models_dir: str = "./models"
     environ: Mapping[str, str] = field(default_factory=dict)

@@ -321,6 +321,34 @@ class WebSocketCallTests(TestCase):
         r = await treq.get(daemon.base_url + "/api/playbooks/..%2Fsecret")
         self.assertEqual((r.code, await r.text()), (400, "Invalid filename"))
 
+    async def test_recording_of_a_call(self) -> None:
+        """A call with a recorder option leaves a 16 kHz stereo WAV: caller left, agent right; sox reads it."""
+        import shutil
+        import subprocess
+
+        import numpy as np
+
+        daemon = await self._start()
+        client = await self._call(daemon, "e2e-9", {"codec": "pcm", "sampleRate": 8000, "recorder": {}, "tts": {"provider": "piper"}})
+        tone = (6000 * np.sin(2 * np.pi * 500 * np.arange(8000) / 8000)).astype("<i2").tobytes()
+        for i in range(0, len(tone), 320):
+            client.sendMessage(tone[i:i + 320], isBinary=True)
+        client.send({"command": "tts", "text": "Recording test.", "playId": "r", "endOfStream": True})
+        await client.wait_event("trackEnd", trackId="server-side-track", playId="r")
+        client.send({"command": "hangup"})
+        await client.wait_closed()
+        path = os.path.join(self.workdir, "recorders", "e2e-9.wav")
+        await daemon.stop()  # the file is complete once the daemon exits
+        with wave.open(path) as w:
+            self.assertEqual((w.getnchannels(), w.getsampwidth(), w.getframerate()), (2, 2, 16000))
+            frames = np.frombuffer(w.readframes(w.getnframes()), "<i2").reshape(-1, 2)
+        self.assertGreater(len(frames), 16000 * 0.8)
+        self.assertGreater(np.abs(frames[:, 0]).max(), 3000, "caller tone on the left")
+        self.assertGreater(np.abs(frames[:, 1]).max(), 1000, "agent speech on the right")
+        if shutil.which("soxi"):
+            out = subprocess.run(["soxi", "-c", path], capture_output=True, text=True, check=True).stdout
+            self.assertEqual(out.strip(), "2")
+
     async def test_bad_query_parameter_is_http_400(self) -> None:
         """A query value of the wrong type fails the upgrade with HTTP 400."""
         daemon = await self._start()

@@ -53,8 +53,8 @@ class FakeSession:
         return [e for e in self.events if isinstance(e, cls)]
 
 
-class ControllerTests(SynchronousTestCase):
-    """Commands on a raw-audio call produce the events and audio of spec §5.3/§5.7."""
+class _ControllerCase(SynchronousTestCase):
+    """A controller on a Clock with a fake synthesizer and session."""
 
     def setUp(self) -> None:
         self.clock = Clock()
@@ -86,6 +86,11 @@ class ControllerTests(SynchronousTestCase):
     def advance(self, seconds: float) -> None:
         for _ in range(int(round(seconds / 0.01))):
             self.clock.advance(0.01)
+
+
+
+class ControllerTests(_ControllerCase):
+    """Commands on a raw-audio call produce the events and audio of spec §5.3/§5.7."""
 
     def test_invite_answers_with_track_start(self) -> None:
         """invite on /call emits trackStart{sid} then answer{sid, sdp:""}."""
@@ -299,3 +304,61 @@ class ControllerTests(SynchronousTestCase):
         error = self.session.of(ev.ErrorEvent)[-1]
         self.assertEqual(error.sender, "invite")
         self.assertTrue(self.session.finished)
+
+
+class FakeRecorder:
+    """Collects what would be written to the WAV."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.left = bytearray()
+        self.right = bytearray()
+        self.closed = False
+
+    def write(self, left: bytes, right: bytes) -> None:
+        self.left += left
+        self.right += right
+
+    def close(self) -> Any:
+        self.closed = True
+        return succeed(None)
+
+
+class RecordingTests(_ControllerCase):
+    """Calls are recorded as 16 kHz stereo frames: caller left, agent right."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.recorders: list[FakeRecorder] = []
+
+        def make(path: str) -> FakeRecorder:
+            self.recorders.append(FakeRecorder(path))
+            return self.recorders[-1]
+
+        self.services.make_recorder = make
+        self.services.recording_path = "/rec"
+
+    def test_recorder_option_records_both_sides_at_16k(self) -> None:
+        """An 8 kHz pcmu call records caller and agent resampled to 16 kHz; hangup closes the file."""
+        self.invite(codec="pcmu", recorder={"recorderFile": "calls/{id}"})
+        rec = self.recorders[0]
+        self.assertEqual(rec.path, "/rec/calls/s.test.wav")
+        self.c.caller_audio(bytes([0x10]) * 1600)  # 200 ms of loud mu-law
+        self.run_cmd({"command": "tts", "text": "x" * 10, "endOfStream": True})
+        self.advance(0.5)
+        self.assertEqual(len(rec.left), len(rec.right))
+        self.assertIn(len(rec.left), range(15 * 640, 26 * 640))
+        self.assertGreater(max(rec.left[:6400]), 0, "caller audio on the left")
+        self.assertGreater(max(rec.right), 0, "agent audio on the right")
+        self.run_cmd({"command": "hangup"})
+        self.assertTrue(rec.closed)
+
+    def test_auto_record_and_no_recording_by_default(self) -> None:
+        """Without a recorder option nothing is recorded unless [recording] auto_start is on."""
+        self.invite()
+        self.assertEqual(self.recorders, [])
+        self.services.auto_record = True
+        self.session = FakeSession()
+        self.c = CallController(self.session, self.services)
+        self.invite()
+        self.assertEqual(self.recorders[0].path, "/rec/s.test.wav")
