@@ -67,8 +67,7 @@ def load_server_tls(cert_file: str, key_file: str) -> Any:
     if not blocks:
         raise ValueError(f"no certificate in {cert_file}")
     try:
-        key = ssl.KeyPair.load(key_pem, ssl.FILETYPE_PEM)
-        cert = ssl.PrivateCertificate.load(blocks[0], key, ssl.FILETYPE_PEM)
+        cert = ssl.PrivateCertificate.loadPEM(blocks[0] + b"\n" + key_pem)
         chain = [ssl.Certificate.loadPEM(b).original for b in blocks[1:]]
         return ssl.CertificateOptions(privateKey=cert.privateKey.original, certificate=cert.original,
                                       extraCertChain=chain)
