@@ -19,6 +19,11 @@ Printed: calls, codec, daemon CPU% (of one core, from /proc), RSS per call
 directions, p50/p99/max send-interval jitter (|inter-arrival - 20 ms| of the
 daemon's packets at the generator) and the daemon's own tick lateness.
 
+The daemon runs with ``OPENBLAS_NUM_THREADS=1`` (the batched G.711 filter
+is a BLAS matrix product; extra BLAS threads would only spin on the other
+core); production should set the same.  The machine is shared: run it when
+nothing else is busy (the load average is printed).
+
 Run: ``python benchmarks/rtp_concurrency.py --calls 500 --codec pcmu --seconds 20``
 (``--codec g722`` for the G.722 variant, ``--srtp`` to add SRTP).
 Targets (2 cores): 500 G.711 calls, loss < 0.1 %, p99 jitter < 5 ms, RSS < 0.5 MB/call.
@@ -44,6 +49,7 @@ import numpy as np
 FRAME_S = 0.02
 _RTP = struct.Struct("!BBHII")
 _TIMESPEC = struct.Struct("@qq")
+_SLOTS = 10
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 
 
@@ -269,6 +275,7 @@ class Generator:
         start = time.monotonic()
         next_send = start
         frame_no = 0
+        slot = 0
         marked = False
         sent_in_window = 0
         end = start + warmup_s + seconds
@@ -276,29 +283,36 @@ class Generator:
             now = time.monotonic()
             if not marked and now >= start + warmup_s:
                 on_mark()
+                mark_at = time.monotonic()
                 marked = True
                 counts[:] = 0
                 first_seq = [-1] * calls
                 sent_in_window = 0
             if now >= next_send:
-                if now >= end:
+                if now >= end and slot == 0:
                     on_end()
+                    window_s = now - mark_at
+                    received_at_end = int(counts.sum())
                     break
+                # Phones are not synchronised: call i sends in sub-slot i % SLOTS of each 20 ms.
                 payload = payloads[frame_no % 50]
-                for i in range(calls):
+                for i in range(slot, calls, _SLOTS):
                     _RTP.pack_into(buf, 0, 0x80, self.pt, self.seq[i], self.ts[i], self.ssrc[i])
                     buf[12:] = payload
                     data = self.tx_ctx[i].protect(bytes(buf)) if self.srtp else buf
                     try:
                         self.socks[i % len(self.socks)].sendto(data, ("127.0.0.1", daemon_ports[i]))
+                        self.sent += 1
+                        sent_in_window += 1
                     except BlockingIOError:
                         pass
                     self.seq[i] = (self.seq[i] + 1) & 0xFFFF
                     self.ts[i] = (self.ts[i] + 160) & 0xFFFFFFFF
-                self.sent += calls
-                sent_in_window += calls
-                frame_no += 1
-                next_send = start + frame_no * FRAME_S
+                slot += 1
+                if slot == _SLOTS:
+                    slot = 0
+                    frame_no += 1
+                next_send = start + (frame_no + slot / _SLOTS) * FRAME_S
             timeout = max(0.0, next_send - time.monotonic())
             for key, _ in sel.select(timeout):
                 sock = key.fileobj
@@ -354,6 +368,10 @@ class Generator:
                 jitter.append(np.abs(d - FRAME_S))
         allj = np.concatenate(jitter) if jitter else np.zeros(1)
         return {
+            # Frames the daemon should have sent in the window (50/s per call) and what arrived:
+            # catches a sender that falls behind, which sequence gaps would not show.
+            "frames_due": int(round(window_s * 50)) * calls,
+            "frames_arrived": received_at_end,
             "sent_in_window": sent_in_window,
             "expected": expected,
             "received": received,
@@ -381,6 +399,7 @@ def main() -> None:
         return
     import base64
 
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     gen = Generator(args.calls, args.codec, args.sockets, args.srtp)
     cmd = [sys.executable, os.path.abspath(__file__), "--daemon", "--calls", str(args.calls), "--codec", args.codec,
            "--reactor", args.reactor, "--rtp-start", str(args.rtp_start)] + (["--srtp"] if args.srtp else [])
@@ -432,12 +451,16 @@ def main() -> None:
     print(f"daemon RSS            {report['rss_kb'] / 1024:.1f} MB, {per_call_kb / 1024:.3f} MB per call "
           f"(idle baseline {hello['rss_base_kb'] / 1024:.1f} MB)")
     print(f"loss daemon->phones   {100 * tx_loss:.3f} %  ({result['expected'] - result['received']} of {result['expected']})")
+    print(f"daemon frames on time {100 * result['frames_arrived'] / max(1, result['frames_due']):.2f} %  "
+          f"({result['frames_arrived']} of {result['frames_due']} due in the window)")
     print(f"loss phones->daemon   {100 * max(0.0, rx_loss):.3f} %  ({report['rx_packets']} of {result['sent_in_window']} received)")
     print(f"send-interval jitter  p50 {result['jitter_p50_ms']:.2f} ms  p99 {result['jitter_p99_ms']:.2f} ms  "
           f"max {result['jitter_max_ms']:.1f} ms")
     print(f"media tick lateness   p50 {report['tick_p50_ms']:.2f} ms  p99 {report['tick_p99_ms']:.2f} ms  "
           f"catch-up frames {report['late_frames']}")
     print(f"errors                srtp {report['rx_srtp_errors']}, send {report['tx_errors']}")
+    # Other work on the same two cores shows up as stalls: say how busy the machine was.
+    print(f"load average          {' '.join(f'{x:.2f}' for x in os.getloadavg())} (before: {load_before})")
 
 
 if __name__ == "__main__":

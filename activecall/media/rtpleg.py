@@ -352,6 +352,8 @@ class RtpLeg:
         self._tx_marker = True
         self.media_ready = False
         self.closed = False
+        self._released = False
+        self._close_waiters: list[Deferred[None]] = []
         # Counters.
         self.rx_audio_packets = 0
         self.rx_dropped = 0
@@ -388,16 +390,29 @@ class RtpLeg:
 
     def close(self) -> Deferred[None]:
         """Send RTCP BYE, stop ticking and release the ports; the Deferred fires when they are free."""
+        waiter: Deferred[None] = Deferred()
         if self.closed:
-            return self._closed_d
+            if self._released:
+                waiter.callback(None)
+            else:
+                self._close_waiters.append(waiter)
+            return waiter
         self.closed = True
+        self._close_waiters.append(waiter)
         self._engine.remove(self)
+        self._tx_queue.clear()
         if self.negotiated.can_send:
             self._endpoint.send_rtcp(self._session.bye(self._clock.seconds()))
         d = self._endpoint.stop()
         d.addErrback(lambda f: self._log.failure("closing RTP ports failed", f))
-        self._closed_d = d
-        return d
+        d.addCallback(self._ports_released)
+        return waiter
+
+    def _ports_released(self, _: object) -> None:
+        self._released = True
+        waiters, self._close_waiters = self._close_waiters, []
+        for w in waiters:
+            w.callback(None)
 
     # -- control ------------------------------------------------------------
 

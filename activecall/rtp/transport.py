@@ -224,7 +224,7 @@ class RtpEndpoint:
                 last_error = e
                 d = rtp.stopListening()
                 if isinstance(d, Deferred):
-                    d.addBoth(lambda _, p=port: self._allocator.release(p))
+                    d.addBoth(self._release_later, port)
                 else:
                     self._allocator.release(port)
                 continue
@@ -234,6 +234,10 @@ class RtpEndpoint:
             self.local_port = port
             return port
         raise PortsExhaustedError(f"could not bind an RTP port pair: {last_error}")
+
+    def _release_later(self, result: object, port: int) -> None:
+        """Return ``port`` once its socket is closed (whatever the outcome)."""
+        self._allocator.release(port)
 
     def stop(self) -> Deferred[None]:
         """Close both sockets; the port pair returns to the allocator once they are closed."""
