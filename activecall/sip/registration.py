@@ -189,6 +189,12 @@ class _Core:
         self.registrar = SipUri(server.scheme, host=server.host, port=server.port,
                                 params=list(server.params))
         self.aor = SipUri(server.scheme, user=account.username, host=server.host, port=server.port)
+        try:
+            # A registrar at a private/loopback address sees our local address, so
+            # public addresses other transactions reveal are nothing to it.
+            self.registrar_is_local = not ipaddress.ip_address(server.host.strip("[]")).is_global
+        except ValueError:
+            self.registrar_is_local = False  # a host name: assume it is out there
         self.contact = contact.copy()
         self.call_id = call_id
         self.from_tag = from_tag
@@ -534,9 +540,13 @@ class RegistrationMachine:
         return self._machine.abandon(now)
 
     def public_address_changed(self, host: str, port: int, now: float) -> SendRegister | None:
-        """The user agent learned our public address; UDP accounts re-REGISTER with it."""
+        """The user agent learned our public address; UDP accounts re-REGISTER with it.
+
+        Ignored for TLS/TCP accounts and for registrars at private or loopback
+        IP addresses (their own responses tell us what they see).
+        """
         core = self._core
-        if core.transport != "udp" or self._at_contact(host, port):
+        if core.transport != "udp" or core.registrar_is_local or self._at_contact(host, port):
             return None
         return self._machine.moved(host, port, now)
 
@@ -640,7 +650,7 @@ class RegistrationUserAgent(Protocol):
     def local_contact(self, transport: str = "udp", user: str | None = None) -> SipUri:
         """The Contact URI of the listener for ``transport``; raise if there is none."""
 
-    def on_public_address(self, callback: Callable[[str, int], object]) -> object:
+    def on_public_address(self, callback: Callable[[str, int], None]) -> None:
         """Call ``callback(host, port)`` when a UDP response reveals a new public address."""
 
 

@@ -76,12 +76,17 @@ class SipRateLimitConfigTests(SynchronousTestCase):
 
     def test_burst_defaults_to_at_least_rate(self) -> None:
         """Without ``burst``, a high rate gets a burst of one second's worth."""
-        self.assertEqual(parse_config("sip_rate_limit = { requests_per_second = 500 }").sip_rate_limit.burst, 500)
-        self.assertEqual(parse_config("sip_rate_limit = { requests_per_second = 5 }").sip_rate_limit.burst, 200)
+        def burst(rate: int) -> int:
+            text = f"sip_rate_limit = {{ requests_per_second = {rate} }}"
+            return parse_config(text).sip_rate_limit.burst
+
+        self.assertEqual(burst(500), 500)
+        self.assertEqual(burst(5), 200)
 
     def test_disabled(self) -> None:
         """``enabled = false`` is kept."""
-        self.assertFalse(parse_config("sip_rate_limit = { enabled = false }").sip_rate_limit.enabled)
+        config = parse_config("sip_rate_limit = { enabled = false }")
+        self.assertFalse(config.sip_rate_limit.enabled)
 
     def test_invalid(self) -> None:
         """Non-positive rates, bursts below one and wrong types are start-up errors."""

@@ -113,7 +113,7 @@ class RefreshTests(SynchronousTestCase):
     """Success, refresh timing and RFC 3261 §10.2.4 Call-ID/CSeq rules."""
 
     def test_registered_then_refresh_at_75_percent(self) -> None:
-        """A 2xx granting 600 s registers; the refresh goes out 450 s later with the same Call-ID."""
+        """A 2xx granting 600 s registers; the refresh goes 450 s later with the same Call-ID."""
         m = new_machine()
         first = m.start(0.0)
         assert first is not None
@@ -199,7 +199,7 @@ class FailureTests(SynchronousTestCase):
     """423, rejections, timeouts and transport errors."""
 
     def test_423_uses_min_expires(self) -> None:
-        """423 Interval Too Brief is followed at once with Expires = Min-Expires, kept for refreshes."""
+        """423 is followed at once with Expires = Min-Expires, which refreshes keep."""
         m = new_machine(expires_s=60)
         send = m.start(0.0)
         assert send is not None
@@ -223,7 +223,7 @@ class FailureTests(SynchronousTestCase):
                 self.assertEqual(m.state(0.0).state, "failed")
 
     def test_rejection_retries_every_60s(self) -> None:
-        """A 403 (or a 401 the UA could not answer) fails; the retry comes 60 s later, repeatedly."""
+        """A 403 (or a 401 the UA could not answer) fails; retries come every 60 s."""
         m = new_machine()
         send = m.start(0.0)
         assert send is not None
@@ -358,7 +358,8 @@ class AddressLearningTests(SynchronousTestCase):
         sends = 0
         for port in range(40000, 40010):
             assert send is not None
-            via = f"SIP/2.0/UDP 192.0.2.10:25060;branch=z9hG4bKabc;received=203.0.113.7;rport={port}"
+            via = ("SIP/2.0/UDP 192.0.2.10:25060;branch=z9hG4bKabc;received=203.0.113.7;"
+                   f"rport={port}")
             send = m.response(answer(send, 200, via=via), 0.0)
             if send is None:
                 break
@@ -378,8 +379,17 @@ class AddressLearningTests(SynchronousTestCase):
         self.assertEqual(contacts(again), ["<sip:2001@203.0.113.9:5999>",
                                            "<sip:2001@192.0.2.10:25060>;expires=0"])
 
+    def test_ua_notice_ignored_for_local_registrar(self) -> None:
+        """A registrar at a private address is not re-REGISTERed on a public-address notice."""
+        m = new_machine(RegisterUser(server="sip:10.0.0.1:5060", username="2001"))
+        send = m.start(0.0)
+        assert send is not None
+        m.response(answer(send, 200), 0.0)
+        self.assertIsNone(m.public_address_changed("203.0.113.9", 5999, 1.0))
+        self.assertEqual(m.state(1.0).contact, "sip:2001@192.0.2.10:25060")
+
     def test_ua_notice_while_in_flight(self) -> None:
-        """A notice during a pending REGISTER is applied when its 2xx (Via without rport) arrives."""
+        """A notice during a pending REGISTER applies when its 2xx (Via without rport) arrives."""
         m = new_machine()
         send = m.start(0.0)
         assert send is not None
@@ -390,7 +400,7 @@ class AddressLearningTests(SynchronousTestCase):
         self.assertEqual(str(again.contact), "sip:2001@203.0.113.9:5999")
 
     def test_registrar_view_beats_ua_notice(self) -> None:
-        """When the 2xx's Via shows the registrar reaches our Contact, an in-flight notice is dropped."""
+        """When the 2xx's Via shows our Contact is right, an in-flight notice is dropped."""
         m = new_machine()
         send = m.start(0.0)
         assert send is not None
@@ -414,7 +424,7 @@ class StopTests(SynchronousTestCase):
     """un-REGISTER on shutdown."""
 
     def test_unregister_when_registered(self) -> None:
-        """stop() sends Expires: 0 for our Contact with the next CSeq; the answer ends the machine."""
+        """stop() sends Expires: 0 for our Contact with the next CSeq; the answer ends it."""
         m = new_machine()
         send = m.start(0.0)
         assert send is not None
@@ -505,7 +515,8 @@ class StopTests(SynchronousTestCase):
             "import sys, activecall.sip.registration\n"
             "print('twisted.internet.reactor' in sys.modules, 'socket' in sys.modules and 0)\n"
         )
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True)
         self.assertEqual(out.stdout.split()[0], "False")
 
 
@@ -528,7 +539,7 @@ class FakeUserAgent:
 
     listeners: tuple[str, ...] = ("udp",)
     sent: list[Sent] = field(default_factory=list)
-    callbacks: list[Callable[[str, int], object]] = field(default_factory=list)
+    callbacks: list[Callable[[str, int], None]] = field(default_factory=list)
     broken: bool = False
 
     def request(self, request: SipRequest, destination: Any = None, *,
@@ -547,7 +558,7 @@ class FakeUserAgent:
         scheme = "sips" if transport == "tls" else "sip"
         return parse_uri(f"{scheme}:{user}@192.0.2.10:25060")
 
-    def on_public_address(self, callback: Callable[[str, int], object]) -> None:
+    def on_public_address(self, callback: Callable[[str, int], None]) -> None:
         """Remember the callback."""
         self.callbacks.append(callback)
 
@@ -565,7 +576,9 @@ class ServiceTests(SynchronousTestCase):
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.ua = FakeUserAgent()
-        self.logs = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        # createWithCleanup is typed for trial's TestCase; SynchronousTestCase has addCleanup too.
+        self.logs = EventLoggingObserver.createWithCleanup(
+            self, globalLogPublisher)  # type: ignore[arg-type]
 
     def service(self, *accounts: RegisterUser, **kw: Any) -> RegistrationService:
         """A service over ``accounts``."""
@@ -577,7 +590,7 @@ class ServiceTests(SynchronousTestCase):
         return "\n".join(formatEvent(e) for e in self.logs)
 
     def test_start_registers_enabled_entries(self) -> None:
-        """Enabled entries REGISTER with their credentials; disabled and listener-less ones are skipped."""
+        """Enabled entries REGISTER with credentials; disabled or listener-less ones are skipped."""
         disabled = RegisterUser(server="sip:other.example.org", username="7", disabled=True)
         tls = RegisterUser(server="sips:secure.example.org", username="8")
         svc = self.service(ACCOUNT, disabled, tls)

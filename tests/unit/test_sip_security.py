@@ -184,8 +184,10 @@ class GuardTests(SynchronousTestCase):
         """Importing the module does not import the reactor, sockets, time or random."""
         code = (
             "import sys, activecall.sip.security\n"
-            "bad = [m for m in ('twisted.internet.reactor', 'socket', 'asyncio') if m in sys.modules]\n"
+            "mods = ('twisted.internet.reactor', 'socket', 'asyncio')\n"
+            "bad = [m for m in mods if m in sys.modules]\n"
             "print(bad)\n"
         )
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True)
         self.assertEqual(out.stdout.strip(), "[]")
