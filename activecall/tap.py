@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import os
 import sys
+
+# The batched G.711 resampling is a small matrix product per 20 ms tick; BLAS
+# worker threads only add contention there. Must be set before numpy loads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 from typing import Any
 
 from twisted.application import internet, service
