@@ -15,9 +15,9 @@ from activecall.media.negotiation import (
     answer_offer,
     apply_answer,
     build_offer,
-    parse_sdp,
 )
 from activecall.rtp.srtp import AES_CM_128_HMAC_SHA1_32, AES_CM_128_HMAC_SHA1_80, generate_crypto
+from activecall.sip.sdp import RtpMap, SdpParseError, parse_sdp
 
 PREFS = ("pcmu", "pcma", "g722", "g729", "opus", "telephone_event")
 
@@ -47,35 +47,54 @@ def _crypto(tag: int = 1, suite: str = AES_CM_128_HMAC_SHA1_80, seed: int = 1):
 
 
 class ParseTests(SynchronousTestCase):
-    """The minimal SDP reader."""
+    """Reading offers through the project's SDP model (activecall.sip.sdp)."""
 
-    def test_parses_phone_offer(self) -> None:
-        """Origin, connection, formats, rtpmap, fmtp, ptime and direction are read."""
+    def test_sdp_error_is_the_sdp_models_error(self) -> None:
+        """SdpError is sdp.py's SdpParseError, a ValueError, so one except clause catches both."""
+        self.assertIs(SdpError, SdpParseError)
+        self.assertTrue(issubclass(SdpError, ValueError))
+
+    def test_phone_offer_as_negotiation_reads_it(self) -> None:
+        """The model gives negotiation the origin, connection, formats, rtpmap, fmtp, ptime and direction."""
         sd = parse_sdp(PHONE_OFFER)
-        self.assertEqual((sd.session_id, sd.session_version), (123, 456))
-        self.assertEqual(sd.connection, "192.0.2.10")
+        self.assertEqual((sd.origin.session_id, sd.origin.session_version), ("123", 456))
+        assert sd.connection is not None
+        self.assertEqual(sd.connection.host, "192.0.2.10")
         m = sd.media[0]
-        self.assertEqual(m.payload_types(), [9, 8, 96, 18])
-        self.assertEqual(m.encoding(0), ("pcmu", 8000, 1))  # static, even unlisted
-        self.assertEqual(m.encoding(96), ("telephone-event", 8000, 1))
-        self.assertEqual(m.fmtp[96], "0-15")
-        self.assertEqual((m.ptime_ms, m.direction), (30, "sendrecv"))
+        self.assertEqual(m.payload_types, [9, 8, 96, 18])
+        self.assertEqual(m.rtpmaps()[9], RtpMap("G722", 8000, 1))
+        self.assertEqual(m.rtpmaps()[96], RtpMap("telephone-event", 8000, 1))
+        self.assertEqual(m.fmtps()[96], "0-15")
+        self.assertEqual((m.ptime_ms, sd.direction(m)), (30, "sendrecv"))
+
+    def test_static_payload_type_without_rtpmap(self) -> None:
+        """A static payload type with no a=rtpmap is still negotiated (PCMU as 0)."""
+        _, neg = answer_offer(_offer("m=audio 5000 RTP/AVP 0\r\n"), PREFS, "10.0.0.1", 12000, session_id=1)
+        self.assertEqual((neg.codec, neg.payload_type), ("pcmu", 0))
 
     def test_lf_line_endings_and_bytes(self) -> None:
-        """Bare LF line endings and bytes input parse the same."""
-        sd = parse_sdp(PHONE_OFFER.replace("\r\n", "\n").encode())
-        self.assertEqual(sd.media[0].port, 40000)
+        """Bare LF line endings and bytes input negotiate the same as CRLF text."""
+        _, neg = answer_offer(PHONE_OFFER.replace("\r\n", "\n").encode(), PREFS, "10.0.0.1", 12000, session_id=1)
+        self.assertEqual((neg.remote_port, neg.codec), (40000, "pcma"))
 
     def test_rejects_garbage(self) -> None:
-        """A body that is not SDP raises SdpError."""
+        """A body that is not SDP makes answer_offer raise SdpError."""
         for bad in ("hello", "v=0\r\nm=audio x RTP/AVP 0\r\n", "o=- 1 1 IN IP4 x\r\n", "v=0\r\nc=IN XX 1\r\n"):
             with self.subTest(bad=bad):
-                self.assertRaises(SdpError, parse_sdp, bad)
+                self.assertRaises(SdpError, answer_offer, bad, PREFS, "10.0.0.1", 12000, session_id=1)
+
+    def test_non_ip_connection_address(self) -> None:
+        """A well-formed offer whose c= is not an IP4/IP6 address cannot be answered."""
+        offer = "v=0\r\no=- 1 1 IN IP4 1.2.3.4\r\ns=-\r\nc=IN XX 1\r\nt=0 0\r\nm=audio 5000 RTP/AVP 0\r\n"
+        self.assertRaises(NegotiationError, answer_offer, offer, PREFS, "10.0.0.1", 12000, session_id=1)
 
     def test_rtcp_attribute(self) -> None:
-        """a=rtcp gives the RTCP port and address."""
-        sd = parse_sdp(_offer("m=audio 5000 RTP/AVP 0\r\na=rtcp:6001 IN IP4 192.0.2.9\r\n"))
-        self.assertEqual((sd.media[0].rtcp_port, sd.media[0].rtcp_address), (6001, "192.0.2.9"))
+        """a=rtcp gives the RTCP port and address the leg sends RTCP to."""
+        offer = _offer("m=audio 5000 RTP/AVP 0\r\na=rtcp:6001 IN IP4 192.0.2.9\r\n")
+        _, neg = answer_offer(offer, PREFS, "10.0.0.1", 12000, session_id=1)
+        self.assertEqual((neg.remote_rtcp_port, neg.remote_rtcp_address), (6001, "192.0.2.9"))
+        _, neg = answer_offer(_offer("m=audio 5000 RTP/AVP 0\r\na=rtcp:6001\r\n"), PREFS, "10.0.0.1", 12000, session_id=1)
+        self.assertEqual((neg.remote_rtcp_port, neg.remote_rtcp_address), (6001, "192.0.2.1"))
 
     def test_pure_module(self) -> None:
         """Importing the module does not import the reactor."""
@@ -100,11 +119,11 @@ class AnswerTests(SynchronousTestCase):
         self.assertEqual(neg.direction, "sendrecv")
         self.assertFalse(neg.srtp)
         ans = parse_sdp(text)
-        self.assertEqual(ans.connection, "198.51.100.7")
+        self.assertEqual(ans.connection.host if ans.connection else None, "198.51.100.7")
         m = ans.media[0]
-        self.assertEqual((m.port, m.proto, m.payload_types()), (12000, "RTP/AVP", [8, 96]))
-        self.assertEqual(m.fmtp[96], "0-15")
-        self.assertEqual((m.ptime_ms, m.rtcp_port, m.direction), (20, 12001, "sendrecv"))
+        self.assertEqual((m.port, m.proto, m.payload_types), (12000, "RTP/AVP", [8, 96]))
+        self.assertEqual(m.fmtps()[96], "0-15")
+        self.assertEqual((m.ptime_ms, m.rtcp_port, ans.direction(m)), (20, 12001, "sendrecv"))
 
     def test_preference_order_follows_config(self) -> None:
         """A config listing g722 first picks G.722 (RTP clock 8000)."""
@@ -115,7 +134,7 @@ class AnswerTests(SynchronousTestCase):
         """Without telephone_event in our list the answer omits it (in-band DTMF then)."""
         text, neg = answer_offer(PHONE_OFFER, ("pcma",), "198.51.100.7", 12000, session_id=9)
         self.assertIsNone(neg.telephone_event_pt)
-        self.assertEqual(parse_sdp(text).media[0].payload_types(), [8])
+        self.assertEqual(parse_sdp(text).media[0].payload_types, [8])
 
     def test_opus_keeps_dynamic_numbers_and_te48000(self) -> None:
         """Opus and telephone-event/48000 keep the peer's payload numbers; fmtp is mirrored."""
@@ -127,9 +146,9 @@ class AnswerTests(SynchronousTestCase):
         text, neg = answer_offer(offer, ("opus", "pcmu", "telephone_event"), "10.0.0.1", 12000, session_id=1)
         self.assertEqual((neg.codec, neg.payload_type, neg.clock_rate_hz, neg.telephone_event_pt), ("opus", 109, 48000, 101))
         m = parse_sdp(text).media[0]
-        self.assertEqual(m.payload_types(), [109, 101])
-        self.assertEqual(m.encoding(109), ("opus", 48000, 2))
-        self.assertIn("stereo=0", m.fmtp[109])
+        self.assertEqual(m.payload_types, [109, 101])
+        self.assertEqual(m.rtpmaps()[109], RtpMap("opus", 48000, 2))
+        self.assertIn("stereo=0", m.fmtps()[109])
         _, neg8 = answer_offer(offer, ("pcmu", "telephone_event"), "10.0.0.1", 12000, session_id=1)
         self.assertEqual((neg8.codec, neg8.telephone_event_pt), ("pcmu", 100))
 
@@ -164,7 +183,8 @@ class AnswerTests(SynchronousTestCase):
         self.assertEqual(neg.direction, "recvonly")
         self.assertFalse(neg.can_send)
         self.assertTrue(neg.can_receive)
-        self.assertEqual(parse_sdp(text).media[0].direction, "recvonly")
+        ans = parse_sdp(text)
+        self.assertEqual(ans.direction(ans.media[0]), "recvonly")
         old = "v=0\r\no=- 1 2 IN IP4 0.0.0.0\r\ns=-\r\nc=IN IP4 0.0.0.0\r\nt=0 0\r\nm=audio 5000 RTP/AVP 0\r\n"
         _, neg = answer_offer(old, PREFS, "10.0.0.1", 12000, session_id=1)
         self.assertTrue(neg.remote_hold)
@@ -193,7 +213,7 @@ class AnswerTests(SynchronousTestCase):
         self.assertEqual((neg.local_crypto.tag, neg.local_crypto.suite), (1, AES_CM_128_HMAC_SHA1_32))
         m = parse_sdp(text).media[0]
         self.assertEqual(m.proto, "RTP/SAVP")
-        self.assertEqual(m.crypto, [neg.local_crypto.encode()])
+        self.assertEqual([str(c) for c in m.crypto()], [neg.local_crypto.encode()])
 
     def test_srtp_offer_without_usable_crypto_fails(self) -> None:
         """RTP/SAVP with an unknown suite only cannot be answered."""
@@ -238,19 +258,20 @@ class OfferTests(SynchronousTestCase):
         """The offer lists PCMU, PCMA, G722, opus/48000/2, and telephone-event at 8000 and 48000; g729 is skipped."""
         offer = build_offer(PREFS, "203.0.113.5", 20000, session_id=77)
         sd = parse_sdp(offer.sdp)
-        self.assertEqual(sd.connection, "203.0.113.5")
+        assert sd.connection is not None
+        self.assertEqual(sd.connection.host, "203.0.113.5")
         m = sd.media[0]
-        self.assertEqual(m.payload_types(), [0, 8, 9, 111, 101, 110])
-        self.assertEqual(m.encoding(111), ("opus", 48000, 2))
-        self.assertEqual(m.encoding(110), ("telephone-event", 48000, 1))
-        self.assertEqual((m.ptime_ms, m.rtcp_port, m.direction, m.proto), (20, 20001, "sendrecv", "RTP/AVP"))
+        self.assertEqual(m.payload_types, [0, 8, 9, 111, 101, 110])
+        self.assertEqual(m.rtpmaps()[111], RtpMap("opus", 48000, 2))
+        self.assertEqual(m.rtpmaps()[110], RtpMap("telephone-event", 48000, 1))
+        self.assertEqual((m.ptime_ms, m.rtcp_port, sd.direction(m), m.proto), (20, 20001, "sendrecv", "RTP/AVP"))
 
     def test_offer_srtp_and_mux(self) -> None:
         """With crypto the offer is RTP/SAVP with a=crypto, and rtcp-mux replaces a=rtcp."""
         c = _crypto()
         offer = build_offer(("pcmu",), "10.0.0.1", 20000, session_id=1, crypto=[c], rtcp_mux=True)
         m = parse_sdp(offer.sdp).media[0]
-        self.assertEqual((m.proto, m.crypto, m.rtcp_mux, m.rtcp_port), ("RTP/SAVP", [c.encode()], True, None))
+        self.assertEqual((m.proto, [str(x) for x in m.crypto()], m.rtcp_mux, m.rtcp_port), ("RTP/SAVP", [c.encode()], True, None))
 
     def test_offer_answer_round_trip(self) -> None:
         """Our offer answered by our answerer gives matching negotiated streams on both sides."""
