@@ -72,6 +72,25 @@ class Options(usage.Options):
             raise SystemExit(f"activecall: configuration error: {e}")
 
 
+class SequentialService(service.MultiService):
+    """Stops its children in reverse order, each after the previous one finished.
+
+    Registration must finish its un-REGISTER before the SIP listeners close,
+    or the registrar's answers are lost.
+    """
+
+    def stopService(self) -> Any:
+        from twisted.internet.defer import Deferred, maybeDeferred
+
+        service.Service.stopService(self)
+
+        async def stop_in_order() -> None:
+            for child in reversed(list(self)):
+                await maybeDeferred(child.stopService)
+
+        return Deferred.fromCoroutine(stop_in_order())
+
+
 class ActivecallService(service.MultiService):
     """The daemon: HTTP/WebSocket now; SIP, RTP and registration join as they land.
 
@@ -116,6 +135,10 @@ def makeService(options: Options) -> service.IService:
     from twisted.internet.defer import Deferred
 
     from activecall.call.services import CallServices
+    from activecall.handlers.router import UnavailableInboundHandler
+    from activecall.sip.registration import RegistrationService, fixed_retry
+    from activecall.sip.security import SipGuard, Verdict
+    from activecall.sip.service import build_sip_service
     from activecall.call.tts import precache
     from activecall.call.session import SessionManager
     from activecall.ids import SystemIds
@@ -168,9 +191,22 @@ def makeService(options: Options) -> service.IService:
         environ=os.environ,
     )
     sessions = SessionManager(services)
+
+    sip_group = SequentialService()
+    sip_group.setServiceParent(top)
+    guard = SipGuard.from_config(config.sip_acl, config.sip_rate_limit)
+    handler = UnavailableInboundHandler() if config.handler is not None else None
+    sip = build_sip_service(config, reactor, services.ids, handler,
+                            admit=lambda ip, now: guard.admit(ip, now) is Verdict.ADMIT)
+    sip.setServiceParent(sip_group)
+    registrations = RegistrationService(
+        sip.user_agent, config.register_users, reactor, services.ids,
+        retry=fixed_retry(jitter=lambda: services.ids.bits(12) / 4096 * 5.0),
+        stop_timeout_s=min(5.0, float(config.graceful_shutdown_timeout)), user_agent=config.useragent)
+    registrations.setServiceParent(sip_group)
     resource = ApiResource(sessions, reactor, config.ice_servers,
                            precache=lambda command: Deferred.fromCoroutine(precache(services, command)),
-                           gzip=config.http_gzip)
+                           gzip=config.http_gzip, registrations=registrations.registrations_json)
     site = ActivecallSite(resource, config.http_access_skip_paths)
     WebService(resource).setServiceParent(top)
     internet.TCPServer(config.http_port, site, interface=config.http_host).setServiceParent(top)

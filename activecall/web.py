@@ -100,8 +100,10 @@ class ApiResource(Resource):
     _log = Logger()
 
     def __init__(self, sessions: Any, clock: IReactorTime, ice_servers: Sequence[Any],
-                 precache: Optional[Callable[[Any], Deferred[dict[str, Any]]]] = None, gzip: bool = False) -> None:
+                 precache: Optional[Callable[[Any], Deferred[dict[str, Any]]]] = None, gzip: bool = False,
+                 registrations: Optional[Callable[[], Any]] = None) -> None:
         super().__init__()
+        self._registrations = registrations
         self._gzip = gzip
         self._sessions = sessions
         self._precache = precache
@@ -152,6 +154,8 @@ class ApiResource(Resource):
             return self._precache_route(request)
         if parts[:2] == ["api", "playbooks"] and len(parts) <= 3:
             return self._playbooks(request, method, parts[2] if len(parts) == 3 else None)
+        if parts == ["registrations"] and method == "GET" and self._registrations is not None:
+            return _json(request, self._registrations())
         if parts == ["health"] and method == "GET":
             return _json(request, {"status": "ok"})
         return _text(request, "Not Found", 404)

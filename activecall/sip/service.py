@@ -18,7 +18,7 @@ import ipaddress
 import re
 import socket
 import struct
-from typing import Any
+from typing import Any, Callable
 
 from twisted.application.service import Service
 from twisted.internet.interfaces import IListeningPort
@@ -134,7 +134,8 @@ class SipService(Service):
 
 def build_sip_service(config: Any, reactor: Any, ids: Any, handler: object | None, *,
                       client_tls: Any = None, timers: TimerConfig | None = None,
-                      tcp_port: int | None = None) -> SipService:
+                      tcp_port: int | None = None,
+                      admit: Callable[[str, float], bool] | None = None) -> SipService:
     """The SIP service for ``config`` (an ``activecall.config.Config``).
 
     TLS files are loaded here so that a bad certificate fails at start-up.
@@ -152,7 +153,7 @@ def build_sip_service(config: Any, reactor: Any, ids: Any, handler: object | Non
         if not config.tls_cert_file or not config.tls_key_file:
             raise ValueError("tls_port needs tls_cert_file and tls_key_file")
         tls_options = load_server_tls(config.tls_cert_file, config.tls_key_file)
-    stack = SipStack(reactor, ids, client_tls=client_tls, timers=timers)
+    stack = SipStack(reactor, ids, client_tls=client_tls, timers=timers, admit=admit)
     ua = SipUserAgent(
         stack, ids=ids, handler=handler, useragent=config.useragent,
         external_ip=config.external_ip, auto_learn_public_address=config.auto_learn_public_address,

@@ -67,6 +67,7 @@ class Daemon(ProcessProtocol):
         self.exit_code: Optional[int] = None
         self._waiters = _Waiters()
         self.http_port = 0
+        self.sip_port = 0
         self._reaper: Optional[task.LoopingCall] = None
 
     def connectionMade(self) -> None:
@@ -177,6 +178,7 @@ def start_daemon(workdir: str, config: str, extra_args: tuple[str, ...] = (), re
         f.write(config.format(http_port=http_port, sip_port=sip_port, workdir=workdir))
     daemon = spawn_daemon(workdir, ["--conf", path, *extra_args])
     daemon.http_port = http_port
+    daemon.sip_port = sip_port
     d = daemon.wait_output(ready_text) if ready_text else wait_port(http_port)
 
     def failed(f: Any) -> Any:
