@@ -42,7 +42,7 @@ from activecall.media._audioop import audioop
 from activecall.media.clock import MediaClock
 from activecall.media.negotiation import NegotiatedMedia, NegotiationError, SdpError, answer_offer
 from activecall.media.recorder import WavRecorder
-from activecall.media.rtpleg import FRAME_BYTES, MEDIA_RATE_HZ, RtpLeg, RtpMediaEngine
+from activecall.media.rtpleg import MEDIA_RATE_HZ, RtpLeg, RtpMediaEngine
 from activecall.rtp.srtp import generate_crypto
 from activecall.rtp.transport import RtpEndpoint, RtpPortAllocator
 from activecall.sip.useragent import ICallHandler, InboundCall
@@ -57,11 +57,13 @@ __all__ = [
     "free_tcp_port",
     "until",
     "tone",
+    "RtpStream",
     "write_rtp_pcap",
     "g711_rtp_packets",
     "dtmf_rtp_packets",
     "read_wav",
     "dominant_hz",
+    "rms",
     "soxi",
     "assert_near",
 ]

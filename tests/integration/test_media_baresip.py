@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import wave
 from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -152,8 +153,6 @@ class BaresipTests(TestCase):
         os.makedirs(confdir)
         os.makedirs(snd_dir)
         source = os.path.join(self.workdir, "caller.wav")
-        import wave
-
         with wave.open(source, "wb") as w:
             w.setnchannels(1)
             w.setsampwidth(2)
@@ -165,6 +164,7 @@ class BaresipTests(TestCase):
             ctrl_port = free_tcp_port()
         self.ctrl_port = ctrl_port
         write_baresip_config(confdir, sip_port=sip_port, ctrl_port=ctrl_port, source_wav=source, snd_dir=snd_dir)
+        assert BARESIP is not None
         proto, _ = spawn_peer(self.reactor, [BARESIP, "-f", confdir, "-v"], self.workdir, self.addCleanup)
         return proto, snd_dir
 

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import tempfile
 from typing import Any
 
+import numpy as np
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SkipTest, TestCase
 
@@ -90,6 +92,7 @@ class SippPcapTests(TestCase):
         """A pcap-played PCMA call records 2×16 kHz for the call's length with the caller tone left and each digit once."""
         pcap_s = caller_pcap(os.path.join(self.workdir, "caller.pcap"))
         self.assertLess(pcap_s, CALL_MS / 1000 - 0.5, "the pcap must end before the BYE")
+        assert SIPP is not None
         argv = [SIPP, "-sf", os.path.join(FIXTURES, "uac_play_pcap.xml"), f"127.0.0.1:{self.service.port('udp')}",
                 "-i", "127.0.0.1", "-p", str(free_udp_port()), "-mp", str(free_udp_port() & ~1),
                 "-s", "agent", "-d", str(CALL_MS), "-m", "1", "-timeout", "30", "-timeout_error",
@@ -129,10 +132,38 @@ class SippPcapTests(TestCase):
         assert_near(self, audible_s, 2.5, 0.3)
         assert_near(self, dominant_hz(right[rate:2 * rate], rate), AGENT_HZ, 20)
 
+    @inlineCallbacks
+    def test_shipped_sample_pcaps(self) -> Any:
+        """SIPp's own g711a.pcap (30 ms PCMA) then dtmf_2833_1.pcap (a new SSRC) give a non-silent recording and one "1"."""
+        samples_dir = "/usr/share/sip-tester"
+        if not all(os.path.exists(os.path.join(samples_dir, n)) for n in ("g711a.pcap", "dtmf_2833_1.pcap")):
+            raise SkipTest("SIPp's sample pcaps are not installed")
+        assert SIPP is not None
+        argv = [SIPP, "-sf", os.path.join(FIXTURES, "uac_play_shipped_pcaps.xml"),
+                f"127.0.0.1:{self.service.port('udp')}", "-i", "127.0.0.1", "-p", str(free_udp_port()),
+                "-mp", str(free_udp_port() & ~1), "-s", "agent", "-m", "1", "-timeout", "30", "-timeout_error",
+                "-nostdin", "-trace_err"]
+        proto, _ = spawn_peer(self.reactor, argv, self.workdir, self.addCleanup)
+        media = yield self.handler.next_call()
+        code = yield proto.ended
+        self.assertEqual(code, 0, proto.text())
+        result = yield media.ended
+        self.assertEqual(result.end_reason, "bye-received")
+        self.assertEqual(result.digits, ["1"])
+        # 236 audio packets of 30 ms: all received; the 10 event packets come from another SSRC.
+        self.assertGreaterEqual(result.leg_stats["rx_audio_packets"], 230)
+        info = yield soxi(result.recording)
+        self.assertEqual((info["channels"], info["rate_hz"]), (2, 16000))
+        assert_near(self, info["duration_s"], 8.0, 0.8, "recording length (the scenario's 8 s call)")
+        assert_near(self, info["duration_s"], result.call_s, 0.1 * result.call_s, "recording length")
+        samples, rate = read_wav(result.recording)
+        left = samples[:, 0]
+        loud_s = sum(1 for i in range(0, len(left) - 320, 320) if rms(left[i:i + 320]) > 300) * 320 / rate
+        # g711a.pcap is 7 s of sound; allow for its pauses.
+        self.assertGreater(loud_s, 3.0, "the left channel is mostly silent")
+
     def test_pcap_writer_round_trip(self) -> None:
         """The generated pcap has a valid global header, one record per packet and PCMA payloads that decode to the tone."""
-        import struct
-
         path = os.path.join(self.workdir, "check.pcap")
         stream = RtpStream()
         packets = g711_rtp_packets(stream, tone(CALLER_HZ, 0.2, 8000)) + dtmf_rtp_packets(stream, "5")
@@ -152,7 +183,5 @@ class SippPcapTests(TestCase):
         self.assertEqual(payloads[0][1] & 0x7F, 8)
         self.assertEqual(payloads[-1][1] & 0x7F, 101)
         self.assertTrue(payloads[-1][13] & 0x80, "the last event packet has the E bit")
-        import numpy as np
-
         pcm = np.frombuffer(audioop.alaw2lin(b"".join(p[12:] for p in payloads[:10]), 2), dtype="<i2")
         assert_near(self, dominant_hz(pcm, 8000), CALLER_HZ, 40)
