@@ -29,6 +29,10 @@ class IdSource:
         """Return a random non-negative integer of ``k`` bits."""
         return self._rng.getrandbits(k)
 
+    def getrandbits(self, k: int) -> int:
+        """The :class:`RandomBits` protocol, so an IdSource can seed RTP and SRTP state too."""
+        return self._rng.getrandbits(k)
+
     def uuid4(self) -> str:
         """Return a random (version 4) UUID in canonical text form."""
         return str(uuid.UUID(int=self._rng.getrandbits(128), version=4))

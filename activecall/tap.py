@@ -138,7 +138,10 @@ def makeService(options: Options) -> service.IService:
     from activecall.handlers.router import UnavailableInboundHandler
     from activecall.sip.registration import RegistrationService, fixed_retry
     from activecall.sip.security import SipGuard, Verdict
-    from activecall.sip.service import build_sip_service
+    from activecall.call.sipleg import SipMedia
+    from activecall.media.rtpleg import RtpMediaEngine
+    from activecall.rtp.transport import RtpPortAllocator
+    from activecall.sip.service import build_sip_service, first_interface_address
     from activecall.call.tts import precache
     from activecall.call.session import SessionManager
     from activecall.ids import SystemIds
@@ -204,6 +207,14 @@ def makeService(options: Options) -> service.IService:
         retry=fixed_retry(jitter=lambda: services.ids.bits(12) / 4096 * 5.0),
         stop_timeout_s=min(5.0, float(config.graceful_shutdown_timeout)), user_agent=config.useragent)
     registrations.setServiceParent(sip_group)
+    advertise_ip = config.external_ip or (
+        config.addr if config.addr not in ("", "0.0.0.0", "::") else first_interface_address())
+    services.sip = SipMedia(
+        reactor=reactor, user_agent=sip.user_agent, engine=RtpMediaEngine(reactor, media_clock),
+        allocator=RtpPortAllocator(config.rtp_start_port, config.rtp_end_port),
+        codecs=config.codecs, advertise_ip=advertise_ip, bind_ip=config.rtp_bind_ip or "",
+        latching=config.enable_rtp_latching, enable_srtp=config.enable_srtp,
+        register_users=config.register_users)
     resource = ApiResource(sessions, reactor, config.ice_servers,
                            precache=lambda command: Deferred.fromCoroutine(precache(services, command)),
                            gzip=config.http_gzip, registrations=registrations.registrations_json)

@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from activecall.call.legs import WebSocketLeg
+from activecall.call.sipleg import OutboundSipLeg
 from activecall.call.playback import FilePlay, Sentence, SstSource, TtsPlay, split_sentences, strip_emoji
 from activecall.call.services import CallServices
 from activecall.clock import CallClock
@@ -31,6 +32,7 @@ from activecall.control.options import CallOption, SynthesisOption
 from activecall.media.mixer import apply_gain
 from activecall.media.resample import Resampler
 from activecall.call.tts import cache_key, create_synthesizer, synthesis_request
+from activecall.sip.useragent import CallRejected
 from activecall.speech.interfaces import UnknownProviderError
 
 # Events that count as "the user reacted" and cancel a pending waitInputTimeout.
@@ -85,7 +87,7 @@ class CallController:
         self.sid = session.sid
         self.sst = session.server_side_track
         self.option: Optional[CallOption] = None
-        self.leg: Optional[WebSocketLeg] = None
+        self.leg: Any = None  # WebSocketLeg or RtpLeg (ICallLeg)
         self.created_at = services.clock.seconds()
         self.answered_at: Optional[float] = None
         self.ended = False
@@ -101,6 +103,10 @@ class CallController:
         self._inactivity_timer: Any = None
         self._cmd_seq = 0
         self.recorder: Any = None
+        self._sip_leg: Optional[OutboundSipLeg] = None
+        self._pending_invite: Optional[Deferred[Any]] = None
+        self._sip_remote_ended = False
+        self._hangup_headers: dict[str, str] = {}
         self.recording_path: Optional[str] = None
         self._caller_to_rec: Optional[Resampler] = None
         self._agent_to_rec: Optional[Resampler] = None
@@ -133,20 +139,22 @@ class CallController:
 
     # -- call setup -----------------------------------------------------
 
-    def _cmd_invite(self, cmd: Any) -> None:
-        if self.leg is not None or self.answered_at is not None:
+    def _cmd_invite(self, cmd: Any) -> Optional[Deferred[None]]:
+        if self.leg is not None or self.answered_at is not None or self._sip_leg is not None:
             self.error(f"{type(cmd).name} not allowed: the call is already started")
-            return
+            return None
         option: CallOption = cmd.option
         if self.option is not None:
             option = option.merged_over(self.option)
         self.option = option
+        if self._session.call_type == "sip" and self._services.sip is not None:
+            return Deferred.fromCoroutine(self._invite_sip(cmd, option))
         if self._session.call_type != "webSocket":
-            # SIP and WebRTC legs are built by their own layers; until those are
-            # wired in, say so instead of pretending the call connected.
+            # WebRTC legs are built by their own layer; until it is wired in, say so
+            # instead of pretending the call connected.
             self.error(f"{self._session.call_type} calls are not supported by this daemon yet", sender="invite")
             self.hangup("failed", "system")
-            return
+            return None
         self.leg = WebSocketLeg(option.codec, option.sample_rate, self._services.ids.ssrc(), self._session.send_audio)
         self.emit(ev.TrackStartEvent(track_id=self.sid, timestamp=self.now_ms()))
         self.answered_at = self._services.clock.seconds()
@@ -160,8 +168,73 @@ class CallController:
         self._early_audio_bytes = 0
         for chunk in early:
             self.caller_audio(chunk)
+        return None
 
     _cmd_start = _cmd_invite
+
+    async def _invite_sip(self, cmd: Any, option: CallOption) -> None:
+        """Outbound SIP (protocol.md §5.1): trackStart, INVITE, ringing*, then answer or reject."""
+        if not option.callee:
+            self.error("missing field invite.option.callee", sender="invite")
+            self.hangup("failed", "system")
+            return
+        leg = OutboundSipLeg(self._services.sip, option, self.sid, self._services.ids, self._services.clock)
+        self._sip_leg = leg
+        try:
+            invite = leg.start(self._on_provisional)
+        except Exception as e:  # bad URI, no ports, no listener for the transport
+            leg.release()
+            self._sip_leg = None
+            self.error(f"invite failed: {e}", sender="invite")
+            self.hangup("failed", "system")
+            return
+        self._pending_invite = invite
+        self.emit(ev.TrackStartEvent(track_id=self.sid, timestamp=self.now_ms()))
+        try:
+            call = await invite
+        except CallRejected as e:
+            self._pending_invite = None
+            leg.release()
+            self.emit(ev.RejectEvent(track_id=self.sid, timestamp=self.now_ms(), reason=e.reason, code=e.status, refer=False))
+            self.error(f"invite rejected: {e.status} {e.reason}", sender="invite")
+            self.hangup("byCallee", "callee")
+            return
+        except CancelledError:
+            leg.release()  # hangup while ringing: the UA sent CANCEL
+            return
+        self._pending_invite = None
+        if self.ended:
+            call.bye()
+            leg.release()
+            return
+        try:
+            self.leg = leg.on_answer(call, on_audio=self._caller_pcm, on_dtmf=self._on_dtmf, on_media_ready=self._on_media_ready)
+        except ValueError as e:  # the answer's SDP does not fit our offer
+            self.error(f"invite failed: {e}", sender="invite")
+            leg.release()
+            call.bye()
+            self.hangup("failed", "system")
+            return
+        call.listener = _SipListener(self)
+        self.answered_at = self._services.clock.seconds()
+        self.emit(ev.AnswerEvent(track_id=self.sid, timestamp=self.now_ms(), sdp=call.remote_sdp.decode("utf-8", "replace"), refer=False))
+        self._report_unavailable_processors(option, sender=type(cmd).name)
+        self._start_recording(option)
+
+    def _on_provisional(self, response: Any) -> None:
+        if response.status > 100:
+            self.emit(ev.RingingEvent(track_id=self.sid, timestamp=self.now_ms(), early_media=bool(response.body), refer=False))
+
+    def _on_dtmf(self, digit: str) -> None:
+        self.emit(ev.DtmfEvent(track_id=self.sid, timestamp=self.now_ms(), digit=digit))
+
+    def _on_media_ready(self) -> None:
+        self.emit(ev.MediaReadyEvent(track_id=self.sid, timestamp=self.now_ms()))
+
+    def remote_hangup(self) -> None:
+        """The far end sent BYE."""
+        self._sip_remote_ended = True
+        self.hangup("byCallee", "callee")
 
     def _start_recording(self, option: CallOption) -> None:
         services = self._services
@@ -234,7 +307,10 @@ class CallController:
                 self._early_audio_bytes += len(payload)
             return
         self._last_caller_audio_at = self._services.clock.seconds()
-        pcm = self.leg.decode_caller_audio(payload)
+        self._caller_pcm(self.leg.decode_caller_audio(payload))
+
+    def _caller_pcm(self, pcm: bytes) -> None:
+        """Decoded caller audio at the leg's media rate (any length)."""
         if self._mute_caller:
             pcm = bytes(len(pcm))
         if self.recorder is not None:
@@ -542,6 +618,7 @@ class CallController:
     # -- ending -----------------------------------------------------------
 
     def _cmd_hangup(self, cmd: Any) -> None:
+        self._hangup_headers = dict(cmd.headers or {})
         self.hangup(cmd.reason or "byClient", cmd.initiator or "client")
 
     def hangup(self, reason: str, initiator: str) -> None:
@@ -556,10 +633,22 @@ class CallController:
         if self.recorder is not None:
             self.recorder.close().addErrback(lambda f: self._log.failure("recording {path} failed", f, path=self.recording_path))
         now = self._services.clock.seconds()
-        if self.leg is not None:
+        if self._pending_invite is not None:
+            invite, self._pending_invite = self._pending_invite, None
+            invite.cancel()  # still ringing: CANCEL
+        sip_call = self._sip_leg.call if self._sip_leg is not None else None
+        if sip_call is not None and not self._sip_remote_ended and not sip_call.terminated:
+            headers = dict(self.option.sip.hangup_headers or {}) if self.option is not None and self.option.sip is not None else {}
+            headers.update(self._hangup_headers)
+            sip_call.bye(headers=list(headers.items())).addErrback(lambda f: self._log.failure("BYE failed", f))
+        if self.leg is not None or self._sip_leg is not None:
             duration_ms = int((now - self.answered_at) * 1000) if self.answered_at is not None else 0
-            self._session.emit(ev.TrackEndEvent(track_id=self.sid, timestamp=self.now_ms(), duration=duration_ms, ssrc=self.leg.ssrc))
-            self.leg.close()
+            ssrc = self.leg.ssrc if self.leg is not None else 0
+            self._session.emit(ev.TrackEndEvent(track_id=self.sid, timestamp=self.now_ms(), duration=duration_ms, ssrc=ssrc))
+        if self.leg is not None:
+            closing = self.leg.close()
+            if isinstance(closing, Deferred):
+                closing.addErrback(lambda f: self._log.failure("closing the media leg failed", f))
         option = self.option
         self._session.emit(ev.HangupEvent(
             track_id=self.sid,
@@ -730,3 +819,52 @@ class _SentenceSynthesis:
         if self._job.speaker:
             data["speaker"] = self._job.speaker
         self._c.emit(ev.MetricsEvent(timestamp=self._c.now_ms(), key=f"completed.tts.{self._job.provider}", duration=data["duration"], data=data))
+
+
+class _SipListener:
+    """In-dialog events of an outbound SIP call, turned into controller calls and events."""
+
+    def __init__(self, controller: CallController) -> None:
+        self._c = controller
+
+    def on_bye(self, request: Any) -> None:
+        self._c.remote_hangup()
+
+    def on_cancel(self) -> None:
+        """Only inbound calls can be cancelled."""
+
+    def on_reinvite(self, sdp: bytes) -> Optional[bytes]:
+        held = _is_hold(sdp)
+        c = self._c
+        c.emit(ev.HoldEvent(track_id=c.sid, timestamp=c.now_ms(), on_hold=held, refer=False))
+        return None  # the user agent answers with our SDP, direction mirrored
+
+    def on_info(self, request: Any) -> None:
+        body = request.body.decode("utf-8", "replace")
+        for line in body.splitlines():
+            if line.strip().lower().startswith("signal="):
+                digit = line.split("=", 1)[1].strip()[:1]
+                if digit:
+                    self._c._on_dtmf(digit)
+
+    def on_message(self, request: Any) -> None:
+        c = self._c
+        c.emit(ev.MessageEvent(track_id=c.sid, timestamp=c.now_ms(), body=request.body.decode("utf-8", "replace"),
+                               content_type=request.headers.first("Content-Type"), refer=False))
+
+    def on_refer(self, request: Any) -> None:
+        c = self._c
+        c.emit(ev.TransferRequestEvent(track_id=c.sid, timestamp=c.now_ms(), refer_to=request.headers.first("Refer-To") or "",
+                                       referred_by=request.headers.first("Referred-By"), refer=False))
+
+    def on_notify(self, request: Any) -> None:
+        """NOTIFYs for transfers we did not start carry nothing for the client."""
+
+    def on_terminated(self, reason: str) -> None:
+        if reason in ("bye-received", "ack-timeout", "timeout") and not self._c.ended:
+            self._c.remote_hangup()
+
+
+def _is_hold(sdp: bytes) -> bool:
+    text = sdp.decode("utf-8", "replace")
+    return "c=IN IP4 0.0.0.0" in text or "a=sendonly" in text or "a=inactive" in text

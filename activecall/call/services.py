@@ -33,5 +33,7 @@ class CallServices:
     # [recording] enabled + auto_start: record every call from answer.
     auto_record: bool = False
     recording_path: str = "./config/recorders"
+    # SIP user agent + RTP engine for /call/sip (activecall.call.sipleg.SipMedia); None: no SIP.
+    sip: Any = None
     models_dir: str = "./models"
     environ: Mapping[str, str] = field(default_factory=dict)

@@ -6,10 +6,13 @@ import os
 import shutil
 import socket
 
+from typing import Any
+
+from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
 
-from harness import BASE_CONFIG, free_port, http_client, start_daemon
+from harness import BASE_CONFIG, Daemon, connect, free_port, http_client, start_daemon
 
 SCENARIOS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sipp")
 
@@ -61,3 +64,69 @@ class DaemonSipTests(TestCase):
         registrations = await (await http_client().get(daemon.base_url + "/registrations")).json()
         self.assertEqual(registrations, [])
 
+
+
+class OutboundSipCallTests(TestCase):
+    """/call/sip invite places a real SIP call with RTP media (protocol.md §5.1)."""
+
+    timeout = 90
+
+    async def _setup(self, sipp_args: list[str]) -> tuple[Any, int, Any]:
+        if shutil.which("sipp") is None:
+            raise SkipTest("sipp (sip-tester) is not installed")
+        workdir = os.path.abspath(self.mktemp())
+        os.makedirs(workdir)
+        self.workdir = workdir
+        base = free_port(socket.SOCK_DGRAM) & ~1
+        config = f"rtp_start_port = {base + 1000 if base < 60000 else 20000}\nrtp_end_port = {base + 1100 if base < 60000 else 20100}\n"
+        daemon = await start_daemon(workdir, config + BASE_CONFIG)
+        self.addCleanup(daemon.stop)
+        sipp_port = free_port(socket.SOCK_DGRAM)
+        sipp = Daemon()
+        argv = ["sipp", *sipp_args, "-p", str(sipp_port), "-i", "127.0.0.1",
+                "-mp", str(free_port(socket.SOCK_DGRAM)), "-m", "1", "-nostdin", "-timeout", "60s"]
+        reactor.spawnProcess(sipp, shutil.which("sipp"), argv, env=dict(os.environ), path=workdir)
+        self.addCleanup(sipp.stop)
+        client = await connect(f"{daemon.ws_url}/call/sip?id=sip-e2e")
+        return daemon, sipp_port, (client, sipp)
+
+    async def test_call_answered_tts_over_rtp_echoed_back_then_bye(self) -> None:
+        """SIPp UAS with RTP echo answers; TTS goes out as RTP, comes back (mediaReady, recording); hangup sends BYE."""
+        daemon, sipp_port, (client, sipp) = await self._setup(["-sn", "uas", "-rtp_echo"])
+        client.send({"command": "invite", "option": {
+            "callee": f"sip:agent@127.0.0.1:{sipp_port}", "caller": "sip:bot@127.0.0.1",
+            "tts": {"provider": "piper"}, "recorder": {}}})
+        await client.wait_event("trackStart", trackId="sip-e2e")
+        answer = await client.wait_event("answer", trackId="sip-e2e")
+        self.assertIn("m=audio", answer["sdp"])
+        self.assertIn("ringing", [e["event"] for e in client.events])
+        client.send({"command": "tts", "text": "Hello over the phone line.", "playId": "t", "endOfStream": True})
+        await client.wait_event("trackEnd", trackId="server-side-track", playId="t")
+        await client.wait_event("mediaReady", trackId="sip-e2e")
+        client.send({"command": "hangup"})
+        hangup = await client.wait_event("hangup", trackId="sip-e2e")
+        self.assertEqual(hangup["reason"], "byClient")
+        await client.wait_closed()
+        (code,) = await sipp.wait_exit()
+        self.assertEqual(code, 0, sipp.output[-2000:])
+        await daemon.stop()
+        import numpy as np
+        import wave
+
+        with wave.open(os.path.join(self.workdir, "recorders", "sip-e2e.wav")) as w:
+            frames = np.frombuffer(w.readframes(w.getnframes()), "<i2").reshape(-1, 2)
+        self.assertGreater(np.abs(frames[:, 1]).max(), 1000, "our TTS on the right")
+        self.assertGreater(np.abs(frames[:, 0]).max(), 1000, "the echo of it came back on the left")
+
+    async def test_busy_callee_is_a_reject(self) -> None:
+        """A 486 from the callee gives reject{code 486}, error{invite}, hangup{byCallee} and the socket closes."""
+        daemon, sipp_port, (client, sipp) = await self._setup(["-sf", os.path.join(SCENARIOS, "uas_486.xml")])
+        client.send({"command": "invite", "option": {"callee": f"sip:agent@127.0.0.1:{sipp_port}"}})
+        reject = await client.wait_event("reject", trackId="sip-e2e")
+        self.assertEqual((reject["code"], reject["reason"]), (486, "Busy Here"))
+        await client.wait_event("error", sender="invite")
+        hangup = await client.wait_event("hangup", trackId="sip-e2e")
+        self.assertEqual((hangup["reason"], hangup["initiator"]), ("byCallee", "callee"))
+        await client.wait_closed()
+        (code,) = await sipp.wait_exit()
+        self.assertEqual(code, 0, sipp.output[-2000:])

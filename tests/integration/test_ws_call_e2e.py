@@ -258,9 +258,17 @@ class WebSocketCallTests(TestCase):
             self.assertIn("session e2e-6 opened", f.read())
 
     async def test_sip_and_webrtc_endpoints_accept_sessions(self) -> None:
-        """/call/sip and /call/webrtc take connections; until their layers land, invite is an error, not a fake call."""
+        """/call/sip and /call/webrtc take connections; a WebRTC invite is an error until its layer lands."""
         daemon = await self._start()
-        for path, call_type in (("sip", "sip"), ("webrtc", "webrtc")):
+        client = await connect(f"{daemon.ws_url}/call/sip?id=x-sip-listed")
+        listing = await (await treq.get(daemon.base_url + "/list")).json()
+        self.assertIn({"id": "x-sip-listed", "callType": "sip", "cs.option": None, "ringTime": None, "startTime": None},
+                      listing["active_calls"])
+        client.send({"command": "invite", "option": {}})
+        error = await client.wait_event("error", sender="invite")
+        self.assertEqual(error["error"], "missing field invite.option.callee")
+        await client.wait_closed()
+        for path, call_type in (("webrtc", "webrtc"),):
             client = await connect(f"{daemon.ws_url}/call/{path}?id=x-{path}")
             listing = await (await treq.get(daemon.base_url + "/list")).json()
             self.assertIn({"id": f"x-{path}", "callType": call_type, "cs.option": None, "ringTime": None, "startTime": None}, listing["active_calls"])

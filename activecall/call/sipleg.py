@@ -1,0 +1,135 @@
+"""Outbound SIP legs for ``/call/sip``: SDP offer, INVITE through the user agent, RTP leg on answer.
+
+The controller keeps the call's logic; this module only joins the SIP user
+agent (signalling) and the RTP engine (media) for one outgoing call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+from twisted.internet.defer import Deferred
+
+from activecall.config import RegisterUser
+from activecall.control.options import CallOption
+from activecall.media.negotiation import LocalOffer, apply_answer, build_offer
+from activecall.media.rtpleg import RtpLeg, RtpMediaEngine
+from activecall.rtp.srtp import AES_CM_128_HMAC_SHA1_80, generate_crypto
+from activecall.rtp.transport import RtpEndpoint, RtpPortAllocator
+
+
+@dataclass
+class SipMedia:
+    """What outbound SIP calls need from the daemon (built by tap.py)."""
+
+    reactor: Any
+    user_agent: Any  # activecall.sip.useragent.SipUserAgent
+    engine: RtpMediaEngine
+    allocator: RtpPortAllocator
+    codecs: Sequence[str]
+    advertise_ip: str  # external_ip, else the SIP listener's address
+    bind_ip: str = ""
+    latching: bool = True
+    enable_srtp: bool = False
+    register_users: Sequence[RegisterUser] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class _Credentials:
+    username: str
+    password: str
+    realm: Optional[str] = None
+
+
+def caller_uri(option: CallOption) -> str:
+    """The From URI (protocol.md §4.1): ``sip:`` added; default from ``sip.username``."""
+    if option.caller:
+        return option.caller if option.caller.startswith(("sip:", "sips:")) else "sip:" + option.caller
+    sip = option.sip
+    if sip is not None and sip.username:
+        return f"sip:{sip.username}@{sip.realm or '127.0.0.1'}"
+    return "sip:active-call@127.0.0.1"
+
+
+def callee_uri(option: CallOption) -> str:
+    """The target URI with ``sip:`` added when missing."""
+    assert option.callee
+    return option.callee if option.callee.startswith(("sip:", "sips:", "tel:")) else "sip:" + option.callee
+
+
+def _host_of(uri: str) -> str:
+    rest = uri.split(":", 1)[1] if ":" in uri else uri
+    rest = rest.split("@", 1)[-1]
+    return rest.split(";", 1)[0].split(":", 1)[0].split(">", 1)[0].lower()
+
+
+def credentials_for(option: CallOption, register_users: Sequence[RegisterUser]) -> Optional[_Credentials]:
+    """Digest credentials: the option's ``sip``, else a ``[[register_users]]`` entry on the callee's host."""
+    sip = option.sip
+    if sip is not None:
+        if sip.username and sip.password is not None:
+            return _Credentials(sip.username, sip.password, sip.realm)
+        return None
+    host = _host_of(callee_uri(option))
+    for user in register_users:
+        if user.credential is not None and _host_of(user.server) == host:
+            c = user.credential
+            return _Credentials(c.username, c.password, c.realm)
+    return None
+
+
+class OutboundSipLeg:
+    """One outgoing call: RTP endpoint + offer, INVITE, then the RtpLeg on 2xx.
+
+    ``start()`` returns the INVITE's Deferred (cancel it to send CANCEL);
+    ``on_answer(call)`` turns the 2xx into the media leg.
+    """
+
+    def __init__(self, media: SipMedia, option: CallOption, call_id: str, rng: Any, clock: Any) -> None:
+        self._media = media
+        self._option = option
+        self._call_id = call_id
+        self._rng = rng
+        self._clock = clock
+        self.endpoint: Optional[RtpEndpoint] = None
+        self.offer: Optional[LocalOffer] = None
+        self.call: Any = None
+
+    def srtp(self) -> bool:
+        """Per-call ``sip.enable_srtp`` wins over the config's ``enable_srtp``."""
+        sip = self._option.sip
+        if sip is not None and sip.enable_srtp is not None:
+            return bool(sip.enable_srtp)
+        return self._media.enable_srtp
+
+    def start(self, on_provisional: Callable[[Any], None]) -> Deferred[Any]:
+        """Open the RTP ports, build the offer and send the INVITE."""
+        media = self._media
+        self.endpoint = RtpEndpoint(media.reactor, media.allocator, bind_ip=media.bind_ip, latching=media.latching)
+        port = self.endpoint.start()
+        crypto = [generate_crypto(1, AES_CM_128_HMAC_SHA1_80, self._rng)] if self.srtp() else []
+        self.offer = build_offer(media.codecs, media.advertise_ip, port,
+                                 session_id=self._rng.getrandbits(31), crypto=crypto)
+        sip = self._option.sip
+        headers = list((sip.headers or {}).items()) if sip is not None else []
+        contact = sip.contact if sip is not None and sip.contact else None
+        return media.user_agent.invite(
+            callee_uri(self._option), caller_uri(self._option), contact=contact, sdp=self.offer.sdp,
+            headers=headers, credentials=credentials_for(self._option, media.register_users),
+            call_id=self._call_id, on_provisional=on_provisional)
+
+    def on_answer(self, call: Any, *, on_audio: Callable[[bytes], None], on_dtmf: Callable[[str], None],
+                  on_media_ready: Callable[[], None]) -> RtpLeg:
+        """The callee answered: negotiate its SDP and start media (raises NegotiationError)."""
+        assert self.offer is not None and self.endpoint is not None
+        self.call = call
+        negotiated = apply_answer(self.offer, call.remote_sdp)
+        return RtpLeg(self._media.engine, self.endpoint, negotiated, clock=self._clock, rng=self._rng,
+                      on_audio=on_audio, on_dtmf=on_dtmf, on_media_ready=on_media_ready)
+
+    def release(self) -> None:
+        """The call never got media: give the RTP ports back."""
+        if self.endpoint is not None:
+            endpoint, self.endpoint = self.endpoint, None
+            endpoint.stop()
