@@ -10,7 +10,9 @@ RtpLeg, records both sides and echoes nothing: the agent plays 1 kHz.
 
 Checked: digits arrive exactly once each and in order; the recording is a
 2-channel 16 kHz WAV (``soxi``) as long as the call (±10 %); the left
-channel holds the caller's 500 Hz and the right our 1 kHz.
+channel holds the caller's 500 Hz and the right our 1 kHz.  A second test
+plays SIPp's own sample pcaps (``g711a.pcap`` with 30 ms packets, then
+``dtmf_2833_1.pcap`` from another SSRC) when the package ships them.
 """
 
 from __future__ import annotations
@@ -88,20 +90,25 @@ class SippPcapTests(TestCase):
         self.addCleanup(self.service.stopService)
 
     @inlineCallbacks
-    def test_pcap_audio_and_rfc4733_digits(self) -> Any:
-        """A pcap-played PCMA call records 2×16 kHz for the call's length with the caller tone left and each digit once."""
-        pcap_s = caller_pcap(os.path.join(self.workdir, "caller.pcap"))
-        self.assertLess(pcap_s, CALL_MS / 1000 - 0.5, "the pcap must end before the BYE")
+    def call_from_sipp(self, scenario: str, *extra: str) -> Any:
+        """Run one SIPp call with ``scenario`` (from media_fixtures/); check its exit code; return the CallResult."""
         assert SIPP is not None
-        argv = [SIPP, "-sf", os.path.join(FIXTURES, "uac_play_pcap.xml"), f"127.0.0.1:{self.service.port('udp')}",
+        argv = [SIPP, "-sf", os.path.join(FIXTURES, scenario), f"127.0.0.1:{self.service.port('udp')}",
                 "-i", "127.0.0.1", "-p", str(free_udp_port()), "-mp", str(free_udp_port() & ~1),
-                "-s", "agent", "-d", str(CALL_MS), "-m", "1", "-timeout", "30", "-timeout_error",
-                "-nostdin", "-trace_err"]
+                "-s", "agent", "-m", "1", "-timeout", "30", "-timeout_error", "-nostdin", "-trace_err", *extra]
         proto, _ = spawn_peer(self.reactor, argv, self.workdir, self.addCleanup)
         media = yield self.handler.next_call()
         code = yield proto.ended
         self.assertEqual(code, 0, proto.text())
         result = yield media.ended
+        return result
+
+    @inlineCallbacks
+    def test_pcap_audio_and_rfc4733_digits(self) -> Any:
+        """A pcap-played PCMA call records 2×16 kHz for the call's length with the caller tone left and each digit once."""
+        pcap_s = caller_pcap(os.path.join(self.workdir, "caller.pcap"))
+        self.assertLess(pcap_s, CALL_MS / 1000 - 0.5, "the pcap must end before the BYE")
+        result = yield self.call_from_sipp("uac_play_pcap.xml", "-d", str(CALL_MS))
 
         # Signalling and negotiation: plain RTP, PCMA, telephone-event 101; ended by SIPp's BYE.
         self.assertEqual(result.end_reason, "bye-received")
@@ -138,16 +145,7 @@ class SippPcapTests(TestCase):
         samples_dir = "/usr/share/sip-tester"
         if not all(os.path.exists(os.path.join(samples_dir, n)) for n in ("g711a.pcap", "dtmf_2833_1.pcap")):
             raise SkipTest("SIPp's sample pcaps are not installed")
-        assert SIPP is not None
-        argv = [SIPP, "-sf", os.path.join(FIXTURES, "uac_play_shipped_pcaps.xml"),
-                f"127.0.0.1:{self.service.port('udp')}", "-i", "127.0.0.1", "-p", str(free_udp_port()),
-                "-mp", str(free_udp_port() & ~1), "-s", "agent", "-m", "1", "-timeout", "30", "-timeout_error",
-                "-nostdin", "-trace_err"]
-        proto, _ = spawn_peer(self.reactor, argv, self.workdir, self.addCleanup)
-        media = yield self.handler.next_call()
-        code = yield proto.ended
-        self.assertEqual(code, 0, proto.text())
-        result = yield media.ended
+        result = yield self.call_from_sipp("uac_play_shipped_pcaps.xml")
         self.assertEqual(result.end_reason, "bye-received")
         self.assertEqual(result.digits, ["1"])
         # 236 audio packets of 30 ms: all received; the 10 event packets come from another SSRC.
