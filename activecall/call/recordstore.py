@@ -17,10 +17,13 @@ import secrets
 from datetime import tzinfo
 from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence
 
+import treq
+from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, DeferredSemaphore, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
 
 from activecall.call.record import record_file_path
 from activecall.config import CallRecordConfig
@@ -147,7 +150,7 @@ class HttpCallRecordStore:
         headers: Iterable[tuple[str, str]],
         with_media: bool,
         keep_media_copy: bool,
-        http_client: Any,
+        http_client: HTTPClient,
         run_blocking: RunBlocking,
         clock: IReactorTime,
         timeout_s: float = _HTTP_TIMEOUT_S,
@@ -178,18 +181,18 @@ class HttpCallRecordStore:
         body, sent, missing = await self._run_blocking(_multipart_body, boundary, _encode_record(record), media)
         for path in missing:
             self._log.warn("call record {call_id}: {path} is gone, not uploaded", call_id=record.get("callId"), path=path)
-        headers: dict[bytes, list[bytes]] = {}
-        for name, value in self._headers:
-            headers.setdefault(name.encode("latin-1"), []).append(value.encode("latin-1"))
+        headers = Headers()
+        for key, value in self._headers:
+            headers.addRawHeader(key, value)
         # Our boundary must win over any configured Content-Type.
-        for name in [n for n in headers if n.lower() == b"content-type"]:
-            del headers[name]
-        headers[b"Content-Type"] = [b"multipart/form-data; boundary=" + boundary.encode("ascii")]
+        headers.setRawHeaders(b"Content-Type", [b"multipart/form-data; boundary=" + boundary.encode("ascii")])
+        # treq only calls callLater on its "reactor" (for the timeout): the clock is enough.
+        reactor: Any = self._clock
         response = await self._http.post(
-            self._url, data=body, headers=headers, reactor=self._clock, timeout=self._timeout_s,
+            self._url, data=body, headers=headers, reactor=reactor, timeout=self._timeout_s,
         )
         # Read the body so the connection is released, whatever the status.
-        await self._http.content(response)
+        await treq.content(response)
         if not 200 <= response.code < 300:
             raise CallRecordUploadError(self._url, response.code)
         recordings = [path for name, path in sent if name.startswith("media_")]
@@ -326,7 +329,7 @@ def make_store(
     config: CallRecordConfig,
     *,
     run_blocking: RunBlocking,
-    http_client: Any,
+    http_client: HTTPClient,
     clock: IReactorTime,
     tz: Optional[tzinfo] = None,
 ) -> ICallRecordStore:
