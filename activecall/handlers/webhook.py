@@ -83,7 +83,7 @@ class WebhookError(Exception):
 class HttpClient(Protocol):
     """The part of :class:`treq.client.HTTPClient` (or ``treq.testing.StubTreq``) used here."""
 
-    def request(self, method: str, url: str, **kwargs: Any) -> Deferred[Any]:
+    def request(self, method: str, url: str, *, data: bytes, headers: Headers) -> Deferred[Any]:
         """Send one request; fire with a treq response (``code``, ``content()``)."""
 
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Any
+from typing import Any, cast
 
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.error import ConnectionRefusedError, DNSLookupError
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError, DNSLookupError
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseNeverReceived
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface.verify import verifyObject
@@ -18,6 +20,7 @@ from zope.interface.verify import verifyObject
 from activecall.config import WebhookHandlerConfig
 from activecall.handlers.pending import PendingCalls
 from activecall.handlers.webhook import (
+    HttpClient,
     WebhookCallHandler,
     WebhookError,
     WebhookNotifier,
@@ -80,7 +83,7 @@ class Hook(Resource):
             "host": host,
             "path": request.path.decode(),
             "headers": request.requestHeaders,
-            "body": request.content.read(),
+            "body": request.content.read() if request.content is not None else b"",
         })
         if self.hold:
             return NOT_DONE_YET
@@ -119,7 +122,7 @@ class NotifierTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.hook = Hook()
-        self.http = StubTreq(self.hook)
+        self.http = cast(HttpClient, StubTreq(self.hook))  # StubTreq builds its methods at run time
 
     def notifier(self, config: WebhookHandlerConfig, client: Any = None) -> WebhookNotifier:
         return WebhookNotifier(config, client or self.http, self.clock, timeout_s=10.0)
@@ -221,6 +224,16 @@ class NotifierTests(SynchronousTestCase):
         self.assertTrue(str(err).startswith("failed to send invite to webhook: ConnectionRefusedError"), err)
         self.assertNotIn("\n", str(err))
 
+    def test_lost_response_not_retried(self) -> None:
+        """A request that may have reached the server (no response received) is not sent to another URL."""
+        lost = ResponseNeverReceived([Failure(ConnectionLost("Connection lost"))])
+        client = Unreachable(self.http, {"a.example": lost})
+        n = self.notifier(webhook_config("a.example", "b.example"), client)
+        err = self.failureResultOf(n.notify({}), WebhookError).value
+        self.assertEqual(client.tried, ["a.example"])
+        self.assertTrue(str(err).startswith("failed to send invite to webhook: ResponseNeverReceived: "
+                                            "Connection to the other side was lost"), err)
+
     def test_synchronous_client_error(self) -> None:
         """A client that raises instead of returning a Deferred still yields WebhookError."""
 
@@ -280,7 +293,7 @@ class Harness:
         self.clock.advance(CREATED_AT)
         self.hook = Hook()
         self.notifier = notifier or WebhookNotifier(config or webhook_config("a.example"),
-                                                    StubTreq(self.hook), self.clock)
+                                                    cast(HttpClient, StubTreq(self.hook)), self.clock)
         self.pending = PendingCalls(self.clock, accept_timeout_s=60.0)
         self.handler = WebhookCallHandler(self.notifier, self.pending, self.clock)
         ids = IdSource(random.Random(7))
