@@ -1,0 +1,71 @@
+"""WebhookNotifier with a real treq client over real TCP sockets on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+from treq.client import HTTPClient
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from activecall.config import WebhookHandlerConfig
+from activecall.handlers.webhook import WebhookError, WebhookNotifier
+
+
+def _closed_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (bound, then released)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port: int = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class _Hook(Resource):
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bodies: list[bytes] = []
+
+    def render_POST(self, request: Request) -> bytes:
+        assert request.content is not None
+        self.bodies.append(request.content.read())
+        return b"ok"
+
+
+class RealSocketTests(TestCase):
+    """Connection refused is a transport error; the next URL is then tried."""
+
+    timeout = 20
+
+    def setUp(self) -> None:
+        self.hook = _Hook()
+        self.port = reactor.listenTCP(0, Site(self.hook), interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(self.port.stopListening)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.client = HTTPClient(Agent(reactor, pool=pool))
+        self.refused = f"http://127.0.0.1:{_closed_port()}/hook"
+        self.live = f"http://127.0.0.1:{self.port.getHost().port}/hook"
+
+    @inlineCallbacks
+    def test_connection_refused(self):  # type: ignore[no-untyped-def]
+        """A closed port errbacks WebhookError naming the refused connection."""
+        notifier = WebhookNotifier(WebhookHandlerConfig(urls=(self.refused,)), self.client, reactor)
+        with self.assertRaises(WebhookError) as caught:
+            yield notifier.notify({"event": "invite"})
+        self.assertIn("ConnectionRefusedError", str(caught.exception))
+        self.assertTrue(str(caught.exception).startswith("failed to send invite to webhook: "))
+
+    @inlineCallbacks
+    def test_refused_then_next_url(self):  # type: ignore[no-untyped-def]
+        """With the first URL refused, the same INVITE is delivered to the second one."""
+        notifier = WebhookNotifier(WebhookHandlerConfig(urls=(self.refused, self.live)), self.client, reactor)
+        result = yield notifier.notify({"event": "invite", "dialogId": "x"})
+        self.assertIsNone(result)
+        self.assertEqual([json.loads(b) for b in self.hook.bodies], [{"event": "invite", "dialogId": "x"}])
