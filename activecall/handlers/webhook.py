@@ -222,8 +222,9 @@ class WebhookNotifier:
 
     def _attempt(self, order: Sequence[str], index: int, body: bytes) -> Deferred[None]:
         url = order[index]
-        d: Deferred[Any] = maybeDeferred(self._client.request, self._method, url,
-                                         data=body, headers=self._headers())
+        # maybeDeferred: a bad header value or URL raising here must become a WebhookError too.
+        d: Deferred[Any] = maybeDeferred(
+            lambda: self._client.request(self._method, url, data=body, headers=self._headers()))
         # Agents report their own cancellation as ResponseNeverReceived, not CancelledError,
         # so mark every timeout explicitly rather than relying on addTimeout's translation.
         d.addTimeout(self._timeout_s, self._clock, onTimeoutCancel=_timed_out)
@@ -312,7 +313,7 @@ class WebhookCallHandler:
         call.listener = _PendingWatch(self._pending, dialog_id, call)
         self._log.info("inbound call {dialog_id} from {caller} to {callee}: notifying webhook",
                        dialog_id=dialog_id, caller=call.caller, callee=call.callee)
-        d = self._notifier.notify(payload)
+        d: Deferred[None] = maybeDeferred(self._notifier.notify, payload)
         d.addErrback(self._notify_failed, dialog_id, call)
 
     def _notify_failed(self, failure: Failure, dialog_id: str, call: object) -> None:

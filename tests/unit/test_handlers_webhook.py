@@ -170,10 +170,18 @@ class NotifierTests(SynchronousTestCase):
         self.assertEqual(err.status, 500)
         self.assertEqual(self.hook.hosts(), ["a.example"])
 
-    def test_redirect_status_is_not_success(self) -> None:
-        """A 3xx that is not followed (POST 302) is not a 2xx, so it fails."""
+    def test_client_error_status_fails(self) -> None:
+        """A 404 is not a 2xx, so it fails with the status in the text."""
         self.hook.codes["a.example"] = 404
-        self.failureResultOf(self.notifier(webhook_config("a.example")).notify({}), WebhookError)
+        err = self.failureResultOf(self.notifier(webhook_config("a.example")).notify({}), WebhookError).value
+        self.assertEqual(err.status, 404)
+
+    def test_unencodable_header_fails_cleanly(self) -> None:
+        """A configured header value that cannot go on the wire errbacks instead of raising."""
+        n = self.notifier(webhook_config("a.example", headers=(("X-Name", "caf\u00e9 \u2615"),)))
+        err = self.failureResultOf(n.notify({}), WebhookError).value
+        self.assertIn("UnicodeEncodeError", str(err))
+        self.assertEqual(self.hook.requests, [])
 
     def test_no_url(self) -> None:
         """Without url/urls every notification fails at once."""
@@ -436,6 +444,21 @@ class HandlerTests(SynchronousTestCase):
         waiting.errback(WebhookError("failed to send invite to webhook: HTTP 502"))
         self.assertEqual(harness.finals(), [])
         self.assertFalse(call.final_sent)
+
+    def test_notifier_raising_rejects_503(self) -> None:
+        """A notifier that raises synchronously still gets the INVITE rejected and the entry dropped."""
+
+        class Raising:
+            def notify(self, payload: dict[str, Any]) -> Deferred[None]:
+                raise RuntimeError("sync boom")
+
+        harness = Harness(self, notifier=Raising())
+        harness.feed(INVITE)
+        (final,) = harness.finals()
+        self.assertEqual((final.status, final.headers.get("Reason")), (503, "Failed to process invite: sync boom"))
+        self.assertEqual(len(harness.pending), 0)
+        self.assertEqual(harness.clock.getDelayedCalls(), [])
+        self.flushLoggedErrors(RuntimeError)
 
     def test_unexpected_notifier_error_rejects_503(self) -> None:
         """A non-WebhookError failure is logged and still turns into a 503."""
