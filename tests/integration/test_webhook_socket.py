@@ -46,12 +46,12 @@ class RealSocketTests(TestCase):
 
     def setUp(self) -> None:
         self.hook = _Hook()
-        self.port = reactor.listenTCP(0, Site(self.hook), interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.port = reactor.listenTCP(0, Site(self.hook), interface="127.0.0.1")  # type: ignore[attr-defined,arg-type]
         self.addCleanup(self.port.stopListening)
         pool = HTTPConnectionPool(reactor, persistent=False)
         self.client = HTTPClient(Agent(reactor, pool=pool))
         self.refused = f"http://127.0.0.1:{_closed_port()}/hook"
-        self.live = f"http://127.0.0.1:{self.port.getHost().port}/hook"
+        self.live = f"http://127.0.0.1:{self.port.getHost().port}/hook"  # type: ignore[attr-defined]
 
     @inlineCallbacks
     def test_connection_refused(self):  # type: ignore[no-untyped-def]
