@@ -190,6 +190,8 @@ class HttpCallRecordStore:
         reactor: Any = self._clock
         response = await self._http.post(
             self._url, data=body, headers=headers, reactor=reactor, timeout=self._timeout_s,
+            # A redirect would turn the POST into a body-less GET: treat 3xx as the failure it is.
+            allow_redirects=False,
         )
         # Read the body so the connection is released, whatever the status.
         await treq.content(response)
