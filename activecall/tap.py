@@ -135,7 +135,10 @@ def makeService(options: Options) -> service.IService:
     from twisted.internet.defer import Deferred
 
     from activecall.call.services import CallServices
+    from activecall.config import WebhookHandlerConfig
+    from activecall.handlers.pending import PendingCalls
     from activecall.handlers.router import UnavailableInboundHandler
+    from activecall.handlers.webhook import WebhookCallHandler, WebhookNotifier
     from activecall.sip.registration import RegistrationService, fixed_retry
     from activecall.sip.security import SipGuard, Verdict
     from activecall.call.sipleg import SipMedia
@@ -198,7 +201,12 @@ def makeService(options: Options) -> service.IService:
     sip_group = SequentialService()
     sip_group.setServiceParent(top)
     guard = SipGuard.from_config(config.sip_acl, config.sip_rate_limit)
-    handler = UnavailableInboundHandler() if config.handler is not None else None
+    handler: Any = None
+    if isinstance(config.handler, WebhookHandlerConfig):
+        services.pending = PendingCalls(reactor, config.accept_timeout_s)
+        handler = WebhookCallHandler(WebhookNotifier(config.handler, http_client, reactor), services.pending, reactor)
+    elif config.handler is not None:
+        handler = UnavailableInboundHandler()
     sip = build_sip_service(config, reactor, services.ids, handler,
                             admit=lambda ip, now: guard.admit(ip, now) is Verdict.ADMIT)
     sip.setServiceParent(sip_group)

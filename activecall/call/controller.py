@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from activecall.call.legs import WebSocketLeg
-from activecall.call.sipleg import OutboundSipLeg
+from activecall.call.sipleg import InboundSipLeg, OutboundSipLeg
 from activecall.call.playback import FilePlay, Sentence, SstSource, TtsPlay, split_sentences, strip_emoji
 from activecall.call.services import CallServices
 from activecall.clock import CallClock
@@ -104,6 +104,8 @@ class CallController:
         self._cmd_seq = 0
         self.recorder: Any = None
         self._sip_leg: Optional[OutboundSipLeg] = None
+        self._inbound: Optional[InboundSipLeg] = None
+        self._sip_leg_call: Any = None
         self._pending_invite: Optional[Deferred[Any]] = None
         self._sip_remote_ended = False
         self._hangup_headers: dict[str, str] = {}
@@ -231,10 +233,16 @@ class CallController:
     def _on_media_ready(self) -> None:
         self.emit(ev.MediaReadyEvent(track_id=self.sid, timestamp=self.now_ms()))
 
-    def remote_hangup(self) -> None:
-        """The far end sent BYE."""
+    def remote_hangup(self, inbound: bool = False) -> None:
+        """The far end sent BYE (or CANCEL on an inbound call that rings)."""
         self._sip_remote_ended = True
-        self.hangup("byCallee", "callee")
+        pending = self._services.pending
+        if inbound and pending is not None and self.sid in pending:
+            pending.cancelled(self.sid)  # CANCEL after ringing: the user agent already answered 487
+        if inbound:
+            self.hangup("byCaller" if self.answered_at is not None else "canceled", "caller")
+        else:
+            self.hangup("byCallee", "callee")
 
     def _start_recording(self, option: CallOption) -> None:
         services = self._services
@@ -264,15 +272,84 @@ class CallController:
         if option.playbook is not None:
             self.error(f"playbook engine not available: {option.playbook}", sender="playbook")
 
+    def _pending_call(self, take: bool) -> Any:
+        """The inbound call this session's id names (a webhook's dialogId), if it still waits."""
+        pending = self._services.pending
+        if self._inbound is not None:
+            return self._inbound.call
+        if pending is None or self._session.call_type != "sip" or self._services.sip is None:
+            return None
+        return pending.take(self.sid) if take else pending.get(self.sid)
+
+    def _no_pending(self, cmd: Any) -> None:
+        self.error(f"{type(cmd).name} not allowed: no pending inbound call")
+
     def _cmd_accept(self, cmd: Any) -> None:
-        self.emit(ev.RejectEvent(track_id=self.sid, timestamp=self.now_ms(), reason="no pending call", code=486))
-        self.error("accept not allowed: no pending inbound call")
+        call = self._pending_call(take=True)
+        if call is None or self.answered_at is not None:
+            self.emit(ev.RejectEvent(track_id=self.sid, timestamp=self.now_ms(), reason="no pending call", code=486))
+            self._no_pending(cmd)
+            return
+        option = cmd.option.merged_over(self.option) if self.option is not None else cmd.option
+        self.option = option
+        if self._inbound is None and not self._prepare_inbound(call, option, sender="accept"):
+            return
+        assert self._inbound is not None
+        answered = call.answer(self._inbound.answer_sdp)
+        answered.addErrback(self._inbound_answer_failed)
+        call.listener = _SipListener(self, inbound=True)
+        self.answered_at = self._services.clock.seconds()
+        self.emit(ev.AnswerEvent(track_id=self.sid, timestamp=self.now_ms(), sdp=self._inbound.answer_sdp, refer=False))
+        self._report_unavailable_processors(option, sender="accept")
+        self._start_recording(option)
+
+    def _inbound_answer_failed(self, f: Failure) -> None:
+        # The caller cancelled before our 200 (487) or never ACKed it (408).
+        if not self.ended:
+            self._sip_remote_ended = True
+            self.hangup("canceled" if f.check(CallRejected) and f.value.status == 487 else "failed", "caller")
+
+    def _prepare_inbound(self, call: Any, option: Optional[CallOption], sender: str) -> bool:
+        """``incoming``, SDP answer and RTP leg, ``trackStart{sid}`` (spec §5.4 step 3/4)."""
+        headers = {name: value for name, value in call.request.headers.items() if name.lower().startswith("x-")}
+        self.emit(ev.IncomingEvent(track_id=self.sid, timestamp=self.now_ms(), caller=call.caller, callee=call.callee,
+                                   sdp=call.remote_sdp.decode("utf-8", "replace"), headers=headers or None))
+        inbound = InboundSipLeg(self._services.sip, call, option, self._services.ids, self._services.clock)
+        try:
+            self.leg = inbound.prepare(on_audio=self._caller_pcm, on_dtmf=self._on_dtmf, on_media_ready=self._on_media_ready)
+        except Exception as e:  # no acceptable codec / bad offer / no RTP ports
+            call.reject(488, "Not Acceptable Here")
+            self._sip_remote_ended = True
+            self.error(f"media setup failed: {e}", sender=sender)
+            self.hangup("failed", "system")
+            return False
+        self._inbound = inbound
+        self._sip_leg_call = call
+        call.listener = _SipListener(self, inbound=True)
+        self.emit(ev.TrackStartEvent(track_id=self.sid, timestamp=self.now_ms()))
+        return True
 
     def _cmd_reject(self, cmd: Any) -> None:
-        self.error("reject not allowed: no pending inbound call")
+        call = self._pending_call(take=True)
+        if call is None or self.answered_at is not None:
+            self._no_pending(cmd)
+            return
+        call.reject(cmd.code, cmd.reason)
+        self._sip_remote_ended = True
+        self.hangup("rejected", "client")
 
     def _cmd_ringing(self, cmd: Any) -> None:
-        self.error("ringing not allowed: no pending inbound call")
+        call = self._pending_call(take=False)
+        if call is None or self.answered_at is not None:
+            self._no_pending(cmd)
+            return
+        early = cmd.early_media or cmd.ringtone is not None
+        if self._inbound is None and not self._prepare_inbound(call, self.option, sender="ringing"):
+            return
+        assert self._inbound is not None
+        call.ringing(self._inbound.answer_sdp if early else None)
+        if cmd.ringtone:
+            self._cmd_play(cmds.PlayCommand(url=cmd.ringtone))
 
     def _cmd_refer(self, cmd: Any) -> None:
         self.error("refer not allowed: the call has no SIP leg")
@@ -636,11 +713,23 @@ class CallController:
         if self._pending_invite is not None:
             invite, self._pending_invite = self._pending_invite, None
             invite.cancel()  # still ringing: CANCEL
-        sip_call = self._sip_leg.call if self._sip_leg is not None else None
+        sip_call = self._sip_leg.call if self._sip_leg is not None else self._sip_leg_call
+        pending = self._services.pending
+        if pending is not None and self._session.call_type == "sip" and self.sid in pending:
+            # The client never answered: a closed socket declines, a hangup terminates.
+            if reason == "canceled" and initiator == "client":
+                pending.client_disconnected(self.sid)
+            else:
+                pending.reject(self.sid, 487, "Request Terminated")
+        elif sip_call is not None and self.answered_at is None and not self._sip_remote_ended and self._inbound is not None:
+            sip_call.reject(487, "Request Terminated")  # after ringing, before accept
+            self._sip_remote_ended = True
         if sip_call is not None and not self._sip_remote_ended and not sip_call.terminated:
             headers = dict(self.option.sip.hangup_headers or {}) if self.option is not None and self.option.sip is not None else {}
             headers.update(self._hangup_headers)
             sip_call.bye(headers=list(headers.items())).addErrback(lambda f: self._log.failure("BYE failed", f))
+        if self._inbound is not None:
+            self._inbound.release()
         if self.leg is not None or self._sip_leg is not None:
             duration_ms = int((now - self.answered_at) * 1000) if self.answered_at is not None else 0
             ssrc = self.leg.ssrc if self.leg is not None else 0
@@ -824,14 +913,16 @@ class _SentenceSynthesis:
 class _SipListener:
     """In-dialog events of an outbound SIP call, turned into controller calls and events."""
 
-    def __init__(self, controller: CallController) -> None:
+    def __init__(self, controller: CallController, inbound: bool = False) -> None:
         self._c = controller
+        self._inbound = inbound
 
     def on_bye(self, request: Any) -> None:
-        self._c.remote_hangup()
+        self._c.remote_hangup(self._inbound)
 
     def on_cancel(self) -> None:
-        """Only inbound calls can be cancelled."""
+        if self._inbound and not self._c.ended:
+            self._c.remote_hangup(inbound=True)
 
     def on_reinvite(self, sdp: bytes) -> Optional[bytes]:
         held = _is_hold(sdp)
@@ -861,8 +952,8 @@ class _SipListener:
         """NOTIFYs for transfers we did not start carry nothing for the client."""
 
     def on_terminated(self, reason: str) -> None:
-        if reason in ("bye-received", "ack-timeout", "timeout") and not self._c.ended:
-            self._c.remote_hangup()
+        if reason in ("bye-received", "ack-timeout", "timeout", "cancel") and not self._c.ended:
+            self._c.remote_hangup(self._inbound)
 
 
 def _is_hold(sdp: bytes) -> bool:

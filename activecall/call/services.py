@@ -35,5 +35,7 @@ class CallServices:
     recording_path: str = "./config/recorders"
     # SIP user agent + RTP engine for /call/sip (activecall.call.sipleg.SipMedia); None: no SIP.
     sip: Any = None
+    # Inbound calls waiting for a client (activecall.handlers.pending.PendingCalls); None: no webhook.
+    pending: Any = None
     models_dir: str = "./models"
     environ: Mapping[str, str] = field(default_factory=dict)

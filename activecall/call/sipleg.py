@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred
 
 from activecall.config import RegisterUser
 from activecall.control.options import CallOption
-from activecall.media.negotiation import LocalOffer, apply_answer, build_offer
+from activecall.media.negotiation import LocalOffer, answer_offer, apply_answer, build_offer
 from activecall.media.rtpleg import RtpLeg, RtpMediaEngine
 from activecall.rtp.srtp import AES_CM_128_HMAC_SHA1_80, generate_crypto
 from activecall.rtp.transport import RtpEndpoint, RtpPortAllocator
@@ -131,5 +131,45 @@ class OutboundSipLeg:
     def release(self) -> None:
         """The call never got media: give the RTP ports back."""
         if self.endpoint is not None:
+            endpoint, self.endpoint = self.endpoint, None
+            endpoint.stop()
+
+
+class InboundSipLeg:
+    """Media for an inbound call: RTP endpoint + SDP answer to the INVITE's offer, then the RtpLeg."""
+
+    def __init__(self, media: SipMedia, call: Any, option: Optional[CallOption], rng: Any, clock: Any) -> None:
+        self._media = media
+        self.call = call
+        self._option = option
+        self._rng = rng
+        self._clock = clock
+        self.endpoint: Optional[RtpEndpoint] = None
+        self.answer_sdp = ""
+        self.leg: Optional[RtpLeg] = None
+
+    def prepare(self, *, on_audio: Callable[[bytes], None], on_dtmf: Callable[[str], None],
+                on_media_ready: Callable[[], None]) -> RtpLeg:
+        """Answer the offer (raises NegotiationError/ValueError) and start media on our side."""
+        media = self._media
+        sip = self._option.sip if self._option is not None else None
+        srtp = bool(sip.enable_srtp) if sip is not None and sip.enable_srtp is not None else media.enable_srtp
+        self.endpoint = RtpEndpoint(media.reactor, media.allocator, bind_ip=media.bind_ip, latching=media.latching)
+        port = self.endpoint.start()
+        try:
+            self.answer_sdp, negotiated = answer_offer(
+                self.call.remote_sdp, media.codecs, media.advertise_ip, port,
+                session_id=self._rng.getrandbits(31), srtp=srtp,
+                make_crypto=lambda tag, suite: generate_crypto(tag, suite, self._rng))
+        except Exception:
+            self.release()
+            raise
+        self.leg = RtpLeg(media.engine, self.endpoint, negotiated, clock=self._clock, rng=self._rng,
+                          on_audio=on_audio, on_dtmf=on_dtmf, on_media_ready=on_media_ready)
+        return self.leg
+
+    def release(self) -> None:
+        """Give the RTP ports back when no leg took them over."""
+        if self.leg is None and self.endpoint is not None:
             endpoint, self.endpoint = self.endpoint, None
             endpoint.stop()

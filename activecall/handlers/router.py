@@ -1,8 +1,9 @@
 """Inbound INVITE routing: the seam between the SIP user agent and the call layer.
 
-Webhook and playbook routing (config.md §5) join the call controller in a
-later layer; until then an inbound call is refused with a 503 that says so,
-so a PBX fails over instead of waiting for an answer that cannot come.
+The webhook handler lives in :mod:`activecall.handlers.webhook`. Playbook
+routing (config.md §5) joins with the playbook engine; until then such calls
+are refused with a 503 that says so, so a PBX fails over instead of waiting
+for an answer that cannot come.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -23,7 +24,7 @@ class DaemonSipTests(TestCase):
     timeout = 60
 
     async def test_options_probe_and_inbound_invite(self) -> None:
-        """SIPp's OPTIONS probe gets 200; an INVITE gets an explained 503; /registrations lists none."""
+        """SIPp's OPTIONS probe gets 200; with the webhook down an INVITE gets 503 with its Reason; /registrations lists none."""
         if shutil.which("sipp") is None:
             raise SkipTest("sipp (sip-tester) is not installed")
         workdir = os.path.abspath(self.mktemp())
@@ -59,7 +60,7 @@ class DaemonSipTests(TestCase):
                 if not data.startswith(b"SIP/2.0 1"):
                     final = data
         self.assertTrue(final.startswith(b"SIP/2.0 503"), final)
-        self.assertIn(b"Inbound call handling is not available yet", final)
+        self.assertIn(b"Reason: Failed to process invite:", final)
         self.assertIn(b"Server: acall-test", final)
         registrations = await (await http_client().get(daemon.base_url + "/registrations")).json()
         self.assertEqual(registrations, [])
@@ -127,6 +128,64 @@ class OutboundSipCallTests(TestCase):
         await client.wait_event("error", sender="invite")
         hangup = await client.wait_event("hangup", trackId="sip-e2e")
         self.assertEqual((hangup["reason"], hangup["initiator"]), ("byCallee", "callee"))
+        await client.wait_closed()
+        (code,) = await sipp.wait_exit()
+        self.assertEqual(code, 0, sipp.output[-2000:])
+
+
+class InboundWebhookCallTests(TestCase):
+    """An inbound SIP call announced by the webhook and answered by a WebSocket client (protocol.md §5.4)."""
+
+    timeout = 90
+
+    async def test_sipp_calls_in_client_accepts_audio_flows_caller_hangs_up(self) -> None:
+        """SIPp UAC calls; the webhook POST names the dialogId; the client accepts; SIPp's BYE ends it as byCaller."""
+        if shutil.which("sipp") is None:
+            raise SkipTest("sipp (sip-tester) is not installed")
+        from twisted.internet.defer import Deferred
+        from twisted.web.resource import Resource
+        from twisted.web.server import Site
+
+        posted: Deferred[dict[str, Any]] = Deferred()
+
+        class Hook(Resource):
+            isLeaf = True
+
+            def render_POST(self, request: Any) -> bytes:
+                posted.callback(json.loads(request.content.read()))
+                return b'{"status":"ok"}'
+
+        port = reactor.listenTCP(0, Site(Hook()), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        workdir = os.path.abspath(self.mktemp())
+        os.makedirs(workdir)
+        base = 20000 + free_port(socket.SOCK_DGRAM) % 20000 & ~1
+        config = (f"rtp_start_port = {base}\nrtp_end_port = {base + 100}\n" + BASE_CONFIG
+                  + f'[handler]\ntype = "webhook"\nurl = "http://127.0.0.1:{port.getHost().port}/hook"\n')
+        daemon = await start_daemon(workdir, config)
+        self.addCleanup(daemon.stop)
+        sipp = Daemon()
+        argv = ["sipp", "-sn", "uac", f"127.0.0.1:{daemon.sip_port}", "-p", str(free_port(socket.SOCK_DGRAM)),
+                "-i", "127.0.0.1", "-mp", str(free_port(socket.SOCK_DGRAM)), "-rtp_echo", "-d", "3000",
+                "-m", "1", "-nostdin", "-timeout", "60s"]
+        reactor.spawnProcess(sipp, shutil.which("sipp"), argv, env=dict(os.environ), path=workdir)
+        self.addCleanup(sipp.stop)
+        payload = await posted.addTimeout(30, reactor)
+        self.assertEqual(payload["event"], "invite")
+        self.assertTrue(payload["dialogId"].startswith(payload["call_id"] + "-"))
+        self.assertIn("m=audio", payload["offer"])
+        from urllib.parse import quote
+
+        client = await connect(f"{daemon.ws_url}/call/sip?id={quote(payload['dialogId'], safe='')}")
+        client.send({"command": "accept", "option": {"tts": {"provider": "piper"}}})
+        incoming = await client.wait_event("incoming")
+        self.assertEqual(incoming["caller"].split("@")[0], "sip:sipp")
+        answer = await client.wait_event("answer")
+        self.assertIn("m=audio", answer["sdp"])
+        client.send({"command": "tts", "text": "Thanks for calling.", "playId": "g", "endOfStream": True})
+        await client.wait_event("mediaReady")
+        hangup = await client.wait_event("hangup")
+        self.assertEqual((hangup["reason"], hangup["initiator"]), ("byCaller", "caller"))
         await client.wait_closed()
         (code,) = await sipp.wait_exit()
         self.assertEqual(code, 0, sipp.output[-2000:])
