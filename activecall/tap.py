@@ -134,6 +134,7 @@ def makeService(options: Options) -> service.IService:
 
     from twisted.internet.defer import Deferred
 
+    from activecall.call.recordstore import CallRecordWriter, make_store
     from activecall.call.services import CallServices
     from activecall.config import WebhookHandlerConfig
     from activecall.handlers.pending import PendingCalls
@@ -196,6 +197,12 @@ def makeService(options: Options) -> service.IService:
         models_dir=config.models_dir,
         environ=os.environ,
     )
+    if config.callrecord is not None:
+        try:
+            store = make_store(config.callrecord, run_blocking=run_blocking, http_client=http_client, clock=reactor)
+        except ValueError as e:
+            raise SystemExit(f"activecall: configuration error: callrecord.type: {e}")
+        services.call_records = CallRecordWriter(store)
     sessions = SessionManager(services)
 
     sip_group = SequentialService()

@@ -23,6 +23,8 @@ from twisted.python.failure import Failure
 
 from activecall.call.legs import WebSocketLeg
 from activecall.call.sipleg import InboundSipLeg, OutboundSipLeg
+from activecall.call.record import CallRecord, RecorderFile, build_call_record, hangup_reason_from_command, hangup_reason_from_name
+from activecall.call.recordstore import file_sizes
 from activecall.call.playback import FilePlay, Sentence, SstSource, TtsPlay, split_sentences, strip_emoji
 from activecall.call.services import CallServices
 from activecall.clock import CallClock
@@ -64,6 +66,7 @@ class ISessionOutput(Protocol):
     sid: str
     call_type: str
     server_side_track: str
+    dump_path: Optional[str]
 
     def emit(self, event: Any) -> None:
         """Send an event to every listener of the session."""
@@ -109,6 +112,10 @@ class CallController:
         self._pending_invite: Optional[Deferred[Any]] = None
         self._sip_remote_ended = False
         self._hangup_headers: dict[str, str] = {}
+        self._recorded_reason: Any = None  # the call record's hangupReason; the first one set wins
+        self._sip_status: Optional[int] = None
+        self._ring_s: Optional[float] = None
+        self._recorder_closed: Optional[Deferred[None]] = None
         self.recording_path: Optional[str] = None
         self._caller_to_rec: Optional[Resampler] = None
         self._agent_to_rec: Optional[Resampler] = None
@@ -196,6 +203,7 @@ class CallController:
             call = await invite
         except CallRejected as e:
             self._pending_invite = None
+            self._sip_status = e.status
             leg.release()
             self.emit(ev.RejectEvent(track_id=self.sid, timestamp=self.now_ms(), reason=e.reason, code=e.status, refer=False))
             self.error(f"invite rejected: {e.status} {e.reason}", sender="invite")
@@ -218,6 +226,7 @@ class CallController:
             self.hangup("failed", "system")
             return
         call.listener = _SipListener(self)
+        self._sip_status = 200
         self.answered_at = self._services.clock.seconds()
         self.emit(ev.AnswerEvent(track_id=self.sid, timestamp=self.now_ms(), sdp=call.remote_sdp.decode("utf-8", "replace"), refer=False))
         self._report_unavailable_processors(option, sender=type(cmd).name)
@@ -225,6 +234,8 @@ class CallController:
 
     def _on_provisional(self, response: Any) -> None:
         if response.status > 100:
+            if self._ring_s is None:
+                self._ring_s = self._services.clock.seconds()
             self.emit(ev.RingingEvent(track_id=self.sid, timestamp=self.now_ms(), early_media=bool(response.body), refer=False))
 
     def _on_dtmf(self, digit: str) -> None:
@@ -298,6 +309,7 @@ class CallController:
         answered = call.answer(self._inbound.answer_sdp)
         answered.addErrback(self._inbound_answer_failed)
         call.listener = _SipListener(self, inbound=True)
+        self._sip_status = 200
         self.answered_at = self._services.clock.seconds()
         self.emit(ev.AnswerEvent(track_id=self.sid, timestamp=self.now_ms(), sdp=self._inbound.answer_sdp, refer=False))
         self._report_unavailable_processors(option, sender="accept")
@@ -336,6 +348,7 @@ class CallController:
             return
         call.reject(cmd.code, cmd.reason)
         self._sip_remote_ended = True
+        self._sip_status = cmd.code
         self.hangup("rejected", "client")
 
     def _cmd_ringing(self, cmd: Any) -> None:
@@ -348,6 +361,8 @@ class CallController:
             return
         assert self._inbound is not None
         call.ringing(self._inbound.answer_sdp if early else None)
+        if self._ring_s is None:
+            self._ring_s = self._services.clock.seconds()
         if cmd.ringtone:
             self._cmd_play(cmds.PlayCommand(url=cmd.ringtone))
 
@@ -696,6 +711,7 @@ class CallController:
 
     def _cmd_hangup(self, cmd: Any) -> None:
         self._hangup_headers = dict(cmd.headers or {})
+        self._recorded_reason = hangup_reason_from_command(cmd.reason, cmd.initiator)
         self.hangup(cmd.reason or "byClient", cmd.initiator or "client")
 
     def hangup(self, reason: str, initiator: str) -> None:
@@ -705,10 +721,13 @@ class CallController:
         self._cut_sst()
         self.ended = True
         self.hangup_reason = reason
+        if self._recorded_reason is None:
+            self._recorded_reason = hangup_reason_from_name(reason)
         self._stop_ticking()
         self._timers.cancel_all()
         if self.recorder is not None:
-            self.recorder.close().addErrback(lambda f: self._log.failure("recording {path} failed", f, path=self.recording_path))
+            self._recorder_closed = self.recorder.close()
+            self._recorder_closed.addErrback(lambda f: self._log.failure("recording {path} failed", f, path=self.recording_path))
         now = self._services.clock.seconds()
         if self._pending_invite is not None:
             invite, self._pending_invite = self._pending_invite, None
@@ -757,6 +776,42 @@ class CallController:
             refer=False,
         ))
         self._session.finish()
+        if self._services.call_records is not None:
+            Deferred.fromCoroutine(self._save_record(now)).addErrback(
+                lambda f: self._log.failure("building the call record of {sid} failed", f, sid=self.sid))
+
+    async def _save_record(self, ended_at: float) -> None:
+        """One call record per call, however it ended (playbook.md §14), after the recording is complete."""
+        services = self._services
+        if self._recorder_closed is not None:
+            try:
+                await self._recorder_closed
+            except Exception:
+                pass  # logged where the recorder failed; the record lists what exists
+        dump_path = self._session.dump_path
+        paths = [p for p in (self.recording_path, dump_path) if p]
+        sizes = await file_sizes(services.run_blocking, paths)
+        option = self.option
+        call = self._inbound.call if self._inbound is not None else None
+        record = CallRecord(
+            call_type=self._session.call_type,
+            call_id=self.sid,
+            start_s=self.created_at,
+            end_s=ended_at,
+            option=option,
+            ring_s=self._ring_s,
+            answer_s=self.answered_at,
+            caller=call.caller if call is not None else (option.caller if option is not None else None),
+            callee=call.callee if call is not None else (option.callee if option is not None else None),
+            sip_status=self._sip_status,
+            hangup_reason=self._recorded_reason,
+            recorder=[RecorderFile(self.sid, self.recording_path, sizes.get(self.recording_path))] if self.recording_path else (),
+            extras={"session_id": self.sid, "call_type": self._session.call_type.lower(),
+                    "start_time": ev.format_rfc3339(self.created_at)},
+            dump_event_file=dump_path,
+            dump_event_file_exists=dump_path is not None and sizes.get(dump_path) is not None,
+        )
+        await services.call_records.write(build_call_record(record), self.created_at)
 
     @property
     def pending_timers(self) -> int:

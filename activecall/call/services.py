@@ -35,6 +35,8 @@ class CallServices:
     recording_path: str = "./config/recorders"
     # SIP user agent + RTP engine for /call/sip (activecall.call.sipleg.SipMedia); None: no SIP.
     sip: Any = None
+    # Saves one call record per call (activecall.call.recordstore.CallRecordWriter); None: [callrecord] absent.
+    call_records: Any = None
     # Inbound calls waiting for a client (activecall.handlers.pending.PendingCalls); None: no webhook.
     pending: Any = None
     models_dir: str = "./models"

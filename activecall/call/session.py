@@ -79,6 +79,7 @@ class CallSession:
         self.finished = False
         self.done: Deferred[None] = Deferred()
         self.dump = EventDump(os.path.join(services.recording_path, f"{self.sid}.events.jsonl")) if params.dump else None
+        self.dump_path = self.dump.path if self.dump is not None else None
         self.controller = CallController(self, services)
         if params.ping_s:
             self._timers.call_later(params.ping_s, self._ping)

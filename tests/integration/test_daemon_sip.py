@@ -80,7 +80,7 @@ class OutboundSipCallTests(TestCase):
         self.workdir = workdir
         base = free_port(socket.SOCK_DGRAM) & ~1
         config = f"rtp_start_port = {base + 1000 if base < 60000 else 20000}\nrtp_end_port = {base + 1100 if base < 60000 else 20100}\n"
-        daemon = await start_daemon(workdir, config + BASE_CONFIG)
+        daemon = await start_daemon(workdir, config + BASE_CONFIG + '[callrecord]\ntype = "local"\nroot = "{workdir}/cdr"\n')
         self.addCleanup(daemon.stop)
         sipp_port = free_port(socket.SOCK_DGRAM)
         sipp = Daemon()
@@ -131,6 +131,14 @@ class OutboundSipCallTests(TestCase):
         await client.wait_closed()
         (code,) = await sipp.wait_exit()
         self.assertEqual(code, 0, sipp.output[-2000:])
+        await daemon.stop()
+        import glob
+
+        [path] = glob.glob(os.path.join(self.workdir, "cdr", "*", "*_sip-e2e.json"))
+        with open(path) as f:
+            record = json.load(f)
+        self.assertEqual((record["callType"], record["statusCode"], record["hangupReason"]), ("sip", 486, "byCallee"))
+        self.assertNotIn("answerTime", record)
 
 
 class InboundWebhookCallTests(TestCase):

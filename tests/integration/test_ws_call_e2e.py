@@ -357,6 +357,33 @@ class WebSocketCallTests(TestCase):
             out = subprocess.run(["soxi", "-c", path], capture_output=True, text=True, check=True).stdout
             self.assertEqual(out.strip(), "2")
 
+    async def test_call_record_written_per_call(self) -> None:
+        """With [callrecord] local, each ended call leaves one JSON record with the spec's fields."""
+        import glob
+
+        daemon = await self._start(extra="")
+        await daemon.stop()
+        config_tail = '[callrecord]\ntype = "local"\nroot = "{workdir}/cdr"\n'
+        daemon = await start_daemon(self.workdir, BASE_CONFIG + config_tail)
+        self.addCleanup(daemon.stop)
+        client = await self._call(daemon, "e2e-cdr", {"codec": "pcm", "callee": "sip:someone@example.com", "recorder": {}})
+        client.send({"command": "hangup", "reason": "caller"})
+        await client.wait_closed()
+        await daemon.stop()
+        [path] = glob.glob(os.path.join(self.workdir, "cdr", "*", "*_e2e-cdr.json"))
+        with open(path) as f:
+            record = json.load(f)
+        self.assertEqual(record["callType"], "webSocket")
+        self.assertEqual(record["callId"], "e2e-cdr")
+        self.assertEqual(record["statusCode"], 200)
+        self.assertEqual(record["hangupReason"], "byCaller")
+        self.assertEqual(record["callee"], "sip:someone@example.com")
+        self.assertTrue(record["startTime"].endswith("Z") and record["answerTime"].endswith("Z"))
+        self.assertEqual(record["recorder"][0]["path"], os.path.join(self.workdir, "recorders", "e2e-cdr.wav"))
+        self.assertGreaterEqual(record["recorder"][0]["size"], 44)
+        self.assertTrue(record["dumpEventFile"].endswith("e2e-cdr.events.jsonl"))
+        self.assertNotIn(None, record.values())
+
     async def test_bad_query_parameter_is_http_400(self) -> None:
         """A query value of the wrong type fails the upgrade with HTTP 400."""
         daemon = await self._start()

@@ -31,6 +31,7 @@ class FakeSession:
     sid = SID
     call_type = "webSocket"
     server_side_track = SST
+    dump_path = None
 
     def __init__(self) -> None:
         self.events: list[Any] = []
