@@ -91,6 +91,45 @@ class SequentialService(service.MultiService):
         return Deferred.fromCoroutine(stop_in_order())
 
 
+class DrainCallsService(service.Service):
+    """Graceful shutdown of calls (config.md §3 graceful_shutdown).
+
+    On stop: refuse new inbound calls (503 "Server shutting down"), answer the
+    ones still waiting for a client, let running calls end on their own for up
+    to ``timeout_s``, then hang up what is left.
+    """
+
+    def __init__(self, sessions: Any, clock: Any, *, graceful: bool, timeout_s: float,
+                 refuse_new_calls: Any) -> None:
+        self._sessions = sessions
+        self._clock = clock
+        self._graceful = graceful
+        self._timeout_s = timeout_s
+        self._refuse_new_calls = refuse_new_calls
+
+    def stopService(self) -> Any:
+        from twisted.internet.defer import TimeoutError
+        from twisted.logger import Logger
+
+        super().stopService()
+        self._refuse_new_calls()
+        if not self._graceful:
+            self._sessions.kill_all()
+            return None
+        log = Logger(namespace="activecall")
+        if len(self._sessions):
+            log.info("shutting down: waiting up to {t} s for {n} call(s) to end", t=self._timeout_s, n=len(self._sessions))
+        d = self._sessions.wait_idle()
+        d.addTimeout(self._timeout_s, self._clock)
+
+        def cut(f: Any) -> None:
+            f.trap(TimeoutError)
+            log.info("shutting down: ending {n} call(s) still running", n=len(self._sessions))
+            self._sessions.kill_all()
+
+        return d.addErrback(cut)
+
+
 class ActivecallService(service.MultiService):
     """The daemon: HTTP/WebSocket now; SIP, RTP and registration join as they land.
 
@@ -222,6 +261,17 @@ def makeService(options: Options) -> service.IService:
         retry=fixed_retry(jitter=lambda: services.ids.bits(12) / 4096 * 5.0),
         stop_timeout_s=min(5.0, float(config.graceful_shutdown_timeout)), user_agent=config.useragent)
     registrations.setServiceParent(sip_group)
+
+    def refuse_new_calls() -> None:
+        if isinstance(handler, WebhookCallHandler):
+            handler.shutting_down = True
+        if services.pending is not None:
+            services.pending.reject_all()
+
+    # Stopped first (SequentialService): calls end while SIP and registrations still work.
+    DrainCallsService(sessions, reactor, graceful=config.graceful_shutdown,
+                      timeout_s=float(config.graceful_shutdown_timeout),
+                      refuse_new_calls=refuse_new_calls).setServiceParent(sip_group)
     advertise_ip = config.external_ip or (
         config.addr if config.addr not in ("", "0.0.0.0", "::") else first_interface_address())
     services.sip = SipMedia(

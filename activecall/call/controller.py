@@ -168,11 +168,7 @@ class CallController:
         self.emit(ev.TrackStartEvent(track_id=self.sid, timestamp=self.now_ms()))
         self.answered_at = self._services.clock.seconds()
         self.emit(ev.AnswerEvent(track_id=self.sid, timestamp=self.now_ms(), sdp="", refer=False))
-        self._report_unavailable_processors(option, sender=type(cmd).name)
-        self._start_recording(option)
-        if option.inactivity_timeout:
-            self._last_caller_audio_at = self._services.clock.seconds()
-            self._inactivity_timer = self._timers.call_later(_INACTIVITY_CHECK_S, self._check_inactivity)
+        self._after_answer(option, sender=type(cmd).name)
         early, self._early_audio = self._early_audio, []
         self._early_audio_bytes = 0
         for chunk in early:
@@ -229,8 +225,7 @@ class CallController:
         self._sip_status = 200
         self.answered_at = self._services.clock.seconds()
         self.emit(ev.AnswerEvent(track_id=self.sid, timestamp=self.now_ms(), sdp=call.remote_sdp.decode("utf-8", "replace"), refer=False))
-        self._report_unavailable_processors(option, sender=type(cmd).name)
-        self._start_recording(option)
+        self._after_answer(option, sender=type(cmd).name)
 
     def _on_provisional(self, response: Any) -> None:
         if response.status > 100:
@@ -273,6 +268,14 @@ class CallController:
             self._agent_to_rec = Resampler(self.leg.media_rate_hz, RECORDING_RATE_HZ)
         self._ensure_ticking()
 
+    def _after_answer(self, option: CallOption, sender: str) -> None:
+        """What every answered leg gets: processors, recording, the inactivity watch."""
+        self._report_unavailable_processors(option, sender=sender)
+        self._start_recording(option)
+        if option.inactivity_timeout:
+            self._last_caller_audio_at = self._services.clock.seconds()
+            self._inactivity_timer = self._timers.call_later(_INACTIVITY_CHECK_S, self._check_inactivity)
+
     def _report_unavailable_processors(self, option: CallOption, sender: str) -> None:
         # Speech recognition and VAD engines join in later layers; name what this
         # call asked for and cannot get, and keep the rest of the call running.
@@ -312,8 +315,7 @@ class CallController:
         self._sip_status = 200
         self.answered_at = self._services.clock.seconds()
         self.emit(ev.AnswerEvent(track_id=self.sid, timestamp=self.now_ms(), sdp=self._inbound.answer_sdp, refer=False))
-        self._report_unavailable_processors(option, sender="accept")
-        self._start_recording(option)
+        self._after_answer(option, sender="accept")
 
     def _inbound_answer_failed(self, f: Failure) -> None:
         # The caller cancelled before our 200 (487) or never ACKed it (408).
@@ -416,7 +418,9 @@ class CallController:
 
     def _check_inactivity(self) -> None:
         assert self.option is not None and self.option.inactivity_timeout
-        idle_s = self._services.clock.seconds() - self._last_caller_audio_at
+        # RTP legs hand over a frame every tick (silence included): ask when a packet last came.
+        last = getattr(self.leg, "last_packet_at", None) or self._last_caller_audio_at
+        idle_s = self._services.clock.seconds() - max(last, self._last_caller_audio_at)
         if idle_s >= self.option.inactivity_timeout:
             self.emit(ev.InactivityEvent(track_id=self.sid, timestamp=self.now_ms()))
             self.hangup("inactivityTimeout", "system")

@@ -254,7 +254,7 @@ class SessionManager:
     def __init__(self, services: CallServices) -> None:
         self._services = services
         self._sessions: dict[str, CallSession] = {}
-        self.accepting = True
+        self._idle_waiters: list[Deferred[None]] = []
 
     def open(self, params: SessionParams) -> CallSession:
         """Create a session and list it at once."""
@@ -267,6 +267,24 @@ class SessionManager:
         if self._sessions.get(session.sid) is session:
             del self._sessions[session.sid]
         self._log.info("session {sid} ended", sid=session.sid)
+        if not self._sessions:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def wait_idle(self) -> Deferred[None]:
+        """Fires when no session is left (graceful shutdown); cancellable."""
+        d: Deferred[None] = Deferred()
+        if not self._sessions:
+            d.callback(None)
+        else:
+            self._idle_waiters.append(d)
+        return d
+
+    def kill_all(self) -> None:
+        """End every session now, as ``/kill`` does."""
+        for session in list(self._sessions.values()):
+            session.kill()
 
     def get(self, sid: str) -> Optional[CallSession]:
         """The live session with this id, if any."""

@@ -11,6 +11,7 @@ import wave
 from typing import Any
 
 from treq import collect
+from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from harness import BASE_CONFIG, CallClient, connect, http_client, spawn_daemon, start_daemon
@@ -383,6 +384,24 @@ class WebSocketCallTests(TestCase):
         self.assertGreaterEqual(record["recorder"][0]["size"], 44)
         self.assertTrue(record["dumpEventFile"].endswith("e2e-cdr.events.jsonl"))
         self.assertNotIn(None, record.values())
+
+    async def test_graceful_shutdown_lets_calls_finish_then_cuts_them(self) -> None:
+        """SIGTERM: a call that ends by itself ends normally; one still running is hung up after graceful_shutdown_timeout."""
+        daemon = await self._start("graceful_shutdown_timeout = 2\n")
+        short = await self._call(daemon, "e2e-short", {"codec": "pcm"})
+        long = await self._call(daemon, "e2e-long", {"codec": "pcm"})
+        started = reactor.seconds()
+        daemon.transport.signalProcess("TERM")
+        await daemon.wait_output("waiting up to 2.0 s for 2 call(s)")
+        short.send({"command": "hangup", "reason": "done"})
+        self.assertEqual((await short.wait_event("hangup"))["reason"], "done")
+        hangup = await long.wait_event("hangup")
+        self.assertEqual(hangup["initiator"], "system")
+        self.assertGreaterEqual(reactor.seconds() - started, 1.5)
+        await long.wait_closed()
+        (code,) = await daemon.wait_exit()
+        # twistd re-raises the signal it stopped for: "killed by SIGTERM" is its clean exit.
+        self.assertIn(code, (0, -15))
 
     async def test_bad_query_parameter_is_http_400(self) -> None:
         """A query value of the wrong type fails the upgrade with HTTP 400."""
