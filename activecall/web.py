@@ -20,6 +20,7 @@ from zope.interface import implementer
 from activecall.call.tts import PrecacheError
 from activecall.control.commands import CommandError, command_from_object
 from activecall.control.events import format_rfc3339
+from activecall.fileio import write_atomically
 from activecall.control.protocol import ControlFactory
 from activecall.interfaces import ISessionListener
 
@@ -233,11 +234,7 @@ class ApiResource(Resource):
             return text
         if method == "POST":
             try:
-                os.makedirs(PLAYBOOK_DIR, exist_ok=True)
-                tmp = path + ".tmp"
-                with open(tmp, "wb") as f:
-                    f.write(request.content.read() if request.content is not None else b"")
-                os.replace(tmp, path)
+                write_atomically(path, request.content.read() if request.content is not None else b"")
             except OSError as e:
                 return _text(request, f"cannot save playbook: {e.strerror}", 500)
             return b""

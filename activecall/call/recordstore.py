@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
+from activecall.fileio import write_atomically
 from activecall.call.record import record_file_path
 from activecall.config import CallRecordConfig
 
@@ -103,29 +104,10 @@ class LocalCallRecordStore:
     def save(self, record: Mapping[str, Any], start_epoch_s: float) -> "Deferred[str]":
         """Write the record; fires with its path."""
         path = record_file_path(self._root, str(record["callId"]), start_epoch_s, self._tz)
-        d: Deferred[None] = self._run_blocking(_write_atomically, path, _encode_record(record))
+        d: Deferred[None] = self._run_blocking(write_atomically, path, _encode_record(record))
         return d.addCallback(lambda _: path)
 
 
-def _write_atomically(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file and rename (runs in a worker thread)."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
-    # os.open with 0o666 honours the umask, unlike mkstemp's 0o600.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 # -- http ----------------------------------------------------------------------

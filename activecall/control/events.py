@@ -291,10 +291,9 @@ class SilenceEvent(_EventBase):
 
 
 @dataclass(frozen=True, slots=True)
-class AsrDeltaEvent(_EventBase):
-    """Interim transcript of sentence ``index``."""
+class _AsrEvent(_EventBase):
+    """Fields shared by interim and final transcripts."""
 
-    name: ClassVar[str] = "asrDelta"
     track_id: str = _w("trackId")
     timestamp: int = _w("timestamp")
     index: int = _w("index")
@@ -309,21 +308,17 @@ class AsrDeltaEvent(_EventBase):
 
 
 @dataclass(frozen=True, slots=True)
-class AsrFinalEvent(_EventBase):
+class AsrDeltaEvent(_AsrEvent):
+    """Interim transcript of sentence ``index``."""
+
+    name: ClassVar[str] = "asrDelta"
+
+
+@dataclass(frozen=True, slots=True)
+class AsrFinalEvent(_AsrEvent):
     """Final transcript of sentence ``index``."""
 
     name: ClassVar[str] = "asrFinal"
-    track_id: str = _w("trackId")
-    timestamp: int = _w("timestamp")
-    index: int = _w("index")
-    _: KW_ONLY
-    start_time: int | None = _w("startTime", None)
-    end_time: int | None = _w("endTime", None)
-    text: str = _w("text")
-    is_filler: bool | None = _w("isFiller", None)
-    confidence: float | None = _w("confidence", None)
-    task_id: str | None = _w("taskId", None)
-    refer: bool | None = _w("refer", None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,9 +20,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 
 import numpy as np
+
+from activecall.fileio import write_atomically
 
 __all__ = ["MediaCache", "format_speed", "validate_key"]
 
@@ -93,18 +94,5 @@ class MediaCache:
         target = self.path(key)
         if len(pcm) % 2:
             raise ValueError("PCM s16le must have an even number of bytes")
-        os.makedirs(self.root, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".pcm")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(pcm)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        write_atomically(target, pcm)
         return target
