@@ -182,6 +182,12 @@ def start_daemon(workdir: str, config: str, extra_args: tuple[str, ...] = (), re
     d = daemon.wait_output(ready_text) if ready_text else wait_port(http_port)
 
     def failed(f: Any) -> Any:
+        # Never leave a half-started daemon behind: the caller has no handle to stop it.
+        if daemon.exit_code is None:
+            try:
+                daemon.transport.signalProcess("KILL")
+            except Exception:
+                pass
         raise AssertionError(f"daemon did not start: {f.getErrorMessage()}\n--- output ---\n{daemon.output}")
 
     d.addCallbacks(lambda _: daemon, failed)
