@@ -140,6 +140,24 @@ class OutboundSipCallTests(TestCase):
         self.assertEqual((record["callType"], record["statusCode"], record["hangupReason"]), ("sip", 486, "byCallee"))
         self.assertNotIn("answerTime", record)
 
+    async def test_client_closing_while_ringing_sends_cancel(self) -> None:
+        """Closing the socket while the callee rings sends CANCEL; SIPp sees it and the call record says canceled."""
+        daemon, sipp_port, (client, sipp) = await self._setup(["-sf", os.path.join(SCENARIOS, "uas_ring_then_cancel.xml")])
+        client.send({"command": "invite", "option": {"callee": f"sip:agent@127.0.0.1:{sipp_port}"}})
+        ringing = await client.wait_event("ringing", trackId="sip-e2e")
+        self.assertFalse(ringing["earlyMedia"])
+        client.transport.loseConnection()
+        (code,) = await sipp.wait_exit()
+        self.assertEqual(code, 0, sipp.output[-2000:])
+        await daemon.stop()
+        import glob
+
+        [path] = glob.glob(os.path.join(self.workdir, "cdr", "*", "*_sip-e2e.json"))
+        with open(path) as f:
+            record = json.load(f)
+        self.assertEqual((record["hangupReason"], record["statusCode"]), ("canceled", 487))
+        self.assertIn("ringTime", record)
+
 
 class InboundWebhookCallTests(TestCase):
     """An inbound SIP call announced by the webhook and answered by a WebSocket client (protocol.md §5.4)."""
@@ -197,3 +215,89 @@ class InboundWebhookCallTests(TestCase):
         await client.wait_closed()
         (code,) = await sipp.wait_exit()
         self.assertEqual(code, 0, sipp.output[-2000:])
+
+
+class _SipProbe:
+    """A minimal SIP caller on UDP: sends INVITEs and collects final responses by Call-ID."""
+
+    def __init__(self) -> None:
+        from twisted.internet.protocol import DatagramProtocol
+
+        from harness import _Waiters
+
+        self.finals: dict[str, bytes] = {}
+        self.waiters = _Waiters()
+        probe = self
+
+        class Proto(DatagramProtocol):
+            def datagramReceived(self, data: bytes, addr: Any) -> None:
+                if data.startswith(b"SIP/2.0 ") and not data.startswith(b"SIP/2.0 1"):
+                    call_id = next(line.split(b":", 1)[1].strip() for line in data.split(b"\r\n")
+                                   if line.lower().startswith(b"call-id:"))
+                    probe.finals[call_id.decode()] = data
+                    probe.waiters.poke()
+
+        self.proto = Proto()
+        self.port = reactor.listenUDP(0, self.proto, interface="127.0.0.1")
+
+    def invite(self, sip_port: int, call_id: str) -> None:
+        me = self.port.getHost().port
+        self.proto.transport.write((
+            f"INVITE sip:agent@127.0.0.1:{sip_port} SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP 127.0.0.1:{me};branch=z9hG4bK{call_id};rport\r\n"
+            f"From: <sip:alice@127.0.0.1:{me}>;tag=a{call_id}\r\nTo: <sip:agent@127.0.0.1:{sip_port}>\r\n"
+            f"Call-ID: {call_id}\r\nCSeq: 1 INVITE\r\nMax-Forwards: 70\r\n"
+            f"Contact: <sip:alice@127.0.0.1:{me}>\r\nContent-Type: application/sdp\r\n\r\n"
+            "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+            "m=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n").encode(), ("127.0.0.1", sip_port))
+
+    def final(self, call_id: str) -> Any:
+        return self.waiters.wait(lambda: self.finals.get(call_id), 30, f"final response to {call_id}")
+
+
+class InboundFailureTests(TestCase):
+    """Inbound calls nobody answers: accept timeout 408; client leaves without answering 603."""
+
+    timeout = 60
+
+    async def test_accept_timeout_and_client_disconnect(self) -> None:
+        """No client within accept_timeout gives 408 Reason accept timeout; a client that closes gives 603."""
+        from twisted.internet.defer import DeferredQueue
+        from twisted.web.resource import Resource
+        from twisted.web.server import Site
+
+        hooks: DeferredQueue[dict[str, Any]] = DeferredQueue()
+
+        class Hook(Resource):
+            isLeaf = True
+
+            def render_POST(self, request: Any) -> bytes:
+                hooks.put(json.loads(request.content.read()))
+                return b"{}"
+
+        port = reactor.listenTCP(0, Site(Hook()), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        workdir = os.path.abspath(self.mktemp())
+        os.makedirs(workdir)
+        config = ('accept_timeout = "1s"\n' + BASE_CONFIG
+                  + f'[handler]\ntype = "webhook"\nurl = "http://127.0.0.1:{port.getHost().port}/hook"\n')
+        daemon = await start_daemon(workdir, config)
+        self.addCleanup(daemon.stop)
+        probe = _SipProbe()
+        self.addCleanup(probe.port.stopListening)
+
+        probe.invite(daemon.sip_port, "nobody-comes")
+        await hooks.get()
+        final = await probe.final("nobody-comes")
+        self.assertTrue(final.startswith(b"SIP/2.0 408"), final)
+        self.assertIn(b"accept timeout", final)
+
+        probe.invite(daemon.sip_port, "client-leaves")
+        hook = await hooks.get()
+        from urllib.parse import quote
+
+        client = await connect(f"{daemon.ws_url}/call/sip?id={quote(hook['dialogId'], safe='')}")
+        client.transport.loseConnection()
+        final = await probe.final("client-leaves")
+        self.assertTrue(final.startswith(b"SIP/2.0 603"), final)
+        self.assertIn(b"handler disconnected", final)
