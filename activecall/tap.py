@@ -130,6 +130,45 @@ class DrainCallsService(service.Service):
         return d.addErrback(cut)
 
 
+class StartupCallService(service.Service):
+    """``--call URI``: about 1 s after start-up, place one outbound SIP call (config.md §2).
+
+    The call runs as a session without a WebSocket (``c.<uuid>``, no event dump,
+    no pings, 50 s inactivity timeout); ``/list`` and ``/kill`` see it.
+    """
+
+    DELAY_S = 1.0
+    INACTIVITY_TIMEOUT_S = 50
+
+    def __init__(self, sessions: Any, clock: Any, uri: str) -> None:
+        self._sessions = sessions
+        self._clock = clock
+        self._uri = uri
+        self._pending: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._pending = self._clock.callLater(self.DELAY_S, self._place)
+
+    def stopService(self) -> Any:
+        if self._pending is not None and self._pending.active():
+            self._pending.cancel()
+        return super().stopService()
+
+    def _place(self) -> None:
+        from twisted.logger import Logger
+
+        from activecall.control.commands import InviteCommand
+        from activecall.control.options import CallOption
+        from activecall.control.query import SessionParams
+
+        self._pending = None
+        sid = "c." + self._sessions.new_sid()[2:]
+        session = self._sessions.open(SessionParams(sid=sid, call_type="sip", dump=False, ping_s=0))
+        Logger(namespace="activecall").info("--call: calling {uri} as session {sid}", uri=self._uri, sid=sid)
+        session.submit(InviteCommand(option=CallOption(callee=self._uri, inactivity_timeout=self.INACTIVITY_TIMEOUT_S)))
+
+
 class ActivecallService(service.MultiService):
     """The daemon: HTTP/WebSocket now; SIP, RTP and registration join as they land.
 
@@ -268,6 +307,8 @@ def makeService(options: Options) -> service.IService:
         if services.pending is not None:
             services.pending.reject_all()
 
+    if config.call:
+        StartupCallService(sessions, reactor, config.call).setServiceParent(top)
     # Stopped first (SequentialService): calls end while SIP and registrations still work.
     DrainCallsService(sessions, reactor, graceful=config.graceful_shutdown,
                       timeout_s=float(config.graceful_shutdown_timeout),

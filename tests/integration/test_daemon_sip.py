@@ -158,6 +158,40 @@ class OutboundSipCallTests(TestCase):
         self.assertEqual((record["hangupReason"], record["statusCode"]), ("canceled", 487))
         self.assertIn("ringTime", record)
 
+    async def test_call_option_places_a_call_at_startup(self) -> None:
+        """--call URI invites that URI about a second after start-up; /kill ends it with a BYE."""
+        if shutil.which("sipp") is None:
+            raise SkipTest("sipp (sip-tester) is not installed")
+        workdir = os.path.abspath(self.mktemp())
+        os.makedirs(workdir)
+        sipp_port = free_port(socket.SOCK_DGRAM)
+        sipp = Daemon()
+        argv = ["sipp", "-sn", "uas", "-p", str(sipp_port), "-i", "127.0.0.1", "-mp", str(free_port(socket.SOCK_DGRAM)),
+                "-m", "1", "-nostdin", "-timeout", "60s"]
+        reactor.spawnProcess(sipp, shutil.which("sipp"), argv, env=dict(os.environ), path=workdir)
+        self.addCleanup(sipp.stop)
+        base = 20000 + free_port(socket.SOCK_DGRAM) % 20000 & ~1
+        daemon = await start_daemon(workdir, f"rtp_start_port = {base}\nrtp_end_port = {base + 100}\n" + BASE_CONFIG,
+                                    extra_args=("--call", f"sip:1001@127.0.0.1:{sipp_port}"))
+        self.addCleanup(daemon.stop)
+        await daemon.wait_output("--call: calling")
+        from twisted.internet import task
+
+        client = http_client()
+        listing: list[Any] = []
+        for _ in range(100):  # answered calls show a startTime in /list: poll every 50 ms, bounded
+            listing = (await (await client.get(daemon.base_url + "/list")).json())["active_calls"]
+            if listing and listing[0]["startTime"]:
+                break
+            await task.deferLater(reactor, 0.05, lambda: None)
+        [call] = listing
+        self.assertTrue(call["id"].startswith("c."))
+        self.assertEqual(call["cs.option"]["callee"], f"sip:1001@127.0.0.1:{sipp_port}")
+        self.assertEqual(call["cs.option"]["inactivityTimeout"], 50)
+        await client.get(daemon.base_url + "/kill/" + call["id"])
+        (code,) = await sipp.wait_exit()
+        self.assertEqual(code, 0, sipp.output[-2000:])
+
 
 class InboundWebhookCallTests(TestCase):
     """An inbound SIP call announced by the webhook and answered by a WebSocket client (protocol.md §5.4)."""
