@@ -214,7 +214,7 @@ def makeService(options: Options) -> service.IService:
 
     from activecall.call.recordstore import CallRecordWriter, make_store
     from activecall.call.services import CallServices
-    from activecall.config import WebhookHandlerConfig
+    from activecall.config import WebhookHandlerConfig, rewrite_target
     from activecall.handlers.pending import PendingCalls
     from activecall.handlers.router import UnavailableInboundHandler
     from activecall.handlers.webhook import WebhookCallHandler, WebhookNotifier
@@ -320,7 +320,8 @@ def makeService(options: Options) -> service.IService:
         allocator=RtpPortAllocator(config.rtp_start_port, config.rtp_end_port),
         codecs=config.codecs, advertise_ip=advertise_ip, bind_ip=config.rtp_bind_ip or "",
         latching=config.enable_rtp_latching, enable_srtp=config.enable_srtp,
-        register_users=config.register_users)
+        register_users=config.register_users,
+        rewrite=(lambda uri: rewrite_target(config.rewrites, uri)) if config.rewrites else None)
     resource = ApiResource(sessions, reactor, config.ice_servers,
                            precache=lambda command: Deferred.fromCoroutine(precache(services, command)),
                            gzip=config.http_gzip, registrations=registrations.registrations_json)

@@ -33,6 +33,8 @@ class SipMedia:
     latching: bool = True
     enable_srtp: bool = False
     register_users: Sequence[RegisterUser] = field(default_factory=tuple)
+    # config.md §12: ``rewrite(uri) -> str | None``, the URI whose host/port the INVITE goes to.
+    rewrite: Optional[Callable[[str], Optional[str]]] = None
 
 
 @dataclass(frozen=True)
@@ -114,10 +116,12 @@ class OutboundSipLeg:
         sip = self._option.sip
         headers = list((sip.headers or {}).items()) if sip is not None else []
         contact = sip.contact if sip is not None and sip.contact else None
+        target = callee_uri(self._option)
+        next_hop = media.rewrite(target) if media.rewrite is not None else None
         return media.user_agent.invite(
-            callee_uri(self._option), caller_uri(self._option), contact=contact, sdp=self.offer.sdp,
+            target, caller_uri(self._option), contact=contact, sdp=self.offer.sdp,
             headers=headers, credentials=credentials_for(self._option, media.register_users),
-            call_id=self._call_id, on_provisional=on_provisional)
+            call_id=self._call_id, on_provisional=on_provisional, next_hop=next_hop)
 
     def on_answer(self, call: Any, *, on_audio: Callable[[bytes], None], on_dtmf: Callable[[str], None],
                   on_media_ready: Callable[[], None]) -> RtpLeg:

@@ -621,8 +621,12 @@ class SipUserAgent:
         credentials: object | None = None,
         call_id: str | None = None,
         on_provisional: Callable[[SipResponse], None] | None = None,
+        next_hop: str | SipUri | None = None,
     ) -> Deferred[OutboundCall]:
         """Place a call; fires with an :class:`OutboundCall` once the 2xx is ACKed.
+
+        ``next_hop`` (a URI) is where the INVITE is sent when it differs from the
+        Request-URI (config.md §12 ``[[rewrites]]``); the Request-URI is unchanged.
 
         Errbacks with :class:`CallRejected` for a final non-2xx (after one
         digest retry per challenge), 408 on timeout, 503 on transport failure.
@@ -673,7 +677,8 @@ class SipUserAgent:
             if not pending.deferred.called:
                 pending.deferred.errback(CallRejected(503, f"cannot reach {target}: {f.getErrorMessage()}"))
 
-        self._resolve(target).addCallbacks(go, bad)
+        hop_uri = target if next_hop is None else (parse_uri(next_hop) if isinstance(next_hop, str) else next_hop)
+        self._resolve(hop_uri).addCallbacks(go, bad)
         return pending.deferred
 
     def _maybe_send_cancel(self, pending: _PendingInvite) -> None:

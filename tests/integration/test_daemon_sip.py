@@ -72,7 +72,7 @@ class OutboundSipCallTests(TestCase):
 
     timeout = 90
 
-    async def _setup(self, sipp_args: list[str]) -> tuple[Any, int, Any]:
+    async def _setup(self, sipp_args: list[str], extra_config: str = "") -> tuple[Any, int, Any]:
         if shutil.which("sipp") is None:
             raise SkipTest("sipp (sip-tester) is not installed")
         workdir = os.path.abspath(self.mktemp())
@@ -80,9 +80,10 @@ class OutboundSipCallTests(TestCase):
         self.workdir = workdir
         base = free_port(socket.SOCK_DGRAM) & ~1
         config = f"rtp_start_port = {base + 1000 if base < 60000 else 20000}\nrtp_end_port = {base + 1100 if base < 60000 else 20100}\n"
-        daemon = await start_daemon(workdir, config + BASE_CONFIG + '[callrecord]\ntype = "local"\nroot = "{workdir}/cdr"\n')
-        self.addCleanup(daemon.stop)
         sipp_port = free_port(socket.SOCK_DGRAM)
+        daemon = await start_daemon(workdir, config + BASE_CONFIG + '[callrecord]\ntype = "local"\nroot = "{workdir}/cdr"\n'
+                                    + extra_config.replace("SIPP_PORT", str(sipp_port)))
+        self.addCleanup(daemon.stop)
         sipp = Daemon()
         argv = ["sipp", *sipp_args, "-p", str(sipp_port), "-i", "127.0.0.1",
                 "-mp", str(free_port(socket.SOCK_DGRAM)), "-m", "1", "-nostdin", "-timeout", "60s"]
@@ -139,6 +140,19 @@ class OutboundSipCallTests(TestCase):
             record = json.load(f)
         self.assertEqual((record["callType"], record["statusCode"], record["hangupReason"]), ("sip", 486, "byCallee"))
         self.assertNotIn("answerTime", record)
+
+    async def test_rewrites_pick_where_the_invite_goes(self) -> None:
+        """A [[rewrites]] rule sends the INVITE to the rewritten host:port; the Request-URI stays as dialled."""
+        rule = '[[rewrites]]\nmatch = "sip:(\\\\d+)@pbx\\\\.invalid"\nrewrite = "sip:$1@127.0.0.1:SIPP_PORT"\n'
+        daemon, sipp_port, (client, sipp) = await self._setup(
+            ["-sf", os.path.join(SCENARIOS, "uas_486.xml"), "-trace_msg", "-message_file", "msgs.log"], rule)
+        client.send({"command": "invite", "option": {"callee": "sip:1001@pbx.invalid"}})
+        reject = await client.wait_event("reject", trackId="sip-e2e")
+        self.assertEqual(reject["code"], 486)
+        (code,) = await sipp.wait_exit()
+        self.assertEqual(code, 0, sipp.output[-2000:])
+        with open(os.path.join(self.workdir, "msgs.log"), errors="replace") as f:
+            self.assertIn("INVITE sip:1001@pbx.invalid SIP/2.0", f.read())
 
     async def test_client_closing_while_ringing_sends_cancel(self) -> None:
         """Closing the socket while the callee rings sends CANCEL; SIPp sees it and the call record says canceled."""
