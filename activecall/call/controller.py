@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from activecall.call.legs import WebSocketLeg
-from activecall.call.sipleg import InboundSipLeg, OutboundSipLeg
+from activecall.call.sipleg import InboundSipLeg, OutboundSipLeg, answer_reoffer
 from activecall.call.record import CallRecord, RecorderFile, build_call_record, hangup_reason_from_command, hangup_reason_from_name
 from activecall.call.recordstore import file_sizes
 from activecall.call.playback import FilePlay, Sentence, SstSource, TtsPlay, split_sentences, strip_emoji
@@ -116,6 +116,8 @@ class CallController:
         self._sip_status: Optional[int] = None
         self._ring_s: Optional[float] = None
         self._recorder_closed: Optional[Deferred[None]] = None
+        self._sdp_version = 1
+        self.on_hold = False
         self.recording_path: Optional[str] = None
         self._caller_to_rec: Optional[Resampler] = None
         self._agent_to_rec: Optional[Resampler] = None
@@ -226,6 +228,20 @@ class CallController:
         self.answered_at = self._services.clock.seconds()
         self.emit(ev.AnswerEvent(track_id=self.sid, timestamp=self.now_ms(), sdp=call.remote_sdp.decode("utf-8", "replace"), refer=False))
         self._after_answer(option, sender=type(cmd).name)
+
+    def reoffer(self, sdp: bytes) -> Optional[bytes]:
+        """A re-INVITE/UPDATE offer on an answered SIP leg: renegotiate in place."""
+        media = self._services.sip
+        leg_owner = self._inbound if self._inbound is not None else self._sip_leg
+        if media is None or leg_owner is None or self.leg is None or self.answered_at is None:
+            return None
+        self._sdp_version += 1
+        try:
+            answer = answer_reoffer(media, self.leg, sdp, leg_owner.sdp_session_id, self._sdp_version, self._services.ids)
+        except ValueError as e:
+            self._log.info("re-offer on {sid} not accepted: {e}", sid=self.sid, e=e)
+            return None
+        return answer.encode()
 
     def _on_provisional(self, response: Any) -> None:
         if response.status > 100:
@@ -984,10 +1000,13 @@ class _SipListener:
             self._c.remote_hangup(inbound=True)
 
     def on_reinvite(self, sdp: bytes) -> Optional[bytes]:
-        held = _is_hold(sdp)
         c = self._c
-        c.emit(ev.HoldEvent(track_id=c.sid, timestamp=c.now_ms(), on_hold=held, refer=False))
-        return None  # the user agent answers with our SDP, direction mirrored
+        answer = c.reoffer(sdp) if sdp else None
+        held = _is_hold(sdp)
+        if held != c.on_hold:
+            c.on_hold = held
+            c.emit(ev.HoldEvent(track_id=c.sid, timestamp=c.now_ms(), on_hold=held, refer=False))
+        return answer  # None: the user agent answers with our last SDP, direction mirrored
 
     def on_info(self, request: Any) -> None:
         body = request.body.decode("utf-8", "replace")

@@ -97,6 +97,7 @@ class OutboundSipLeg:
         self.endpoint: Optional[RtpEndpoint] = None
         self.offer: Optional[LocalOffer] = None
         self.call: Any = None
+        self.sdp_session_id = 0
 
     def srtp(self) -> bool:
         """Per-call ``sip.enable_srtp`` wins over the config's ``enable_srtp``."""
@@ -111,8 +112,9 @@ class OutboundSipLeg:
         self.endpoint = RtpEndpoint(media.reactor, media.allocator, bind_ip=media.bind_ip, latching=media.latching)
         port = self.endpoint.start()
         crypto = [generate_crypto(1, AES_CM_128_HMAC_SHA1_80, self._rng)] if self.srtp() else []
+        self.sdp_session_id = self._rng.getrandbits(31)
         self.offer = build_offer(media.codecs, media.advertise_ip, port,
-                                 session_id=self._rng.getrandbits(31), crypto=crypto)
+                                 session_id=self.sdp_session_id, crypto=crypto)
         sip = self._option.sip
         headers = list((sip.headers or {}).items()) if sip is not None else []
         contact = sip.contact if sip is not None and sip.contact else None
@@ -160,10 +162,11 @@ class InboundSipLeg:
         srtp = bool(sip.enable_srtp) if sip is not None and sip.enable_srtp is not None else media.enable_srtp
         self.endpoint = RtpEndpoint(media.reactor, media.allocator, bind_ip=media.bind_ip, latching=media.latching)
         port = self.endpoint.start()
+        self.sdp_session_id = self._rng.getrandbits(31)
         try:
             self.answer_sdp, negotiated = answer_offer(
                 self.call.remote_sdp, media.codecs, media.advertise_ip, port,
-                session_id=self._rng.getrandbits(31), srtp=srtp,
+                session_id=self.sdp_session_id, srtp=srtp,
                 make_crypto=lambda tag, suite: generate_crypto(tag, suite, self._rng))
         except Exception:
             self.release()
@@ -177,3 +180,18 @@ class InboundSipLeg:
         if self.leg is None and self.endpoint is not None:
             endpoint, self.endpoint = self.endpoint, None
             endpoint.stop()
+
+
+def answer_reoffer(media: SipMedia, leg: RtpLeg, offer: bytes, session_id: int, version: int, rng: Any) -> str:
+    """Answer a re-INVITE's offer on the same RTP port and keys, and update the running leg.
+
+    Hold, a codec change or a new remote address take effect without a gap
+    (RFC 3264 §8); raises ValueError when the offer is not acceptable.
+    """
+    current = leg.negotiated
+    answer, negotiated = answer_offer(
+        offer, media.codecs, media.advertise_ip, leg.local_port, session_id=session_id, session_version=version,
+        srtp=current.srtp, make_crypto=lambda tag, suite: generate_crypto(tag, suite, rng),
+        local_crypto=current.local_crypto)
+    leg.update(negotiated)
+    return answer

@@ -141,6 +141,19 @@ class OutboundSipCallTests(TestCase):
         self.assertEqual((record["callType"], record["statusCode"], record["hangupReason"]), ("sip", 486, "byCallee"))
         self.assertNotIn("answerTime", record)
 
+    async def test_hold_and_resume_by_the_callee(self) -> None:
+        """The callee's re-INVITEs: sendonly gives hold{onHold:true} and a recvonly answer, sendrecv resumes."""
+        daemon, sipp_port, (client, sipp) = await self._setup(["-sf", os.path.join(SCENARIOS, "uas_hold_resume.xml")])
+        client.send({"command": "invite", "option": {"callee": f"sip:agent@127.0.0.1:{sipp_port}"}})
+        await client.wait_event("answer", trackId="sip-e2e")
+        hold = await client.wait_event("hold", onHold=True)
+        self.assertEqual(hold["trackId"], "sip-e2e")
+        await client.wait_event("hold", onHold=False)
+        client.send({"command": "hangup"})
+        await client.wait_closed()
+        (code,) = await sipp.wait_exit()
+        self.assertEqual(code, 0, sipp.output[-3000:])
+
     async def test_rewrites_pick_where_the_invite_goes(self) -> None:
         """A [[rewrites]] rule sends the INVITE to the rewritten host:port; the Request-URI stays as dialled."""
         rule = '[[rewrites]]\nmatch = "sip:(\\\\d+)@pbx\\\\.invalid"\nrewrite = "sip:$1@127.0.0.1:SIPP_PORT"\n'
