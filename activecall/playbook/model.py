@@ -1,0 +1,620 @@
+"""Playbook files: name resolution, parsing, validation and scenes (playbook.md §1–§5).
+
+A playbook is ``---`` + YAML front matter + ``---`` + a Markdown body split
+into ``# Scene: <id>`` sections.  :func:`load_playbook` resolves a name (or
+inline text), reads the file anew and returns a frozen :class:`Playbook`;
+every problem raises :class:`PlaybookError` whose message names the file, the
+YAML line when known, and the dotted key path.
+
+Pure module: stdlib and pyyaml only (file reading is a plain blocking ``open``;
+callers on the reactor thread should run :func:`load_playbook` in a thread).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import yaml  # type: ignore[import-untyped]
+
+from activecall.control.options import (
+    AgcOption,
+    AmbianceOption,
+    CallOption,
+    CommandError,
+    EouOption,
+    RealtimeOption,
+    RecorderOption,
+    RingbackDetectionOption,
+    SipOption,
+    SynthesisOption,
+    TranscriptionOption,
+    VadOption,
+    WireObject,
+    check_bool,
+    check_map,
+    check_str,
+    check_str_list,
+    check_u64,
+    one_of,
+)
+
+__all__ = [
+    "DEFAULT_BASE_DIR",
+    "OPTION_KEYS",
+    "DtmfAction",
+    "FollowUp",
+    "Playbook",
+    "PlaybookError",
+    "PlaybookNotFound",
+    "Scene",
+    "expand_env",
+    "load_playbook",
+    "parse_playbook",
+    "parse_scene",
+    "resolve_playbook_path",
+    "split_scenes",
+]
+
+DEFAULT_BASE_DIR = "config/playbook"
+INLINE_SOURCE = "<inline>"
+
+# Front matter keys that become the call's options (§4), in wire spelling.
+OPTION_KEYS: tuple[str, ...] = (
+    "asr",
+    "tts",
+    "vad",
+    "denoise",
+    "agc",
+    "recorder",
+    "extra",
+    "realtime",
+    "eou",
+    "sip",
+    "ambiance",
+    "ringbackDetection",
+)
+
+
+class PlaybookError(ValueError):
+    """A playbook that cannot be loaded; ``str()`` is the full message (file, line, key path)."""
+
+    def __init__(self, message: str, *, source: str = "", line: int | None = None) -> None:
+        where = source + (f":{line}" if line is not None and source else "")
+        full = f"{where}: {message}" if where else message
+        super().__init__(full)
+        self.message: str = full
+        self.source: str = source
+        self.line: int | None = line
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class PlaybookNotFound(PlaybookError):
+    """The named playbook file does not exist (§13.3 step 4: ``Reason: Playbook Not Found``)."""
+
+
+# --- §1 name resolution ----------------------------------------------------------------------
+
+
+def resolve_playbook_path(value: str, base_dir: str = DEFAULT_BASE_DIR) -> str | None:
+    """Return the file path for a playbook name, or ``None`` when ``value`` is inline text."""
+    if value.strip().startswith("---"):
+        return None
+    prefix = base_dir.rstrip("/") + "/"
+    if os.path.isabs(value) or value.startswith(prefix):
+        return value
+    return os.path.join(base_dir, value)
+
+
+def load_playbook(
+    value: str, environ: Mapping[str, str], *, base_dir: str = DEFAULT_BASE_DIR
+) -> Playbook:
+    """Resolve ``value`` (§1), read the file anew and parse it; raises PlaybookError."""
+    path = resolve_playbook_path(value, base_dir)
+    if path is None:
+        # Inline text: the trimmed value is what "starts with ---" was tested on.
+        return parse_playbook(value.strip(), environ, INLINE_SOURCE)
+    try:
+        # utf-8, not utf-8-sig: a BOM must stay visible so rule §2.1 rejects it.
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise PlaybookNotFound("playbook not found", source=path) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise PlaybookError(f"cannot read playbook: {e}", source=path) from None
+    return parse_playbook(text, environ, path)
+
+
+# --- §3.1 ${VAR} -----------------------------------------------------------------------------
+
+_ENV_REF = re.compile(r"\$\{([^}]+)\}")
+
+
+def expand_env(text: str, environ: Mapping[str, str]) -> str:
+    """Replace each ``${NAME}`` by ``environ[NAME]``; unknown names stay verbatim."""
+    return _ENV_REF.sub(lambda m: environ.get(m.group(1), m.group(0)), text)
+
+
+# --- §5 scenes ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DtmfAction:
+    """One keypad action (§11.1): ``goto`` a scene, ``transfer`` to a target, or ``hangup``."""
+
+    action: str
+    scene: str | None = None
+    target: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FollowUp:
+    """Re-prompt policy on caller silence (§10): ``timeout`` ms, at most ``max_count`` in a row."""
+
+    timeout: int
+    max_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Scene:
+    """One ``# Scene:`` section: prompt without tags, its DTMF map, entry audio and follow-up."""
+
+    id: str
+    prompt: str
+    raw: str
+    dtmf: Mapping[str, DtmfAction] = field(default_factory=dict)
+    play: str | None = None
+    followup: FollowUp | None = None
+
+
+DTMF_ACTIONS: tuple[str, ...] = ("goto", "transfer", "hangup")
+_SCENE_HEADER = "# Scene:"
+_DTMF_TAG = re.compile(
+    r'<dtmf\s+digit="([^"]*)"\s+action="([^"]*)"'
+    r'(?:\s+scene="([^"]*)")?(?:\s+target="([^"]*)")?\s*/>'
+)
+_PLAY_TAG = re.compile(r'<play\s+file="([^"]*)"\s*/>')
+_FOLLOWUP_TAG = re.compile(r'<followup\s+timeout="(\d+)"\s+max="(\d+)"\s*/>')
+
+
+def parse_scene(scene_id: str, raw: str) -> Scene:
+    """Build a Scene from its raw text: collect and strip the dtmf/play/followup tags (§5)."""
+    dtmf: dict[str, DtmfAction] = {}
+    for m in _DTMF_TAG.finditer(raw):
+        digit, action, scene, target = m.groups()
+        # Tags with other actions are stripped but do nothing.
+        if action in DTMF_ACTIONS:
+            dtmf[digit] = DtmfAction(action=action, scene=scene, target=target)
+    play_match = _PLAY_TAG.search(raw)
+    follow_match = _FOLLOWUP_TAG.search(raw)
+    prompt = _FOLLOWUP_TAG.sub("", _PLAY_TAG.sub("", _DTMF_TAG.sub("", raw))).strip()
+    return Scene(
+        id=scene_id,
+        prompt=prompt,
+        raw=raw,
+        dtmf=dtmf,
+        play=play_match.group(1) if play_match else None,
+        followup=(
+            FollowUp(timeout=int(follow_match.group(1)), max_count=int(follow_match.group(2)))
+            if follow_match
+            else None
+        ),
+    )
+
+
+def split_scenes(body: str) -> tuple[dict[str, Scene], str | None]:
+    """Split a body into scenes; return them and the initial scene id (None for an empty body)."""
+    body = body.strip()
+    if not body:
+        return {}, None
+    sections: list[tuple[str, list[str]]] = []
+    preamble: list[str] = []
+    for line in body.split("\n"):
+        if line.startswith(_SCENE_HEADER):
+            sections.append((line[len(_SCENE_HEADER) :].strip(), []))
+        elif sections:
+            sections[-1][1].append(line)
+        else:
+            preamble.append(line)
+    scenes: dict[str, Scene] = {}
+    initial: str | None = None
+    pre_text = "\n".join(preamble).strip()
+    # Text before the first header is its own scene "default", not a shared prompt.
+    if pre_text:
+        scenes["default"] = parse_scene("default", pre_text)
+        initial = "default"
+    for scene_id, lines in sections:
+        scenes[scene_id] = parse_scene(scene_id, "\n".join(lines).strip())  # last wins
+        if initial is None:
+            initial = scene_id
+    return scenes, initial
+
+
+# --- §4 schema: key normalization ------------------------------------------------------------
+
+# A schema maps each canonical key to the schema of its value (None = leaf or
+# free-form map whose keys are left alone); "*" means "every key of this map".
+_Schema = dict[str, Any]
+
+
+def _wire_schema(cls: type[WireObject]) -> _Schema:
+    keys: _Schema = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        spec = f.metadata.get("wire")
+        if spec is not None:
+            for key in (spec.key, *spec.aliases):
+                keys[key] = None
+    return keys
+
+
+_LLM_FIELDS = (
+    "provider", "model", "baseUrl", "apiKey", "prompt", "greeting", "language",
+    "features", "repairWindowMs", "summaryLimit", "toolInstructions",
+)  # fmt: skip
+_COLLECTOR_SCHEMA: _Schema = {
+    **dict.fromkeys(
+        ("description", "digits", "minDigits", "maxDigits", "finishKey", "timeout",
+         "interDigitTimeout", "retryTimes", "interruptible")  # fmt: skip
+    ),
+    "validation": dict.fromkeys(("pattern", "errorMessage")),
+}
+_SCHEMA: _Schema = {
+    "asr": _wire_schema(TranscriptionOption),
+    "tts": _wire_schema(SynthesisOption),
+    "vad": _wire_schema(VadOption),
+    "agc": _wire_schema(AgcOption),
+    "recorder": _wire_schema(RecorderOption),
+    "realtime": _wire_schema(RealtimeOption),
+    "eou": _wire_schema(EouOption),
+    "sip": _wire_schema(SipOption),
+    "ambiance": _wire_schema(AmbianceOption),
+    "ringbackDetection": _wire_schema(RingbackDetectionOption),
+    "denoise": None,
+    "extra": None,
+    "greeting": None,
+    "llm": dict.fromkeys(_LLM_FIELDS),
+    "interruption": dict.fromkeys(
+        ("strategy", "ignoreFirstMs", "fillerWordFilter", "volumeFadeMs", "minSpeechMs")
+    ),
+    "followUp": dict.fromkeys(("timeout", "maxCount")),
+    "dtmf": {"*": dict.fromkeys(("action", "scene", "target"))},
+    "dtmfCollectors": {"*": _COLLECTOR_SCHEMA},
+    "posthook": dict.fromkeys(
+        ("url", "summary", "method", "headers", "includeHistory", "timeout")
+    ),
+}
+# Spellings from AC's docs and examples (§4), accepted with a warning.
+_DOC_SPELLINGS = {"followup": "followUp", "max": "maxCount"}
+_UPPER = re.compile(r"[A-Z]")
+
+
+def _camel(key: str) -> str:
+    head, *rest = key.split("_")
+    return head + "".join(p[:1].upper() + p[1:] for p in rest)
+
+
+def _snake(key: str) -> str:
+    return _UPPER.sub(lambda m: "_" + m.group(0).lower(), key)
+
+
+def _canonical(key: object, schema: _Schema) -> object:
+    """The schema spelling of ``key`` (itself when known or unknown)."""
+    if not isinstance(key, str) or key in schema:
+        return key
+    for twin in (_DOC_SPELLINGS.get(key), _camel(key), _snake(key)):
+        if twin is not None and twin in schema:
+            return twin
+    return key
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _normalize(value: Any, schema: _Schema | None, path: str, warnings: list[str]) -> Any:
+    """Rename snake/camel twins to the schema spelling, recording a warning for each."""
+    if schema is None or not isinstance(value, dict):
+        return value
+    if "*" in schema:
+        # Name -> item maps (dtmf digits, collector names); YAML may give digits as ints.
+        return {
+            str(k): _normalize(v, schema["*"], _join(path, k), warnings) for k, v in value.items()
+        }
+    out: dict[Any, Any] = {}
+    for key, item in value.items():
+        canon = _canonical(key, schema)
+        if canon != key:
+            if canon in value:
+                warnings.append(
+                    f"{_join(path, key)} ignored: {_join(path, canon)} is also given"
+                )
+                continue
+            warnings.append(f"{_join(path, key)} accepted as {_join(path, canon)}")
+        sub = schema.get(canon) if isinstance(canon, str) else None
+        out[canon] = _normalize(item, sub, _join(path, canon), warnings)
+    return out
+
+
+def _key_lines(node: yaml.Node, schema: _Schema | None, path: str, out: dict[str, int]) -> None:
+    """Record the 1-based line of every mapping key, under its normalized dotted path."""
+    if not isinstance(node, yaml.MappingNode):
+        return
+    for key_node, value_node in node.value:
+        raw = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+        if raw is None:
+            continue
+        if schema is not None and "*" in schema:
+            canon: object = raw
+            sub = schema["*"]
+        elif schema is not None:
+            canon = _canonical(raw, schema)
+            sub = schema.get(canon) if isinstance(canon, str) else None
+        else:
+            canon, sub = raw, None
+        child = _join(path, canon)
+        # The front matter starts right after "---" on line 1, so YAML line 0 is file line 1.
+        out.setdefault(child, key_node.start_mark.line + 1)
+        _key_lines(value_node, sub, child, out)
+
+
+# --- §4 schema: types --------------------------------------------------------------------------
+
+Checker = Callable[[Any, str], Any]
+_Fields = Mapping[str, tuple[Checker, bool]]  # key -> (checker, required)
+
+
+def _check_fields(obj: Any, path: str, fields: _Fields) -> None:
+    if not isinstance(obj, dict):
+        raise CommandError.invalid(path, "expected a map")
+    for key, (check, required) in fields.items():
+        if obj.get(key) is not None:
+            check(obj[key], f"{path}.{key}")
+        elif required:
+            raise CommandError.missing(f"{path}.{key}")
+
+
+def _map_of(fields: _Fields) -> Checker:
+    def check(value: Any, path: str) -> Any:
+        if not isinstance(value, dict):
+            raise CommandError.invalid(path, "expected a map")
+        for name, item in value.items():
+            _check_fields(item, f"{path}.{name}", fields)
+        return value
+
+    return check
+
+
+def _nested(fields: _Fields) -> Checker:
+    def check(value: Any, path: str) -> Any:
+        _check_fields(value, path, fields)
+        return value
+
+    return check
+
+
+def _int(value: Any, path: str) -> int:
+    result: int = check_u64(value, path)
+    return result
+
+
+_LLM_TYPES: _Fields = {
+    "provider": (check_str, True),
+    "model": (check_str, False),
+    "baseUrl": (check_str, False),
+    "apiKey": (check_str, False),
+    "prompt": (check_str, False),
+    "greeting": (check_str, False),
+    "language": (check_str, False),
+    "features": (check_str_list, False),
+    "repairWindowMs": (_int, False),
+    "summaryLimit": (_int, False),
+    "toolInstructions": (check_str, False),
+}
+_OTHER_TYPES: _Fields = {
+    "greeting": (check_str, False),
+    "interruption": (
+        _nested(
+            {
+                "strategy": (one_of(("both", "vad", "asr", "none")), False),
+                "ignoreFirstMs": (_int, False),
+                "fillerWordFilter": (check_bool, False),
+                "volumeFadeMs": (_int, False),
+                "minSpeechMs": (_int, False),
+            }
+        ),
+        False,
+    ),
+    "followUp": (_nested({"timeout": (_int, True), "maxCount": (_int, True)}), False),
+    "dtmf": (
+        _map_of(
+            {
+                "action": (check_str, True),
+                "scene": (check_str, False),
+                "target": (check_str, False),
+            }
+        ),
+        False,
+    ),
+    "dtmfCollectors": (
+        _map_of(
+            {
+                "description": (check_str, False),
+                "digits": (_int, False),
+                "minDigits": (_int, False),
+                "maxDigits": (_int, False),
+                "finishKey": (one_of(("#", "*")), False),
+                "timeout": (_int, False),
+                "interDigitTimeout": (_int, False),
+                "validation": (
+                    _nested({"pattern": (check_str, True), "errorMessage": (check_str, False)}),
+                    False,
+                ),
+                "retryTimes": (_int, False),
+                "interruptible": (check_bool, False),
+            }
+        ),
+        False,
+    ),
+    "posthook": (
+        _nested(
+            {
+                "url": (check_str, True),
+                "summary": (check_str, False),
+                "method": (check_str, False),
+                "headers": (check_map, False),
+                "includeHistory": (check_bool, False),
+                "timeout": (_int, False),
+            }
+        ),
+        False,
+    ),
+}
+_ERROR_PATH = re.compile(r"^(?:invalid|missing field) ([^:\s]+)")
+
+
+# --- the playbook ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Playbook:
+    """A parsed playbook.
+
+    ``front_matter`` is after ``${VAR}`` expansion, key normalization and the
+    ``llm`` fill-ins (§2.5); ``option`` holds the option-bearing keys (§4);
+    ``text`` is the file as read, for the load-time ``{{ }}`` render (§3.3).
+    """
+
+    source: str
+    text: str
+    front_matter: dict[str, Any]
+    option: CallOption
+    greeting: str | None
+    llm: dict[str, Any]
+    scenes: dict[str, Scene]
+    initial_scene: str | None
+    dtmf: Mapping[str, DtmfAction] = field(default_factory=dict)
+    follow_up: FollowUp | None = None
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def prompt(self) -> str:
+        """The initial system prompt: the initial scene's, else ``llm.prompt``, else empty."""
+        prompt = self.llm.get("prompt")
+        return prompt if isinstance(prompt, str) else ""
+
+    def call_option(self, given: CallOption | None = None) -> CallOption:
+        """The call's option: ``given`` (invite/accept) filled from the playbook's (§4),
+        then empty ``secretKey`` of asr/tts/realtime/eou set to ``llm.apiKey``."""
+        merged = self.option if given is None else given.merged_over(self.option)
+        api_key = self.llm.get("apiKey")
+        if not api_key:
+            return merged
+        changes: dict[str, Any] = {}
+        for name in ("asr", "tts", "realtime", "eou"):
+            sub = getattr(merged, name)
+            if sub is not None and not sub.secret_key:
+                changes[name] = dataclasses.replace(sub, secret_key=api_key)
+        return dataclasses.replace(merged, **changes) if changes else merged
+
+
+def _split(text: str, source: str) -> tuple[str, str]:
+    """Cut at the first two ``---`` anywhere (§2.2): (yaml text, body)."""
+    if not text.startswith("---"):
+        hint = " (found a byte-order mark)" if text.startswith("\ufeff") else ""
+        raise PlaybookError(f"a playbook must begin with '---'{hint}", source=source, line=1)
+    end = text.find("---", 3)
+    if end < 0:
+        raise PlaybookError("front matter has no closing '---'", source=source)
+    return text[3:end], text[end + 3 :]
+
+
+def parse_playbook(text: str, environ: Mapping[str, str], source: str) -> Playbook:
+    """Parse playbook ``text`` read from ``source`` (used in messages); raises PlaybookError."""
+    yaml_text, body = _split(text, source)
+    yaml_text = expand_env(yaml_text, environ)
+    try:
+        node = yaml.compose(yaml_text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(yaml_text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        problem = getattr(e, "problem", None) or str(e)
+        raise PlaybookError(
+            f"invalid YAML front matter: {problem}",
+            source=source,
+            line=mark.line + 1 if mark is not None else None,
+        ) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise PlaybookError("front matter must be a YAML map", source=source, line=1)
+
+    warnings: list[str] = []
+    fm: dict[str, Any] = _normalize(data, _SCHEMA, "", warnings)
+    lines: dict[str, int] = {}
+    if node is not None:
+        _key_lines(node, _SCHEMA, "", lines)
+
+    def fail(e: CommandError, prefix: str = "") -> PlaybookError:
+        message = e.message.replace(" option.", " ", 1) if prefix else e.message
+        m = _ERROR_PATH.match(message)
+        line = None
+        if m:
+            # The deepest known key on the path (a missing key points at its parent).
+            parts = m.group(1).split(".")
+            while parts and line is None:
+                line = lines.get(".".join(parts))
+                parts.pop()
+        return PlaybookError(message, source=source, line=line)
+
+    try:
+        option = CallOption.from_mapping({k: fm[k] for k in OPTION_KEYS if k in fm}, "option")
+    except CommandError as e:
+        raise fail(e, "option") from None
+
+    llm_value = fm.get("llm")
+    if llm_value is None:
+        # AC answers and does nothing; activecall refuses the playbook (§2.6).
+        raise PlaybookError("missing llm section (llm.provider is required)", source=source)
+    try:
+        _check_fields(llm_value, "llm", _LLM_TYPES)
+        for key, (check, _required) in _OTHER_TYPES.items():
+            if fm.get(key) is not None:
+                check(fm[key], key)
+    except CommandError as e:
+        raise fail(e) from None
+
+    scenes, initial = split_scenes(body)
+    llm = dict(llm_value)
+    for key, env in (("apiKey", "OPENAI_API_KEY"), ("baseUrl", "OPENAI_BASE_URL"),
+                     ("model", "OPENAI_MODEL")):  # fmt: skip
+        if not llm.get(key) and environ.get(env):
+            llm[key] = environ[env]
+    if initial is not None:
+        llm["prompt"] = scenes[initial].prompt
+    fm["llm"] = llm
+
+    greeting = fm.get("greeting")
+    if greeting is None:
+        greeting = llm.get("greeting")
+    follow = fm.get("followUp")
+    return Playbook(
+        source=source,
+        text=text,
+        front_matter=fm,
+        option=option,
+        greeting=greeting,
+        llm=llm,
+        scenes=scenes,
+        initial_scene=initial,
+        dtmf={
+            digit: DtmfAction(action=a["action"], scene=a.get("scene"), target=a.get("target"))
+            for digit, a in (fm.get("dtmf") or {}).items()
+        },
+        follow_up=FollowUp(follow["timeout"], follow["maxCount"]) if follow else None,
+        warnings=tuple(warnings),
+    )

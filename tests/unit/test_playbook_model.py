@@ -1,0 +1,322 @@
+"""Tests for activecall.playbook.model: resolution, parsing, validation, key twins and scenes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from activecall.control.options import CallOption, TranscriptionOption
+from activecall.playbook.model import (
+    Playbook,
+    PlaybookError,
+    PlaybookNotFound,
+    expand_env,
+    load_playbook,
+    parse_playbook,
+    resolve_playbook_path,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_MD = str(REPO / "etc" / "playbook" / "default.md")
+OPENAI_ENV = {
+    "OPENAI_API_KEY": "sk-test",
+    "OPENAI_BASE_URL": "http://llm.local/v1",
+    "OPENAI_MODEL": "gpt-test",
+}
+LLM = "llm:\n  provider: openai\n"
+
+
+def parse(front: str, body: str = "Hello.", env: dict[str, str] | None = None) -> Playbook:
+    """Parse a playbook built from front matter and body text."""
+    return parse_playbook(f"---\n{front}---\n{body}", env or {}, "t.md")
+
+
+class ResolveTests(SynchronousTestCase):
+    """Name resolution (§1)."""
+
+    def test_inline(self) -> None:
+        """Text whose trimmed form starts with --- is inline (None)."""
+        self.assertIsNone(resolve_playbook_path("  \n---\nllm: {}\n---\n"))
+
+    def test_relative_name(self) -> None:
+        """A bare name is looked up under config/playbook."""
+        self.assertEqual(resolve_playbook_path("a.md"), "config/playbook/a.md")
+
+    def test_prefixed_and_absolute(self) -> None:
+        """A config/playbook/ prefixed or absolute value is used as-is."""
+        self.assertEqual(resolve_playbook_path("config/playbook/a.md"), "config/playbook/a.md")
+        self.assertEqual(resolve_playbook_path("/srv/a.md"), "/srv/a.md")
+
+    def test_missing_file(self) -> None:
+        """A missing file raises PlaybookNotFound naming the path."""
+        with tempfile.TemporaryDirectory() as d:
+            with self.assertRaises(PlaybookNotFound) as cm:
+                load_playbook("nope.md", {}, base_dir=d)
+        self.assertIn("nope.md", str(cm.exception))
+
+    def test_reads_anew(self) -> None:
+        """Each load reads the file again, so edits take effect."""
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "p.md")
+            Path(path).write_text(f"---\n{LLM}greeting: one\n---\nx")
+            self.assertEqual(load_playbook("p.md", {}, base_dir=d).greeting, "one")
+            Path(path).write_text(f"---\n{LLM}greeting: two\n---\nx")
+            self.assertEqual(load_playbook("p.md", {}, base_dir=d).greeting, "two")
+
+    def test_inline_load(self) -> None:
+        """Inline text is parsed directly with source <inline>."""
+        p = load_playbook(f"\n---\n{LLM}---\nBe brief.", {})
+        self.assertEqual((p.source, p.llm["prompt"]), ("<inline>", "Be brief."))
+
+
+class DefaultPlaybookTests(SynchronousTestCase):
+    """The shipped etc/playbook/default.md."""
+
+    def test_with_env(self) -> None:
+        """With OPENAI_* set, ${VAR}s expand and the options are built."""
+        p = load_playbook(DEFAULT_MD, OPENAI_ENV)
+        self.assertEqual(p.llm["apiKey"], "sk-test")
+        self.assertEqual(p.llm["model"], "gpt-test")
+        self.assertEqual(p.llm["baseUrl"], "http://llm.local/v1")
+        assert p.option.tts is not None and p.option.asr is not None and p.option.vad is not None
+        self.assertEqual(p.option.tts.provider, "piper")
+        self.assertEqual(p.option.asr.provider, "whisper")
+        self.assertEqual(p.option.vad.type, "silero")
+        self.assertEqual(p.initial_scene, "main")
+        self.assertTrue(p.llm["prompt"].startswith("You are a friendly"))
+        self.assertIn("activecall assistant", p.greeting or "")
+        self.assertEqual(p.warnings, ())
+
+    def test_without_env(self) -> None:
+        """Without the env vars it still loads, with the ${VAR} text left verbatim."""
+        p = load_playbook(DEFAULT_MD, {})
+        self.assertEqual(p.llm["apiKey"], "${OPENAI_API_KEY}")
+        self.assertEqual(p.llm["provider"], "openai")
+
+    def test_pure_module(self) -> None:
+        """Importing the model does not import the Twisted reactor."""
+        code = (
+            "import sys, activecall.playbook.model; "
+            "sys.exit('twisted.internet.reactor' in sys.modules)"
+        )
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+class ParsingTests(SynchronousTestCase):
+    """File structure, ${VAR} and the --- rule (§2, §3.1)."""
+
+    def test_must_begin_with_dashes(self) -> None:
+        """A leading blank line or a BOM is a load error."""
+        for text in (f"\n---\n{LLM}---\nx", f"\ufeff---\n{LLM}---\nx"):
+            with self.assertRaises(PlaybookError) as cm:
+                parse_playbook(text, {}, "x.md")
+            self.assertIn("x.md:1: a playbook must begin with '---'", str(cm.exception))
+
+    def test_no_closing(self) -> None:
+        """Front matter without a second --- is a load error."""
+        self.assertRaises(PlaybookError, parse_playbook, f"---\n{LLM}", {}, "x.md")
+
+    def test_cut_anywhere(self) -> None:
+        """The second --- ends the YAML even inside a string; later --- are body text."""
+        p = parse(f"{LLM}greeting: a---b\n", body="x")
+        # YAML is cut at "a", the rest is body.
+        self.assertEqual(p.greeting, "a")
+        self.assertEqual(p.scenes["default"].prompt, "b\n---\nx")
+
+    def test_env_expansion(self) -> None:
+        """${VAR} expands in the front matter (unquoted numbers work) but not in the body."""
+        p = parse("tts:\n  speed: ${S}\n" + LLM + "  model: ${NOPE}\n", "say ${S}", {"S": "1.5"})
+        assert p.option.tts is not None
+        self.assertEqual(p.option.tts.speed, 1.5)
+        self.assertEqual(p.llm["model"], "${NOPE}")
+        self.assertEqual(p.llm["prompt"], "say ${S}")
+
+    def test_expand_env(self) -> None:
+        """expand_env replaces known names and keeps unknown ones."""
+        self.assertEqual(expand_env("${A}-${B}-${}", {"A": "1"}), "1-${B}-${}")
+
+    def test_yaml_error_line(self) -> None:
+        """A YAML syntax error names the file and line."""
+        with self.assertRaises(PlaybookError) as cm:
+            parse(LLM + "tts: [1\n")
+        self.assertRegex(str(cm.exception), r"^t\.md:\d+: invalid YAML front matter")
+
+    def test_env_fill_only_when_empty(self) -> None:
+        """Empty llm apiKey/baseUrl/model are filled from OPENAI_*; given ones are kept."""
+        p = parse(LLM + '  model: mine\n  apiKey: ""\n', env=OPENAI_ENV)
+        self.assertEqual(p.llm["model"], "mine")
+        self.assertEqual(p.llm["apiKey"], "sk-test")
+        self.assertEqual(p.llm["baseUrl"], "http://llm.local/v1")
+
+
+class ValidationTests(SynchronousTestCase):
+    """Wrong types and a missing llm are load errors with clear messages (§2.3, §2.6)."""
+
+    def assertLoadError(self, front: str, expected: str) -> None:
+        """Parsing ``front`` raises PlaybookError whose message contains ``expected``."""
+        with self.assertRaises(PlaybookError) as cm:
+            parse(front)
+        self.assertIn(expected, str(cm.exception))
+
+    def test_missing_llm(self) -> None:
+        """A playbook without llm is refused."""
+        self.assertLoadError("tts:\n  provider: piper\n", "t.md: missing llm")
+
+    def test_llm_without_provider(self) -> None:
+        """llm.provider is required."""
+        self.assertLoadError("llm:\n  model: x\n", "t.md:2: missing field llm.provider")
+
+    def test_option_type(self) -> None:
+        """A wrong option type names the key path and its line."""
+        self.assertLoadError(
+            LLM + "vad:\n  speechPadding: soon\n", "t.md:5: invalid vad.speechPadding"
+        )
+
+    def test_denoise_type(self) -> None:
+        """denoise must be a boolean."""
+        self.assertLoadError(LLM + "denoise: yes please\n", "invalid denoise: expected a boolean")
+
+    def test_followup_without_max(self) -> None:
+        """followUp without maxCount is a load error."""
+        self.assertLoadError(
+            LLM + "followUp:\n  timeout: 5000\n", "t.md:4: missing field followUp.maxCount"
+        )
+
+    def test_extract_headers_objects(self) -> None:
+        """sip.extract_headers given as objects is a load error."""
+        self.assertLoadError(
+            LLM + "sip:\n  extract_headers:\n    - {name: X-A, pattern: '.*'}\n",
+            "invalid sip.extract_headers",
+        )
+
+    def test_llm_types(self) -> None:
+        """llm.features must be a list of strings."""
+        self.assertLoadError(LLM + "  features: nope\n", "t.md:4: invalid llm.features")
+
+    def test_dtmf_map_types(self) -> None:
+        """A global dtmf entry needs an action."""
+        self.assertLoadError(LLM + 'dtmf:\n  "1": {scene: a}\n', "missing field dtmf.1.action")
+
+    def test_front_matter_not_map(self) -> None:
+        """A front matter that is a list is refused."""
+        self.assertLoadError("- a\n", "front matter must be a YAML map")
+
+
+class KeyTwinTests(SynchronousTestCase):
+    """snake/camel twins and doc spellings are accepted with a warning (§4)."""
+
+    def test_twins(self) -> None:
+        """ringback_detection, speech_padding, api_key and extractHeaders are renamed."""
+        p = parse(
+            "llm:\n  provider: o\n  api_key: k\nvad:\n  speech_padding: 300\n"
+            "ringback_detection:\n  enabled: true\nsip:\n  extractHeaders: [X-A]\n"
+        )
+        assert p.option.vad is not None and p.option.sip is not None
+        self.assertEqual(p.option.vad.speech_padding, 300)
+        self.assertEqual(p.llm["apiKey"], "k")
+        self.assertTrue(p.option.ringback_detection and p.option.ringback_detection.enabled)
+        self.assertEqual(p.option.sip.extract_headers, ["X-A"])
+        self.assertIn("ringback_detection accepted as ringbackDetection", p.warnings)
+        self.assertIn("sip.extractHeaders accepted as sip.extract_headers", p.warnings)
+        self.assertEqual(len(p.warnings), 4)
+
+    def test_followup_max(self) -> None:
+        """followup/max become followUp/maxCount."""
+        p = parse(LLM + "followup:\n  timeout: 5000\n  max: 2\n")
+        self.assertEqual(p.front_matter["followUp"], {"timeout": 5000, "maxCount": 2})
+        self.assertEqual((p.follow_up and p.follow_up.max_count), 2)
+        self.assertEqual(len(p.warnings), 2)
+
+    def test_canonical_wins(self) -> None:
+        """When both spellings are given the canonical one wins and the twin is reported."""
+        p = parse(LLM + "vad:\n  speechPadding: 1\n  speech_padding: 2\n")
+        assert p.option.vad is not None
+        self.assertEqual(p.option.vad.speech_padding, 1)
+        self.assertIn("ignored", p.warnings[0])
+
+    def test_free_form_untouched(self) -> None:
+        """Keys inside extra and sip.headers keep their spelling."""
+        p = parse(LLM + "extra:\n  my_key: v\nsip:\n  headers:\n    x_snake: v\n")
+        self.assertEqual(p.option.extra, {"my_key": "v"})
+        assert p.option.sip is not None
+        self.assertEqual(p.option.sip.headers, {"x_snake": "v"})
+        self.assertEqual(p.warnings, ())
+
+
+class SceneTests(SynchronousTestCase):
+    """Scenes and scene tags (§5)."""
+
+    def test_no_headers(self) -> None:
+        """Without headers the whole body is scene default."""
+        p = parse(LLM, "  Just talk.  ")
+        self.assertEqual(list(p.scenes), ["default"])
+        self.assertEqual((p.initial_scene, p.llm["prompt"]), ("default", "Just talk."))
+
+    def test_preamble_is_default_and_initial(self) -> None:
+        """Text before the first header becomes the initial scene default."""
+        p = parse(LLM, "Intro.\n# Scene: a\nA text\n## Scene: not\n# Scene: b b \nB text")
+        self.assertEqual(list(p.scenes), ["default", "a", "b b"])
+        self.assertEqual(p.initial_scene, "default")
+        self.assertEqual(p.scenes["a"].prompt, "A text\n## Scene: not")
+
+    def test_first_header_initial_and_duplicates(self) -> None:
+        """Without a preamble the first header is initial; a duplicate id keeps the last text."""
+        p = parse(LLM, "# Scene: a\none\n# Scene: b\ntwo\n# Scene: a\nthree")
+        self.assertEqual(p.initial_scene, "a")
+        self.assertEqual(p.scenes["a"].prompt, "three")
+        self.assertEqual(p.llm["prompt"], "three")
+
+    def test_tags(self) -> None:
+        """dtmf, play and followup tags are collected and stripped; other tags stay."""
+        body = (
+            "# Scene: s\n"
+            '<play file="a.wav"/><play file="b.wav"/>\n'
+            '<dtmf digit="1" action="goto" scene="x"/>\n'
+            '<dtmf digit="0" action="transfer" target="sip:op@h"/>\n'
+            '<dtmf digit="9" action="dance"/>\n'
+            '<followup timeout="3000" max="2"/>\n'
+            'Say hi. <goto scene="x"/>'
+        )
+        s = parse(LLM, body).scenes["s"]
+        self.assertEqual(s.prompt, 'Say hi. <goto scene="x"/>')
+        self.assertEqual(s.play, "a.wav")
+        self.assertEqual(sorted(s.dtmf), ["0", "1"])
+        self.assertEqual(s.dtmf["1"].scene, "x")
+        self.assertEqual(s.dtmf["0"].target, "sip:op@h")
+        self.assertEqual((s.followup and (s.followup.timeout, s.followup.max_count)), (3000, 2))
+        self.assertIn("<play", s.raw)
+
+    def test_empty_body_keeps_llm_prompt(self) -> None:
+        """With an empty body there are no scenes and llm.prompt is kept."""
+        p = parse(LLM + "  prompt: from yaml\n", "  \n")
+        self.assertEqual((p.scenes, p.initial_scene, p.prompt), ({}, None, "from yaml"))
+
+
+class GreetingAndOptionTests(SynchronousTestCase):
+    """Greeting precedence and the call option (§4)."""
+
+    def test_greeting_precedence(self) -> None:
+        """Top-level greeting wins over llm.greeting, which is used otherwise."""
+        self.assertEqual(parse(LLM + "  greeting: b\ngreeting: a\n").greeting, "a")
+        self.assertEqual(parse(LLM + "  greeting: b\n").greeting, "b")
+        self.assertIsNone(parse(LLM).greeting)
+
+    def test_only_option_keys(self) -> None:
+        """Only option-bearing keys reach the CallOption."""
+        p = parse(LLM + "greeting: hi\nrecorder:\n  recorderFile: r.wav\neou:\n  type: x\n")
+        self.assertEqual(p.option.to_json().keys(), {"recorder", "eou", "sip", "codec",
+                                                      "sampleRate", "enableIpv6", "subscribe"})
+
+    def test_call_option_merge_and_secret(self) -> None:
+        """Invite options win, the playbook fills the rest, and empty secretKeys take llm.apiKey."""
+        p = parse(LLM + "  apiKey: K\nasr:\n  provider: a\ntts:\n  provider: t\n  secretKey: own\n")
+        given = CallOption(asr=TranscriptionOption(provider="mine"))
+        merged = p.call_option(given)
+        assert merged.asr is not None and merged.tts is not None
+        self.assertEqual((merged.asr.provider, merged.asr.secret_key), ("mine", "K"))
+        self.assertEqual((merged.tts.provider, merged.tts.secret_key), ("t", "own"))
