@@ -93,9 +93,9 @@ class DefaultPlaybookTests(SynchronousTestCase):
         self.assertEqual(p.warnings, ())
 
     def test_without_env(self) -> None:
-        """Without the env vars it still loads, with the ${VAR} text left verbatim."""
+        """Without the env vars it still loads; the LLM key is simply not set."""
         p = load_playbook(DEFAULT_MD, {})
-        self.assertEqual(p.llm["apiKey"], "${OPENAI_API_KEY}")
+        self.assertFalse(p.llm.get("apiKey"))
         self.assertEqual(p.llm["provider"], "openai")
 
     def test_pure_module(self) -> None:
