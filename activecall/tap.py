@@ -214,9 +214,12 @@ def makeService(options: Options) -> service.IService:
 
     from activecall.call.recordstore import CallRecordWriter, make_store
     from activecall.call.services import CallServices
-    from activecall.config import WebhookHandlerConfig, rewrite_target
+    import dataclasses
+
+    from activecall.config import PlaybookHandlerConfig, WebhookHandlerConfig, rewrite_target
+    from activecall.control.query import SessionParams
+    from activecall.handlers.playbook import PlaybookCallHandler
     from activecall.handlers.pending import PendingCalls
-    from activecall.handlers.router import UnavailableInboundHandler
     from activecall.handlers.webhook import WebhookCallHandler, WebhookNotifier
     from activecall.sip.registration import RegistrationService, fixed_retry
     from activecall.sip.security import SipGuard, Verdict
@@ -290,8 +293,15 @@ def makeService(options: Options) -> service.IService:
     if isinstance(config.handler, WebhookHandlerConfig):
         services.pending = PendingCalls(reactor, config.accept_timeout_s)
         handler = WebhookCallHandler(WebhookNotifier(config.handler, http_client, reactor), services.pending, reactor)
-    elif config.handler is not None:
-        handler = UnavailableInboundHandler()
+    elif isinstance(config.handler, PlaybookHandlerConfig):
+        def start_playbook_call(call: Any, playbook: Any) -> None:
+            session = sessions.open(SessionParams(sid=call.dialog_id, call_type="sip", dump=True, ping_s=0))
+            option = playbook.call_option()
+            if option.inactivity_timeout is None:
+                option = dataclasses.replace(option, inactivity_timeout=50)
+            session.controller.answer_with_playbook(call, option, playbook.greeting)
+
+        handler = PlaybookCallHandler(config.handler, start_playbook_call, run_blocking, os.environ)
     sip = build_sip_service(config, reactor, services.ids, handler,
                             admit=lambda ip, now: guard.admit(ip, now) is Verdict.ADMIT)
     sip.setServiceParent(sip_group)
@@ -302,7 +312,7 @@ def makeService(options: Options) -> service.IService:
     registrations.setServiceParent(sip_group)
 
     def refuse_new_calls() -> None:
-        if isinstance(handler, WebhookCallHandler):
+        if isinstance(handler, (WebhookCallHandler, PlaybookCallHandler)):
             handler.shutting_down = True
         if services.pending is not None:
             services.pending.reject_all()

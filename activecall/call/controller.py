@@ -117,6 +117,7 @@ class CallController:
         self._ring_s: Optional[float] = None
         self._recorder_closed: Optional[Deferred[None]] = None
         self._sdp_version = 1
+        self._greeting: Optional[str] = None
         self.on_hold = False
         self.recording_path: Optional[str] = None
         self._caller_to_rec: Optional[Resampler] = None
@@ -254,6 +255,10 @@ class CallController:
 
     def _on_media_ready(self) -> None:
         self.emit(ev.MediaReadyEvent(track_id=self.sid, timestamp=self.now_ms()))
+        greeting, self._greeting = self._greeting, None
+        if greeting and not self.ended:
+            # Playbooks speak only once the far end's RTP is recognised (protocol.md §6 item 22).
+            self.execute(cmds.TtsCommand(text=greeting, play_id="greeting", end_of_stream=True))
 
     def remote_hangup(self, inbound: bool = False) -> None:
         """The far end sent BYE (or CANCEL on an inbound call that rings)."""
@@ -332,6 +337,24 @@ class CallController:
         self.answered_at = self._services.clock.seconds()
         self.emit(ev.AnswerEvent(track_id=self.sid, timestamp=self.now_ms(), sdp=self._inbound.answer_sdp, refer=False))
         self._after_answer(option, sender="accept")
+
+    def answer_with_playbook(self, call: Any, option: CallOption, greeting: Optional[str]) -> None:
+        """A playbook-routed inbound call (config.md §5): answer at once; speak the greeting after mediaReady.
+
+        The conversation engine drives such calls in a later layer; until then the
+        call waits for commands (``POST /command/{id}``) after its greeting.
+        """
+        self.option = option
+        if not self._prepare_inbound(call, option, sender="accept"):
+            return
+        assert self._inbound is not None
+        call.answer(self._inbound.answer_sdp).addErrback(self._inbound_answer_failed)
+        call.listener = _SipListener(self, inbound=True)
+        self._sip_status = 200
+        self.answered_at = self._services.clock.seconds()
+        self.emit(ev.AnswerEvent(track_id=self.sid, timestamp=self.now_ms(), sdp=self._inbound.answer_sdp, refer=False))
+        self._after_answer(option, sender="accept")
+        self._greeting = greeting
 
     def _inbound_answer_failed(self, f: Failure) -> None:
         # The caller cancelled before our 200 (487) or never ACKed it (408).

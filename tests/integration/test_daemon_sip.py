@@ -301,12 +301,12 @@ class _SipProbe:
         self.proto = Proto()
         self.port = reactor.listenUDP(0, self.proto, interface="127.0.0.1")
 
-    def invite(self, sip_port: int, call_id: str) -> None:
+    def invite(self, sip_port: int, call_id: str, user: str = "agent") -> None:
         me = self.port.getHost().port
         self.proto.transport.write((
-            f"INVITE sip:agent@127.0.0.1:{sip_port} SIP/2.0\r\n"
+            f"INVITE sip:{user}@127.0.0.1:{sip_port} SIP/2.0\r\n"
             f"Via: SIP/2.0/UDP 127.0.0.1:{me};branch=z9hG4bK{call_id};rport\r\n"
-            f"From: <sip:alice@127.0.0.1:{me}>;tag=a{call_id}\r\nTo: <sip:agent@127.0.0.1:{sip_port}>\r\n"
+            f"From: <sip:alice@127.0.0.1:{me}>;tag=a{call_id}\r\nTo: <sip:{user}@127.0.0.1:{sip_port}>\r\n"
             f"Call-ID: {call_id}\r\nCSeq: 1 INVITE\r\nMax-Forwards: 70\r\n"
             f"Contact: <sip:alice@127.0.0.1:{me}>\r\nContent-Type: application/sdp\r\n\r\n"
             "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
@@ -362,3 +362,63 @@ class InboundFailureTests(TestCase):
         final = await probe.final("client-leaves")
         self.assertTrue(final.startswith(b"SIP/2.0 603"), final)
         self.assertIn(b"handler disconnected", final)
+
+
+class PlaybookRoutingTests(TestCase):
+    """[handler] type = "playbook": rules pick the playbook; the call is answered and greets the caller."""
+
+    timeout = 90
+
+    async def test_matching_default_and_unmatched_calls(self) -> None:
+        """A rule-matched call is answered and speaks its greeting (recorded); no match and a missing file get 503."""
+        if shutil.which("sipp") is None:
+            raise SkipTest("sipp (sip-tester) is not installed")
+        workdir = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(workdir, "config", "playbook"))
+        with open(os.path.join(workdir, "config", "playbook", "desk.md"), "w") as f:
+            f.write("---\ntts:\n  provider: piper\nllm:\n  provider: openai\n"
+                    "greeting: Hello, you reached the front desk.\n---\nYou are a receptionist.\n")
+        base = 20000 + free_port(socket.SOCK_DGRAM) % 20000 & ~1
+        config = (f"rtp_start_port = {base}\nrtp_end_port = {base + 100}\n" + BASE_CONFIG.replace("[recording]", "[recording]\nenabled = true\nauto_start = true")
+                  + '[handler]\ntype = "playbook"\n[[handler.rules]]\ncallee = "^sip:desk@"\nplaybook = "desk.md"\n'
+                  + '[[handler.rules]]\ncallee = "^sip:gone@"\nplaybook = "missing.md"\n')
+        daemon = await start_daemon(workdir, config)
+        self.addCleanup(daemon.stop)
+
+        # The caller must send RTP: a playbook speaks only after mediaReady (protocol.md §6 item 22).
+        pcap = "/usr/share/sip-tester/g711a.pcap"
+        if not os.path.exists(pcap):
+            raise SkipTest("SIPp's sample pcaps are not installed")
+        shutil.copy(pcap, os.path.join(workdir, "caller.pcap"))
+        sipp = Daemon()
+        scenario = os.path.join(os.path.dirname(SCENARIOS), "media_fixtures", "uac_play_pcap.xml")
+        argv = ["sipp", "-sf", scenario, f"127.0.0.1:{daemon.sip_port}", "-s", "desk", "-p", str(free_port(socket.SOCK_DGRAM)),
+                "-i", "127.0.0.1", "-mp", str(free_port(socket.SOCK_DGRAM)), "-d", "5000",
+                "-m", "1", "-nostdin", "-timeout", "60s"]
+        reactor.spawnProcess(sipp, shutil.which("sipp"), argv, env=dict(os.environ), path=workdir)
+        self.addCleanup(sipp.stop)
+        (code,) = await sipp.wait_exit(60)
+        self.assertEqual(code, 0, sipp.output[-2000:])
+
+        probe = _SipProbe()
+        self.addCleanup(probe.port.stopListening)
+        probe.invite(daemon.sip_port, "nomatch")  # sip:agent@ matches no rule and there is no default
+        final = await probe.final("nomatch")
+        self.assertTrue(final.startswith(b"SIP/2.0 503"), final)
+        self.assertIn(b"No matching playbook", final)
+        probe.invite(daemon.sip_port, "gone", user="gone")  # the rule names a file that does not exist
+        final = await probe.final("gone")
+        self.assertTrue(final.startswith(b"SIP/2.0 503"), final)
+        self.assertIn(b"Playbook Not Found", final)
+
+        await daemon.stop()
+        import glob
+
+        import numpy as np
+        import wave
+
+        [path] = glob.glob(os.path.join(workdir, "config", "recorders", "*.wav")) or glob.glob(os.path.join(workdir, "recorders", "*.wav"))
+        with wave.open(path) as w:
+            frames = np.frombuffer(w.readframes(w.getnframes()), "<i2").reshape(-1, 2)
+        self.assertGreater(np.abs(frames[:, 1]).max(), 1000, "the greeting was spoken")
+        self.assertGreater(np.abs(frames[:, 0]).max(), 1000, "the caller's audio on the left")

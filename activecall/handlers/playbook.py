@@ -1,0 +1,67 @@
+"""``[handler] type = "playbook"``: route inbound INVITEs to playbooks by caller/callee rules (config.md §5)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from activecall.config import PlaybookHandlerConfig
+from activecall.playbook.model import Playbook, PlaybookError, PlaybookNotFound, load_playbook
+from activecall.sip.useragent import ICallHandler
+
+
+def _reason(text: str) -> list[tuple[str, str]]:
+    return [("Reason", 'SIP;cause=503;text="' + text.replace('"', "'").replace("\r", " ").replace("\n", " ") + '"')]
+
+
+@implementer(ICallHandler)
+class PlaybookCallHandler:
+    """First matching rule, else ``default``; no match, a missing file or a load error → 503 with a Reason.
+
+    The playbook file is read anew for every call, off the reactor thread;
+    ``start_call(call, playbook)`` then answers the call with it.
+    """
+
+    _log = Logger()
+
+    def __init__(self, config: PlaybookHandlerConfig, start_call: Callable[[Any, Playbook], None],
+                 run_blocking: Callable[..., Any], environ: Mapping[str, str]) -> None:
+        self._config = config
+        self._start_call = start_call
+        self._run_blocking = run_blocking
+        self._environ = environ
+        self.shutting_down = False
+
+    def incoming_call(self, call: Any) -> None:
+        if self.shutting_down:
+            call.reject(503, None, headers=_reason("Server shutting down"))
+            return
+        name = self._config.select(call.caller, call.callee)
+        if name is None:
+            self._log.info("inbound call from {caller} to {callee}: no playbook rule matches", caller=call.caller, callee=call.callee)
+            call.reject(503, None, headers=_reason("No matching playbook"))
+            return
+        d = self._run_blocking(load_playbook, name, self._environ)
+        d.addCallbacks(self._loaded, self._failed, callbackArgs=(call, name), errbackArgs=(call, name))
+
+    def _loaded(self, playbook: Playbook, call: Any, name: str) -> None:
+        if call.cancelled or call.terminated:
+            return  # the caller gave up while the file was read
+        for warning in playbook.warnings:
+            self._log.warn("playbook {name}: {warning}", name=name, warning=warning)
+        self._log.info("inbound call {dialog_id} from {caller}: playbook {name}", dialog_id=call.dialog_id, caller=call.caller, name=name)
+        self._start_call(call, playbook)
+
+    def _failed(self, f: Failure, call: Any, name: str) -> None:
+        if f.check(PlaybookNotFound):
+            text = "Playbook Not Found"
+        elif f.check(PlaybookError):
+            text = f"Playbook error: {f.getErrorMessage()}"
+        else:
+            self._log.failure("loading playbook {name} failed", f, name=name)
+            text = "Playbook error"
+        self._log.warn("inbound call refused: {text}", text=text)
+        call.reject(503, None, headers=_reason(text))
