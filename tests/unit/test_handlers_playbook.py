@@ -1,0 +1,81 @@
+"""The playbook handler: rules pick the playbook; failures refuse the INVITE with a 503 Reason."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from twisted.internet.defer import maybeDeferred
+from twisted.trial.unittest import SynchronousTestCase
+
+from activecall.config import Overrides, parse_config
+from activecall.handlers.playbook import PlaybookCallHandler
+
+
+class FakeCall:
+    def __init__(self, caller: str, callee: str) -> None:
+        self.caller = caller
+        self.callee = callee
+        self.dialog_id = "d-1"
+        self.cancelled = False
+        self.terminated = False
+        self.rejected: list[tuple[int, list[tuple[str, str]]]] = []
+
+    def reject(self, code: int, reason: Any = None, headers: Any = ()) -> None:
+        self.rejected.append((code, list(headers)))
+
+
+class PlaybookHandlerTests(SynchronousTestCase):
+    """Routing per config.md §5 and playbook.md §13.3."""
+
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        with open(os.path.join(self.dir, "sales.md"), "w") as f:
+            f.write("---\nllm:\n  provider: openai\ngreeting: Sales here.\n---\nSell.\n")
+        with open(os.path.join(self.dir, "broken.md"), "w") as f:
+            f.write("no front matter\n")
+        config = parse_config(
+            f'[handler]\ntype = "playbook"\n'
+            f'[[handler.rules]]\ncallee = "^sip:sales@"\nplaybook = "{self.dir}/sales.md"\n'
+            f'[[handler.rules]]\ncallee = "^sip:broken@"\nplaybook = "{self.dir}/broken.md"\n'
+            f'[[handler.rules]]\ncallee = "^sip:gone@"\nplaybook = "{self.dir}/gone.md"\n', Overrides())
+        self.started: list[Any] = []
+        self.handler = PlaybookCallHandler(config.handler, lambda call, pb: self.started.append((call, pb)),
+                                           lambda f, *a: maybeDeferred(f, *a), {})
+
+    def reason(self, call: FakeCall) -> str:
+        [(code, headers)] = call.rejected
+        self.assertEqual(code, 503)
+        return dict(headers)["Reason"]
+
+    def test_matching_rule_starts_the_call_with_its_playbook(self) -> None:
+        """The first matching rule's playbook is loaded and handed to the call layer."""
+        call = FakeCall("sip:alice@example.com", "sip:sales@pbx")
+        self.handler.incoming_call(call)
+        [(started_call, playbook)] = self.started
+        self.assertIs(started_call, call)
+        self.assertEqual(playbook.greeting, "Sales here.")
+
+    def test_failures_are_503_with_a_reason(self) -> None:
+        """No match, a missing file, a bad file and shutdown each refuse with an explaining Reason."""
+        cases = [("sip:nobody@pbx", "No matching playbook"), ("sip:gone@pbx", "Playbook Not Found"),
+                 ("sip:broken@pbx", "Playbook error")]
+        for callee, text in cases:
+            call = FakeCall("sip:alice@example.com", callee)
+            self.handler.incoming_call(call)
+            self.assertIn(text, self.reason(call))
+        self.handler.shutting_down = True
+        call = FakeCall("sip:alice@example.com", "sip:sales@pbx")
+        self.handler.incoming_call(call)
+        self.assertIn("Server shutting down", self.reason(call))
+        self.assertEqual(len(self.started), 0)
+
+    def test_cancelled_while_loading_is_not_started(self) -> None:
+        """A caller that gave up while the file was read is not answered."""
+        call = FakeCall("sip:alice@example.com", "sip:sales@pbx")
+        call.cancelled = True
+        self.handler.incoming_call(call)
+        self.assertEqual(self.started, [])
