@@ -100,8 +100,9 @@ class DrainCallsService(service.Service):
     """
 
     def __init__(self, sessions: Any, clock: Any, *, graceful: bool, timeout_s: float,
-                 refuse_new_calls: Any) -> None:
+                 refuse_new_calls: Any, records: Any = None) -> None:
         self._sessions = sessions
+        self._records = records
         self._clock = clock
         self._graceful = graceful
         self._timeout_s = timeout_s
@@ -115,7 +116,7 @@ class DrainCallsService(service.Service):
         self._refuse_new_calls()
         if not self._graceful:
             self._sessions.kill_all()
-            return None
+            return self._save_records()
         log = Logger(namespace="activecall")
         if len(self._sessions):
             log.info("shutting down: waiting up to {t} s for {n} call(s) to end", t=self._timeout_s, n=len(self._sessions))
@@ -127,7 +128,17 @@ class DrainCallsService(service.Service):
             log.info("shutting down: ending {n} call(s) still running", n=len(self._sessions))
             self._sessions.kill_all()
 
-        return d.addErrback(cut)
+        return d.addErrback(cut).addCallback(lambda _: self._save_records())
+
+    def _save_records(self) -> Any:
+        """No call record is lost to a shutdown: wait for those being assembled and saved."""
+        from twisted.internet.defer import DeferredList
+
+        if self._records is None:
+            return None
+        services, writer = self._records
+        pending = list(services.records_in_flight)
+        return DeferredList(pending).addCallback(lambda _: writer.drain())
 
 
 class StartupCallService(service.Service):
@@ -322,7 +333,9 @@ def makeService(options: Options) -> service.IService:
     # Stopped first (SequentialService): calls end while SIP and registrations still work.
     DrainCallsService(sessions, reactor, graceful=config.graceful_shutdown,
                       timeout_s=float(config.graceful_shutdown_timeout),
-                      refuse_new_calls=refuse_new_calls).setServiceParent(sip_group)
+                      refuse_new_calls=refuse_new_calls,
+                      records=(services, services.call_records) if services.call_records is not None else None,
+                      ).setServiceParent(sip_group)
     advertise_ip = config.external_ip or (
         config.addr if config.addr not in ("", "0.0.0.0", "::") else first_interface_address())
     services.sip = SipMedia(

@@ -820,8 +820,11 @@ class CallController:
         ))
         self._session.finish()
         if self._services.call_records is not None:
-            Deferred.fromCoroutine(self._save_record(now)).addErrback(
-                lambda f: self._log.failure("building the call record of {sid} failed", f, sid=self.sid))
+            in_flight = self._services.records_in_flight
+            saving = Deferred.fromCoroutine(self._save_record(now))
+            in_flight.add(saving)
+            saving.addErrback(lambda f: self._log.failure("building the call record of {sid} failed", f, sid=self.sid))
+            saving.addBoth(lambda _: in_flight.discard(saving))
 
     async def _save_record(self, ended_at: float) -> None:
         """One call record per call, however it ended (playbook.md §14), after the recording is complete."""

@@ -37,6 +37,8 @@ class CallServices:
     sip: Any = None
     # Saves one call record per call (activecall.call.recordstore.CallRecordWriter); None: [callrecord] absent.
     call_records: Any = None
+    # Records still being assembled (recording closing, sizes); shutdown waits for them.
+    records_in_flight: set = field(default_factory=set)
     # Inbound calls waiting for a client (activecall.handlers.pending.PendingCalls); None: no webhook.
     pending: Any = None
     models_dir: str = "./models"
