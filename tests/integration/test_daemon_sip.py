@@ -18,6 +18,26 @@ from harness import BASE_CONFIG, Daemon, connect, free_port, http_client, start_
 SCENARIOS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sipp")
 
 
+def webhook_app(test: TestCase) -> tuple[str, Any]:
+    """A webhook receiver on 127.0.0.1: each POSTed payload is put on the returned DeferredQueue."""
+    from twisted.internet.defer import DeferredQueue
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    hooks: DeferredQueue[dict[str, Any]] = DeferredQueue()
+
+    class Hook(Resource):
+        isLeaf = True
+
+        def render_POST(self, request: Any) -> bytes:
+            hooks.put(json.loads(request.content.read()))
+            return b'{"status":"ok"}'
+
+    port = reactor.listenTCP(0, Site(Hook()), interface="127.0.0.1")
+    test.addCleanup(port.stopListening)
+    return f"http://127.0.0.1:{port.getHost().port}/hook", hooks
+
+
 class DaemonSipTests(TestCase):
     """``twistd activecall`` listens for SIP on udp_port next to its HTTP API."""
 
@@ -229,26 +249,12 @@ class InboundWebhookCallTests(TestCase):
         """SIPp UAC calls; the webhook POST names the dialogId; the client accepts; SIPp's BYE ends it as byCaller."""
         if shutil.which("sipp") is None:
             raise SkipTest("sipp (sip-tester) is not installed")
-        from twisted.internet.defer import Deferred
-        from twisted.web.resource import Resource
-        from twisted.web.server import Site
-
-        posted: Deferred[dict[str, Any]] = Deferred()
-
-        class Hook(Resource):
-            isLeaf = True
-
-            def render_POST(self, request: Any) -> bytes:
-                posted.callback(json.loads(request.content.read()))
-                return b'{"status":"ok"}'
-
-        port = reactor.listenTCP(0, Site(Hook()), interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
+        hook_url, hooks = webhook_app(self)
         workdir = os.path.abspath(self.mktemp())
         os.makedirs(workdir)
         base = 20000 + free_port(socket.SOCK_DGRAM) % 20000 & ~1
         config = (f"rtp_start_port = {base}\nrtp_end_port = {base + 100}\n" + BASE_CONFIG
-                  + f'[handler]\ntype = "webhook"\nurl = "http://127.0.0.1:{port.getHost().port}/hook"\n')
+                  + f'[handler]\ntype = "webhook"\nurl = "{hook_url}"\n')
         daemon = await start_daemon(workdir, config)
         self.addCleanup(daemon.stop)
         sipp = Daemon()
@@ -257,7 +263,7 @@ class InboundWebhookCallTests(TestCase):
                 "-m", "1", "-nostdin", "-timeout", "60s"]
         reactor.spawnProcess(sipp, shutil.which("sipp"), argv, env=dict(os.environ), path=workdir)
         self.addCleanup(sipp.stop)
-        payload = await posted.addTimeout(30, reactor)
+        payload = await hooks.get().addTimeout(30, reactor)
         self.assertEqual(payload["event"], "invite")
         self.assertTrue(payload["dialogId"].startswith(payload["call_id"] + "-"))
         self.assertIn("m=audio", payload["offer"])
@@ -323,38 +329,24 @@ class InboundFailureTests(TestCase):
 
     async def test_accept_timeout_and_client_disconnect(self) -> None:
         """No client within accept_timeout gives 408 Reason accept timeout; a client that closes gives 603."""
-        from twisted.internet.defer import DeferredQueue
-        from twisted.web.resource import Resource
-        from twisted.web.server import Site
-
-        hooks: DeferredQueue[dict[str, Any]] = DeferredQueue()
-
-        class Hook(Resource):
-            isLeaf = True
-
-            def render_POST(self, request: Any) -> bytes:
-                hooks.put(json.loads(request.content.read()))
-                return b"{}"
-
-        port = reactor.listenTCP(0, Site(Hook()), interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
+        hook_url, hooks = webhook_app(self)
         workdir = os.path.abspath(self.mktemp())
         os.makedirs(workdir)
         config = ('accept_timeout = "1s"\n' + BASE_CONFIG
-                  + f'[handler]\ntype = "webhook"\nurl = "http://127.0.0.1:{port.getHost().port}/hook"\n')
+                  + f'[handler]\ntype = "webhook"\nurl = "{hook_url}"\n')
         daemon = await start_daemon(workdir, config)
         self.addCleanup(daemon.stop)
         probe = _SipProbe()
         self.addCleanup(probe.port.stopListening)
 
         probe.invite(daemon.sip_port, "nobody-comes")
-        await hooks.get()
+        await hooks.get().addTimeout(30, reactor)
         final = await probe.final("nobody-comes")
         self.assertTrue(final.startswith(b"SIP/2.0 408"), final)
         self.assertIn(b"accept timeout", final)
 
         probe.invite(daemon.sip_port, "client-leaves")
-        hook = await hooks.get()
+        hook = await hooks.get().addTimeout(30, reactor)
         from urllib.parse import quote
 
         client = await connect(f"{daemon.ws_url}/call/sip?id={quote(hook['dialogId'], safe='')}")
