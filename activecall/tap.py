@@ -344,7 +344,8 @@ def makeService(options: Options) -> service.IService:
         codecs=config.codecs, advertise_ip=advertise_ip, bind_ip=config.rtp_bind_ip or "",
         latching=config.enable_rtp_latching, enable_srtp=config.enable_srtp,
         register_users=config.register_users,
-        rewrite=(lambda uri: rewrite_target(config.rewrites, uri)) if config.rewrites else None)
+        rewrite=(lambda uri: rewrite_target(config.rewrites, uri)) if config.rewrites else None,
+        trunk_rules=config.trunk_rules)
     resource = ApiResource(sessions, reactor, config.ice_servers,
                            precache=lambda command: Deferred.fromCoroutine(precache(services, command)),
                            gzip=config.http_gzip, registrations=registrations.registrations_json)

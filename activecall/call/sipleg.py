@@ -17,6 +17,7 @@ from activecall.media.negotiation import LocalOffer, answer_offer, apply_answer,
 from activecall.media.rtpleg import RtpLeg, RtpMediaEngine
 from activecall.rtp.srtp import AES_CM_128_HMAC_SHA1_80, generate_crypto
 from activecall.rtp.transport import RtpEndpoint, RtpPortAllocator
+from activecall.sip.uri import SipUri, parse_uri
 
 
 @dataclass
@@ -35,6 +36,8 @@ class SipMedia:
     register_users: Sequence[RegisterUser] = field(default_factory=tuple)
     # config.md §12: ``rewrite(uri) -> str | None``, the URI whose host/port the INVITE goes to.
     rewrite: Optional[Callable[[str], Optional[str]]] = None
+    # config.md §12.1 [[trunk_rules]] (activecall.config.TrunkRule), applied before the rewrites.
+    trunk_rules: Sequence[Any] = field(default_factory=tuple)
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,43 @@ def credentials_for(option: CallOption, register_users: Sequence[RegisterUser]) 
     return None
 
 
+def transport_name(uri: str) -> str:
+    """The listener an outbound request to ``uri`` uses (config.md §4)."""
+    return "tls" if uri.startswith("sips:") or "transport=tls" in uri.lower() else "udp"
+
+
+def _rewrite_part(uri: SipUri, user: Optional[str], host: Optional[str]) -> SipUri:
+    uri = uri.copy()
+    if user is not None:
+        uri.user = user
+    if host is not None:
+        name, _, port = host.partition(":")
+        if port and not port.isdigit():
+            return uri  # an unparseable host value is skipped (config.md §12.1)
+        uri.host = name
+        if port:
+            uri.port = int(port)
+    return uri
+
+
+def apply_trunk_rules(rules: Sequence[Any], to_uri: str, from_uri: str, contact: Optional[str],
+                      local_contact: Callable[[], str]) -> tuple[str, str, Optional[str]]:
+    """The first matching ``[[trunk_rules]]`` entry rewrites From, To/Request-URI and Contact (§12.1)."""
+    if not rules or to_uri.startswith("tel:"):
+        return to_uri, from_uri, contact
+    to, frm = parse_uri(to_uri), parse_uri(from_uri)
+    for rule in rules:
+        if not rule.matches(frm.user, frm.host, to.user, to.host):
+            continue
+        frm = _rewrite_part(frm, rule.rewrite_from_user, rule.rewrite_from_host)
+        to = _rewrite_part(to, rule.rewrite_to_user, rule.rewrite_to_host)
+        if rule.rewrite_contact_user is not None or rule.rewrite_contact_host is not None:
+            base = parse_uri(contact) if contact else parse_uri(local_contact())
+            contact = str(_rewrite_part(base, rule.rewrite_contact_user, rule.rewrite_contact_host))
+        break
+    return str(to), str(frm), contact
+
+
 class OutboundSipLeg:
     """One outgoing call: RTP endpoint + offer, INVITE, then the RtpLeg on 2xx.
 
@@ -118,10 +158,12 @@ class OutboundSipLeg:
         sip = self._option.sip
         headers = list((sip.headers or {}).items()) if sip is not None else []
         contact = sip.contact if sip is not None and sip.contact else None
-        target = callee_uri(self._option)
+        target, caller, contact = apply_trunk_rules(
+            media.trunk_rules, callee_uri(self._option), caller_uri(self._option), contact,
+            lambda: str(media.user_agent.local_contact(transport_name(callee_uri(self._option)))))
         next_hop = media.rewrite(target) if media.rewrite is not None else None
         return media.user_agent.invite(
-            target, caller_uri(self._option), contact=contact, sdp=self.offer.sdp,
+            target, caller, contact=contact, sdp=self.offer.sdp,
             headers=headers, credentials=credentials_for(self._option, media.register_users),
             call_id=self._call_id, on_provisional=on_provisional, next_hop=next_hop)
 
