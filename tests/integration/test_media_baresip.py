@@ -120,31 +120,11 @@ def write_baresip_config(confdir: str, *, sip_port: int, ctrl_port: int, source_
         f.write("")
 
 
-class BaresipTests(TestCase):
-    """baresip UAC (SRTP, G.722, RFC 4733) against the SIP service and the RTP media engine on 127.0.0.1."""
+class _BaresipPeer:
+    """Starting and driving a headless baresip (needs ``self.reactor``, ``self.workdir``, ``addCleanup``)."""
 
-    timeout = 90
-
-    def setUp(self) -> None:
-        if BARESIP is None:
-            raise SkipTest("baresip is not installed")
-        missing = [m for m in MODULES + APPS if not os.path.exists(os.path.join(MODULE_PATH, m))]
-        if missing:
-            raise SkipTest(f"baresip modules missing: {missing}")
-        if shutil.which("soxi") is None:
-            raise SkipTest("sox is not installed")
-        from twisted.internet import reactor
-
-        self.reactor: Any = reactor
-        self.workdir = tempfile.mkdtemp(prefix="media-baresip-")
-        self.addCleanup(shutil.rmtree, self.workdir, True)
-        self.handler = MediaPeerHandler(reactor, self.workdir, codecs=("g722", "pcmu", "pcma", "telephone_event"),
-                                        srtp=True, mode="tone", tone_hz=AGENT_HZ)
-        self.addCleanup(self.handler.shutdown)
-        config = Config(addr="127.0.0.1", udp_port=0, useragent="activecall-test")
-        self.service = build_sip_service(config, reactor, SystemIds(), self.handler)
-        self.service.startService()
-        self.addCleanup(self.service.stopService)
+    reactor: Any
+    workdir: str
 
     def start_baresip(self) -> tuple[Any, str]:
         """Write the config, start baresip; returns the process protocol and the sndfile directory."""
@@ -183,6 +163,33 @@ class BaresipTests(TestCase):
                 continue
             self.addCleanup(ctrl.transport.loseConnection)
             return ctrl
+
+
+class BaresipTests(_BaresipPeer, TestCase):
+    """baresip UAC (SRTP, G.722, RFC 4733) against the SIP service and the RTP media engine on 127.0.0.1."""
+
+    timeout = 90
+
+    def setUp(self) -> None:
+        if BARESIP is None:
+            raise SkipTest("baresip is not installed")
+        missing = [m for m in MODULES + APPS if not os.path.exists(os.path.join(MODULE_PATH, m))]
+        if missing:
+            raise SkipTest(f"baresip modules missing: {missing}")
+        if shutil.which("soxi") is None:
+            raise SkipTest("sox is not installed")
+        from twisted.internet import reactor
+
+        self.reactor: Any = reactor
+        self.workdir = tempfile.mkdtemp(prefix="media-baresip-")
+        self.addCleanup(shutil.rmtree, self.workdir, True)
+        self.handler = MediaPeerHandler(reactor, self.workdir, codecs=("g722", "pcmu", "pcma", "telephone_event"),
+                                        srtp=True, mode="tone", tone_hz=AGENT_HZ)
+        self.addCleanup(self.handler.shutdown)
+        config = Config(addr="127.0.0.1", udp_port=0, useragent="activecall-test")
+        self.service = build_sip_service(config, reactor, SystemIds(), self.handler)
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
 
     @inlineCallbacks
     def test_srtp_g722_call_with_dtmf(self) -> Any:
@@ -247,3 +254,56 @@ class BaresipTests(TestCase):
         self.assertGreater(rms(middle), 1000, "baresip heard silence")
         assert_near(self, dominant_hz(middle, heard_rate), AGENT_HZ, 20, "tone heard by baresip")
         self.assertEqual(code, 0, output)
+
+
+class BaresipDaemonTests(_BaresipPeer, TestCase):
+    """baresip calls the real daemon; a webhook client accepts; its RFC 4733 keys become ``dtmf`` events."""
+
+    timeout = 90
+
+    def setUp(self) -> None:
+        if BARESIP is None:
+            raise SkipTest("baresip is not installed")
+        missing = [m for m in MODULES + APPS if not os.path.exists(os.path.join(MODULE_PATH, m))]
+        if missing:
+            raise SkipTest(f"baresip modules missing: {missing}")
+        from twisted.internet import reactor
+
+        self.reactor = reactor
+        self.workdir = tempfile.mkdtemp(prefix="daemon-baresip-")
+        self.addCleanup(shutil.rmtree, self.workdir, True)
+
+    @inlineCallbacks
+    def test_dtmf_keys_reach_the_client_as_events(self) -> Any:
+        """SRTP/G.722 call from baresip, accepted over /call/sip; keys 4, 2, # arrive once each as dtmf events."""
+        from urllib.parse import quote
+
+        from harness import BASE_CONFIG, connect, start_daemon
+        from test_daemon_sip import webhook_app
+
+        hook_url, hooks = webhook_app(self)
+        base = 20000 + free_udp_port() % 20000 & ~1
+        config = (f"rtp_start_port = {base}\nrtp_end_port = {base + 100}\ncodecs = [\"g722\", \"pcmu\", \"telephone_event\"]\n"
+                  + BASE_CONFIG + f'[handler]\ntype = "webhook"\nurl = "{hook_url}"\n')
+        daemon = yield start_daemon(self.workdir, config)
+        self.addCleanup(daemon.stop)
+        proto, _ = self.start_baresip()
+        ctrl = yield self.connect_control(proto)
+        response = yield ctrl.command("dial", f"sip:agent@127.0.0.1:{daemon.sip_port}")
+        self.assertTrue(response.get("ok"), response)
+        hook = yield hooks.get().addTimeout(DEADLINE_S, self.reactor)
+        client = yield connect(f"{daemon.ws_url}/call/sip?id={quote(hook['dialogId'], safe='')}")
+        client.send({"command": "accept", "option": {"sip": {"enable_srtp": True}}})
+        answer = yield client.wait_event("answer")
+        self.assertIn("RTP/SAVP", answer["sdp"])
+        self.assertIn("a=crypto", answer["sdp"])
+        yield client.wait_event("mediaReady")
+        for digit in DIGITS:
+            yield ctrl.command("sndcode", digit)
+            yield client.wait_event("dtmf", digit=digit)
+        yield ctrl.command("hangup")
+        hangup = yield client.wait_event("hangup")
+        self.assertEqual(hangup["reason"], "byCaller")
+        self.assertEqual([e["digit"] for e in client.events if e["event"] == "dtmf"], list(DIGITS))
+        yield ctrl.command("quit")
+        yield proto.ended
