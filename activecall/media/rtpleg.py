@@ -527,6 +527,10 @@ class RtpLeg:
             self._inband_rx = None
 
     def _apply_transport(self, old: NegotiatedMedia | None, neg: NegotiatedMedia) -> None:
+        pts = {neg.payload_type, 13}  # 13: comfort noise (RFC 3389), sent by many phones unasked
+        if neg.telephone_event_pt is not None:
+            pts.add(neg.telephone_event_pt)
+        self._endpoint.payload_types = frozenset(pts)
         self._endpoint.set_remote(
             (neg.remote_address, neg.remote_port),
             (neg.remote_rtcp_address, neg.remote_rtcp_port),

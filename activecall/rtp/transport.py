@@ -185,6 +185,9 @@ class RtpEndpoint:
         self.rx_bytes = 0
         self.rx_malformed = 0
         self.rx_foreign = 0
+        #: Payload types this call negotiated; packets with others are dropped before they can latch.
+        self.payload_types: frozenset[int] | None = None
+        self.rx_unexpected_pt = 0
         self.rx_srtp_errors = 0
         self.rx_rtcp = 0
         self.tx_packets = 0
@@ -326,6 +329,10 @@ class RtpEndpoint:
             # rtcp-mux demultiplexing (RFC 5761 §4); harmless without mux.
             self._rtcp_received(data, addr, muxed=True)
             return
+        if self.payload_types is not None and data[1] & 0x7F not in self.payload_types:
+            # Scanners and stray streams must not steer our media by latching.
+            self.rx_unexpected_pt += 1
+            return
         now = self._clock.seconds()
         srtp = self._srtp
         if srtp is not None:
@@ -420,6 +427,7 @@ class RtpEndpoint:
             "tx_no_destination": self.tx_no_destination,
             "tx_rtcp": self.tx_rtcp,
             "latches": self.latches,
+            "rx_unexpected_pt": self.rx_unexpected_pt,
         }
 
 

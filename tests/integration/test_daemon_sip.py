@@ -161,6 +161,22 @@ class OutboundSipCallTests(TestCase):
         self.assertEqual((record["callType"], record["statusCode"], record["hangupReason"]), ("sip", 486, "byCallee"))
         self.assertNotIn("answerTime", record)
 
+    async def test_peer_that_vanishes_is_hung_up_by_inactivity(self) -> None:
+        """The callee dies without BYE: with inactivityTimeout the call ends with inactivity then hangup."""
+        daemon, sipp_port, (client, sipp) = await self._setup(["-sn", "uas", "-rtp_echo"])
+        client.send({"command": "invite", "option": {"callee": f"sip:agent@127.0.0.1:{sipp_port}", "inactivityTimeout": 2,
+                                                      "tts": {"provider": "piper"}}})
+        await client.wait_event("answer", trackId="sip-e2e")
+        client.send({"command": "tts", "text": "Are you there?", "playId": "q", "endOfStream": True})
+        await client.wait_event("mediaReady")
+        sipp.transport.signalProcess("KILL")
+        await sipp.wait_exit()
+        inactivity = await client.wait_event("inactivity", trackId="sip-e2e")
+        hangup = await client.wait_event("hangup", trackId="sip-e2e")
+        self.assertEqual((hangup["reason"], hangup["initiator"]), ("inactivityTimeout", "system"))
+        self.assertLess(client.events.index(inactivity), client.events.index(hangup))
+        await client.wait_closed()
+
     async def test_hold_and_resume_by_the_callee(self) -> None:
         """The callee's re-INVITEs: sendonly gives hold{onHold:true} and a recvonly answer, sendrecv resumes."""
         daemon, sipp_port, (client, sipp) = await self._setup(["-sf", os.path.join(SCENARIOS, "uas_hold_resume.xml")])
@@ -275,6 +291,14 @@ class InboundWebhookCallTests(TestCase):
         self.assertEqual(incoming["caller"].split("@")[0], "sip:sipp")
         answer = await client.wait_event("answer")
         self.assertIn("m=audio", answer["sdp"])
+        # Garbage on our RTP port (scanners, broken phones) is dropped and cannot steer the
+        # media by latching: non-RTP bytes, truncated headers, RTP with payload types we did not negotiate.
+        rtp_port = int(answer["sdp"].split("m=audio ")[1].split()[0])
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as junk:
+            for i in range(50):
+                junk.sendto(bytes([i]) + os.urandom(40), ("127.0.0.1", rtp_port))
+                junk.sendto(b"\x80", ("127.0.0.1", rtp_port))
+                junk.sendto(bytes([0x80, 96 + i % 30]) + os.urandom(170), ("127.0.0.1", rtp_port))
         client.send({"command": "tts", "text": "Thanks for calling.", "playId": "g", "endOfStream": True})
         await client.wait_event("mediaReady")
         hangup = await client.wait_event("hangup")
