@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import base64 as b64
 import binascii
+import dataclasses
 import os
 from typing import Any, Callable, Optional, Protocol
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -25,12 +26,13 @@ from activecall.call.legs import WebSocketLeg
 from activecall.call.sipleg import InboundSipLeg, OutboundSipLeg, answer_reoffer
 from activecall.call.record import CallRecord, RecorderFile, build_call_record, hangup_reason_from_command, hangup_reason_from_name
 from activecall.call.recordstore import file_sizes
-from activecall.call.playback import FilePlay, Sentence, SstSource, TtsPlay, split_sentences, strip_emoji
+from activecall.media.rtpleg import RtpLeg
+from activecall.call.playback import BridgeSource, FilePlay, Sentence, SstSource, TtsPlay, split_sentences, strip_emoji
 from activecall.call.services import CallServices
 from activecall.clock import CallClock
 from activecall.control import commands as cmds
 from activecall.control import events as ev
-from activecall.control.options import CallOption, SynthesisOption
+from activecall.control.options import CallOption, ReferOption, SipOption, SynthesisOption
 from activecall.media.mixer import apply_gain
 from activecall.media.resample import Resampler
 from activecall.call.tts import cache_key, create_synthesizer, synthesis_request
@@ -118,6 +120,10 @@ class CallController:
         self._recorder_closed: Optional[Deferred[None]] = None
         self._sdp_version = 1
         self._greeting: Optional[str] = None
+        self._transfer: Optional[OutboundSipLeg] = None
+        self._transfer_leg: Any = None
+        self._transfer_auto_hangup = True
+        self._transfer_answered_at: Optional[float] = None
         self.on_hold = False
         self.recording_path: Optional[str] = None
         self._caller_to_rec: Optional[Resampler] = None
@@ -407,8 +413,116 @@ class CallController:
         if cmd.ringtone:
             self._cmd_play(cmds.PlayCommand(url=cmd.ringtone))
 
-    def _cmd_refer(self, cmd: Any) -> None:
-        self.error("refer not allowed: the call has no SIP leg")
+    def _cmd_refer(self, cmd: Any) -> Optional[Deferred[None]]:
+        media = self._services.sip
+        if media is None or self.answered_at is None or not isinstance(self.leg, RtpLeg):
+            self.error("refer not allowed: the call has no established SIP leg")
+            return None
+        if self._transfer is not None:
+            self.error("refer not allowed: a transfer is already in progress")
+            return None
+        return Deferred.fromCoroutine(self._refer(cmd, media))
+
+    async def _refer(self, cmd: Any, media: Any) -> None:
+        """Transfer by bridging a new outbound leg on SST (protocol.md §5.5)."""
+        options = cmd.options if cmd.options is not None else ReferOption()
+        self._cut_sst()
+        moh: Optional[FilePlay] = None
+        if options.moh:
+            self._cmd_play(cmds.PlayCommand(url=options.moh))
+            moh = self._sst if isinstance(self._sst, FilePlay) else None
+            if moh is not None:
+                moh.loop = True
+        else:
+            self.emit(ev.TrackStartEvent(track_id=self.sst, timestamp=self.now_ms()))
+        original = self.option
+        headers = dict(options.sip.headers or {}) if options.sip is not None else {}
+        if original is not None and original.callee:
+            headers.setdefault("X-Referred-To", original.callee)
+        if original is not None and original.caller:
+            headers.setdefault("X-Referred-From", original.caller)
+        headers["X-Referred-Id"] = self.sid
+        sip = options.sip if options.sip is not None else SipOption()
+        sip = dataclasses.replace(sip, headers=headers)
+        caller = cmd.caller or (original.caller if original is not None else None)
+        option = CallOption(caller=caller or None, callee=cmd.callee, sip=sip)
+        call_id = options.call_id or f"ref-{self._services.ids.bits(32)}-{self.sid}"
+        transfer = OutboundSipLeg(media, option, call_id, self._services.ids, self._services.clock)
+        self._transfer = transfer
+
+        def ringing(response: Any) -> None:
+            if response.status > 100:
+                self.emit(ev.RingingEvent(track_id=self.sst, timestamp=self.now_ms(), early_media=bool(response.body), refer=True))
+
+        try:
+            invite = transfer.start(ringing)
+        except Exception as e:
+            self._transfer = None
+            self.error(f"refer failed: {e}")
+            return
+        invite.addTimeout(options.timeout, self._services.clock)
+        try:
+            call = await invite
+        except (CallRejected, CancelledError, TimeoutError) as e:
+            transfer.release()
+            self._transfer = None
+            if moh is not None and self._sst is moh:
+                self._end_sst(moh, interrupted=True)
+            if isinstance(e, CallRejected):
+                self.emit(ev.RejectEvent(track_id=self.sst, timestamp=self.now_ms(), reason=e.reason, code=e.status, refer=True))
+                self.error(f"refer rejected: {e.status} {e.reason}")
+            elif not self.ended:
+                self.emit(ev.RejectEvent(track_id=self.sst, timestamp=self.now_ms(), reason="Timeout when refer", code=408, refer=True))
+                self.error("refer sip track creation timed out")
+            return
+        if self.ended:
+            call.bye()
+            transfer.release()
+            return
+        if moh is not None and self._sst is moh:
+            self._end_sst(moh, interrupted=True)
+        bridge = BridgeSource(self._services.ids.ssrc(), self.leg.frame_bytes, self._services.clock.seconds())
+        if options.moh:
+            self.emit(ev.TrackStartEvent(track_id=self.sst, timestamp=self.now_ms()))
+        try:
+            self._transfer_leg = transfer.on_answer(
+                call, on_audio=bridge.push,
+                on_dtmf=lambda digit: self.emit(ev.DtmfEvent(track_id=self.sst, timestamp=self.now_ms(), digit=digit, refer=True)),
+                on_media_ready=lambda: self.emit(ev.MediaReadyEvent(track_id=self.sst, timestamp=self.now_ms())))
+        except ValueError as e:
+            call.bye()
+            transfer.release()
+            self._transfer = None
+            self.error(f"refer failed: {e}")
+            return
+        self._transfer_auto_hangup = options.auto_hangup
+        self._transfer_answered_at = self._services.clock.seconds()
+        call.listener = _TransferListener(self)
+        self._set_sst(bridge)
+        self.emit(ev.AnswerEvent(track_id=self.sst, timestamp=self.now_ms(), sdp=call.remote_sdp.decode("utf-8", "replace"), refer=True))
+
+    def end_transfer(self, reason: str, initiator: str, send_bye: bool, headers: Optional[dict[str, str]] = None) -> None:
+        """The transfer leg ended: trackEnd{SST}, hangup{SST, refer}, then autoHangup the call (byRefer)."""
+        transfer, leg = self._transfer, self._transfer_leg
+        if transfer is None:
+            return
+        self._transfer = self._transfer_leg = None
+        if send_bye and transfer.call is not None and not transfer.call.terminated:
+            transfer.call.bye(headers=list((headers or {}).items())).addErrback(lambda f: None)
+        if isinstance(self._sst, BridgeSource):
+            source = self._sst
+            self._sst = None
+            source.cancel()
+        now = self._services.clock.seconds()
+        started = self._transfer_answered_at or now
+        self.emit(ev.TrackEndEvent(track_id=self.sst, timestamp=self.now_ms(), duration=int((now - started) * 1000),
+                                   ssrc=leg.ssrc if leg is not None else 0))
+        self.emit(ev.HangupEvent(track_id=self.sst, timestamp=self.now_ms(), reason=reason, initiator=initiator,
+                                 start_time=ev.format_rfc3339(started), hangup_time=ev.format_rfc3339(now), refer=True))
+        if leg is not None:
+            leg.close().addErrback(lambda f: None)
+        if self._transfer_auto_hangup and not self.ended:
+            self.hangup("byRefer", "system")
 
     def _cmd_message(self, cmd: Any) -> None:
         self.error("message command is only supported for SIP calls")
@@ -446,6 +560,8 @@ class CallController:
         """Decoded caller audio at the leg's media rate (any length)."""
         if self._mute_caller:
             pcm = bytes(len(pcm))
+        if self._transfer_leg is not None:
+            self._transfer_leg.send_agent_audio(pcm)  # bridged: the caller talks to the transfer target
         if self.recorder is not None:
             if self._caller_to_rec is not None:
                 pcm = self._caller_to_rec.process(pcm)
@@ -753,6 +869,12 @@ class CallController:
     # -- ending -----------------------------------------------------------
 
     def _cmd_hangup(self, cmd: Any) -> None:
+        if cmd.refer:
+            if self._transfer is None:
+                self.error("hangup not allowed: no transfer leg")
+                return
+            self.end_transfer(cmd.reason or "byClient", cmd.initiator or "client", send_bye=True, headers=dict(cmd.headers or {}))
+            return
         self._hangup_headers = dict(cmd.headers or {})
         self._recorded_reason = hangup_reason_from_command(cmd.reason, cmd.initiator)
         self.hangup(cmd.reason or "byClient", cmd.initiator or "client")
@@ -775,6 +897,9 @@ class CallController:
         if self._pending_invite is not None:
             invite, self._pending_invite = self._pending_invite, None
             invite.cancel()  # still ringing: CANCEL
+        if self._transfer is not None:
+            self._transfer_auto_hangup = False
+            self.end_transfer(reason, initiator, send_bye=True)
         sip_call = self._sip_leg.call if self._sip_leg is not None else self._sip_leg_call
         pending = self._services.pending
         if pending is not None and self._session.call_type == "sip" and self.sid in pending:
@@ -1063,3 +1188,35 @@ class _SipListener:
 def _is_hold(sdp: bytes) -> bool:
     text = sdp.decode("utf-8", "replace")
     return "c=IN IP4 0.0.0.0" in text or "a=sendonly" in text or "a=inactive" in text
+
+
+class _TransferListener:
+    """In-dialog events of the transfer leg (its BYE ends the transfer)."""
+
+    def __init__(self, controller: CallController) -> None:
+        self._c = controller
+
+    def on_bye(self, request: Any) -> None:
+        self._c.end_transfer("byCallee", "callee", send_bye=False)
+
+    def on_terminated(self, reason: str) -> None:
+        if reason in ("bye-received", "ack-timeout", "timeout"):
+            self._c.end_transfer("byCallee", "callee", send_bye=False)
+
+    def on_reinvite(self, sdp: bytes) -> Optional[bytes]:
+        return None
+
+    def on_cancel(self) -> None:
+        """Outbound legs are not cancelled by the far end."""
+
+    def on_info(self, request: Any) -> None:
+        """Ignored on the transfer leg."""
+
+    def on_message(self, request: Any) -> None:
+        """Ignored on the transfer leg."""
+
+    def on_refer(self, request: Any) -> None:
+        """Ignored on the transfer leg."""
+
+    def on_notify(self, request: Any) -> None:
+        """Ignored on the transfer leg."""

@@ -279,3 +279,33 @@ def strip_emoji(text: str) -> str:
         return text
     return "".join(ch for ch in text if not any(lo <= ord(ch) <= hi for lo, hi in _EMOJI_RANGES))
 
+
+
+class BridgeSource(SstSource):
+    """Audio of another leg (a transfer target) played on SST, frame by frame as it arrives."""
+
+    kind = "bridge"
+
+    def __init__(self, ssrc: int, frame_bytes: int, started_at: float) -> None:
+        super().__init__(None, ssrc, frame_bytes, started_at)
+        self._frames: list[bytes] = []
+        self.ended = False
+
+    def push(self, frame: bytes) -> None:
+        """One frame from the other leg; a short backlog is kept, older audio dropped."""
+        if len(self._frames) >= 5:
+            del self._frames[0]
+        self._frames.append(frame)
+
+    def read_frame(self) -> Optional[bytes]:
+        if self.paused or not self._frames:
+            return None
+        return self._frames.pop(0)
+
+    @property
+    def finished(self) -> bool:
+        return self.ended
+
+    def cancel(self) -> None:
+        self.ended = True
+        self._frames.clear()

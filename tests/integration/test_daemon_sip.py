@@ -177,6 +177,56 @@ class OutboundSipCallTests(TestCase):
         self.assertLess(client.events.index(inactivity), client.events.index(hangup))
         await client.wait_closed()
 
+    async def test_refer_bridges_a_transfer_leg_then_hangs_up_by_refer(self) -> None:
+        """refer: a new INVITE to the target (X-Referred-* headers), answer{refer:true}; ending it ends the call."""
+        daemon, sipp_port, (client, sipp) = await self._setup(["-sn", "uas", "-rtp_echo"])
+        target = Daemon()
+        target_port = free_port(socket.SOCK_DGRAM)
+        argv = ["sipp", "-sn", "uas", "-rtp_echo", "-p", str(target_port), "-i", "127.0.0.1",
+                "-mp", str(free_port(socket.SOCK_DGRAM)), "-m", "1", "-nostdin", "-timeout", "60s",
+                "-trace_msg", "-message_file", "target.log"]
+        reactor.spawnProcess(target, shutil.which("sipp"), argv, env=dict(os.environ), path=self.workdir)
+        self.addCleanup(target.stop)
+        client.send({"command": "invite", "option": {"callee": f"sip:agent@127.0.0.1:{sipp_port}", "caller": "sip:bot@127.0.0.1"}})
+        await client.wait_event("answer", trackId="sip-e2e")
+        client.send({"command": "refer", "caller": "", "callee": f"sip:human@127.0.0.1:{target_port}"})
+        answer = await client.wait_event("answer", trackId="server-side-track", refer=True)
+        self.assertIn("m=audio", answer["sdp"])
+        client.send({"command": "hangup", "refer": True})
+        hangup = await client.wait_event("hangup", trackId="server-side-track", refer=True)
+        self.assertEqual(hangup["reason"], "byClient")
+        main = await client.wait_event("hangup", trackId="sip-e2e")
+        self.assertEqual(main["reason"], "byRefer")
+        await client.wait_closed()
+        for peer in (sipp, target):
+            (code,) = await peer.wait_exit()
+            self.assertEqual(code, 0, peer.output[-2000:])
+        with open(os.path.join(self.workdir, "target.log"), errors="replace") as f:
+            invite = f.read()
+        self.assertIn("X-Referred-Id: sip-e2e", invite)
+        self.assertIn(f"X-Referred-To: sip:agent@127.0.0.1:{sipp_port}", invite)
+
+    async def test_refer_rejected_keeps_the_call(self) -> None:
+        """A busy transfer target gives reject{refer:true, 486} and an error; the original call goes on."""
+        daemon, sipp_port, (client, sipp) = await self._setup(["-sn", "uas", "-rtp_echo"])
+        target = Daemon()
+        target_port = free_port(socket.SOCK_DGRAM)
+        argv = ["sipp", "-sf", os.path.join(SCENARIOS, "uas_486.xml"), "-p", str(target_port), "-i", "127.0.0.1",
+                "-m", "1", "-nostdin", "-timeout", "60s"]
+        reactor.spawnProcess(target, shutil.which("sipp"), argv, env=dict(os.environ), path=self.workdir)
+        self.addCleanup(target.stop)
+        client.send({"command": "invite", "option": {"callee": f"sip:agent@127.0.0.1:{sipp_port}"}})
+        await client.wait_event("answer", trackId="sip-e2e")
+        client.send({"command": "refer", "caller": "", "callee": f"sip:human@127.0.0.1:{target_port}"})
+        reject = await client.wait_event("reject", trackId="server-side-track", refer=True)
+        self.assertEqual(reject["code"], 486)
+        await client.wait_event("error", sender="command")
+        client.send({"command": "history", "speaker": "bot", "text": "still connected"})
+        await client.wait_event("addHistory")
+        self.assertEqual([e for e in client.events if e["event"] == "hangup"], [])
+        client.send({"command": "hangup"})
+        await client.wait_closed()
+
     async def test_hold_and_resume_by_the_callee(self) -> None:
         """The callee's re-INVITEs: sendonly gives hold{onHold:true} and a recvonly answer, sendrecv resumes."""
         daemon, sipp_port, (client, sipp) = await self._setup(["-sf", os.path.join(SCENARIOS, "uas_hold_resume.xml")])
