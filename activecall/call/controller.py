@@ -124,6 +124,7 @@ class CallController:
         self._transfer_leg: Any = None
         self._transfer_auto_hangup = True
         self._transfer_answered_at: Optional[float] = None
+        self._blind_refer = False
         self.on_hold = False
         self.recording_path: Optional[str] = None
         self._caller_to_rec: Optional[Resampler] = None
@@ -418,10 +419,47 @@ class CallController:
         if media is None or self.answered_at is None or not isinstance(self.leg, RtpLeg):
             self.error("refer not allowed: the call has no established SIP leg")
             return None
-        if self._transfer is not None:
+        if self._transfer is not None or self._blind_refer:
             self.error("refer not allowed: a transfer is already in progress")
             return None
+        if cmd.options is not None and cmd.options.sip_refer:
+            return Deferred.fromCoroutine(self._blind_transfer(cmd))
         return Deferred.fromCoroutine(self._refer(cmd, media))
+
+    async def _blind_transfer(self, cmd: Any) -> None:
+        """``options.sipRefer``: send SIP REFER to the remote party (RFC 3515); its NOTIFYs report the outcome.
+
+        A final ``SIP/2.0 2xx`` sipfrag completes the transfer and the call is hung up (reason byRefer);
+        a failure is an ``error`` event and the call goes on.
+        """
+        call = self._inbound.call if self._inbound is not None else (self._sip_leg.call if self._sip_leg is not None else None)
+        target = cmd.callee if cmd.callee.startswith(("sip:", "sips:", "tel:")) else "sip:" + cmd.callee
+        self._blind_refer = True
+        try:
+            response = await call.refer(target)
+        except Exception as e:
+            self._blind_refer = False
+            self.error(f"refer failed: {e}")
+            return
+        if not 200 <= response.status < 300:
+            self._blind_refer = False
+            self.error(f"refer rejected: {response.status} {response.reason}")
+
+    def transfer_progress(self, request: Any) -> None:
+        """A NOTIFY of our REFER: the sipfrag's status line tells how the transfer went."""
+        if not self._blind_refer or self.ended:
+            return
+        line = request.body.decode("utf-8", "replace").strip().splitlines()[:1]
+        parts = line[0].split(None, 2) if line else []
+        if len(parts) < 2 or not parts[1].isdigit():
+            return
+        status = int(parts[1])
+        if 200 <= status < 300:
+            self._blind_refer = False
+            self.hangup("byRefer", "system")
+        elif status >= 300:
+            self._blind_refer = False
+            self.error(f"refer failed: the transfer target answered {' '.join(parts[1:])}")
 
     async def _refer(self, cmd: Any, media: Any) -> None:
         """Transfer by bridging a new outbound leg on SST (protocol.md §5.5)."""
@@ -1178,7 +1216,7 @@ class _SipListener:
                                        referred_by=request.headers.first("Referred-By"), refer=False))
 
     def on_notify(self, request: Any) -> None:
-        """NOTIFYs for transfers we did not start carry nothing for the client."""
+        self._c.transfer_progress(request)
 
     def on_terminated(self, reason: str) -> None:
         if reason in ("bye-received", "ack-timeout", "timeout", "cancel") and not self._c.ended:

@@ -525,6 +525,8 @@ class ReferOption(WireObject):
     call_id: str | None = wire_field("callId", check_str, None)
     pause_parent_asr: bool = wire_field("pauseParentAsr", check_bool, False)
     forward_dtmf: bool = wire_field("forwardDtmf", check_bool, True)
+    # **activecall**: true = a real SIP REFER (RFC 3515 blind transfer) instead of a bridged leg.
+    sip_refer: bool = wire_field("sipRefer", check_bool, False)
 
     @property
     def timeout_s(self) -> int:

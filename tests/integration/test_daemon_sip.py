@@ -206,6 +206,18 @@ class OutboundSipCallTests(TestCase):
         self.assertIn("X-Referred-Id: sip-e2e", invite)
         self.assertIn(f"X-Referred-To: sip:agent@127.0.0.1:{sipp_port}", invite)
 
+    async def test_sip_refer_blind_transfer(self) -> None:
+        """options.sipRefer sends a real REFER; the NOTIFY sipfrag 200 completes it and the call ends byRefer."""
+        daemon, sipp_port, (client, sipp) = await self._setup(["-sf", os.path.join(SCENARIOS, "uas_accepts_refer.xml")])
+        client.send({"command": "invite", "option": {"callee": f"sip:agent@127.0.0.1:{sipp_port}"}})
+        await client.wait_event("answer", trackId="sip-e2e")
+        client.send({"command": "refer", "caller": "", "callee": "sip:human@127.0.0.1", "options": {"sipRefer": True}})
+        hangup = await client.wait_event("hangup", trackId="sip-e2e")
+        self.assertEqual(hangup["reason"], "byRefer")
+        await client.wait_closed()
+        (code,) = await sipp.wait_exit()
+        self.assertEqual(code, 0, sipp.output[-3000:])
+
     async def test_refer_rejected_keeps_the_call(self) -> None:
         """A busy transfer target gives reject{refer:true, 486} and an error; the original call goes on."""
         daemon, sipp_port, (client, sipp) = await self._setup(["-sn", "uas", "-rtp_echo"])

@@ -626,7 +626,7 @@ class EncodeTests(SynchronousTestCase):
         )
         self.assertEqual(
             ReferOption().to_json(),
-            {"timeout": 30, "autoHangup": True, "pauseParentAsr": False, "forwardDtmf": True},
+            {"timeout": 30, "autoHangup": True, "pauseParentAsr": False, "forwardDtmf": True, "sipRefer": False},
         )
         self.assertEqual(
             VadOption().to_json(),
