@@ -223,6 +223,7 @@ def makeService(options: Options) -> service.IService:
 
     from twisted.internet.defer import Deferred
 
+    from activecall.call.record import CallRecord, build_call_record, hangup_reason_from_name
     from activecall.call.recordstore import CallRecordWriter, make_store
     from activecall.call.services import CallServices
     import dataclasses
@@ -301,8 +302,19 @@ def makeService(options: Options) -> service.IService:
     sip_group.setServiceParent(top)
     guard = SipGuard.from_config(config.sip_acl, config.sip_rate_limit)
     handler: Any = None
+    def unanswered_call_ended(dialog_id: str, call: Any, added_at: float, status: int) -> None:
+        # A call no client ever attached to still gets its record (playbook.md §14); calls
+        # with a session get theirs from the session's controller.
+        if services.call_records is None or sessions.get(dialog_id) is not None:
+            return
+        reason = hangup_reason_from_name("canceled" if status == 487 else "failed")
+        record = CallRecord(call_type="sip", call_id=dialog_id, start_s=added_at, end_s=reactor.seconds(),
+                            caller=call.caller, callee=call.callee, sip_status=status, hangup_reason=reason,
+                            extras={"session_id": dialog_id, "call_type": "sip"})
+        services.call_records.write(build_call_record(record), added_at)
+
     if isinstance(config.handler, WebhookHandlerConfig):
-        services.pending = PendingCalls(reactor, config.accept_timeout_s)
+        services.pending = PendingCalls(reactor, config.accept_timeout_s, on_closed=unanswered_call_ended)
         handler = WebhookCallHandler(WebhookNotifier(config.handler, http_client, reactor), services.pending, reactor)
     elif isinstance(config.handler, PlaybookHandlerConfig):
         def start_playbook_call(call: Any, playbook: Any) -> None:

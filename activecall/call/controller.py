@@ -944,8 +944,10 @@ class CallController:
             # The client never answered: a closed socket declines, a hangup terminates.
             if reason == "canceled" and initiator == "client":
                 pending.client_disconnected(self.sid)
+                self._sip_status = 603
             else:
                 pending.reject(self.sid, 487, "Request Terminated")
+                self._sip_status = 487
         elif sip_call is not None and self.answered_at is None and not self._sip_remote_ended and self._inbound is not None:
             sip_call.reject(487, "Request Terminated")  # after ringing, before accept
             self._sip_remote_ended = True

@@ -29,7 +29,7 @@ dialog listener may call back into this registry (:meth:`cancelled`).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Protocol
+from typing import Callable, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -58,11 +58,12 @@ class PendingCall(Protocol):
 class _Entry:
     """One pending call and its accept-timeout timer."""
 
-    __slots__ = ("call", "timer")
+    __slots__ = ("call", "timer", "added_at")
 
-    def __init__(self, call: PendingCall, timer: IDelayedCall) -> None:
+    def __init__(self, call: PendingCall, timer: IDelayedCall, added_at: float = 0.0) -> None:
         self.call = call
         self.timer = timer
+        self.added_at = added_at
 
 
 class PendingCalls:
@@ -74,10 +75,13 @@ class PendingCalls:
 
     _log = Logger()
 
-    def __init__(self, clock: IReactorTime, accept_timeout_s: float) -> None:
+    def __init__(self, clock: IReactorTime, accept_timeout_s: float,
+                 on_closed: Callable[[str, PendingCall, float, int], None] | None = None) -> None:
         self._clock = clock
         self._timeout_s = accept_timeout_s
         self._entries: dict[str, _Entry] = {}
+        # Told (dialog_id, call, added_at, final status) when a call leaves unanswered, for its call record.
+        self._on_closed = on_closed
 
     # ------------------------------------------------------------ queries
 
@@ -107,7 +111,7 @@ class PendingCalls:
         if old is not None:
             self._cancel_timer(old)
         timer = self._clock.callLater(self._timeout_s, self._expired, dialog_id)
-        self._entries[dialog_id] = _Entry(call, timer)
+        self._entries[dialog_id] = _Entry(call, timer, self._clock.seconds())
 
     def take(self, dialog_id: str) -> PendingCall | None:
         """Claim the call (the client accepts or rejects it): stop its timer and forget it.
@@ -127,6 +131,7 @@ class PendingCalls:
         if entry is None:
             return False
         self._log.info("pending call {dialog_id} cancelled by the caller", dialog_id=dialog_id)
+        self._closed(dialog_id, entry, 487)
         return True
 
     def reject(self, dialog_id: str, code: int, reason: str) -> bool:
@@ -135,6 +140,7 @@ class PendingCalls:
         if entry is None:
             return False
         entry.call.reject(code, None, headers=[("Reason", reason)])
+        self._closed(dialog_id, entry, code)
         return True
 
     def client_disconnected(self, dialog_id: str) -> bool:
@@ -176,3 +182,12 @@ class PendingCalls:
         except Exception:
             # A timer callback must not raise into the reactor.
             self._log.failure("answering 408 to {dialog_id} failed", dialog_id=dialog_id)
+        self._closed(dialog_id, entry, 408)
+
+    def _closed(self, dialog_id: str, entry: _Entry, status: int) -> None:
+        if self._on_closed is None:
+            return
+        try:
+            self._on_closed(dialog_id, entry.call, entry.added_at, status)
+        except Exception:
+            self._log.failure("recording the end of pending call {dialog_id} failed", dialog_id=dialog_id)

@@ -419,7 +419,8 @@ class InboundFailureTests(TestCase):
         workdir = os.path.abspath(self.mktemp())
         os.makedirs(workdir)
         config = ('accept_timeout = "1s"\n' + BASE_CONFIG
-                  + f'[handler]\ntype = "webhook"\nurl = "{hook_url}"\n')
+                  + f'[handler]\ntype = "webhook"\nurl = "{hook_url}"\n'
+                  + '[callrecord]\ntype = "local"\nroot = "{workdir}/cdr"\n')
         daemon = await start_daemon(workdir, config)
         self.addCleanup(daemon.stop)
         probe = _SipProbe()
@@ -440,6 +441,18 @@ class InboundFailureTests(TestCase):
         final = await probe.final("client-leaves")
         self.assertTrue(final.startswith(b"SIP/2.0 603"), final)
         self.assertIn(b"handler disconnected", final)
+        await daemon.stop()
+        # Both calls have their record, the one no client ever saw included.
+        import glob
+
+        records = {}
+        for path in glob.glob(os.path.join(workdir, "cdr", "*", "*.json")):
+            with open(path) as f:
+                record = json.load(f)
+            records[record["callId"].split("-")[0]] = record
+        self.assertEqual((records["nobody"]["statusCode"], records["nobody"]["hangupReason"]), (408, "failed"))
+        self.assertEqual(records["nobody"]["caller"].split("@")[0], "sip:alice")
+        self.assertEqual(records["client"]["statusCode"], 603)
 
 
 class PlaybookRoutingTests(TestCase):
