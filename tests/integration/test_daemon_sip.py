@@ -161,6 +161,22 @@ class OutboundSipCallTests(TestCase):
         self.assertEqual((record["callType"], record["statusCode"], record["hangupReason"]), ("sip", 486, "byCallee"))
         self.assertNotIn("answerTime", record)
 
+    async def test_client_disconnecting_mid_call_sends_bye(self) -> None:
+        """The control socket closing during an answered call hangs it up with a BYE (reason canceled)."""
+        daemon, sipp_port, (client, sipp) = await self._setup(["-sn", "uas", "-rtp_echo"])
+        client.send({"command": "invite", "option": {"callee": f"sip:agent@127.0.0.1:{sipp_port}"}})
+        await client.wait_event("answer", trackId="sip-e2e")
+        client.transport.loseConnection()
+        (code,) = await sipp.wait_exit()
+        self.assertEqual(code, 0, sipp.output[-2000:])
+        await daemon.stop()
+        import glob
+
+        [path] = glob.glob(os.path.join(self.workdir, "cdr", "*", "*_sip-e2e.json"))
+        with open(path) as f:
+            record = json.load(f)
+        self.assertEqual((record["hangupReason"], record["statusCode"]), ("canceled", 200))
+
     async def test_peer_that_vanishes_is_hung_up_by_inactivity(self) -> None:
         """The callee dies without BYE: with inactivityTimeout the call ends with inactivity then hangup."""
         daemon, sipp_port, (client, sipp) = await self._setup(["-sn", "uas", "-rtp_echo"])
