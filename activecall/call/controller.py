@@ -125,6 +125,7 @@ class CallController:
         self._transfer_auto_hangup = True
         self._transfer_answered_at: Optional[float] = None
         self._blind_refer = False
+        self._subscribed = False
         self.on_hold = False
         self.recording_path: Optional[str] = None
         self._caller_to_rec: Optional[Resampler] = None
@@ -297,7 +298,9 @@ class CallController:
         self._ensure_ticking()
 
     def _after_answer(self, option: CallOption, sender: str) -> None:
-        """What every answered leg gets: processors, recording, the inactivity watch."""
+        """What every answered leg gets: processors, recording, the inactivity watch, ``subscribe``."""
+        # subscribe mirrors SIP/WebRTC audio (16 kHz) to the socket; /call already carries audio.
+        self._subscribed = option.subscribe and self._session.call_type != "webSocket"
         self._report_unavailable_processors(option, sender=sender)
         self._start_recording(option)
         if option.inactivity_timeout:
@@ -600,6 +603,8 @@ class CallController:
             pcm = bytes(len(pcm))
         if self._transfer_leg is not None:
             self._transfer_leg.send_agent_audio(pcm)  # bridged: the caller talks to the transfer target
+        if self._subscribed:
+            self._session.send_audio(b"\x01" + pcm)  # subscribe: the remote leg's audio (16 kHz)
         if self.recorder is not None:
             if self._caller_to_rec is not None:
                 pcm = self._caller_to_rec.process(pcm)
@@ -662,6 +667,8 @@ class CallController:
             if self._mute_agent:
                 frame = bytes(len(frame))
             self.leg.send_agent_audio(frame)
+            if self._subscribed:
+                self._session.send_audio(b"\x00" + frame)  # subscribe: agent audio on SST
         if source.finished:
             self._end_sst(source, interrupted=isinstance(source, TtsPlay) and source.stop_after_current)
         return frame

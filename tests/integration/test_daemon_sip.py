@@ -117,7 +117,7 @@ class OutboundSipCallTests(TestCase):
         daemon, sipp_port, (client, sipp) = await self._setup(["-sn", "uas", "-rtp_echo"])
         client.send({"command": "invite", "option": {
             "callee": f"sip:agent@127.0.0.1:{sipp_port}", "caller": "sip:bot@127.0.0.1",
-            "tts": {"provider": "piper"}, "recorder": {}}})
+            "tts": {"provider": "piper"}, "recorder": {}, "subscribe": True}})
         await client.wait_event("trackStart", trackId="sip-e2e")
         answer = await client.wait_event("answer", trackId="sip-e2e")
         self.assertIn("m=audio", answer["sdp"])
@@ -125,6 +125,13 @@ class OutboundSipCallTests(TestCase):
         client.send({"command": "tts", "text": "Hello over the phone line.", "playId": "t", "endOfStream": True})
         await client.wait_event("trackEnd", trackId="server-side-track", playId="t")
         await client.wait_event("mediaReady", trackId="sip-e2e")
+        # subscribe: the client hears both sides, [0]+agent audio and [1]+the echo, 16 kHz PCM.
+        import numpy as np
+
+        agent = b"".join(f[1:] for _, f in client.frames if f[:1] == b"\x00")
+        echo = b"".join(f[1:] for _, f in client.frames if f[:1] == b"\x01")
+        self.assertGreater(len(agent), 32000, "at least a second of our TTS")
+        self.assertGreater(np.abs(np.frombuffer(echo, "<i2")).max(), 1000, "the echo heard back")
         client.send({"command": "hangup"})
         hangup = await client.wait_event("hangup", trackId="sip-e2e")
         self.assertEqual(hangup["reason"], "byClient")
