@@ -18,6 +18,7 @@ import av
 from av import AudioFrame, CodecContext, Packet
 
 from activecall.media.codecs import DEFAULT_PTIME_MS, FrameSizeError
+from activecall.media.codecs._av import encode_frame
 
 __all__ = ["G722Decoder", "G722Encoder"]
 
@@ -75,13 +76,9 @@ class G722Encoder:
         if samples != self._frame_samples:
             self._open(samples)
         assert self._ctx is not None and self._frame is not None and self._plane is not None
-        self._plane[:] = pcm
-        self._frame.pts = self._pts
+        payload = encode_frame(self._ctx, self._frame, self._plane, pcm, self._pts)
         self._pts += samples
-        packets = self._ctx.encode(self._frame)
-        if len(packets) == 1:
-            return bytes(packets[0])
-        return b"".join(bytes(p) for p in packets)
+        return payload
 
 
 class G722Decoder:

@@ -22,6 +22,7 @@ import numpy as np
 from av import AudioFrame, CodecContext, Packet
 
 from activecall.media.codecs import DEFAULT_PTIME_MS, FrameSizeError
+from activecall.media.codecs._av import encode_frame
 
 __all__ = ["OPUS_INPUT_RATES", "OpusDecoder", "OpusEncoder"]
 
@@ -107,13 +108,9 @@ class OpusEncoder:
         if samples != self._frame_samples:
             self._open(samples)
         assert self._ctx is not None and self._frame is not None and self._plane is not None
-        self._plane[:] = pcm
-        self._frame.pts = self._pts
+        payload = encode_frame(self._ctx, self._frame, self._plane, pcm, self._pts)
         self._pts += samples
-        packets = self._ctx.encode(self._frame)
-        if len(packets) == 1:
-            return bytes(packets[0])
-        return b"".join(bytes(p) for p in packets)
+        return payload
 
 
 class OpusDecoder:

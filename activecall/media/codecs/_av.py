@@ -1,0 +1,15 @@
+"""What the PyAV-backed encoders (G.722, Opus) share: one reused frame per encoder."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def encode_frame(ctx: Any, frame: Any, plane: memoryview, pcm: bytes, pts: int) -> bytes:
+    """Copy ``pcm`` into the encoder's reused AudioFrame, encode it and return the packet bytes."""
+    plane[:] = pcm
+    frame.pts = pts
+    packets = ctx.encode(frame)
+    if len(packets) == 1:
+        return bytes(packets[0])
+    return b"".join(bytes(p) for p in packets)
