@@ -15,10 +15,10 @@ from __future__ import annotations
 import fractions
 
 import av
-from av import AudioFrame, CodecContext, Packet
+from av import AudioFrame, CodecContext
 
 from activecall.media.codecs import DEFAULT_PTIME_MS, FrameSizeError
-from activecall.media.codecs._av import encode_frame
+from activecall.media.codecs._av import decode_packet, encode_frame
 
 __all__ = ["G722Decoder", "G722Encoder"]
 
@@ -101,13 +101,8 @@ class G722Decoder:
 
     def decode(self, payload: bytes) -> bytes:
         """Decode a payload of any length (two samples per byte)."""
-        # An empty packet would put the FFmpeg decoder into drain mode for good.
-        if not payload:
-            self.errors += 1
-            return _SILENCE_FRAME
-        try:
-            frames = self._ctx.decode(Packet(payload))
-        except (av.error.FFmpegError, ValueError):
+        frames = decode_packet(self._ctx, payload)
+        if frames is None:
             self.errors += 1
             return _SILENCE_FRAME
         if len(frames) == 1:

@@ -19,10 +19,10 @@ import fractions
 
 import av
 import numpy as np
-from av import AudioFrame, CodecContext, Packet
+from av import AudioFrame, CodecContext
 
 from activecall.media.codecs import DEFAULT_PTIME_MS, FrameSizeError
-from activecall.media.codecs._av import encode_frame
+from activecall.media.codecs._av import decode_packet, encode_frame
 
 __all__ = ["OPUS_INPUT_RATES", "OpusDecoder", "OpusEncoder"]
 
@@ -148,13 +148,8 @@ class OpusDecoder:
 
     def decode(self, payload: bytes) -> bytes:
         """Decode one packet of any Opus frame duration."""
-        # An empty packet would put the FFmpeg decoder into drain mode for good.
-        if not payload:
-            self.errors += 1
-            return _SILENCE_FRAME
-        try:
-            frames = self._ctx.decode(Packet(payload))
-        except (av.error.FFmpegError, ValueError):
+        frames = decode_packet(self._ctx, payload)
+        if frames is None:
             self.errors += 1
             return _SILENCE_FRAME
         if not frames:
