@@ -26,6 +26,10 @@ from activecall import __version__
 
 __all__ = [
     "AmbianceConfig",
+    "ApiConfig",
+    "FetchConfig",
+    "SipLimitsConfig",
+    "WebhookSigningConfig",
     "CallRecordConfig",
     "Config",
     "ConfigError",
@@ -78,6 +82,24 @@ DEFAULT_MODELS_DIR: Final = "./models"
 # the burst absorbs a PBX re-registering all its phones after a restart.
 DEFAULT_SIP_RATE_PER_S: Final = 50.0
 DEFAULT_SIP_RATE_BURST: Final = 200
+
+# [api] (config.md §14a): the control plane's access and resource limits.
+DEFAULT_ENV_PREFIX: Final = "ACTIVECALL_"
+DEFAULT_MAX_SESSIONS: Final = 2000
+DEFAULT_MAX_MESSAGE_BYTES: Final = 1024 * 1024
+DEFAULT_MAX_FRAME_BYTES: Final = 64 * 1024  # one binary audio frame
+DEFAULT_PONG_TIMEOUT_S: Final = 30.0
+DEFAULT_HEADER_TIMEOUT_S: Final = 10.0
+DEFAULT_MAX_CONNECTIONS_PER_IP: Final = 64
+DEFAULT_MAX_DUMP_BYTES: Final = 64 * 1024 * 1024
+# [sip_limits]
+DEFAULT_MAX_CALLS: Final = 1000
+DEFAULT_MAX_PENDING_INVITES: Final = 200
+# [fetch]: URLs the daemon downloads (play, webhook, posthook, playbook <http/>).
+DEFAULT_FETCH_CONNECT_TIMEOUT_S: Final = 5.0
+DEFAULT_FETCH_TIMEOUT_S: Final = 30.0
+DEFAULT_FETCH_MAX_BYTES: Final = 32 * 1024 * 1024
+DEFAULT_MEDIA_DIRS: Final = ("./config/media",)
 
 LOG_LEVELS: Final = ("trace", "debug", "info", "warn", "error", "off")
 RECORDING_FORMATS: Final = ("wav", "pcm", "pcmu", "pcma", "g722")
@@ -288,6 +310,60 @@ class TrunkRule:
 
 
 @dataclass(frozen=True)
+class ApiConfig:
+    """``[api]`` (config.md §14a, docs/security.md): who may use the control plane, and its limits.
+
+    ``tokens`` empty = no authentication (Active Call's behaviour). ``allowed_origins`` empty =
+    browsers only from the daemon's own origin; requests without ``Origin`` are not browsers.
+    """
+
+    tokens: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+    env_prefix: str = DEFAULT_ENV_PREFIX
+    max_sessions: int = DEFAULT_MAX_SESSIONS
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    pong_timeout_s: float = DEFAULT_PONG_TIMEOUT_S
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+    max_connections_per_ip: int = DEFAULT_MAX_CONNECTIONS_PER_IP
+    max_dump_bytes: int = DEFAULT_MAX_DUMP_BYTES
+
+
+@dataclass(frozen=True)
+class SipLimitsConfig:
+    """``[sip_limits]``: calls at once (503 + Retry-After beyond) and INVITEs awaiting a client."""
+
+    max_calls: int = DEFAULT_MAX_CALLS
+    max_pending_invites: int = DEFAULT_MAX_PENDING_INVITES
+
+
+@dataclass(frozen=True)
+class WebhookSigningConfig:
+    """``[webhook]``: ``signing_secret`` set = webhook and posthook POSTs carry
+    ``X-Activecall-Signature: t=<unix s>,v1=<hex HMAC-SHA256 of "t.body">``."""
+
+    signing_secret: str | None = None
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    """``[fetch]``: how the daemon downloads URLs it is given (play, webhook, posthook, ``<http/>``).
+
+    Redirects are followed on the same host only unless ``follow_redirects``; ``allowed_hosts``
+    non-empty = only those hosts (exact names or ``*.suffix``). Local ``play`` paths must lie
+    under one of ``media_dirs``.
+    """
+
+    connect_timeout_s: float = DEFAULT_FETCH_CONNECT_TIMEOUT_S
+    timeout_s: float = DEFAULT_FETCH_TIMEOUT_S
+    max_bytes: int = DEFAULT_FETCH_MAX_BYTES
+    follow_redirects: bool = False
+    max_redirects: int = 5
+    allowed_hosts: tuple[str, ...] = ()
+    media_dirs: tuple[str, ...] = DEFAULT_MEDIA_DIRS
+
+
+@dataclass(frozen=True)
 class Config:
     """The validated daemon configuration; ``Config()`` is the built-in defaults."""
 
@@ -329,6 +405,10 @@ class Config:
     ambiance: AmbianceConfig = field(default_factory=AmbianceConfig)
     rewrites: tuple[Rewrite, ...] = ()
     trunk_rules: tuple[TrunkRule, ...] = ()
+    api: ApiConfig = field(default_factory=ApiConfig)
+    sip_limits: SipLimitsConfig = field(default_factory=SipLimitsConfig)
+    webhook: WebhookSigningConfig = field(default_factory=WebhookSigningConfig)
+    fetch: FetchConfig = field(default_factory=FetchConfig)
     call: str | None = None
     models_dir: str = DEFAULT_MODELS_DIR
     warnings: tuple[str, ...] = ()
@@ -350,7 +430,7 @@ class Overrides:
 # ---------------------------------------------------------------------------------------------
 # Small value parsers (public where other layers need the same rules)
 
-_DURATION_ITEM = re.compile(r"\s*([0-9]+)\s*([A-Za-zµ]+)")
+_DURATION_ITEM = re.compile(r"\s*([0-9]{1,15})\s*([A-Za-zµ]+)")
 # humantime's unit names (what AC uses for accept_timeout); case matters: M = month, m = minute.
 _DURATION_UNITS: Final[Mapping[str, float]] = {
     **dict.fromkeys(("nanos", "nsec", "ns"), 1e-9),
@@ -790,6 +870,8 @@ def _parse_ip_port(text: str, path: str) -> tuple[str, int]:
 
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+_ORIGIN = re.compile(r"(?i)https?://([A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?")
 
 
 def _compile(pattern: str, path: str) -> re.Pattern[str]:
@@ -968,6 +1050,109 @@ def _read_sip_rate_limit(t: _Table | None) -> SipRateLimitConfig:
     exempt = _read_networks(t, "exempt")
     t.finish()
     return SipRateLimitConfig(enabled=enabled, requests_per_second=rate, burst=burst, exempt=exempt)
+
+
+def _duration(t: _Table, key: str, default: float, *, minimum: float = 0.0) -> float:
+    """A duration given as seconds (number) or humantime text ("30s", "2m")."""
+    value = t.raw(key)
+    if value is _MISSING:
+        return default
+    path = t.key_path(key)
+    if isinstance(value, str):
+        parsed = parse_duration(value)
+        if parsed is None:
+            raise ConfigError(path, f"expected a duration like \"30s\" or seconds, got {value!r}")
+    else:
+        parsed = float(_expect(value, "float", path))
+    if not parsed >= minimum or parsed == float("inf"):
+        raise ConfigError(path, f"must be a finite duration of at least {minimum:g} s")
+    return parsed
+
+
+def _read_api(t: _Table | None) -> ApiConfig:
+    if t is None:
+        return ApiConfig()
+    tokens = t.strings("tokens") or ()
+    for i, token in enumerate(tokens):
+        if not token or not _TOKEN68.fullmatch(token):
+            raise ConfigError(f"{t.key_path('tokens')}[{i}]",
+                              "expected a non-empty token of letters, digits and -._~+/=")
+    origins = []
+    for i, origin in enumerate(t.strings("allowed_origins") or ()):
+        origin = origin.strip().rstrip("/")
+        if origin != "*" and _ORIGIN.fullmatch(origin) is None:
+            raise ConfigError(f"{t.key_path('allowed_origins')}[{i}]",
+                              f"expected an origin like https://crm.example.com, got {origin!r}")
+        origins.append(origin.lower())
+    env_prefix = t.string("env_prefix", DEFAULT_ENV_PREFIX)
+    if not env_prefix.strip():
+        raise ConfigError(t.key_path("env_prefix"), "must not be empty (it would expose the whole environment)")
+    api = ApiConfig(
+        tokens=tokens,
+        allowed_origins=tuple(origins),
+        env_prefix=env_prefix,
+        max_sessions=t.integer("max_sessions", DEFAULT_MAX_SESSIONS, minimum=1),
+        max_message_bytes=t.integer("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES, minimum=1024),
+        max_frame_bytes=t.integer("max_frame_bytes", DEFAULT_MAX_FRAME_BYTES, minimum=1024),
+        pong_timeout_s=_duration(t, "pong_timeout", DEFAULT_PONG_TIMEOUT_S, minimum=1.0),
+        header_timeout_s=_duration(t, "header_timeout", DEFAULT_HEADER_TIMEOUT_S, minimum=1.0),
+        max_connections_per_ip=t.integer("max_connections_per_ip", DEFAULT_MAX_CONNECTIONS_PER_IP, minimum=1),
+        max_dump_bytes=t.integer("max_dump_bytes", DEFAULT_MAX_DUMP_BYTES, minimum=0),
+    )
+    t.finish()
+    return api
+
+
+def _read_sip_limits(t: _Table | None) -> SipLimitsConfig:
+    if t is None:
+        return SipLimitsConfig()
+    limits = SipLimitsConfig(
+        max_calls=t.integer("max_calls", DEFAULT_MAX_CALLS, minimum=1),
+        max_pending_invites=t.integer("max_pending_invites", DEFAULT_MAX_PENDING_INVITES, minimum=1),
+    )
+    t.finish()
+    return limits
+
+
+def _read_webhook_signing(t: _Table | None) -> WebhookSigningConfig:
+    if t is None:
+        return WebhookSigningConfig()
+    secret = t.opt_string("signing_secret")
+    if secret is not None and not secret.strip():
+        secret = None
+    t.finish()
+    return WebhookSigningConfig(signing_secret=secret)
+
+
+_HOST_PATTERN: Final = re.compile(r"(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]")
+
+
+def _read_fetch(t: _Table | None) -> FetchConfig:
+    if t is None:
+        return FetchConfig()
+    hosts = []
+    for i, host in enumerate(t.strings("allowed_hosts") or ()):
+        host = host.strip().lower()
+        if _HOST_PATTERN.fullmatch(host) is None:
+            raise ConfigError(f"{t.key_path('allowed_hosts')}[{i}]",
+                              f"expected a host name, IP or *.domain, got {host!r}")
+        hosts.append(host)
+    media_dirs = t.strings("media_dirs")
+    if media_dirs is not None:
+        for i, d in enumerate(media_dirs):
+            if not d.strip():
+                raise ConfigError(f"{t.key_path('media_dirs')}[{i}]", "must not be empty")
+    fetch = FetchConfig(
+        connect_timeout_s=_duration(t, "connect_timeout", DEFAULT_FETCH_CONNECT_TIMEOUT_S, minimum=0.1),
+        timeout_s=_duration(t, "timeout", DEFAULT_FETCH_TIMEOUT_S, minimum=0.1),
+        max_bytes=t.integer("max_bytes", DEFAULT_FETCH_MAX_BYTES, minimum=1024),
+        follow_redirects=t.boolean("follow_redirects", False),
+        max_redirects=t.integer("max_redirects", 5, minimum=0),
+        allowed_hosts=tuple(hosts),
+        media_dirs=tuple(d.strip() for d in media_dirs) if media_dirs is not None else DEFAULT_MEDIA_DIRS,
+    )
+    t.finish()
+    return fetch
 
 
 _ICE_SCHEMES: Final = ("stun:", "stuns:", "turn:", "turns:")
@@ -1271,6 +1456,10 @@ def parse_config(text: str, overrides: Overrides = Overrides(), source: str = "<
         data: dict[str, Any] = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise _syntax_error(e, text, source) from None
+    except ValueError as e:  # tomllib lets int()'s 4,300-digit limit through
+        raise ConfigError(source, f"invalid TOML: {e}".split(";")[0]) from None
+    except RecursionError:
+        raise ConfigError(source, "invalid TOML: nested too deeply") from None
     warnings: list[str] = []
     labels: dict[str, str] = {}
     _merge_ua(data, labels, warnings)
@@ -1366,6 +1555,10 @@ def parse_config(text: str, overrides: Overrides = Overrides(), source: str = "<
         r for r in (_read_rewrite(t) for t in root.tables("rewrites")) if r is not None
     )
     trunk_rules = tuple(_read_trunk_rule(t) for t in root.tables("trunk_rules"))
+    api = _read_api(root.table("api"))
+    sip_limits = _read_sip_limits(root.table("sip_limits"))
+    webhook = _read_webhook_signing(root.table("webhook"))
+    fetch = _read_fetch(root.table("fetch"))
     root.finish()
 
     call = overrides.call.strip() if overrides.call is not None else None
@@ -1410,6 +1603,10 @@ def parse_config(text: str, overrides: Overrides = Overrides(), source: str = "<
         ambiance=ambiance,
         rewrites=rewrites,
         trunk_rules=trunk_rules,
+        api=api,
+        sip_limits=sip_limits,
+        webhook=webhook,
+        fetch=fetch,
         call=call or None,
         models_dir=models_dir,
         warnings=tuple(warnings),

@@ -150,10 +150,13 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(parse_config(""), load_config(None))
 
     def test_default_file_matches_defaults(self) -> None:
-        """etc/activecall.toml loads without warnings and differs from defaults only in handler."""
+        """etc/activecall.toml loads without warnings and differs from defaults only in handler and a loopback listener."""
         config = load_config(str(DEFAULT_FILE))
         self.assertEqual(config.warnings, ())
-        self.assertEqual(dataclasses.replace(config, handler=None), Config())
+        self.assertEqual((config.http_host, config.http_port), ("127.0.0.1", 8080))
+        self.assertEqual(
+            dataclasses.replace(config, handler=None, http_addr=Config().http_addr, http_host=Config().http_host),
+            Config())
 
     def test_default_file_answers_with_default_playbook(self) -> None:
         """The shipped file routes inbound calls to the default.md playbook."""
@@ -818,3 +821,70 @@ class DotenvTests(SynchronousTestCase):
         env: dict[str, str] = {}
         load_dotenv(str(_tempdir(self) / ".env"), env)
         self.assertEqual(env, {})
+
+
+class HardeningTableTests(_ConfigCase):
+    """[api], [sip_limits], [webhook] and [fetch] (config.md §14a) and hostile numbers."""
+
+    def test_defaults(self) -> None:
+        """Without the tables the limits have their documented defaults and auth is off."""
+        config = parse_config("")
+        self.assertEqual(config.api.tokens, ())
+        self.assertEqual(config.api.max_sessions, 2000)
+        self.assertEqual(config.api.max_message_bytes, 1048576)
+        self.assertEqual(config.sip_limits.max_calls, 1000)
+        self.assertEqual(config.sip_limits.max_pending_invites, 200)
+        self.assertIsNone(config.webhook.signing_secret)
+        self.assertEqual(config.fetch.media_dirs, ("./config/media",))
+        self.assertFalse(config.fetch.follow_redirects)
+
+    def test_values_read(self) -> None:
+        """Every key of the four tables is read, durations as text or seconds."""
+        config = parse_config(
+            '[api]\ntokens = ["t0k-en"]\nallowed_origins = ["https://CRM.example.com/"]\n'
+            'env_prefix = "AC_"\nmax_sessions = 5\npong_timeout = 12\nheader_timeout = "3s"\n'
+            '[sip_limits]\nmax_calls = 7\nmax_pending_invites = 2\n'
+            '[webhook]\nsigning_secret = "s3cret"\n'
+            '[fetch]\ntimeout = "2m"\nallowed_hosts = ["*.example.com", "10.0.0.1"]\n'
+            'media_dirs = ["/srv/media"]\nfollow_redirects = true\n')
+        self.assertEqual(config.api.tokens, ("t0k-en",))
+        self.assertEqual(config.api.allowed_origins, ("https://crm.example.com",))
+        self.assertEqual(config.api.env_prefix, "AC_")
+        self.assertEqual(config.api.max_sessions, 5)
+        self.assertEqual(config.api.pong_timeout_s, 12.0)
+        self.assertEqual(config.api.header_timeout_s, 3.0)
+        self.assertEqual((config.sip_limits.max_calls, config.sip_limits.max_pending_invites), (7, 2))
+        self.assertEqual(config.webhook.signing_secret, "s3cret")
+        self.assertEqual(config.fetch.timeout_s, 120.0)
+        self.assertEqual(config.fetch.allowed_hosts, ("*.example.com", "10.0.0.1"))
+        self.assertEqual(config.fetch.media_dirs, ("/srv/media",))
+        self.assertTrue(config.fetch.follow_redirects)
+
+    def test_bad_values_name_the_key(self) -> None:
+        """A bad value in the new tables is one error naming its key."""
+        cases = {
+            '[api]\ntokens = ["a b"]': "api.tokens[0]",
+            '[api]\ntokens = [""]': "api.tokens[0]",
+            '[api]\nallowed_origins = ["crm.example.com"]': "api.allowed_origins[0]",
+            '[api]\nenv_prefix = ""': "api.env_prefix",
+            '[api]\nmax_sessions = 0': "api.max_sessions",
+            '[api]\npong_timeout = "soon"': "api.pong_timeout",
+            '[api]\nheader_timeout = inf': "api.header_timeout",
+            '[sip_limits]\nmax_calls = -1': "sip_limits.max_calls",
+            '[fetch]\nallowed_hosts = ["a/b"]': "fetch.allowed_hosts[0]",
+            '[fetch]\nmedia_dirs = [" "]': "fetch.media_dirs[0]",
+            '[fetch]\nmax_bytes = 1': "fetch.max_bytes",
+        }
+        for text, key in cases.items():
+            err = self.assertRaises(ConfigError, parse_config, text)
+            self.assertEqual(err.key_path, key, text)
+
+    def test_huge_integers_are_config_errors(self) -> None:
+        """An integer over Python's 4,300-digit limit or deep nesting is a ConfigError, not a ValueError."""
+        for text in ("udp_port = " + "9" * 5000, "x = " + "[" * 100000, 'accept_timeout = "' + "9" * 5000 + 's"'):
+            try:
+                config = parse_config(text)
+            except ConfigError:
+                continue
+            # A duration that cannot be parsed falls back to the default with a warning.
+            self.assertEqual(config.accept_timeout_s, 60.0)
