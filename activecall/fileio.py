@@ -29,3 +29,24 @@ def write_atomically(path: str, data: bytes) -> None:
         except OSError:
             pass
         raise
+
+
+class UnsafePathError(ValueError):
+    """A path built from untrusted parts would leave its configured directory."""
+
+
+def safe_join(base: str, *parts: str) -> str:
+    """Join untrusted ``parts`` onto ``base`` and return the absolute result inside ``realpath(base)``.
+
+    Symlinks are resolved before the check, so a link inside ``base`` pointing
+    elsewhere is refused too. Raises :class:`UnsafePathError` for an empty part,
+    a NUL byte, or a result that is ``base`` itself or lies outside it. An
+    absolute part is accepted only when it already lies inside ``base``.
+    """
+    if not parts or any(not part or "\0" in part for part in parts):
+        raise UnsafePathError(f"unsafe path {parts!r}: empty part or NUL byte")
+    root = os.path.realpath(base)
+    candidate = os.path.realpath(os.path.join(root, *parts))
+    if candidate == root or os.path.commonpath([root, candidate]) != root:
+        raise UnsafePathError(f"unsafe path {os.path.join(*parts)!r}: outside {root}")
+    return candidate

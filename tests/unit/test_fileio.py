@@ -1,0 +1,50 @@
+"""Tests for the file helpers: ``safe_join`` keeps untrusted names inside their directory."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from activecall.fileio import UnsafePathError, safe_join
+
+
+class SafeJoinTests(SynchronousTestCase):
+    """``safe_join(base, *parts)`` returns a path inside ``realpath(base)`` or refuses."""
+
+    def setUp(self) -> None:
+        self.base = os.path.realpath(self.mktemp())
+        os.makedirs(self.base)
+
+    def test_plain_and_nested_names_stay_inside(self) -> None:
+        """A plain name and a relative sub-path resolve below the base."""
+        self.assertEqual(safe_join(self.base, "a.wav"), os.path.join(self.base, "a.wav"))
+        self.assertEqual(safe_join(self.base, "day", "a.wav"), os.path.join(self.base, "day", "a.wav"))
+
+    def test_absolute_path_inside_base_is_accepted(self) -> None:
+        """An absolute path that already lies inside the base is kept."""
+        inside = os.path.join(self.base, "x.wav")
+        self.assertEqual(safe_join(self.base, inside), inside)
+
+    def test_escapes_are_refused(self) -> None:
+        """Dot-dot, absolute paths elsewhere, the base itself, empty parts and NUL bytes are refused."""
+        for parts in [("../x.wav",), ("a/../../x.wav",), ("/etc/passwd",), (".",), ("",), ("a\0b",), ()]:
+            with self.assertRaises(UnsafePathError, msg=repr(parts)):
+                safe_join(self.base, *parts)
+
+    def test_sibling_with_common_prefix_is_refused(self) -> None:
+        """``/base-evil`` is not inside ``/base`` although it shares a string prefix."""
+        with self.assertRaises(UnsafePathError):
+            safe_join(self.base, self.base + "-evil/x.wav")
+
+    def test_symlink_out_of_base_is_refused(self) -> None:
+        """A symlink inside the base that points elsewhere is resolved and refused."""
+        outside = os.path.realpath(self.mktemp())
+        os.makedirs(outside)
+        os.symlink(outside, os.path.join(self.base, "link"))
+        with self.assertRaises(UnsafePathError):
+            safe_join(self.base, "link", "x.wav")
+
+    def test_error_is_a_value_error(self) -> None:
+        """Callers that catch ValueError also catch an unsafe path."""
+        self.assertTrue(issubclass(UnsafePathError, ValueError))
