@@ -29,6 +29,7 @@ __all__ = [
     "AES_CM_128_HMAC_SHA1_80",
     "AES_CM_128_HMAC_SHA1_32",
     "CryptoAttribute",
+    "MAX_LIFETIME",
     "parse_crypto",
     "generate_crypto",
     "SrtpContext",
@@ -68,8 +69,15 @@ SUITES: dict[str, SrtpSuite] = {
 
 _PREFIX = "a=crypto:"
 _TAG_RE = re.compile(r"[0-9]{1,9}\Z")
-_LIFETIME_RE = re.compile(r"(?:2\^([0-9]+)|([0-9]+))\Z")
-_MKI_RE = re.compile(r"([0-9]{1,}):([0-9]{1,3})\Z")
+# Numbers are ASCII digits of bounded length, matched before int() ever sees them:
+# str.isdigit() takes '\u0663' and '\u00b2', and int() of 4,300+ digits raises ValueError.
+_LIFETIME_RE = re.compile(r"(?:2\^([0-9]{1,3})|([0-9]{1,20}))\Z")
+_MKI_RE = re.compile(r"([0-9]{1,400}):([0-9]{1,3})\Z")
+#: RFC 4568 §6.1: SRTP master keys live at most 2^48 packets (RFC 3711 §9.2).
+MAX_LIFETIME_EXPONENT = 48
+MAX_LIFETIME = 1 << MAX_LIFETIME_EXPONENT
+#: RFC 4568 §6.1: the MKI length is 1..128 bytes.
+MAX_MKI_BYTES = 128
 
 
 class RandomBits(Protocol):
@@ -110,7 +118,9 @@ def parse_crypto(value: str) -> CryptoAttribute:
     """Parse an ``a=crypto`` value (the ``a=crypto:`` prefix is optional).
 
     Raises :class:`SrtpError` (``reason="param"``) for unknown suites, bad
-    base64 or key lengths, and malformed lifetime/MKI.
+    base64 or key lengths, and malformed or out-of-range lifetime (above
+    2^48) or MKI (1..128 bytes, value fitting the length).  Every number is
+    ASCII digits of bounded length, checked before ``int()``.
     """
     text = value.strip()
     if text.startswith(_PREFIX):
@@ -140,19 +150,40 @@ def parse_crypto(value: str) -> CryptoAttribute:
     for extra in extras:
         m = _MKI_RE.match(extra)
         if m and mki is None:
-            length = int(m.group(2))
-            if not 1 <= length <= 128:
-                raise SrtpError("MKI length out of range", "param")
-            mki = (int(m.group(1)), length)
+            mki = _mki(m.group(1), m.group(2))
             continue
         m = _LIFETIME_RE.match(extra)
         if m and lifetime is None and mki is None:
-            lifetime = 1 << int(m.group(1)) if m.group(1) is not None else int(m.group(2))
+            lifetime = _lifetime(m.group(1), m.group(2))
             continue
-        raise SrtpError("bad key parameter " + extra, "param")
+        raise SrtpError("bad key parameter " + extra[:40], "param")
     return CryptoAttribute(
         int(tag_s), suite_name, raw[: suite.key_len], raw[suite.key_len :], lifetime, mki, tuple(params)
     )
+
+
+def _lifetime(exponent: str | None, decimal: str | None) -> int:
+    """A key lifetime ``2^n`` or decimal, at most 2^48; never computes a bigger number."""
+    if exponent is not None:
+        n = int(exponent)  # at most 3 digits: the regex bounds it
+        if n > MAX_LIFETIME_EXPONENT:
+            raise SrtpError("key lifetime above 2^48", "param")
+        return 1 << n
+    value = int(decimal or "")  # at most 20 digits
+    if not 1 <= value <= MAX_LIFETIME:
+        raise SrtpError("key lifetime out of range 1..2^48", "param")
+    return value
+
+
+def _mki(value_text: str, length_text: str) -> tuple[int, int]:
+    """``MKI:length``: a length of 1..128 bytes and a value that fits in it."""
+    length = int(length_text)  # at most 3 digits
+    if not 1 <= length <= MAX_MKI_BYTES:
+        raise SrtpError("MKI length out of range", "param")
+    value = int(value_text)  # at most 400 digits: below int()'s limit, above 2^1024
+    if value >> (8 * length):
+        raise SrtpError("MKI value does not fit its length", "param")
+    return value, length
 
 
 def generate_crypto(tag: int, suite: str, rng: RandomBits) -> CryptoAttribute:
