@@ -2,13 +2,24 @@
 
 Pure module: no sockets, no clock (``now`` is passed in), stdlib ``ipaddress`` only.
 
-The transport/user-agent layer asks :meth:`SipGuard.admit` (or the two pieces
-separately) for every *request* it receives, before the transaction layer sees
-it, and drops the datagram silently when the answer is not ``ADMIT``.
+Two checks, at two moments (docs/config-security.md):
+
+* the **ACL** is asked for every *request* datagram before it costs a parse
+  (:meth:`SipGuard.source_admitted`, the ``SipStack`` ``admit`` hook);
+* the **rate limit** counts only requests that *start something*: an
+  out-of-dialog INVITE, REGISTER, OPTIONS, MESSAGE, SUBSCRIBE, NOTIFY ... (no
+  To tag, or a To tag naming no live dialog).  ACK, CANCEL and requests inside
+  a live dialog never count, so a trunk's ACKs and BYEs do not eat the budget
+  of its new calls.  The user agent classifies the parsed request and asks
+  :meth:`SipGuard.admit_new_request`, which charges the source the stack just
+  passed to :meth:`source_admitted` (both run synchronously for one datagram).
+  Sources in ``exempt``, in the ACL ``allow`` list or trusted as a configured
+  registrar (:meth:`SipGuard.trust`) skip the rate limit, never the ACL.
+
 Responses are never filtered: they only match transactions we started, and a
 registrar or carrier we call out to need not be on the allow list.
 
-Why drop silently rather than answer ``403``/``503`` (docs/config-security.md):
+Why drop silently rather than answer ``403``/``503``:
 
 * an answer confirms to a scanner that a SIP service listens here and gives it
   a User-Agent to fingerprint;
@@ -24,7 +35,7 @@ import enum
 import ipaddress
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeAlias
 
 from activecall.config import SipAclConfig, SipRateLimitConfig
@@ -38,6 +49,7 @@ __all__ = [
     "Verdict",
     "SipGuard",
     "DEFAULT_MAX_SOURCES",
+    "registrar_hosts",
 ]
 
 Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -196,12 +208,32 @@ class Verdict(enum.Enum):
     RATE_LIMITED = "rate_limited"
 
 
+def registrar_hosts(servers: Iterable[str]) -> list[str]:
+    """The hosts of registrar URIs (``sip:pbx.example.org:5060;transport=tcp`` → ``pbx.example.org``).
+
+    IP literals come back as they are; names are for the adapter to resolve
+    and pass to :meth:`SipGuard.trust`.
+    """
+    hosts: list[str] = []
+    for server in servers:
+        rest = server.split(":", 1)[1] if server[:4].lower() in ("sip:", "sips") else server
+        rest = rest.split(";", 1)[0].split("?", 1)[0].rsplit("@", 1)[-1]
+        if rest.startswith("["):
+            host = rest[1:rest.find("]")] if "]" in rest else rest[1:]
+        else:
+            host = rest.split(":", 1)[0]
+        if host and host not in hosts:
+            hosts.append(host)
+    return hosts
+
+
 @dataclass
 class SipGuard:
     """The ACL, then the rate limit, with drop counters for /metrics and logs.
 
-    ``limiter`` None disables rate limiting; sources in ``exempt`` (e.g. the
-    carrier's trunk addresses) skip the limiter but not the ACL.
+    ``limiter`` None disables rate limiting.  Sources in ``exempt`` (e.g. the
+    carrier's trunk addresses), in the ACL ``allow`` list and registrar addresses
+    given to :meth:`trust` skip the limiter but not the ACL.
     """
 
     acl: SipAcl
@@ -209,6 +241,10 @@ class SipGuard:
     exempt: tuple[Network, ...] = ()
     denied: int = 0
     rate_limited: int = 0
+    trusted: set[_Address] = field(default_factory=set)
+    # The source of the datagram being processed (source_admitted → admit_new_request).
+    _source: str | None = field(default=None, repr=False)
+    _source_at: float = field(default=0.0, repr=False)
 
     @classmethod
     def from_config(
@@ -222,20 +258,35 @@ class SipGuard:
         )
         return cls(SipAcl(acl.allow, acl.deny), limiter, rate_limit.exempt)
 
-    def admit(self, ip: str, now: float) -> Verdict:
-        """Classify a request from ``ip`` received at ``now``; only ``ADMIT`` goes on."""
+    def trust(self, ip: str) -> None:
+        """Let ``ip`` (a configured registrar's address) skip the rate limit; bad literals are ignored."""
+        try:
+            self.trusted.add(_address(ip))
+        except ValueError:
+            pass
+
+    def bypasses_limit(self, ip: str) -> bool:
+        """Whether ``ip`` is exempt, on the ACL allow list or a trusted registrar."""
+        if not self.exempt and not self.acl.allow and not self.trusted:
+            return False
+        try:
+            addr = _address(ip)
+        except ValueError:
+            return False
+        return (addr in self.trusted or any(addr in net for net in self.exempt)
+                or any(addr in net for net in self.acl.allow))
+
+    def check_source(self, ip: str) -> Verdict:
+        """The ACL alone: ``ADMIT`` or ``DENIED`` (counted)."""
         if not self.acl.allows(ip):
             self.denied += 1
             return Verdict.DENIED
-        if self.limiter is None:
+        return Verdict.ADMIT
+
+    def limit(self, ip: str, now: float) -> Verdict:
+        """The rate limit alone: take a token from ``ip``'s bucket unless it bypasses the limit."""
+        if self.limiter is None or self.bypasses_limit(ip):
             return Verdict.ADMIT
-        if self.exempt:
-            try:
-                addr = _address(ip)
-            except ValueError:
-                addr = None
-            if addr is not None and any(addr in net for net in self.exempt):
-                return Verdict.ADMIT
         try:
             allowed = self.limiter.allow(ip, now)
         except ValueError:  # not an IP literal: the ACL was open; count it as one bucket
@@ -244,3 +295,27 @@ class SipGuard:
             return Verdict.ADMIT
         self.rate_limited += 1
         return Verdict.RATE_LIMITED
+
+    def admit(self, ip: str, now: float) -> Verdict:
+        """Classify a request from ``ip`` received at ``now`` as if every request counted; only ``ADMIT`` goes on."""
+        verdict = self.check_source(ip)
+        if verdict is not Verdict.ADMIT:
+            return verdict
+        return self.limit(ip, now)
+
+    # ------------------------------------------------------------ the daemon's two hooks
+
+    def source_admitted(self, ip: str, now: float) -> bool:
+        """``SipStack(admit=...)``: the ACL before parsing; remembers the source for :meth:`admit_new_request`."""
+        self._source, self._source_at = ip, now
+        return self.check_source(ip) is Verdict.ADMIT
+
+    def admit_new_request(self, request: object = None) -> bool:
+        """``SipUserAgent.admit_new_request``: charge the request that starts something to its source.
+
+        The source is the one last passed to :meth:`source_admitted`; with none
+        (a stack without the hook) the request is admitted.
+        """
+        if self._source is None:
+            return True
+        return self.limit(self._source, self._source_at) is Verdict.ADMIT

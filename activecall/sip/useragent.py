@@ -27,6 +27,14 @@ Incoming INVITE::
 Out-of-dialog requests follow config.md §5: INVITE without a handler → 503
 with ``Reason``; OPTIONS → 200 with Allow/Accept (or silence when disabled);
 REFER → 400; anything else → 200; requests with a To tag matching no dialog → 481.
+
+Limits (docs/config-security.md): with ``max_calls`` set, a new INVITE while
+that many calls are held (inbound dialogs, early or confirmed, plus outbound
+calls and INVITEs in progress) gets ``503`` with ``Retry-After`` and a
+``Reason``, and :meth:`SipUserAgent.invite` fails with ``CallRejected(503)``.
+``admit_new_request`` (the rate limit) is asked, before any transaction
+exists, only for requests that start something (:meth:`SipUserAgent.starts_something`);
+a False answer drops the request silently.
 """
 
 from __future__ import annotations
@@ -56,6 +64,8 @@ from activecall.sip.uri import SipUri, parse_uri
 
 __all__ = [
     "ALLOW",
+    "MAX_CALLS_REASON",
+    "MAX_CALLS_RETRY_AFTER_S",
     "CallRejected",
     "ICallHandler",
     "IDialogListener",
@@ -72,6 +82,9 @@ _SUPPORTED = "timer, replaces"
 # Extensions we can honour when a request Requires them.
 _KNOWN_EXTENSIONS = frozenset({"timer", "replaces"})
 _NO_HANDLER_REASON = 'SIP;cause=503;text="No invite handler configured"'
+MAX_CALLS_REASON = 'SIP;cause=503;text="Too many calls"'
+# Seconds a caller refused for max_calls is asked to wait (RFC 3261 §20.33).
+MAX_CALLS_RETRY_AFTER_S = 5
 
 Hop = tuple[str, str, int]
 """Where a request goes: ``(transport, host, port)`` with transport ``udp``/``tcp``/``tls``."""
@@ -463,6 +476,8 @@ class SipUserAgent:
         external_ip: str | None = None,
         auto_learn_public_address: bool = False,
         enable_options_response: bool = True,
+        max_calls: int | None = None,
+        admit_new_request: Callable[[SipRequest], bool] | None = None,
     ) -> None:
         self._stack = stack
         self._ids = ids
@@ -471,6 +486,10 @@ class SipUserAgent:
         self.external_ip = external_ip
         self.auto_learn_public_address = auto_learn_public_address
         self.enable_options_response = enable_options_response
+        # [sip_limits] max_calls; None = unlimited.
+        self.max_calls = max_calls
+        # The per-source rate limit, asked only for requests that start something.
+        self.admit_new_request = admit_new_request
         self._ops: dict[TransactionKey, _Op] = {}
         self._dialogs: dict[tuple[str, str], CallDialog] = {}
         self._invites: dict[TransactionKey, InboundCall] = {}
@@ -478,7 +497,8 @@ class SipUserAgent:
         self._answered: dict[TransactionKey, InboundCall] = {}
         self._public_callbacks: list[Callable[[str, int], None]] = []
         self._learned: tuple[str, int] | None = None
-        self.counters: dict[str, int] = {"invites_in": 0, "invites_out": 0, "rejected_503": 0}
+        self.counters: dict[str, int] = {"invites_in": 0, "invites_out": 0, "rejected_503": 0,
+                                         "rejected_max_calls": 0, "rate_limited": 0}
         setter = getattr(stack, "set_user", None)
         if setter is not None:
             setter(self)
@@ -635,6 +655,8 @@ class SipUserAgent:
         provisional (at once if one came already) and errbacks it with
         CancelledError.
         """
+        if self._at_max_calls():
+            return fail(CallRejected(503, f"max_calls ({self.max_calls}) reached"))
         target = parse_uri(target_uri) if isinstance(target_uri, str) else target_uri.copy()
         if isinstance(from_uri, NameAddr):
             from_ = from_uri.copy()
@@ -898,13 +920,46 @@ class SipUserAgent:
     # ------------------------------------------------------------ requests (from the stack)
 
     def wants_request(self, request: SipRequest) -> bool:
-        """Whether the stack should open a server transaction at all (disabled OPTIONS are dropped)."""
+        """Whether the stack should open a server transaction at all.
+
+        Disabled OPTIONS are dropped, and so are requests that start something
+        when ``admit_new_request`` (the per-source rate limit) refuses them.
+        """
         if request.method == "OPTIONS" and not self.enable_options_response:
             try:
-                return request.to.tag is not None
+                if request.to.tag is None:
+                    return False
             except SipParseError:
                 return False
+        gate = self.admit_new_request
+        if gate is not None and self.starts_something(request) and not gate(request):
+            self.counters["rate_limited"] += 1
+            return False
         return True
+
+    def starts_something(self, request: SipRequest) -> bool:
+        """Whether ``request`` would start new work here (what the rate limit counts).
+
+        ACK and CANCEL never do (they finish or end an INVITE); a request with
+        a To tag does only when that tag names no live dialog (it gets 481, and
+        a flood of made-up in-dialog requests must not escape the limit).
+        """
+        if request.method in ("ACK", "CANCEL"):
+            return False
+        try:
+            to_tag = request.to.tag
+            if to_tag is None:
+                return True
+            return (request.call_id, to_tag) not in self._dialogs
+        except SipParseError:
+            return True
+
+    def calls_in_progress(self) -> int:
+        """Calls held now: live dialogs (inbound early or confirmed, outbound) plus outbound INVITEs not yet answered."""
+        return len(self._dialogs) + sum(1 for p in self._pending_invites.values() if p.call is None)
+
+    def _at_max_calls(self) -> bool:
+        return self.max_calls is not None and self.calls_in_progress() >= self.max_calls
 
     def request_received(self, request: SipRequest, key: TransactionKey | None, source: tuple[str, int],
                          flow: object | None = None, cancels: TransactionKey | None = None) -> None:
@@ -954,6 +1009,14 @@ class SipUserAgent:
         if self.handler is None:
             self.counters["rejected_503"] += 1
             self._respond(key, request, 503, headers=[("Reason", _NO_HANDLER_REASON)], to_tag=tag)
+            return
+        if self._at_max_calls():
+            self.counters["rejected_503"] += 1
+            self.counters["rejected_max_calls"] += 1
+            self._log.debug("INVITE {call_id} refused: {n} calls in progress (max_calls)",
+                           call_id=request.call_id, n=self.calls_in_progress())
+            self._respond(key, request, 503, to_tag=tag, headers=[
+                ("Retry-After", str(MAX_CALLS_RETRY_AFTER_S)), ("Reason", MAX_CALLS_REASON)])
             return
         unsupported = [ext for line in request.headers.get_all("Require")
                        for ext in (e.strip().lower() for e in line.split(","))

@@ -14,6 +14,7 @@ from activecall.sip.security import (
     SipGuard,
     Verdict,
     parse_network,
+    registrar_hosts,
     source_key,
 )
 
@@ -179,6 +180,36 @@ class GuardTests(SynchronousTestCase):
         self.assertIsNone(guard.limiter)
         self.assertEqual([guard.admit("10.0.0.1", 0.0) for _ in range(500)], [Verdict.ADMIT] * 500)
         self.assertEqual(guard.admit("11.0.0.1", 0.0), Verdict.DENIED)
+
+    def test_allow_list_and_trusted_bypass_limit(self) -> None:
+        """ACL allow-listed sources and trusted registrar addresses skip the rate limit, not the deny list."""
+        guard = SipGuard(SipAcl(allow=["10.0.0.0/8", "192.0.2.5"], deny=["10.9.0.0/16"]), RateLimiter(1, 1))
+        self.assertEqual([guard.limit("10.1.1.1", 0.0) for _ in range(5)], [Verdict.ADMIT] * 5)
+        self.assertEqual(guard.admit("10.9.1.1", 0.0), Verdict.DENIED)
+        open_guard = SipGuard(SipAcl(), RateLimiter(1, 1))
+        open_guard.trust("::ffff:198.51.100.4")
+        open_guard.trust("not an ip")
+        self.assertEqual([open_guard.admit("198.51.100.4", 0.0) for _ in range(5)], [Verdict.ADMIT] * 5)
+        self.assertEqual([open_guard.admit("198.51.100.5", 0.0) for _ in range(2)],
+                         [Verdict.ADMIT, Verdict.RATE_LIMITED])
+
+    def test_two_hooks_charge_the_remembered_source(self) -> None:
+        """source_admitted runs the ACL and remembers the source; admit_new_request charges that source."""
+        guard = SipGuard(SipAcl(deny=["192.0.2.0/24"]), RateLimiter(1, 1))
+        self.assertTrue(guard.admit_new_request())  # no source seen yet
+        self.assertFalse(guard.source_admitted("192.0.2.1", 0.0))
+        self.assertTrue(guard.source_admitted("198.51.100.1", 0.0))
+        self.assertEqual((guard.admit_new_request(), guard.admit_new_request()), (True, False))
+        self.assertTrue(guard.source_admitted("198.51.100.2", 0.0))
+        self.assertTrue(guard.admit_new_request())
+        self.assertEqual((guard.denied, guard.rate_limited), (1, 1))
+
+    def test_registrar_hosts(self) -> None:
+        """Registrar URIs give their hosts (IPv6 without brackets), once each."""
+        self.assertEqual(
+            registrar_hosts(["sip:pbx.example.org:5060", "sips:10.0.0.9;transport=tls", "sip:[2001:db8::1]:5080",
+                             "sip:pbx.example.org"]),
+            ["pbx.example.org", "10.0.0.9", "2001:db8::1"])
 
     def test_pure(self) -> None:
         """Importing the module does not import the reactor, sockets, time or random."""
