@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 from typing import Literal
 
-from activecall.sip.uri import SipParseError
+from activecall.sip.uri import SipParseError, bounded_int
 
 __all__ = ["FramingError", "KeepAlive", "StreamFramer", "Frame"]
 
@@ -36,6 +36,7 @@ class KeepAlive(enum.Enum):
 Frame = bytes | KeepAlive
 
 _CRLF = b"\r\n"
+_MAX_CONTENT_LENGTH = 2**31 - 1
 
 
 def _content_length(head: bytes) -> int:
@@ -56,10 +57,8 @@ def _content_length(head: bytes) -> int:
         return 0
     if len(values) > 1:
         raise FramingError("more than one Content-Length on a stream")
-    value = values[0]
-    if not value.isdigit() or not value.isascii():
-        raise FramingError(f"bad Content-Length on a stream: {value!r}")
-    return int(value)
+    # ASCII digits, length checked before int(); the framer compares with its max_body_bytes.
+    return bounded_int(values[0], "Content-Length on a stream", _MAX_CONTENT_LENGTH, error=FramingError)
 
 
 class StreamFramer:

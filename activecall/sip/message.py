@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
-from activecall.sip.uri import SipParseError, SipUri, parse_uri, split_hostport
+from activecall.sip.uri import SipParseError, SipUri, bounded_int, parse_uri, split_hostport
 
 __all__ = [
     "SipParseError",
@@ -76,7 +76,11 @@ _TOKEN_CHARS = frozenset(
 )
 _WORD_CHARS = _TOKEN_CHARS | frozenset('()<>:\\"/[]?{}')
 _GEN_VALUE_CHARS = _TOKEN_CHARS | frozenset(":[]")
-_VERSION_RE = re.compile(r"SIP/(\d+)\.(\d+)\Z", re.IGNORECASE)
+_VERSION_RE = re.compile(r"SIP/([0-9]+)\.([0-9]+)\Z", re.IGNORECASE)
+#: Largest Content-Length we read (a datagram is far smaller; streams cap it in :mod:`framing`).
+MAX_CONTENT_LENGTH = 2**31 - 1
+#: CSeq numbers fit 32 bits (§8.1.1.5).
+MAX_CSEQ = 2**32 - 1
 _LWS = " \t"
 
 
@@ -382,9 +386,14 @@ class Via:
 
     @property
     def rport(self) -> int | None:
-        """The numeric rport value, if one was filled in."""
+        """The numeric rport value (1..65535), if one was filled in; None for anything else."""
         value = self.param("rport")
-        return int(value) if value and value.isdigit() else None
+        if not value:
+            return None
+        try:
+            return bounded_int(value, "rport", 65535, low=1)
+        except SipParseError:
+            return None
 
     @property
     def sent_by(self) -> str:
@@ -419,7 +428,11 @@ def _parse_one_via(value: str) -> Via:
             raise SipParseError(f"bad Via protocol: {value!r}")
     sent_by = re.sub(r"[ \t]*:[ \t]*", ":", sent_by.strip(_LWS)) if "[" not in sent_by else sent_by.strip(_LWS)
     host, port = split_hostport(sent_by)
-    return Via(transport, host, port, parse_params(rest), protocol, version)
+    via = Via(transport, host, port, parse_params(rest), protocol, version)
+    rport = via.param("rport")
+    if rport:
+        bounded_int(rport, "Via rport", 65535, low=1)  # RFC 3581: a port, when filled in
+    return via
 
 
 def parse_via(value: str) -> list[Via]:
@@ -550,12 +563,9 @@ class CSeq:
 def parse_cseq(value: str) -> CSeq:
     """Parse a CSeq value; the number must fit 32 bits (§8.1.1.5)."""
     parts = value.split()
-    if len(parts) != 2 or not parts[0].isdigit() or not parts[0].isascii() or not _is_token(parts[1]):
-        raise SipParseError(f"bad CSeq: {value!r}")
-    seq = int(parts[0])
-    if seq >= 2**32:
-        raise SipParseError(f"CSeq number too large: {value!r}")
-    return CSeq(seq, parts[1])
+    if len(parts) != 2 or not _is_token(parts[1]):
+        raise SipParseError(f"bad CSeq: {value[:80]!r}")
+    return CSeq(bounded_int(parts[0], "CSeq number", MAX_CSEQ), parts[1])
 
 
 @dataclass
@@ -657,10 +667,7 @@ class _Accessors:
         value = self.headers.get("Max-Forwards")
         if value is None:
             return None
-        value = value.strip()
-        if not value.isdigit() or not value.isascii() or int(value) > 255:
-            raise SipParseError(f"bad Max-Forwards: {value!r}")
-        return int(value)
+        return bounded_int(value.strip(), "Max-Forwards", 255)
 
     @property
     def content_length(self) -> int | None:
@@ -668,10 +675,7 @@ class _Accessors:
         value = self.headers.get("Content-Length")
         if value is None:
             return None
-        value = value.strip()
-        if not value.isdigit() or not value.isascii():
-            raise SipParseError(f"bad Content-Length: {value!r}")
-        return int(value)
+        return bounded_int(value.strip(), "Content-Length", MAX_CONTENT_LENGTH)
 
     @property
     def content_type(self) -> str | None:
@@ -785,9 +789,10 @@ def _parse_headers(lines: list[str]) -> Headers:
 def _check_version(version: str) -> None:
     match = _VERSION_RE.match(version)
     if not match:
-        raise SipParseError(f"bad SIP version: {version!r}")
-    if (int(match.group(1)), int(match.group(2))) != (2, 0):
-        raise SipParseError(f"unsupported SIP version: {version!r}", status=505)
+        raise SipParseError(f"bad SIP version: {version[:40]!r}")
+    # Compared as digit strings: no int() of a 5000-digit major version.
+    if (match.group(1).lstrip("0"), match.group(2).lstrip("0")) != ("2", ""):
+        raise SipParseError(f"unsupported SIP version: {version[:40]!r}", status=505)
 
 
 def parse_message(data: bytes) -> SipRequest | SipResponse:

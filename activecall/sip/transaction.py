@@ -45,6 +45,7 @@ from activecall.sip.message import (
     make_response,
     parse_message,
 )
+from activecall.sip.uri import is_ip_literal
 
 __all__ = [
     "Address",
@@ -66,6 +67,7 @@ __all__ = [
     "build_ack_for_non2xx",
     "build_cancel",
     "response_address",
+    "stateless_response_address",
 ]
 
 Address = tuple[str, int]
@@ -180,17 +182,40 @@ Action = (
 
 
 def response_address(via: Via, source: Address, reliable: bool) -> Address:
-    """Where responses to a request with top ``via`` go (§18.2.2, RFC 3581 §4)."""
+    """Where responses to a request with top ``via`` go (§18.2.2, RFC 3581 §4).
+
+    Always an IP address: a ``maddr`` that is not an IP literal is ignored,
+    and a ``received``/sent-by host that is a name (we do not resolve
+    sent-by, RFC 3263 §5) or names another address than the packet's source
+    is replaced by the source IP, which is the ``received`` §18.2.1 makes
+    the server stamp.  The port is the RFC 3581 ``rport``, else the sent-by
+    port, else 5060.
+    """
     if reliable:
         return source
     maddr = via.param("maddr")
-    if maddr:
-        return maddr, via.port or 5060
+    if maddr and is_ip_literal(maddr):
+        return _unbracket(maddr), via.port or 5060
     host = via.received or via.host
-    if host.startswith("["):
-        host = host[1:-1]
-    port = via.rport or via.port or 5060
-    return host, port
+    if not is_ip_literal(host) or (via.received is not None and _unbracket(host).lower() != source[0].lower()):
+        host = source[0]
+    return _unbracket(host), via.rport or via.port or 5060
+
+
+def stateless_response_address(via: Via, source: Address, reliable: bool) -> Address:
+    """Where a stateless reply (400 for a request that failed to parse) goes.
+
+    Nothing was stamped on such a request, so the source IP is the
+    ``received`` (§18.2.2): the sent-by port unless ``rport`` asks for the
+    source port (RFC 3581).  Never a host name.
+    """
+    if reliable or via.has_rport:
+        return source
+    return source[0], via.port or 5060
+
+
+def _unbracket(host: str) -> str:
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
 def _copy_lines(src: Headers, dst: Headers, name: str) -> None:
@@ -582,9 +607,7 @@ class TransactionLayer:
                 return [MessageDropped(f"unparseable: {err}", source)]
             try:
                 via = err.partial.top_via  # type: ignore[union-attr]
-                addr = response_address(via, source, reliable)
-                if via.has_rport:
-                    addr = source
+                addr = stateless_response_address(via, source, reliable)
             except SipParseError:
                 addr = source  # a broken Via: answer where it came from
             return [MessageDropped(f"unparseable: {err}", source), *self.send_stateless(response, addr)]
@@ -631,7 +654,9 @@ class TransactionLayer:
         if via.has_rport:
             via.set_param("received", host)
             via.set_param("rport", str(port))
-        elif via.host.strip("[]").lower() != host.lower():
+        elif via.host.strip("[]").lower() != host.lower() or via.param("received") is not None:
+            # Also overwrite a ``received`` the client put there itself: responses
+            # must not be reflected to an address of its choosing.
             via.set_param("received", host)
         else:
             return

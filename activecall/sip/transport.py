@@ -443,12 +443,14 @@ class SipDatagramProtocol(DatagramProtocol):
         self._stack.message_received(datagram, (addr[0], addr[1]), self)
 
     def send(self, data: bytes, addr: Address) -> bool:
-        """Write one datagram; False on an OS error or when not listening."""
+        """Write one datagram; False on an OS error, a bad address or when not listening."""
         if self.transport is None:
             return False
         try:
             self.transport.write(data, addr)
-        except OSError:
+        except (OSError, ValueError, OverflowError):
+            # OSError: the network; ValueError: Twisted's InvalidAddressError (a host
+            # name, or the wrong address family); OverflowError: a port past 65535.
             return False
         return True
 

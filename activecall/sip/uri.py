@@ -11,12 +11,15 @@ as an opaque absolute URI: ``scheme`` plus ``opaque``.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 
 __all__ = [
     "SipParseError",
     "SipUri",
+    "bounded_int",
+    "is_ip_literal",
     "parse_uri",
     "uri_equal",
     "unescape",
@@ -52,6 +55,38 @@ _HEX = frozenset("0123456789abcdefABCDEF")
 _OPAQUE_FORBIDDEN = frozenset(' \t\r\n<>"')
 
 _DEFAULT_PORTS = {"sip": 5060, "sips": 5061}
+_DIGITS_RE = re.compile(r"[0-9]+\Z")
+
+
+def bounded_int(text: str, what: str, high: int, *, low: int = 0,
+                error: type[SipParseError] = SipParseError) -> int:
+    """``text`` as an integer in ``low..high``, or raise ``error``.
+
+    Only ASCII digits count (``str.isdigit()`` also takes ``'\u0663'`` and
+    ``'\u00b2'``), leading zeros are allowed, and the length is checked
+    before ``int()`` so a 5000-digit value is refused without converting it
+    (``int()`` would raise a plain ``ValueError`` past 4,300 digits).
+    """
+    if not _DIGITS_RE.match(text):
+        raise error(f"bad {what}: {text[:40]!r}")
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(high)):
+        raise error(f"{what} out of range: {text[:40]!r}")
+    value = int(digits)
+    if not low <= value <= high:
+        raise error(f"{what} out of range: {text[:40]!r}")
+    return value
+
+
+def is_ip_literal(host: str) -> bool:
+    """Whether ``host`` is an IPv4 address or an IPv6 address (brackets optional), not a name."""
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_chars(text: str, allowed: frozenset[str], what: str) -> None:
@@ -108,9 +143,7 @@ def _check_host(host: str) -> None:
 
 
 def _parse_port(text: str) -> int:
-    if not text or not text.isdigit() or not text.isascii() or len(text) > 5 or int(text) > 65535:
-        raise SipParseError(f"invalid port: {text!r}")
-    return int(text)
+    return bounded_int(text, "port", 65535)
 
 
 def split_hostport(text: str) -> tuple[str, int | None]:
