@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Sequence
 
 
 def write_atomically(path: str, data: bytes) -> None:
@@ -50,3 +51,19 @@ def safe_join(base: str, *parts: str) -> str:
     if candidate == root or os.path.commonpath([root, candidate]) != root:
         raise UnsafePathError(f"unsafe path {os.path.join(*parts)!r}: outside {root}")
     return candidate
+
+
+def path_under_any(path: str, bases: Sequence[str]) -> str:
+    """Return ``realpath(path)`` (relative paths from the working directory) if it lies in one of ``bases``.
+
+    Raises :class:`UnsafePathError` otherwise; symlinks are resolved first.
+    """
+    if not path or "\0" in path:
+        raise UnsafePathError(f"unsafe path {path!r}: empty or NUL byte")
+    absolute = os.path.abspath(path)
+    for base in bases:
+        try:
+            return safe_join(base, absolute)
+        except UnsafePathError:
+            continue
+    raise UnsafePathError(f"{path!r} is not under {', '.join(bases) or 'any allowed directory'}")

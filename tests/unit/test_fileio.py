@@ -6,7 +6,7 @@ import os
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from activecall.fileio import UnsafePathError, safe_join
+from activecall.fileio import UnsafePathError, path_under_any, safe_join
 
 
 class SafeJoinTests(SynchronousTestCase):
@@ -48,3 +48,18 @@ class SafeJoinTests(SynchronousTestCase):
     def test_error_is_a_value_error(self) -> None:
         """Callers that catch ValueError also catch an unsafe path."""
         self.assertTrue(issubclass(UnsafePathError, ValueError))
+
+
+class PathUnderAnyTests(SynchronousTestCase):
+    """``path_under_any(path, bases)`` accepts a path inside one of several directories."""
+
+    def test_inside_second_base(self) -> None:
+        """A file inside any of the bases is returned resolved; others are refused."""
+        first, second = (os.path.realpath(self.mktemp()) for _ in range(2))
+        for d in (first, second):
+            os.makedirs(d)
+        inside = os.path.join(second, "a.wav")
+        self.assertEqual(path_under_any(inside, (first, second)), inside)
+        for path in ("/etc/passwd", os.path.join(first, "..", "x.wav"), "", "a\0b"):
+            with self.assertRaises(UnsafePathError, msg=path):
+                path_under_any(path, (first, second))
