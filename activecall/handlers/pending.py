@@ -9,7 +9,10 @@ holds those calls by dialogId and answers them itself when nobody does:
 - the caller CANCELs → forgotten (the user agent already sent 487);
 - the client's socket closes without ``accept``/``reject`` →
   ``603 Decline`` with ``Reason: handler disconnected``;
-- shutdown → every pending call gets ``503`` with the "Server shutting down" Reason.
+- shutdown → every pending call gets ``503`` with the "Server shutting down" Reason;
+- ``max_pending`` (``[sip_limits] max_pending_invites``) already waiting →
+  the new call gets ``503`` with ``Retry-After`` and the "Too many pending
+  calls" Reason at once, never enters the registry (no webhook is sent).
 
 Life of one entry::
 
@@ -38,6 +41,8 @@ __all__ = [
     "ACCEPT_TIMEOUT_REASON",
     "DISCONNECTED_REASON",
     "SHUTTING_DOWN_REASON",
+    "TOO_MANY_PENDING_REASON",
+    "PENDING_RETRY_AFTER_S",
     "PendingCall",
     "PendingCalls",
 ]
@@ -45,6 +50,8 @@ __all__ = [
 ACCEPT_TIMEOUT_REASON = "accept timeout"
 DISCONNECTED_REASON = "handler disconnected"
 SHUTTING_DOWN_REASON = 'SIP;cause=503;text="Server shutting down"'
+TOO_MANY_PENDING_REASON = 'SIP;cause=503;text="Too many pending calls"'
+PENDING_RETRY_AFTER_S = 5
 
 
 class PendingCall(Protocol):
@@ -70,14 +77,18 @@ class PendingCalls:
     """Registry of unanswered inbound calls by dialogId, each armed with the accept timeout.
 
     ``clock`` is the injected :class:`IReactorTime`; ``accept_timeout_s`` is
-    ``Config.accept_timeout_s`` (config.md §3).
+    ``Config.accept_timeout_s`` (config.md §3); ``max_pending`` is
+    ``Config.sip_limits.max_pending_invites`` (None: unbounded).
     """
 
     _log = Logger()
 
     def __init__(self, clock: IReactorTime, accept_timeout_s: float,
-                 on_closed: Callable[[str, PendingCall, float, int], None] | None = None) -> None:
+                 on_closed: Callable[[str, PendingCall, float, int], None] | None = None,
+                 max_pending: int | None = None) -> None:
         self._clock = clock
+        self._max_pending = max_pending
+        self.refused = 0  # calls answered 503 because max_pending were waiting
         self._timeout_s = accept_timeout_s
         self._entries: dict[str, _Entry] = {}
         # Told (dialog_id, call, added_at, final status) when a call leaves unanswered, for its call record.
@@ -102,16 +113,26 @@ class PendingCalls:
 
     # ------------------------------------------------------------ changes
 
-    def add(self, dialog_id: str, call: PendingCall) -> None:
-        """Register ``call`` under ``dialog_id`` and start its accept timeout.
+    def add(self, dialog_id: str, call: PendingCall) -> bool:
+        """Register ``call`` under ``dialog_id`` and start its accept timeout; False if refused.
 
         A second ``add`` under the same id replaces the first entry (and its timer).
+        When ``max_pending`` calls are already waiting the call is answered
+        ``503`` (``Retry-After``, "Too many pending calls") and not registered.
         """
         old = self._entries.pop(dialog_id, None)
         if old is not None:
             self._cancel_timer(old)
+        elif self._max_pending is not None and len(self._entries) >= self._max_pending:
+            self.refused += 1
+            self._log.debug("pending call {dialog_id} refused: {n} calls waiting for a client",
+                            dialog_id=dialog_id, n=len(self._entries))
+            call.reject(503, None, headers=[("Retry-After", str(PENDING_RETRY_AFTER_S)),
+                                            ("Reason", TOO_MANY_PENDING_REASON)])
+            return False
         timer = self._clock.callLater(self._timeout_s, self._expired, dialog_id)
         self._entries[dialog_id] = _Entry(call, timer, self._clock.seconds())
+        return True
 
     def take(self, dialog_id: str) -> PendingCall | None:
         """Claim the call (the client accepts or rejects it): stop its timer and forget it.

@@ -151,3 +151,30 @@ class PendingCallsTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertNotIn("d4", self.pending)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class MaxPendingTests(SynchronousTestCase):
+    """``[sip_limits] max_pending_invites``: calls beyond get 503 at once and never wait."""
+
+    def test_beyond_max_pending_503_with_reason(self) -> None:
+        """With max_pending 2 the third waiting call is answered 503 with Retry-After and a Reason, and not kept."""
+        from activecall.handlers.pending import TOO_MANY_PENDING_REASON
+
+        clock = Clock()
+        closed: list[tuple[str, int]] = []
+        pending = PendingCalls(clock, accept_timeout_s=60.0, max_pending=2,
+                               on_closed=lambda d, c, at, status: closed.append((d, status)))
+        calls = [FakeCall() for _ in range(3)]
+        self.assertEqual([pending.add(f"d{i}", c) for i, c in enumerate(calls)], [True, True, False])
+        self.assertEqual(calls[2].rejections,
+                         [(503, None, [("Retry-After", "5"), ("Reason", TOO_MANY_PENDING_REASON)])])
+        self.assertNotIn("d2", pending)
+        self.assertEqual((len(pending), pending.refused, closed), (2, 1, []))
+        self.assertEqual(len(clock.getDelayedCalls()), 2)
+        # A slot frees when a waiting call leaves; re-adding a present id never counts as new.
+        pending.take("d0")
+        self.assertTrue(pending.add("d3", FakeCall()))
+        self.assertTrue(pending.add("d3", FakeCall()))
+        self.assertEqual(len(pending), 2)
+        pending.reject_all()
+        self.assertEqual(clock.getDelayedCalls(), [])

@@ -194,6 +194,37 @@ class MaxCallsTests(StackCase):
         self.assertEqual([r.status for r in self.responses()], [200] * 30)
 
 
+class MaxPendingInvitesTests(StackCase):
+    """``[sip_limits] max_pending_invites`` through the webhook handler: 503 at once, no webhook."""
+
+    def test_invite_beyond_max_pending_gets_503_and_no_webhook(self) -> None:
+        """With 2 calls waiting for a client, a third INVITE gets 503 with a Reason and its webhook is never sent."""
+        from twisted.internet.defer import Deferred
+
+        from activecall.handlers.pending import TOO_MANY_PENDING_REASON, PendingCalls
+        from activecall.handlers.webhook import WebhookCallHandler
+
+        class Notifier:
+            def __init__(self) -> None:
+                self.payloads: list[dict[str, Any]] = []
+
+            def notify(self, payload: dict[str, Any]) -> Deferred[None]:
+                self.payloads.append(payload)
+                return Deferred()
+
+        notifier = Notifier()
+        pending = PendingCalls(Clock(), accept_timeout_s=60.0, max_pending=2)
+        self.make(WebhookCallHandler(notifier, pending, Clock()))
+        for n in range(3):
+            self.feed(request("INVITE", n, body=SDP))
+        finals = [r for r in self.responses() if r.status >= 200]
+        self.assertEqual([r.status for r in finals], [503])
+        self.assertEqual(finals[0].headers.get("Reason"), TOO_MANY_PENDING_REASON)
+        self.assertEqual(finals[0].headers.get("Retry-After"), "5")
+        self.assertEqual(len(notifier.payloads), 2)
+        self.assertEqual(self.ua.calls_in_progress(), 2)
+
+
 def test_exempt_network_parse() -> None:
     """Sanity: exempt networks given as parsed networks bypass like allow-listed ones."""
     guard = SipGuard(SipAcl(), RateLimiter(1, 1), exempt=(parse_network("198.51.100.0/24"),))
