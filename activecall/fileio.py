@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import secrets
 from collections.abc import Sequence
 
@@ -67,3 +69,22 @@ def path_under_any(path: str, bases: Sequence[str]) -> str:
         except UnsafePathError:
             continue
     raise UnsafePathError(f"{path!r} is not under {', '.join(bases) or 'any allowed directory'}")
+
+
+_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._@+=-]")
+_MAX_NAME_CHARS = 128
+
+
+def file_safe_name(text: str) -> str:
+    """``text`` (a call or session id) as one harmless file-name component.
+
+    Characters other than letters, digits and ``._@+=-`` become ``_``, a leading
+    dot too (no hidden files, no ``..``); a long id keeps its first 64 characters
+    plus a hash of the whole, so distinct ids stay distinct.
+    """
+    name = _NAME_UNSAFE.sub("_", text) or "_"
+    if name.startswith("."):
+        name = "_" + name[1:]
+    if len(name) > _MAX_NAME_CHARS:
+        name = name[:64] + "-" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return name

@@ -6,7 +6,7 @@ import os
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from activecall.fileio import UnsafePathError, path_under_any, safe_join
+from activecall.fileio import UnsafePathError, file_safe_name, path_under_any, safe_join
 
 
 class SafeJoinTests(SynchronousTestCase):
@@ -63,3 +63,21 @@ class PathUnderAnyTests(SynchronousTestCase):
         for path in ("/etc/passwd", os.path.join(first, "..", "x.wav"), "", "a\0b"):
             with self.assertRaises(UnsafePathError, msg=path):
                 path_under_any(path, (first, second))
+
+
+class FileSafeNameTests(SynchronousTestCase):
+    """``file_safe_name`` turns an id into one harmless path component."""
+
+    def test_names(self) -> None:
+        """Separators, dots, NUL and odd characters are replaced; ordinary ids are kept."""
+        self.assertEqual(file_safe_name("s.4f2a-01@host"), "s.4f2a-01@host")
+        self.assertEqual(file_safe_name("../../etc/passwd"), "_._.._etc_passwd")
+        self.assertEqual(file_safe_name(".."), "_.")
+        self.assertEqual(file_safe_name("a\0b\\c\r\n"), "a_b_c__")
+        self.assertEqual(file_safe_name(""), "_")
+
+    def test_long_ids_are_hashed_and_stay_distinct(self) -> None:
+        """A 10 000-character id becomes a short name; two long ids differing at the end differ."""
+        a, b = file_safe_name("x" * 10000), file_safe_name("x" * 9999 + "y")
+        self.assertLessEqual(len(a), 128)
+        self.assertNotEqual(a, b)
