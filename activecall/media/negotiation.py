@@ -322,7 +322,10 @@ def _rtcp_target(m: MediaDescription, address: str, mux: bool) -> tuple[str, int
     # a=rtcp:<port> [IN IP4 <address>] (RFC 3605); sdp.py exposes only the port.
     bits = (m.attribute("rtcp") or "").split()
     rtcp_address = bits[3] if len(bits) >= 4 else address
-    port = m.rtcp_port if m.rtcp_port is not None else m.port + 1
+    port = m.rtcp_port
+    if port is None:
+        # RTP + 1, kept inside the UDP range for a (nonsensical) odd RTP port 65535.
+        port = m.port + 1 if m.port < 65535 else m.port
     return rtcp_address, port
 
 

@@ -13,9 +13,10 @@ default and the RFC 2543 ``c=0.0.0.0`` hold), ``crypto()`` (RFC 4568), ICE,
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
-from activecall.sip.uri import SipParseError
+from activecall.sip.uri import SipParseError, bounded_int
 
 __all__ = [
     "SdpParseError",
@@ -42,6 +43,26 @@ _STATIC_PT = {
     14: ("MPA", 90000, 1), 15: ("G728", 8000, 1), 18: ("G729", 8000, 1),
     26: ("JPEG", 90000, 1), 31: ("H261", 90000, 1), 32: ("MPV", 90000, 1), 34: ("H263", 90000, 1),
 }
+
+
+#: Bounds of the numbers we read (RFC 3550/3551 payload types, UDP ports, RFC 4568 tags).
+MAX_PAYLOAD_TYPE = 127
+MAX_PORT = 65535
+MAX_CRYPTO_TAG = 999_999_999
+MAX_CLOCK_RATE_HZ = 2**32 - 1
+MAX_CHANNELS = 255
+MAX_PTIME_MS = 10_000
+_U64 = 2**64 - 1
+# ptime is a decimal: at most 5 integer digits, an optional fraction (never float(): 1e999, nan, inf).
+_PTIME_RE = re.compile(r"([0-9]{1,5})(?:\.[0-9]{0,9})?\Z")
+
+
+def _small_int(text: str, high: int, low: int = 0) -> int | None:
+    """``text`` as a bounded ASCII-digit integer, or None (for accessors that tolerate junk)."""
+    try:
+        return bounded_int(text, "number", high, low=low)
+    except SipParseError:
+        return None
 
 
 class SdpParseError(SipParseError):
@@ -201,19 +222,32 @@ class MediaDescription(_AttributeMixin):
 
     @property
     def payload_types(self) -> list[int]:
-        """Formats as integers (RTP profiles only; others are skipped)."""
-        return [int(f) for f in self.formats if f.isdigit()]
+        """Formats that are RTP payload types (0..127, ASCII digits); others are skipped."""
+        out = []
+        for f in self.formats:
+            pt = _small_int(f, MAX_PAYLOAD_TYPE)
+            if pt is not None:
+                out.append(pt)
+        return out
 
     def rtpmaps(self) -> dict[int, RtpMap]:
-        """pt -> (encoding, clock, channels), from rtpmap lines or the RFC 3551 static table."""
+        """pt -> (encoding, clock, channels), from rtpmap lines or the RFC 3551 static table.
+
+        Lines with a payload type outside 0..127, a clock rate outside
+        1..2^32-1 or a channel count outside 1..255 are skipped.
+        """
         out: dict[int, RtpMap] = {}
         for value in self.attribute_values("rtpmap"):
             pt_text, _, spec = value.partition(" ")
             parts = spec.strip().split("/")
-            if not pt_text.isdigit() or len(parts) < 2 or not parts[1].isdigit():
+            if len(parts) < 2:
                 continue  # tolerate junk such as RFC 4475's "LPC" with no clock
-            channels = int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else 1
-            out[int(pt_text)] = RtpMap(parts[0], int(parts[1]), channels)
+            pt = _small_int(pt_text, MAX_PAYLOAD_TYPE)
+            rate = _small_int(parts[1], MAX_CLOCK_RATE_HZ, low=1)
+            channels = _small_int(parts[2], MAX_CHANNELS, low=1) if len(parts) > 2 else 1
+            if pt is None or rate is None or channels is None:
+                continue
+            out[pt] = RtpMap(parts[0], rate, channels)
         for pt in self.payload_types:
             if pt not in out and pt in _STATIC_PT:
                 out[pt] = RtpMap(*_STATIC_PT[pt])
@@ -224,26 +258,32 @@ class MediaDescription(_AttributeMixin):
         out: dict[int, str] = {}
         for value in self.attribute_values("fmtp"):
             pt_text, _, params = value.partition(" ")
-            if pt_text.isdigit():
-                out[int(pt_text)] = params.strip()
+            pt = _small_int(pt_text, MAX_PAYLOAD_TYPE)
+            if pt is not None:
+                out[pt] = params.strip()
         return out
 
     @property
     def ptime_ms(self) -> int | None:
-        """``a=ptime`` in milliseconds, if given."""
-        value = self.attribute("ptime")
-        try:
-            return int(float(value)) if value else None
-        except ValueError:
+        """``a=ptime`` in whole milliseconds (1..10000), if given and readable.
+
+        A decimal such as ``22.5`` is cut to ``22``; exponents, ``inf``,
+        ``nan`` and out-of-range values read as absent (no ``float()``).
+        """
+        match = _PTIME_RE.match((self.attribute("ptime") or "").strip())
+        if not match:
             return None
+        value = int(match.group(1))
+        return value if 1 <= value <= MAX_PTIME_MS else None
 
     def crypto(self) -> list[Crypto]:
         """The RFC 4568 crypto lines, in preference order."""
         out = []
         for value in self.attribute_values("crypto"):
             parts = value.split()
-            if len(parts) >= 3 and parts[0].isdigit():
-                out.append(Crypto(int(parts[0]), parts[1], parts[2], tuple(parts[3:])))
+            tag = _small_int(parts[0], MAX_CRYPTO_TAG) if len(parts) >= 3 else None
+            if tag is not None:
+                out.append(Crypto(tag, parts[1], parts[2], tuple(parts[3:])))
         return out
 
     @property
@@ -253,10 +293,10 @@ class MediaDescription(_AttributeMixin):
 
     @property
     def rtcp_port(self) -> int | None:
-        """Port of ``a=rtcp`` (RFC 3605), if any."""
+        """Port of ``a=rtcp`` (RFC 3605), if any and in 1..65535."""
         value = self.attribute("rtcp")
-        head = value.split()[0] if value else ""
-        return int(head) if head.isdigit() else None
+        head = value.split()[0] if value and value.split() else ""
+        return _small_int(head, MAX_PORT, low=1)
 
     @property
     def ice_ufrag(self) -> str | None:
@@ -368,10 +408,9 @@ class SessionDescription(_AttributeMixin):
         return self.serialize().encode("utf-8")
 
 
-def _int(text: str, what: str) -> int:
-    if not text.isdigit() or not text.isascii():
-        raise SdpParseError(f"bad {what}: {text!r}")
-    return int(text)
+def _int(text: str, what: str, high: int = _U64, low: int = 0) -> int:
+    """A bounded ASCII-digit number of the SDP grammar, or :class:`SdpParseError`."""
+    return bounded_int(text, what, high, low=low, error=SdpParseError)
 
 
 def _connection(value: str) -> Connection:
@@ -401,8 +440,8 @@ def _media(value: str) -> MediaDescription:
         raise SdpParseError(f"bad m= line: {value!r}")
     port_text, slash, count = parts[1].partition("/")
     return MediaDescription(
-        media=parts[0], port=_int(port_text, "media port"), proto=parts[2], formats=parts[3:],
-        port_count=_int(count, "port count") if slash else None,
+        media=parts[0], port=_int(port_text, "media port", MAX_PORT), proto=parts[2], formats=parts[3:],
+        port_count=_int(count, "port count", MAX_PORT, low=1) if slash else None,
     )
 
 
