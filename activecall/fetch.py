@@ -5,7 +5,8 @@ Policy (``[fetch]``, :class:`~activecall.config.FetchConfig`; docs/security.md):
 * only ``http``/``https`` URLs with a host; with ``allowed_hosts`` set, only those hosts
   (exact name, or ``*.suffix`` for any sub-domain), checked on the first URL and every redirect;
 * redirects (301/302/303/307/308) are followed by hand, at most ``max_redirects``, and only to
-  the same host unless ``follow_redirects``; a hop to another host carries no caller headers
+  the same host unless ``follow_redirects``; a POST follows only 307/308 (same method and body),
+  other redirects of a POST are returned as the answer; a hop to another host carries no caller headers
   (they may hold credentials meant for the first host);
 * a connect timeout (the agent built by :func:`http_client_for`) and a total timeout on the
   injected clock cover every hop and the body;
@@ -21,6 +22,8 @@ callers that must tell them apart (the webhook's retry rule).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 from urllib.parse import urljoin, urlsplit
@@ -45,10 +48,13 @@ __all__ = [
     "FetchTooLargeError",
     "FetchedResponse",
     "Fetcher",
+    "SIGNATURE_HEADER",
     "host_allowed",
     "http_client_for",
+    "signature",
 ]
 
+SIGNATURE_HEADER = "X-Activecall-Signature"
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # A redirect's own body is never used; read a little of it so the connection can be reused.
 _MAX_REDIRECT_BODY = 64 * 1024
@@ -78,6 +84,17 @@ class FetchedResponse:
     headers: Headers
     body: bytes
     url: str
+
+
+def signature(secret: str, body: bytes, now: float) -> str:
+    """The ``X-Activecall-Signature`` value: ``t=<unix s>,v1=<hex HMAC-SHA256 of "t.body">``.
+
+    A receiver recomputes the HMAC over the exact bytes received and rejects old ``t``
+    (replays); see docs/security.md.
+    """
+    t = str(int(now))
+    mac = hmac.new(secret.encode("utf-8"), t.encode("ascii") + b"." + body, hashlib.sha256)
+    return f"t={t},v1={mac.hexdigest()}"
 
 
 def http_client_for(reactor: Any, config: FetchConfig, pool: Optional[HTTPConnectionPool] = None) -> HTTPClient:
@@ -241,7 +258,10 @@ class Fetcher:
             response = await self._http.request(
                 method, url, data=data, headers=headers, allow_redirects=False, unbuffered=True)
             location = response.headers.getRawHeaders(b"location")
-            if response.code not in _REDIRECTS or not location:
+            # Only 307/308 keep the method and body; a POST answered 301-303 is returned as it is
+            # (re-sending it as a body-less GET would report a delivery that never happened).
+            resend = response.code in (307, 308) or method in ("GET", "HEAD")
+            if response.code not in _REDIRECTS or not location or not resend:
                 body = await _read_body(response, self._config.max_bytes)
                 return FetchedResponse(response.code, response.headers, body, url)
             await _read_body(response, _MAX_REDIRECT_BODY).addErrback(lambda _f: None)
@@ -252,8 +272,6 @@ class Fetcher:
             if target_host != host and not self._config.follow_redirects:
                 raise FetchRefusedError(f"redirect from {host} to another host ({target_host})")
             self._log.debug("{url} redirects ({code}) to {target}", url=url, code=response.code, target=target)
-            if response.code in (301, 302, 303) and method != "GET":
-                method, data = "GET", None  # what browsers and treq do
             if target_host != first_host:
                 headers = Headers()  # credentials in caller headers are for the first host only
             url, host = target, target_host

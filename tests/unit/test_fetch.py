@@ -21,6 +21,7 @@ from activecall.fetch import (
     Fetcher,
     host_allowed,
     http_client_for,
+    signature,
 )
 
 BIG = 4096
@@ -120,11 +121,12 @@ class FetcherTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(self.get("http://a.test/to?u=/to%3Fu%3D/ok", max_redirects=2)),
                          b"GET a.test /ok")
 
-    def test_post_303_becomes_get(self) -> None:
-        """A 303 answer to a POST is followed with a body-less GET."""
+    def test_post_303_is_the_answer(self) -> None:
+        """A 303 answer to a POST is returned, not turned into a body-less GET."""
         d = self.fetcher().post("http://a.test/to?u=/ok&c=303", b"body")
         self.stub.flush()
-        self.assertEqual(self.successResultOf(d).body, b"GET a.test /ok")
+        self.assertEqual(self.successResultOf(d).code, 303)
+        self.assertEqual(len(self.web.requests), 1)
 
     def test_allow_list(self) -> None:
         """With allowed_hosts only matching hosts are fetched, on the first URL and on redirects."""
@@ -216,3 +218,16 @@ class RealServerTests(TestCase):
         port = self.port.getHost().port
         with self.assertRaises(FetchRefusedError):
             await self.fetcher.request("GET", f"{self.base}/to?u=http://localhost:{port}/ok")
+
+
+class SignatureTests(SynchronousTestCase):
+    """The webhook signature is an HMAC-SHA256 of "t.body" with the signing secret."""
+
+    def test_known_value(self) -> None:
+        """The value matches an independent HMAC computation; t is whole seconds."""
+        import hashlib
+        import hmac
+
+        value = signature("s3cret", b'{"a":1}', 1700000000.9)
+        expected = hmac.new(b"s3cret", b'1700000000.{"a":1}', hashlib.sha256).hexdigest()
+        self.assertEqual(value, f"t=1700000000,v1={expected}")
