@@ -24,6 +24,7 @@ The hot path is plain attribute access, integer counters and one
 
 from __future__ import annotations
 
+import ipaddress
 from collections import deque
 from typing import Any, Callable, Union
 
@@ -313,11 +314,14 @@ class RtpEndpoint:
             self._rtp_dest = None
             self._rtcp_dest = None
             return
-        self._rtp_dest = self.latched if self.latched is not None else self.remote
+        # An SDP host name or out-of-range port is never a destination (sendto would
+        # resolve the name, blocking the reactor, or raise OverflowError); with
+        # latching the peer's first packet still gives us where to send.
+        self._rtp_dest = self.latched if self.latched is not None else _sendable(self.remote)
         if self.rtcp_mux:
             self._rtcp_dest = self._rtp_dest
         else:
-            self._rtcp_dest = self.latched_rtcp if self.latched_rtcp is not None else self.remote_rtcp
+            self._rtcp_dest = self.latched_rtcp if self.latched_rtcp is not None else _sendable(self.remote_rtcp)
 
     # -- receive --------------------------------------------------------------
 
@@ -386,8 +390,9 @@ class RtpEndpoint:
             packet = srtp.protect(packet)
         try:
             send(packet, dest)
-        except OSError:
-            # EAGAIN (full socket buffer), ENETUNREACH...: count, never raise into the tick.
+        except (OSError, ValueError, OverflowError):
+            # EAGAIN (full socket buffer), ENETUNREACH, the wrong address family
+            # (InvalidAddressError is a ValueError)...: count, never raise into the tick.
             self.tx_errors += 1
             return False
         self.tx_packets += 1
@@ -406,7 +411,7 @@ class RtpEndpoint:
             if srtp is not None:
                 packet = srtp.protect_rtcp(packet)
             send(packet, dest)
-        except (OSError, SrtpError):
+        except (OSError, ValueError, OverflowError):  # SrtpError is a ValueError
             self.tx_errors += 1
             return False
         self.tx_rtcp += 1
@@ -436,7 +441,18 @@ def _ignore(data: bytes, now: float) -> None:
 
 
 def _plus_one(addr: Address | None) -> Address | None:
-    return None if addr is None else (addr[0], addr[1] + 1)
+    return None if addr is None or addr[1] >= 65535 else (addr[0], addr[1] + 1)
+
+
+def _sendable(addr: Address | None) -> Address | None:
+    """``addr`` if it is an IP literal with a port in 1..65535 (no DNS on the media path), else None."""
+    if addr is None or not isinstance(addr[1], int) or not 1 <= addr[1] <= 65535:
+        return None
+    try:
+        ipaddress.ip_address(addr[0])
+    except ValueError:
+        return None
+    return addr
 
 
 def _done() -> Deferred[None]:
