@@ -3,7 +3,9 @@
 Three pieces:
 
 - :func:`build_invite_payload` renders an inbound INVITE as the JSON body.
-- :class:`WebhookNotifier` sends that body to the configured URLs with treq.
+- :class:`WebhookNotifier` sends that body to the configured URLs through an
+  :class:`activecall.fetch.Fetcher` (bounded, redirects on the same host only),
+  signed with ``X-Activecall-Signature`` when ``[webhook] signing_secret`` is set.
 - :class:`WebhookCallHandler` is the :class:`ICallHandler` that ties them to
   :class:`~activecall.handlers.pending.PendingCalls`: each new INVITE waits
   there (armed with ``accept_timeout``) for a ``/call/sip?id=<dialogId>``
@@ -41,6 +43,7 @@ from zope.interface import implementer
 
 from activecall.config import WebhookHandlerConfig
 from activecall.control.events import format_rfc3339
+from activecall.fetch import SIGNATURE_HEADER, signature
 from activecall.handlers.pending import SHUTTING_DOWN_REASON, PendingCalls
 from activecall.sip.message import SipRequest
 from activecall.sip.useragent import ICallHandler, InboundCall
@@ -81,7 +84,7 @@ class WebhookError(Exception):
 
 
 class HttpClient(Protocol):
-    """The part of :class:`treq.client.HTTPClient` (or ``treq.testing.StubTreq``) used here."""
+    """The part of :class:`activecall.fetch.Fetcher` (or ``treq.testing.StubTreq``) used here."""
 
     def request(self, method: str, url: str, *, data: bytes, headers: Headers) -> Deferred[Any]:
         """Send one request; fire with a treq response (``code``, ``content()``)."""
@@ -174,7 +177,7 @@ def _drain(response: Any) -> None:
 class WebhookNotifier:
     """Sends invite payloads to ``config.urls`` (round-robin, one URL per INVITE).
 
-    ``http_client`` is a treq ``HTTPClient`` (``StubTreq`` in tests) and
+    ``http_client`` is a :class:`~activecall.fetch.Fetcher` (``StubTreq`` in tests) and
     ``clock`` bounds each attempt to ``timeout_s``.  See the module docstring
     for the retry rule.
     """
@@ -182,13 +185,14 @@ class WebhookNotifier:
     _log = Logger()
 
     def __init__(self, config: WebhookHandlerConfig, http_client: HttpClient, clock: IReactorTime, *,
-                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+                 timeout_s: float = DEFAULT_TIMEOUT_S, signing_secret: str | None = None) -> None:
         self._urls: tuple[str, ...] = tuple(config.urls)
         self._method = (config.method or "POST").upper()
         self._extra_headers = tuple(config.headers)
         self._client = http_client
         self._clock = clock
         self._timeout_s = timeout_s
+        self._signing_secret = signing_secret
         self._next = 0
 
     def notify(self, payload: dict[str, Any]) -> Deferred[None]:
@@ -206,7 +210,7 @@ class WebhookNotifier:
         body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
         return self._attempt(order, 0, body)
 
-    def _headers(self) -> Headers:
+    def _headers(self, body: bytes) -> Headers:
         headers = Headers()
         headers.setRawHeaders(b"Content-Type", [b"application/json"])
         replaced: set[bytes] = set()
@@ -218,13 +222,16 @@ class WebhookNotifier:
                 headers.setRawHeaders(raw, [])
                 replaced.add(key)
             headers.addRawHeader(raw, value.encode("latin-1"))
+        if self._signing_secret is not None:
+            # Ours, never a configured one: the application verifies it over the exact body.
+            headers.setRawHeaders(SIGNATURE_HEADER, [signature(self._signing_secret, body, self._clock.seconds())])
         return headers
 
     def _attempt(self, order: Sequence[str], index: int, body: bytes) -> Deferred[None]:
         url = order[index]
         # maybeDeferred: a bad header value or URL raising here must become a WebhookError too.
         d: Deferred[Any] = maybeDeferred(
-            lambda: self._client.request(self._method, url, data=body, headers=self._headers()))
+            lambda: self._client.request(self._method, url, data=body, headers=self._headers(body)))
         # Agents report their own cancellation as ResponseNeverReceived, not CancelledError,
         # so mark every timeout explicitly rather than relying on addTimeout's translation.
         d.addTimeout(self._timeout_s, self._clock, onTimeoutCancel=_timed_out)

@@ -17,7 +17,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface.verify import verifyObject
 
-from activecall.config import WebhookHandlerConfig
+from activecall.config import FetchConfig, WebhookHandlerConfig
+from activecall.fetch import Fetcher
 from activecall.handlers.pending import PendingCalls
 from activecall.handlers.webhook import (
     HttpClient,
@@ -252,6 +253,89 @@ class NotifierTests(SynchronousTestCase):
         err = self.failureResultOf(self.notifier(webhook_config("a.example"), Raising()).notify({}),
                                    WebhookError).value
         self.assertEqual(str(err), "failed to send invite to webhook: ValueError: bad url")
+
+
+class Redirecting(Resource):
+    """Answers every request on ``a.example`` with a redirect to ``location``; records hosts."""
+
+    isLeaf = True
+
+    def __init__(self, location: str, code: int = 307) -> None:
+        super().__init__()
+        self.location = location
+        self.code = code
+        self.hosts: list[str] = []
+
+    def render(self, request: Request) -> bytes:
+        host = request.getRequestHostname().decode()
+        self.hosts.append(host)
+        if host == "a.example":
+            request.setResponseCode(self.code)
+            request.setHeader(b"location", self.location.encode())
+        return b""
+
+
+class HardenedNotifierTests(SynchronousTestCase):
+    """The notifier behind the bounded Fetcher: no cross-host redirects; signed bodies."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_786_692_721.6)
+
+    def test_redirect_to_other_host_is_not_followed(self) -> None:
+        """A webhook redirecting to another host fails the INVITE; the other host sees nothing."""
+        web = Redirecting("http://169.254.169.254/latest/meta-data")
+        stub = StubTreq(web)
+        fetcher = Fetcher(stub, self.clock, FetchConfig())
+        n = WebhookNotifier(webhook_config("a.example", headers=(("Authorization", "Bearer x"),)), fetcher, self.clock)
+        d = n.notify({"event": "invite"})
+        stub.flush()
+        err = self.failureResultOf(d, WebhookError).value
+        self.assertTrue(str(err).startswith("failed to send invite to webhook: FetchRefusedError"), err)
+        self.assertEqual(web.hosts, ["a.example"])
+
+    def test_same_host_307_is_followed_with_the_body(self) -> None:
+        """A 307 on the same host re-sends the POST and its body."""
+        hook = Hook()
+        web = Redirecting("http://a.example/new")
+
+        class Router(Resource):
+            isLeaf = True
+
+            def render(self, request: Request) -> Any:
+                # /hook redirects to /new, which the Hook answers.
+                return (hook if request.path == b"/new" else web).render(request)
+
+        stub = StubTreq(Router())
+        n = WebhookNotifier(webhook_config("a.example"), Fetcher(stub, self.clock, FetchConfig()), self.clock)
+        d = n.notify({"event": "invite"})
+        stub.flush()
+        self.successResultOf(d)
+        self.assertEqual([(r["method"], r["path"], r["body"]) for r in hook.requests],
+                         [("POST", "/new", b'{"event":"invite"}')])
+
+    def test_signature_verifies_over_the_exact_body(self) -> None:
+        """With a signing secret the request carries t=<now>,v1=HMAC-SHA256(secret, "t.body")."""
+        import hashlib
+        import hmac
+
+        hook = Hook()
+        n = WebhookNotifier(webhook_config("a.example"), cast(HttpClient, StubTreq(hook)), self.clock,
+                            signing_secret="whsec")
+        self.successResultOf(n.notify({"event": "invite", "caller": "sip:alice@example.com"}))
+        (req,) = hook.requests
+        (value,) = req["headers"].getRawHeaders("x-activecall-signature")
+        t, v1 = (part.split("=", 1)[1] for part in value.split(","))
+        self.assertEqual(t, "1786692721")
+        expected = hmac.new(b"whsec", t.encode() + b"." + req["body"], hashlib.sha256).hexdigest()
+        self.assertTrue(hmac.compare_digest(v1, expected))
+
+    def test_no_signature_without_secret(self) -> None:
+        """Without a signing secret no signature header is sent."""
+        hook = Hook()
+        n = WebhookNotifier(webhook_config("a.example"), cast(HttpClient, StubTreq(hook)), self.clock)
+        self.successResultOf(n.notify({}))
+        self.assertIsNone(hook.requests[0]["headers"].getRawHeaders("x-activecall-signature"))
 
 
 class PayloadTests(SynchronousTestCase):
