@@ -102,9 +102,11 @@ class ApiResource(Resource):
 
     def __init__(self, sessions: Any, clock: IReactorTime, ice_servers: Sequence[Any],
                  precache: Optional[Callable[[Any], Deferred[dict[str, Any]]]] = None, gzip: bool = False,
-                 registrations: Optional[Callable[[], Any]] = None) -> None:
+                 registrations: Optional[Callable[[], Any]] = None,
+                 metrics: Optional[Callable[[], tuple[bytes, str]]] = None) -> None:
         super().__init__()
         self._registrations = registrations
+        self._metrics = metrics  # () -> (Prometheus text exposition, its content type)
         self._gzip = gzip
         self._sessions = sessions
         self._precache = precache
@@ -157,6 +159,10 @@ class ApiResource(Resource):
             return self._playbooks(request, method, parts[2] if len(parts) == 3 else None)
         if parts == ["registrations"] and method == "GET" and self._registrations is not None:
             return _json(request, self._registrations())
+        if parts == ["metrics"] and method == "GET" and self._metrics is not None:
+            body, content_type = self._metrics()
+            request.setHeader(b"Content-Type", content_type.encode("ascii"))
+            return body
         if parts == ["health"] and method == "GET":
             return _json(request, {"status": "ok"})
         return _text(request, "Not Found", 404)
