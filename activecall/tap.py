@@ -217,7 +217,6 @@ def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
     from twisted.internet.threads import deferToThreadPool
     from twisted.logger import Logger
-    import treq
     from treq.client import HTTPClient
     from twisted.web.client import Agent, HTTPConnectionPool
 
@@ -229,6 +228,7 @@ def makeService(options: Options) -> service.IService:
     import dataclasses
 
     from activecall.config import PlaybookHandlerConfig, WebhookHandlerConfig, rewrite_target
+    from activecall.fetch import Fetcher, http_client_for
     from activecall.control.query import SessionParams
     from activecall.handlers.playbook import PlaybookCallHandler
     from activecall.handlers.pending import PendingCalls
@@ -263,13 +263,8 @@ def makeService(options: Options) -> service.IService:
     def run_blocking(f: Any, *args: Any) -> Any:
         return deferToThreadPool(reactor, threadpool, f, *args)
 
-    def fetch_url(url: str) -> Any:
-        def check(response: Any) -> Any:
-            if not 200 <= response.code < 300:
-                raise OSError(f"HTTP {response.code} fetching {url}")
-            return treq.content(response)
-
-        return http_client.get(url).addCallback(check)
+    # Every URL the daemon is given (play, webhook, call records) goes through the [fetch] policy.
+    fetcher = Fetcher(http_client_for(reactor, config.fetch, pool), reactor, config.fetch)
 
     synthesizers = SynthesizerRegistry()
     register_builtin_synthesizers(
@@ -283,7 +278,8 @@ def makeService(options: Options) -> service.IService:
         synthesizers=synthesizers,
         cache=MediaCache(config.media_cache_path),
         run_blocking=run_blocking,
-        fetch_url=fetch_url,
+        fetch_url=fetcher.get,
+        media_dirs=config.fetch.media_dirs,
         make_recorder=lambda path: WavRecorder(path, 16000, reactor=reactor),
         auto_record=config.recording.enabled and bool(config.recording.auto_start),
         recording_path=config.recording.path,
@@ -292,7 +288,8 @@ def makeService(options: Options) -> service.IService:
     )
     if config.callrecord is not None:
         try:
-            store = make_store(config.callrecord, run_blocking=run_blocking, http_client=http_client, clock=reactor)
+            store = make_store(config.callrecord, run_blocking=run_blocking, http_client=fetcher, clock=reactor,
+                               signing_secret=config.webhook.signing_secret)
         except ValueError as e:
             raise SystemExit(f"activecall: configuration error: callrecord.type: {e}")
         services.call_records = CallRecordWriter(store)
@@ -315,7 +312,8 @@ def makeService(options: Options) -> service.IService:
 
     if isinstance(config.handler, WebhookHandlerConfig):
         services.pending = PendingCalls(reactor, config.accept_timeout_s, on_closed=unanswered_call_ended)
-        handler = WebhookCallHandler(WebhookNotifier(config.handler, http_client, reactor), services.pending, reactor)
+        notifier = WebhookNotifier(config.handler, fetcher, reactor, signing_secret=config.webhook.signing_secret)
+        handler = WebhookCallHandler(notifier, services.pending, reactor)
     elif isinstance(config.handler, PlaybookHandlerConfig):
         def start_playbook_call(call: Any, playbook: Any) -> None:
             session = sessions.open(SessionParams(sid=call.dialog_id, call_type="sip", dump=True, ping_s=0))
