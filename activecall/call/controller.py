@@ -18,7 +18,7 @@ import dataclasses
 import os
 from typing import Any, Callable, Optional, Protocol
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -32,7 +32,8 @@ from activecall.call.services import CallServices
 from activecall.clock import CallClock
 from activecall.control import commands as cmds
 from activecall.control import events as ev
-from activecall.control.options import CallOption, ReferOption, SipOption, SynthesisOption
+from activecall.control.options import CallOption, CommandError, ReferOption, SipOption, SynthesisOption
+from activecall.fileio import UnsafePathError, file_safe_name, path_under_any, safe_join
 from activecall.media.mixer import apply_gain
 from activecall.media.resample import Resampler
 from activecall.call.tts import cache_key, create_synthesizer, synthesis_request
@@ -53,13 +54,16 @@ _MAX_RECORD_BACKLOG_BYTES = RECORDING_RATE_HZ * 2
 
 
 def recording_file(recorder_file: str, sid: str, recording_dir: str) -> str:
-    """Where a call's WAV goes (playbook.md §15): ``{id}`` → sid, default/relative under the recording dir."""
-    name = recorder_file.replace("{id}", sid) if recorder_file else f"{sid}.wav"
-    if not os.path.isabs(name):
-        name = os.path.join(recording_dir, name)
+    """Where a call's WAV goes (playbook.md §15): ``{id}`` → sid, default/relative under the recording dir.
+
+    The result always lies inside ``recording_dir`` (an absolute ``recorderFile`` only when it
+    already does); anything else raises :class:`UnsafePathError`.
+    """
+    sid_name = file_safe_name(sid)
+    name = recorder_file.replace("{id}", sid_name) if recorder_file else f"{sid_name}.wav"
     if not name.endswith(".wav"):
         name += ".wav"
-    return name
+    return safe_join(recording_dir, name)
 
 
 class ISessionOutput(Protocol):
@@ -284,7 +288,13 @@ class CallController:
         if services.make_recorder is None or (option.recorder is None and not services.auto_record):
             return
         recorder_file = option.recorder.recorder_file if option.recorder is not None else ""
-        path = recording_file(recorder_file, self.sid, services.recording_path)
+        try:
+            path = recording_file(recorder_file, self.sid, services.recording_path)
+        except UnsafePathError:
+            # The call goes on unrecorded; nothing is written outside the recording directory.
+            self.error(str(CommandError.invalid("option.recorder.recorderFile", "must stay inside the recording directory")),
+                       sender="invite")
+            return
         try:
             self.recorder = services.make_recorder(path)
         except (OSError, ValueError) as e:
@@ -814,14 +824,23 @@ class CallController:
             services.cache.put(key, pcm)
             return pcm
 
+        remote = url.startswith(("http://", "https://"))
+
+        def refused(f: Failure) -> None:
+            f.trap(UnsafePathError)
+            # The same text whether or not such a file exists: no probing outside the media directories.
+            raise CommandError.invalid("url", f"{url} is not in a media directory")
+
         def from_cache(cached: Optional[bytes]) -> Any:
             if cached is not None:
                 return cached
-            if url.startswith(("http://", "https://")):
+            if remote:
                 return services.fetch_url(url).addCallback(lambda body: services.run_blocking(decode_and_store, body))
             return services.run_blocking(decode_and_store, url)
 
-        return services.run_blocking(services.cache.get, key).addCallback(from_cache)
+        allowed: Deferred[Any] = succeed(None) if remote else services.run_blocking(path_under_any, url, services.media_dirs)
+        allowed.addErrback(refused)
+        return allowed.addCallback(lambda _: services.run_blocking(services.cache.get, key)).addCallback(from_cache)
 
     # -- tts ---------------------------------------------------------------
 

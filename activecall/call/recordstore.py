@@ -17,15 +17,14 @@ import secrets
 from datetime import tzinfo
 from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence
 
-import treq
-from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, DeferredSemaphore, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
-from activecall.fileio import write_atomically
+from activecall.fetch import SIGNATURE_HEADER, Fetcher, signature
+from activecall.fileio import file_safe_name, safe_join, write_atomically
 from activecall.call.record import record_file_path
 from activecall.config import CallRecordConfig
 
@@ -44,7 +43,6 @@ RunBlocking = Callable[..., "Deferred[Any]"]
 
 # config.md §10: "Up to 32 records are saved concurrently."
 MAX_CONCURRENT_SAVES = 32
-_HTTP_TIMEOUT_S = 60.0
 _JSON_FIELD = "calllog.json"
 
 
@@ -102,10 +100,18 @@ class LocalCallRecordStore:
         self._tz = tz
 
     def save(self, record: Mapping[str, Any], start_epoch_s: float) -> "Deferred[str]":
-        """Write the record; fires with its path."""
-        path = record_file_path(self._root, str(record["callId"]), start_epoch_s, self._tz)
-        d: Deferred[None] = self._run_blocking(write_atomically, path, _encode_record(record))
-        return d.addCallback(lambda _: path)
+        """Write the record; fires with its path (always inside ``root``)."""
+        # A client may choose the call id: it becomes one harmless name component.
+        relative = record_file_path("", file_safe_name(str(record["callId"])), start_epoch_s, self._tz)
+        d: Deferred[str] = self._run_blocking(_write_inside, self._root or ".", relative, _encode_record(record))
+        return d
+
+
+def _write_inside(root: str, relative: str, data: bytes) -> str:
+    """Write ``data`` at ``root/relative`` after the realpath check (worker thread); return the path."""
+    path = safe_join(root, relative)
+    write_atomically(path, data)
+    return path
 
 
 
@@ -121,7 +127,9 @@ class HttpCallRecordStore:
     successful upload with media, the uploaded recordings are deleted unless
     ``keep_media_copy`` (activecall's meaning, not AC's inverted one).
 
-    The body is assembled off the reactor thread and sent from memory.
+    The body is assembled off the reactor thread and sent from memory through the bounded
+    :class:`~activecall.fetch.Fetcher` (``[fetch]`` timeouts, same-host redirects only), signed
+    with ``X-Activecall-Signature`` when ``[webhook] signing_secret`` is set.
     """
 
     _log = Logger()
@@ -132,11 +140,11 @@ class HttpCallRecordStore:
         headers: Iterable[tuple[str, str]],
         with_media: bool,
         keep_media_copy: bool,
-        http_client: HTTPClient,
+        http_client: Fetcher,
         run_blocking: RunBlocking,
         clock: IReactorTime,
-        timeout_s: float = _HTTP_TIMEOUT_S,
         boundary: Callable[[], str] = lambda: secrets.token_hex(16),
+        signing_secret: Optional[str] = None,
     ) -> None:
         self._url = url
         self._headers = tuple(headers)
@@ -145,8 +153,8 @@ class HttpCallRecordStore:
         self._http = http_client
         self._run_blocking = run_blocking
         self._clock = clock
-        self._timeout_s = timeout_s
         self._boundary = boundary
+        self._signing_secret = signing_secret
 
     def save(self, record: Mapping[str, Any], start_epoch_s: float) -> "Deferred[str]":
         """Upload the record (and media); fires with the URL."""
@@ -168,15 +176,10 @@ class HttpCallRecordStore:
             headers.addRawHeader(key, value)
         # Our boundary must win over any configured Content-Type.
         headers.setRawHeaders(b"Content-Type", [b"multipart/form-data; boundary=" + boundary.encode("ascii")])
-        # treq only calls callLater on its "reactor" (for the timeout): the clock is enough.
-        reactor: Any = self._clock
-        response = await self._http.post(
-            self._url, data=body, headers=headers, reactor=reactor, timeout=self._timeout_s,
-            # A redirect would turn the POST into a body-less GET: treat 3xx as the failure it is.
-            allow_redirects=False,
-        )
-        # Read the body so the connection is released, whatever the status.
-        await treq.content(response)
+        if self._signing_secret is not None:
+            headers.setRawHeaders(SIGNATURE_HEADER, [signature(self._signing_secret, body, self._clock.seconds())])
+        # The Fetcher bounds time and answer size; a POST answered 301-303 comes back as a failure.
+        response = await self._http.post(self._url, body, headers)
         if not 200 <= response.code < 300:
             raise CallRecordUploadError(self._url, response.code)
         recordings = [path for name, path in sent if name.startswith("media_")]
@@ -313,9 +316,10 @@ def make_store(
     config: CallRecordConfig,
     *,
     run_blocking: RunBlocking,
-    http_client: HTTPClient,
+    http_client: Fetcher,
     clock: IReactorTime,
     tz: Optional[tzinfo] = None,
+    signing_secret: Optional[str] = None,
 ) -> ICallRecordStore:
     """The store for a ``[callrecord]`` table; ValueError for ``s3`` (not implemented yet)."""
     if config.type == "local":
@@ -325,7 +329,7 @@ def make_store(
             raise ValueError("callrecord type http needs a url")
         return HttpCallRecordStore(
             config.url, config.headers, config.with_media, config.keep_media_copy,
-            http_client, run_blocking, clock,
+            http_client, run_blocking, clock, signing_secret=signing_secret,
         )
     if config.type == "s3":
         raise ValueError("callrecord type s3 is not supported yet")

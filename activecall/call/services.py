@@ -25,7 +25,8 @@ class CallServices:
     cache: MediaCache
     # Runs a blocking function in the worker thread pool: run_blocking(f, *args) -> Deferred.
     run_blocking: Callable[..., Deferred[Any]]
-    # Fetches an http(s) URL: fetch_url(url) -> Deferred[bytes].
+    # Fetches an http(s) URL under the [fetch] policy: fetch_url(url) -> Deferred[bytes]
+    # (activecall.fetch.Fetcher.get; fails with a FetchError whose text reveals nothing).
     fetch_url: Callable[[str], Deferred[bytes]]
     # Opens a stereo WAV recorder at a path: make_recorder(path) -> WavRecorder-like
     # (write(left, right), close() -> Deferred). None disables recording.
@@ -42,4 +43,6 @@ class CallServices:
     # Inbound calls waiting for a client (activecall.handlers.pending.PendingCalls); None: no webhook.
     pending: Any = None
     models_dir: str = "./models"
+    # Local files `play` may read ([fetch] media_dirs); anything else is refused.
+    media_dirs: tuple[str, ...] = ("./config/media",)
     environ: Mapping[str, str] = field(default_factory=dict)

@@ -363,3 +363,68 @@ class RecordingTests(_ControllerCase):
         self.c = CallController(self.session, self.services)
         self.invite()
         self.assertEqual(self.recorders[0].path, "/rec/s.test.wav")
+
+    def test_recorder_file_outside_the_recording_dir_is_refused(self) -> None:
+        """A recorderFile leaving the recording dir is an error naming recorderFile; the call goes on unrecorded."""
+        for name in ("../../tmp/evil", "/etc/cron.d/evil", "calls/../../evil"):
+            self.session = FakeSession()
+            self.c = CallController(self.session, self.services)
+            self.invite(recorder={"recorderFile": name})
+            self.assertEqual(self.recorders, [], name)
+            error = self.session.of(ev.ErrorEvent)[-1]
+            self.assertIn("recorderFile", error.error)
+            self.assertIn("answer", self.session.names())
+            self.assertFalse(self.session.finished)
+
+    def test_session_id_is_sanitised_in_the_file_name(self) -> None:
+        """A session id with path separators cannot steer the default file name."""
+        self.services.auto_record = True
+        self.session = FakeSession()
+        self.session.sid = "../../x"
+        self.c = CallController(self.session, self.services)
+        self.invite()
+        self.assertEqual(self.recorders[0].path, "/rec/_._.._x.wav")
+
+
+class LocalPlayTests(_ControllerCase):
+    """play of a local file reads only inside the configured media directories."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        import math
+        import os
+        import struct
+        import wave
+
+        self.media = tempfile.mkdtemp()
+        self.services.media_dirs = (self.media,)
+        self.inside = os.path.join(self.media, "tone.wav")
+        with wave.open(self.inside, "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(16000)
+            w.writeframes(b"".join(struct.pack("<h", int(8000 * math.sin(i / 5))) for i in range(1600)))
+        self.outside = os.path.join(tempfile.mkdtemp(), "secret.wav")
+        os.symlink(self.outside, os.path.join(self.media, "link.wav"))
+        with open(self.outside, "wb") as f:
+            f.write(open(self.inside, "rb").read())
+
+    def test_file_inside_media_dir_plays(self) -> None:
+        """A WAV under media_dirs plays and ends with trackEnd."""
+        self.invite()
+        self.run_cmd({"command": "play", "url": self.inside})
+        self.advance(0.2)
+        self.assertEqual(self.session.of(ev.ErrorEvent), [])
+        self.assertTrue(self.session.audio)
+
+    def test_files_outside_are_an_error_naming_url(self) -> None:
+        """Paths outside media_dirs (also via a symlink, or a missing one) are refused alike; the call goes on."""
+        import os
+
+        self.invite()
+        for url in (self.outside, os.path.join(self.media, "link.wav"), "/etc/passwd", "/nonexistent/x.wav"):
+            self.run_cmd({"command": "play", "url": url})
+            error = self.session.of(ev.ErrorEvent)[-1]
+            self.assertEqual(error.error, f"invalid url: {url} is not in a media directory")
+        self.assertFalse(self.session.finished)
+        self.assertEqual(self.session.audio, [])

@@ -10,13 +10,13 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Mapping, Optional
 
 from treq.testing import StubTreq
-from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred
+from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
-from twisted.web.client import ResponseNeverReceived
 from twisted.web.server import NOT_DONE_YET, Request
 
 from activecall.call.recordstore import (
@@ -27,10 +27,17 @@ from activecall.call.recordstore import (
     file_sizes,
     make_store,
 )
-from activecall.config import CallRecordConfig
+from activecall.config import CallRecordConfig, FetchConfig
+from activecall.fetch import Fetcher
+from activecall.fileio import UnsafePathError
 
 _T0 = datetime(2026, 8, 14, 7, 31, 40, 100000, tzinfo=timezone.utc).timestamp()
 _URL = "http://cdr.example.com/upload"
+
+
+def fetcher(resource: Resource, clock: Clock) -> Fetcher:
+    """A Fetcher over StubTreq with a 60 s total timeout."""
+    return Fetcher(StubTreq(resource), clock, FetchConfig(timeout_s=60.0))
 
 
 def run_now(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
@@ -74,7 +81,7 @@ class LocalStoreTests(SynchronousTestCase):
         store = LocalCallRecordStore(self.root, run_now, tz=timezone.utc)
         record = _record(extras={"name": "Zoë"})
         path = self.successResultOf(store.save(record, _T0))
-        self.assertEqual(path, os.path.join(self.root, "20260814", "20260814-073140_s.1.json"))
+        self.assertEqual(path, os.path.realpath(os.path.join(self.root, "20260814", "20260814-073140_s.1.json")))
         with open(path, encoding="utf-8") as f:
             self.assertEqual(json.load(f), record)
         self.assertEqual(os.listdir(os.path.dirname(path)), ["20260814-073140_s.1.json"])
@@ -105,6 +112,25 @@ class LocalStoreTests(SynchronousTestCase):
         self.failureResultOf(store.save(_record(), _T0), OSError)
         self.assertEqual(os.listdir(os.path.dirname(target)), ["20260814-073140_s.1.json"])
         self.assertTrue(os.path.isdir(target))
+
+    def test_hostile_call_ids_stay_inside_root(self) -> None:
+        """Call ids with separators, dot-dots, NUL or 10 000 characters give a file inside root."""
+        store = LocalCallRecordStore(self.root, run_now, tz=timezone.utc)
+        root = os.path.realpath(self.root)
+        for call_id in ("../../../tmp/evil", "..\\..\\x", "a\0b", "x" * 10000, ".."):
+            path = self.successResultOf(store.save(_record(call_id=call_id), _T0))
+            self.assertEqual(os.path.dirname(path), os.path.join(root, "20260814"), call_id[:20])
+            self.assertLess(len(os.path.basename(path)), 200)
+
+    def test_symlinked_date_dir_out_of_root_is_refused(self) -> None:
+        """A date directory that is a symlink out of root fails the save instead of writing there."""
+        outside = os.path.realpath(self.mktemp())
+        os.makedirs(outside)
+        os.makedirs(self.root)
+        os.symlink(outside, os.path.join(self.root, "20260814"))
+        store = LocalCallRecordStore(self.root, run_now, tz=timezone.utc)
+        self.failureResultOf(store.save(_record(), _T0), UnsafePathError)
+        self.assertEqual(os.listdir(outside), [])
 
     def test_file_sizes(self) -> None:
         """file_sizes reports sizes of existing files and None for missing ones."""
@@ -144,6 +170,7 @@ class UploadResource(Resource):
         self.requests.append({
             "content_type": content_type,
             "authorization": request.getHeader("authorization"),
+            "signature": request.getHeader("x-activecall-signature"),
             "parts": parts,
             "body": body,
         })
@@ -170,9 +197,10 @@ class HttpStoreTests(SynchronousTestCase):
                               dumpEventFile=self.dump)
 
     def _store(self, resource: UploadResource, with_media: bool, keep_media_copy: bool = False,
-               headers: tuple[tuple[str, str], ...] = (("Authorization", "Bearer t0k"),)) -> HttpCallRecordStore:
-        return HttpCallRecordStore(_URL, headers, with_media, keep_media_copy, StubTreq(resource), run_now,
-                                   self.clock, boundary=lambda: "b0undary")
+               headers: tuple[tuple[str, str], ...] = (("Authorization", "Bearer t0k"),),
+               signing_secret: Optional[str] = None) -> HttpCallRecordStore:
+        return HttpCallRecordStore(_URL, headers, with_media, keep_media_copy, fetcher(resource, self.clock), run_now,
+                                   self.clock, boundary=lambda: "b0undary", signing_secret=signing_secret)
 
     def test_record_only(self) -> None:
         """Without with_media only the calllog.json field is sent, with the configured headers."""
@@ -238,6 +266,26 @@ class HttpStoreTests(SynchronousTestCase):
         self.successResultOf(store.save(self.record, _T0))
         self.assertEqual(resource.requests[0]["content_type"], "multipart/form-data; boundary=b0undary")
 
+    def test_signed_when_a_secret_is_configured(self) -> None:
+        """The POST carries X-Activecall-Signature = HMAC-SHA256 over "t." + the exact multipart body."""
+        import hashlib
+        import hmac
+
+        self.clock.advance(1_786_692_721)
+        resource = UploadResource()
+        self.successResultOf(self._store(resource, with_media=False, signing_secret="whsec").save(self.record, _T0))
+        [req] = resource.requests
+        t, v1 = (part.split("=", 1)[1] for part in req["signature"].split(","))
+        self.assertEqual(t, "1786692721")
+        self.assertEqual(v1, hmac.new(b"whsec", t.encode() + b"." + req["body"], hashlib.sha256).hexdigest())
+
+    def test_redirect_of_the_post_is_a_failure(self) -> None:
+        """A 302 is not followed as a body-less GET: the save fails with the 302."""
+        resource = UploadResource(code=302)
+        f = self.failureResultOf(self._store(resource, with_media=False).save(self.record, _T0), CallRecordUploadError)
+        self.assertEqual(f.value.code, 302)
+        self.assertEqual(len(resource.requests), 1)
+
     def test_timeout(self) -> None:
         """A server that never answers fails the save after the timeout on the injected clock."""
         resource = UploadResource(hang=True)
@@ -246,15 +294,14 @@ class HttpStoreTests(SynchronousTestCase):
         self.clock.advance(59)
         self.assertNoResult(d)
         self.clock.advance(1)
-        # treq cancels the request; the agent reports it as ResponseNeverReceived.
-        self.failureResultOf(d, CancelledError, ResponseNeverReceived)
+        self.failureResultOf(d, DeferredTimeoutError)
         self.assertTrue(os.path.exists(self.wav))
 
     def test_reads_media_off_thread(self) -> None:
         """The multipart body, media included, is assembled inside run_blocking."""
         pool = QueuedRunBlocking()
         resource = UploadResource()
-        store = HttpCallRecordStore(_URL, (), True, False, StubTreq(resource), pool, self.clock,
+        store = HttpCallRecordStore(_URL, (), True, False, fetcher(resource, self.clock), pool, self.clock,
                                     boundary=lambda: "b0undary")
         d = store.save(self.record, _T0)
         self.assertEqual([job[0].__name__ for job in pool.jobs], ["_multipart_body"])
@@ -361,14 +408,14 @@ class MakeStoreTests(SynchronousTestCase):
     def test_local(self) -> None:
         """type local gives a LocalCallRecordStore under root."""
         store = make_store(CallRecordConfig(type="local", root="./config/cdr"), run_blocking=run_now,
-                           http_client=StubTreq(Resource()), clock=Clock())
+                           http_client=fetcher(Resource(), Clock()), clock=Clock())
         self.assertIsInstance(store, LocalCallRecordStore)
 
     def test_http(self) -> None:
         """type http gives an HttpCallRecordStore honouring with_media and headers."""
         resource = UploadResource()
         config = CallRecordConfig(type="http", url=_URL, headers=(("Authorization", "Bearer x"),), with_media=False)
-        store = make_store(config, run_blocking=run_now, http_client=StubTreq(resource), clock=Clock())
+        store = make_store(config, run_blocking=run_now, http_client=fetcher(resource, Clock()), clock=Clock())
         self.assertIsInstance(store, HttpCallRecordStore)
         self.successResultOf(store.save(_record(), _T0))
         self.assertEqual(resource.requests[0]["authorization"], "Bearer x")
@@ -378,5 +425,5 @@ class MakeStoreTests(SynchronousTestCase):
         config = CallRecordConfig(type="s3", vendor="minio", bucket="b", region="r", access_key="a",
                                   secret_key="s", endpoint="http://minio", root="cdr")
         with self.assertRaises(ValueError) as cm:
-            make_store(config, run_blocking=run_now, http_client=StubTreq(Resource()), clock=Clock())
+            make_store(config, run_blocking=run_now, http_client=fetcher(Resource(), Clock()), clock=Clock())
         self.assertEqual(str(cm.exception), "callrecord type s3 is not supported yet")
