@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from activecall.call.legs import WebSocketLeg
-from activecall.call.sipleg import InboundSipLeg, OutboundSipLeg, answer_reoffer
+from activecall.call.sipleg import InboundSipLeg, OutboundSipLeg, answer_reoffer, outgoing_headers
 from activecall.call.record import CallRecord, RecorderFile, build_call_record, hangup_reason_from_command, hangup_reason_from_name
 from activecall.call.recordstore import file_sizes
 from activecall.media.rtpleg import RtpLeg
@@ -559,7 +559,7 @@ class CallController:
             return
         self._transfer = self._transfer_leg = None
         if send_bye and transfer.call is not None and not transfer.call.terminated:
-            transfer.call.bye(headers=list((headers or {}).items())).addErrback(lambda f: None)
+            transfer.call.bye(headers=outgoing_headers(headers)).addErrback(lambda f: None)
         if isinstance(self._sst, BridgeSource):
             source = self._sst
             self._sst = None
@@ -980,7 +980,7 @@ class CallController:
         if sip_call is not None and not self._sip_remote_ended and not sip_call.terminated:
             headers = dict(self.option.sip.hangup_headers or {}) if self.option is not None and self.option.sip is not None else {}
             headers.update(self._hangup_headers)
-            sip_call.bye(headers=list(headers.items())).addErrback(lambda f: self._log.failure("BYE failed", f))
+            sip_call.bye(headers=outgoing_headers(headers)).addErrback(lambda f: self._log.failure("BYE failed", f))
         if self._inbound is not None:
             self._inbound.release()
         if self.leg is not None or self._sip_leg is not None:

@@ -7,17 +7,37 @@ agent (signalling) and the RTP engine (media) for one outgoing call.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 
 from activecall.config import RegisterUser
-from activecall.control.options import CallOption
+from activecall.control.options import MAX_SIP_HEADERS, CallOption, sip_header_problem
 from activecall.media.negotiation import LocalOffer, answer_offer, apply_answer, build_offer
 from activecall.media.rtpleg import RtpLeg, RtpMediaEngine
 from activecall.rtp.srtp import AES_CM_128_HMAC_SHA1_80, generate_crypto
 from activecall.rtp.transport import RtpEndpoint, RtpPortAllocator
 from activecall.sip.uri import SipUri, parse_uri
+
+
+_log = Logger(namespace="activecall.call.sipleg")
+
+
+def outgoing_headers(headers: Optional[Mapping[str, str]]) -> list[tuple[str, str]]:
+    """``headers`` fit to put on an outgoing request; unsafe ones are dropped with a warning.
+
+    Commands and options are validated when decoded (``check_sip_headers``); this is the last
+    check where headers leave, for values built later (templates, transfer headers).
+    """
+    safe: list[tuple[str, str]] = []
+    for name, value in (headers or {}).items():
+        problem = sip_header_problem(name, value)
+        if problem is None and len(safe) < MAX_SIP_HEADERS:
+            safe.append((name, value))
+        else:
+            _log.warn("SIP header {name!r} not sent: {problem}", name=name[:64], problem=problem or "too many headers")
+    return safe
 
 
 @dataclass
@@ -156,7 +176,7 @@ class OutboundSipLeg:
         self.offer = build_offer(media.codecs, media.advertise_ip, port,
                                  session_id=self.sdp_session_id, crypto=crypto)
         sip = self._option.sip
-        headers = list((sip.headers or {}).items()) if sip is not None else []
+        headers = outgoing_headers(sip.headers if sip is not None else None)
         contact = sip.contact if sip is not None and sip.contact else None
         target, caller, contact = apply_trunk_rules(
             media.trunk_rules, callee_uri(self._option), caller_uri(self._option), contact,

@@ -24,7 +24,7 @@ from activecall.control.options import (
     WireObject,
     check_any,
     check_bool,
-    check_map,
+    check_sip_headers,
     check_str,
     check_u32,
     nested,
@@ -175,7 +175,7 @@ class HangupCommand(WireObject):
 
     reason: str | None = wire_field("reason", check_str, None)
     initiator: str | None = wire_field("initiator", check_str, None)
-    headers: dict[str, str] | None = wire_field("headers", check_map, None)
+    headers: dict[str, str] | None = wire_field("headers", check_sip_headers, None)
     refer: bool = wire_field("refer", check_bool, False)
 
 
@@ -198,7 +198,7 @@ class MessageCommand(WireObject):
 
     body: str = wire_field("body", check_str)
     content_type: str = wire_field("contentType", check_str, "text/plain;charset=utf-8")
-    headers: dict[str, str] | None = wire_field("headers", check_map, None)
+    headers: dict[str, str] | None = wire_field("headers", check_sip_headers, None)
     refer: bool = wire_field("refer", check_bool, False)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping, Sequence, TypeVar
 
@@ -127,6 +128,45 @@ def check_map(value: Any, path: str) -> dict[str, str]:
         if not isinstance(item, str):
             raise CommandError.invalid(f"{path}.{key}", "expected a string")
     return dict(value)
+
+
+# SIP headers a client may add to outgoing requests (option.sip.headers, hangup/message headers).
+MAX_SIP_HEADERS = 32
+MAX_SIP_HEADER_VALUE_CHARS = 1024
+# RFC 3261 §25.1 token: the only characters a header name may have.
+_SIP_TOKEN = re.compile(r"[A-Za-z0-9.!%*_+`'~-]+")
+# CR/LF would end the header (a client could append a second request); NUL and other
+# controls have no place in a header value (HTAB is folding whitespace and allowed).
+_SIP_VALUE_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# The transaction and dialog are ours: a client overriding these could hijack or break them.
+PROTECTED_SIP_HEADERS = frozenset({
+    "via", "v", "call-id", "i", "cseq", "from", "f", "to", "t", "content-length", "l", "max-forwards",
+})
+
+
+def sip_header_problem(name: str, value: str) -> str | None:
+    """Why ``name: value`` may not go into an outgoing SIP request, or None when it may."""
+    if not _SIP_TOKEN.fullmatch(name):
+        return "header name must be an RFC 3261 token (letters, digits, -.!%*_+`'~)"
+    if name.lower() in PROTECTED_SIP_HEADERS:
+        return f"{name} is set by activecall and cannot be overridden"
+    if _SIP_VALUE_FORBIDDEN.search(value):
+        return "header value must not contain CR, LF, NUL or other control characters"
+    if len(value) > MAX_SIP_HEADER_VALUE_CHARS:
+        return f"header value longer than {MAX_SIP_HEADER_VALUE_CHARS} characters"
+    return None
+
+
+def check_sip_headers(value: Any, path: str) -> dict[str, str]:
+    """A JSON object of SIP headers to send: string values, at most 32, each safe (see sip_header_problem)."""
+    headers = check_map(value, path)
+    if len(headers) > MAX_SIP_HEADERS:
+        raise CommandError.invalid(path, f"at most {MAX_SIP_HEADERS} headers")
+    for name, item in headers.items():
+        problem = sip_header_problem(name, item)
+        if problem is not None:
+            raise CommandError.invalid(f"{path}.{name[:64]!s}", problem)
+    return headers
 
 
 def check_str_list(value: Any, path: str) -> list[str]:
@@ -275,8 +315,8 @@ class SipOption(WireObject):
     password: str | None = wire_field("password", check_str, None)
     realm: str | None = wire_field("realm", check_str, None)
     contact: str | None = wire_field("contact", check_str, None)
-    headers: dict[str, str] | None = wire_field("headers", check_map, None)
-    hangup_headers: dict[str, str] | None = wire_field("hangup_headers", check_map, None)
+    headers: dict[str, str] | None = wire_field("headers", check_sip_headers, None)
+    hangup_headers: dict[str, str] | None = wire_field("hangup_headers", check_sip_headers, None)
     extract_headers: list[str] | None = wire_field("extract_headers", check_str_list, None)
     enable_srtp: bool | None = wire_field(
         "enable_srtp", check_bool, None, aliases=("enableSrtp",)

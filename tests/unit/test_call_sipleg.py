@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from activecall.call.sipleg import apply_trunk_rules, caller_uri, credentials_for
+from activecall.call.sipleg import apply_trunk_rules, caller_uri, credentials_for, outgoing_headers
 from activecall.config import Overrides, parse_config
 from activecall.control.options import CallOption
 
@@ -57,3 +57,17 @@ class OptionDefaultsTests(SynchronousTestCase):
         self.assertEqual((c.username, c.password), ("2001", "pw"))
         self.assertIsNone(credentials_for(CallOption.from_json({"callee": "sip:1001@other"}, "o"), users))
         self.assertIsNone(credentials_for(CallOption.from_json({"callee": "sip:1001@pbx.example", "sip": {}}, "o"), users))
+
+
+class OutgoingHeadersTests(SynchronousTestCase):
+    """The last check before headers go into an outgoing request."""
+
+    def test_unsafe_headers_are_dropped(self) -> None:
+        """CR/LF values, protected names and non-token names are dropped; safe ones kept in order."""
+        headers = {"X-A": "1", "X-B": "x\r\nINVITE sip:a@b SIP/2.0", "Via": "SIP/2.0/UDP evil", "X C": "2", "X-D": "3"}
+        self.assertEqual(outgoing_headers(headers), [("X-A", "1"), ("X-D", "3")])
+        self.assertEqual(outgoing_headers(None), [])
+
+    def test_at_most_32(self) -> None:
+        """Beyond 32 headers the rest are dropped."""
+        self.assertEqual(len(outgoing_headers({f"X-{i}": "v" for i in range(40)})), 32)

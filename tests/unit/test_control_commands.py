@@ -576,6 +576,54 @@ class DecodeErrorTests(SynchronousTestCase):
         self.assertEqual(str(err), "missing field tts.text")
 
 
+class SipHeaderTests(SynchronousTestCase):
+    """Client-supplied SIP headers cannot smuggle lines, override the transaction or grow unbounded."""
+
+    SMUGGLE = "x\r\n\r\nINVITE sip:premium@trunk SIP/2.0"
+
+    def places(self, headers: Any) -> list[tuple[dict[str, Any], str]]:
+        """The same headers in every field that sends them, with the path an error names."""
+        return [
+            ({"command": "invite", "option": {"sip": {"headers": headers}}}, "invite.option.sip.headers"),
+            ({"command": "invite", "option": {"sip": {"hangup_headers": headers}}}, "invite.option.sip.hangup_headers"),
+            ({"command": "hangup", "headers": headers}, "hangup.headers"),
+            ({"command": "message", "body": "b", "headers": headers}, "message.headers"),
+            ({"command": "refer", "caller": "", "callee": "sip:b@x", "options": {"sip": {"headers": headers}}},
+             "refer.options.sip.headers"),
+        ]
+
+    def error(self, obj: dict[str, Any]) -> str:
+        err = self.assertRaises(CommandError, decode_command, json.dumps(obj))
+        return err.message
+
+    def test_cr_lf_nul_in_values_and_names_are_refused(self) -> None:
+        """CR, LF or NUL in a value, or a non-token name, is an error naming the header."""
+        for headers, named in [({"X-A": self.SMUGGLE}, "X-A"), ({"X-A": "a\nb"}, "X-A"), ({"X-A": "a\u0000"}, "X-A"),
+                               ({"X-A\r\nVia": "v"}, "X-A\r\nVia"), ({"X A": "v"}, "X A"), ({"": "v"}, "")]:
+            for obj, path in self.places(headers):
+                self.assertTrue(self.error(obj).startswith(f"invalid {path}.{named}: "), (obj, self.error(obj)))
+
+    def test_protected_headers_cannot_be_overridden(self) -> None:
+        """Via, Call-ID, CSeq, From, To, Content-Length, Max-Forwards and compact forms, any case."""
+        for name in ["Via", "via", "CALL-ID", "CSeq", "From", "to", "Content-Length", "Max-Forwards",
+                     "v", "i", "F", "t", "l"]:
+            for obj, path in self.places({name: "x"}):
+                self.assertEqual(self.error(obj), f"invalid {path}.{name}: {name} is set by activecall and cannot be overridden")
+
+    def test_sizes_are_bounded(self) -> None:
+        """At most 32 headers, values up to 1024 characters."""
+        for obj, path in self.places({f"X-{i}": "v" for i in range(33)}):
+            self.assertEqual(self.error(obj), f"invalid {path}: at most 32 headers")
+        for obj, path in self.places({"X-Long": "v" * 1025}):
+            self.assertEqual(self.error(obj), f"invalid {path}.X-Long: header value longer than 1024 characters")
+
+    def test_ordinary_headers_pass(self) -> None:
+        """32 extension headers with tabs, quotes and 1024-character values are accepted."""
+        headers = {f"X-Tenant-{i}": "a\tb \"q\" " + "v" * 1000 for i in range(32)}
+        command = decode_command(json.dumps({"command": "hangup", "headers": headers}))
+        self.assertEqual(command.headers, headers)
+
+
 class EncodeTests(SynchronousTestCase):
     """encode_command gives the wire JSON back."""
 
