@@ -234,7 +234,9 @@ def makeService(options: Options) -> service.IService:
     from activecall.handlers.pending import PendingCalls
     from activecall.handlers.webhook import WebhookCallHandler, WebhookNotifier
     from activecall.sip.registration import RegistrationService, fixed_retry
-    from activecall.sip.security import SipGuard, Verdict
+    from activecall.sip.security import SipGuard, registrar_hosts
+    from activecall.metrics import DaemonCollector, DaemonMetrics, install as install_metrics
+    from activecall.systemd import SystemdNotifyService
     from activecall.call.sipleg import SipMedia
     from activecall.media.rtpleg import RtpMediaEngine
     from activecall.rtp.transport import RtpPortAllocator
@@ -270,7 +272,9 @@ def makeService(options: Options) -> service.IService:
     register_builtin_synthesizers(
         synthesizers, reactor=reactor, clock=reactor, threadpool=threadpool,
         http_client=http_client, environ=os.environ, models_dir=config.models_dir)
-    media_clock = MediaClock(reactor)
+    metrics = DaemonMetrics()
+    install_metrics(metrics)
+    media_clock = MediaClock(reactor, observe_lateness=metrics.tick_lateness.observe)
     services = CallServices(
         clock=reactor,
         media_clock=media_clock,
@@ -311,7 +315,8 @@ def makeService(options: Options) -> service.IService:
         services.call_records.write(build_call_record(record), added_at)
 
     if isinstance(config.handler, WebhookHandlerConfig):
-        services.pending = PendingCalls(reactor, config.accept_timeout_s, on_closed=unanswered_call_ended)
+        services.pending = PendingCalls(reactor, config.accept_timeout_s, on_closed=unanswered_call_ended,
+                                        max_pending=config.sip_limits.max_pending_invites)
         notifier = WebhookNotifier(config.handler, fetcher, reactor, signing_secret=config.webhook.signing_secret)
         handler = WebhookCallHandler(notifier, services.pending, reactor)
     elif isinstance(config.handler, PlaybookHandlerConfig):
@@ -324,7 +329,16 @@ def makeService(options: Options) -> service.IService:
 
         handler = PlaybookCallHandler(config.handler, start_playbook_call, run_blocking, os.environ)
     sip = build_sip_service(config, reactor, services.ids, handler,
-                            admit=lambda ip, now: guard.admit(ip, now) is Verdict.ADMIT)
+                            admit=guard.source_admitted)
+    # Only requests that start something count against a source's rate (docs/config-security.md).
+    sip.user_agent.admit_new_request = guard.admit_new_request
+    sip.user_agent.max_calls = config.sip_limits.max_calls
+    for host in registrar_hosts(u.server for u in config.register_users if not u.disabled):
+        # Configured registrars skip the rate limit; names are resolved once at start-up.
+        if guard.trust(host):
+            continue
+        reactor.resolve(host).addCallbacks(
+            guard.trust, lambda f, host=host: log.warn("registrar {host} not resolved: {e}", host=host, e=f.getErrorMessage()))
     sip.setServiceParent(sip_group)
     registrations = RegistrationService(
         sip.user_agent, config.register_users, reactor, services.ids,
@@ -348,8 +362,12 @@ def makeService(options: Options) -> service.IService:
                       ).setServiceParent(sip_group)
     advertise_ip = config.external_ip or (
         config.addr if config.addr not in ("", "0.0.0.0", "::") else first_interface_address())
+    rtp_engine = RtpMediaEngine(reactor, media_clock)
+    metrics.add_collector(DaemonCollector(
+        user_agent=sip.user_agent, stack=sip.stack, guard=guard, pending=services.pending,
+        sessions=sessions, engine=rtp_engine, media_clock=media_clock))
     services.sip = SipMedia(
-        reactor=reactor, user_agent=sip.user_agent, engine=RtpMediaEngine(reactor, media_clock),
+        reactor=reactor, user_agent=sip.user_agent, engine=rtp_engine,
         allocator=RtpPortAllocator(config.rtp_start_port, config.rtp_end_port),
         codecs=config.codecs, advertise_ip=advertise_ip, bind_ip=config.rtp_bind_ip or "",
         latching=config.enable_rtp_latching, enable_srtp=config.enable_srtp,
@@ -358,8 +376,13 @@ def makeService(options: Options) -> service.IService:
         trunk_rules=config.trunk_rules)
     resource = ApiResource(sessions, reactor, config.ice_servers,
                            precache=lambda command: Deferred.fromCoroutine(precache(services, command)),
-                           gzip=config.http_gzip, registrations=registrations.registrations_json)
+                           gzip=config.http_gzip, registrations=registrations.registrations_json,
+                           metrics=metrics.render)
     site = ActivecallSite(resource, config.http_access_skip_paths)
     WebService(resource).setServiceParent(top)
     internet.TCPServer(config.http_port, site, interface=config.http_host).setServiceParent(top)
+    # Last child: READY=1 once every listener is up, STOPPING=1 first on shutdown.
+    notify = SystemdNotifyService.from_environment(reactor)
+    if notify is not None:
+        notify.setServiceParent(top)
     return top

@@ -8,7 +8,7 @@ each deadline from its start time and reports missed ticks as a count).
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
@@ -29,12 +29,18 @@ class MediaTicker(Protocol):
 
 
 class MediaClock:
-    """Drives all subscribers every 20 ms; runs only while someone listens."""
+    """Drives all subscribers every 20 ms; runs only while someone listens.
+
+    ``observe_lateness(seconds)``, when set (the /metrics tick lateness
+    histogram), is told once per tick how long after its due time it ran.
+    """
 
     _log = Logger()
 
-    def __init__(self, clock: IReactorTime, interval_s: float = FRAME_S) -> None:
+    def __init__(self, clock: IReactorTime, interval_s: float = FRAME_S,
+                 observe_lateness: Callable[[float], None] | None = None) -> None:
         self._clock = clock
+        self.observe_lateness = observe_lateness
         self._interval_s = interval_s
         self._subscribers: dict[int, MediaTicker] = {}
         self._loop: LoopingCall | None = None
@@ -69,10 +75,15 @@ class MediaClock:
     def _tick(self) -> None:
         # Count frames from the start time rather than trusting per-call counts:
         # with epoch-sized float times a tick can land a hair before its slot.
-        due = int((self._clock.seconds() - self._started_at) / self._interval_s + 1e-3)
+        now = self._clock.seconds()
+        due = int((now - self._started_at) / self._interval_s + 1e-3)
         count = due - self._frames_done
         if count <= 0:
             return
+        if self.observe_lateness is not None:
+            # Late relative to the first frame slot this tick serves.
+            slot_at = self._started_at + (self._frames_done + 1) * self._interval_s
+            self.observe_lateness(max(0.0, now - slot_at))
         self._frames_done = due
         self.ticks += 1
         if count > 1:

@@ -258,12 +258,13 @@ class SipGuard:
         )
         return cls(SipAcl(acl.allow, acl.deny), limiter, rate_limit.exempt)
 
-    def trust(self, ip: str) -> None:
-        """Let ``ip`` (a configured registrar's address) skip the rate limit; bad literals are ignored."""
+    def trust(self, ip: str) -> bool:
+        """Let ``ip`` (a configured registrar's address) skip the rate limit; False (ignored) if not an IP literal."""
         try:
             self.trusted.add(_address(ip))
         except ValueError:
-            pass
+            return False
+        return True
 
     def bypasses_limit(self, ip: str) -> bool:
         """Whether ``ip`` is exempt, on the ACL allow list or a trusted registrar."""

@@ -40,6 +40,7 @@ a False answer drops the request silently.
 from __future__ import annotations
 
 import ipaddress
+from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -83,6 +84,9 @@ _SUPPORTED = "timer, replaces"
 _KNOWN_EXTENSIONS = frozenset({"timer", "replaces"})
 _NO_HANDLER_REASON = 'SIP;cause=503;text="No invite handler configured"'
 MAX_CALLS_REASON = 'SIP;cause=503;text="Too many calls"'
+# Methods counted by name in request_counts/response_counts; anything else is "other"
+# (a method is any token on the wire: labels must stay a bounded set).
+_COUNTED_METHODS = frozenset(ALLOW.split(", ")) | {"REGISTER", "SUBSCRIBE", "PUBLISH"}
 # Seconds a caller refused for max_calls is asked to wait (RFC 3261 §20.33).
 MAX_CALLS_RETRY_AFTER_S = 5
 
@@ -497,6 +501,9 @@ class SipUserAgent:
         self._answered: dict[TransactionKey, InboundCall] = {}
         self._public_callbacks: list[Callable[[str, int], None]] = []
         self._learned: tuple[str, int] | None = None
+        # For /metrics: (direction "in"/"out", method) and (direction, method, status).
+        self.request_counts: Counter[tuple[str, str]] = Counter()
+        self.response_counts: Counter[tuple[str, str, int]] = Counter()
         self.counters: dict[str, int] = {"invites_in": 0, "invites_out": 0, "rejected_503": 0,
                                          "rejected_max_calls": 0, "rate_limited": 0}
         setter = getattr(stack, "set_user", None)
@@ -549,6 +556,7 @@ class SipUserAgent:
     def _start(self, op: _Op) -> TransactionKey:
         key = self._put_via(op.request, op.hop[0])
         self._ops[key] = op  # before sending: a synchronous failure reports back at once
+        self._count_request("out", op.request.method)
         self._stack.send_request(op.request, op.hop, op.flow)
         return key
 
@@ -713,6 +721,7 @@ class SipUserAgent:
         # CANCEL must reuse the INVITE's Via branch (§9.1), so no _put_via here.
         key = TransactionKey(cancel.top_via.branch or "", "", "CANCEL", False)
         self._ops[key] = _Op(cancel, pending.op.hop, pending.op.flow, lambda r: None)
+        self._count_request("out", "CANCEL")
         self._stack.send_request(cancel, pending.op.hop, pending.op.flow)
 
     def _dialog_request(self, call: CallDialog, method: str, *, headers: Iterable[tuple[str, str]] = (),
@@ -764,14 +773,22 @@ class SipUserAgent:
             self._put_via(ack, hop[0])
             if isinstance(call, OutboundCall):
                 call.ack, call.ack_hop = ack, hop
+            self._count_request("out", "ACK")
             self._stack.send_stateless(ack, hop, call.flow)
 
         self._resolve(call.dialog.next_hop()).addCallbacks(go, lambda f: None)
 
     # ------------------------------------------------------------ responses (from the stack)
 
+    def _count_request(self, direction: str, method: str) -> None:
+        self.request_counts[(direction, method if method in _COUNTED_METHODS else "other")] += 1
+
+    def _count_response(self, direction: str, method: str, status: int) -> None:
+        self.response_counts[(direction, method if method in _COUNTED_METHODS else "other", status)] += 1
+
     def response_received(self, response: SipResponse, key: TransactionKey) -> None:
         """A response for one of our client transactions."""
+        self._count_response("in", key.method, response.status)
         op = self._ops.get(key)
         if op is None:
             return
@@ -965,6 +982,7 @@ class SipUserAgent:
                          flow: object | None = None, cancels: TransactionKey | None = None) -> None:
         """A new request from the transaction layer (``key`` None for an ACK to a 2xx)."""
         method = request.method
+        self._count_request("in", method)
         if key is None:
             self._ack_received(request)
             return
@@ -995,6 +1013,7 @@ class SipUserAgent:
                  content_type: str | None = None) -> None:
         response = make_response(request, status, reason, extra_headers=headers, to_tag=to_tag, body=body)
         response.headers.add("Server", self.useragent)
+        self._count_response("out", request.method, status)
         if body and content_type:
             response.headers.add("Content-Type", content_type)
         try:
