@@ -3,30 +3,44 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
+import re
 from urllib.parse import unquote
 from typing import Any, Callable, Optional, Sequence
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.web.http import HTTPChannel, combinedLogFormatter
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
 from activecall.call.tts import PrecacheError
+from activecall.config import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_MESSAGE_BYTES, ApiConfig
+from activecall.control.access import AccessPolicy
 from activecall.control.commands import CommandError, command_from_object
 from activecall.control.events import format_rfc3339
-from activecall.fileio import write_atomically
+from activecall.control.wirejson import JsonInputError, parse_json
+from activecall.fileio import UnsafePathError, safe_join, write_atomically
 from activecall.control.protocol import ControlFactory
 from activecall.interfaces import ISessionListener
 
 SSE_KEEPALIVE_S = 15.0
 # Playbooks always live here, relative to the working directory (playbook.md §1).
 PLAYBOOK_DIR = os.path.join("config", "playbook")
+# A playbook file name: no path, no NUL, no hidden file, always Markdown.
+_PLAYBOOK_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,124}\.md")
+# Routes that answer without a token, for load balancers.
+_OPEN_PATHS = (["health"],)
+_JSON_TYPES = (b"application/json",)
+_PLAYBOOK_TYPES = (b"text/markdown", b"text/plain")
 
 
 def _json(request: Request, body: Any, code: int = 200) -> bytes:
@@ -39,6 +53,24 @@ def _text(request: Request, body: str, code: int) -> bytes:
     request.setResponseCode(code)
     request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
     return body.encode("utf-8")
+
+
+def _error(request: Request, message: str, code: int) -> bytes:
+    return _json(request, {"status": "error", "error": message}, code)
+
+
+def _header(request: Request, name: bytes) -> Optional[str]:
+    value = request.getHeader(name)
+    return value.decode("latin-1") if value is not None else None
+
+
+class _BodyError(Exception):
+    """A request body refused before it is used: ``code`` 413 or 415."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 @implementer(ISessionListener)
@@ -103,7 +135,7 @@ class ApiResource(Resource):
     def __init__(self, sessions: Any, clock: IReactorTime, ice_servers: Sequence[Any],
                  precache: Optional[Callable[[Any], Deferred[dict[str, Any]]]] = None, gzip: bool = False,
                  registrations: Optional[Callable[[], Any]] = None,
-                 metrics: Optional[Callable[[], tuple[bytes, str]]] = None) -> None:
+                 metrics: Optional[Callable[[], tuple[bytes, str]]] = None, api: ApiConfig = ApiConfig()) -> None:
         super().__init__()
         self._registrations = registrations
         self._metrics = metrics  # () -> (Prometheus text exposition, its content type)
@@ -112,10 +144,10 @@ class ApiResource(Resource):
         self._precache = precache
         self._clock = clock
         self._ice_servers = ice_servers
+        self._access = AccessPolicy(api.tokens, api.allowed_origins)
+        self._max_body_bytes = api.max_message_bytes
         self.factories = {
-            "webSocket": ControlFactory(sessions, "webSocket", None),
-            "sip": ControlFactory(sessions, "sip", None),
-            "webrtc": ControlFactory(sessions, "webrtc", None),
+            name: ControlFactory(sessions, name, None, clock, api) for name in ("webSocket", "sip", "webrtc")
         }
         self._ws = {name: WebSocketResource(f) for name, f in self.factories.items()}
 
@@ -123,8 +155,14 @@ class ApiResource(Resource):
         path = request.path.decode("utf-8", "replace").rstrip("/") or "/"
         parts = [p for p in path.split("/") if p]
         method = request.method.decode("ascii", "replace")
+        if parts not in _OPEN_PATHS:
+            denied = self._denied(request)
+            if denied is not None:
+                return denied
         try:
             body = self._route(request, method, parts)
+        except _BodyError as e:
+            return _error(request, e.message, e.code)
         except Exception:
             self._log.failure("HTTP {method} {path} failed", method=method, path=path)
             return _json(request, {"status": "error", "error": "internal error"}, 500)
@@ -132,6 +170,36 @@ class ApiResource(Resource):
             request.setHeader(b"Content-Encoding", b"gzip")
             request.setHeader(b"Vary", b"Accept-Encoding")
             body = gzip.compress(body)
+        return body
+
+    def _denied(self, request: Request) -> Optional[bytes]:
+        """The 401/403 answer when the token or the browser Origin is not accepted, else None."""
+        tokens = request.args.get(b"token") if request.args else None
+        denial = self._access.check(
+            authorization=_header(request, b"authorization"),
+            query_token=tokens[-1].decode("utf-8", "replace") if tokens else None,
+            origin=_header(request, b"origin"),
+            host=_header(request, b"host"))
+        if denial is None:
+            return None
+        if denial.code == 401:
+            request.setHeader(b"WWW-Authenticate", b'Bearer realm="activecall"')
+        return _error(request, denial.message, denial.code)
+
+    def _body(self, request: Request, accepted_types: Sequence[bytes]) -> bytes:
+        """The request body, at most ``max_message_bytes``, of an accepted Content-Type.
+
+        A body without Content-Type is accepted (curl-like clients); browsers always
+        send one, and their cross-site requests are refused by the Origin check anyway.
+        """
+        content_type = request.getHeader(b"content-type")
+        if content_type is not None:
+            media_type = content_type.split(b";", 1)[0].strip().lower()
+            if media_type not in accepted_types:
+                raise _BodyError(415, f"expected Content-Type {' or '.join(t.decode() for t in accepted_types)}")
+        body = request.content.read(self._max_body_bytes + 1) if request.content is not None else b""
+        if len(body) > self._max_body_bytes:
+            raise _BodyError(413, f"request body larger than {self._max_body_bytes} bytes")
         return body
 
     def _route(self, request: Request, method: str, parts: list[str]) -> Any:
@@ -178,25 +246,19 @@ class ApiResource(Resource):
         session = self._sessions.get(sid)
         if session is None:
             return _json(request, {"status": "not_found", "id": sid}, 404)
-        body = request.content.read() if request.content is not None else b""
         try:
-            obj = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            return _json(request, {"status": "error", "error": f"invalid JSON: {e}"}, 400)
-        try:
+            obj = parse_json(self._body(request, _JSON_TYPES))
             command = command_from_object(obj)
-        except CommandError as e:
-            return _json(request, {"status": "error", "error": e.message}, 400)
+        except (JsonInputError, CommandError) as e:
+            return _error(request, e.message, 400)
         session.receive_decoded(obj, command)
         return _json(request, {"status": "sent", "id": sid})
 
     def _precache_route(self, request: Request) -> Any:
-        body = request.content.read() if request.content is not None else b""
         try:
-            command = command_from_object(json.loads(body))
-        except (ValueError, UnicodeDecodeError) as e:
-            message = e.message if isinstance(e, CommandError) else f"invalid JSON: {e}"
-            return _json(request, {"status": "error", "error": message}, 400)
+            command = command_from_object(parse_json(self._body(request, _JSON_TYPES)))
+        except (JsonInputError, CommandError) as e:
+            return _error(request, e.message, 400)
         if type(command).name != "tts":
             return _json(request, {"status": "error", "error": "precache only accepts tts commands"}, 400)
         assert self._precache is not None
@@ -227,7 +289,7 @@ class ApiResource(Resource):
                         entries.append({"name": entry.name, "updated": format_rfc3339(entry.stat().st_mtime)})
             return _json(request, entries)
         name = unquote(name)
-        if ".." in name or "/" in name or "\\" in name:
+        if _PLAYBOOK_NAME.fullmatch(name) is None:
             return _text(request, "Invalid filename", 400)
         path = os.path.join(PLAYBOOK_DIR, name)
         if method == "GET":
@@ -239,8 +301,16 @@ class ApiResource(Resource):
             request.setHeader(b"Content-Type", b"text/markdown; charset=utf-8")
             return text
         if method == "POST":
+            text = self._body(request, _PLAYBOOK_TYPES)
             try:
-                write_atomically(path, request.content.read() if request.content is not None else b"")
+                text.decode("utf-8")
+            except UnicodeDecodeError:
+                return _text(request, "playbook is not UTF-8 text", 400)
+            try:
+                # Also refuses a symlink in the playbook directory that points elsewhere.
+                write_atomically(safe_join(PLAYBOOK_DIR, name), text)
+            except UnsafePathError:
+                return _text(request, "Invalid filename", 400)
             except OSError as e:
                 return _text(request, f"cannot save playbook: {e.strerror}", 500)
             return b""
@@ -284,12 +354,130 @@ class WebService(Service):
         return super().stopService()
 
 
-class ActivecallSite(Site):
-    """twisted.web Site that skips access-log lines for ``http_access_skip_paths``."""
+_TOKEN_IN_QUERY = re.compile(rb"([?&]token=)[^&#]*")
 
-    def __init__(self, resource: Resource, skip_paths: Sequence[str] = (), **kw: Any) -> None:
+
+class _LoggedRequest:
+    """A request as the access log sees it: the value of ``?token=`` replaced."""
+
+    def __init__(self, request: Request) -> None:
+        self._request = request
+        self.uri = _TOKEN_IN_QUERY.sub(rb"\1[redacted]", request.uri)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._request, name)
+
+
+def _access_log_line(timestamp: str, request: Request) -> str:
+    return str(combinedLogFormatter(timestamp, _LoggedRequest(request)))  # type: ignore[arg-type]
+
+
+def _raw_response(code: int, reason: str, message: str) -> bytes:
+    """A complete error response written straight to a transport, before or instead of a Request."""
+    body = json.dumps({"status": "error", "error": message}).encode("utf-8")
+    head = (f"HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+    return head.encode("ascii") + body
+
+
+class _GuardedChannel(HTTPChannel):
+    """An HTTPChannel with a deadline for each request to arrive and a cap on its body.
+
+    The deadline (``header_timeout_s``) runs from the connection, or from the end of
+    the previous response, until the request line, headers and body are all in, so a
+    client trickling bytes cannot hold a connection (twisted's own timeout is an idle
+    timeout that every byte resets). Late: 408 and close. A body over ``max_body_bytes``,
+    declared or chunked: 413 and close, before it is buffered.
+    """
+
+    site: "ActivecallSite"
+    _deadline: Optional[IDelayedCall] = None
+    _refused = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._arm_deadline()
+
+    def allHeadersReceived(self) -> None:
+        limit = self.site.max_body_bytes
+        if self.length is not None and self.length > limit:
+            self.refuse(413, "Content Too Large", f"request body larger than {limit} bytes")
+            return
+        super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        if self._refused:
+            return
+        self._cancel_deadline()
+        super().allContentReceived()
+
+    def requestDone(self, request: Request) -> None:
+        # Armed first: a pipelined next request may be read, and complete, inside requestDone.
+        self._arm_deadline()
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Any) -> None:
+        self._cancel_deadline()
+        super().connectionLost(reason)
+
+    def refuse(self, code: int, reason: str, message: str) -> None:
+        """Answer ``code`` without a Request and close; later bytes are ignored."""
+        if self._refused:
+            return
+        self._refused = True
+        self._cancel_deadline()
+        self.dataReceived = lambda data: None  # type: ignore[method-assign]
+        self.transport.write(_raw_response(code, reason, message))
+        self.loseConnection()
+
+    def _arm_deadline(self) -> None:
+        self._cancel_deadline()
+        if not self._refused:
+            self._deadline = self.callLater(self.site.header_timeout_s, self._too_slow)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        self.refuse(408, "Request Timeout", f"request not received within {self.site.header_timeout_s:g} s")
+
+
+class _BoundedRequest(Request):
+    """A Request whose body stays in memory and is refused (413) past ``max_body_bytes``."""
+
+    _body_bytes = 0
+
+    def gotLength(self, length: Optional[int]) -> None:
+        # The channel already refused a larger declared length; a chunked body is counted below.
+        self.content = io.BytesIO()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._body_bytes += len(data)
+        limit = self.channel.site.max_body_bytes
+        if self._body_bytes > limit:
+            self.channel.refuse(413, "Content Too Large", f"request body larger than {limit} bytes")
+            return
+        super().handleContentChunk(data)
+
+
+class ActivecallSite(Site):
+    """twisted.web Site with bounded requests (see :class:`_GuardedChannel`); skips access-log
+    lines for ``http_access_skip_paths`` and never logs a ``?token=`` value."""
+
+    protocol = _GuardedChannel
+    requestFactory = _BoundedRequest
+
+    def __init__(self, resource: Resource, skip_paths: Sequence[str] = (), *,
+                 header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
+                 max_body_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, **kw: Any) -> None:
+        kw.setdefault("logFormatter", _access_log_line)
         super().__init__(resource, **kw)
         self.noisy = False
+        self.header_timeout_s = header_timeout_s
+        self.max_body_bytes = max_body_bytes
         self._skip_exact = {p for p in skip_paths if not p.endswith("*")}
         self._skip_prefix = tuple(p[:-1] for p in skip_paths if p.endswith("*"))
 
@@ -298,3 +486,64 @@ class ActivecallSite(Site):
         if path in self._skip_exact or (self._skip_prefix and path.startswith(self._skip_prefix)):
             return
         super().log(request)
+
+
+class _CountedConnection(ProtocolWrapper):
+    """One connection, counted against its client IP until it closes."""
+
+    def __init__(self, factory: "ConnectionLimiter", wrapped: Any, ip: str) -> None:
+        super().__init__(factory, wrapped)
+        self.ip = ip
+
+
+class _TooManyConnections(Protocol):
+    """Answers 503 at once and closes."""
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(_raw_response(503, "Service Unavailable", "too many connections from this address"))
+        self.transport.loseConnection()
+
+
+class ConnectionLimiter(WrappingFactory):
+    """Wraps the Site: at most ``max_per_ip`` open connections per client IP, WebSockets included.
+
+    One more is answered 503 and closed before any byte of it is read.
+    """
+
+    _log = Logger()
+
+    def __init__(self, site: Site, max_per_ip: int) -> None:
+        super().__init__(site)
+        self.noisy = False
+        self._max_per_ip = max_per_ip
+        self._open: dict[str, int] = {}
+        self._refusing: set[str] = set()
+
+    def buildProtocol(self, addr: IAddress) -> Optional[Protocol]:
+        ip = str(getattr(addr, "host", ""))
+        if self._open.get(ip, 0) >= self._max_per_ip:
+            if ip not in self._refusing:
+                # Once per burst: an attack must not flood the log.
+                self._refusing.add(ip)
+                self._log.warn("HTTP: {ip} has {n} connections open (max_connections_per_ip); refusing more with 503",
+                               ip=ip, n=self._max_per_ip)
+            return _TooManyConnections()
+        return _CountedConnection(self, self.wrappedFactory.buildProtocol(addr), ip)
+
+    def registerProtocol(self, p: Any) -> None:
+        super().registerProtocol(p)
+        self._open[p.ip] = self._open.get(p.ip, 0) + 1
+
+    def unregisterProtocol(self, p: Any) -> None:
+        super().unregisterProtocol(p)
+        left = self._open.get(p.ip, 0) - 1
+        if left > 0:
+            self._open[p.ip] = left
+        else:
+            self._open.pop(p.ip, None)
+            self._refusing.discard(p.ip)
+
+    def open_connections(self, ip: str) -> int:
+        """Connections from ``ip`` open now."""
+        return self._open.get(ip, 0)

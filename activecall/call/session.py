@@ -19,35 +19,60 @@ from activecall.call.controller import CallController
 from activecall.call.services import CallServices
 from activecall.clock import CallClock
 from activecall.control import events as ev
+from activecall.control.access import redact_secrets
 from activecall.control.commands import CommandError, command_from_object
 from activecall.control.query import SessionParams
+from activecall.control.wirejson import JsonInputError, parse_json
+from activecall.fileio import UnsafePathError, file_safe_name, safe_join
 from activecall.interfaces import IControlChannel, ISessionListener
 
 # Active Call holds at most 32 queued commands while one blocks.
 MAX_QUEUED_COMMANDS = 32
 
 
+def dump_path_for(directory: str, sid: str) -> str:
+    """``<directory>/<sid>.events.jsonl``, the id made a harmless file name; raises UnsafePathError
+    when the result would still lie outside ``directory`` (e.g. through a symlink)."""
+    return safe_join(directory, file_safe_name(sid) + ".events.jsonl")
+
+
 class EventDump:
-    """Appends every command and event of a session to ``<dir>/<sid>.events.jsonl``."""
+    """Appends every command and event of a session to its ``.events.jsonl`` file, up to ``max_bytes``.
+
+    ``problem`` says why nothing is written (the file could not be opened), else None.
+    """
 
     _log = Logger()
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, max_bytes: Optional[int] = None) -> None:
         self.path = path
-        self._file: Optional[IO[str]] = None
+        self.problem: Optional[str] = None
+        self._max_bytes = max_bytes
+        self._size = 0
+        self._file: Optional[IO[bytes]] = None
         try:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            self._file = open(path, "a", encoding="utf-8")
+            self._file = open(path, "ab")
+            # A reused id appends: the bound covers what the file already holds.
+            self._size = self._file.tell()
         except OSError as e:
+            self.problem = f"cannot write event dump: {e.strerror or e}"
             self._log.warn("cannot write event dump {path}: {e}", path=path, e=e)
 
     def write(self, kind: str, timestamp_ms: int, content: str) -> None:
         """Append one line; flushed so a crash loses nothing already reported."""
         if self._file is None:
             return
+        line = (json.dumps({"type": kind, "timestamp": timestamp_ms, "content": content}, ensure_ascii=False) + "\n").encode("utf-8", "replace")
+        if self._max_bytes is not None and self._size + len(line) > self._max_bytes:
+            self._log.warn("event dump {path} reached max_dump_bytes ({max_bytes}); the rest of this session is not recorded",
+                           path=self.path, max_bytes=self._max_bytes)
+            self.close()
+            return
         try:
-            self._file.write(json.dumps({"type": kind, "timestamp": timestamp_ms, "content": content}, ensure_ascii=False) + "\n")
+            self._file.write(line)
             self._file.flush()
+            self._size += len(line)
         except OSError as e:
             self._log.warn("event dump {path} failed: {e}", path=self.path, e=e)
             self.close()
@@ -64,7 +89,8 @@ class CallSession:
 
     _log = Logger()
 
-    def __init__(self, params: SessionParams, services: CallServices, on_finished: Callable[["CallSession"], None]) -> None:
+    def __init__(self, params: SessionParams, services: CallServices, on_finished: Callable[["CallSession"], None],
+                 max_dump_bytes: Optional[int] = None) -> None:
         self.params = params
         self.sid = params.sid
         self.call_type = params.call_type
@@ -78,17 +104,31 @@ class CallSession:
         self._busy = False
         self.finished = False
         self.done: Deferred[None] = Deferred()
-        self.dump = EventDump(os.path.join(services.recording_path, f"{self.sid}.events.jsonl")) if params.dump else None
+        self._dump_problem: Optional[str] = None
+        self.dump = self._open_dump(max_dump_bytes) if params.dump else None
         self.dump_path = self.dump.path if self.dump is not None else None
         self.controller = CallController(self, services)
         if params.ping_s:
             self._timers.call_later(params.ping_s, self._ping)
 
+    def _open_dump(self, max_bytes: Optional[int]) -> Optional[EventDump]:
+        try:
+            path = dump_path_for(self._services.recording_path, self.sid)
+        except UnsafePathError as e:
+            self._log.warn("session {sid}: no event dump: {e}", sid=self.sid, e=e)
+            self._dump_problem = "event dump refused: its path would leave the recording directory"
+            return None
+        dump = EventDump(path, max_bytes)
+        self._dump_problem = dump.problem
+        return dump
+
     # -- wiring -------------------------------------------------------------
 
     def attach(self, channel: IControlChannel) -> None:
-        """Connect the client's WebSocket."""
+        """Connect the client's WebSocket; it learns at once if its event dump cannot be written."""
         self._channel = channel
+        if self._dump_problem is not None:
+            self.emit(ev.ErrorEvent(track_id=self.sid, timestamp=self.now_ms(), sender="dump", error=self._dump_problem))
 
     def add_listener(self, listener: ISessionListener) -> None:
         """Add an observer (an SSE stream)."""
@@ -108,10 +148,10 @@ class CallSession:
     def receive_text(self, text: str | bytes) -> None:
         """A Text frame arrived: decode one command, or report why it is not one."""
         try:
-            obj = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as e:
+            obj = parse_json(text)
+        except JsonInputError as e:
             self._record_command(text if isinstance(text, str) else text.decode("utf-8", "replace"))
-            self._command_error(f"invalid JSON: {e}")
+            self._command_error(e.message)
             return
         self.receive_object(obj)
 
@@ -240,25 +280,31 @@ class CallSession:
         return {
             "id": self.sid,
             "callType": self.call_type,
-            "cs.option": c.option.to_json() if c.option is not None else None,
+            # Keys, passwords and Authorization headers of the option stay with the session.
+            "cs.option": redact_secrets(c.option.to_json()) if c.option is not None else None,
             "ringTime": None,
             "startTime": ev.format_rfc3339_z(c.answered_at) if c.answered_at is not None else None,
         }
 
 
 class SessionManager:
-    """All live sessions by id (a duplicate id replaces the older entry, spec §6.20)."""
+    """All live sessions by id.
+
+    The control WebSocket refuses an id that is already live (docs/security.md); an
+    internal ``open`` with such an id replaces the older entry (spec §6.20).
+    """
 
     _log = Logger()
 
-    def __init__(self, services: CallServices) -> None:
+    def __init__(self, services: CallServices, max_dump_bytes: Optional[int] = None) -> None:
         self._services = services
+        self._max_dump_bytes = max_dump_bytes
         self._sessions: dict[str, CallSession] = {}
         self._idle_waiters: list[Deferred[None]] = []
 
     def open(self, params: SessionParams) -> CallSession:
         """Create a session and list it at once."""
-        session = CallSession(params, self._services, self._forget)
+        session = CallSession(params, self._services, self._forget, self._max_dump_bytes)
         self._sessions[params.sid] = session
         self._log.info("session {sid} opened ({call_type})", sid=params.sid, call_type=params.call_type)
         return session
@@ -292,6 +338,11 @@ class SessionManager:
 
     def __contains__(self, sid: str) -> bool:
         return sid in self._sessions
+
+    def hosts(self, sid: str) -> bool:
+        """Whether ``sid`` is a live session or an inbound call waiting for its client here (protocol.md §1.5)."""
+        pending = self._services.pending
+        return sid in self._sessions or (pending is not None and sid in pending)
 
     def __len__(self) -> int:
         return len(self._sessions)

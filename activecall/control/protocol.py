@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from activecall.config import ApiConfig
 from activecall.control.query import QueryError, SessionParams, parse_session_query
 from activecall.interfaces import IControlChannel
 
@@ -27,7 +29,85 @@ class ISessionHost(Protocol):
 
     def open(self, params: SessionParams) -> Any: ...
     def new_sid(self) -> str: ...
+    def hosts(self, sid: str) -> bool: ...
     def __contains__(self, sid: str) -> bool: ...
+    def __len__(self) -> int: ...
+
+
+class PeerWatchdog:
+    """Declares a peer dead when it sends nothing for ``timeout_s`` after a Ping.
+
+    Every byte from the peer counts as an answer (a Pong, audio, a command). The
+    session's keep-alive pings are reported with :meth:`pinged`. With ``probe`` set
+    (the client chose ``ping=0``) the watchdog sends its own Ping after ``timeout_s``
+    of silence, so a vanished peer is still found.
+
+    States: quiet (nothing unanswered) --pinged--> waiting --heard--> quiet;
+    waiting --timeout_s without a byte--> dead (``on_dead`` once, then stopped).
+    """
+
+    def __init__(self, clock: IReactorTime, timeout_s: float, on_dead: Callable[[], None],
+                 probe: Optional[Callable[[], None]] = None) -> None:
+        self._clock = clock
+        self._timeout_s = timeout_s
+        self._on_dead = on_dead
+        self._probe = probe
+        self._last_heard = clock.seconds()
+        self._unanswered_since: Optional[float] = None
+        self._check_call: Optional[IDelayedCall] = None
+        self._probe_call: Optional[IDelayedCall] = None
+        self._stopped = False
+        if probe is not None:
+            self._probe_call = clock.callLater(timeout_s, self._probe_if_quiet)
+
+    def heard(self) -> None:
+        """The peer sent something (called per received chunk: keep it cheap)."""
+        self._last_heard = self._clock.seconds()
+
+    def pinged(self) -> None:
+        """A Ping went out; an answer is due within ``timeout_s``."""
+        if self._stopped:
+            return
+        now = self._clock.seconds()
+        if self._unanswered_since is None or self._last_heard >= self._unanswered_since:
+            self._unanswered_since = now
+        if self._check_call is None:
+            self._check_call = self._clock.callLater(self._timeout_s, self._check)
+
+    def stop(self) -> None:
+        """The connection is gone: cancel every timer."""
+        self._stopped = True
+        for call in (self._check_call, self._probe_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._check_call = self._probe_call = None
+
+    def _check(self) -> None:
+        self._check_call = None
+        since = self._unanswered_since
+        if since is None or self._last_heard >= since:
+            self._unanswered_since = None
+            return
+        remaining = since + self._timeout_s - self._clock.seconds()
+        if remaining > 0:
+            # A later ping is unanswered but not yet overdue.
+            self._check_call = self._clock.callLater(remaining, self._check)
+            return
+        self.stop()
+        self._on_dead()
+
+    def _probe_if_quiet(self) -> None:
+        self._probe_call = None
+        quiet_for = self._clock.seconds() - self._last_heard
+        if quiet_for >= self._timeout_s:
+            assert self._probe is not None
+            self._probe()
+            self.pinged()
+            delay = self._timeout_s
+        else:
+            delay = self._timeout_s - quiet_for
+        if not self._stopped:
+            self._probe_call = self._clock.callLater(delay, self._probe_if_quiet)
 
 
 @implementer(IControlChannel)
@@ -46,7 +126,7 @@ class _Channel:
         self._proto.sendMessage(data, isBinary=True)
 
     def send_ping(self, payload: bytes) -> None:
-        self._proto.sendPing(payload)
+        self._proto.send_keepalive_ping(payload)
 
     def close(self) -> None:
         self._proto.sendClose()
@@ -62,6 +142,7 @@ class ControlProtocol(WebSocketServerProtocol):
         super().__init__()
         self._params: Optional[SessionParams] = None
         self._session: Optional[ISession] = None
+        self._watchdog: Optional[PeerWatchdog] = None
 
     def onConnect(self, request: ConnectionRequest) -> None:
         host = self.factory.host
@@ -69,15 +150,48 @@ class ControlProtocol(WebSocketServerProtocol):
             params = parse_session_query(request.params, self.factory.call_type, host.new_sid)
         except QueryError as e:
             raise ConnectionDeny(400, str(e))
-        if params.forward is not None and params.sid not in host:
+        if params.forward is not None and not host.hosts(params.sid):
             raise ConnectionDeny(404, "call not found on this node")
+        # A second client would orphan the first session's socket and call.
+        if params.sid in host:
+            raise ConnectionDeny(409, "session id already in use")
+        if len(host) >= self.factory.limits.max_sessions:
+            raise ConnectionDeny(503, "too many sessions")
         self._params = params
 
     def onOpen(self) -> None:
         assert self._params is not None
+        limits = self.factory.limits
+        self._watchdog = PeerWatchdog(self.factory.clock, limits.pong_timeout_s, self._peer_gone,
+                                      probe=None if self._params.ping_s else (lambda: self.sendPing(b"")))
         session = self.factory.host.open(self._params)
         session.attach(_Channel(self))
         self._session = session
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._watchdog is not None:
+            self._watchdog.heard()
+        super().dataReceived(data)
+
+    def send_keepalive_ping(self, payload: bytes) -> None:
+        """The session's periodic Ping; the peer must answer within ``pong_timeout_s``."""
+        self.sendPing(payload)
+        if self._watchdog is not None:
+            self._watchdog.pinged()
+
+    def _peer_gone(self) -> None:
+        self._log.info("control client {peer} sent nothing for {timeout_s} s after a ping: closing",
+                       peer=self.peer, timeout_s=self.factory.limits.pong_timeout_s)
+        # onClose follows and ends the session as a client close does.
+        self.dropConnection(abort=True)
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        super().onMessageFrameBegin(length)
+        # Text may be up to max_message_bytes; audio frames are far smaller.
+        limit = self.factory.limits.max_frame_bytes
+        if self.message_is_binary and not self.failedByMe and self.message_data_total_length > limit:
+            self._max_message_size_exceeded(
+                self.message_data_total_length, limit, f"binary message larger than {limit} bytes")
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         session = self._session
@@ -93,20 +207,28 @@ class ControlProtocol(WebSocketServerProtocol):
             self._log.failure("handling a frame of session failed")
 
     def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
+        if self._watchdog is not None:
+            self._watchdog.stop()
         session, self._session = self._session, None
         if session is not None:
             session.client_closed()
 
 
 class ControlFactory(WebSocketServerFactory):
-    """The factory of one endpoint; ``call_type`` is fixed by its path."""
+    """The factory of one endpoint; ``call_type`` is fixed by its path; ``limits`` is ``config.api``."""
 
     protocol = ControlProtocol
 
-    def __init__(self, host: ISessionHost, call_type: str, url: str) -> None:
-        super().__init__(url)
+    def __init__(self, host: ISessionHost, call_type: str, url: Optional[str], clock: IReactorTime,
+                 limits: ApiConfig = ApiConfig()) -> None:
+        super().__init__(url, reactor=clock)
         self.noisy = False
         self.host = host
         self.call_type = call_type
-        # Audio frames are small and frequent: no fragmentation, no Nagle delay.
-        self.setProtocolOptions(autoFragmentSize=0, tcpNoDelay=True, openHandshakeTimeout=10, closeHandshakeTimeout=2)
+        self.clock = clock
+        self.limits = limits
+        # Audio frames are small and frequent: no fragmentation, no Nagle delay. The payload
+        # limits refuse a huge frame from its header, before its bytes are buffered (close 1009).
+        self.setProtocolOptions(autoFragmentSize=0, tcpNoDelay=True, openHandshakeTimeout=10, closeHandshakeTimeout=2,
+                                maxMessagePayloadSize=limits.max_message_bytes,
+                                maxFramePayloadSize=limits.max_message_bytes)

@@ -7,6 +7,8 @@ from typing import Callable, Mapping, Sequence
 
 DEFAULT_SERVER_SIDE_TRACK = "server-side-track"
 DEFAULT_PING_S = 20
+# Long enough for an inbound call's dialogId ({Call-ID}-{tag}-{tag}), short enough for logs and file names.
+MAX_ID_CHARS = 256
 
 
 class QueryError(ValueError):
@@ -41,9 +43,21 @@ def _bool(params: Mapping[str, Sequence[str]], name: str) -> bool | None:
     return value == "true"
 
 
+def _identifier(params: Mapping[str, Sequence[str]], name: str) -> str | None:
+    """A session or track id: 1..MAX_ID_CHARS printable characters, no whitespace or control characters."""
+    value = _single(params, name)
+    if value is None or value == "":
+        return None
+    if len(value) > MAX_ID_CHARS:
+        raise QueryError(f"invalid query parameter {name}: longer than {MAX_ID_CHARS} characters")
+    if not value.isprintable() or any(c.isspace() for c in value):
+        raise QueryError(f"invalid query parameter {name}: control or whitespace characters are not allowed")
+    return value
+
+
 def parse_session_query(params: Mapping[str, Sequence[str]], call_type: str, new_sid: Callable[[], str]) -> SessionParams:
     """Validate ``id``, ``dump``, ``ping``, ``serverSideTrack``, ``forward``; unknown keys are ignored."""
-    sid = _single(params, "id") or new_sid()
+    sid = _identifier(params, "id") or new_sid()
     dump = _bool(params, "dump")
     ping_text = _single(params, "ping")
     ping_s = DEFAULT_PING_S
@@ -51,7 +65,7 @@ def parse_session_query(params: Mapping[str, Sequence[str]], call_type: str, new
         if not ping_text.isdigit() or int(ping_text) > 0xFFFFFFFF:
             raise QueryError(f"invalid query parameter ping: expected seconds as an unsigned integer, got {ping_text!r}")
         ping_s = int(ping_text)
-    sst = _single(params, "serverSideTrack") or DEFAULT_SERVER_SIDE_TRACK
+    sst = _identifier(params, "serverSideTrack") or DEFAULT_SERVER_SIDE_TRACK
     forward_text = _single(params, "forward")
     forward = None if forward_text is None else forward_text == "true"
     return SessionParams(
