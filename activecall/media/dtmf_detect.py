@@ -116,8 +116,8 @@ class InbandDtmfDetector:
         self._off = 0
 
     def feed(self, pcm: bytes | bytearray | memoryview) -> list[str]:
-        """Add PCM (any length, even number of bytes); return digits whose press was recognised."""
-        samples = np.frombuffer(pcm, dtype=np.int16)
+        """Add PCM (any length; a trailing odd byte is ignored); return digits whose press was recognised."""
+        samples = np.frombuffer(pcm, dtype=np.int16, count=len(pcm) // 2)
         n = self.block
         out: list[str] = []
         start = 0
