@@ -84,6 +84,8 @@ class RawClient(Protocol):
                 self.frames.append((now, payload))
             elif opcode == 1:
                 self.events.append(json.loads(payload))
+            elif opcode == 9:  # the server's keep-alive Ping: a live client answers Pong
+                self._write_frame(0x8A, payload)
         del buf[:pos]
         self.waiters.poke()
 
@@ -92,10 +94,15 @@ class RawClient(Protocol):
         self.waiters.poke()
 
     def send(self, command: dict) -> None:
-        payload = json.dumps(command).encode()
-        assert len(payload) < 126
+        self._write_frame(0x81, json.dumps(command).encode())
+
+    def _write_frame(self, first_byte: int, payload: bytes) -> None:
         mask = b"\x00\x00\x00\x00"  # a zero mask leaves the payload as is
-        self.transport.write(bytes([0x81, 0x80 | len(payload)]) + mask + payload)
+        if len(payload) < 126:
+            head = bytes([first_byte, 0x80 | len(payload)])
+        else:
+            head = bytes([first_byte, 0x80 | 126]) + struct.pack("!H", len(payload))
+        self.transport.write(head + mask + payload)
 
     def wait_event(self, name: str, timeout_s: float = 30.0, **fields: object) -> defer.Deferred:
         def check() -> object:
