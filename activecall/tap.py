@@ -327,7 +327,8 @@ def makeService(options: Options) -> service.IService:
                 option = dataclasses.replace(option, inactivity_timeout=50)
             session.controller.answer_with_playbook(call, option, playbook.greeting)
 
-        handler = PlaybookCallHandler(config.handler, start_playbook_call, run_blocking, os.environ)
+        handler = PlaybookCallHandler(config.handler, start_playbook_call, run_blocking, os.environ,
+                                      env_prefix=config.api.env_prefix)
     sip = build_sip_service(config, reactor, services.ids, handler,
                             admit=guard.source_admitted)
     # Only requests that start something count against a source's rate (docs/config-security.md).
