@@ -8,7 +8,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from activecall.config import PlaybookHandlerConfig
+from activecall.config import DEFAULT_ENV_PREFIX, PlaybookHandlerConfig
 from activecall.playbook.model import Playbook, PlaybookError, PlaybookNotFound, load_playbook
 from activecall.sip.useragent import ICallHandler
 
@@ -28,11 +28,13 @@ class PlaybookCallHandler:
     _log = Logger()
 
     def __init__(self, config: PlaybookHandlerConfig, start_call: Callable[[Any, Playbook], None],
-                 run_blocking: Callable[..., Any], environ: Mapping[str, str]) -> None:
+                 run_blocking: Callable[..., Any], environ: Mapping[str, str],
+                 env_prefix: str = DEFAULT_ENV_PREFIX) -> None:
         self._config = config
         self._start_call = start_call
         self._run_blocking = run_blocking
         self._environ = environ
+        self._env_prefix = env_prefix  # [api] env_prefix: the ${VAR}s a playbook may read
         self.shutting_down = False
 
     def incoming_call(self, call: Any) -> None:
@@ -44,7 +46,7 @@ class PlaybookCallHandler:
             self._log.info("inbound call from {caller} to {callee}: no playbook rule matches", caller=call.caller, callee=call.callee)
             call.reject(503, None, headers=_reason("No matching playbook"))
             return
-        d = self._run_blocking(load_playbook, name, self._environ)
+        d = self._run_blocking(lambda: load_playbook(name, self._environ, env_prefix=self._env_prefix))
         d.addCallbacks(self._loaded, self._failed, callbackArgs=(call, name), errbackArgs=(call, name))
 
     def _loaded(self, playbook: Playbook, call: Any, name: str) -> None:

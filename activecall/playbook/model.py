@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping
 
 import yaml  # type: ignore[import-untyped]
 
+from activecall.config import DEFAULT_ENV_PREFIX
 from activecall.control.options import (
     AgcOption,
     AmbianceOption,
@@ -112,13 +113,14 @@ def resolve_playbook_path(value: str, base_dir: str = DEFAULT_BASE_DIR) -> str |
 
 
 def load_playbook(
-    value: str, environ: Mapping[str, str], *, base_dir: str = DEFAULT_BASE_DIR
+    value: str, environ: Mapping[str, str], *, base_dir: str = DEFAULT_BASE_DIR,
+    env_prefix: str = DEFAULT_ENV_PREFIX,
 ) -> Playbook:
     """Resolve ``value`` (§1), read the file anew and parse it; raises PlaybookError."""
     path = resolve_playbook_path(value, base_dir)
     if path is None:
         # Inline text: the trimmed value is what "starts with ---" was tested on.
-        return parse_playbook(value.strip(), environ, INLINE_SOURCE)
+        return parse_playbook(value.strip(), environ, INLINE_SOURCE, env_prefix=env_prefix)
     try:
         # utf-8, not utf-8-sig: a BOM must stay visible so rule §2.1 rejects it.
         with open(path, encoding="utf-8") as f:
@@ -127,17 +129,92 @@ def load_playbook(
         raise PlaybookNotFound("playbook not found", source=path) from None
     except (OSError, UnicodeDecodeError) as e:
         raise PlaybookError(f"cannot read playbook: {e}", source=path) from None
-    return parse_playbook(text, environ, path)
+    return parse_playbook(text, environ, path, env_prefix=env_prefix)
 
 
 # --- §3.1 ${VAR} -----------------------------------------------------------------------------
 
 _ENV_REF = re.compile(r"\$\{([^}]+)\}")
+# Provider variables from config.md §15 that are no secret: they expand anywhere.
+PROVIDER_ENV_VARS = frozenset({"OPENAI_BASE_URL", "OPENAI_MODEL", "TENCENT_APPID", "VOICEAPI_ENDPOINT",
+                               "VOICEAPI_SPEAKER_ID"})
+# Provider keys (config.md §15): they expand only where they go to the configured base URL.
+PROVIDER_SECRET_VARS = frozenset({"OPENAI_API_KEY", "DASHSCOPE_API_KEY", "TENCENT_SECRET_ID", "TENCENT_SECRET_KEY",
+                                  "DEEPGRAM_API_KEY"})
+OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
+# Sections whose key fields may hold a provider key, when the section names no endpoint of its own.
+_KEYED_SECTIONS = ("asr", "tts", "realtime", "eou")
+_KEY_FIELDS = ("secretKey", "apiKey", "secretId")
 
 
-def expand_env(text: str, environ: Mapping[str, str]) -> str:
-    """Replace each ``${NAME}`` by ``environ[NAME]``; unknown names stay verbatim."""
-    return _ENV_REF.sub(lambda m: environ.get(m.group(1), m.group(0)), text)
+def expand_env(text: str, environ: Mapping[str, str], env_prefix: str = DEFAULT_ENV_PREFIX,
+               warnings: list[str] | None = None) -> str:
+    """Replace each allowed ``${NAME}`` by ``environ[NAME]`` (docs/security.md).
+
+    Allowed: names starting with ``env_prefix`` and the non-secret provider variables; unset,
+    they stay verbatim (§3.1). Provider keys stay verbatim here for :func:`_place_secrets`.
+    Any other name becomes empty, set or not (no probing the environment), with a warning.
+    """
+
+    def replace(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name in PROVIDER_SECRET_VARS:
+            return m.group(0)
+        if name.startswith(env_prefix) or name in PROVIDER_ENV_VARS:
+            return environ.get(name, m.group(0))
+        if warnings is not None:
+            warnings.append(f"${{{name}}} not expanded: only variables starting with {env_prefix} "
+                            "(api.env_prefix) and provider variables may be used")
+        return ""
+
+    return _ENV_REF.sub(replace, text)
+
+
+def _same_url(a: str, b: str) -> bool:
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def _llm_goes_to_configured_base(llm: Any, environ: Mapping[str, str]) -> bool:
+    """Whether the playbook's LLM talks to the operator's OpenAI base URL (its own or none)."""
+    base = llm.get("baseUrl") if isinstance(llm, dict) else None
+    return not base or _same_url(str(base), environ.get("OPENAI_BASE_URL") or OPENAI_DEFAULT_BASE_URL)
+
+
+def _secret_allowed_at(fm: dict[str, Any], path: tuple[str, ...], environ: Mapping[str, str]) -> bool:
+    if path == ("llm", "apiKey"):
+        return _llm_goes_to_configured_base(fm.get("llm"), environ)
+    if len(path) == 2 and path[0] in _KEYED_SECTIONS and path[1] in _KEY_FIELDS:
+        section = fm.get(path[0])
+        return isinstance(section, dict) and not section.get("endpoint")
+    return False
+
+
+def _place_secrets(fm: dict[str, Any], environ: Mapping[str, str], warnings: list[str]) -> dict[str, Any]:
+    """Expand provider keys where they are allowed (the whole value of a key field going to a
+    configured base URL); anywhere else they become empty with a warning."""
+
+    def walk(value: Any, path: tuple[str, ...]) -> Any:
+        if isinstance(value, dict):
+            return {k: walk(v, (*path, str(k))) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v, (*path, str(i))) for i, v in enumerate(value)]
+        if not isinstance(value, str) or "${" not in value:
+            return value
+        m = _ENV_REF.fullmatch(value.strip())
+        if m is not None and m.group(1) in PROVIDER_SECRET_VARS and _secret_allowed_at(fm, path, environ):
+            return environ.get(m.group(1), value)
+
+        def drop(ref: re.Match[str]) -> str:
+            if ref.group(1) not in PROVIDER_SECRET_VARS:
+                return ref.group(0)
+            warnings.append(f"{'.'.join(path)}: ${{{ref.group(1)}}} not expanded: a provider key may only be "
+                            "the whole value of a key field sent to the configured base URL")
+            return ""
+
+        return _ENV_REF.sub(drop, value)
+
+    result: dict[str, Any] = walk(fm, ())
+    return result
 
 
 # --- §5 scenes ---------------------------------------------------------------------------------
@@ -500,6 +577,8 @@ class Playbook:
     dtmf: Mapping[str, DtmfAction] = field(default_factory=dict)
     follow_up: FollowUp | None = None
     warnings: tuple[str, ...] = ()
+    # llm.apiKey is the operator's OPENAI_API_KEY: it is not copied to sections with their own endpoint.
+    llm_key_is_operators: bool = False
 
     @property
     def prompt(self) -> str:
@@ -509,7 +588,8 @@ class Playbook:
 
     def call_option(self, given: CallOption | None = None) -> CallOption:
         """The call's option: ``given`` (invite/accept) filled from the playbook's (§4),
-        then empty ``secretKey`` of asr/tts/realtime/eou set to ``llm.apiKey``."""
+        then empty ``secretKey`` of asr/tts/realtime/eou set to ``llm.apiKey`` (the operator's
+        key only where the section names no endpoint of its own)."""
         merged = self.option if given is None else given.merged_over(self.option)
         api_key = self.llm.get("apiKey")
         if not api_key:
@@ -517,9 +597,45 @@ class Playbook:
         changes: dict[str, Any] = {}
         for name in ("asr", "tts", "realtime", "eou"):
             sub = getattr(merged, name)
-            if sub is not None and not sub.secret_key:
-                changes[name] = dataclasses.replace(sub, secret_key=api_key)
+            if sub is None or sub.secret_key:
+                continue
+            if self.llm_key_is_operators and getattr(sub, "endpoint", None):
+                continue
+            changes[name] = dataclasses.replace(sub, secret_key=api_key)
         return dataclasses.replace(merged, **changes) if changes else merged
+
+
+MAX_FRONT_MATTER_CHARS = 256 * 1024
+MAX_YAML_DEPTH = 64
+
+
+class _PlaybookLoader(yaml.SafeLoader):  # type: ignore[misc]
+    """SafeLoader without anchors and aliases (a few hundred bytes of aliases expand to
+    gigabytes, "billion laughs", and a recursive alias recurses forever) and with bounded nesting."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(
+                None, None, "YAML anchors and aliases (& and *) are not allowed", event.start_mark)
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _load_yaml(text: str) -> tuple[Any, Any]:
+    """The composed node (for key lines) and the data of one YAML document."""
+    loader = _PlaybookLoader(text)
+    try:
+        node = loader.get_single_node()
+        return node, (loader.construct_document(node) if node is not None else None)
+    finally:
+        loader.dispose()
 
 
 def _split(text: str, source: str) -> tuple[str, str]:
@@ -533,13 +649,21 @@ def _split(text: str, source: str) -> tuple[str, str]:
     return text[3:end], text[end + 3 :]
 
 
-def parse_playbook(text: str, environ: Mapping[str, str], source: str) -> Playbook:
-    """Parse playbook ``text`` read from ``source`` (used in messages); raises PlaybookError."""
+def parse_playbook(text: str, environ: Mapping[str, str], source: str, *,
+                   env_prefix: str = DEFAULT_ENV_PREFIX) -> Playbook:
+    """Parse playbook ``text`` read from ``source`` (used in messages); raises PlaybookError.
+
+    Only allowed ``${VAR}`` expand (:func:`expand_env`, ``env_prefix`` = ``[api] env_prefix``).
+    """
     yaml_text, body = _split(text, source)
-    yaml_text = expand_env(yaml_text, environ)
+    warnings: list[str] = []
+    yaml_text = expand_env(yaml_text, environ, env_prefix, warnings)
+    if len(yaml_text) > MAX_FRONT_MATTER_CHARS:
+        raise PlaybookError(f"front matter larger than {MAX_FRONT_MATTER_CHARS} characters", source=source)
     try:
-        node = yaml.compose(yaml_text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(yaml_text)
+        node, data = _load_yaml(yaml_text)
+    except RecursionError:
+        raise PlaybookError("front matter nested too deeply", source=source) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         problem = getattr(e, "problem", None) or str(e)
@@ -553,8 +677,7 @@ def parse_playbook(text: str, environ: Mapping[str, str], source: str) -> Playbo
     if not isinstance(data, dict):
         raise PlaybookError("front matter must be a YAML map", source=source, line=1)
 
-    warnings: list[str] = []
-    fm: dict[str, Any] = _normalize(data, _SCHEMA, "", warnings)
+    fm: dict[str, Any] = _place_secrets(_normalize(data, _SCHEMA, "", warnings), environ, warnings)
     lines: dict[str, int] = {}
     if node is not None:
         _key_lines(node, _SCHEMA, "", lines)
@@ -592,8 +715,11 @@ def parse_playbook(text: str, environ: Mapping[str, str], source: str) -> Playbo
     llm = dict(llm_value)
     for key, env in (("apiKey", "OPENAI_API_KEY"), ("baseUrl", "OPENAI_BASE_URL"),
                      ("model", "OPENAI_MODEL")):  # fmt: skip
+        if key == "apiKey" and not _llm_goes_to_configured_base(llm, environ):
+            continue  # the operator's key goes only to the operator's base URL
         if not llm.get(key) and environ.get(env):
             llm[key] = environ[env]
+    operator_key = bool(llm.get("apiKey")) and llm.get("apiKey") == environ.get("OPENAI_API_KEY")
     if initial is not None:
         llm["prompt"] = scenes[initial].prompt
     fm["llm"] = llm
@@ -617,4 +743,5 @@ def parse_playbook(text: str, environ: Mapping[str, str], source: str) -> Playbo
         },
         follow_up=FollowUp(follow["timeout"], follow["maxCount"]) if follow else None,
         warnings=tuple(warnings),
+        llm_key_is_operators=operator_key,
     )

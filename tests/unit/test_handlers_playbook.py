@@ -79,3 +79,16 @@ class PlaybookHandlerTests(SynchronousTestCase):
         call.cancelled = True
         self.handler.incoming_call(call)
         self.assertEqual(self.started, [])
+
+    def test_env_prefix_limits_variables(self) -> None:
+        """The handler passes [api] env_prefix: only those variables expand; others are empty."""
+        with open(os.path.join(self.dir, "sales.md"), "w") as f:
+            f.write("---\nllm:\n  provider: openai\ngreeting: ${CORP_GREETING}${HOME}\n---\nSell.\n")
+        config = parse_config(
+            f'[handler]\ntype = "playbook"\ndefault = "{self.dir}/sales.md"\n', Overrides())
+        handler = PlaybookCallHandler(config.handler, lambda call, pb: self.started.append((call, pb)),
+                                      lambda f, *a: maybeDeferred(f, *a),
+                                      {"CORP_GREETING": "Hello.", "HOME": "/root"}, env_prefix="CORP_")
+        handler.incoming_call(FakeCall("sip:a@x", "sip:b@y"))
+        [(_, playbook)] = self.started
+        self.assertEqual(playbook.greeting, "Hello.")

