@@ -141,7 +141,11 @@ class BuiltinRegistrationTests(SynchronousTestCase):
         """openai without any key for the official API is ProviderUnavailableError at create time."""
         registry = self.make({})
         self.assertRaises(ProviderUnavailableError, registry.create, "openai", SynthesisSettings())
-        self.assertIsInstance(registry.create("openai", SynthesisSettings(endpoint="http://127.0.0.1:8000/v1")), OpenAISynthesizer)
+        # A client-chosen endpoint needs its own key (docs/security.md), whatever the server wants.
+        self.assertRaises(ProviderUnavailableError, registry.create, "openai",
+                          SynthesisSettings(endpoint="http://127.0.0.1:8000/v1"))
+        self.assertIsInstance(registry.create("openai", SynthesisSettings(endpoint="http://127.0.0.1:8000/v1", api_key="none")),
+                              OpenAISynthesizer)
 
 
 class FakeSynthesizerTests(SynthesizerConformanceMixin, SynchronousTestCase):

@@ -201,13 +201,38 @@ class OpenAIStubTests(SynchronousTestCase):
         self.assertEqual(synth.url_for(SynthesisRequest("x")), "https://api.openai.com/v1/audio/speech")
 
     def test_no_key_for_official_api_is_unavailable(self) -> None:
-        """The official API without any key is ProviderUnavailableError; a self-hosted endpoint needs none."""
+        """The official API without any key is ProviderUnavailableError; a configured self-hosted base needs none."""
         with self.assertRaises(ProviderUnavailableError):
             self.make(SynthesisSettings())
-        synth = self.make(SynthesisSettings(endpoint="http://tts.test/v1"))
+        synth = self.make(SynthesisSettings(), environ={"OPENAI_BASE_URL": "http://tts.test/v1"})
         d, _ = self.run_synth(synth, SynthesisRequest("Hi."))
         self.assertEqual(self.resource.requests[0]["auth"], None)
         self.assertEqual(self.failureResultOf(d, SynthesisError).value.retryable, False)  # our server wants a key
+
+    def test_environment_key_never_goes_to_a_client_endpoint(self) -> None:
+        """A client endpoint other than the configured base URL without its own key fails; nothing is sent."""
+        environ = {"OPENAI_API_KEY": _KEY, "OPENAI_BASE_URL": "http://tts.test/v1"}
+        with self.assertRaises(ProviderUnavailableError) as cm:
+            self.make(SynthesisSettings(endpoint="http://collector.evil/v1"), environ=environ)
+        self.assertIn("endpoint", str(cm.exception))
+        self.assertIn("apiKey", str(cm.exception))
+        synth = self.make(SynthesisSettings(), environ=environ)
+        d, _ = self.run_synth(synth, SynthesisRequest("Hi.", endpoint="http://collector.evil/v1"))
+        err = self.failureResultOf(d, SynthesisError).value
+        self.assertFalse(err.retryable)
+        self.assertIn("apiKey", str(err))
+        self.assertEqual(self.resource.requests, [])
+        # The configured base (any trailing slash) still gets the operator's key.
+        d, _ = self.run_synth(synth, SynthesisRequest("Hi.", endpoint="http://tts.test/v1/"))
+        self.successResultOf(d)
+        self.assertEqual(self.resource.requests[0]["auth"], f"Bearer {_KEY}".encode())
+
+    def test_client_endpoint_with_its_own_key(self) -> None:
+        """A client endpoint with its own key is used with that key, never the operator's."""
+        synth = self.make(SynthesisSettings(), environ={"OPENAI_API_KEY": "sk-operator", "OPENAI_BASE_URL": "http://env.test/v1"})
+        d, _ = self.run_synth(synth, SynthesisRequest("Hi.", endpoint="http://tts.test/v1", api_key=_KEY))
+        self.successResultOf(d)
+        self.assertEqual(self.resource.requests[0]["auth"], f"Bearer {_KEY}".encode())
 
     def test_unauthorized(self) -> None:
         """A 401 carries OpenAI's error message and is not retryable."""

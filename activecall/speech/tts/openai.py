@@ -5,7 +5,10 @@ Also serves self-hosted OpenAI-compatible servers (speaches, Kokoro-FastAPI, ...
 * Base URL: ``request.endpoint``, else ``settings.endpoint``, else ``environ["OPENAI_BASE_URL"]``,
   else ``https://api.openai.com/v1``.
 * Key: ``request.api_key``, else ``settings.api_key``, else ``environ["OPENAI_API_KEY"]``; sent as
-  ``Authorization: Bearer``.  A key is required only for the default (api.openai.com) base URL.
+  ``Authorization: Bearer``.  The environment's key goes only to the configured base URL
+  (``OPENAI_BASE_URL``, else api.openai.com): a client ``endpoint`` elsewhere must bring its own
+  ``apiKey`` (any value for a server that needs none), else the request fails naming both.
+  A key is required for the default (api.openai.com) base URL.
 * Body: ``{"model", "input", "voice", "response_format", "speed"}`` (plus ``instructions`` from
   ``extra``).  ``response_format`` is ``pcm`` (raw s16le mono 24 kHz) unless ``extra`` asks for
   ``wav``, whose header is parsed for the rate.
@@ -23,7 +26,7 @@ from typing import Any, Callable, Mapping
 
 import treq
 from treq.client import HTTPClient
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -48,6 +51,8 @@ DEFAULT_MODEL = "gpt-4o-mini-tts"
 DEFAULT_VOICE = "alloy"
 PCM_RATE_HZ = 24000  # OpenAI's "pcm" format: s16le mono 24 kHz, no header
 _MAX_ERROR_BODY = 64 * 1024
+_OWN_KEY_NEEDED = ("openai TTS: endpoint is not the configured base URL (OPENAI_BASE_URL); "
+                   "a request with its own endpoint must give its own apiKey")
 _COMPRESSED_TYPES = frozenset(
     {b"audio/mpeg", b"audio/mp3", b"audio/ogg", b"audio/opus", b"audio/aac", b"audio/flac", b"application/json"}
 )
@@ -171,13 +176,24 @@ class OpenAISynthesizer:
         self._http = http_client
         self._clock = clock
         self._idle_timeout_s = idle_timeout_s
-        self._env_base_url = environ.get("OPENAI_BASE_URL") or None
+        self._configured_base_url = (environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
         self._env_api_key = environ.get("OPENAI_API_KEY") or None
         if self._default_base_url() == DEFAULT_BASE_URL and not (settings.api_key or self._env_api_key):
             raise ProviderUnavailableError("openai TTS: no API key (set tts.apiKey or OPENAI_API_KEY)")
+        if self._default_base_url() != self._configured_base_url and not settings.api_key:
+            raise ProviderUnavailableError(_OWN_KEY_NEEDED)
 
     def _default_base_url(self) -> str:
-        return (self._settings.endpoint or self._env_base_url or DEFAULT_BASE_URL).rstrip("/")
+        return (self._settings.endpoint or self._configured_base_url).rstrip("/")
+
+    def _key_for(self, request: SynthesisRequest) -> str | None:
+        """The key for ``request``'s URL: its own, else (configured base URL only) the environment's."""
+        own = request.api_key or self._settings.api_key
+        if own:
+            return own
+        if self.url_for(request) != self._configured_base_url + "/audio/speech":
+            raise SynthesisError(_OWN_KEY_NEEDED, retryable=False)
+        return self._env_api_key
 
     def url_for(self, request: SynthesisRequest) -> str:
         """Return the ``/audio/speech`` URL ``request`` goes to."""
@@ -201,7 +217,10 @@ class OpenAISynthesizer:
     def synthesize(self, request: SynthesisRequest, on_audio: Callable[[bytes, int], None]) -> Deferred[None]:
         """See :meth:`ISpeechSynthesizer.synthesize`; audio comes at 24 kHz for ``pcm``."""
         headers = {b"Content-Type": [b"application/json"]}
-        key = request.api_key or self._settings.api_key or self._env_api_key
+        try:
+            key = self._key_for(request)
+        except SynthesisError as e:
+            return fail(e)
         if key:
             headers[b"Authorization"] = [b"Bearer " + key.encode("utf-8")]
         body = self.body_for(request)
