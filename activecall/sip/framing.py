@@ -80,6 +80,9 @@ class StreamFramer:
         self._max_body = max_body_bytes
         self._buf = bytearray()
         self._need: int | None = None  # total length of the message being read
+        # Where the search for the end of the head resumes: bytes fed one at a
+        # time must not rescan the whole head each time (quadratic CPU).
+        self._scan = 0
         self._failed = False
 
     @property
@@ -106,12 +109,15 @@ class StreamFramer:
         buf = self._buf
         if self._need is None:
             if buf[:1] == b"\r" or buf[:1] == b"\n":
+                self._scan = 0
                 return self._keepalive(out)
-            end = buf.find(b"\r\n\r\n")
+            end = buf.find(b"\r\n\r\n", self._scan)
             if end < 0:
                 if len(buf) > self._max_head:
                     raise FramingError("message head too large")
+                self._scan = max(0, len(buf) - 3)
                 return False
+            self._scan = 0
             if end > self._max_head:
                 raise FramingError("message head too large")
             length = _content_length(bytes(buf[:end]))

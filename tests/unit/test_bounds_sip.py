@@ -11,6 +11,7 @@ source address when its Via sent-by is a host name (RFC 3261 §18.2.2 with the
 from __future__ import annotations
 
 import random
+import time
 from typing import Any
 
 from twisted.internet import abstract
@@ -133,6 +134,27 @@ class FramingBoundTests(SynchronousTestCase):
         for value in UNICODE_DIGITS:
             with self.assertRaises(FramingError):
                 StreamFramer().feed(_options(cl=value))
+
+    def test_head_fed_byte_by_byte_is_linear(self) -> None:
+        """A 150 KB head arriving one byte per read is scanned once, not once per byte (slowloris CPU)."""
+        framer = StreamFramer(max_head_bytes=200_000)
+        data = b"INVITE sip:a@192.0.2.1 SIP/2.0\r\nX-Pad: " + b"a" * 150_000
+        started = time.perf_counter()
+        for i in range(len(data)):
+            framer.feed(data[i:i + 1])
+        self.assertLess(time.perf_counter() - started, 2.0)  # quadratic rescans took ~6 s
+        frames = framer.feed(b"\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual(len(frames), 1)
+        self.assertTrue(frames[0].endswith(b"\r\n\r\nok"))
+
+    def test_split_terminator_found(self) -> None:
+        """The empty line split across reads, after keep-alives, still ends the head."""
+        framer = StreamFramer()
+        data = b"\r\n\r\n" + _options(cl="0")
+        out = []
+        for i in range(len(data)):
+            out += framer.feed(data[i:i + 1])
+        self.assertEqual(len(out), 2)
 
     def test_over_max_body_is_framing_error(self) -> None:
         """A 20-digit Content-Length is refused as too large."""
