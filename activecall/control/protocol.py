@@ -37,12 +37,13 @@ class ISessionHost(Protocol):
 class PeerWatchdog:
     """Declares a peer dead when it sends nothing for ``timeout_s`` after a Ping.
 
-    Every byte from the peer counts as an answer (a Pong, audio, a command). The
-    session's keep-alive pings are reported with :meth:`pinged`. With ``probe`` set
-    (the client chose ``ping=0``) the watchdog sends its own Ping after ``timeout_s``
-    of silence, so a vanished peer is still found.
+    Every chunk of bytes from the peer counts as an answer (a Pong, audio, a
+    command). The session's keep-alive pings are reported with :meth:`pinged`.
+    With ``probe`` set (the client chose ``ping=0``) the watchdog sends its own
+    Ping when a whole ``timeout_s`` passed without a byte, so a vanished peer is
+    still found while a busy one is never pinged.
 
-    States: quiet (nothing unanswered) --pinged--> waiting --heard--> quiet;
+    States: quiet --pinged--> waiting --heard--> quiet;
     waiting --timeout_s without a byte--> dead (``on_dead`` once, then stopped).
     """
 
@@ -52,25 +53,27 @@ class PeerWatchdog:
         self._timeout_s = timeout_s
         self._on_dead = on_dead
         self._probe = probe
-        self._last_heard = clock.seconds()
-        self._unanswered_since: Optional[float] = None
+        # Counting chunks, not reading the clock, keeps heard() cheap and exact.
+        self._heard = 0
+        self._heard_at_probe_tick = 0
+        # (when, chunks heard by then) of the oldest Ping nothing has answered yet.
+        self._unanswered: Optional[tuple[float, int]] = None
         self._check_call: Optional[IDelayedCall] = None
         self._probe_call: Optional[IDelayedCall] = None
         self._stopped = False
         if probe is not None:
-            self._probe_call = clock.callLater(timeout_s, self._probe_if_quiet)
+            self._probe_call = clock.callLater(timeout_s, self._probe_tick)
 
     def heard(self) -> None:
-        """The peer sent something (called per received chunk: keep it cheap)."""
-        self._last_heard = self._clock.seconds()
+        """The peer sent something (called per received chunk)."""
+        self._heard += 1
 
     def pinged(self) -> None:
         """A Ping went out; an answer is due within ``timeout_s``."""
         if self._stopped:
             return
-        now = self._clock.seconds()
-        if self._unanswered_since is None or self._last_heard >= self._unanswered_since:
-            self._unanswered_since = now
+        if self._unanswered is None or self._heard != self._unanswered[1]:
+            self._unanswered = (self._clock.seconds(), self._heard)
         if self._check_call is None:
             self._check_call = self._clock.callLater(self._timeout_s, self._check)
 
@@ -84,30 +87,25 @@ class PeerWatchdog:
 
     def _check(self) -> None:
         self._check_call = None
-        since = self._unanswered_since
-        if since is None or self._last_heard >= since:
-            self._unanswered_since = None
+        if self._unanswered is None or self._heard != self._unanswered[1]:
+            self._unanswered = None
             return
-        remaining = since + self._timeout_s - self._clock.seconds()
+        remaining = self._unanswered[0] + self._timeout_s - self._clock.seconds()
         if remaining > 0:
-            # A later ping is unanswered but not yet overdue.
+            # The oldest unanswered ping is younger than the one this timer was armed for.
             self._check_call = self._clock.callLater(remaining, self._check)
             return
         self.stop()
         self._on_dead()
 
-    def _probe_if_quiet(self) -> None:
+    def _probe_tick(self) -> None:
         self._probe_call = None
-        quiet_for = self._clock.seconds() - self._last_heard
-        if quiet_for >= self._timeout_s:
-            assert self._probe is not None
+        if self._heard == self._heard_at_probe_tick and self._probe is not None:
             self._probe()
             self.pinged()
-            delay = self._timeout_s
-        else:
-            delay = self._timeout_s - quiet_for
+        self._heard_at_probe_tick = self._heard
         if not self._stopped:
-            self._probe_call = self._clock.callLater(delay, self._probe_if_quiet)
+            self._probe_call = self._clock.callLater(self._timeout_s, self._probe_tick)
 
 
 @implementer(IControlChannel)
@@ -230,5 +228,6 @@ class ControlFactory(WebSocketServerFactory):
         # Audio frames are small and frequent: no fragmentation, no Nagle delay. The payload
         # limits refuse a huge frame from its header, before its bytes are buffered (close 1009).
         self.setProtocolOptions(autoFragmentSize=0, tcpNoDelay=True, openHandshakeTimeout=10, closeHandshakeTimeout=2,
-                                maxMessagePayloadSize=limits.max_message_bytes,
+                                # Refuse with a Close frame (1009 for size) rather than a bare TCP drop.
+                                failByDrop=False, maxMessagePayloadSize=limits.max_message_bytes,
                                 maxFramePayloadSize=limits.max_message_bytes)

@@ -1,0 +1,279 @@
+"""The control WebSocket under attack: huge frames, vanished peers, duplicate ids, too many sessions.
+
+Server (ControlFactory) and an Autobahn client are joined by ``twisted.test.iosim``
+and driven by a Clock; nothing sleeps.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
+
+from activecall.config import ApiConfig
+from activecall.control.protocol import ControlFactory, PeerWatchdog
+from activecall.control.query import SessionParams
+
+
+class FakeSession:
+    """Records what the protocol hands to a session."""
+
+    def __init__(self, params: SessionParams) -> None:
+        self.params = params
+        self.channel: Any = None
+        self.texts: list[bytes] = []
+        self.audio: list[bytes] = []
+        self.closed = False
+
+    def attach(self, channel: Any) -> None:
+        self.channel = channel
+
+    def receive_text(self, text: Any) -> None:
+        self.texts.append(text)
+
+    def receive_audio(self, data: bytes) -> None:
+        self.audio.append(data)
+
+    def client_closed(self) -> None:
+        self.closed = True
+
+
+class FakeHost:
+    """A SessionManager stand-in; ``pending`` holds webhook dialogIds waiting for a client."""
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, FakeSession] = {}
+        self.pending: set[str] = set()
+
+    def open(self, params: SessionParams) -> FakeSession:
+        session = FakeSession(params)
+        self.sessions[params.sid] = session
+        return session
+
+    def new_sid(self) -> str:
+        return f"s.{len(self.sessions)}"
+
+    def hosts(self, sid: str) -> bool:
+        return sid in self.sessions or sid in self.pending
+
+    def __contains__(self, sid: str) -> bool:
+        return sid in self.sessions
+
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+
+class Client(WebSocketClientProtocol):
+    """Records the handshake outcome and what the server sends; ``answer_pings`` off = a vanished peer."""
+
+    answer_pings = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opened = False
+        self.close_code: Optional[int] = None
+        self.closed = False
+        self.pings: list[bytes] = []
+        self.failure: Optional[str] = None
+
+    def onOpen(self) -> None:
+        self.opened = True
+
+    def onPing(self, payload: bytes) -> None:
+        self.pings.append(payload)
+        if self.answer_pings:
+            super().onPing(payload)
+
+    def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
+        self.closed = True
+        self.close_code = code
+        self.failure = reason
+
+
+class _SocketCase(SynchronousTestCase):
+    limits = ApiConfig(max_message_bytes=4096, max_frame_bytes=1024, pong_timeout_s=10.0, max_sessions=3)
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.host = FakeHost()
+        self.factory = ControlFactory(self.host, "webSocket", None, self.clock, self.limits)
+
+    def connect(self, query: str = "") -> tuple[Any, Client, iosim.IOPump]:
+        server = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        client_factory = WebSocketClientFactory(f"ws://127.0.0.1:8080/call{query}")
+        client_factory.protocol = Client
+        client = client_factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 8080))
+        pump = iosim.connect(server, iosim.FakeTransport(server, isServer=True),
+                             client, iosim.FakeTransport(client, isServer=False))
+        pump.flush()
+        return server, client, pump
+
+    def handshake_status(self, client: Client) -> str:
+        return client.failure or ""
+
+
+class FrameSizeTests(_SocketCase):
+    """Binary frames above max_frame_bytes and text above max_message_bytes close with 1009."""
+
+    def test_small_frames_pass(self) -> None:
+        """A 640-byte audio frame and a command reach the session."""
+        _, client, pump = self.connect("?id=a")
+        client.sendMessage(b"\x00" * 640, isBinary=True)
+        client.sendMessage(b'{"command":"hangup"}')
+        pump.flush()
+        session = self.host.sessions["a"]
+        self.assertEqual((len(session.audio), session.texts), (1, [b'{"command":"hangup"}']))
+
+    def test_oversized_binary_frame_closes_1009(self) -> None:
+        """A 2 KiB binary frame (limit 1 KiB) is refused from its header: close 1009, nothing delivered."""
+        _, client, pump = self.connect("?id=b")
+        client.sendMessage(b"\x00" * 2048, isBinary=True)
+        pump.flush()
+        self.assertEqual(client.close_code, 1009)
+        session = self.host.sessions["b"]
+        self.assertEqual(session.audio, [])
+        self.assertTrue(session.closed, "ends the session like a client close")
+
+    def test_oversized_text_closes_1009(self) -> None:
+        """Text over max_message_bytes (even split into fragments) closes with 1009."""
+        _, client, pump = self.connect("?id=c")
+        client.sendMessage(b"x" * 5000, fragmentSize=1000)
+        pump.flush()
+        self.assertEqual(client.close_code, 1009)
+        self.assertEqual(self.host.sessions["c"].texts, [])
+
+    def test_text_may_be_larger_than_an_audio_frame(self) -> None:
+        """A 3 KiB command is fine: the binary limit does not apply to text."""
+        _, client, pump = self.connect("?id=d")
+        client.sendMessage(b'"' + b"x" * 3000 + b'"')
+        pump.flush()
+        self.assertEqual(len(self.host.sessions["d"].texts), 1)
+        self.assertFalse(client.closed)
+
+
+class UpgradeRefusalTests(_SocketCase):
+    """Duplicate ids, too many sessions and bad ids are refused at the upgrade."""
+
+    def test_second_client_with_a_live_id_is_409(self) -> None:
+        """The first session keeps its socket; the second upgrade fails with 409."""
+        _, first, _ = self.connect("?id=same")
+        _, second, _ = self.connect("?id=same")
+        self.assertTrue(first.opened)
+        self.assertFalse(second.opened)
+        self.assertIn("409", self.handshake_status(second))
+        self.assertEqual(list(self.host.sessions), ["same"])
+        self.assertFalse(first.closed)
+
+    def test_pending_inbound_call_id_is_accepted(self) -> None:
+        """``/call/sip?id=<dialogId>`` of a pending webhook call is not a duplicate, with or without forward."""
+        self.host.pending.add("dlg-1@host-a-b")
+        _, client, _ = self.connect("?id=dlg-1%40host-a-b&forward=true")
+        self.assertTrue(client.opened)
+        self.assertIn("dlg-1@host-a-b", self.host.sessions)
+
+    def test_forward_for_unknown_id_is_404(self) -> None:
+        """``forward=true`` for an id neither live nor pending here is 404 (protocol.md §1.5)."""
+        _, client, _ = self.connect("?id=elsewhere&forward=true")
+        self.assertIn("404", self.handshake_status(client))
+
+    def test_max_sessions_is_503(self) -> None:
+        """With max_sessions live sessions, one more upgrade fails with 503."""
+        for i in range(3):
+            self.assertTrue(self.connect(f"?id=s{i}")[1].opened)
+        _, client, _ = self.connect("?id=s3")
+        self.assertFalse(client.opened)
+        self.assertIn("503", self.handshake_status(client))
+
+    def test_bad_id_is_400(self) -> None:
+        """An id with a control character is refused with 400."""
+        _, client, _ = self.connect("?id=a%0Ab")
+        self.assertIn("400", self.handshake_status(client))
+        self.assertEqual(self.host.sessions, {})
+
+
+class PongTimeoutTests(_SocketCase):
+    """A peer that stops answering is closed after pong_timeout_s, ending its session."""
+
+    def test_vanished_peer_is_closed(self) -> None:
+        """The session pings; no byte comes back for 10 s → connection dropped, session told client_closed."""
+        _, client, pump = self.connect("?id=gone")
+        client.answer_pings = False
+        session = self.host.sessions["gone"]
+        session.channel.send_ping(b"t1")
+        pump.flush()
+        self.assertEqual(client.pings, [b"t1"])
+        self.clock.advance(9.9)
+        self.assertFalse(session.closed)
+        self.clock.advance(0.2)
+        pump.flush()
+        self.assertTrue(session.closed)
+        self.assertTrue(client.closed)
+
+    def test_answering_peer_stays(self) -> None:
+        """Pongs (and any other frame) keep the connection open through many pings."""
+        _, client, pump = self.connect("?id=alive")
+        session = self.host.sessions["alive"]
+        for _ in range(5):
+            session.channel.send_ping(b"t")
+            pump.flush()
+            self.clock.advance(20)
+        self.assertFalse(session.closed)
+        self.assertFalse(client.closed)
+
+    def test_ping_zero_still_detects_dead_peers(self) -> None:
+        """With ping=0 the daemon probes after 10 s of silence and closes 10 s later without an answer."""
+        _, client, pump = self.connect("?id=quiet&ping=0")
+        client.answer_pings = False
+        session = self.host.sessions["quiet"]
+        self.clock.advance(10)
+        pump.flush()
+        self.assertEqual(len(client.pings), 1)
+        self.clock.advance(10)
+        pump.flush()
+        self.assertTrue(session.closed)
+
+    def test_ping_zero_busy_peer_is_never_probed(self) -> None:
+        """A client sending audio all the time gets no probe pings at all."""
+        _, client, pump = self.connect("?id=busy&ping=0")
+        for _ in range(100):
+            client.sendMessage(b"\x00" * 320, isBinary=True)
+            pump.flush()
+            self.clock.advance(1)
+        self.assertEqual(client.pings, [])
+        self.assertFalse(self.host.sessions["busy"].closed)
+
+
+class WatchdogTests(SynchronousTestCase):
+    """PeerWatchdog on a Clock."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.dead: list[bool] = []
+        self.probes: list[bool] = []
+
+    def test_late_answer_after_second_ping(self) -> None:
+        """Ping at 0 answered, ping at 20 not: dead at 30 (timeout after the unanswered ping), not before."""
+        dog = PeerWatchdog(self.clock, 10, lambda: self.dead.append(True))
+        dog.pinged()
+        self.clock.advance(1)
+        dog.heard()
+        self.clock.advance(19)
+        dog.pinged()
+        self.clock.advance(9.5)
+        self.assertEqual(self.dead, [])
+        self.clock.advance(0.5)
+        self.assertEqual(self.dead, [True])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_stop_cancels_everything(self) -> None:
+        """After stop no timer is left and nothing fires."""
+        dog = PeerWatchdog(self.clock, 10, lambda: self.dead.append(True), probe=lambda: self.probes.append(True))
+        dog.pinged()
+        dog.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(100)
+        self.assertEqual((self.dead, self.probes), ([], []))
