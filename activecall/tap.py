@@ -212,6 +212,18 @@ class ActivecallService(service.MultiService):
         super().setServiceParent(parent)
 
 
+def _is_loopback(host: str) -> bool:
+    """Whether a listen address only accepts local connections ("" and 0.0.0.0 accept all)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def makeService(options: Options) -> service.IService:
     """Build the daemon's MultiService from validated options (the composition root)."""
     from twisted.internet import reactor
@@ -250,13 +262,17 @@ def makeService(options: Options) -> service.IService:
     from activecall.speech.cache import MediaCache
     from activecall.speech.registry import SynthesizerRegistry
     from activecall.speech.tts import register_builtin_synthesizers
-    from activecall.web import ActivecallSite, ApiResource, WebService
+    from activecall.web import ActivecallSite, ApiResource, ConnectionLimiter, WebService
 
     config = options.config
     log = Logger(namespace="activecall")
     top = ActivecallService(config, make_observer(config.log_level, config.log_file))
     for warning in config.warnings:
         log.warn("config: {warning}", warning=warning)
+    if not config.api.tokens and not _is_loopback(config.http_host):
+        log.warn("HTTP/WebSocket control API on {addr} needs no token: anyone who can reach it can place, "
+                 "list and end calls; set [api] tokens or listen on 127.0.0.1 (docs/security.md)",
+                 addr=config.http_addr)
 
     pool = HTTPConnectionPool(reactor, persistent=True)
     http_client = HTTPClient(Agent(reactor, pool=pool))
@@ -297,7 +313,7 @@ def makeService(options: Options) -> service.IService:
         except ValueError as e:
             raise SystemExit(f"activecall: configuration error: callrecord.type: {e}")
         services.call_records = CallRecordWriter(store)
-    sessions = SessionManager(services)
+    sessions = SessionManager(services, max_dump_bytes=config.api.max_dump_bytes)
 
     sip_group = SequentialService()
     sip_group.setServiceParent(top)
@@ -378,10 +394,12 @@ def makeService(options: Options) -> service.IService:
     resource = ApiResource(sessions, reactor, config.ice_servers,
                            precache=lambda command: Deferred.fromCoroutine(precache(services, command)),
                            gzip=config.http_gzip, registrations=registrations.registrations_json,
-                           metrics=metrics.render)
-    site = ActivecallSite(resource, config.http_access_skip_paths)
+                           metrics=metrics.render, api=config.api)
+    site = ActivecallSite(resource, config.http_access_skip_paths, header_timeout_s=config.api.header_timeout_s,
+                          max_body_bytes=config.api.max_message_bytes)
     WebService(resource).setServiceParent(top)
-    internet.TCPServer(config.http_port, site, interface=config.http_host).setServiceParent(top)
+    internet.TCPServer(config.http_port, ConnectionLimiter(site, config.api.max_connections_per_ip),
+                       interface=config.http_host).setServiceParent(top)
     # Last child: READY=1 once every listener is up, STOPPING=1 first on shutdown.
     notify = SystemdNotifyService.from_environment(reactor)
     if notify is not None:
