@@ -114,7 +114,10 @@ def check_f32(value: Any, path: str) -> float:
     """A finite JSON number (integers accepted), returned as float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise CommandError.invalid(path, "expected a number")
-    result = float(value)
+    try:
+        result = float(value)
+    except OverflowError:  # a JSON integer with hundreds of digits
+        raise CommandError.invalid(path, "expected a number") from None
     if not math.isfinite(result):
         raise CommandError.invalid(path, "expected a number")
     return result

@@ -628,6 +628,17 @@ class _PlaybookLoader(yaml.SafeLoader):  # type: ignore[misc]
             self._depth -= 1
 
 
+    def construct_bounded_int(self, node: Any) -> int:
+        try:
+            value: int = self.construct_yaml_int(node)
+        except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits)
+            raise yaml.constructor.ConstructorError(None, None, "integer too long", node.start_mark) from None
+        return value
+
+
+_PlaybookLoader.add_constructor("tag:yaml.org,2002:int", _PlaybookLoader.construct_bounded_int)
+
+
 def _load_yaml(text: str) -> tuple[Any, Any]:
     """The composed node (for key lines) and the data of one YAML document."""
     loader = _PlaybookLoader(text)
@@ -662,8 +673,6 @@ def parse_playbook(text: str, environ: Mapping[str, str], source: str, *,
         raise PlaybookError(f"front matter larger than {MAX_FRONT_MATTER_CHARS} characters", source=source)
     try:
         node, data = _load_yaml(yaml_text)
-    except RecursionError:
-        raise PlaybookError("front matter nested too deeply", source=source) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         problem = getattr(e, "problem", None) or str(e)

@@ -838,3 +838,13 @@ class PurityTests(SynchronousTestCase):
                     mods = [node.module]
                 found += [f"{name}: {m}" for m in mods if m.split(".")[0] in forbidden]
         self.assertEqual(found, [])
+
+
+class HugeNumberTests(SynchronousTestCase):
+    """A JSON integer too large for a float is a clear error, not an OverflowError."""
+
+    def test_huge_speed(self) -> None:
+        """tts.option.speed with 400 digits is ``invalid tts.option.speed``."""
+        err = self.assertRaises(CommandError, decode_command,
+                                '{"command":"tts","text":"x","option":{"speed":' + "7" * 400 + "}}")
+        self.assertEqual(err.message, "invalid tts.option.speed: expected a number")

@@ -445,3 +445,9 @@ class GreetingAndOptionTests(SynchronousTestCase):
         assert merged.asr is not None and merged.tts is not None
         self.assertEqual((merged.asr.provider, merged.asr.secret_key), ("mine", "K"))
         self.assertEqual((merged.tts.provider, merged.tts.secret_key), ("t", "own"))
+
+    def test_huge_integer_is_a_playbook_error(self) -> None:
+        """An integer with more digits than Python converts is a PlaybookError with its line."""
+        with self.assertRaises(PlaybookError) as cm:
+            parse(LLM + "followUp:\n  timeout: 1\n  maxCount: " + "9" * 5000 + "\n")
+        self.assertIn("t.md:6: invalid YAML front matter: integer too long", str(cm.exception))
