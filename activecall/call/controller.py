@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64 as b64
 import binascii
 import dataclasses
-import os
 from typing import Any, Callable, Optional, Protocol
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
