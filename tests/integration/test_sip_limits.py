@@ -3,7 +3,8 @@
 * a trunk sending 25 calls/s with ACK and BYE for several seconds is not throttled by a
   30 requests/s limit (only requests that start something count), while a flood of
   out-of-dialog OPTIONS from one source is;
-* with ``max_calls = 3`` the fourth concurrent INVITE gets 503 with Retry-After;
+* with ``max_calls = 3`` the fourth concurrent INVITE gets 503 with Retry-After, and with
+  ``max_pending_invites = 2`` the third INVITE waiting for a webhook client does (no webhook);
 * ``GET /metrics`` shows the SIP counters and the calls held;
 * with ``$NOTIFY_SOCKET`` set the daemon sends READY=1 once it serves, WATCHDOG=1
   repeatedly with ``$WATCHDOG_USEC``, and STOPPING=1 on SIGTERM.
@@ -70,10 +71,11 @@ class LimitsTestCase(TestCase):
         with open(os.path.join(self.workdir, "config", "playbook", "answer.md"), "w") as f:
             f.write(PLAYBOOK)
 
-    async def daemon(self, extra: str) -> Daemon:
+    async def daemon(self, extra: str, handler: str = '[handler]\ntype = "playbook"\ndefault = "answer.md"\n') -> Daemon:
+        """The daemon with ``extra`` tables; calls are answered by a playbook unless ``handler`` says otherwise."""
         base = 20000 + free_port(socket.SOCK_DGRAM) % 20000 & ~1
         config = (f"rtp_start_port = {base}\nrtp_end_port = {base + 800}\ngraceful_shutdown_timeout = 1\n" + BASE_CONFIG
-                  + '[handler]\ntype = "playbook"\ndefault = "answer.md"\n' + extra)
+                  + handler + extra)
         daemon = await start_daemon(self.workdir, config)
         self.addCleanup(daemon.stop)
         return daemon
@@ -156,6 +158,41 @@ class MaxCallsTests(LimitsTestCase):
                                 code="503"), 1.0)
         self.assertEqual(sample(text, "activecall_calls", direction="inbound", state="answered"), 3.0)
         holder.transport.signalProcess("KILL")  # the held calls end with the daemon's shutdown
+
+
+class MaxPendingInvitesTests(LimitsTestCase):
+    """[sip_limits] max_pending_invites with the webhook handler."""
+
+    async def test_third_pending_invite_gets_503_and_no_webhook(self) -> None:
+        """Two calls wait for a webhook client; a third INVITE gets 503 with Retry-After and a Reason, and no webhook."""
+        from twisted.web.resource import Resource
+        from twisted.web.server import Site
+
+        hooks: list[bytes] = []
+        waiters = _Waiters()
+
+        class Hook(Resource):
+            isLeaf = True
+
+            def render_POST(self, request: Any) -> bytes:
+                hooks.append(request.content.read())
+                waiters.poke()
+                return b'{"status":"ok"}'
+
+        port = reactor.listenTCP(0, Site(Hook()), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        daemon = await self.daemon("[sip_limits]\nmax_pending_invites = 2\n", handler=(
+            f'[handler]\ntype = "webhook"\nurl = "http://127.0.0.1:{port.getHost().port}/hook"\n'))
+        holder = self.sipp(daemon, "-sn", "uac", "-m", "2", "-l", "2", "-mp", str(free_port(socket.SOCK_DGRAM)))
+        await waiters.wait(lambda: len(hooks) == 2, 30, "two webhooks")
+        probe = self.sipp(daemon, "-sf", os.path.join(SCENARIOS, "uac_expect_503_retry_after.xml"), "-m", "1")
+        (code,) = await probe.wait_exit(30)
+        self.assertEqual(code, 0, probe.output[-3000:])
+        text = await self.metrics(daemon)
+        self.assertEqual(sample(text, "activecall_calls_pending"), 2.0)
+        self.assertEqual(sample(text, "activecall_calls_pending_refused_total"), 1.0)
+        self.assertEqual(len(hooks), 2)
+        holder.transport.signalProcess("KILL")
 
 
 class _NotifyListener(DatagramProtocol):
