@@ -224,6 +224,26 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def raise_open_files_limit(wanted: int = 65536) -> tuple[int, int]:
+    """Lift the soft RLIMIT_NOFILE towards the hard one; returns (old soft, new soft).
+
+    systemd and shells start services with a soft limit of 1024 descriptors, which a few
+    hundred calls (RTP pairs, sockets) or a connection flood exhaust long before the
+    per-IP and session caps apply.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return soft, target
+        except (ValueError, OSError):
+            pass
+    return soft, soft
+
+
 def makeService(options: Options) -> service.IService:
     """Build the daemon's MultiService from validated options (the composition root)."""
     from twisted.internet import reactor
@@ -269,6 +289,10 @@ def makeService(options: Options) -> service.IService:
     top = ActivecallService(config, make_observer(config.log_level, config.log_file))
     for warning in config.warnings:
         log.warn("config: {warning}", warning=warning)
+    old_files, open_files = raise_open_files_limit()
+    if open_files < 4096:
+        log.warn("only {n} open files allowed (RLIMIT_NOFILE); raise LimitNOFILE for more than a few hundred calls",
+                 n=open_files)
     if not config.api.tokens and not _is_loopback(config.http_host):
         log.warn("HTTP/WebSocket control API on {addr} needs no token: anyone who can reach it can place, "
                  "list and end calls; set [api] tokens or listen on 127.0.0.1 (docs/security.md)",

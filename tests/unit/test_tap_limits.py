@@ -1,0 +1,29 @@
+"""The composition root lifts the open-files limit that systemd and shells start with."""
+
+from __future__ import annotations
+
+import resource
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from activecall.tap import raise_open_files_limit
+
+
+class OpenFilesLimitTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.saved = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, self.saved)
+        if self.saved[1] != resource.RLIM_INFINITY and self.saved[1] < 2048:
+            self.skipTest("hard RLIMIT_NOFILE too low to test")
+
+    def test_soft_limit_raised_to_hard(self) -> None:
+        """A soft limit of 1024 is lifted to the hard limit (at most the wanted number)."""
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, self.saved[1]))
+        old, new = raise_open_files_limit(2048)
+        self.assertEqual((old, new), (1024, 2048))
+        self.assertEqual(resource.getrlimit(resource.RLIMIT_NOFILE)[0], 2048)
+
+    def test_higher_soft_limit_kept(self) -> None:
+        """A soft limit already above the wanted number is left alone."""
+        resource.setrlimit(resource.RLIMIT_NOFILE, (2048, self.saved[1]))
+        self.assertEqual(raise_open_files_limit(1500), (2048, 2048))
