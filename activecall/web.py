@@ -203,6 +203,7 @@ class ApiResource(Resource):
         return body
 
     def _route(self, request: Request, method: str, parts: list[str]) -> Any:
+        # Ids in paths are percent-decoded, as ?id= is: dialogIds carry "@" and clients encode them.
         if parts == ["call"]:
             return self._ws["webSocket"].render(request)
         if parts == ["call", "sip"]:
@@ -212,13 +213,13 @@ class ApiResource(Resource):
         if parts in (["list"], ["call", "lists"]) and method == "GET":
             return _json(request, {"active_calls": [s.list_entry() for s in self._sessions.sessions()]})
         if len(parts) == 2 and parts[0] == "kill" and method == "GET":
-            return self._kill(request, parts[1])
+            return self._kill(request, unquote(parts[1]))
         if len(parts) == 3 and parts[:2] == ["call", "kill"] and method in ("GET", "POST"):
-            return self._kill(request, parts[2])
+            return self._kill(request, unquote(parts[2]))
         if len(parts) == 2 and parts[0] == "command" and method == "POST":
-            return self._command(request, parts[1])
+            return self._command(request, unquote(parts[1]))
         if len(parts) == 2 and parts[0] == "events" and method == "GET":
-            return self._events(request, parts[1])
+            return self._events(request, unquote(parts[1]))
         if parts == ["iceservers"] and method == "GET":
             return _json(request, self._ice_servers_json())
         if parts == ["precache"] and method == "POST" and self._precache is not None:

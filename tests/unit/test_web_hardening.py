@@ -149,6 +149,17 @@ class NoTokenTests(_ResourceCase):
         self.assertEqual(code, 200)
 
 
+class PathIdTests(_ResourceCase):
+    """Session ids in REST paths are percent-decoded like ``?id=``."""
+
+    def test_encoded_dialog_id(self) -> None:
+        """``/command/dlg%40host`` reaches session ``dlg@host``."""
+        self.sessions = FakeSessions("dlg@host")
+        self.resource = ApiResource(self.sessions, Clock(), ())
+        code, body, _ = self.call(b"POST", b"/command/dlg%40host", b'{"command":"hangup"}')
+        self.assertEqual((code, json.loads(body)), (200, {"status": "sent", "id": "dlg@host"}))
+
+
 class BodyTests(_ResourceCase):
     """POST bodies: JSON only (415 otherwise), bounded (413), deep JSON is a 400."""
 
@@ -322,6 +333,19 @@ class BodyLimitTests(_SiteCase):
         proto.dataReceived(b"POST /command/s1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         self.assertIn(b'"status":"sent"', transport.value())
+
+
+class LoopbackWarningTests(SynchronousTestCase):
+    """tap warns about a token-less control API on anything but loopback."""
+
+    def test_is_loopback(self) -> None:
+        """127.x, ::1 and localhost are loopback; "", 0.0.0.0 and public addresses are not."""
+        from activecall.tap import _is_loopback
+
+        for host in ("127.0.0.1", "127.1.2.3", "::1", "localhost"):
+            self.assertTrue(_is_loopback(host), host)
+        for host in ("", "0.0.0.0", "::", "10.0.0.5", "example.com"):
+            self.assertFalse(_is_loopback(host), host)
 
 
 class ConnectionCapTests(_SiteCase):
