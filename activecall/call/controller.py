@@ -813,7 +813,8 @@ class CallController:
 
     def load_audio(self, url: str, rate: int) -> Deferred[bytes]:
         """Decoded PCM of a local file or http(s) URL at ``rate``, through the media cache."""
-        from activecall.media.audiofile import decode_audio
+        from activecall.fetch import FetchError
+        from activecall.media.audiofile import AudioDecodeError, decode_audio
 
         services = self._services
         key = services.cache.file_key(url, rate)
@@ -834,8 +835,15 @@ class CallController:
             if cached is not None:
                 return cached
             if remote:
-                return services.fetch_url(url).addCallback(lambda body: services.run_blocking(decode_and_store, body))
+                return services.fetch_url(url).addCallback(
+                    lambda body: services.run_blocking(decode_and_store, body).addErrback(undecodable))
             return services.run_blocking(decode_and_store, url)
+
+        def undecodable(f: Failure) -> None:
+            f.trap(AudioDecodeError)
+            # Fetched but not audio reads like any other failure: no probing of what a URL serves.
+            self._log.info("{url} is not audio: {error}", url=url, error=f.getErrorMessage())
+            raise FetchError(url)
 
         allowed: Deferred[Any] = succeed(None) if remote else services.run_blocking(path_under_any, url, services.media_dirs)
         allowed.addErrback(refused)

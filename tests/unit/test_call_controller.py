@@ -428,3 +428,11 @@ class LocalPlayTests(_ControllerCase):
             self.assertEqual(error.error, f"invalid url: {url} is not in a media directory")
         self.assertFalse(self.session.finished)
         self.assertEqual(self.session.audio, [])
+
+    def test_fetched_non_audio_reads_like_a_fetch_failure(self) -> None:
+        """A URL that answers with something other than audio gives the uniform fetch error, no size."""
+        self.services.fetch_url = lambda url: succeed(b"<html>internal admin page</html>")
+        self.invite()
+        self.run_cmd({"command": "play", "url": "http://10.0.0.1:8080/admin"})
+        error = self.session.of(ev.ErrorEvent)[-1]
+        self.assertEqual(error.error, "cannot fetch http://10.0.0.1:8080/admin: unavailable")
