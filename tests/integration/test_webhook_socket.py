@@ -13,7 +13,8 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from activecall.config import WebhookHandlerConfig
+from activecall.config import FetchConfig, WebhookHandlerConfig
+from activecall.fetch import Fetcher, http_client_for
 from activecall.handlers.webhook import WebhookError, WebhookNotifier
 
 
@@ -32,10 +33,12 @@ class _Hook(Resource):
     def __init__(self) -> None:
         super().__init__()
         self.bodies: list[bytes] = []
+        self.signatures: list[str | None] = []
 
     def render_POST(self, request: Request) -> bytes:
         assert request.content is not None
         self.bodies.append(request.content.read())
+        self.signatures.append(request.getHeader("x-activecall-signature"))
         return b"ok"
 
 
@@ -69,3 +72,28 @@ class RealSocketTests(TestCase):
         result = yield notifier.notify({"event": "invite", "dialogId": "x"})
         self.assertIsNone(result)
         self.assertEqual([json.loads(b) for b in self.hook.bodies], [{"event": "invite", "dialogId": "x"}])
+
+
+class FetcherSocketTests(RealSocketTests):
+    """The same, with the daemon's bounded Fetcher in front, and a signing secret."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        config = FetchConfig(connect_timeout_s=5.0)
+        self.client = Fetcher(http_client_for(reactor, config, HTTPConnectionPool(reactor, persistent=False)),
+                              reactor, config)
+
+    @inlineCallbacks
+    def test_signed_body_verifies(self):  # type: ignore[no-untyped-def]
+        """The receiver recomputes the HMAC over the bytes it received and it matches."""
+        import hashlib
+        import hmac
+
+        notifier = WebhookNotifier(WebhookHandlerConfig(urls=(self.refused, self.live)), self.client, reactor,
+                                   signing_secret="whsec")
+        yield notifier.notify({"event": "invite", "dialogId": "x"})
+        [body], [header] = self.hook.bodies, self.hook.signatures
+        assert header is not None
+        fields = dict(part.split("=", 1) for part in header.split(","))
+        expected = hmac.new(b"whsec", fields["t"].encode() + b"." + body, hashlib.sha256).hexdigest()
+        self.assertTrue(hmac.compare_digest(expected, fields["v1"]))
