@@ -101,7 +101,10 @@ class WebSocketCallTests(TestCase):
     async def test_play_wav_file(self) -> None:
         """play of a 44.1 kHz stereo WAV is resampled to the session rate and ends with trackEnd."""
         daemon = await self._start()
-        path = os.path.join(self.workdir, "tone.wav")
+        # Local play reads only under [fetch] media_dirs (default ./config/media of the daemon's cwd).
+        media = os.path.join(self.workdir, "config", "media")
+        os.makedirs(media)
+        path = os.path.join(media, "tone.wav")
         with wave.open(path, "wb") as w:
             w.setnchannels(2)
             w.setsampwidth(2)
@@ -117,9 +120,15 @@ class WebSocketCallTests(TestCase):
         self.assertEqual({len(f) for f in frames}, {320})
         self.assertIn(len(frames), range(49, 52))
         self.assertGreater(rms(b"".join(frames)), 3000)
-        client.send({"command": "play", "url": os.path.join(self.workdir, "missing.wav")})
-        error = await client.wait_event("error", sender="filetrack: " + os.path.join(self.workdir, "missing.wav"))
+        client.send({"command": "play", "url": os.path.join(media, "missing.wav")})
+        error = await client.wait_event("error", sender="filetrack: " + os.path.join(media, "missing.wav"))
         self.assertEqual(error["trackId"], "server-side-track")
+        # Outside the media directories: refused, naming the field, and the call goes on.
+        client.send({"command": "play", "url": "/etc/passwd"})
+        error = await client.wait_event("error", sender="filetrack: /etc/passwd")
+        self.assertEqual(error["error"], "invalid url: /etc/passwd is not in a media directory")
+        client.send({"command": "play", "url": path, "playId": "again"})
+        await client.wait_event("trackEnd", trackId="server-side-track", playId="again")
 
     async def test_play_over_http_and_openai_tts_against_local_servers(self) -> None:
         """play fetches an http URL; tts with provider openai streams from an OpenAI-compatible server."""
@@ -155,12 +164,19 @@ class WebSocketCallTests(TestCase):
         port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         base = f"http://127.0.0.1:{port.getHost().port}"
+        from twisted.web.util import Redirect
+
+        # Same server, other host name: the daemon does not follow redirects to other hosts.
+        root.putChild(b"away", Redirect(f"http://localhost:{port.getHost().port}/beep.wav".encode()))
 
         daemon = await self._start()
         client = await self._call(daemon, "e2e-7", {"codec": "pcm", "sampleRate": 24000})
         client.send({"command": "play", "url": base + "/beep.wav", "playId": "beep"})
         await client.wait_event("trackEnd", trackId="server-side-track", playId="beep")
         self.assertEqual(len(client.frames), 25, "0.5 s of audio at 24 kHz")
+        client.send({"command": "play", "url": base + "/away", "playId": "away"})
+        error = await client.wait_event("error", sender="filetrack: " + base + "/away")
+        self.assertEqual(error["error"], f"cannot fetch {base}/away: unavailable")
         client.frames.clear()
         client.send({"command": "tts", "text": "Hello over HTTP.", "playId": "o", "endOfStream": True,
                      "option": {"provider": "openai", "endpoint": base + "/v1", "apiKey": "sk-test", "speaker": "nova"}})
@@ -186,6 +202,9 @@ class WebSocketCallTests(TestCase):
             (json.dumps({"command": "tts", "text": "hi", "option": {"provider": "nosuch"}}), "TTS type not found: nosuch"),
             (json.dumps({"command": "mute", "trackId": "nope"}), "mute not allowed"),
             (json.dumps({"command": "message", "body": "x"}), "message command is only supported for SIP calls"),
+            (json.dumps({"command": "hangup", "headers": {"X-A": "a\r\n\r\nBYE sip:x SIP/2.0"}}),
+             "invalid hangup.headers.X-A: header value must not contain CR, LF"),
+            (json.dumps({"command": "hangup", "headers": {"Call-ID": "x"}}), "invalid hangup.headers.Call-ID"),
         ]
         for text, expected in bad:
             client.sendMessage(text.encode(), isBinary=False)
