@@ -33,6 +33,8 @@ from activecall.control.protocol import ControlFactory
 from activecall.interfaces import ISessionListener
 
 SSE_KEEPALIVE_S = 15.0
+# A Server-Sent Events reader this far behind skips events (spec: "slow readers silently skip").
+SSE_MAX_BACKLOG_BYTES = 1024 * 1024
 # Playbooks always live here, relative to the working directory (playbook.md §1).
 PLAYBOOK_DIR = os.path.join("config", "playbook")
 # A playbook file name: no path, no NUL, no hidden file, always Markdown.
@@ -84,8 +86,16 @@ class _EventStream:
         self._open = True
         self._keepalive = clock.callLater(SSE_KEEPALIVE_S, self._keep_alive)
 
+    def _backlog_bytes(self) -> int:
+        """Bytes written to the client's connection and not yet sent."""
+        transport = getattr(self._request, "transport", None)
+        if transport is None:
+            return 0
+        return len(getattr(transport, "dataBuffer", b"")) + int(getattr(transport, "_tempDataLen", 0))
+
     def _write(self, name: str, data: str) -> None:
-        if self._open:
+        # Never buffer without bound for a reader that does not read.
+        if self._open and self._backlog_bytes() < SSE_MAX_BACKLOG_BYTES:
             self._request.write(f"event: {name}\ndata: {data}\n\n".encode("utf-8"))
 
     def _keep_alive(self) -> None:

@@ -387,3 +387,27 @@ class AccessLogTests(SynchronousTestCase):
         line = web._access_log_line("[01/Jan/2026:00:00:00 +0000]", request)
         self.assertNotIn("abc", line)
         self.assertIn("/call?token=[redacted]&id=x&xtoken=keep", line)
+
+
+class EventStreamBacklogTests(SynchronousTestCase):
+    """A Server-Sent Events reader that does not read skips events instead of growing memory."""
+
+    def test_events_skipped_past_the_backlog_limit(self) -> None:
+        """With 1 MiB unsent on its connection, further events are not written."""
+        from activecall.web import SSE_MAX_BACKLOG_BYTES, _EventStream
+
+        class Transport:
+            dataBuffer = b""
+            _tempDataLen = 0
+
+        request = make_request(b"GET", b"/events/s1")
+        request.transport = Transport()
+        clock = Clock()
+        stream = _EventStream(request, clock, lambda s: None)
+        stream.on_event('{"event":"a"}')
+        request.transport._tempDataLen = SSE_MAX_BACKLOG_BYTES
+        stream.on_event('{"event":"b"}')
+        stream.on_command('{"command":"c"}')
+        self.assertEqual(request.written, [b'event: event\ndata: {"event":"a"}\n\n'])
+        stream.gone()
+        self.assertEqual(clock.getDelayedCalls(), [])
