@@ -100,7 +100,7 @@ class RateLimitTests(LimitsTestCase):
 
     async def test_trunk_not_throttled_options_flood_is(self) -> None:
         """150 calls at 25 calls/s (INVITE, ACK, BYE: 75 requests/s) all succeed under a 30/s limit; an OPTIONS flood does not."""
-        daemon = await self.daemon("[sip_rate_limit]\nrequests_per_second = 30\nburst = 40\n")
+        daemon = await self.daemon("[sip_rate_limit]\nrequests_per_second = 30\nburst = 100\n")
         trunk = self.sipp(daemon, "-sn", "uac", "-r", "25", "-m", "150", "-l", "100", "-d", "500",
                           "-mp", str(free_port(socket.SOCK_DGRAM)))
         (code,) = await trunk.wait_exit(90)
@@ -115,15 +115,15 @@ class RateLimitTests(LimitsTestCase):
         self.assertEqual(sample(text, "activecall_sip_invites_total", direction="in"), 150.0)
         self.assertIn("activecall_media_tick_lateness_seconds_bucket", text)
 
-        # 400 OPTIONS in 2 s from the same source: far beyond 40 + 30/s.
-        flood = self.sipp(daemon, "-sf", os.path.join(SCENARIOS, "uac_options.xml"), "-r", "200", "-m", "400",
+        # 600 OPTIONS in 2 s from the same source: far beyond the 100 + 2 * 30 tokens.
+        flood = self.sipp(daemon, "-sf", os.path.join(SCENARIOS, "uac_options.xml"), "-r", "300", "-m", "600",
                           "-max_non_invite_retrans", "0", "-recv_timeout", "2000")
         (code,) = await flood.wait_exit(90)
         ok, failed = sipp_counts(flood.output)
         self.assertNotEqual(code, 0)
-        self.assertTrue(ok < 200 and failed > 200, (ok, failed))
+        self.assertTrue(ok < 300 and failed > 300, (ok, failed))
         text = await self.metrics(daemon)
-        self.assertGreater(sample(text, "activecall_sip_refused_total", reason="rate_limited"), 200.0)
+        self.assertGreater(sample(text, "activecall_sip_refused_total", reason="rate_limited"), 300.0)
 
 
 class MaxCallsTests(LimitsTestCase):
