@@ -29,7 +29,7 @@ from typing import Any, Mapping, Optional, Union
 from urllib.parse import urljoin, urlsplit
 
 from treq.client import HTTPClient
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
@@ -168,7 +168,7 @@ def _read_body(response: IResponse, limit: int) -> Deferred[bytes]:
         body = _BoundedBody(0, ignored)
         response.deliverBody(body)
         body.abort()
-        raise FetchTooLargeError(f"Content-Length {response.length} larger than {limit} bytes")
+        return fail(FetchTooLargeError(f"Content-Length {response.length} larger than {limit} bytes"))
     holder: list[_BoundedBody] = []
     done: Deferred[bytes] = Deferred(lambda _: holder[0].abort())
     holder.append(_BoundedBody(limit, done))
