@@ -35,6 +35,7 @@ from activecall.control.options import CallOption, CommandError, ReferOption, Si
 from activecall.fileio import UnsafePathError, file_safe_name, path_under_any, safe_join
 from activecall.media.mixer import apply_gain
 from activecall.media.resample import Resampler
+from activecall.metrics import observe_provider
 from activecall.call.tts import cache_key, create_synthesizer, synthesis_request
 from activecall.sip.useragent import CallRejected
 from activecall.speech.interfaces import UnknownProviderError
@@ -1189,6 +1190,7 @@ class _SentenceSynthesis:
         if f.check(CancelledError) or self._sentence.done:
             return
         self._sentence.done = True
+        observe_provider("tts", self._job.provider, None, error=True)
         self._log.info("TTS {p} failed: {e}", p=self._job.provider, e=f.getErrorMessage())
         if not self._c.ended:
             self._c.error(f"TTS {self._job.provider} failed: {f.getErrorMessage()}", sender="tts", track_id=self._c.sst, code=500)
@@ -1196,6 +1198,8 @@ class _SentenceSynthesis:
     def _metrics(self, length: int, cached: bool) -> None:
         now = self._c._services.clock.seconds()
         ttfb = int(((self._first_audio or now) - self._started) * 1000)
+        if not cached:
+            observe_provider("tts", self._job.provider, (self._first_audio or now) - self._started)
         data: dict[str, Any] = {
             "playId": self._play.play_id,
             "cmdSeq": self._job.cmd_seq,

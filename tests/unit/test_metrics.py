@@ -180,3 +180,67 @@ class CollectorTests(SynchronousTestCase):
         code = "import sys, activecall.metrics\nprint('twisted.internet.reactor' in sys.modules)"
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         self.assertEqual(out.stdout.strip(), "False")
+
+
+class TtsProviderMetricsTests(SynchronousTestCase):
+    """The call controller reports TTS time to first byte and failures through observe_provider."""
+
+    def run_tts(self, fail: bool) -> DaemonMetrics:
+        import tempfile
+
+        from twisted.internet.defer import maybeDeferred, succeed
+
+        from activecall.call.controller import CallController
+        from activecall.call.services import CallServices
+        from activecall.control import commands as cmds
+        from activecall.speech.cache import MediaCache
+        from activecall.speech.interfaces import SynthesisError
+        from activecall.speech.registry import SynthesizerRegistry
+        from activecall.testing import FakeSynthesizer
+
+        m = DaemonMetrics()
+        metrics_module.install(m)
+        self.addCleanup(metrics_module.install, None)
+        clock = Clock()
+        synth = FakeSynthesizer(clock, ms_per_char=20, chunk_ms=100, chunk_interval_s=0.01)
+        if fail:
+            synth.fail_with = SynthesisError("engine exploded")
+        registry = SynthesizerRegistry()
+        registry.register("fake", lambda settings: synth)
+        services = CallServices(clock=clock, media_clock=MediaClock(clock), ids=IdSource(random.Random(7)),
+                                synthesizers=registry, cache=MediaCache(tempfile.mkdtemp()),
+                                run_blocking=lambda f, *a: maybeDeferred(f, *a), fetch_url=lambda url: succeed(b""))
+
+        class Session:
+            sid = "s.m"
+            call_type = "webSocket"
+            server_side_track = "sst"
+            dump_path = None
+
+            def emit(self, event: Any) -> None:
+                pass
+
+            def send_audio(self, data: bytes) -> None:
+                pass
+
+            def finish(self) -> None:
+                pass
+
+        c = CallController(Session(), services)
+        c.execute(cmds.command_from_object({"command": "invite", "option": {"codec": "pcm", "tts": {"provider": "fake"}}}))
+        c.execute(cmds.command_from_object({"command": "tts", "text": "x" * 20, "playId": "p", "endOfStream": True}))
+        for _ in range(200):
+            clock.advance(0.01)
+        return m
+
+    def test_success_observes_latency(self) -> None:
+        """A synthesized sentence adds one latency observation for tts/fake and no error."""
+        got = samples(self.run_tts(fail=False))
+        labels = (("kind", "tts"), ("provider", "fake"))
+        self.assertEqual(got[("activecall_provider_latency_seconds_count", labels)], 1.0)
+        self.assertNotIn(("activecall_provider_errors_total", labels), got)
+
+    def test_failure_counts_an_error(self) -> None:
+        """A failing synthesis counts one tts/fake error."""
+        got = samples(self.run_tts(fail=True))
+        self.assertEqual(got[("activecall_provider_errors_total", (("kind", "tts"), ("provider", "fake")))], 1.0)
