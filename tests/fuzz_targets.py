@@ -397,6 +397,7 @@ CONFIG_SEEDS: tuple[bytes, ...] = (
 CONFIG_TEMPLATES: tuple[str, ...] = (
     "udp_port = {n}\nrtp_start_port = {n}\nrtp_end_port = {n}\ngraceful_shutdown_timeout = {n}\n",
     'accept_timeout = "{n}s"\n[api]\nmax_sessions = {n}\nmax_message_bytes = {n}\npong_timeout = "{n}m"\n',
+    'http_addr = "127.0.0.1:{n}"\nexternal_ip = "192.0.2.{n}"\n[[registrations]]\nserver = "sip:pbx:{n}"\nexpires = {n}\n',
 )
 
 

@@ -34,14 +34,17 @@ import fuzz_targets  # noqa: E402  (tests/fuzz_targets.py, shared with benchmark
 from fuzz_targets import NUMBERS, N_OPS, TARGETS, Target, apply_ops, fill, run_one  # noqa: E402
 
 FUZZ = settings(
-    max_examples=150,
+    max_examples=250,
     deadline=500,  # milliseconds per input: the bound on parse time
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
 )
 
-#: Known crashes in modules other engineers own (fixed there, not here); see the report.
-KNOWN: dict[str, str] = {}
+#: Known crashes in modules other engineers own (being fixed there, not here); see the report.
+KNOWN: dict[str, str] = {
+    "config": "activecall/config.py (owned elsewhere): a 4301-digit port in http_addr raises a bare "
+              "ValueError from int(port) in the IP:PORT checker (_PORT_DIGITS is [0-9]+ unbounded), not ConfigError",
+}
 
 ops = st.lists(
     st.tuples(st.integers(0, N_OPS - 1), st.integers(0, 1 << 20), st.integers(0, 1 << 20)),
@@ -101,7 +104,7 @@ def _make(t: Target) -> type[FuzzCase]:
         self.check(data)
 
     @mark
-    @settings(FUZZ, max_examples=60)
+    @settings(FUZZ, max_examples=100)
     @given(data=st.binary(max_size=1500))
     def test_random_bytes(self: FuzzCase, data: bytes) -> None:
         self.check(data)
