@@ -25,6 +25,7 @@ from activecall.control.options import (
     check_any,
     check_bool,
     check_sip_headers,
+    check_sip_text,
     check_str,
     check_u32,
     nested,
@@ -185,8 +186,8 @@ class ReferCommand(WireObject):
 
     name: ClassVar[str] = "refer"
 
-    caller: str = wire_field("caller", check_str)
-    callee: str = wire_field("callee", check_str)
+    caller: str = wire_field("caller", check_sip_text)
+    callee: str = wire_field("callee", check_sip_text)
     options: ReferOption | None = wire_field("options", nested(ReferOption), None)
 
 

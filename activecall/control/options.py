@@ -160,6 +160,14 @@ def sip_header_problem(name: str, value: str) -> str | None:
     return None
 
 
+def check_sip_text(value: Any, path: str) -> str:
+    """A string that goes into a SIP header (URI, user name, realm): no CR, LF, NUL or other controls."""
+    text = check_str(value, path)
+    if _SIP_VALUE_FORBIDDEN.search(text):
+        raise CommandError.invalid(path, "must not contain CR, LF, NUL or other control characters")
+    return text
+
+
 def check_sip_headers(value: Any, path: str) -> dict[str, str]:
     """A JSON object of SIP headers to send: string values, at most 32, each safe (see sip_header_problem)."""
     headers = check_map(value, path)
@@ -314,10 +322,10 @@ def _fill_missing(new: _W, base: _W | None, names: Sequence[str]) -> _W:
 class SipOption(WireObject):
     """SIP credentials, headers and SRTP for an outbound leg (§4.2); snake_case wire keys."""
 
-    username: str | None = wire_field("username", check_str, None)
+    username: str | None = wire_field("username", check_sip_text, None)
     password: str | None = wire_field("password", check_str, None)
-    realm: str | None = wire_field("realm", check_str, None)
-    contact: str | None = wire_field("contact", check_str, None)
+    realm: str | None = wire_field("realm", check_sip_text, None)
+    contact: str | None = wire_field("contact", check_sip_text, None)
     headers: dict[str, str] | None = wire_field("headers", check_sip_headers, None)
     hangup_headers: dict[str, str] | None = wire_field("hangup_headers", check_sip_headers, None)
     extract_headers: list[str] | None = wire_field("extract_headers", check_str_list, None)
@@ -608,8 +616,8 @@ class CallOption(WireObject):
     serialized as ``null`` when absent, as AC's ``/list`` does.
     """
 
-    caller: str | None = wire_field("caller", check_str, None)
-    callee: str | None = wire_field("callee", check_str, None)
+    caller: str | None = wire_field("caller", check_sip_text, None)
+    callee: str | None = wire_field("callee", check_sip_text, None)
     offer: str | None = wire_field("offer", check_str, None, aliases=("sdp",))
     codec: str = wire_field("codec", check_str, "pcm")
     sample_rate: int = wire_field("sampleRate", int_range(8000, 48000), 16000)

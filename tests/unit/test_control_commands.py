@@ -617,6 +617,19 @@ class SipHeaderTests(SynchronousTestCase):
         for obj, path in self.places({"X-Long": "v" * 1025}):
             self.assertEqual(self.error(obj), f"invalid {path}.X-Long: header value longer than 1024 characters")
 
+    def test_uris_and_credentials_that_reach_headers_are_single_lines(self) -> None:
+        """caller/callee (invite, refer) and sip username/realm/contact refuse CR, LF and NUL."""
+        bad = "sip:a@b\r\nVia: SIP/2.0/UDP evil"
+        for obj, path in [
+            ({"command": "invite", "option": {"callee": bad}}, "invite.option.callee"),
+            ({"command": "invite", "option": {"caller": bad}}, "invite.option.caller"),
+            ({"command": "refer", "caller": "", "callee": bad}, "refer.callee"),
+            ({"command": "invite", "option": {"sip": {"username": "u\n"}}}, "invite.option.sip.username"),
+            ({"command": "invite", "option": {"sip": {"realm": "r\u0000"}}}, "invite.option.sip.realm"),
+            ({"command": "invite", "option": {"sip": {"contact": bad}}}, "invite.option.sip.contact"),
+        ]:
+            self.assertEqual(self.error(obj), f"invalid {path}: must not contain CR, LF, NUL or other control characters")
+
     def test_ordinary_headers_pass(self) -> None:
         """32 extension headers with tabs, quotes and 1024-character values are accepted."""
         headers = {f"X-Tenant-{i}": "a\tb \"q\" " + "v" * 1000 for i in range(32)}
