@@ -7,11 +7,11 @@ Linux abstract namespace).  With ``WatchdogSec=`` in the unit, systemd sets
 that time; pinging from a ``LoopingCall`` every half period means a reactor
 that stops turning (a blocking call, a busy loop) is restarted.
 
-Life of :class:`SystemdNotifyService` (the last child of the daemon's top
-service, so it starts after every listener is bound and stops first)::
+Life of :class:`SystemdNotify`, driven by the daemon's top service::
 
-    startService ──► READY=1 ──► WATCHDOG=1 every WATCHDOG_USEC/2 ...
-    stopService  ──► STOPPING=1, watchdog stopped (systemd disarms it while the unit stops)
+    ready()    (all children started, listeners bound) ──► READY=1 ──► WATCHDOG=1 every WATCHDOG_USEC/2 ...
+    stopping() (start of stopService, before the drain) ──► STOPPING=1, pings stopped
+               (systemd disarms the watchdog while the unit stops)
 
 Without ``$NOTIFY_SOCKET`` (not run by systemd, or ``Type=simple``) nothing is sent.
 """
@@ -23,12 +23,11 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
-from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-__all__ = ["SdNotifier", "SystemdNotifyService", "notify_address", "watchdog_interval_s"]
+__all__ = ["SdNotifier", "SystemdNotify", "notify_address", "watchdog_interval_s"]
 
 
 def notify_address(environ: Mapping[str, str]) -> str | None:
@@ -92,8 +91,13 @@ class SdNotifier:
             self._sock = None
 
 
-class SystemdNotifyService(Service):
-    """``READY=1`` on start, ``STOPPING=1`` on stop, and ``WATCHDOG=1`` from the reactor in between."""
+class SystemdNotify:
+    """``READY=1``, ``STOPPING=1`` and ``WATCHDOG=1`` from the reactor in between.
+
+    The daemon's top service calls :meth:`ready` after all its children have
+    started (every listener bound) and :meth:`stopping` first thing in its
+    ``stopService``, before the drain.
+    """
 
     _log = Logger()
 
@@ -105,18 +109,18 @@ class SystemdNotifyService(Service):
 
     @classmethod
     def from_environment(cls, clock: IReactorTime, environ: Mapping[str, str] | None = None,
-                         pid: int | None = None) -> SystemdNotifyService | None:
-        """The service for ``$NOTIFY_SOCKET``/``$WATCHDOG_USEC``, or None when systemd is not listening."""
+                         pid: int | None = None) -> SystemdNotify | None:
+        """The notifier for ``$NOTIFY_SOCKET``/``$WATCHDOG_USEC``, or None when systemd is not listening."""
         env = os.environ if environ is None else environ
         address = notify_address(env)
         if address is None:
             return None
         return cls(SdNotifier(address), clock, watchdog_interval_s(env, os.getpid() if pid is None else pid))
 
-    def startService(self) -> None:
-        super().startService()
+    def ready(self) -> None:
+        """Serving: send ``READY=1`` and start the watchdog pings (when ``$WATCHDOG_USEC`` asked for them)."""
         self._notifier.send("READY=1")
-        if self._watchdog_s is not None:
+        if self._watchdog_s is not None and self._loop is None:
             loop = LoopingCall(self._notifier.send, "WATCHDOG=1")
             loop.clock = self._clock
             self._loop = loop
@@ -124,7 +128,8 @@ class SystemdNotifyService(Service):
                 lambda f: self._log.failure("systemd watchdog loop stopped", f))
             self._log.info("systemd watchdog: pinging every {s} s", s=self._watchdog_s)
 
-    def stopService(self) -> Any:
+    def stopping(self) -> None:
+        """Shutdown begins: send ``STOPPING=1``, stop the pings and release the socket."""
         self._notifier.send("STOPPING=1")
         if self._loop is not None and self._loop.running:
             self._loop.stop()
@@ -132,4 +137,3 @@ class SystemdNotifyService(Service):
         close = getattr(self._notifier, "close", None)
         if close is not None:
             close()
-        return super().stopService()

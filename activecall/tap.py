@@ -191,6 +191,8 @@ class ActivecallService(service.MultiService):
         super().__init__()
         self.config = config
         self._log_observer = log_observer
+        # activecall.systemd.SystemdNotify when run by systemd (Type=notify), else None.
+        self.systemd: Any = None
 
     def startService(self) -> None:
         super().startService()
@@ -204,6 +206,13 @@ class ActivecallService(service.MultiService):
 
         Logger(namespace="activecall").info(
             "activecall {version} ready: HTTP/WebSocket on {addr}", version=activecall.__version__, addr=self.config.http_addr)
+        if self.systemd is not None:
+            self.systemd.ready()
+
+    def stopService(self) -> Any:
+        if self.systemd is not None:
+            self.systemd.stopping()  # before the drain starts
+        return super().stopService()
 
     def setServiceParent(self, parent: Any) -> None:
         from activecall.logs import install_on_application
@@ -268,7 +277,7 @@ def makeService(options: Options) -> service.IService:
     from activecall.sip.registration import RegistrationService, fixed_retry
     from activecall.sip.security import SipGuard, registrar_hosts
     from activecall.metrics import DaemonCollector, DaemonMetrics, install as install_metrics
-    from activecall.systemd import SystemdNotifyService
+    from activecall.systemd import SystemdNotify
     from activecall.call.sipleg import SipMedia
     from activecall.media.rtpleg import RtpMediaEngine
     from activecall.rtp.transport import RtpPortAllocator
@@ -424,8 +433,5 @@ def makeService(options: Options) -> service.IService:
     WebService(resource).setServiceParent(top)
     internet.TCPServer(config.http_port, ConnectionLimiter(site, config.api.max_connections_per_ip),
                        interface=config.http_host).setServiceParent(top)
-    # Last child: READY=1 once every listener is up, STOPPING=1 first on shutdown.
-    notify = SystemdNotifyService.from_environment(reactor)
-    if notify is not None:
-        notify.setServiceParent(top)
+    top.systemd = SystemdNotify.from_environment(reactor)
     return top

@@ -9,7 +9,7 @@ import tempfile
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from activecall.systemd import SdNotifier, SystemdNotifyService, notify_address, watchdog_interval_s
+from activecall.systemd import SdNotifier, SystemdNotify, notify_address, watchdog_interval_s
 
 
 class Listener:
@@ -59,15 +59,15 @@ class NotifyServiceTests(SynchronousTestCase):
         """The datagrams arrive in order on a real socket; the watchdog repeats on the clock and stops with the service."""
         listener = Listener(self)
         clock = Clock()
-        service = SystemdNotifyService.from_environment(
+        service = SystemdNotify.from_environment(
             clock, {"NOTIFY_SOCKET": listener.path, "WATCHDOG_USEC": "2000000"}, pid=1)
         assert service is not None
-        service.startService()
+        service.ready()
         self.assertEqual(listener.received(), ["READY=1", "WATCHDOG=1"])
         clock.advance(1.0)
         clock.advance(1.0)
         self.assertEqual(listener.received(), ["WATCHDOG=1", "WATCHDOG=1"])
-        service.stopService()
+        service.stopping()
         self.assertEqual(listener.received(), ["STOPPING=1"])
         clock.advance(5.0)
         self.assertEqual(listener.received(), [])
@@ -77,16 +77,16 @@ class NotifyServiceTests(SynchronousTestCase):
         """Without WATCHDOG_USEC only READY=1 and STOPPING=1 are sent and no timer runs."""
         listener = Listener(self)
         clock = Clock()
-        service = SystemdNotifyService.from_environment(clock, {"NOTIFY_SOCKET": listener.path}, pid=1)
+        service = SystemdNotify.from_environment(clock, {"NOTIFY_SOCKET": listener.path}, pid=1)
         assert service is not None
-        service.startService()
+        service.ready()
         self.assertEqual(clock.getDelayedCalls(), [])
-        service.stopService()
+        service.stopping()
         self.assertEqual(listener.received(), ["READY=1", "STOPPING=1"])
 
     def test_not_under_systemd(self) -> None:
-        """No NOTIFY_SOCKET: no service at all."""
-        self.assertIsNone(SystemdNotifyService.from_environment(Clock(), {}))
+        """No NOTIFY_SOCKET: no notifier at all."""
+        self.assertIsNone(SystemdNotify.from_environment(Clock(), {}))
 
     def test_gone_socket_never_raises(self) -> None:
         """A notify socket that went away makes send return False, counted, without raising."""
@@ -96,3 +96,39 @@ class NotifyServiceTests(SynchronousTestCase):
         self.assertFalse(notifier.send("READY=1"))
         self.assertFalse(notifier.send("WATCHDOG=1"))
         self.assertEqual((notifier.sent, notifier.errors), (0, 2))
+
+
+class TopServiceTests(SynchronousTestCase):
+    """The daemon's top service sends READY=1 after its children started and STOPPING=1 before they stop."""
+
+    def test_order(self) -> None:
+        """ready() follows every child's startService; stopping() precedes every child's stopService."""
+        from twisted.application.service import Service
+
+        from activecall.config import Config
+        from activecall.tap import ActivecallService
+
+        log: list[str] = []
+
+        class Child(Service):
+            def startService(self) -> None:
+                super().startService()
+                log.append("child started")
+
+            def stopService(self) -> None:
+                log.append("child stopping")
+                super().stopService()
+
+        class Notify:
+            def ready(self) -> None:
+                log.append("READY=1")
+
+            def stopping(self) -> None:
+                log.append("STOPPING=1")
+
+        top = ActivecallService(Config(), None)
+        Child().setServiceParent(top)
+        top.systemd = Notify()
+        top.startService()
+        top.stopService()
+        self.assertEqual(log, ["child started", "READY=1", "STOPPING=1", "child stopping"])
