@@ -810,6 +810,20 @@ def _command(data: bytes) -> None:
     encode_command(decode_command(data))
 
 
+def _query(data: bytes) -> None:
+    from urllib.parse import parse_qs
+
+    from activecall.control.query import parse_session_query
+
+    # Autobahn hands onConnect the URL query as parse_qs() gives it.
+    params = parse_qs(data.decode("utf-8", "replace"), keep_blank_values=True)
+    parse_session_query(params, "websocket", lambda: "sid")
+
+
+QUERY_SEEDS: tuple[bytes, ...] = (b"id=abc&dump=false&ping=20&serverSideTrack=t1", b"forward=true&id=x%20y", b"")
+QUERY_TEMPLATES: tuple[str, ...] = ("ping={n}", "id=s{n}&ping={n}&dump=true")
+
+
 def _playbook(data: bytes) -> None:
     from activecall.playbook.model import parse_playbook
 
@@ -828,6 +842,7 @@ def _config(data: bytes) -> None:
 def _build() -> tuple[Target, ...]:
     from activecall.config import ConfigError
     from activecall.control.options import CommandError
+    from activecall.control.query import QueryError
     from activecall.media.negotiation import NegotiationError
     from activecall.playbook.model import PlaybookError
     from activecall.rtp.packet import RtpParseError
@@ -857,6 +872,8 @@ def _build() -> tuple[Target, ...]:
         Target("inband_dtmf", _inband_dtmf, (), _inband_seeds()),
         Target("control_command", _command, (CommandError,), COMMAND_SEEDS, COMMAND_TEMPLATES,
                owner="activecall/control/commands.py"),
+        Target("control_query", _query, (QueryError,), QUERY_SEEDS, QUERY_TEMPLATES,
+               owner="activecall/control/query.py"),
         Target("playbook", _playbook, (PlaybookError,), PLAYBOOK_SEEDS, PLAYBOOK_TEMPLATES,
                owner="activecall/playbook/model.py"),
         Target("config", _config, (ConfigError,), CONFIG_SEEDS + _config_file_seed(), CONFIG_TEMPLATES,

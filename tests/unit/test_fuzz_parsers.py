@@ -42,6 +42,8 @@ FUZZ = settings(
 
 #: Known crashes in modules other engineers own (being fixed there, not here); see the report.
 KNOWN: dict[str, str] = {
+    "control_query": "activecall/control/query.py (owned elsewhere): ?ping=\u00b2 passes str.isdigit() and "
+                     "int() raises a bare ValueError; ?ping=<5000 digits> too (not QueryError)",
     "config": "activecall/config.py (owned elsewhere): a 4301-digit port in http_addr raises a bare "
               "ValueError from int(port) in the IP:PORT checker (_PORT_DIGITS is [0-9]+ unbounded), not ConfigError",
 }
@@ -144,6 +146,6 @@ class SharedTargetsTests(SynchronousTestCase):
         """SIP (datagram, stream, URI), SDP, RTP/RTCP, SRTP, RFC 4733, commands, playbooks and config are fuzzed."""
         names = {t.name for t in TARGETS}
         for name in ("sip_message", "sip_stream", "sip_uri", "sdp", "rtp", "rtcp", "srtp_unprotect",
-                     "srtp_crypto", "telephone_event", "control_command", "playbook", "config"):
+                     "srtp_crypto", "telephone_event", "control_command", "control_query", "playbook", "config"):
             self.assertIn(name, names)
         self.assertIs(fuzz_targets.target("sdp").run, fuzz_targets.TARGETS_BY_NAME["sdp"].run)
