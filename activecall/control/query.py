@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -9,6 +10,7 @@ DEFAULT_SERVER_SIDE_TRACK = "server-side-track"
 DEFAULT_PING_S = 20
 # Long enough for an inbound call's dialogId ({Call-ID}-{tag}-{tag}), short enough for logs and file names.
 MAX_ID_CHARS = 256
+_U32_TEXT = re.compile(r"[0-9]{1,10}")
 
 
 class QueryError(ValueError):
@@ -62,7 +64,8 @@ def parse_session_query(params: Mapping[str, Sequence[str]], call_type: str, new
     ping_text = _single(params, "ping")
     ping_s = DEFAULT_PING_S
     if ping_text is not None:
-        if not ping_text.isdigit() or int(ping_text) > 0xFFFFFFFF:
+        # ASCII digits only: str.isdigit() also accepts "²", which int() rejects.
+        if _U32_TEXT.fullmatch(ping_text) is None or int(ping_text) > 0xFFFFFFFF:
             raise QueryError(f"invalid query parameter ping: expected seconds as an unsigned integer, got {ping_text!r}")
         ping_s = int(ping_text)
     sst = _identifier(params, "serverSideTrack") or DEFAULT_SERVER_SIDE_TRACK

@@ -220,6 +220,14 @@ class QueryIdTests(SynchronousTestCase):
         with self.assertRaises(QueryError):
             self.parse(serverSideTrack="a\tb")
 
+    def test_bad_ping_values_are_query_errors(self) -> None:
+        """``ping=²`` and a 10 000-digit ping are QueryErrors, not ValueErrors from int()."""
+        for bad in ("\u00b2", "9" * 10_000, "-1", "1e3", "4294967296"):
+            with self.assertRaises(QueryError):
+                self.parse(ping=bad)
+        self.assertEqual(self.parse(ping="0").ping_s, 0)
+        self.assertEqual(self.parse(ping="4294967295").ping_s, 0xFFFFFFFF)
+
     def test_dialog_ids_and_paths_are_accepted(self) -> None:
         """A dialogId with @, dashes and dots (or even slashes) is a valid id; the dump sanitizes it."""
         dialog = "a84b4c76e66710@pc33.example.com-Xk29sLp0-1928301774"
