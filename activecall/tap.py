@@ -320,7 +320,7 @@ def makeService(options: Options) -> service.IService:
     synthesizers = SynthesizerRegistry()
     register_builtin_synthesizers(
         synthesizers, reactor=reactor, clock=reactor, threadpool=threadpool,
-        http_client=http_client, environ=os.environ, models_dir=config.models_dir)
+        http_client=http_client, environ=os.environ, models_dir=config.models_dir, fetch=config.fetch)
     metrics = DaemonMetrics()
     install_metrics(metrics)
     media_clock = MediaClock(reactor, observe_lateness=metrics.tick_lateness.observe)
