@@ -48,6 +48,7 @@ __all__ = [
     "FetchTooLargeError",
     "FetchedResponse",
     "Fetcher",
+    "check_url",
     "SIGNATURE_HEADER",
     "host_allowed",
     "http_client_for",
@@ -115,6 +116,23 @@ def host_allowed(host: str, allowed_hosts: tuple[str, ...]) -> bool:
         elif host == entry:
             return True
     return False
+
+
+def check_url(url: str, allowed_hosts: tuple[str, ...]) -> str:
+    """Return the lower-case host of an http(s) ``url`` whose host is allowed, else raise FetchRefusedError."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 -- raises ValueError for a malformed port
+    except ValueError as e:
+        raise FetchRefusedError(f"malformed URL: {e}") from None
+    if parts.scheme not in ("http", "https"):
+        raise FetchRefusedError(f"scheme {parts.scheme!r} is not http or https")
+    if not host:
+        raise FetchRefusedError("URL has no host")
+    if not host_allowed(host, allowed_hosts):
+        raise FetchRefusedError(f"host {host} is not in fetch.allowed_hosts")
+    return host
 
 
 class _BoundedBody(Protocol):
@@ -201,19 +219,7 @@ class Fetcher:
 
     def check_url(self, url: str) -> str:
         """Return the lower-case host of ``url``, or raise FetchRefusedError if policy forbids it."""
-        try:
-            parts = urlsplit(url)
-            host = parts.hostname
-            parts.port  # noqa: B018 -- raises ValueError for a malformed port
-        except ValueError as e:
-            raise FetchRefusedError(f"malformed URL: {e}") from None
-        if parts.scheme not in ("http", "https"):
-            raise FetchRefusedError(f"scheme {parts.scheme!r} is not http or https")
-        if not host:
-            raise FetchRefusedError("URL has no host")
-        if not host_allowed(host, self._config.allowed_hosts):
-            raise FetchRefusedError(f"host {host} is not in fetch.allowed_hosts")
-        return host
+        return check_url(url, self._config.allowed_hosts)
 
     def request(self, method: str, url: str, *, data: Optional[bytes] = None,
                 headers: Union[Headers, Mapping[str, str], None] = None) -> Deferred[FetchedResponse]:

@@ -19,6 +19,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface.verify import verifyObject
 
 from activecall.speech.interfaces import ISpeechSynthesizer, ProviderUnavailableError, SynthesisError, SynthesisRequest
+from activecall.config import FetchConfig
 from activecall.speech.registry import SynthesisSettings
 from activecall.speech.tts.openai import OpenAISynthesizer
 
@@ -67,6 +68,10 @@ class SpeechResource(Resource):
         self.requests.append(
             {"path": request.path, "auth": request.getHeader(b"authorization"), "ctype": request.getHeader(b"content-type"), "body": body}
         )
+        if request.path == b"/moved/audio/speech":
+            request.setResponseCode(307)
+            request.setHeader(b"location", b"http://elsewhere.test/v1/audio/speech")
+            return b""
         if request.path != b"/v1/audio/speech":
             request.setResponseCode(404)
             return b"not found"
@@ -226,6 +231,30 @@ class OpenAIStubTests(SynchronousTestCase):
         d, _ = self.run_synth(synth, SynthesisRequest("Hi.", endpoint="http://tts.test/v1/"))
         self.successResultOf(d)
         self.assertEqual(self.resource.requests[0]["auth"], f"Bearer {_KEY}".encode())
+
+    def test_client_endpoint_outside_allowed_hosts_is_refused(self) -> None:
+        """A client endpoint must be http(s) and, with fetch.allowed_hosts, on an allowed host; nothing is sent."""
+        synth = OpenAISynthesizer(SynthesisSettings(), http_client=self.stub, clock=Clock(), environ={"OPENAI_API_KEY": _KEY},
+                                  fetch=FetchConfig(allowed_hosts=("tts.test",)))
+        for endpoint in ("http://169.254.169.254/latest", "file:///etc", "gopher://tts.test/v1"):
+            d, _ = self.run_synth(synth, SynthesisRequest("Hi.", endpoint=endpoint, api_key=_KEY))
+            self.assertIn("endpoint not allowed", str(self.failureResultOf(d, SynthesisError).value))
+        self.assertEqual(self.resource.requests, [])
+        d, _ = self.run_synth(synth, SynthesisRequest("Hi.", endpoint="http://tts.test/v1", api_key=_KEY))
+        self.successResultOf(d)
+
+    def test_redirects_are_not_followed(self) -> None:
+        """A 307 from the endpoint is an error; the other host is never asked."""
+        d, _ = self.run_synth(self.make(SynthesisSettings(endpoint="http://tts.test/moved", api_key=_KEY)), SynthesisRequest("Hi."))
+        self.assertIn("HTTP 307", str(self.failureResultOf(d, SynthesisError).value))
+        self.assertEqual([r["path"] for r in self.resource.requests], [b"/moved/audio/speech"])
+
+    def test_response_size_is_capped(self) -> None:
+        """Audio beyond fetch.max_bytes fails the synthesis instead of filling memory."""
+        synth = OpenAISynthesizer(SynthesisSettings(endpoint="http://tts.test/v1", api_key=_KEY), http_client=self.stub,
+                                  clock=Clock(), environ={}, fetch=FetchConfig(max_bytes=len(_PCM) - 1))
+        d, _ = self.run_synth(synth, SynthesisRequest("Hi."))
+        self.assertIn("larger than", str(self.failureResultOf(d, SynthesisError).value))
 
     def test_client_endpoint_with_its_own_key(self) -> None:
         """A client endpoint with its own key is used with that key, never the operator's."""

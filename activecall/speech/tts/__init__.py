@@ -9,6 +9,7 @@ from treq.client import HTTPClient
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.python.threadpool import ThreadPool
 
+from activecall.config import FetchConfig
 from activecall.speech.interfaces import ISpeechSynthesizer
 from activecall.speech.registry import SynthesisSettings, SynthesizerRegistry
 
@@ -24,13 +25,14 @@ def register_builtin_synthesizers(
     http_client: HTTPClient,
     environ: Mapping[str, str],
     models_dir: str,
+    fetch: FetchConfig = FetchConfig(),
 ) -> None:
     """Register ``piper`` (alias ``supertonic``) and ``openai`` in ``registry``.
 
     Providers are built lazily by :meth:`SynthesizerRegistry.create`, so a missing
     offline extra or API key only matters when the provider is asked for
     (``ProviderUnavailableError``).  ``models_dir`` fills in settings that leave
-    ``models_dir`` empty.
+    ``models_dir`` empty; ``fetch`` (``[fetch]``) bounds requests to client-chosen endpoints.
     """
 
     def with_models_dir(settings: SynthesisSettings) -> SynthesisSettings:
@@ -44,7 +46,7 @@ def register_builtin_synthesizers(
     def openai(settings: SynthesisSettings) -> ISpeechSynthesizer:
         from activecall.speech.tts.openai import OpenAISynthesizer
 
-        return OpenAISynthesizer(settings, http_client=http_client, clock=clock, environ=environ)
+        return OpenAISynthesizer(settings, http_client=http_client, clock=clock, environ=environ, fetch=fetch)
 
     registry.register("piper", piper, aliases=("supertonic",))
     registry.register("openai", openai)

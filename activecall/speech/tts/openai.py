@@ -36,6 +36,8 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
+from activecall.config import FetchConfig
+from activecall.fetch import FetchRefusedError, check_url
 from activecall.speech.interfaces import (
     ISpeechSynthesizer,
     ProviderUnavailableError,
@@ -170,12 +172,18 @@ class OpenAISynthesizer:
         clock: IReactorTime,
         environ: Mapping[str, str],
         idle_timeout_s: float = 30.0,
+        fetch: FetchConfig = FetchConfig(),
     ) -> None:
-        """Raise ProviderUnavailableError when api.openai.com would be used without a key."""
+        """Raise ProviderUnavailableError when api.openai.com would be used without a key.
+
+        ``fetch`` bounds requests to client-chosen endpoints (``allowed_hosts``) and every
+        response (``max_bytes``).
+        """
         self._settings = settings
         self._http = http_client
         self._clock = clock
         self._idle_timeout_s = idle_timeout_s
+        self._fetch = fetch
         self._configured_base_url = (environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
         self._env_api_key = environ.get("OPENAI_API_KEY") or None
         if self._default_base_url() == DEFAULT_BASE_URL and not (settings.api_key or self._env_api_key):
@@ -187,13 +195,22 @@ class OpenAISynthesizer:
         return (self._settings.endpoint or self._configured_base_url).rstrip("/")
 
     def _key_for(self, request: SynthesisRequest) -> str | None:
-        """The key for ``request``'s URL: its own, else (configured base URL only) the environment's."""
+        """The key for ``request``'s URL: its own, else (configured base URL only) the environment's.
+
+        A client-chosen URL must also pass the ``[fetch]`` scheme and host rules.
+        """
         own = request.api_key or self._settings.api_key
-        if own:
-            return own
-        if self.url_for(request) != self._configured_base_url + "/audio/speech":
+        if self.url_for(request) == self._configured_base_url + "/audio/speech":
+            return own or self._env_api_key
+        try:
+            check_url(self.url_for(request), self._fetch.allowed_hosts)
+        except FetchRefusedError as e:
+            self._log.info("openai TTS endpoint refused: {reason}", reason=str(e))
+            raise SynthesisError("openai TTS: endpoint not allowed (http/https and fetch.allowed_hosts only)",
+                                 retryable=False) from None
+        if not own:
             raise SynthesisError(_OWN_KEY_NEEDED, retryable=False)
-        return self._env_api_key
+        return own
 
     def url_for(self, request: SynthesisRequest) -> str:
         """Return the ``/audio/speech`` URL ``request`` goes to."""
@@ -224,8 +241,11 @@ class OpenAISynthesizer:
         if key:
             headers[b"Authorization"] = [b"Bearer " + key.encode("utf-8")]
         body = self.body_for(request)
-        call = _SpeechCall(self._clock, self._idle_timeout_s, body["response_format"], on_audio, self._log)
-        call.start(self._http.post(self.url_for(request), data=json.dumps(body).encode("utf-8"), headers=headers, unbuffered=True))
+        call = _SpeechCall(self._clock, self._idle_timeout_s, body["response_format"], on_audio, self._log,
+                           self._fetch.max_bytes)
+        # No redirects: a 3xx is an error, and the request never goes to a host nobody configured.
+        call.start(self._http.post(self.url_for(request), data=json.dumps(body).encode("utf-8"), headers=headers,
+                                   unbuffered=True, allow_redirects=False))
         return call.result
 
 
@@ -243,8 +263,11 @@ class _SpeechCall:
         response_format: str,
         on_audio: Callable[[bytes, int], None],
         log: Logger,
+        max_bytes: int,
     ) -> None:
         self._clock = clock
+        self._max_bytes = max_bytes
+        self._received = 0
         self._idle_timeout_s = idle_timeout_s
         self._on_audio = on_audio
         self._log = log
@@ -319,6 +342,9 @@ class _SpeechCall:
     def _data(self, data: bytes) -> None:
         if self.result.called:
             return
+        self._received += len(data)
+        if self._received > self._max_bytes:
+            raise SynthesisError(f"openai TTS: response larger than {self._max_bytes} bytes", retryable=False)
         self._arm_timer()
         if self._wav is not None and not self._wav.done:
             data = self._wav.feed(data)  # may raise SynthesisError -> _body_failed
