@@ -840,7 +840,7 @@ def _check_ip(value: str, path: str) -> str:
     return value
 
 
-_PORT_DIGITS = re.compile(r"[0-9]+")
+_PORT_DIGITS = re.compile(r"[0-9]{1,5}")
 
 
 def _split_ip_port(text: str) -> tuple[str, str] | None:

@@ -464,7 +464,8 @@ class CallController:
             return
         line = request.body.decode("utf-8", "replace").strip().splitlines()[:1]
         parts = line[0].split(None, 2) if line else []
-        if len(parts) < 2 or not parts[1].isdigit():
+        # A status code is three ASCII digits ('²'.isdigit() is true, int('²') raises).
+        if len(parts) < 2 or len(parts[1]) != 3 or not (parts[1].isascii() and parts[1].isdigit()):
             return
         status = int(parts[1])
         if 200 <= status < 300:

@@ -49,7 +49,9 @@ from twisted.python.failure import Failure
 
 from activecall.config import Credential, RegisterUser
 from activecall.sip.message import Headers, NameAddr, SipRequest, SipResponse, SipParseError
-from activecall.sip.uri import SipUri, parse_uri
+from activecall.sip.uri import SipUri, bounded_int, parse_uri
+
+_MAX_DELTA_SECONDS = 2**32 - 1
 
 __all__ = [
     "DEFAULT_EXPIRES_S",
@@ -416,7 +418,15 @@ def _int_header(headers: Headers, name: str) -> int | None:
     if value is None:
         return None
     digits = value.split(";", 1)[0].split("(", 1)[0].strip()
-    return int(digits) if digits.isdigit() and digits.isascii() else None
+    return _delta_seconds(digits)
+
+
+def _delta_seconds(text: str) -> int | None:
+    """RFC 3261 delta-seconds (ASCII digits, capped at 2**32-1 as §25.1 allows), or None."""
+    try:
+        return bounded_int(text, "delta-seconds", _MAX_DELTA_SECONDS)
+    except SipParseError:
+        return _MAX_DELTA_SECONDS if text.isascii() and text.isdigit() else None
 
 
 class RegistrationMachine:
@@ -614,8 +624,9 @@ class RegistrationMachine:
             for entry in contacts:
                 if _same_contact(entry.uri, core.contact):
                     value = entry.param("expires")
-                    if value is not None and value.isdigit():
-                        return int(value)
+                    granted = None if value is None else _delta_seconds(value)
+                    if granted is not None:
+                        return granted
         header = _int_header(response.headers, "Expires")
         return header if header is not None else core.pending_expires
 

@@ -226,12 +226,15 @@ def _session_timer_headers(request: SipRequest) -> list[tuple[str, str]]:
     if value is None:
         return []
     delta, _, params = value.partition(";")
+    delta = delta.strip()
+    if not (delta.isascii() and delta.isdigit() and len(delta) <= 10):
+        return []  # not a delta-seconds: nothing to echo back (RFC 4028 is optional for us)
     refresher = "uac"
     for item in params.split(";"):
         name, _, val = item.partition("=")
         if name.strip().lower() == "refresher" and val.strip().lower() in ("uac", "uas"):
             refresher = val.strip().lower()
-    out = [("Session-Expires", f"{delta.strip()};refresher={refresher}")]
+    out = [("Session-Expires", f"{int(delta)};refresher={refresher}")]
     supported = request.headers.get_all("Supported") + request.headers.get_all("Require")
     if any(t.strip().lower() == "timer" for line in supported for t in line.split(",")):
         out.append(("Require", "timer"))

@@ -256,3 +256,30 @@ class HostnameViaTests(SynchronousTestCase):
         self.assertFalse(proto.send(b"x", ("example.com", 5060)))
         self.assertFalse(proto.send(b"x", ("192.0.2.9", 70000)))
         self.assertTrue(proto.send(b"x", ("192.0.2.9", 5060)))
+
+
+class RegistrarNumberTests(SynchronousTestCase):
+    """Numbers a registrar sends back (Expires, Min-Expires, Retry-After) are bounded."""
+
+    def test_huge_and_unicode_delta_seconds(self) -> None:
+        """5000 digits cap at 2**32-1; Unicode digits are not numbers; no ValueError escapes."""
+        from activecall.sip.message import Headers
+        from activecall.sip.registration import _int_header
+
+        self.assertEqual(_int_header(Headers([("Expires", "9" * 5000)]), "Expires"), 2**32 - 1)
+        self.assertEqual(_int_header(Headers([("Retry-After", "9" * 400)]), "Retry-After"), 2**32 - 1)
+        self.assertIsNone(_int_header(Headers([("Expires", "\u00b2")]), "Expires"))
+        self.assertEqual(_int_header(Headers([("Min-Expires", "0060")]), "Min-Expires"), 60)
+
+
+class SessionTimerEchoTests(SynchronousTestCase):
+    """Session-Expires is echoed only when it is a delta-seconds."""
+
+    def test_garbage_session_expires_not_echoed(self) -> None:
+        """A Session-Expires of letters, '²' or 5000 digits is not copied into our response."""
+        from activecall.sip.useragent import _session_timer_headers
+
+        for value in ("abc\r\nX: y", "\u00b2", "9" * 5000):
+            self.assertEqual(_session_timer_headers(_request(**{"Session-Expires": value})), [])
+        self.assertEqual(_session_timer_headers(_request(**{"Session-Expires": "0900;refresher=uas"})),
+                         [("Session-Expires", "900;refresher=uas")])

@@ -436,3 +436,22 @@ class LocalPlayTests(_ControllerCase):
         self.run_cmd({"command": "play", "url": "http://10.0.0.1:8080/admin"})
         error = self.session.of(ev.ErrorEvent)[-1]
         self.assertEqual(error.error, "cannot fetch http://10.0.0.1:8080/admin: unavailable")
+
+
+class TransferNotifyTests(_ControllerCase):
+    """A NOTIFY sipfrag from the network cannot crash the controller."""
+
+    def test_non_ascii_or_huge_status_is_ignored(self) -> None:
+        """A sipfrag status of '²' or 5000 digits is ignored; a real 200 still ends the call byRefer."""
+        self.invite()
+        self.c._blind_refer = True
+
+        class Notify:
+            def __init__(self, body: bytes) -> None:
+                self.body = body
+
+        for body in ("SIP/2.0 \u00b2 OK".encode(), b"SIP/2.0 " + b"2" * 5000 + b" OK", b"SIP/2.0 20 OK"):
+            self.c.transfer_progress(Notify(body))
+            self.assertFalse(self.c.ended)
+        self.c.transfer_progress(Notify(b"SIP/2.0 200 OK"))
+        self.assertTrue(self.c.ended)

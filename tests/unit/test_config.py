@@ -888,3 +888,12 @@ class HardeningTableTests(_ConfigCase):
                 continue
             # A duration that cannot be parsed falls back to the default with a warning.
             self.assertEqual(config.accept_timeout_s, 60.0)
+
+
+class HugePortTests(_ConfigCase):
+    """IP:PORT values with huge or non-ASCII ports are ConfigErrors."""
+
+    def test_huge_port_in_http_addr(self) -> None:
+        """A 4301-digit port is 'expected IP:PORT', not a bare ValueError."""
+        self.assert_error('http_addr = "127.0.0.1:' + "9" * 4301 + '"', "http_addr")
+        self.assert_error('http_addr = "127.0.0.1:\u00b2"', "http_addr")

@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
@@ -41,11 +40,6 @@ FUZZ = settings(
 )
 
 #: Known crashes in modules other engineers own (being fixed there, not here); see the report.
-KNOWN: dict[str, str] = {
-    "config": "activecall/config.py (owned elsewhere): a 4301-digit port in http_addr raises a bare "
-              "ValueError from int(port) in the IP:PORT checker (_PORT_DIGITS is [0-9]+ unbounded), not ConfigError",
-}
-
 ops = st.lists(
     st.tuples(st.integers(0, N_OPS - 1), st.integers(0, 1 << 20), st.integers(0, 1 << 20)),
     min_size=1, max_size=6,
@@ -88,22 +82,16 @@ class FuzzCase(SynchronousTestCase):
 
 
 def _make(t: Target) -> type[FuzzCase]:
-    known = KNOWN.get(t.name)
-    mark = pytest.mark.xfail(reason=known, strict=False) if known else (lambda f: f)
-
-    @mark
     @FUZZ
     @given(data=mutations(t))
     def test_mutations(self: FuzzCase, data: bytes) -> None:
         self.check(data)
 
-    @mark
     @FUZZ
     @given(data=grammar(t) if t.templates else mutations(t))
     def test_grammar(self: FuzzCase, data: bytes) -> None:
         self.check(data)
 
-    @mark
     @settings(FUZZ, max_examples=100)
     @given(data=st.binary(max_size=1500))
     def test_random_bytes(self: FuzzCase, data: bytes) -> None:
@@ -123,7 +111,7 @@ def _make(t: Target) -> type[FuzzCase]:
         "test_mutations": test_mutations,
         "test_grammar": test_grammar,
         "test_random_bytes": test_random_bytes,
-        "test_seeds": mark(test_seeds) if known else test_seeds,
+        "test_seeds": test_seeds,
     }
     return type(f"Fuzz_{t.name}", (FuzzCase,), body)
 
