@@ -194,6 +194,7 @@ class DaemonCollector(Collector):
             refused.add_metric(["rate_limited"], counters.get("rate_limited", 0))
             if self.guard is not None:
                 refused.add_metric(["acl_denied"], self.guard.denied)
+                refused.add_metric(["datagram_budget"], self.guard.flooded)
             yield refused
         if self.stack is not None:
             messages = CounterMetricFamily("activecall_sip_transport_messages",

@@ -16,8 +16,15 @@ Two checks, at two moments (docs/config-security.md):
   Sources in ``exempt``, in the ACL ``allow`` list or trusted as a configured
   registrar (:meth:`SipGuard.trust`) skip the rate limit, never the ACL.
 
-Responses are never filtered: they only match transactions we started, and a
-registrar or carrier we call out to need not be on the allow list.
+Responses are never filtered by the ACL: they only match transactions we
+started, and a registrar or carrier we call out to need not be on the allow list.
+
+A third, coarse check runs first, on every datagram (requests, responses and
+garbage alike, :meth:`SipGuard.datagram_allowed`): a per-source budget of
+``DATAGRAM_BUDGET_FACTOR`` times the request rate and burst.  It is far above
+what a trunk's in-dialog traffic needs (an ACK, a BYE, a few responses per
+call) and only exists so that a flood of datagrams that would each cost a
+parse is dropped for the price of a dictionary lookup.
 
 Why drop silently rather than answer ``403``/``503``:
 
@@ -227,6 +234,10 @@ def registrar_hosts(servers: Iterable[str]) -> list[str]:
     return hosts
 
 
+# Datagrams per source allowed per request the rate limit admits (see the module docstring).
+DATAGRAM_BUDGET_FACTOR = 20
+
+
 @dataclass
 class SipGuard:
     """The ACL, then the rate limit, with drop counters for /metrics and logs.
@@ -242,6 +253,9 @@ class SipGuard:
     denied: int = 0
     rate_limited: int = 0
     trusted: set[_Address] = field(default_factory=set)
+    # The coarse per-source datagram budget checked before anything is parsed.
+    datagrams: RateLimiter | None = None
+    flooded: int = 0
     # The source of the datagram being processed (source_admitted → admit_new_request).
     _source: str | None = field(default=None, repr=False)
     _source_at: float = field(default=0.0, repr=False)
@@ -252,11 +266,12 @@ class SipGuard:
         *, max_sources: int = DEFAULT_MAX_SOURCES,
     ) -> SipGuard:
         """Build the guard from ``Config.sip_acl`` and ``Config.sip_rate_limit``."""
-        limiter = (
-            RateLimiter(rate_limit.requests_per_second, rate_limit.burst, max_sources=max_sources)
-            if rate_limit.enabled else None
-        )
-        return cls(SipAcl(acl.allow, acl.deny), limiter, rate_limit.exempt)
+        if not rate_limit.enabled:
+            return cls(SipAcl(acl.allow, acl.deny), None, rate_limit.exempt)
+        limiter = RateLimiter(rate_limit.requests_per_second, rate_limit.burst, max_sources=max_sources)
+        datagrams = RateLimiter(rate_limit.requests_per_second * DATAGRAM_BUDGET_FACTOR,
+                                rate_limit.burst * DATAGRAM_BUDGET_FACTOR, max_sources=max_sources)
+        return cls(SipAcl(acl.allow, acl.deny), limiter, rate_limit.exempt, datagrams=datagrams)
 
     def trust(self, ip: str) -> bool:
         """Let ``ip`` (a configured registrar's address) skip the rate limit; False (ignored) if not an IP literal."""
@@ -304,7 +319,19 @@ class SipGuard:
             return verdict
         return self.limit(ip, now)
 
-    # ------------------------------------------------------------ the daemon's two hooks
+    # ------------------------------------------------------------ the daemon's three hooks
+
+    def datagram_allowed(self, ip: str, now: float) -> bool:
+        """``SipStack(budget=...)``: any datagram from ``ip`` within its coarse budget, before a parse."""
+        if self.datagrams is None or self.bypasses_limit(ip):
+            return True
+        try:
+            allowed = self.datagrams.allow(ip, now)
+        except ValueError:
+            allowed = self.datagrams.allow("0.0.0.0", now)
+        if not allowed:
+            self.flooded += 1
+        return allowed
 
     def source_admitted(self, ip: str, now: float) -> bool:
         """``SipStack(admit=...)``: the ACL before parsing; remembers the source for :meth:`admit_new_request`."""

@@ -118,9 +118,11 @@ class SipStack:
     def __init__(self, reactor: IReactorTime, ids: Any, *, shards: int = 256,
                  timers: TimerConfig | None = None,
                  client_tls: Callable[[str], Any] | None = None,
-                 admit: Callable[[str, float], bool] | None = None) -> None:
+                 admit: Callable[[str, float], bool] | None = None,
+                 budget: Callable[[str, float], bool] | None = None) -> None:
         self._reactor = reactor
-        # ACL and per-source rate limit, asked before a request costs a parse.
+        # A per-source datagram budget (any message), then the ACL (requests), both before a parse.
+        self._budget = budget
         self._admit = admit
         self._ids = ids
         self._shards = [TransactionLayer(ids, timers) for _ in range(shards)]
@@ -136,7 +138,7 @@ class SipStack:
         self._connections: dict[Hop, SipStreamProtocol] = {}
         self._tls_names: dict[Address, str] = {}
         self.counters: dict[str, int] = {"received": 0, "sent": 0, "dropped": 0, "parse_errors": 0,
-                                         "send_errors": 0, "refused": 0}
+                                         "send_errors": 0, "refused": 0, "flooded": 0}
 
     # ------------------------------------------------------------ wiring
 
@@ -265,6 +267,9 @@ class SipStack:
     def message_received(self, data: bytes, source: Address, link: Link) -> None:
         """One datagram or framed stream message arrived on ``link`` from ``source``."""
         self.counters["received"] += 1
+        if self._budget is not None and not self._budget(source[0], self.now()):
+            self.counters["flooded"] += 1
+            return
         if self._admit is not None and not data.startswith(b"SIP/2.0 ") and not self._admit(source[0], self.now()):
             self.counters["refused"] += 1
             return

@@ -8,6 +8,7 @@ from typing import Any
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from activecall.config import SipAclConfig, SipRateLimitConfig
 from activecall.ids import IdSource
 from activecall.sip.message import SipResponse, parse_message
 from activecall.sip.security import RateLimiter, SipAcl, SipGuard, parse_network
@@ -44,7 +45,8 @@ class StackCase(SynchronousTestCase):
         self.clock = Clock()
         self.ids = IdSource(random.Random(7))
         self.stack = SipStack(self.clock, self.ids, shards=4,
-                              admit=guard.source_admitted if guard is not None else None)
+                              admit=guard.source_admitted if guard is not None else None,
+                              budget=guard.datagram_allowed if guard is not None else None)
         self.ua = SipUserAgent(self.stack, ids=self.ids, handler=handler, useragent="test-ua",
                                admit_new_request=guard.admit_new_request if guard is not None else None,
                                **kwargs)
@@ -229,3 +231,32 @@ def test_exempt_network_parse() -> None:
     """Sanity: exempt networks given as parsed networks bypass like allow-listed ones."""
     guard = SipGuard(SipAcl(), RateLimiter(1, 1), exempt=(parse_network("198.51.100.0/24"),))
     assert all(guard.admit("198.51.100.9", 0.0).value == "admit" for _ in range(5))
+
+
+class DatagramBudgetTests(StackCase):
+    """A flood of datagrams is dropped per source before it costs a parse."""
+
+    def test_garbage_flood_dropped_before_parse(self) -> None:
+        """Past 20x the request burst, a source's garbage is counted as flooded, not parsed."""
+        guard = SipGuard.from_config(SipAclConfig(), SipRateLimitConfig(requests_per_second=5, burst=10))
+        self.make(guard=guard)
+        for i in range(1000):
+            self.feed(b"\x16\x03garbage %d" % i, ("192.0.2.66", 5060))
+        self.assertEqual(self.stack.counters["flooded"], 800)
+        self.assertEqual(guard.flooded, 800)
+        self.assertEqual(self.stack.counters["parse_errors"], 200)
+        # Another source is not affected, and the budget refills with time.
+        self.feed(request("OPTIONS", 1), ("192.0.2.67", 5060))
+        self.assertEqual(self.stack.counters["flooded"], 800)
+        self.clock.advance(10)
+        self.feed(b"garbage", ("192.0.2.66", 5060))
+        self.assertEqual(self.stack.counters["flooded"], 800)
+
+    def test_trusted_sources_have_no_budget(self) -> None:
+        """Allow-listed sources (trunks) are never cut by the datagram budget."""
+        guard = SipGuard.from_config(SipAclConfig(allow=(parse_network("10.0.0.0/8"),)),
+                                     SipRateLimitConfig(requests_per_second=5, burst=10))
+        self.make(guard=guard)
+        for i in range(1000):
+            self.feed(b"garbage %d" % i, TRUNK)
+        self.assertEqual(self.stack.counters["flooded"], 0)
