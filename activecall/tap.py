@@ -379,7 +379,8 @@ def makeService(options: Options) -> service.IService:
         handler = PlaybookCallHandler(config.handler, start_playbook_call, run_blocking, os.environ,
                                       env_prefix=config.api.env_prefix)
     sip = build_sip_service(config, reactor, services.ids, handler,
-                            admit=guard.source_admitted, budget=guard.datagram_allowed)
+                            admit=guard.source_admitted, budget=guard.datagram_allowed,
+                            penalize=guard.parse_failed)
     # Only requests that start something count against a source's rate (docs/config-security.md).
     sip.user_agent.admit_new_request = guard.admit_new_request
     sip.user_agent.max_calls = config.sip_limits.max_calls

@@ -292,163 +292,168 @@ def measure_main(args: argparse.Namespace) -> None:
                   + f'[handler]\ntype = "webhook"\nurl = "http://127.0.0.1:{hook.getHost().port}/hook"\n'
                   + '[fetch]\nmedia_dirs = ["{workdir}/media"]\n')
         daemon = await start_daemon(workdir, config)
-        pid = daemon.transport.pid
-        web = http_client()
+        sipp = None
+        try:
+            pid = daemon.transport.pid
+            web = http_client()
 
-        async def list_count() -> int:
-            r = await web.get(daemon.base_url + "/list")
-            return len(json.loads(await r.content())["active_calls"])
+            async def list_count() -> int:
+                r = await web.get(daemon.base_url + "/list")
+                return len(json.loads(await r.content())["active_calls"])
 
-        # Probes.
-        def probe_health() -> None:
-            t0 = reactor.seconds()
-            name = phase["name"]
-            d = web.get(daemon.base_url + "/health", timeout=2)
-            d.addCallback(lambda r: r.content())
-            d.addCallbacks(lambda _: health.setdefault(name, []).append(reactor.seconds() - t0),
-                           lambda _: health.setdefault(name, []).append(None))
-
-        class OptionsProbe(protocol.DatagramProtocol):
-            def __init__(self) -> None:
-                self.outstanding: dict[str, tuple[str, Any]] = {}
-                self.n = 0
-
-            def send(self) -> None:
-                self.n += 1
-                branch = f"z9hG4bKprobe{self.n}"
-                port = self.transport.getHost().port
-                msg = (f"OPTIONS sip:agent@127.0.0.1:{daemon.sip_port} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch={branch}\r\n"
-                       f"From: <sip:probe@127.0.0.1>;tag=p{self.n}\r\nTo: <sip:agent@127.0.0.1>\r\nCall-ID: probe-{self.n}\r\n"
-                       f"CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n")
+            # Probes.
+            def probe_health() -> None:
+                t0 = reactor.seconds()
                 name = phase["name"]
+                d = web.get(daemon.base_url + "/health", timeout=2)
+                d.addCallback(lambda r: r.content())
+                d.addCallbacks(lambda _: health.setdefault(name, []).append(reactor.seconds() - t0),
+                               lambda _: health.setdefault(name, []).append(None))
 
-                def lost() -> None:
-                    if self.outstanding.pop(branch, None) is not None:
-                        options.setdefault(name, []).append(False)
+            class OptionsProbe(protocol.DatagramProtocol):
+                def __init__(self) -> None:
+                    self.outstanding: dict[str, tuple[str, Any]] = {}
+                    self.n = 0
 
-                self.outstanding[branch] = (name, reactor.callLater(2, lost))
-                self.transport.write(msg.encode(), ("127.0.0.1", daemon.sip_port))
+                def send(self) -> None:
+                    self.n += 1
+                    branch = f"z9hG4bKprobe{self.n}"
+                    port = self.transport.getHost().port
+                    msg = (f"OPTIONS sip:agent@127.0.0.1:{daemon.sip_port} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch={branch}\r\n"
+                           f"From: <sip:probe@127.0.0.1>;tag=p{self.n}\r\nTo: <sip:agent@127.0.0.1>\r\nCall-ID: probe-{self.n}\r\n"
+                           f"CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n")
+                    name = phase["name"]
 
-            def datagramReceived(self, data: bytes, addr: Any) -> None:
-                for branch in list(self.outstanding):
-                    if branch.encode() in data:
-                        name, timer = self.outstanding.pop(branch)
-                        timer.cancel()
-                        options.setdefault(name, []).append(True)
+                    def lost() -> None:
+                        if self.outstanding.pop(branch, None) is not None:
+                            options.setdefault(name, []).append(False)
 
-        probe = OptionsProbe()
-        probe_port = reactor.listenUDP(0, probe, interface="127.0.0.1")
-        loops = [task.LoopingCall(probe_health), task.LoopingCall(probe.send)]
-        loops[0].start(0.2)
-        loops[1].start(0.5)
+                    self.outstanding[branch] = (name, reactor.callLater(2, lost))
+                    self.transport.write(msg.encode(), ("127.0.0.1", daemon.sip_port))
 
-        # Calls that must keep their audio: WebSocket sessions replaying the prompt, and SIPp.
-        sessions = []
-        for i in range(args.audio_sessions):
-            c = await raw_connect(daemon.http_port, f"/call?id=audio-{i}&dump=false")
-            c.send({"command": "invite", "option": {"codec": "pcm", "sampleRate": 16000}})
-            sessions.append(c)
+                def datagramReceived(self, data: bytes, addr: Any) -> None:
+                    for branch in list(self.outstanding):
+                        if branch.encode() in data:
+                            name, timer = self.outstanding.pop(branch)
+                            timer.cancel()
+                            options.setdefault(name, []).append(True)
 
-        def replay() -> None:
+            probe = OptionsProbe()
+            probe_port = reactor.listenUDP(0, probe, interface="127.0.0.1")
+            loops = [task.LoopingCall(probe_health), task.LoopingCall(probe.send)]
+            loops[0].start(0.2)
+            loops[1].start(0.5)
+
+            # Calls that must keep their audio: WebSocket sessions replaying the prompt, and SIPp.
+            sessions = []
+            for i in range(args.audio_sessions):
+                c = await raw_connect(daemon.http_port, f"/call?id=audio-{i}&dump=false")
+                c.send({"command": "invite", "option": {"codec": "pcm", "sampleRate": 16000}})
+                sessions.append(c)
+
+            def replay() -> None:
+                for c in sessions:
+                    ended = sum(1 for e in c.events if e.get("event") == "trackEnd")
+                    started = getattr(c, "plays", 0)
+                    if started == ended:
+                        c.plays = started + 1  # type: ignore[attr-defined]
+                        c.send({"command": "play", "url": prompt})
+
+            def gaps() -> None:
+                for c in sessions:
+                    frames = [t for t, _ in c.frames]
+                    c.frames.clear()
+                    last = getattr(c, "last_frame", None)
+                    if last is not None and frames:
+                        frames.insert(0, last)
+                    if frames:
+                        c.last_frame = frames[-1]  # type: ignore[attr-defined]
+                    audio_gaps.setdefault(phase["name"], []).extend(b - a for a, b in zip(frames, frames[1:]))
+
+            loops += [task.LoopingCall(replay), task.LoopingCall(gaps)]
+            loops[2].start(0.5)
+            loops[3].start(1.0)
+            class Sipp(protocol.ProcessProtocol):
+                def __init__(self) -> None:
+                    self.out = b""
+                    self.ended: defer.Deferred[None] = defer.Deferred()
+
+                def outReceived(self, data: bytes) -> None:
+                    self.out += data
+
+                def processEnded(self, reason: Any) -> None:
+                    self.ended.callback(None)
+
+            sipp = Sipp()
+            # Legitimate callers all along: up to 10 calls of 28 s; SIGUSR1 at the end lets them finish.
+            reactor.spawnProcess(sipp, shutil.which("sipp"), [
+                "sipp", "-sf", scenario, f"127.0.0.1:{daemon.sip_port}", "-s", "agent", "-i", "127.0.0.1",
+                "-p", str(free_port(socket.SOCK_DGRAM)), "-mp", str(free_port(socket.SOCK_DGRAM)),
+                "-r", "0.5", "-l", "10", "-nostdin", "-timeout", f"{args.total_seconds}s"],
+                env=dict(os.environ), path=workdir)
+
+            await task.deferLater(reactor, 5, lambda: None)
+            baseline = {"rss": rss_mb(pid), "fds": fd_kinds(pid), "udp": len(udp_ports(pid))}
+
+            async def attack(name: str, *worker_args: Any) -> dict[str, Any]:
+                phase["name"] = name
+                out, err, code = await getProcessOutputAndValue(sys.executable, [
+                    os.path.abspath(__file__), "--worker", *[str(a) for a in worker_args]], env=dict(os.environ))
+                if code != 0:
+                    print(err.decode(errors="replace"), file=sys.stderr)
+                    return {"error": code}
+                return json.loads(out)
+
+            results = {}
+            results["malformed UDP"] = await attack("malformed UDP", "udp-garbage", "127.0.0.1", daemon.sip_port, 4, float(args.seconds))
+            results["INVITE flood, 1 source"] = await attack("INVITE flood, 1 source", "invite-flood", "127.0.0.1", daemon.sip_port, 1, 500.0, float(args.seconds))
+            results["INVITE flood, 200 sources"] = await attack("INVITE flood, 200 sources", "invite-flood", "127.0.0.1", daemon.sip_port, 200, 500.0, float(args.seconds))
+            results["idle WebSockets"] = await attack("idle WebSockets", "ws-idle", "127.0.0.1", daemon.http_port, 50, 3000, 120.0)
+            results["trickling HTTP"] = await attack("trickling HTTP", "trickle", "127.0.0.1", daemon.http_port, 20, 1100, 40.0)
+
+            phase["name"] = "recovery"
+            deadline = reactor.seconds() + 90
+            while await list_count() > args.audio_sessions + 10 and reactor.seconds() < deadline:
+                await task.deferLater(reactor, 1, lambda: None)
             for c in sessions:
-                ended = sum(1 for e in c.events if e.get("event") == "trackEnd")
-                started = getattr(c, "plays", 0)
-                if started == ended:
-                    c.plays = started + 1  # type: ignore[attr-defined]
-                    c.send({"command": "play", "url": prompt})
+                c.transport.loseConnection()
+            sipp.transport.signalProcess(signal.SIGUSR1)
+            await sipp.ended.addTimeout(60, reactor)
+            deadline = reactor.seconds() + 60
+            while await list_count() and reactor.seconds() < deadline:
+                await task.deferLater(reactor, 0.5, lambda: None)
+            after = {"rss": rss_mb(pid), "fds": fd_kinds(pid), "udp": len(udp_ports(pid))}
+            pooled = min(2, tcp_remote_ports(pid).count(hook.getHost().port))
+            after["fds"]["tcp"] = after["fds"].get("tcp", 0) - pooled
+            for loop in loops:
+                loop.stop()
+            probe_port.stopListening()
 
-        def gaps() -> None:
-            for c in sessions:
-                frames = [t for t, _ in c.frames]
-                c.frames.clear()
-                last = getattr(c, "last_frame", None)
-                if last is not None and frames:
-                    frames.insert(0, last)
-                if frames:
-                    c.last_frame = frames[-1]  # type: ignore[attr-defined]
-                audio_gaps.setdefault(phase["name"], []).extend(b - a for a, b in zip(frames, frames[1:]))
-
-        loops += [task.LoopingCall(replay), task.LoopingCall(gaps)]
-        loops[2].start(0.5)
-        loops[3].start(1.0)
-        class Sipp(protocol.ProcessProtocol):
-            def __init__(self) -> None:
-                self.out = b""
-                self.ended: defer.Deferred[None] = defer.Deferred()
-
-            def outReceived(self, data: bytes) -> None:
-                self.out += data
-
-            def processEnded(self, reason: Any) -> None:
-                self.ended.callback(None)
-
-        sipp = Sipp()
-        # Legitimate callers all along: up to 10 calls of 28 s; SIGUSR1 at the end lets them finish.
-        reactor.spawnProcess(sipp, shutil.which("sipp"), [
-            "sipp", "-sf", scenario, f"127.0.0.1:{daemon.sip_port}", "-s", "agent", "-i", "127.0.0.1",
-            "-p", str(free_port(socket.SOCK_DGRAM)), "-mp", str(free_port(socket.SOCK_DGRAM)),
-            "-r", "0.5", "-l", "10", "-nostdin", "-timeout", f"{args.total_seconds}s"],
-            env=dict(os.environ), path=workdir)
-
-        await task.deferLater(reactor, 5, lambda: None)
-        baseline = {"rss": rss_mb(pid), "fds": fd_kinds(pid), "udp": len(udp_ports(pid))}
-
-        async def attack(name: str, *worker_args: Any) -> dict[str, Any]:
-            phase["name"] = name
-            out, err, code = await getProcessOutputAndValue(sys.executable, [
-                os.path.abspath(__file__), "--worker", *[str(a) for a in worker_args]], env=dict(os.environ))
-            if code != 0:
-                print(err.decode(errors="replace"), file=sys.stderr)
-                return {"error": code}
-            return json.loads(out)
-
-        results = {}
-        results["malformed UDP"] = await attack("malformed UDP", "udp-garbage", "127.0.0.1", daemon.sip_port, 4, float(args.seconds))
-        results["INVITE flood, 1 source"] = await attack("INVITE flood, 1 source", "invite-flood", "127.0.0.1", daemon.sip_port, 1, 500.0, float(args.seconds))
-        results["INVITE flood, 200 sources"] = await attack("INVITE flood, 200 sources", "invite-flood", "127.0.0.1", daemon.sip_port, 200, 500.0, float(args.seconds))
-        results["idle WebSockets"] = await attack("idle WebSockets", "ws-idle", "127.0.0.1", daemon.http_port, 50, 3000, 120.0)
-        results["trickling HTTP"] = await attack("trickling HTTP", "trickle", "127.0.0.1", daemon.http_port, 20, 1100, 40.0)
-
-        phase["name"] = "recovery"
-        deadline = reactor.seconds() + 90
-        while await list_count() > args.audio_sessions + 10 and reactor.seconds() < deadline:
-            await task.deferLater(reactor, 1, lambda: None)
-        for c in sessions:
-            c.transport.loseConnection()
-        sipp.transport.signalProcess(signal.SIGUSR1)
-        await sipp.ended.addTimeout(60, reactor)
-        deadline = reactor.seconds() + 60
-        while await list_count() and reactor.seconds() < deadline:
-            await task.deferLater(reactor, 0.5, lambda: None)
-        after = {"rss": rss_mb(pid), "fds": fd_kinds(pid), "udp": len(udp_ports(pid))}
-        pooled = min(2, tcp_remote_ports(pid).count(hook.getHost().port))
-        after["fds"]["tcp"] = after["fds"].get("tcp", 0) - pooled
-        for loop in loops:
-            loop.stop()
-        probe_port.stopListening()
-
-        print(f"{'phase':28} {'/health ok  p50/max ms':24} {'OPTIONS ok':11} {'audio: longest gap ms, frames/s per session'}")
-        for name in ["baseline", *results, "recovery"]:
-            h = health.get(name, [])
-            ok = [x for x in h if x is not None]
-            o = options.get(name, [])
-            g = audio_gaps.get(name, [])
-            span = sum(g) or 1
-            line = f"{name:28} "
-            line += f"{len(ok)}/{len(h)} {1000 * statistics.median(ok) if ok else 0:5.1f}/{1000 * max(ok) if ok else 0:6.1f}   "
-            line += f"{sum(o)}/{len(o):<8} {1000 * max(g) if g else 0:6.1f}, {len(g) / span:5.1f}"
-            print(line)
-        for name, result in results.items():
-            print(f"{name}: {json.dumps(result)}")
-        text = sipp.out.decode(errors="replace")
-        cells = {line.split("|")[0].strip(): line.split("|")[2].split()[0] for line in text.splitlines()
-                 if line.strip().startswith(("Successful call", "Failed call")) and line.count("|") >= 2}
-        print(f"legit SIP calls (SIPp): {cells}; agent {agent}")
-        print(f"baseline {baseline}")
-        print(f"after    {after} ({pooled} idle keep-alive connection(s) to the webhook not counted)")
-        hook.stopListening()
-        await daemon.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+            print(f"{'phase':28} {'/health ok  p50/max ms':24} {'OPTIONS ok':11} {'audio: longest gap ms, frames/s per session'}")
+            for name in ["baseline", *results, "recovery"]:
+                h = health.get(name, [])
+                ok = [x for x in h if x is not None]
+                o = options.get(name, [])
+                g = audio_gaps.get(name, [])
+                span = sum(g) or 1
+                line = f"{name:28} "
+                line += f"{len(ok)}/{len(h)} {1000 * statistics.median(ok) if ok else 0:5.1f}/{1000 * max(ok) if ok else 0:6.1f}   "
+                line += f"{sum(o)}/{len(o):<8} {1000 * max(g) if g else 0:6.1f}, {len(g) / span:5.1f}"
+                print(line)
+            for name, result in results.items():
+                print(f"{name}: {json.dumps(result)}")
+            text = sipp.out.decode(errors="replace")
+            cells = {line.split("|")[0].strip(): line.split("|")[2].split()[0] for line in text.splitlines()
+                     if line.strip().startswith(("Successful call", "Failed call")) and line.count("|") >= 2}
+            print(f"legit SIP calls (SIPp): {cells}; agent {agent}")
+            print(f"baseline {baseline}")
+            print(f"after    {after} ({pooled} idle keep-alive connection(s) to the webhook not counted)")
+        finally:
+            if sipp is not None and sipp.transport.pid is not None:
+                sipp.transport.signalProcess("KILL")
+            hook.stopListening()
+            await daemon.stop()
+            shutil.rmtree(workdir, ignore_errors=True)
 
     task.react(lambda _: defer.Deferred.fromCoroutine(run()))
 

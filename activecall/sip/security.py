@@ -24,7 +24,8 @@ garbage alike, :meth:`SipGuard.datagram_allowed`): a per-source budget of
 ``DATAGRAM_BUDGET_FACTOR`` times the request rate and burst.  It is far above
 what a trunk's in-dialog traffic needs (an ACK, a BYE, a few responses per
 call) and only exists so that a flood of datagrams that would each cost a
-parse is dropped for the price of a dictionary lookup.
+parse is dropped for the price of a dictionary lookup.  A source whose
+unparseable messages exceed the request rate is muted for ``MUTE_S``.
 
 Why drop silently rather than answer ``403``/``503``:
 
@@ -236,6 +237,8 @@ def registrar_hosts(servers: Iterable[str]) -> list[str]:
 
 # Datagrams per source allowed per request the rate limit admits (see the module docstring).
 DATAGRAM_BUDGET_FACTOR = 20
+# How long a source that floods us with unparseable messages is ignored.
+MUTE_S = 1.0
 
 
 @dataclass
@@ -255,7 +258,12 @@ class SipGuard:
     trusted: set[_Address] = field(default_factory=set)
     # The coarse per-source datagram budget checked before anything is parsed.
     datagrams: RateLimiter | None = None
+    # Unparseable messages per source, at the request rate: beyond it the source is muted.
+    parse_errors: RateLimiter | None = None
     flooded: int = 0
+    # Source -> when its datagram bucket has a token again: a flood's datagrams are dropped
+    # with one dict lookup, without even parsing the address.
+    _over_budget: dict[str, float] = field(default_factory=dict, repr=False)
     # The source of the datagram being processed (source_admitted → admit_new_request).
     _source: str | None = field(default=None, repr=False)
     _source_at: float = field(default=0.0, repr=False)
@@ -271,7 +279,9 @@ class SipGuard:
         limiter = RateLimiter(rate_limit.requests_per_second, rate_limit.burst, max_sources=max_sources)
         datagrams = RateLimiter(rate_limit.requests_per_second * DATAGRAM_BUDGET_FACTOR,
                                 rate_limit.burst * DATAGRAM_BUDGET_FACTOR, max_sources=max_sources)
-        return cls(SipAcl(acl.allow, acl.deny), limiter, rate_limit.exempt, datagrams=datagrams)
+        parse_errors = RateLimiter(rate_limit.requests_per_second, rate_limit.burst, max_sources=max_sources)
+        return cls(SipAcl(acl.allow, acl.deny), limiter, rate_limit.exempt, datagrams=datagrams,
+                   parse_errors=parse_errors)
 
     def trust(self, ip: str) -> bool:
         """Let ``ip`` (a configured registrar's address) skip the rate limit; False (ignored) if not an IP literal."""
@@ -319,11 +329,36 @@ class SipGuard:
             return verdict
         return self.limit(ip, now)
 
-    # ------------------------------------------------------------ the daemon's three hooks
+    # ------------------------------------------------------------ the daemon's four hooks
+
+    def parse_failed(self, ip: str, now: float) -> None:
+        """``SipStack(penalize=...)``: ``ip`` sent garbage; past the request rate of it, mute it for a second.
+
+        A parse of junk costs far more than the budget check, and no SIP peer sends
+        dozens of unparseable messages a second.
+        """
+        if self.parse_errors is None or self.bypasses_limit(ip):
+            return
+        try:
+            allowed = self.parse_errors.allow(ip, now)
+        except ValueError:
+            allowed = self.parse_errors.allow("0.0.0.0", now)
+        if not allowed:
+            self._mute(ip, now + MUTE_S)
+
+    def _mute(self, ip: str, until: float) -> None:
+        if self.datagrams is not None and len(self._over_budget) >= self.datagrams.max_sources:
+            self._over_budget.clear()
+        self._over_budget[ip] = max(until, self._over_budget.get(ip, 0.0))
 
     def datagram_allowed(self, ip: str, now: float) -> bool:
         """``SipStack(budget=...)``: any datagram from ``ip`` within its coarse budget, before a parse."""
-        if self.datagrams is None or self.bypasses_limit(ip):
+        if self.datagrams is None:
+            return True
+        if now < self._over_budget.get(ip, 0.0):
+            self.flooded += 1
+            return False
+        if self.bypasses_limit(ip):
             return True
         try:
             allowed = self.datagrams.allow(ip, now)
@@ -331,6 +366,7 @@ class SipGuard:
             allowed = self.datagrams.allow("0.0.0.0", now)
         if not allowed:
             self.flooded += 1
+            self._mute(ip, now + 1.0 / self.datagrams.rate_per_s)
         return allowed
 
     def source_admitted(self, ip: str, now: float) -> bool:

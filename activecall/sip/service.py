@@ -136,7 +136,8 @@ def build_sip_service(config: Any, reactor: Any, ids: Any, handler: object | Non
                       client_tls: Any = None, timers: TimerConfig | None = None,
                       tcp_port: int | None = None,
                       admit: Callable[[str, float], bool] | None = None,
-                      budget: Callable[[str, float], bool] | None = None) -> SipService:
+                      budget: Callable[[str, float], bool] | None = None,
+                      penalize: Callable[[str, float], None] | None = None) -> SipService:
     """The SIP service for ``config`` (an ``activecall.config.Config``).
 
     TLS files are loaded here so that a bad certificate fails at start-up.
@@ -154,7 +155,8 @@ def build_sip_service(config: Any, reactor: Any, ids: Any, handler: object | Non
         if not config.tls_cert_file or not config.tls_key_file:
             raise ValueError("tls_port needs tls_cert_file and tls_key_file")
         tls_options = load_server_tls(config.tls_cert_file, config.tls_key_file)
-    stack = SipStack(reactor, ids, client_tls=client_tls, timers=timers, admit=admit, budget=budget)
+    stack = SipStack(reactor, ids, client_tls=client_tls, timers=timers, admit=admit, budget=budget,
+                     penalize=penalize)
     ua = SipUserAgent(
         stack, ids=ids, handler=handler, useragent=config.useragent,
         external_ip=config.external_ip, auto_learn_public_address=config.auto_learn_public_address,

@@ -119,10 +119,12 @@ class SipStack:
                  timers: TimerConfig | None = None,
                  client_tls: Callable[[str], Any] | None = None,
                  admit: Callable[[str, float], bool] | None = None,
-                 budget: Callable[[str, float], bool] | None = None) -> None:
+                 budget: Callable[[str, float], bool] | None = None,
+                 penalize: Callable[[str, float], None] | None = None) -> None:
         self._reactor = reactor
         # A per-source datagram budget (any message), then the ACL (requests), both before a parse.
         self._budget = budget
+        self._penalize = penalize  # told of each unparseable message's source
         self._admit = admit
         self._ids = ids
         self._shards = [TransactionLayer(ids, timers) for _ in range(shards)]
@@ -280,6 +282,8 @@ class SipStack:
                 # Let the layer build the 400/505 (it re-parses; this is the rare path).
                 self.counters["parse_errors"] += 1
                 self._log.debug("unparseable SIP from {source}: {error}", source=source, error=str(err))
+                if self._penalize is not None:
+                    self._penalize(source[0], self.now())
                 layer = self._shards[0]
                 self._run(layer, layer.receive_datagram(data, source, self.now(), reliable=link.reliable), link)
                 return
@@ -293,6 +297,8 @@ class SipStack:
         except SipParseError as err:
             self.counters["parse_errors"] += 1
             self._log.debug("bad SIP from {source}: {error}", source=source, error=str(err))
+            if self._penalize is not None:
+                self._penalize(source[0], self.now())
         except Exception:
             self._log.failure("SIP message processing failed")
         finally:

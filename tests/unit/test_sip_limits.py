@@ -46,7 +46,8 @@ class StackCase(SynchronousTestCase):
         self.ids = IdSource(random.Random(7))
         self.stack = SipStack(self.clock, self.ids, shards=4,
                               admit=guard.source_admitted if guard is not None else None,
-                              budget=guard.datagram_allowed if guard is not None else None)
+                              budget=guard.datagram_allowed if guard is not None else None,
+                              penalize=guard.parse_failed if guard is not None else None)
         self.ua = SipUserAgent(self.stack, ids=self.ids, handler=handler, useragent="test-ua",
                                admit_new_request=guard.admit_new_request if guard is not None else None,
                                **kwargs)
@@ -236,21 +237,32 @@ def test_exempt_network_parse() -> None:
 class DatagramBudgetTests(StackCase):
     """A flood of datagrams is dropped per source before it costs a parse."""
 
-    def test_garbage_flood_dropped_before_parse(self) -> None:
-        """Past 20x the request burst, a source's garbage is counted as flooded, not parsed."""
+    def test_datagram_flood_dropped_before_parse(self) -> None:
+        """Past 20x the request burst, a source's datagrams are counted as flooded, not parsed."""
         guard = SipGuard.from_config(SipAclConfig(), SipRateLimitConfig(requests_per_second=5, burst=10))
         self.make(guard=guard)
         for i in range(1000):
-            self.feed(b"\x16\x03garbage %d" % i, ("192.0.2.66", 5060))
+            self.feed(request("ACK", i, to_tag="t"), ("192.0.2.66", 5060))
         self.assertEqual(self.stack.counters["flooded"], 800)
         self.assertEqual(guard.flooded, 800)
-        self.assertEqual(self.stack.counters["parse_errors"], 200)
         # Another source is not affected, and the budget refills with time.
         self.feed(request("OPTIONS", 1), ("192.0.2.67", 5060))
         self.assertEqual(self.stack.counters["flooded"], 800)
         self.clock.advance(10)
-        self.feed(b"garbage", ("192.0.2.66", 5060))
+        self.feed(request("ACK", 2000, to_tag="t"), ("192.0.2.66", 5060))
         self.assertEqual(self.stack.counters["flooded"], 800)
+
+    def test_garbage_source_muted(self) -> None:
+        """A source sending more unparseable messages than the request rate is muted for a second."""
+        guard = SipGuard.from_config(SipAclConfig(), SipRateLimitConfig(requests_per_second=5, burst=10))
+        self.make(guard=guard)
+        for i in range(100):
+            self.feed(b"\x16\x03garbage %d" % i, ("192.0.2.66", 5060))
+        self.assertEqual(self.stack.counters["parse_errors"], 11)
+        self.assertEqual(self.stack.counters["flooded"], 89)
+        self.clock.advance(1.5)
+        self.feed(request("OPTIONS", 1), ("192.0.2.66", 5060))
+        self.assertEqual(self.stack.counters["flooded"], 89)
 
     def test_trusted_sources_have_no_budget(self) -> None:
         """Allow-listed sources (trunks) are never cut by the datagram budget."""
