@@ -415,6 +415,7 @@ def measure_main(args: argparse.Namespace) -> None:
             deadline = reactor.seconds() + 90
             while await list_count() > args.audio_sessions + 10 and reactor.seconds() < deadline:
                 await task.deferLater(reactor, 1, lambda: None)
+            phase["name"] = "end"  # the audio sessions close now: not measured any more
             for c in sessions:
                 c.transport.loseConnection()
             sipp.transport.signalProcess(signal.SIGUSR1)
