@@ -331,10 +331,13 @@ class ApiConfig:
 
 @dataclass(frozen=True)
 class SipLimitsConfig:
-    """``[sip_limits]``: calls at once (503 + Retry-After beyond) and INVITEs awaiting a client."""
+    """``[sip_limits]``: calls at once (503 + Retry-After beyond) and INVITEs awaiting a client,
+    in all and per source address (sources on the ACL allow list, exempt or registrars excepted)."""
 
     max_calls: int = DEFAULT_MAX_CALLS
     max_pending_invites: int = DEFAULT_MAX_PENDING_INVITES
+    # One untrusted source's share of max_pending_invites (None = a quarter of it).
+    max_pending_per_source: int | None = None
 
 
 @dataclass(frozen=True)
@@ -1109,6 +1112,7 @@ def _read_sip_limits(t: _Table | None) -> SipLimitsConfig:
     limits = SipLimitsConfig(
         max_calls=t.integer("max_calls", DEFAULT_MAX_CALLS, minimum=1),
         max_pending_invites=t.integer("max_pending_invites", DEFAULT_MAX_PENDING_INVITES, minimum=1),
+        max_pending_per_source=t.opt_int("max_pending_per_source", minimum=1),
     )
     t.finish()
     return limits

@@ -365,7 +365,9 @@ def makeService(options: Options) -> service.IService:
 
     if isinstance(config.handler, WebhookHandlerConfig):
         services.pending = PendingCalls(reactor, config.accept_timeout_s, on_closed=unanswered_call_ended,
-                                        max_pending=config.sip_limits.max_pending_invites)
+                                        max_pending=config.sip_limits.max_pending_invites,
+                                        max_per_source=config.sip_limits.max_pending_per_source,
+                                        trusted=guard.bypasses_limit)
         notifier = WebhookNotifier(config.handler, fetcher, reactor, signing_secret=config.webhook.signing_secret)
         handler = WebhookCallHandler(notifier, services.pending, reactor)
     elif isinstance(config.handler, PlaybookHandlerConfig):

@@ -12,7 +12,11 @@ holds those calls by dialogId and answers them itself when nobody does:
 - shutdown → every pending call gets ``503`` with the "Server shutting down" Reason;
 - ``max_pending`` (``[sip_limits] max_pending_invites``) already waiting →
   the new call gets ``503`` with ``Retry-After`` and the "Too many pending
-  calls" Reason at once, never enters the registry (no webhook is sent).
+  calls" Reason at once, never enters the registry (no webhook is sent);
+  the same when its source address already holds ``max_per_source`` of
+  them (a quarter by default), unless ``trusted(ip)`` says it is a trunk or
+  registrar: one sender alone cannot lock everybody else out until the accept
+  timeouts free the registry.
 
 Life of one entry::
 
@@ -65,12 +69,14 @@ class PendingCall(Protocol):
 class _Entry:
     """One pending call and its accept-timeout timer."""
 
-    __slots__ = ("call", "timer", "added_at")
+    __slots__ = ("call", "timer", "added_at", "source_ip")
 
-    def __init__(self, call: PendingCall, timer: IDelayedCall, added_at: float = 0.0) -> None:
+    def __init__(self, call: PendingCall, timer: IDelayedCall, added_at: float = 0.0,
+                 source_ip: str | None = None) -> None:
         self.call = call
         self.timer = timer
         self.added_at = added_at
+        self.source_ip = source_ip  # counted against its source's share; None = not counted
 
 
 class PendingCalls:
@@ -85,9 +91,15 @@ class PendingCalls:
 
     def __init__(self, clock: IReactorTime, accept_timeout_s: float,
                  on_closed: Callable[[str, PendingCall, float, int], None] | None = None,
-                 max_pending: int | None = None) -> None:
+                 max_pending: int | None = None, max_per_source: int | None = None,
+                 trusted: Callable[[str], bool] = lambda ip: False) -> None:
         self._clock = clock
         self._max_pending = max_pending
+        if max_per_source is None and max_pending is not None:
+            max_per_source = max(1, max_pending // 4)
+        self._max_per_source = max_per_source
+        self._trusted = trusted
+        self._per_source: dict[str, int] = {}
         self.refused = 0  # calls answered 503 because max_pending were waiting
         self._timeout_s = accept_timeout_s
         self._entries: dict[str, _Entry] = {}
@@ -113,26 +125,34 @@ class PendingCalls:
 
     # ------------------------------------------------------------ changes
 
-    def add(self, dialog_id: str, call: PendingCall) -> bool:
+    def add(self, dialog_id: str, call: PendingCall, source_ip: str | None = None) -> bool:
         """Register ``call`` under ``dialog_id`` and start its accept timeout; False if refused.
 
         A second ``add`` under the same id replaces the first entry (and its timer).
-        When ``max_pending`` calls are already waiting the call is answered
-        ``503`` (``Retry-After``, "Too many pending calls") and not registered.
+        When ``max_pending`` calls are already waiting, or ``source_ip`` (untrusted)
+        already holds ``max_per_source``, the call is answered ``503``
+        (``Retry-After``, "Too many pending calls") and not registered.
         """
-        old = self._entries.pop(dialog_id, None)
-        if old is not None:
-            self._cancel_timer(old)
-        elif self._max_pending is not None and len(self._entries) >= self._max_pending:
+        counted = source_ip if source_ip and not self._trusted(source_ip) else None
+        old = self._pop(dialog_id)
+        if old is None and self._full(counted):
             self.refused += 1
-            self._log.debug("pending call {dialog_id} refused: {n} calls waiting for a client",
-                            dialog_id=dialog_id, n=len(self._entries))
+            self._log.debug("pending call {dialog_id} from {source} refused: {n} calls waiting for a client",
+                            dialog_id=dialog_id, source=source_ip, n=len(self._entries))
             call.reject(503, None, headers=[("Retry-After", str(PENDING_RETRY_AFTER_S)),
                                             ("Reason", TOO_MANY_PENDING_REASON)])
             return False
         timer = self._clock.callLater(self._timeout_s, self._expired, dialog_id)
-        self._entries[dialog_id] = _Entry(call, timer, self._clock.seconds())
+        self._entries[dialog_id] = _Entry(call, timer, self._clock.seconds(), counted)
+        if counted is not None:
+            self._per_source[counted] = self._per_source.get(counted, 0) + 1
         return True
+
+    def _full(self, source_ip: str | None) -> bool:
+        if self._max_pending is not None and len(self._entries) >= self._max_pending:
+            return True
+        return (source_ip is not None and self._max_per_source is not None
+                and self._per_source.get(source_ip, 0) >= self._max_per_source)
 
     def take(self, dialog_id: str) -> PendingCall | None:
         """Claim the call (the client accepts or rejects it): stop its timer and forget it.
@@ -185,6 +205,13 @@ class PendingCalls:
         entry = self._entries.pop(dialog_id, None)
         if entry is not None:
             self._cancel_timer(entry)
+            ip = entry.source_ip
+            if ip is not None:
+                left = self._per_source[ip] - 1
+                if left:
+                    self._per_source[ip] = left
+                else:
+                    del self._per_source[ip]
         return entry
 
     @staticmethod
@@ -193,7 +220,7 @@ class PendingCalls:
             entry.timer.cancel()
 
     def _expired(self, dialog_id: str) -> None:
-        entry = self._entries.pop(dialog_id, None)
+        entry = self._pop(dialog_id)
         if entry is None:
             return
         self._log.info("pending call {dialog_id} not accepted within {timeout_s} s",

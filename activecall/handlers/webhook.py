@@ -316,7 +316,7 @@ class WebhookCallHandler:
             self._log.failure("building the webhook payload for {dialog_id} failed", dialog_id=dialog_id)
             call.reject(503, None, headers=[("Reason", _FAILED_PREFIX + _one_line(str(err)))])
             return
-        if not self._pending.add(dialog_id, call):
+        if not self._pending.add(dialog_id, call, source_ip=call.source[0]):
             return  # max_pending_invites reached: answered 503, no webhook
         call.listener = _PendingWatch(self._pending, dialog_id, call)
         self._log.info("inbound call {dialog_id} from {caller} to {callee}: notifying webhook",

@@ -376,13 +376,14 @@ class InboundCall(CallDialog):
 
     Useful fields for the webhook (protocol.md §1.4): ``dialog_id``,
     ``call_id``, ``from_tag``, ``to_tag``, ``caller``, ``callee``, ``request``
-    (all headers), ``remote_sdp`` (the offer).
+    (all headers), ``remote_sdp`` (the offer), ``source`` (where the INVITE came from).
     """
 
     def __init__(self, ua: SipUserAgent, dialog: Dialog, invite: SipRequest, key: TransactionKey,
-                 flow: object | None) -> None:
+                 flow: object | None, source: tuple[str, int] = ("", 0)) -> None:
         super().__init__(ua, dialog, invite, flow)
         self.key = key
+        self.source = source
         self.remote_sdp = invite.body
         self.final_sent = False
         self.cancelled = False
@@ -1000,7 +1001,7 @@ class SipUserAgent:
         if to_tag is not None:
             self._in_dialog(request, key, to_tag)
         elif method == "INVITE":
-            self._new_invite(request, key, flow)
+            self._new_invite(request, key, flow, source)
         elif method == "OPTIONS":
             self._respond(key, request, 200, headers=[("Allow", ALLOW), ("Accept", "application/sdp")],
                           to_tag=self._ids.tag())
@@ -1025,7 +1026,8 @@ class SipUserAgent:
             # The transaction already completed (e.g. the handler answered twice): nothing to send.
             self._log.debug("no server transaction for {status}", status=status)
 
-    def _new_invite(self, request: SipRequest, key: TransactionKey, flow: object | None) -> None:
+    def _new_invite(self, request: SipRequest, key: TransactionKey, flow: object | None,
+                    source: tuple[str, int] = ("", 0)) -> None:
         self.counters["invites_in"] += 1
         tag = self._ids.tag()
         if self.handler is None:
@@ -1054,7 +1056,7 @@ class SipUserAgent:
         except (DialogError, SipParseError) as err:
             self._respond(key, request, getattr(err, "status", 400), to_tag=tag)
             return
-        call = InboundCall(self, dialog, request, key, flow if transport in ("tcp", "tls") else None)
+        call = InboundCall(self, dialog, request, key, flow if transport in ("tcp", "tls") else None, source)
         self._dialogs[(dialog.call_id, tag)] = call
         self._invites[key] = call
         try:

@@ -181,7 +181,7 @@ class MaxPendingInvitesTests(LimitsTestCase):
 
         port = reactor.listenTCP(0, Site(Hook()), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
-        daemon = await self.daemon("[sip_limits]\nmax_pending_invites = 2\n", handler=(
+        daemon = await self.daemon("[sip_limits]\nmax_pending_invites = 2\nmax_pending_per_source = 2\n", handler=(
             f'[handler]\ntype = "webhook"\nurl = "http://127.0.0.1:{port.getHost().port}/hook"\n'))
         holder = self.sipp(daemon, "-sn", "uac", "-m", "2", "-l", "2", "-mp", str(free_port(socket.SOCK_DGRAM)))
         await waiters.wait(lambda: len(hooks) == 2, 30, "two webhooks")

@@ -178,3 +178,26 @@ class MaxPendingTests(SynchronousTestCase):
         self.assertEqual(len(pending), 2)
         pending.reject_all()
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class PerSourceShareTests(SynchronousTestCase):
+    """One source may hold only its share of the pending registry, unless it is trusted."""
+
+    def test_one_source_cannot_fill_the_registry(self) -> None:
+        """With max_pending 8, one untrusted source holds 2 (a quarter); others and trusted sources still get in."""
+        clock = Clock()
+        pending = PendingCalls(clock, accept_timeout_s=60.0, max_pending=8,
+                               trusted=lambda ip: ip == "10.0.0.2")
+        flood = [pending.add(f"f{i}", FakeCall(), source_ip="192.0.2.66") for i in range(5)]
+        self.assertEqual(flood, [True, True, False, False, False])
+        self.assertTrue(pending.add("other", FakeCall(), source_ip="198.51.100.7"))
+        self.assertEqual([pending.add(f"t{i}", FakeCall(), source_ip="10.0.0.2") for i in range(5)], [True] * 5)
+        self.assertEqual(pending.refused, 3)
+        # Leaving by any path frees the source's share: timeout, take, cancel.
+        clock.advance(60)
+        self.assertEqual(len(pending), 0)
+        self.assertTrue(pending.add("f9", FakeCall(), source_ip="192.0.2.66"))
+        pending.take("f9")
+        self.assertTrue(pending.add("f10", FakeCall(), source_ip="192.0.2.66"))
+        self.assertTrue(pending.cancelled("f10"))
+        self.assertEqual(pending._per_source, {})

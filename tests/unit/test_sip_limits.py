@@ -216,7 +216,7 @@ class MaxPendingInvitesTests(StackCase):
                 return Deferred()
 
         notifier = Notifier()
-        pending = PendingCalls(Clock(), accept_timeout_s=60.0, max_pending=2)
+        pending = PendingCalls(Clock(), accept_timeout_s=60.0, max_pending=2, max_per_source=2)
         self.make(WebhookCallHandler(notifier, pending, Clock()))
         for n in range(3):
             self.feed(request("INVITE", n, body=SDP))
@@ -272,3 +272,26 @@ class DatagramBudgetTests(StackCase):
         for i in range(1000):
             self.feed(b"garbage %d" % i, TRUNK)
         self.assertEqual(self.stack.counters["flooded"], 0)
+
+
+class PendingPerSourceTests(StackCase):
+    """Through the user agent and webhook handler, one source gets only its share of pending INVITEs."""
+
+    def test_one_source_share(self) -> None:
+        """With max_pending 8 (share 2), the trunk's third waiting INVITE gets 503; another source still gets in."""
+        from twisted.internet.defer import Deferred
+
+        from activecall.handlers.pending import PendingCalls
+        from activecall.handlers.webhook import WebhookCallHandler
+
+        class Notifier:
+            def notify(self, payload: dict[str, Any]) -> Deferred[None]:
+                return Deferred()
+
+        pending = PendingCalls(Clock(), accept_timeout_s=60.0, max_pending=8)
+        self.make(WebhookCallHandler(Notifier(), pending, Clock()))
+        for n in range(3):
+            self.feed(request("INVITE", n, body=SDP))
+        self.assertEqual([r.status for r in self.responses() if r.status >= 200], [503])
+        self.feed(request("INVITE", 7, body=SDP), ("10.0.0.3", 5070))
+        self.assertEqual(len(pending), 3)
