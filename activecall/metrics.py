@@ -40,6 +40,8 @@ __all__ = [
 # The tick is due every 20 ms: sub-ms is healthy, beyond a frame means missed frames.
 TICK_LATENESS_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.1, 0.25, 1.0)
 _PROVIDER_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+_RTP_COUNTERS = ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes", "rtp_lost", "jitter_lost",
+                 "rx_malformed", "rx_srtp_errors", "tx_errors")
 
 
 class DaemonMetrics:
@@ -211,10 +213,10 @@ class DaemonCollector(Collector):
     def _rtp(self) -> Iterator[Metric]:
         if self.engine is None:
             return
-        legs = list(getattr(self.engine, "_legs", ()))
+        legs = self.engine.legs()
         yield GaugeMetricFamily("activecall_rtp_legs", "RTP legs of calls in progress.", value=len(legs))
-        totals = {"rx_packets": 0, "tx_packets": 0, "rx_bytes": 0, "tx_bytes": 0, "rtp_lost": 0,
-                  "jitter_lost": 0, "rx_malformed": 0, "rx_srtp_errors": 0, "tx_errors": 0}
+        # Running totals: the legs still up plus everything the ended ones counted.
+        totals = {name: int(self.engine.retired_stats.get(name, 0)) for name in _RTP_COUNTERS}
         jitters: list[float] = []
         for leg in legs:
             try:
@@ -226,24 +228,20 @@ class DaemonCollector(Collector):
             jitter = _jitter_s(leg)
             if jitter is not None:
                 jitters.append(jitter)
-        packets = GaugeMetricFamily("activecall_rtp_packets", "RTP packets of the calls in progress.",
-                                    labels=["direction"])
+        packets = CounterMetricFamily("activecall_rtp_packets", "RTP packets received and sent.",
+                                      labels=["direction"])
         packets.add_metric(["rx"], totals["rx_packets"])
         packets.add_metric(["tx"], totals["tx_packets"])
         yield packets
-        octets = GaugeMetricFamily("activecall_rtp_bytes", "RTP bytes of the calls in progress.",
-                                   labels=["direction"])
+        octets = CounterMetricFamily("activecall_rtp_bytes", "RTP bytes received and sent.", labels=["direction"])
         octets.add_metric(["rx"], totals["rx_bytes"])
         octets.add_metric(["tx"], totals["tx_bytes"])
         yield octets
-        yield GaugeMetricFamily("activecall_rtp_lost_packets",
-                                "Packets lost (RFC 3550 cumulative) on the calls in progress.",
-                                value=totals["rtp_lost"])
-        yield GaugeMetricFamily("activecall_rtp_concealed_packets",
-                                "Packets the jitter buffers concealed on the calls in progress.",
-                                value=totals["jitter_lost"])
-        errors = GaugeMetricFamily("activecall_rtp_errors", "RTP errors on the calls in progress, by kind.",
-                                   labels=["kind"])
+        yield CounterMetricFamily("activecall_rtp_lost_packets", "RTP packets lost (RFC 3550 cumulative).",
+                                  value=totals["rtp_lost"])
+        yield CounterMetricFamily("activecall_rtp_concealed_packets", "Packets the jitter buffers concealed.",
+                                  value=totals["jitter_lost"])
+        errors = CounterMetricFamily("activecall_rtp_errors", "RTP errors by kind.", labels=["kind"])
         errors.add_metric(["malformed"], totals["rx_malformed"])
         errors.add_metric(["srtp"], totals["rx_srtp_errors"])
         errors.add_metric(["send"], totals["tx_errors"])

@@ -181,6 +181,8 @@ class RtpMediaEngine:
         self._media_clock = media_clock
         self.batch_g711 = batch_g711
         self._legs: list[RtpLeg] = []
+        # Counters of the legs already removed, so /metrics totals never go down.
+        self.retired_stats: dict[str, int] = {}
         self._batch = _G711Batch()
         self.frames = 0
         self.late_frames = 0
@@ -200,12 +202,20 @@ class RtpMediaEngine:
             self._subscribed = True
             self._media_clock.subscribe(self)
 
+    def legs(self) -> list[RtpLeg]:
+        """The legs ticking now."""
+        return list(self._legs)
+
     def remove(self, leg: RtpLeg) -> None:
-        """Stop ticking ``leg``."""
+        """Stop ticking ``leg``; its counters join :attr:`retired_stats`."""
         try:
             self._legs.remove(leg)
         except ValueError:
             return
+        retired = self.retired_stats
+        for name, value in leg.stats().items():
+            if type(value) is int:
+                retired[name] = retired.get(name, 0) + value
         if leg._row >= 0:
             self._batch.give_row(leg._row)
             leg._row = -1

@@ -63,9 +63,13 @@ class FakeLeg:
 
 
 class FakeEngine:
-    def __init__(self, legs: list[FakeLeg]) -> None:
+    def __init__(self, legs: list[FakeLeg], retired: dict[str, int] | None = None) -> None:
         self._legs = legs
+        self.retired_stats = retired or {}
         self.late_frames = 3
+
+    def legs(self) -> list[FakeLeg]:
+        return list(self._legs)
 
 
 class DaemonMetricsTests(SynchronousTestCase):
@@ -136,7 +140,8 @@ class CollectorTests(SynchronousTestCase):
         pending = PendingCalls(clock, 60.0)
         m = DaemonMetrics()
         m.add_collector(DaemonCollector(user_agent=ua, stack=stack, guard=guard, pending=pending, sessions=[],
-                                        engine=FakeEngine([FakeLeg(100, 90, 2), FakeLeg(50, 50, 0)]),
+                                        engine=FakeEngine([FakeLeg(100, 90, 2), FakeLeg(50, 50, 0)],
+                                                          retired={"rx_packets": 1000, "rtp_lost": 5}),
                                         media_clock=MediaClock(clock)))
         got = samples(m)
         self.assertEqual(got[("activecall_calls", (("direction", "inbound"), ("state", "answered")))], 1.0)
@@ -148,8 +153,9 @@ class CollectorTests(SynchronousTestCase):
         self.assertEqual(got[("activecall_sip_transport_messages_total", (("outcome", "received"),))], 2.0)
         self.assertEqual(got[("activecall_calls_pending", ())], 0.0)
         self.assertEqual(got[("activecall_rtp_legs", ())], 2.0)
-        self.assertEqual(got[("activecall_rtp_packets", (("direction", "rx"),))], 150.0)
-        self.assertEqual(got[("activecall_rtp_lost_packets", ())], 2.0)
+        # Totals include what the ended legs counted: they never go down.
+        self.assertEqual(got[("activecall_rtp_packets_total", (("direction", "rx"),))], 1150.0)
+        self.assertEqual(got[("activecall_rtp_lost_packets_total", ())], 7.0)
         self.assertAlmostEqual(got[("activecall_rtp_jitter_seconds", (("stat", "max"),))], 0.01)
         self.assertEqual(got[("activecall_media_late_frames_total", ())], 3.0)
 
