@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import selectors
@@ -27,13 +26,10 @@ import shutil
 import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import wave
 from typing import Any
-from urllib.parse import quote
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -231,14 +227,12 @@ def worker_main(argv: list[str]) -> None:
 def measure_main(args: argparse.Namespace) -> None:
     sys.path.insert(0, os.path.join(HERE, "..", "tests", "integration"))
     sys.path.insert(0, HERE)
-    import numpy as np
     from twisted.internet import defer, protocol, reactor, task
     from twisted.internet.utils import getProcessOutputAndValue
-    from twisted.web.resource import Resource
-    from twisted.web.server import Site
 
     from harness import BASE_CONFIG, free_port, http_client, start_daemon
     from procstats import fd_kinds, rss_mb, tcp_remote_ports, udp_ports
+    from agent import WebhookAgent, write_tone
     from soak import PCAP, caller_scenario
     from ws_tts_sessions import connect as raw_connect
 
@@ -250,48 +244,17 @@ def measure_main(args: argparse.Namespace) -> None:
     async def run() -> None:
         workdir = tempfile.mkdtemp(prefix="ac-abuse-")
         prompt = os.path.join(workdir, "media", "prompt.wav")
-        os.makedirs(os.path.dirname(prompt))
-        with wave.open(prompt, "wb") as w:
-            w.setnchannels(1)
-            w.setsampwidth(2)
-            w.setframerate(16000)
-            n = 16000 * 30
-            w.writeframes((6000 * np.sin(2 * math.pi * 440 * np.arange(n) / 16000)).astype("<i2").tobytes())
+        write_tone(prompt, 30)
         shutil.copy(PCAP, os.path.join(workdir, "caller.pcap"))
         scenario = os.path.join(workdir, "caller.xml")
         with open(scenario, "w") as f:
             f.write(caller_scenario(28))
-        agent = {"accepted": 0, "errors": 0, "flood_ignored": 0}
-
-        async def answer(payload: dict[str, Any]) -> None:
-            try:
-                client = await raw_connect(daemon.http_port, f"/call/sip?id={quote(payload['dialogId'], safe='')}&dump=false")
-                client.send({"command": "accept", "option": {}})
-                await client.wait_event("answer", timeout_s=30)
-                agent["accepted"] += 1
-                client.send({"command": "play", "url": prompt, "autoHangup": True})
-                await client.wait_event("hangup", timeout_s=120)
-                client.transport.loseConnection()
-            except Exception as e:
-                agent["errors"] += 1
-                print("agent error:", e, file=sys.stderr)
-
-        class Hook(Resource):
-            isLeaf = True
-
-            def render_POST(self, request: Any) -> bytes:
-                payload = json.loads(request.content.read())
-                if "flood" in str(payload.get("caller")):
-                    agent["flood_ignored"] += 1  # an attacker's call: nobody picks it up
-                else:
-                    defer.ensureDeferred(answer(payload))
-                return b'{"status":"ok"}'
-
-        hook = reactor.listenTCP(0, Site(Hook()), interface="127.0.0.1")
-        config = ("rtp_start_port = 20000\nrtp_end_port = 24000\n" + BASE_CONFIG
-                  + f'[handler]\ntype = "webhook"\nurl = "http://127.0.0.1:{hook.getHost().port}/hook"\n'
+        # The attackers' INVITEs reach the webhook too: nobody picks those up.
+        agent = WebhookAgent(prompt, 120, ignore=lambda payload: "flood" in str(payload.get("caller")))
+        config = ("rtp_start_port = 20000\nrtp_end_port = 24000\n" + BASE_CONFIG + agent.webhook_config
                   + '[fetch]\nmedia_dirs = ["{workdir}/media"]\n')
         daemon = await start_daemon(workdir, config)
+        agent.http_port = daemon.http_port
         sipp = None
         try:
             pid = daemon.transport.pid
@@ -424,7 +387,7 @@ def measure_main(args: argparse.Namespace) -> None:
             while await list_count() and reactor.seconds() < deadline:
                 await task.deferLater(reactor, 0.5, lambda: None)
             after = {"rss": rss_mb(pid), "fds": fd_kinds(pid), "udp": len(udp_ports(pid))}
-            pooled = min(2, tcp_remote_ports(pid).count(hook.getHost().port))
+            pooled = min(2, tcp_remote_ports(pid).count(agent.port.getHost().port))
             after["fds"]["tcp"] = after["fds"].get("tcp", 0) - pooled
             for loop in loops:
                 loop.stop()
@@ -446,13 +409,13 @@ def measure_main(args: argparse.Namespace) -> None:
             text = sipp.out.decode(errors="replace")
             cells = {line.split("|")[0].strip(): line.split("|")[2].split()[0] for line in text.splitlines()
                      if line.strip().startswith(("Successful call", "Failed call")) and line.count("|") >= 2}
-            print(f"legit SIP calls (SIPp): {cells}; agent {agent}")
+            print(f"legit SIP calls (SIPp): {cells}; agent {agent.counts}")
             print(f"baseline {baseline}")
             print(f"after    {after} ({pooled} idle keep-alive connection(s) to the webhook not counted)")
         finally:
             if sipp is not None and sipp.transport.pid is not None:
                 sipp.transport.signalProcess("KILL")
-            hook.stopListening()
+            agent.stop()
             await daemon.stop()
             shutil.rmtree(workdir, ignore_errors=True)
 

@@ -13,88 +13,37 @@ calls, daemon CPU and RSS.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import shutil
+import socket
 import sys
 import tempfile
-import wave
-from urllib.parse import quote
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "integration"))
-
-import numpy as np  # noqa: E402
-from twisted.internet import defer, reactor, task  # noqa: E402
-from twisted.internet.utils import getProcessOutputAndValue  # noqa: E402
-from twisted.web.resource import Resource  # noqa: E402
-from twisted.web.server import Site  # noqa: E402
-
-from harness import BASE_CONFIG, free_port, start_daemon  # noqa: E402
-from ws_tts_sessions import connect as raw_connect  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests", "integration"))
+sys.path.insert(0, HERE)
 
+from twisted.internet import defer, reactor, task  # noqa: E402
+from twisted.internet.utils import getProcessOutputAndValue  # noqa: E402
 
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+from agent import WebhookAgent, write_tone  # noqa: E402
+from harness import BASE_CONFIG, free_port, start_daemon  # noqa: E402
+from procstats import cpu_seconds, rss_mb  # noqa: E402
 
 
 async def run(args: argparse.Namespace) -> None:
-    import socket
-
     workdir = tempfile.mkdtemp(prefix="ac-inbound-")
-    prompt = os.path.join(workdir, "prompt.wav")
-    with wave.open(prompt, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        n = int(16000 * args.prompt_seconds)
-        w.writeframes((6000 * np.sin(2 * math.pi * 440 * np.arange(n) / 16000)).astype("<i2").tobytes())
-    pcap = "/usr/share/sip-tester/g711a.pcap"
-    shutil.copy(pcap, os.path.join(workdir, "caller.pcap"))
-
-    answered = {"accepted": 0, "hangups": 0, "errors": 0}
-    clients: list[object] = []
-
-    async def agent(payload: dict) -> None:
-        try:
-            client = await raw_connect(daemon.http_port, f"/call/sip?id={quote(payload['dialogId'], safe='')}&dump=false&ping=0")
-            clients.append(client)
-            client.send({"command": "accept", "option": {}})
-            await client.wait_event("answer", timeout_s=30)
-            answered["accepted"] += 1
-            client.send({"command": "play", "url": prompt, "autoHangup": True})
-            await client.wait_event("hangup", timeout_s=args.prompt_seconds + 60)
-            answered["hangups"] += 1
-            client.transport.loseConnection()
-        except Exception as e:  # counted; the benchmark reports failures, it does not stop
-            answered["errors"] += 1
-            print("agent error:", e, file=sys.stderr)
-
-    class Hook(Resource):
-        isLeaf = True
-
-        def render_POST(self, request: object) -> bytes:
-            defer.ensureDeferred(agent(json.loads(request.content.read())))  # type: ignore[attr-defined]
-            return b'{"status":"ok"}'
-
-    hook = reactor.listenTCP(0, Site(Hook()), interface="127.0.0.1")
+    prompt = os.path.join(workdir, "media", "prompt.wav")
+    write_tone(prompt, args.prompt_seconds)
+    shutil.copy("/usr/share/sip-tester/g711a.pcap", os.path.join(workdir, "caller.pcap"))
+    agent = WebhookAgent(prompt, args.prompt_seconds + 60, query="dump=false&ping=0")
+    answered = agent.counts
     base = 20000
     config = (f"rtp_start_port = {base}\nrtp_end_port = {base + 4 * args.limit + 200}\n" + BASE_CONFIG
-              + f'[handler]\ntype = "webhook"\nurl = "http://127.0.0.1:{hook.getHost().port}/hook"\n'
+              + agent.webhook_config + '[fetch]\nmedia_dirs = ["{workdir}/media"]\n'
               + '[sip_rate_limit]\nenabled = false\n')
     daemon = await start_daemon(workdir, config)
+    agent.http_port = daemon.http_port
     pid = daemon.transport.pid
     peak = {"calls": 0}
 
@@ -128,7 +77,7 @@ async def run(args: argparse.Namespace) -> None:
         print(f"daemon RSS          {rss_mb(pid):.1f} MB")
     finally:
         sampler.stop()
-        hook.stopListening()
+        agent.stop()
         await daemon.stop()
 
 

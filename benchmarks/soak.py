@@ -16,28 +16,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import socket
 import sys
 import tempfile
-import wave
-from urllib.parse import quote
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "integration"))
 sys.path.insert(0, HERE)
 
-import numpy as np  # noqa: E402
 from twisted.internet import defer, reactor, task  # noqa: E402
 from twisted.internet.utils import getProcessOutputAndValue  # noqa: E402
-from twisted.web.resource import Resource  # noqa: E402
-from twisted.web.server import Site  # noqa: E402
 
 from harness import BASE_CONFIG, free_port, http_client, start_daemon  # noqa: E402
 from procstats import fd_kinds, open_fds, rss_mb, tcp_remote_ports, udp_ports  # noqa: E402
-from ws_tts_sessions import connect as raw_connect  # noqa: E402
+from agent import WebhookAgent, write_tone  # noqa: E402
 
 PCAP = "/usr/share/sip-tester/g711a.pcap"
 PCAP_SECONDS = 8  # g711a.pcap plays for just under 8 s
@@ -58,15 +52,6 @@ def caller_scenario(call_s: float) -> str:
     return text.replace('timeout="60000"', f'timeout="{int(call_s * 1000 + 60000)}"')
 
 
-def write_prompt(path: str, seconds: float) -> None:
-    with wave.open(path, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        n = int(16000 * seconds)
-        w.writeframes((6000 * np.sin(2 * math.pi * 440 * np.arange(n) / 16000)).astype("<i2").tobytes())
-
-
 async def active_calls(base_url: str) -> int:
     client = http_client()
     response = await client.get(base_url + "/list")
@@ -76,42 +61,18 @@ async def active_calls(base_url: str) -> int:
 async def run(args: argparse.Namespace) -> None:
     workdir = tempfile.mkdtemp(prefix="ac-soak-")
     prompt = os.path.join(workdir, "media", "prompt.wav")
-    os.makedirs(os.path.dirname(prompt))
-    write_prompt(prompt, args.call_seconds)
+    write_tone(prompt, args.call_seconds)
     shutil.copy(PCAP, os.path.join(workdir, "caller.pcap"))
     scenario = os.path.join(workdir, "caller.xml")
     with open(scenario, "w") as f:
         f.write(caller_scenario(args.call_seconds))
 
-    counts = {"accepted": 0, "hangups": 0, "errors": 0}
-
-    async def agent(payload: dict) -> None:
-        try:
-            client = await raw_connect(daemon.http_port, f"/call/sip?id={quote(payload['dialogId'], safe='')}&dump=false")
-            client.send({"command": "accept", "option": {}})
-            await client.wait_event("answer", timeout_s=30)
-            counts["accepted"] += 1
-            client.send({"command": "play", "url": prompt, "autoHangup": True})
-            await client.wait_event("hangup", timeout_s=args.call_seconds + 60)
-            counts["hangups"] += 1
-            client.transport.loseConnection()
-        except Exception as e:  # counted and reported, the soak goes on
-            counts["errors"] += 1
-            print("agent error:", e, file=sys.stderr)
-
-    class Hook(Resource):
-        isLeaf = True
-
-        def render_POST(self, request: object) -> bytes:
-            defer.ensureDeferred(agent(json.loads(request.content.read())))  # type: ignore[attr-defined]
-            return b'{"status":"ok"}'
-
-    hook = reactor.listenTCP(0, Site(Hook()), interface="127.0.0.1")
+    agent = WebhookAgent(prompt, args.call_seconds + 60)
     base = 20000
     config = (f"rtp_start_port = {base}\nrtp_end_port = {base + 4 * args.calls + 200}\n" + BASE_CONFIG
-              + f'[handler]\ntype = "webhook"\nurl = "http://127.0.0.1:{hook.getHost().port}/hook"\n'
-              + '[fetch]\nmedia_dirs = ["{workdir}/media"]\n')
+              + agent.webhook_config + '[fetch]\nmedia_dirs = ["{workdir}/media"]\n')
     daemon = await start_daemon(workdir, config)
+    agent.http_port = daemon.http_port
     pid = daemon.transport.pid
     rate = args.calls / args.call_seconds
     total = max(args.calls, int(args.minutes * 60 * rate))
@@ -119,7 +80,7 @@ async def run(args: argparse.Namespace) -> None:
     t0 = reactor.seconds()
 
     def sample() -> None:
-        samples.append((reactor.seconds() - t0, rss_mb(pid), counts["accepted"] - counts["hangups"]))
+        samples.append((reactor.seconds() - t0, rss_mb(pid), agent.in_call))
 
     await active_calls(daemon.base_url)  # the baseline includes what serving one request opens
     fds_before, kinds_before, ports_before = open_fds(pid), fd_kinds(pid), udp_ports(pid)
@@ -155,7 +116,8 @@ async def run(args: argparse.Namespace) -> None:
         growth = 100 * (rss_end - rss_start) / rss_start if rss_start else 0.0
         print(f"load                {args.calls} concurrent calls of {args.call_seconds:.0f} s, {total} calls, {elapsed / 60:.1f} min")
         print(f"SIPp                successful {successful}, failed {failed} (exit code {code})")
-        print(f"agent               accepted {counts['accepted']}, hung up {counts['hangups']}, errors {counts['errors']}")
+        print(f"agent               accepted {agent.counts['accepted']}, hung up {agent.counts['hangups']}, "
+              f"errors {agent.counts['errors']}")
         print(f"concurrent held     peak {max(s[2] for s in samples) if samples else 0} answered calls")
         print("RSS over time       " + ", ".join(f"{t:.0f}s {m:.0f}MB" for t, m, _ in samples[:: max(1, len(samples) // 12)]))
         print(f"RSS growth          {rss_start:.1f} MB -> {rss_end:.1f} MB after warm-up: {growth:+.2f} % (target < 5 %)")
@@ -163,17 +125,17 @@ async def run(args: argparse.Namespace) -> None:
         print(f"UDP ports           {len(ports_before)} before, {len(ports_after)} after "
               f"({sorted(set(ports_after) - set(ports_before))[:10]} new)")
         # The daemon's HTTP client keeps up to two idle keep-alive connections to the webhook.
-        pooled = min(2, tcp_remote_ports(pid).count(hook.getHost().port))
+        pooled = min(2, tcp_remote_ports(pid).count(agent.port.getHost().port))
         kinds_after["tcp"] = kinds_after.get("tcp", 0) - pooled
         print(f"                    ({pooled} idle keep-alive connection(s) to the webhook not counted)")
         held = ("tcp", "udp", "file", "socket")
-        ok = (failed == 0 and counts["errors"] == 0 and growth < 5.0 and len(ports_after) <= len(ports_before)
+        ok = (failed == 0 and agent.counts["errors"] == 0 and growth < 5.0 and len(ports_after) <= len(ports_before)
               and all(kinds_after.get(k, 0) <= kinds_before.get(k, 0) for k in held))
         print("result              " + ("PASS" if ok else "FAIL"))
     finally:
         if sampler.running:
             sampler.stop()
-        hook.stopListening()
+        agent.stop()
         await daemon.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
