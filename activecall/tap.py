@@ -291,7 +291,7 @@ def makeService(options: Options) -> service.IService:
     from activecall.speech.cache import MediaCache
     from activecall.speech.registry import SynthesizerRegistry
     from activecall.speech.tts import register_builtin_synthesizers
-    from activecall.web import ActivecallSite, ApiResource, ConnectionLimiter, WebService
+    from activecall.web import LISTEN_BACKLOG, ActivecallSite, ApiResource, ConnectionLimiter, WebService
 
     config = options.config
     log = Logger(namespace="activecall")
@@ -435,6 +435,6 @@ def makeService(options: Options) -> service.IService:
                           max_body_bytes=config.api.max_message_bytes)
     WebService(resource).setServiceParent(top)
     internet.TCPServer(config.http_port, ConnectionLimiter(site, config.api.max_connections_per_ip),
-                       interface=config.http_host).setServiceParent(top)
+                       backlog=LISTEN_BACKLOG, interface=config.http_host).setServiceParent(top)
     top.systemd = SystemdNotify.from_environment(reactor)
     return top

@@ -32,6 +32,11 @@ from activecall.fileio import UnsafePathError, safe_join, write_atomically
 from activecall.control.protocol import ControlFactory
 from activecall.interfaces import ISessionListener
 
+# The HTTP port's accept queue. Twisted's default (50) overflows in a burst of connections
+# (clients reconnecting after a restart, or a flood): the kernel then drops SYNs and the
+# clients retry 1, 3, 7, 15, 31 s after their first try, so connections wait unseen, beyond every deadline
+# here, and are admitted in waves. The kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 4096
 SSE_KEEPALIVE_S = 15.0
 # A Server-Sent Events reader this far behind skips events (spec: "slow readers silently skip").
 SSE_MAX_BACKLOG_BYTES = 1024 * 1024

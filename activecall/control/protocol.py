@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Protocol
 
+import txaio
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -130,11 +131,25 @@ class _Channel:
         self._proto.sendClose()
 
 
+# The options a server protocol takes from its factory (maxMessagePayloadSize, tcpNoDelay, ...).
+_FACTORY_OPTIONS: tuple[str, ...] = tuple(WebSocketServerProtocol.CONFIG_ATTRS)
+
+
 class ControlProtocol(WebSocketServerProtocol):
-    """One client connection on /call, /call/sip or /call/webrtc."""
+    """One client connection on /call, /call/sip or /call/webrtc.
+
+    Autobahn's own log lines (a refused handshake, a dropped connection) come once or twice
+    per connection at info and warn, so a flood of connections floods the log; only its errors
+    are kept, and this class logs what an operator needs (:meth:`_peer_gone`, refusals).
+    """
 
     _log = Logger()
+    log = txaio.make_logger(level="error")
     factory: "ControlFactory"
+    # Autobahn copies the factory's options in _connectionMade and pretty-prints them all for a
+    # debug line even when debug is off (40% of an upgrade's cost), after connectionMade already
+    # read tcpNoDelay (so it was never applied). connectionMade copies them instead; nothing to print.
+    CONFIG_ATTRS: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         super().__init__()
@@ -142,7 +157,27 @@ class ControlProtocol(WebSocketServerProtocol):
         self._session: Optional[ISession] = None
         self._watchdog: Optional[PeerWatchdog] = None
 
+    def connectionMade(self) -> None:
+        for name in _FACTORY_OPTIONS:
+            setattr(self, name, getattr(self.factory, name))
+        super().connectionMade()
+
     def onConnect(self, request: ConnectionRequest) -> None:
+        try:
+            self._params = self._admit(request)
+        except ConnectionDeny as e:
+            if e.code == 503:
+                self.factory.refusing_sessions()
+            else:
+                self._log.info("control client {peer} refused: {code} {reason}", peer=self.peer, code=e.code, reason=e.reason)
+            raise
+        except Exception:
+            self._log.failure("control client {peer}: opening handshake failed", peer=self.peer)
+            raise ConnectionDeny(500, "internal error")
+        self.factory.admitting_sessions()
+
+    def _admit(self, request: ConnectionRequest) -> SessionParams:
+        """The session this handshake opens, or ConnectionDeny."""
         host = self.factory.host
         try:
             params = parse_session_query(request.params, self.factory.call_type, host.new_sid)
@@ -155,7 +190,7 @@ class ControlProtocol(WebSocketServerProtocol):
             raise ConnectionDeny(409, "session id already in use")
         if len(host) >= self.factory.limits.max_sessions:
             raise ConnectionDeny(503, "too many sessions")
-        self._params = params
+        return params
 
     def onOpen(self) -> None:
         assert self._params is not None
@@ -216,6 +251,7 @@ class ControlFactory(WebSocketServerFactory):
     """The factory of one endpoint; ``call_type`` is fixed by its path; ``limits`` is ``config.api``."""
 
     protocol = ControlProtocol
+    _log = Logger()
 
     def __init__(self, host: ISessionHost, call_type: str, url: Optional[str], clock: IReactorTime,
                  limits: ApiConfig = ApiConfig()) -> None:
@@ -225,9 +261,21 @@ class ControlFactory(WebSocketServerFactory):
         self.call_type = call_type
         self.clock = clock
         self.limits = limits
+        self._refusing = False
         # Audio frames are small and frequent: no fragmentation, no Nagle delay. The payload
         # limits refuse a huge frame from its header, before its bytes are buffered (close 1009).
         self.setProtocolOptions(autoFragmentSize=0, tcpNoDelay=True, openHandshakeTimeout=10, closeHandshakeTimeout=2,
                                 # Refuse with a Close frame (1009 for size) rather than a bare TCP drop.
                                 failByDrop=False, maxMessagePayloadSize=limits.max_message_bytes,
                                 maxFramePayloadSize=limits.max_message_bytes)
+
+    def refusing_sessions(self) -> None:
+        """A handshake was refused for ``max_sessions``: logged once per burst, not per connection."""
+        if not self._refusing:
+            self._refusing = True
+            self._log.warn("control: {n} sessions open (max_sessions); refusing new WebSocket sessions with 503",
+                           n=len(self.host))
+
+    def admitting_sessions(self) -> None:
+        """A handshake was accepted: the next refusal is logged again."""
+        self._refusing = False

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import autobahn.websocket.protocol as autobahn_protocol
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -102,12 +105,12 @@ class _SocketCase(SynchronousTestCase):
         self.host = FakeHost()
         self.factory = ControlFactory(self.host, "webSocket", None, self.clock, self.limits)
 
-    def connect(self, query: str = "") -> tuple[Any, Client, iosim.IOPump]:
+    def connect(self, query: str = "", transport: type = iosim.FakeTransport) -> tuple[Any, Client, iosim.IOPump]:
         server = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         client_factory = WebSocketClientFactory(f"ws://127.0.0.1:8080/call{query}")
         client_factory.protocol = Client
         client = client_factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 8080))
-        pump = iosim.connect(server, iosim.FakeTransport(server, isServer=True),
+        pump = iosim.connect(server, transport(server, isServer=True),
                              client, iosim.FakeTransport(client, isServer=False))
         pump.flush()
         return server, client, pump
@@ -193,6 +196,88 @@ class UpgradeRefusalTests(_SocketCase):
         _, client, _ = self.connect("?id=a%0Ab")
         self.assertIn("400", self.handshake_status(client))
         self.assertEqual(self.host.sessions, {})
+
+
+class _NoDelayTransport(iosim.FakeTransport):
+    """Records TCP_NODELAY requests."""
+
+    no_delay: Optional[bool] = None
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.no_delay = enabled
+
+
+class ConnectionCostTests(_SocketCase):
+    """The per-connection work a flood of upgrades pays for: the factory's options, and log lines."""
+
+    def log_events(self) -> Any:
+        """A function returning the server side's log events since this call (the test's client logs too)."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        return lambda: [e for e in events if "ClientProtocol" not in e.get("log_namespace", "")]
+
+    def test_factory_options_copied_without_pretty_printing_them(self) -> None:
+        """Each protocol gets the factory's options (tcpNoDelay applied to the socket, payload limits)
+        and Autobahn pretty-prints none of them for its debug line."""
+        printed: list[Any] = []
+        self.patch(autobahn_protocol, "pformat", lambda obj: printed.append(obj) or "")
+        proto, _, _ = self.connect("?id=opts", transport=_NoDelayTransport)
+        self.assertIn([], printed)
+        self.assertEqual([p for p in printed if "ControlFactory" in repr(p)], [])
+        self.assertTrue(proto.transport.no_delay)
+        self.assertEqual((proto.maxMessagePayloadSize, proto.maxFramePayloadSize), (4096, 4096))
+        self.assertEqual((proto.openHandshakeTimeout, proto.autoFragmentSize, proto.failByDrop), (10, 0, False))
+        self.assertTrue(self.host.sessions["opts"].channel is not None)
+
+    def test_max_sessions_refusals_logged_once_per_burst(self) -> None:
+        """Many 503s in a row log one warning (and no Autobahn lines); after a session is admitted
+        again, the next refusal is logged again."""
+        logged = self.log_events()
+        for i in range(3):
+            self.connect(f"?id=s{i}")
+        refused = [self.connect(f"?id=x{i}")[1] for i in range(20)]
+        self.assertTrue(all("503" in self.handshake_status(c) for c in refused))
+        warnings = [e for e in logged() if e["log_level"] >= LogLevel.warn]
+        self.assertEqual(len(warnings), 1, warnings)
+        self.assertIn("max_sessions", warnings[0]["log_format"])
+        self.assertEqual([e for e in logged() if e.get("log_namespace", "").startswith("autobahn")], [])
+        del self.host.sessions["s0"]
+        self.assertTrue(self.connect("?id=s3")[1].opened)
+        self.connect("?id=x20")
+        self.assertEqual(len([e for e in logged() if e["log_level"] >= LogLevel.warn]), 2)
+
+    def test_other_refusals_are_one_info_line(self) -> None:
+        """A 409 is logged once by the daemon, at info, naming the code; Autobahn adds nothing."""
+        self.connect("?id=same")
+        logged = self.log_events()
+        _, second, _ = self.connect("?id=same")
+        self.assertIn("409", self.handshake_status(second))
+        self.assertEqual([(e["log_level"], e.get("code")) for e in logged()], [(LogLevel.info, 409)])
+
+    def test_vanished_peer_close_is_one_info_line(self) -> None:
+        """The watchdog's close logs the daemon's line only, not Autobahn's 'dropping connection' warning."""
+        _, client, pump = self.connect("?id=gone")
+        client.answer_pings = False
+        logged = self.log_events()
+        self.host.sessions["gone"].channel.send_ping(b"t")
+        pump.flush()
+        self.clock.advance(10.1)
+        pump.flush()
+        self.assertTrue(self.host.sessions["gone"].closed)
+        self.assertEqual([e["log_level"] for e in logged()], [LogLevel.info])
+        self.assertIn("sent nothing", logged()[0]["log_format"])
+
+    def test_unexpected_error_in_the_handshake_is_500_and_logged(self) -> None:
+        """A bug while admitting a client answers 500 and logs the traceback (Autobahn's warning is off)."""
+        logged = self.log_events()
+
+        def broken(sid: str) -> bool:
+            raise RuntimeError("boom")
+
+        self.host.hosts = broken  # type: ignore[method-assign]
+        _, client, _ = self.connect("?id=f&forward=true")
+        self.assertIn("500", self.handshake_status(client))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual([e["log_level"] for e in logged()], [LogLevel.critical])
 
 
 class PongTimeoutTests(_SocketCase):

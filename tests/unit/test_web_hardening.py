@@ -348,6 +348,38 @@ class LoopbackWarningTests(SynchronousTestCase):
             self.assertFalse(_is_loopback(host), host)
 
 
+class ListenBacklogTests(SynchronousTestCase):
+    """The HTTP port queues a burst of connections instead of dropping SYNs (Twisted's default is 50)."""
+
+    def test_http_port_listens_with_a_large_backlog(self) -> None:
+        """makeService listens on http_addr with backlog=LISTEN_BACKLOG, far above a burst the limits admit."""
+        from twisted.application import internet
+
+        from activecall.metrics import install
+        from activecall.tap import Options, makeService
+
+        workdir = tempfile.mkdtemp()
+        path = os.path.join(workdir, "activecall.toml")
+        with open(path, "w") as f:
+            f.write('http_addr = "127.0.0.1:18080"\naddr = "127.0.0.1"\nudp_port = 15060\n'
+                    f'media_cache_path = "{workdir}/cache"\n')
+        options = Options()
+        options.parseOptions(["--conf", path])
+        self.addCleanup(install, None)
+        top = makeService(options)
+
+        def walk(service: Any) -> Any:
+            yield service
+            for child in getattr(service, "services", []):
+                yield from walk(child)
+
+        servers = [s for s in walk(top) if isinstance(s, internet.TCPServer) and s.args[0] == 18080]
+        self.assertEqual(len(servers), 1)
+        self.assertIsInstance(servers[0].args[1], ConnectionLimiter)
+        self.assertEqual(servers[0].kwargs.get("backlog"), web.LISTEN_BACKLOG)
+        self.assertGreaterEqual(web.LISTEN_BACKLOG, 1024)
+
+
 class ConnectionCapTests(_SiteCase):
     """``max_connections_per_ip``: one more connection from the same IP gets 503 and is closed."""
 
