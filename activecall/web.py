@@ -505,11 +505,29 @@ class ActivecallSite(Site):
 
 
 class _CountedConnection(ProtocolWrapper):
-    """One connection, counted against its client IP until it closes."""
+    """One HTTP connection, counted against its client IP until it closes or becomes a WebSocket.
+
+    Autobahn hands an upgraded connection over by setting ``wrappedProtocol`` to the
+    WebSocket protocol: from then on it is a control session, bounded by ``max_sessions``
+    and the Ping/Pong timeout, not a request in progress. One application server legitimately
+    holds hundreds of sessions from one address.
+    """
+
+    counted = False
 
     def __init__(self, factory: "ConnectionLimiter", wrapped: Any, ip: str) -> None:
-        super().__init__(factory, wrapped)
         self.ip = ip
+        super().__init__(factory, wrapped)
+
+    @property
+    def wrappedProtocol(self) -> Any:
+        return self._wrapped
+
+    @wrappedProtocol.setter
+    def wrappedProtocol(self, protocol: Any) -> None:
+        self._wrapped = protocol
+        if self.counted and not isinstance(protocol, HTTPChannel):
+            self.factory.uncount(self)
 
 
 class _TooManyConnections(Protocol):
@@ -522,9 +540,10 @@ class _TooManyConnections(Protocol):
 
 
 class ConnectionLimiter(WrappingFactory):
-    """Wraps the Site: at most ``max_per_ip`` open connections per client IP, WebSockets included.
+    """Wraps the Site: at most ``max_per_ip`` HTTP connections per client IP.
 
-    One more is answered 503 and closed before any byte of it is read.
+    One more is answered 503 and closed before any byte of it is read. Connections
+    upgraded to WebSocket sessions no longer count (see :class:`_CountedConnection`).
     """
 
     _log = Logger()
@@ -550,9 +569,17 @@ class ConnectionLimiter(WrappingFactory):
     def registerProtocol(self, p: Any) -> None:
         super().registerProtocol(p)
         self._open[p.ip] = self._open.get(p.ip, 0) + 1
+        p.counted = True
 
     def unregisterProtocol(self, p: Any) -> None:
         super().unregisterProtocol(p)
+        self.uncount(p)
+
+    def uncount(self, p: Any) -> None:
+        """``p`` no longer holds one of its IP's slots (closed, or now a WebSocket session)."""
+        if not p.counted:
+            return
+        p.counted = False
         left = self._open.get(p.ip, 0) - 1
         if left > 0:
             self._open[p.ip] = left

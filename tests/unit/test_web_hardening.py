@@ -38,6 +38,12 @@ class FakeSession:
     def kill(self) -> None:
         pass
 
+    def attach(self, channel: Any) -> None:
+        pass
+
+    def client_closed(self) -> None:
+        pass
+
 
 class FakeSessions:
     """A SessionManager stand-in."""
@@ -53,6 +59,10 @@ class FakeSessions:
 
     def new_sid(self) -> str:
         return "s.new"
+
+    def open(self, params: Any) -> FakeSession:
+        self._by_id[params.sid] = FakeSession(params.sid)
+        return self._by_id[params.sid]
 
     def hosts(self, sid: str) -> bool:
         return sid in self._by_id
@@ -398,6 +408,24 @@ class ConnectionCapTests(_SiteCase):
         _, again = self.connect(limiter)
         self.assertFalse(again.disconnecting)
         self.assertEqual(limiter.open_connections("10.0.0.1"), 2)
+
+    def test_websocket_sessions_do_not_hold_a_slot(self) -> None:
+        """A connection upgraded to a WebSocket leaves its IP's count: one application may hold many sessions."""
+        limiter = ConnectionLimiter(self.site, 2)
+        upgrade = (b"GET /call?id=s%d HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                   b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        sessions = []
+        for i in range(5):
+            proto, transport = self.connect(limiter)
+            proto.dataReceived(upgrade % (i + 10))
+            self.assertTrue(transport.value().startswith(b"HTTP/1.1 101 "), transport.value()[:80])
+            sessions.append(proto)
+        self.assertEqual(limiter.open_connections("10.0.0.1"), 0)
+        # Closing a session never makes the count negative; plain HTTP connections still count.
+        sessions[0].connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(limiter.open_connections("10.0.0.1"), 0)
+        self.connect(limiter)
+        self.assertEqual(limiter.open_connections("10.0.0.1"), 1)
 
     def test_requests_still_served_through_the_limiter(self) -> None:
         """/health through the wrapper works as before."""
