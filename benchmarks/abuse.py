@@ -395,6 +395,8 @@ def measure_main(args: argparse.Namespace) -> None:
 
             print(f"{'phase':28} {'/health ok  p50/max ms':24} {'OPTIONS ok':11} {'audio: longest gap ms, frames/s per session'}")
             for name in ["baseline", *results, "recovery"]:
+                if name not in health:
+                    continue  # nothing was measured in that phase (recovery may be instant)
                 h = health.get(name, [])
                 ok = [x for x in h if x is not None]
                 o = options.get(name, [])
