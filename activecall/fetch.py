@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 from urllib.parse import urljoin, urlsplit
 
 from treq.client import HTTPClient
@@ -43,6 +43,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from activecall.config import FetchConfig
 
 __all__ = [
+    "BodyStream",
     "FetchError",
     "FetchRefusedError",
     "FetchTooLargeError",
@@ -135,63 +136,65 @@ def check_url(url: str, allowed_hosts: tuple[str, ...]) -> str:
     return host
 
 
-class _BoundedBody(Protocol):
-    """Collects a response body up to ``limit`` bytes; past it, drops the connection and fails.
+class BodyStream(Protocol):
+    """A response body receiver (like ``treq.collect``) that can also abort the connection.
 
+    ``on_data`` gets each chunk; an exception from it stops the body and fails ``finished``.
     ``treq.collect`` cannot abort a stalled body when its Deferred is cancelled; this can.
     """
 
-    def __init__(self, limit: int, done: Deferred[bytes]) -> None:
-        self._limit = limit
-        self._done: Optional[Deferred[bytes]] = done
-        self._chunks: list[bytes] = []
-        self._size = 0
+    def __init__(self, on_data: Callable[[bytes], None], finished: Deferred[None]) -> None:
+        self._on_data = on_data
+        self._finished: Optional[Deferred[None]] = finished
 
     def dataReceived(self, data: bytes) -> None:
-        if self._done is None:
+        if self._finished is None:
             return
-        self._size += len(data)
-        if self._size > self._limit:
-            self._finish(Failure(FetchTooLargeError(f"body larger than {self._limit} bytes")))
-            self.abort()
-            return
-        self._chunks.append(data)
+        try:
+            self._on_data(data)
+        except BaseException:
+            finished, self._finished = self._finished, None
+            self.stop()
+            finished.errback(Failure())
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self._finish(b"".join(self._chunks))
-        else:
-            self._finish(reason)
-
-    def _finish(self, result: Union[bytes, Failure]) -> None:
-        done, self._done = self._done, None
-        if done is None:
+        finished, self._finished = self._finished, None
+        if finished is None:
             return
-        if isinstance(result, Failure):
-            done.errback(result)
+        if reason.check(ResponseDone, PotentialDataLoss):
+            finished.callback(None)
         else:
-            done.callback(result)
+            finished.errback(reason)
 
-    def abort(self) -> None:
-        """Stop reading: close the connection under the body."""
-        self._done = None
+    def stop(self) -> None:
+        """Stop receiving: close the underlying connection."""
+        self._finished = None
         if self.transport is not None:
             self.transport.stopProducing()
 
 
 def _read_body(response: IResponse, limit: int) -> Deferred[bytes]:
+    """The whole body, failing with :class:`FetchTooLargeError` (and dropping the connection) past ``limit``."""
     if response.length is not UNKNOWN_LENGTH and response.length > limit:
-        ignored: Deferred[bytes] = Deferred()
-        ignored.addErrback(lambda _f: None)
-        body = _BoundedBody(0, ignored)
+        ignored: Deferred[None] = Deferred()
+        body = BodyStream(lambda data: None, ignored)
         response.deliverBody(body)
-        body.abort()
+        body.stop()
         return fail(FetchTooLargeError(f"Content-Length {response.length} larger than {limit} bytes"))
-    holder: list[_BoundedBody] = []
-    done: Deferred[bytes] = Deferred(lambda _: holder[0].abort())
-    holder.append(_BoundedBody(limit, done))
+    chunks: list[bytes] = []
+    size = [0]
+
+    def collect(data: bytes) -> None:
+        size[0] += len(data)
+        if size[0] > limit:
+            raise FetchTooLargeError(f"body larger than {limit} bytes")
+        chunks.append(data)
+
+    holder: list[BodyStream] = []
+    finished: Deferred[None] = Deferred(lambda _: holder[0].stop())
+    holder.append(BodyStream(collect, finished))
     response.deliverBody(holder[0])
-    return done
+    return finished.addCallback(lambda _: b"".join(chunks))
 
 
 def _as_headers(headers: Union[Headers, Mapping[str, str], None]) -> Headers:

@@ -28,16 +28,13 @@ import treq
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
-from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
 from activecall.config import FetchConfig
-from activecall.fetch import FetchRefusedError, check_url
+from activecall.fetch import BodyStream, FetchRefusedError, check_url
 from activecall.speech.interfaces import (
     ISpeechSynthesizer,
     ProviderUnavailableError,
@@ -122,39 +119,6 @@ class _WavHeader:
                 retryable=False,
             )
         self.sample_rate_hz = rate
-
-
-class _BodyStream(Protocol):
-    """Response body receiver (like ``treq.collect``) that can also abort the connection."""
-
-    def __init__(self, on_data: Callable[[bytes], None], finished: Deferred[None]) -> None:
-        self._on_data = on_data
-        self._finished: Deferred[None] | None = finished
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._finished is None:
-            return
-        try:
-            self._on_data(data)
-        except BaseException:
-            finished, self._finished = self._finished, None
-            self.stop()
-            finished.errback(Failure())
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        finished, self._finished = self._finished, None
-        if finished is None:
-            return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            finished.callback(None)
-        else:
-            finished.errback(reason)
-
-    def stop(self) -> None:
-        """Stop receiving: close the underlying connection."""
-        self._finished = None
-        if self.transport is not None:
-            self.transport.stopProducing()
 
 
 @implementer(ISpeechSynthesizer)
@@ -274,7 +238,7 @@ class _SpeechCall:
         self._wav = _WavHeader() if response_format == "wav" else None
         self._framer = _PcmFramer()
         self._pending: Deferred[Any] | None = None
-        self._body: _BodyStream | None = None
+        self._body: BodyStream | None = None
         self._timer: IDelayedCall | None = None
         self.result: Deferred[None] = Deferred(self._cancel)
 
@@ -335,7 +299,7 @@ class _SpeechCall:
             self._fail(SynthesisError(f"openai TTS: unsupported response type {ctype.decode('latin-1')}", retryable=False))
             return
         finished: Deferred[None] = Deferred()
-        self._body = _BodyStream(self._data, finished)
+        self._body = BodyStream(self._data, finished)
         finished.addCallbacks(self._body_done, self._body_failed)
         response.deliverBody(self._body)
 
