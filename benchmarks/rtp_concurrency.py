@@ -86,7 +86,7 @@ def run_daemon(args: argparse.Namespace) -> None:
     from activecall.media.clock import MediaClock
     from activecall.media.negotiation import answer_offer
     from activecall.media.rtpleg import RtpLeg, RtpMediaEngine
-    from activecall.rtp.srtp import AES_CM_128_HMAC_SHA1_80, generate_crypto
+    from activecall.rtp.srtp import generate_crypto
     from activecall.rtp.transport import RtpEndpoint, RtpPortAllocator
 
     gen_ports: list[int] = json.loads(sys.stdin.readline())
