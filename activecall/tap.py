@@ -180,6 +180,36 @@ class StartupCallService(service.Service):
         session.submit(InviteCommand(option=CallOption(callee=self._uri, inactivity_timeout=self.INACTIVITY_TIMEOUT_S)))
 
 
+class CyclicGarbageService(service.Service):
+    """Runs a full cyclic garbage collection every ``interval_s`` on the reactor.
+
+    An ended call leaves its objects (controller, session, legs, dialog, sockets' protocols)
+    in reference cycles, and under media load Python's own thresholds reach a full collection
+    only every few minutes: meanwhile each call's garbage adds to RSS and fragments it. The
+    heap left to scan is small (start-up objects are frozen), so a collection costs a few ms.
+    """
+
+    INTERVAL_S = 15.0
+
+    def __init__(self, clock: Any, collect: Any = None, interval_s: float = INTERVAL_S) -> None:
+        import gc
+
+        from twisted.internet.task import LoopingCall
+
+        self._loop = LoopingCall(collect or gc.collect)
+        self._loop.clock = clock
+        self._interval_s = interval_s
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop.start(self._interval_s, now=False)
+
+    def stopService(self) -> Any:
+        if self._loop.running:
+            self._loop.stop()
+        return super().stopService()
+
+
 class ActivecallService(service.MultiService):
     """The daemon: HTTP/WebSocket now; SIP, RTP and registration join as they land.
 
@@ -434,6 +464,7 @@ def makeService(options: Options) -> service.IService:
     site = ActivecallSite(resource, config.http_access_skip_paths, header_timeout_s=config.api.header_timeout_s,
                           max_body_bytes=config.api.max_message_bytes)
     WebService(resource).setServiceParent(top)
+    CyclicGarbageService(reactor).setServiceParent(top)
     internet.TCPServer(config.http_port, ConnectionLimiter(site, config.api.max_connections_per_ip),
                        backlog=LISTEN_BACKLOG, interface=config.http_host).setServiceParent(top)
     top.systemd = SystemdNotify.from_environment(reactor)

@@ -27,3 +27,25 @@ class OpenFilesLimitTests(SynchronousTestCase):
         """A soft limit already above the wanted number is left alone."""
         resource.setrlimit(resource.RLIMIT_NOFILE, (2048, self.saved[1]))
         self.assertEqual(raise_open_files_limit(1500), (2048, 2048))
+
+
+class CyclicGarbageServiceTests(SynchronousTestCase):
+    """Ended calls' reference cycles are collected on a fixed period, not when Python's thresholds say."""
+
+    def test_collects_every_interval_until_stopped(self) -> None:
+        """A full collection runs every 15 s on the injected clock, none after stop."""
+        from twisted.internet.task import Clock
+
+        from activecall.tap import CyclicGarbageService
+
+        clock = Clock()
+        runs: list[float] = []
+        svc = CyclicGarbageService(clock, collect=lambda: runs.append(clock.seconds()))
+        svc.startService()
+        clock.advance(14)
+        self.assertEqual(runs, [])
+        clock.advance(1)
+        clock.advance(15)
+        self.assertEqual(runs, [15.0, 30.0])
+        svc.stopService()
+        self.assertEqual(clock.getDelayedCalls(), [])
