@@ -180,36 +180,6 @@ class StartupCallService(service.Service):
         session.submit(InviteCommand(option=CallOption(callee=self._uri, inactivity_timeout=self.INACTIVITY_TIMEOUT_S)))
 
 
-class CyclicGarbageService(service.Service):
-    """Runs a full cyclic garbage collection every ``interval_s`` on the reactor.
-
-    An ended call leaves its objects (controller, session, legs, dialog, sockets' protocols)
-    in reference cycles, and under media load Python's own thresholds reach a full collection
-    only every few minutes: meanwhile each call's garbage adds to RSS and fragments it. The
-    heap left to scan is small (start-up objects are frozen), so a collection costs a few ms.
-    """
-
-    INTERVAL_S = 15.0
-
-    def __init__(self, clock: Any, collect: Any = None, interval_s: float = INTERVAL_S) -> None:
-        import gc
-
-        from twisted.internet.task import LoopingCall
-
-        self._loop = LoopingCall(collect or gc.collect)
-        self._loop.clock = clock
-        self._interval_s = interval_s
-
-    def startService(self) -> None:
-        super().startService()
-        self._loop.start(self._interval_s, now=False)
-
-    def stopService(self) -> Any:
-        if self._loop.running:
-            self._loop.stop()
-        return super().stopService()
-
-
 class ActivecallService(service.MultiService):
     """The daemon: HTTP/WebSocket now; SIP, RTP and registration join as they land.
 
@@ -251,38 +221,6 @@ class ActivecallService(service.MultiService):
         super().setServiceParent(parent)
 
 
-def _is_loopback(host: str) -> bool:
-    """Whether a listen address only accepts local connections ("" and 0.0.0.0 accept all)."""
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def raise_open_files_limit(wanted: int = 65536) -> tuple[int, int]:
-    """Lift the soft RLIMIT_NOFILE towards the hard one; returns (old soft, new soft).
-
-    systemd and shells start services with a soft limit of 1024 descriptors, which a few
-    hundred calls (RTP pairs, sockets) or a connection flood exhaust long before the
-    per-IP and session caps apply.
-    """
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            return soft, target
-        except (ValueError, OSError):
-            pass
-    return soft, soft
-
-
 def makeService(options: Options) -> service.IService:
     """Build the daemon's MultiService from validated options (the composition root)."""
     from twisted.internet import reactor
@@ -321,6 +259,7 @@ def makeService(options: Options) -> service.IService:
     from activecall.speech.cache import MediaCache
     from activecall.speech.registry import SynthesizerRegistry
     from activecall.speech.tts import register_builtin_synthesizers
+    from activecall.lifecycle import CyclicGarbageService, is_loopback, raise_open_files_limit
     from activecall.web import LISTEN_BACKLOG, ActivecallSite, ApiResource, ConnectionLimiter, WebService
 
     config = options.config
@@ -328,11 +267,11 @@ def makeService(options: Options) -> service.IService:
     top = ActivecallService(config, make_observer(config.log_level, config.log_file))
     for warning in config.warnings:
         log.warn("config: {warning}", warning=warning)
-    old_files, open_files = raise_open_files_limit()
+    _, open_files = raise_open_files_limit()
     if open_files < 4096:
         log.warn("only {n} open files allowed (RLIMIT_NOFILE); raise LimitNOFILE for more than a few hundred calls",
                  n=open_files)
-    if not config.api.tokens and not _is_loopback(config.http_host):
+    if not config.api.tokens and not is_loopback(config.http_host):
         log.warn("HTTP/WebSocket control API on {addr} needs no token: anyone who can reach it can place, "
                  "list and end calls; set [api] tokens or listen on 127.0.0.1 (docs/security.md)",
                  addr=config.http_addr)

@@ -350,12 +350,12 @@ class LoopbackWarningTests(SynchronousTestCase):
 
     def test_is_loopback(self) -> None:
         """127.x, ::1 and localhost are loopback; "", 0.0.0.0 and public addresses are not."""
-        from activecall.tap import _is_loopback
+        from activecall.lifecycle import is_loopback
 
         for host in ("127.0.0.1", "127.1.2.3", "::1", "localhost"):
-            self.assertTrue(_is_loopback(host), host)
+            self.assertTrue(is_loopback(host), host)
         for host in ("", "0.0.0.0", "::", "10.0.0.5", "example.com"):
-            self.assertFalse(_is_loopback(host), host)
+            self.assertFalse(is_loopback(host), host)
 
 
 class ListenBacklogTests(SynchronousTestCase):

@@ -1,4 +1,4 @@
-"""The composition root lifts the open-files limit that systemd and shells start with."""
+"""Process-wide policy (activecall.lifecycle): the open-files limit and the periodic garbage collection."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import resource
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from activecall.tap import raise_open_files_limit
+from activecall.lifecycle import raise_open_files_limit
 
 
 class OpenFilesLimitTests(SynchronousTestCase):
@@ -36,7 +36,7 @@ class CyclicGarbageServiceTests(SynchronousTestCase):
         """A full collection runs every 15 s on the injected clock, none after stop."""
         from twisted.internet.task import Clock
 
-        from activecall.tap import CyclicGarbageService
+        from activecall.lifecycle import CyclicGarbageService
 
         clock = Clock()
         runs: list[float] = []
