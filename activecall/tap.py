@@ -246,17 +246,17 @@ def makeService(options: Options) -> service.IService:
     from activecall.sip.security import SipGuard, registrar_hosts
     from activecall.metrics import DaemonCollector, DaemonMetrics, install as install_metrics
     from activecall.systemd import SystemdNotify
-    from activecall.call.sipleg import SipMedia
-    from activecall.media.rtpleg import RtpMediaEngine
+    from activecall.legs.sip import SipMedia
+    from activecall.legs.rtp import RtpMediaEngine
     from activecall.rtp.transport import RtpPortAllocator
     from activecall.sip.service import build_sip_service, first_interface_address
     from activecall.call.tts import precache
-    from activecall.call.session import SessionManager
+    from activecall.control.session import SessionManager
     from activecall.ids import SystemIds
     from activecall.logs import make_observer
     from activecall.media.clock import MediaClock
     from activecall.media.recorder import WavRecorder
-    from activecall.speech.cache import MediaCache
+    from activecall.media.cache import MediaCache
     from activecall.speech.registry import SynthesizerRegistry
     from activecall.speech.tts import register_builtin_synthesizers
     from activecall.lifecycle import CyclicGarbageService, is_loopback, raise_open_files_limit

@@ -3,7 +3,7 @@
 Two processes, so the measured side is honest:
 
 * the **daemon** (this script with ``--daemon``, started by the load
-  generator) runs N :class:`~activecall.media.rtpleg.RtpLeg` on real UDP
+  generator) runs N :class:`~activecall.legs.rtp.RtpLeg` on real UDP
   sockets, one reactor thread, one media clock.  Every leg is negotiated
   through :func:`~activecall.media.negotiation.answer_offer`, receives and
   decodes the caller stream (jitter buffer -> decoder -> 16 kHz frame
@@ -85,7 +85,7 @@ def run_daemon(args: argparse.Namespace) -> None:
 
     from activecall.media.clock import MediaClock
     from activecall.media.negotiation import answer_offer
-    from activecall.media.rtpleg import RtpLeg, RtpMediaEngine
+    from activecall.legs.rtp import RtpLeg, RtpMediaEngine
     from activecall.rtp.srtp import generate_crypto
     from activecall.rtp.transport import RtpEndpoint, RtpPortAllocator
 

@@ -21,11 +21,11 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succe
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from activecall.call.legs import WebSocketLeg
-from activecall.call.sipleg import InboundSipLeg, OutboundSipLeg, answer_reoffer, outgoing_headers
+from activecall.legs.websocket import WebSocketLeg
+from activecall.legs.sip import InboundSipLeg, OutboundSipLeg, answer_reoffer, outgoing_headers
 from activecall.call.record import CallRecord, RecorderFile, build_call_record, hangup_reason_from_command, hangup_reason_from_name
 from activecall.call.recordstore import file_sizes
-from activecall.media.rtpleg import RtpLeg
+from activecall.legs.rtp import RtpLeg
 from activecall.call.playback import BridgeSource, FilePlay, Sentence, SstSource, TtsPlay, split_sentences, strip_emoji
 from activecall.call.services import CallServices
 from activecall.clock import CallClock

@@ -10,7 +10,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from activecall.ids import IdSource
 from activecall.media.clock import MediaClock
-from activecall.speech.cache import MediaCache
+from activecall.media.cache import MediaCache
 from activecall.speech.registry import SynthesizerRegistry
 
 
@@ -34,7 +34,7 @@ class CallServices:
     # [recording] enabled + auto_start: record every call from answer.
     auto_record: bool = False
     recording_path: str = "./config/recorders"
-    # SIP user agent + RTP engine for /call/sip (activecall.call.sipleg.SipMedia); None: no SIP.
+    # SIP user agent + RTP engine for /call/sip (activecall.legs.sip.SipMedia); None: no SIP.
     sip: Any = None
     # Saves one call record per call (activecall.call.recordstore.CallRecordWriter); None: [callrecord] absent.
     call_records: Any = None

@@ -10,7 +10,7 @@ from activecall.call.playback import strip_emoji
 from activecall.call.services import CallServices
 from activecall.control.options import SynthesisOption
 from activecall.media.resample import Resampler
-from activecall.speech.cache import validate_key
+from activecall.media.cache import validate_key
 from activecall.speech.interfaces import ISpeechSynthesizer, SynthesisRequest
 from activecall.speech.registry import SynthesisSettings
 

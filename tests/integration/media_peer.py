@@ -7,7 +7,7 @@ a real phone's INVITE with real media:
   negotiating the offer (:func:`~activecall.media.negotiation.answer_offer`,
   SRTP when the offer is ``RTP/SAVP``), binding an
   :class:`~activecall.rtp.transport.RtpEndpoint` and running an
-  :class:`~activecall.media.rtpleg.RtpLeg` on a shared engine.
+  :class:`~activecall.legs.rtp.RtpLeg` on a shared engine.
 * :class:`MediaCall` records caller audio (left) and agent audio (right) with
   a :class:`~activecall.media.recorder.WavRecorder`, plays a tone or echoes
   the caller as agent audio, collects DTMF digits, and tears everything down
@@ -42,7 +42,7 @@ from activecall.media._audioop import audioop
 from activecall.media.clock import MediaClock
 from activecall.media.negotiation import NegotiatedMedia, NegotiationError, SdpError, answer_offer
 from activecall.media.recorder import WavRecorder
-from activecall.media.rtpleg import MEDIA_RATE_HZ, RtpLeg, RtpMediaEngine
+from activecall.legs.rtp import MEDIA_RATE_HZ, RtpLeg, RtpMediaEngine
 from activecall.rtp.srtp import generate_crypto
 from activecall.rtp.transport import RtpEndpoint, RtpPortAllocator
 from activecall.sip.useragent import ICallHandler, InboundCall

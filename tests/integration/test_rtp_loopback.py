@@ -11,7 +11,7 @@ from twisted.trial.unittest import TestCase
 
 from activecall.media.clock import MediaClock
 from activecall.media.negotiation import answer_offer, apply_answer, build_offer
-from activecall.media.rtpleg import FRAME_BYTES, RtpLeg, RtpMediaEngine
+from activecall.legs.rtp import FRAME_BYTES, RtpLeg, RtpMediaEngine
 from activecall.rtp.srtp import AES_CM_128_HMAC_SHA1_80, generate_crypto
 from activecall.rtp.transport import RtpEndpoint, RtpPortAllocator
 

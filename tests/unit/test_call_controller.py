@@ -16,7 +16,7 @@ from activecall.control import commands as cmds
 from activecall.control import events as ev
 from activecall.ids import IdSource
 from activecall.media.clock import MediaClock
-from activecall.speech.cache import MediaCache
+from activecall.media.cache import MediaCache
 from activecall.speech.interfaces import SynthesisError
 from activecall.speech.registry import SynthesizerRegistry
 from activecall.testing import FakeSynthesizer

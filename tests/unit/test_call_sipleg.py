@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from activecall.call.sipleg import apply_trunk_rules, caller_uri, credentials_for, outgoing_headers
+from activecall.legs.sip import apply_trunk_rules, caller_uri, credentials_for, outgoing_headers
 from activecall.config import Overrides, parse_config
 from activecall.control.options import CallOption
 

@@ -1,4 +1,4 @@
-"""Tests for activecall.speech.cache (config.md §13)."""
+"""Tests for activecall.media.cache (config.md §13)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import tempfile
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from activecall.speech.cache import MediaCache, format_speed, validate_key
+from activecall.media.cache import MediaCache, format_speed, validate_key
 
 # Digests computed with `printf '<text>' | sha256sum`.
 _HELLO = "fe6d2dcc25e90068f6cd335e8870a4a6eaf6379e045dd4d3729bfceab2d7ad1e"  # "tts:piperHello world."

@@ -1,4 +1,4 @@
-"""Tests for activecall.media.rtpleg: the RTP leg and the engine, on memory transports and a Clock."""
+"""Tests for activecall.legs.rtp: the RTP leg and the engine, on memory transports and a Clock."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from activecall.media.clock import MediaClock
 from activecall.media.codecs import make_decoder, make_encoder
 from activecall.media.dtmf_detect import InbandDtmfDetector
 from activecall.media.negotiation import NegotiatedMedia
-from activecall.media.rtpleg import FRAME_BYTES, MAX_TX_BACKLOG, RtpLeg, RtpMediaEngine
+from activecall.legs.rtp import FRAME_BYTES, MAX_TX_BACKLOG, RtpLeg, RtpMediaEngine
 from activecall.rtp.packet import (
     TelephoneEvent,
     build_rtp,

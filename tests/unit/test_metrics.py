@@ -199,7 +199,7 @@ class TtsProviderMetricsTests(SynchronousTestCase):
         from activecall.call.controller import CallController
         from activecall.call.services import CallServices
         from activecall.control import commands as cmds
-        from activecall.speech.cache import MediaCache
+        from activecall.media.cache import MediaCache
         from activecall.speech.interfaces import SynthesisError
         from activecall.speech.registry import SynthesizerRegistry
         from activecall.testing import FakeSynthesizer

@@ -14,12 +14,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from activecall.call.services import CallServices
-from activecall.call.session import EventDump, SessionManager
+from activecall.control.session import EventDump, SessionManager
 from activecall.control.query import MAX_ID_CHARS, QueryError, SessionParams, parse_session_query
 from activecall.ids import IdSource
 from activecall.interfaces import IControlChannel
 from activecall.media.clock import MediaClock
-from activecall.speech.cache import MediaCache
+from activecall.media.cache import MediaCache
 from activecall.speech.registry import SynthesizerRegistry
 from activecall.testing import FakeSynthesizer
 

@@ -103,7 +103,7 @@ class RegistryTests(SynchronousTestCase):
     def test_pure_modules_do_not_import_reactor(self) -> None:
         """interfaces, registry and cache import without installing the global reactor."""
         code = (
-            "import sys, activecall.speech.interfaces, activecall.speech.registry, activecall.speech.cache\n"
+            "import sys, activecall.speech.interfaces, activecall.speech.registry, activecall.media.cache\n"
             "sys.exit('twisted.internet.reactor' in sys.modules)"
         )
         self.assertEqual(subprocess.run([sys.executable, "-c", code]).returncode, 0)

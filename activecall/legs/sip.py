@@ -15,13 +15,13 @@ from twisted.logger import Logger
 from activecall.config import RegisterUser
 from activecall.control.options import MAX_SIP_HEADERS, CallOption, sip_header_problem
 from activecall.media.negotiation import LocalOffer, answer_offer, apply_answer, build_offer
-from activecall.media.rtpleg import RtpLeg, RtpMediaEngine
+from activecall.legs.rtp import RtpLeg, RtpMediaEngine
 from activecall.rtp.srtp import AES_CM_128_HMAC_SHA1_80, generate_crypto
 from activecall.rtp.transport import RtpEndpoint, RtpPortAllocator
 from activecall.sip.uri import SipUri, parse_uri
 
 
-_log = Logger(namespace="activecall.call.sipleg")
+_log = Logger(namespace="activecall.legs.sip")
 
 
 def outgoing_headers(headers: Optional[Mapping[str, str]]) -> list[tuple[str, str]]:
