@@ -14,7 +14,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from activecall.call.services import CallServices
-from activecall.control.session import EventDump, SessionManager
+from activecall.control.dump import EventDump
+from activecall.control.session import SessionManager
 from activecall.control.query import MAX_ID_CHARS, QueryError, SessionParams, parse_session_query
 from activecall.ids import IdSource
 from activecall.interfaces import IControlChannel
