@@ -170,7 +170,7 @@ class StartupCallService(service.Service):
         from twisted.logger import Logger
 
         from activecall.control.commands import InviteCommand
-        from activecall.control.options import CallOption
+        from activecall.options import CallOption
         from activecall.control.query import SessionParams
 
         self._pending = None

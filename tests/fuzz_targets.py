@@ -841,7 +841,7 @@ def _config(data: bytes) -> None:
 
 def _build() -> tuple[Target, ...]:
     from activecall.config import ConfigError
-    from activecall.control.options import CommandError
+    from activecall.options import CommandError
     from activecall.control.query import QueryError
     from activecall.media.negotiation import NegotiationError
     from activecall.playbook.model import PlaybookError

@@ -31,7 +31,7 @@ from activecall.call.services import CallServices
 from activecall.clock import CallClock
 from activecall.control import commands as cmds
 from activecall.control import events as ev
-from activecall.control.options import CallOption, CommandError, ReferOption, SipOption, SynthesisOption
+from activecall.options import CallOption, CommandError, ReferOption, SipOption, SynthesisOption
 from activecall.fileio import UnsafePathError, file_safe_name, path_under_any, safe_join
 from activecall.media.mixer import apply_gain
 from activecall.media.resample import Resampler

@@ -8,7 +8,7 @@ from twisted.internet.defer import Deferred
 
 from activecall.call.playback import strip_emoji
 from activecall.call.services import CallServices
-from activecall.control.options import SynthesisOption
+from activecall.options import SynthesisOption
 from activecall.media.resample import Resampler
 from activecall.media.cache import validate_key
 from activecall.speech.interfaces import ISpeechSynthesizer, SynthesisRequest

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Union, get_args
 
-from activecall.control.options import (
+from activecall.options import (
     CallOption,
     CommandError,
     RecorderOption,

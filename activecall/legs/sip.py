@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from activecall.config import RegisterUser
-from activecall.control.options import MAX_SIP_HEADERS, CallOption, sip_header_problem
+from activecall.options import MAX_SIP_HEADERS, CallOption, sip_header_problem
 from activecall.media.negotiation import LocalOffer, answer_offer, apply_answer, build_offer
 from activecall.legs.rtp import RtpLeg, RtpMediaEngine
 from activecall.rtp.srtp import AES_CM_128_HMAC_SHA1_80, generate_crypto

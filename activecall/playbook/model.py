@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 import yaml  # type: ignore[import-untyped]
 
 from activecall.config import DEFAULT_ENV_PREFIX
-from activecall.control.options import (
+from activecall.options import (
     AgcOption,
     AmbianceOption,
     CallOption,

@@ -6,7 +6,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from activecall.legs.sip import apply_trunk_rules, caller_uri, credentials_for, outgoing_headers
 from activecall.config import Overrides, parse_config
-from activecall.control.options import CallOption
+from activecall.options import CallOption
 
 
 def rules(text: str):  # type: ignore[no-untyped-def]

@@ -26,7 +26,7 @@ from activecall.call.record import (
     record_file_path,
     status_code,
 )
-from activecall.control.options import CallOption
+from activecall.options import CallOption
 
 _T0 = datetime(2026, 8, 14, 7, 31, 40, 100000, tzinfo=timezone.utc).timestamp()
 _START = "2026-08-14T07:31:40.100000Z"

@@ -1,4 +1,4 @@
-"""Tests for activecall.control.commands and activecall.control.options (protocol.md §2, §4)."""
+"""Tests for activecall.control.commands and activecall.options (protocol.md §2, §4)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ from activecall.control.commands import (
     decode_command,
     encode_command,
 )
-from activecall.control.options import (
+from activecall.options import (
     AgcOption,
     AmbianceOption,
     CallOption,
@@ -825,7 +825,7 @@ class PurityTests(SynchronousTestCase):
         """Importing commands, events and options loads neither twisted.internet, asyncio nor socket."""
         code = (
             "import sys\n"
-            "import activecall.control.commands, activecall.control.events, activecall.control.options\n"
+            "import activecall.control.commands, activecall.control.events, activecall.options\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('asyncio', 'socket')"
             " or m.startswith('twisted.internet'))\n"
             "print(','.join(bad))\n"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from activecall.control.options import CallOption, TranscriptionOption
+from activecall.options import CallOption, TranscriptionOption
 from activecall.playbook.model import (
     Playbook,
     PlaybookError,
