@@ -5,7 +5,7 @@ Two processes, so the measured side is honest:
 * the **daemon** (this script with ``--daemon``, started by the load
   generator) runs N :class:`~activecall.legs.rtp.RtpLeg` on real UDP
   sockets, one reactor thread, one media clock.  Every leg is negotiated
-  through :func:`~activecall.media.negotiation.answer_offer`, receives and
+  through :func:`~activecall.sdp.negotiation.answer_offer`, receives and
   decodes the caller stream (jitter buffer -> decoder -> 16 kHz frame
   delivered to a callback) and encodes and sends one agent frame (a tone)
   every 20 ms, exactly as a call controller drives it;
@@ -84,7 +84,7 @@ def run_daemon(args: argparse.Namespace) -> None:
     from twisted.protocols.basic import LineReceiver
 
     from activecall.media.clock import MediaClock
-    from activecall.media.negotiation import answer_offer
+    from activecall.sdp.negotiation import answer_offer
     from activecall.legs.rtp import RtpLeg, RtpMediaEngine
     from activecall.rtp.srtp import generate_crypto
     from activecall.rtp.transport import RtpEndpoint, RtpPortAllocator

@@ -501,7 +501,7 @@ class _NegotiatingHandler:
     """Answers each INVITE like the call layer: offer/answer on its body, 488 when that fails."""
 
     def incoming_call(self, call: Any) -> None:
-        from activecall.media.negotiation import answer_offer
+        from activecall.sdp.negotiation import answer_offer
         from activecall.rtp.srtp import generate_crypto
 
         try:
@@ -638,9 +638,9 @@ class _TwistedLikeUdp:
 
 
 def _sdp(data: bytes) -> None:
-    from activecall.media.negotiation import answer_offer, apply_answer, build_offer
+    from activecall.sdp.negotiation import answer_offer, apply_answer, build_offer
     from activecall.rtp.srtp import generate_crypto
-    from activecall.sip.sdp import parse_sdp
+    from activecall.sdp.model import parse_sdp
 
     sd = parse_sdp(data)
     for m in sd.media:
@@ -662,8 +662,8 @@ def _sdp(data: bytes) -> None:
 
 def _all_of(*calls: Callable[[], object]) -> None:
     """Run every call; re-raise the first documented error once all have run (others escape at once)."""
-    from activecall.media.negotiation import NegotiationError
-    from activecall.sip.sdp import SdpParseError
+    from activecall.sdp.negotiation import NegotiationError
+    from activecall.sdp.model import SdpParseError
 
     first: Exception | None = None
     for call in calls:
@@ -843,13 +843,13 @@ def _build() -> tuple[Target, ...]:
     from activecall.config import ConfigError
     from activecall.options import CommandError
     from activecall.control.query import QueryError
-    from activecall.media.negotiation import NegotiationError
+    from activecall.sdp.negotiation import NegotiationError
     from activecall.playbook.model import PlaybookError
     from activecall.rtp.packet import RtpParseError
     from activecall.rtp.srtp import SrtpError
     from activecall.sip.framing import FramingError
     from activecall.sip.message import SipParseError
-    from activecall.sip.sdp import SdpParseError
+    from activecall.sdp.model import SdpParseError
 
     sip_seeds = SIP_SEEDS + _torture()
     sdp_seeds = tuple(s.encode() for s in (SDP_OFFER, SDP_PLAIN, SDP_ICE))

@@ -1,7 +1,7 @@
 """The SIP call's media leg: RTP/SRTP in and out, ticked by the one media clock.
 
 * :class:`RtpLeg` implements :class:`~activecall.interfaces.ICallLeg` for a
-  negotiated audio stream (:class:`~activecall.media.negotiation.NegotiatedMedia`)
+  negotiated audio stream (:class:`~activecall.sdp.negotiation.NegotiatedMedia`)
   on an :class:`~activecall.rtp.transport.RtpEndpoint`.  It exchanges PCM
   s16le mono at 16 kHz (``media_rate_hz``, 640-byte frames) with the call,
   whatever the codec.
@@ -49,7 +49,7 @@ from activecall.media._audioop import audioop
 from activecall.media.clock import MediaClock
 from activecall.media.codecs import Decoder, Encoder, make_decoder, make_encoder
 from activecall.media.dtmf_detect import COL_HZ, KEYPAD, ROW_HZ, InbandDtmfDetector
-from activecall.media.negotiation import NegotiatedMedia
+from activecall.sdp.negotiation import NegotiatedMedia
 from activecall.rtp.dtmf import DtmfReceiver, DtmfSender, digit_to_event
 from activecall.rtp.jitter import LOSS, JitterBuffer
 from activecall.rtp.packet import RtpHeaderView, RtpParseError, parse_rtcp, parse_rtp, parse_telephone_event

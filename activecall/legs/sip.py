@@ -14,7 +14,7 @@ from twisted.logger import Logger
 
 from activecall.config import RegisterUser
 from activecall.options import MAX_SIP_HEADERS, CallOption, sip_header_problem
-from activecall.media.negotiation import LocalOffer, answer_offer, apply_answer, build_offer
+from activecall.sdp.negotiation import LocalOffer, answer_offer, apply_answer, build_offer
 from activecall.legs.rtp import RtpLeg, RtpMediaEngine
 from activecall.rtp.srtp import AES_CM_128_HMAC_SHA1_80, generate_crypto
 from activecall.rtp.transport import RtpEndpoint, RtpPortAllocator

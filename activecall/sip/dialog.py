@@ -28,7 +28,7 @@ from activecall.sip.message import (
     SipResponse,
     parse_name_addr,
 )
-from activecall.sip.sdp import DIRECTIONS, parse_sdp
+from activecall.sdp.model import DIRECTIONS, parse_sdp
 from activecall.sip.uri import SipUri
 
 __all__ = [

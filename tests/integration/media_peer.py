@@ -4,7 +4,7 @@ The real call controller comes later; this is the smallest thing that answers
 a real phone's INVITE with real media:
 
 * :class:`MediaPeerHandler` (an :class:`ICallHandler`) answers each INVITE by
-  negotiating the offer (:func:`~activecall.media.negotiation.answer_offer`,
+  negotiating the offer (:func:`~activecall.sdp.negotiation.answer_offer`,
   SRTP when the offer is ``RTP/SAVP``), binding an
   :class:`~activecall.rtp.transport.RtpEndpoint` and running an
   :class:`~activecall.legs.rtp.RtpLeg` on a shared engine.
@@ -40,7 +40,7 @@ from zope.interface import implementer
 
 from activecall.media._audioop import audioop
 from activecall.media.clock import MediaClock
-from activecall.media.negotiation import NegotiatedMedia, NegotiationError, SdpError, answer_offer
+from activecall.sdp.negotiation import NegotiatedMedia, NegotiationError, SdpError, answer_offer
 from activecall.media.recorder import WavRecorder
 from activecall.legs.rtp import MEDIA_RATE_HZ, RtpLeg, RtpMediaEngine
 from activecall.rtp.srtp import generate_crypto

@@ -31,7 +31,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from activecall.config import Config
 from activecall.ids import SystemIds
-from activecall.sip.sdp import parse_sdp
+from activecall.sdp.model import parse_sdp
 from activecall.sip.service import build_sip_service
 from media_peer import (
     MediaPeerHandler,

@@ -10,7 +10,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from activecall.media.clock import MediaClock
-from activecall.media.negotiation import answer_offer, apply_answer, build_offer
+from activecall.sdp.negotiation import answer_offer, apply_answer, build_offer
 from activecall.legs.rtp import FRAME_BYTES, RtpLeg, RtpMediaEngine
 from activecall.rtp.srtp import AES_CM_128_HMAC_SHA1_80, generate_crypto
 from activecall.rtp.transport import RtpEndpoint, RtpPortAllocator

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from activecall.media.negotiation import NegotiationError, SdpError, answer_offer
-from activecall.sip.sdp import MediaDescription, SdpParseError, parse_sdp
+from activecall.sdp.negotiation import NegotiationError, SdpError, answer_offer
+from activecall.sdp.model import MediaDescription, SdpParseError, parse_sdp
 
 HUGE = "9" * 5000
 UNICODE = ("\u0663", "\u00b2", "\uff11")

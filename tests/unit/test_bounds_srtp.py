@@ -6,7 +6,7 @@ import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from activecall.media.negotiation import NegotiationError, answer_offer
+from activecall.sdp.negotiation import NegotiationError, answer_offer
 from activecall.rtp.srtp import SrtpError, generate_crypto, parse_crypto
 
 KEY = "PS1uQCVeeCFCanVmcjkpPywjNWhcYD0mXXtxaVBR"

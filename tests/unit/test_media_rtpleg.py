@@ -18,7 +18,7 @@ from activecall.media._audioop import audioop
 from activecall.media.clock import MediaClock
 from activecall.media.codecs import make_decoder, make_encoder
 from activecall.media.dtmf_detect import InbandDtmfDetector
-from activecall.media.negotiation import NegotiatedMedia
+from activecall.sdp.negotiation import NegotiatedMedia
 from activecall.legs.rtp import FRAME_BYTES, MAX_TX_BACKLOG, RtpLeg, RtpMediaEngine
 from activecall.rtp.packet import (
     TelephoneEvent,

@@ -16,7 +16,7 @@ from activecall.sip.dialog import (
     set_direction,
 )
 from activecall.sip.message import parse_message
-from activecall.sip.sdp import parse_sdp
+from activecall.sdp.model import parse_sdp
 from activecall.testing_sip import minimal_sdp
 
 INVITE = (

@@ -19,7 +19,7 @@ from activecall.sip.message import (
     parse_name_addr,
     parse_via,
 )
-from activecall.sip.sdp import SdpParseError, parse_sdp
+from activecall.sdp.model import SdpParseError, parse_sdp
 from activecall.sip.transaction import TransactionLayer
 from activecall.sip.uri import SipUri, parse_uri
 

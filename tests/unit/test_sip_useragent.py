@@ -12,7 +12,7 @@ from activecall.ids import IdSource
 from activecall.sip.auth import check_authorization
 from activecall.sip.dialog import set_direction
 from activecall.sip.message import Headers, SipRequest, SipResponse, parse_message
-from activecall.sip.sdp import parse_sdp
+from activecall.sdp.model import parse_sdp
 from activecall.sip.transport import SipDatagramProtocol, SipStack
 from activecall.sip.uri import parse_uri
 from activecall.sip.useragent import CallRejected, InboundCall, OutboundCall, SipUserAgent

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from activecall.sip.sdp import (
+from activecall.sdp.model import (
     Attribute,
     Connection,
     Crypto,

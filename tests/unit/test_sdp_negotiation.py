@@ -1,4 +1,4 @@
-"""Tests for activecall.media.negotiation: audio SDP offer/answer."""
+"""Tests for activecall.sdp.negotiation: audio SDP offer/answer."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from activecall.media.negotiation import (
+from activecall.sdp.negotiation import (
     NegotiationError,
     SdpError,
     answer_direction,
@@ -17,7 +17,7 @@ from activecall.media.negotiation import (
     build_offer,
 )
 from activecall.rtp.srtp import AES_CM_128_HMAC_SHA1_32, AES_CM_128_HMAC_SHA1_80, generate_crypto
-from activecall.sip.sdp import RtpMap, SdpParseError, parse_sdp
+from activecall.sdp.model import RtpMap, SdpParseError, parse_sdp
 
 PREFS = ("pcmu", "pcma", "g722", "g729", "opus", "telephone_event")
 
@@ -47,7 +47,7 @@ def _crypto(tag: int = 1, suite: str = AES_CM_128_HMAC_SHA1_80, seed: int = 1):
 
 
 class ParseTests(SynchronousTestCase):
-    """Reading offers through the project's SDP model (activecall.sip.sdp)."""
+    """Reading offers through the project's SDP model (activecall.sdp.model)."""
 
     def test_sdp_error_is_the_sdp_models_error(self) -> None:
         """SdpError is sdp.py's SdpParseError, a ValueError, so one except clause catches both."""
@@ -99,7 +99,7 @@ class ParseTests(SynchronousTestCase):
     def test_pure_module(self) -> None:
         """Importing the module does not import the reactor."""
         code = (
-            "import sys, activecall.media.negotiation; "
+            "import sys, activecall.sdp.negotiation; "
             "sys.exit('twisted.internet.reactor' in sys.modules)"
         )
         self.assertEqual(subprocess.run([sys.executable, "-c", code]).returncode, 0)

@@ -1,8 +1,8 @@
 """SDP offer/answer for one audio stream (RFC 3264), pure.
 
-SDP itself (parsing, the model, serializing) is :mod:`activecall.sip.sdp`;
+SDP itself (parsing, the model, serializing) is :mod:`activecall.sdp.model`;
 this module reads offers and answers through that model and writes ours as
-:class:`~activecall.sip.sdp.SessionDescription` values.  The results are
+:class:`~activecall.sdp.model.SessionDescription` values.  The results are
 :class:`NegotiatedMedia` values, everything an RTP leg needs to run the
 stream: where to send, which payload types, SRTP keys, rtcp-mux.
 
@@ -37,7 +37,7 @@ from typing import Callable, Sequence
 
 from activecall.media.codecs import CODECS
 from activecall.rtp.srtp import SUITES, CryptoAttribute, SrtpError, parse_crypto
-from activecall.sip.sdp import (
+from activecall.sdp.model import (
     DIRECTIONS,
     Attribute,
     Connection,
@@ -399,7 +399,7 @@ def answer_offer(
     """Answer an offer: return our SDP answer text and the negotiated stream.
 
     ``offer`` is SDP text or an already parsed
-    :class:`~activecall.sip.sdp.SessionDescription`.  ``make_crypto(tag,
+    :class:`~activecall.sdp.model.SessionDescription`.  ``make_crypto(tag,
     suite)`` creates our key when the answer uses SRTP (e.g. ``lambda t, s:
     generate_crypto(t, s, rng)``); on a re-offer pass the ``local_crypto``
     already in use to keep the key (no re-keying, no audio gap) when the
