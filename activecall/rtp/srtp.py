@@ -1,7 +1,11 @@
 """SRTP/SRTCP (RFC 3711) with SDES keys (RFC 4568), wrapping pylibsrtp.
 
-* :func:`parse_crypto` / :meth:`CryptoAttribute.encode`: the SDP ``a=crypto``
-  attribute value, ``<tag> <suite> inline:<base64 key||salt>[|lifetime][|MKI:len] [params]``.
+* :class:`CryptoAttribute`, :func:`parse_crypto` / :meth:`CryptoAttribute.encode`:
+  the SDP ``a=crypto`` attribute value,
+  ``<tag> <suite> inline:<base64 key||salt>[|lifetime][|MKI:len] [params]``.
+  This is the project's one ``a=crypto`` model: the SDP model
+  (:meth:`activecall.sdp.model.MediaDescription.crypto`), the offer/answer
+  (:mod:`activecall.sdp.negotiation`) and :class:`SrtpContext` all use it.
 * :func:`generate_crypto`: a fresh master key and salt from an injected
   random source (production: ``secrets.SystemRandom()``).
 * :class:`SrtpContext`: protect what we send with our key, unprotect what we
@@ -103,15 +107,23 @@ class CryptoAttribute:
         """Master key followed by master salt, as libsrtp wants it."""
         return self.key + self.salt
 
+    @property
+    def inline_key(self) -> str:
+        """The base64 key||salt of the ``inline:`` key parameter."""
+        return base64.b64encode(self.key_salt).decode("ascii")
+
     def encode(self) -> str:
         """The attribute value (without ``a=crypto:``)."""
-        key_params = "inline:" + base64.b64encode(self.key_salt).decode("ascii")
+        key_params = "inline:" + self.inline_key
         if self.lifetime is not None:
             exp = self.lifetime.bit_length() - 1
             key_params += "|" + (f"2^{exp}" if self.lifetime == 1 << exp else str(self.lifetime))
         if self.mki is not None:
             key_params += f"|{self.mki[0]}:{self.mki[1]}"
         return " ".join((str(self.tag), self.suite, key_params, *self.session_params))
+
+    def __str__(self) -> str:
+        return self.encode()
 
 
 def parse_crypto(value: str) -> CryptoAttribute:

@@ -7,7 +7,8 @@ every line it understands in a typed field and every other one (unknown types,
 
 Offer/answer negotiation is the media layer's; this module gives it the pieces:
 ``rtpmaps()``, ``fmtps()``, ``ptime``, ``direction()`` (with the session-level
-default and the RFC 2543 ``c=0.0.0.0`` hold), ``crypto()`` (RFC 4568), ICE,
+default and the RFC 2543 ``c=0.0.0.0`` hold), ``crypto()`` (RFC 4568, read into
+the one ``a=crypto`` model, :class:`activecall.rtp.srtp.CryptoAttribute`), ICE,
 ``rtcp``/``rtcp-mux``, ``fingerprint``/``setup`` and ``mid``.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from activecall.rtp.srtp import CryptoAttribute, SrtpError, parse_crypto
 from activecall.sip.uri import SipParseError, bounded_int
 
 __all__ = [
@@ -26,7 +28,6 @@ __all__ = [
     "Timing",
     "Attribute",
     "RtpMap",
-    "Crypto",
     "MediaDescription",
     "SessionDescription",
     "parse_sdp",
@@ -45,10 +46,9 @@ _STATIC_PT = {
 }
 
 
-#: Bounds of the numbers we read (RFC 3550/3551 payload types, UDP ports, RFC 4568 tags).
+#: Bounds of the numbers we read (RFC 3550/3551 payload types, UDP ports).
 MAX_PAYLOAD_TYPE = 127
 MAX_PORT = 65535
-MAX_CRYPTO_TAG = 999_999_999
 MAX_CLOCK_RATE_HZ = 2**32 - 1
 MAX_CHANNELS = 255
 MAX_PTIME_MS = 10_000
@@ -148,28 +148,6 @@ class RtpMap:
     encoding: str
     clock_rate_hz: int
     channels: int = 1
-
-
-@dataclass(frozen=True)
-class Crypto:
-    """RFC 4568 ``a=crypto:<tag> <suite> <key-params> [<session-params>]``."""
-
-    tag: int
-    suite: str
-    key_params: str
-    session_params: tuple[str, ...] = ()
-
-    @property
-    def inline_key(self) -> str | None:
-        """The base64 key||salt of the first ``inline:`` key parameter."""
-        for param in self.key_params.split(";"):
-            method, _, info = param.partition(":")
-            if method == "inline":
-                return info.split("|")[0]
-        return None
-
-    def __str__(self) -> str:
-        return " ".join((str(self.tag), self.suite, self.key_params, *self.session_params))
 
 
 class _AttributeMixin:
@@ -276,14 +254,19 @@ class MediaDescription(_AttributeMixin):
         value = int(match.group(1))
         return value if 1 <= value <= MAX_PTIME_MS else None
 
-    def crypto(self) -> list[Crypto]:
-        """The RFC 4568 crypto lines, in preference order."""
+    def crypto(self) -> list[CryptoAttribute]:
+        """The RFC 4568 crypto lines we can read, in preference order.
+
+        Each is decoded and checked by :func:`activecall.rtp.srtp.parse_crypto`
+        (known suite, key length, bounded tag, lifetime and MKI); lines it
+        refuses are skipped.
+        """
         out = []
         for value in self.attribute_values("crypto"):
-            parts = value.split()
-            tag = _small_int(parts[0], MAX_CRYPTO_TAG) if len(parts) >= 3 else None
-            if tag is not None:
-                out.append(Crypto(tag, parts[1], parts[2], tuple(parts[3:])))
+            try:
+                out.append(parse_crypto(value))
+            except SrtpError:
+                continue
         return out
 
     @property

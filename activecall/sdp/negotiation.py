@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 from activecall.media.codecs import CODECS
-from activecall.rtp.srtp import SUITES, CryptoAttribute, SrtpError, parse_crypto
+from activecall.rtp.srtp import CryptoAttribute
 from activecall.sdp.model import (
     DIRECTIONS,
     Attribute,
@@ -293,13 +293,8 @@ def _find_te(m: MediaDescription, rate: int) -> int | None:
 
 def _pick_crypto(m: MediaDescription) -> CryptoAttribute | None:
     """The first offered ``a=crypto`` we can use (known suite, no MKI, no session params)."""
-    for crypto in m.crypto():
-        try:
-            # The SDP model keeps key params as text; srtp.py decodes and checks the key.
-            attr = parse_crypto(str(crypto))
-        except SrtpError:
-            continue
-        if attr.suite in SUITES and attr.mki is None and not attr.session_params:
+    for attr in m.crypto():
+        if attr.mki is None and not attr.session_params:
             return attr
     return None
 
@@ -426,7 +421,7 @@ def answer_offer(
             continue
         remote_crypto: CryptoAttribute | None = None
         ours: CryptoAttribute | None = None
-        if m.proto == _SECURE or (srtp and m.crypto()):
+        if m.proto == _SECURE or (srtp and m.has_attribute("crypto")):
             remote_crypto = _pick_crypto(m)
             if remote_crypto is None:
                 problem = "no usable a=crypto"

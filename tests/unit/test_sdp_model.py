@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from activecall.rtp.srtp import AES_CM_128_HMAC_SHA1_80, CryptoAttribute
 from activecall.sdp.model import (
     Attribute,
     Connection,
-    Crypto,
     MediaDescription,
     Origin,
     RtpMap,
@@ -79,7 +79,9 @@ class ParseTests(SynchronousTestCase):
         self.assertEqual(crypto[0].inline_key, "PS1uQCVeeCFCanVmcjkpPywjNWhcYD0mXXtxaVBR")
         self.assertEqual(crypto[1].session_params, ("UNENCRYPTED_SRTCP",))
         self.assertTrue(self.sdp.media[0].is_secure)
-        self.assertEqual(str(Crypto(1, "S", "inline:k", ("X",))), "1 S inline:k X")
+        key = "a2tra2tra2tra2tra2tra3Nzc3Nzc3Nzc3Nzc3Nz"
+        self.assertEqual(str(CryptoAttribute(1, AES_CM_128_HMAC_SHA1_80, b"k" * 16, b"s" * 14, session_params=("X",))),
+                         f"1 AES_CM_128_HMAC_SHA1_80 inline:{key} X")
 
     def test_webrtc_attributes(self) -> None:
         """ICE, DTLS fingerprint, mid and rtcp-mux are exposed."""
