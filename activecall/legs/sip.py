@@ -18,7 +18,7 @@ from activecall.sdp.negotiation import LocalOffer, answer_offer, apply_answer, b
 from activecall.legs.rtp import RtpLeg, RtpMediaEngine
 from activecall.rtp.srtp import AES_CM_128_HMAC_SHA1_80, generate_crypto
 from activecall.rtp.transport import RtpEndpoint, RtpPortAllocator
-from activecall.sip.uri import SipUri, parse_uri
+from activecall.sip.uri import SipUri, parse_uri, transport_for_uri
 
 
 _log = Logger(namespace="activecall.legs.sip")
@@ -104,11 +104,6 @@ def credentials_for(option: CallOption, register_users: Sequence[RegisterUser]) 
     return None
 
 
-def transport_name(uri: str) -> str:
-    """The listener an outbound request to ``uri`` uses (config.md §4)."""
-    return "tls" if uri.startswith("sips:") or "transport=tls" in uri.lower() else "udp"
-
-
 def _rewrite_part(uri: SipUri, user: Optional[str], host: Optional[str]) -> SipUri:
     uri = uri.copy()
     if user is not None:
@@ -180,7 +175,7 @@ class OutboundSipLeg:
         contact = sip.contact if sip is not None and sip.contact else None
         target, caller, contact = apply_trunk_rules(
             media.trunk_rules, callee_uri(self._option), caller_uri(self._option), contact,
-            lambda: str(media.user_agent.local_contact(transport_name(callee_uri(self._option)))))
+            lambda: str(media.user_agent.local_contact(transport_for_uri(callee_uri(self._option)))))
         next_hop = media.rewrite(target) if media.rewrite is not None else None
         return media.user_agent.invite(
             target, caller, contact=contact, sdp=self.offer.sdp,

@@ -49,7 +49,7 @@ from twisted.python.failure import Failure
 
 from activecall.config import Credential, RegisterUser
 from activecall.sip.message import Headers, NameAddr, SipRequest, SipResponse, SipParseError
-from activecall.sip.uri import SipUri, bounded_int, parse_uri
+from activecall.sip.uri import SipUri, bounded_int, parse_uri, transport_for_uri
 
 _MAX_DELTA_SECONDS = 2**32 - 1
 
@@ -60,7 +60,6 @@ __all__ = [
     "RetryPolicy",
     "fixed_retry",
     "backoff_retry",
-    "transport_for",
     "SendRegister",
     "RegistrationState",
     "RegistrationMachine",
@@ -104,14 +103,6 @@ def backoff_retry(initial_s: float = 2.0, factor: float = 2.0, max_s: float = RE
         return delay + (jitter() if jitter is not None else 0.0)
 
     return policy
-
-
-def transport_for(server: SipUri) -> str:
-    """The listener a registrar URI needs: ``tls`` for ``sips:``/``;transport=tls``, else
-    its ``;transport=`` or ``udp``."""
-    if server.scheme.lower() == "sips":
-        return "tls"
-    return server.transport or "udp"
 
 
 @dataclass(frozen=True)
@@ -187,7 +178,7 @@ class _Core:
                  user_agent: str | None, first_cseq: int) -> None:
         self.account = account
         server = parse_uri(account.server)
-        self.transport = transport_for(server)
+        self.transport = transport_for_uri(server)
         self.registrar = SipUri(server.scheme, host=server.host, port=server.port,
                                 params=list(server.params))
         self.aor = SipUri(server.scheme, user=account.username, host=server.host, port=server.port)
@@ -745,7 +736,7 @@ class RegistrationService(Service):
                 continue
             transport = "?"
             try:
-                transport = transport_for(parse_uri(config.server))
+                transport = transport_for_uri(parse_uri(config.server))
                 contact = self._ua.local_contact(transport, user=config.username)
             except Exception as e:  # adapter boundary: whatever the UA raises means "no listener"
                 account.skipped = f"no listener: {e}"
@@ -897,7 +888,7 @@ class RegistrationService(Service):
                 "username": config.username,
                 "aor": str(SipUri(server.scheme, user=config.username, host=server.host,
                                   port=server.port)),
-                "transport": transport_for(server),
+                "transport": transport_for_uri(server),
             }
             machine = account.machine
             if machine is None:

@@ -49,14 +49,13 @@ from activecall.sip.transaction import (
     Transmit,
     TransportError,
 )
-from activecall.sip.uri import SipUri
+from activecall.sip.uri import SipUri, transport_for_uri
 
 __all__ = [
     "SipStack",
     "SipDatagramProtocol",
     "SipStreamProtocol",
     "SipStreamFactory",
-    "transport_for_uri",
 ]
 
 Address = tuple[str, int]
@@ -86,14 +85,6 @@ class Link(TypingProtocol):
     def send(self, data: bytes, addr: Address) -> bool:
         """Write ``data`` (to ``addr`` for UDP); False when the transport failed."""
         ...
-
-
-def transport_for_uri(uri: SipUri) -> str:
-    """config.md §4: ``sips:`` or ``;transport=tls`` → tls, ``transport=tcp`` → tcp, else udp."""
-    if uri.scheme.lower() == "sips":
-        return "tls"
-    transport = uri.transport
-    return transport if transport in ("tls", "tcp") else "udp"
 
 
 def _is_ip(host: str) -> bool:

@@ -21,6 +21,7 @@ __all__ = [
     "bounded_int",
     "is_ip_literal",
     "parse_uri",
+    "transport_for_uri",
     "uri_equal",
     "unescape",
 ]
@@ -55,6 +56,8 @@ _HEX = frozenset("0123456789abcdefABCDEF")
 _OPAQUE_FORBIDDEN = frozenset(' \t\r\n<>"')
 
 _DEFAULT_PORTS = {"sip": 5060, "sips": 5061}
+#: The ``;transport=`` values we have listeners for (config.md §4).
+_TRANSPORTS = ("udp", "tcp", "tls")
 _DIGITS_RE = re.compile(r"[0-9]+\Z")
 
 
@@ -343,3 +346,25 @@ def uri_equal(a: SipUri, b: SipUri) -> bool:
     ha = {unescape(k).lower(): unescape(v) for k, v in a.headers}
     hb = {unescape(k).lower(): unescape(v) for k, v in b.headers}
     return ha == hb
+
+
+def transport_for_uri(uri: SipUri | str) -> str:
+    """The transport a request to ``uri`` goes over: ``"udp"``, ``"tcp"`` or ``"tls"``.
+
+    RFC 3261 §26.2.2 and RFC 3263 §4.1 (without NAPTR/SRV): a ``sips:`` URI
+    always needs TLS; otherwise the ``;transport=`` parameter (read from the
+    parsed parameters, case-insensitively) names it, where ``tls`` is the
+    legacy spelling of TLS over TCP.  No parameter, or one we have no
+    listener for (``sctp``, ``ws``...), means UDP.  A string is parsed
+    first; an unreadable one (or a non-SIP URI such as ``tel:``) gets the
+    UDP default.
+    """
+    if isinstance(uri, str):
+        try:
+            uri = parse_uri(uri)
+        except SipParseError:
+            return "udp"
+    if uri.scheme.lower() == "sips":
+        return "tls"
+    transport = uri.transport
+    return transport if transport in _TRANSPORTS else "udp"

@@ -61,7 +61,7 @@ from activecall.sip.message import (
     parse_name_addr,
 )
 from activecall.sip.transaction import TransactionKey, build_cancel
-from activecall.sip.uri import SipUri, parse_uri
+from activecall.sip.uri import SipUri, parse_uri, transport_for_uri
 
 __all__ = [
     "ALLOW",
@@ -208,16 +208,6 @@ def _as_bytes(body: bytes | str | None) -> bytes:
     if body is None:
         return b""
     return body.encode("utf-8") if isinstance(body, str) else bytes(body)
-
-
-def _transport_for(uri: SipUri) -> str:
-    """config.md §4: ``sips:`` or ``;transport=tls`` → TLS, ``transport=tcp`` → TCP, else UDP."""
-    if uri.scheme.lower() == "sips":
-        return "tls"
-    transport = uri.transport
-    if transport in ("tls", "tcp"):
-        return transport
-    return "udp"
 
 
 def _session_timer_headers(request: SipRequest) -> list[tuple[str, str]]:
@@ -676,7 +666,7 @@ class SipUserAgent:
             text = str(from_uri)
             from_ = parse_name_addr(text if "<" in text else f"<{text}>")
         from_.set_param("tag", self._ids.tag())
-        transport = _transport_for(target)
+        transport = transport_for_uri(target)
         try:
             contact_text = f"<{contact}>" if contact is not None else f"<{self.local_contact(transport)}>"
         except DialogError as err:

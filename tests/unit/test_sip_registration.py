@@ -23,9 +23,8 @@ from activecall.sip.registration import (
     SendRegister,
     backoff_retry,
     fixed_retry,
-    transport_for,
 )
-from activecall.sip.uri import SipUri, parse_uri
+from activecall.sip.uri import SipUri, parse_uri, transport_for_uri
 
 ACCOUNT = RegisterUser(
     server="sip:pbx.example.org:5060", username="2001",
@@ -102,11 +101,11 @@ class RegisterRequestTests(SynchronousTestCase):
         self.assertEqual(send.request.headers.get("Expires"), "600")
         self.assertEqual(m.transport, "tcp")
 
-    def test_transport_for(self) -> None:
+    def test_transport_for_uri(self) -> None:
         """sips: and ;transport=tls need TLS; otherwise the transport parameter or UDP."""
-        self.assertEqual(transport_for(parse_uri("sips:pbx.example.org")), "tls")
-        self.assertEqual(transport_for(parse_uri("sip:pbx.example.org;transport=TLS")), "tls")
-        self.assertEqual(transport_for(parse_uri("sip:pbx.example.org:5060")), "udp")
+        self.assertEqual(transport_for_uri(parse_uri("sips:pbx.example.org")), "tls")
+        self.assertEqual(transport_for_uri(parse_uri("sip:pbx.example.org;transport=TLS")), "tls")
+        self.assertEqual(transport_for_uri(parse_uri("sip:pbx.example.org:5060")), "udp")
 
 
 class RefreshTests(SynchronousTestCase):

@@ -12,8 +12,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from activecall.ids import IdSource
 from activecall.sip.message import SipRequest, parse_message
-from activecall.sip.transport import SipDatagramProtocol, SipStack, SipStreamFactory, transport_for_uri
-from activecall.sip.uri import parse_uri
+from activecall.sip.transport import SipDatagramProtocol, SipStack, SipStreamFactory
+from activecall.sip.uri import parse_uri, transport_for_uri
 from activecall.sip.useragent import SipUserAgent
 from activecall.testing_sip import MemoryDatagramTransport
 
