@@ -1,6 +1,12 @@
-"""Process-wide policy of the running daemon: open-files limit, garbage collection, listen checks.
+"""The daemon's services and process-wide policy.
 
-The composition root (``tap.py``) calls these; they hold no call logic.
+Services: ordered stop (:class:`SequentialService`), the graceful drain of calls
+(:class:`DrainCallsService`), the ``--call`` start-up call (:class:`StartupCallService`)
+and the periodic garbage collection (:class:`CyclicGarbageService`). Policy: the
+open-files limit and the loopback check of the listen address.
+
+The composition root (``tap.py``) builds and attaches these; what they act on (sessions,
+record writers) comes in through their constructors as the small protocols below.
 """
 
 from __future__ import annotations
@@ -8,13 +14,30 @@ from __future__ import annotations
 import gc
 import ipaddress
 import resource
-from typing import Any, Callable
+from collections.abc import Collection
+from typing import Any, Callable, Optional, Protocol
 
 from twisted.application import service
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import Deferred, DeferredList, TimeoutError, maybeDeferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-__all__ = ["CyclicGarbageService", "is_loopback", "raise_open_files_limit"]
+from activecall.control.query import SessionParams
+from activecall.options import CallOption
+
+__all__ = [
+    "CyclicGarbageService",
+    "DrainCallsService",
+    "DrainableSessions",
+    "RecordDrain",
+    "SequentialService",
+    "StartupCallService",
+    "StartupSessions",
+    "is_loopback",
+    "raise_open_files_limit",
+]
 
 
 def is_loopback(host: str) -> bool:
@@ -70,3 +93,158 @@ class CyclicGarbageService(service.Service):
         if self._loop.running:
             self._loop.stop()
         return super().stopService()
+
+
+class SequentialService(service.MultiService):
+    """Stops its children in reverse order, each after the previous one finished.
+
+    Registration must finish its un-REGISTER before the SIP listeners close,
+    or the registrar's answers are lost.
+    """
+
+    def stopService(self) -> Deferred[None]:
+        service.Service.stopService(self)
+
+        async def stop_in_order() -> None:
+            for child in reversed(list(self)):
+                await maybeDeferred(child.stopService)
+
+        return Deferred.fromCoroutine(stop_in_order())
+
+
+class DrainableSessions(Protocol):
+    """What the drain needs of the live sessions (:class:`activecall.control.session.SessionManager`)."""
+
+    def __len__(self) -> int:
+        """How many sessions are live."""
+
+    def wait_idle(self) -> Deferred[None]:
+        """Fire when no session is left; cancellable."""
+
+    def kill_all(self) -> None:
+        """End every session now."""
+
+
+class RecordDrain(Protocol):
+    """What the drain needs of the call-record writer (:class:`activecall.call.recordstore.CallRecordWriter`)."""
+
+    def drain(self) -> Deferred[None]:
+        """Fire once every record written so far is saved or given up."""
+
+
+class DrainCallsService(service.Service):
+    """Graceful shutdown of calls (config.md §3 graceful_shutdown).
+
+    On stop: refuse new inbound calls (503 "Server shutting down"), answer the
+    ones still waiting for a client, let running calls end on their own for up
+    to ``timeout_s``, then hang up what is left. With ``graceful`` false the
+    calls are hung up at once.
+
+    When ``record_writer`` is given, the stop also waits for the records still
+    being assembled (``records_in_flight``, looked at when the stop begins) and
+    then for the writer to save everything: no call record is lost to a shutdown.
+    """
+
+    _log = Logger(namespace="activecall")
+
+    def __init__(self, sessions: DrainableSessions, clock: IReactorTime, *, graceful: bool, timeout_s: float,
+                 refuse_new_calls: Callable[[], None],
+                 records_in_flight: Collection[Deferred[Any]] = (),
+                 record_writer: Optional[RecordDrain] = None) -> None:
+        self._sessions = sessions
+        self._clock = clock
+        self._graceful = graceful
+        self._timeout_s = timeout_s
+        self._refuse_new_calls = refuse_new_calls
+        self._records_in_flight = records_in_flight
+        self._record_writer = record_writer
+
+    def stopService(self) -> Optional[Deferred[None]]:
+        super().stopService()
+        self._refuse_new_calls()
+        if not self._graceful:
+            self._sessions.kill_all()
+            return self._save_records()
+        if len(self._sessions):
+            self._log.info("shutting down: waiting up to {t} s for {n} call(s) to end",
+                           t=self._timeout_s, n=len(self._sessions))
+        d = self._sessions.wait_idle()
+        d.addTimeout(self._timeout_s, self._clock)
+        d.addErrback(self._cut)
+        return d.addCallback(lambda _: self._save_records())
+
+    def _cut(self, f: Failure) -> None:
+        f.trap(TimeoutError)
+        self._log.info("shutting down: ending {n} call(s) still running", n=len(self._sessions))
+        self._sessions.kill_all()
+
+    def _save_records(self) -> Optional[Deferred[None]]:
+        writer = self._record_writer
+        if writer is None:
+            return None
+        pending = list(self._records_in_flight)
+        return DeferredList(pending).addCallback(lambda _: writer.drain())
+
+
+class _Dialer(Protocol):
+    """The controller operation the start-up call uses."""
+
+    def dial(self, option: CallOption) -> Deferred[None]:
+        """Place the outbound call ``option.callee``; fire once it is under way, errback if it cannot be."""
+
+
+class _DialingSession(Protocol):
+    @property
+    def controller(self) -> _Dialer:
+        """The session's call controller."""
+
+
+class StartupSessions(Protocol):
+    """What the start-up call needs of the sessions (:class:`activecall.control.session.SessionManager`)."""
+
+    def new_sid(self) -> str:
+        """A fresh session id ``s.<uuid4>``."""
+
+    def open(self, params: SessionParams) -> _DialingSession:
+        """Create a session and list it at once."""
+
+
+class StartupCallService(service.Service):
+    """``--call URI``: about 1 s after start-up, place one outbound SIP call (config.md §2).
+
+    The call runs as a session without a WebSocket (``c.<uuid>``, no event dump,
+    no pings, 50 s inactivity timeout); ``/list`` and ``/kill`` see it. A stop
+    before the second has passed places nothing.
+    """
+
+    DELAY_S = 1.0
+    INACTIVITY_TIMEOUT_S = 50
+
+    _log = Logger(namespace="activecall")
+
+    def __init__(self, sessions: StartupSessions, clock: IReactorTime, uri: str) -> None:
+        self._sessions = sessions
+        self._clock = clock
+        self._uri = uri
+        self._pending: Optional[IDelayedCall] = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._pending = self._clock.callLater(self.DELAY_S, self._place)
+
+    def stopService(self) -> Optional[Deferred[None]]:
+        if self._pending is not None and self._pending.active():
+            self._pending.cancel()
+        self._pending = None
+        return super().stopService()
+
+    def _place(self) -> None:
+        self._pending = None
+        sid = "c." + self._sessions.new_sid()[2:]
+        session = self._sessions.open(SessionParams(sid=sid, call_type="sip", dump=False, ping_s=0))
+        self._log.info("--call: calling {uri} as session {sid}", uri=self._uri, sid=sid)
+        d = session.controller.dial(CallOption(callee=self._uri, inactivity_timeout=self.INACTIVITY_TIMEOUT_S))
+        d.addErrback(self._failed, sid)
+
+    def _failed(self, f: Failure, sid: str) -> None:
+        self._log.failure("--call: calling {uri} as session {sid} failed", f, uri=self._uri, sid=sid)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from activecall.config import DEFAULT_ENV_PREFIX, PlaybookHandlerConfig
-from activecall.playbook.model import Playbook, PlaybookError, PlaybookNotFound, load_playbook
-from activecall.sip.useragent import ICallHandler
+from activecall.playbook.model import Playbook, PlaybookCache, PlaybookError, PlaybookNotFound
+from activecall.sip.useragent import ICallHandler, InboundCall
 
 
 def _reason(text: str) -> list[tuple[str, str]]:
@@ -21,23 +22,27 @@ def _reason(text: str) -> list[tuple[str, str]]:
 class PlaybookCallHandler:
     """First matching rule, else ``default``; no match, a missing file or a load error → 503 with a Reason.
 
-    The playbook file is read anew for every call, off the reactor thread;
-    ``start_call(call, playbook)`` then answers the call with it.
+    The playbook is loaded off the reactor thread through a
+    :class:`PlaybookCache` (the file is stat'ed for every call and parsed again only
+    when it, or an environment variable it used, changed); ``start_call(call, playbook)``
+    then answers the call with it.
     """
 
     _log = Logger()
 
-    def __init__(self, config: PlaybookHandlerConfig, start_call: Callable[[Any, Playbook], None],
-                 run_blocking: Callable[..., Any], environ: Mapping[str, str],
+    def __init__(self, config: PlaybookHandlerConfig, start_call: Callable[[InboundCall, Playbook], None],
+                 run_blocking: Callable[..., Deferred[Any]], environ: Mapping[str, str],
                  env_prefix: str = DEFAULT_ENV_PREFIX) -> None:
         self._config = config
+        self._playbooks = PlaybookCache()
         self._start_call = start_call
         self._run_blocking = run_blocking
         self._environ = environ
         self._env_prefix = env_prefix  # [api] env_prefix: the ${VAR}s a playbook may read
         self.shutting_down = False
 
-    def incoming_call(self, call: Any) -> None:
+    def incoming_call(self, call: InboundCall) -> None:
+        """Refuse during shutdown or without a rule; else load the rule's playbook and start the call."""
         if self.shutting_down:
             call.reject(503, None, headers=_reason("Server shutting down"))
             return
@@ -46,10 +51,10 @@ class PlaybookCallHandler:
             self._log.info("inbound call from {caller} to {callee}: no playbook rule matches", caller=call.caller, callee=call.callee)
             call.reject(503, None, headers=_reason("No matching playbook"))
             return
-        d = self._run_blocking(lambda: load_playbook(name, self._environ, env_prefix=self._env_prefix))
+        d = self._run_blocking(lambda: self._playbooks.load(name, self._environ, env_prefix=self._env_prefix))
         d.addCallbacks(self._loaded, self._failed, callbackArgs=(call, name), errbackArgs=(call, name))
 
-    def _loaded(self, playbook: Playbook, call: Any, name: str) -> None:
+    def _loaded(self, playbook: Playbook, call: InboundCall, name: str) -> None:
         if call.cancelled or call.terminated:
             return  # the caller gave up while the file was read
         for warning in playbook.warnings:
@@ -57,7 +62,7 @@ class PlaybookCallHandler:
         self._log.info("inbound call {dialog_id} from {caller}: playbook {name}", dialog_id=call.dialog_id, caller=call.caller, name=name)
         self._start_call(call, playbook)
 
-    def _failed(self, f: Failure, call: Any, name: str) -> None:
+    def _failed(self, f: Failure, call: InboundCall, name: str) -> None:
         if f.check(PlaybookNotFound):
             text = "Playbook Not Found"
         elif f.check(PlaybookError):

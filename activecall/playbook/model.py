@@ -4,10 +4,11 @@ A playbook is ``---`` + YAML front matter + ``---`` + a Markdown body split
 into ``# Scene: <id>`` sections.  :func:`load_playbook` resolves a name (or
 inline text), reads the file anew and returns a frozen :class:`Playbook`;
 every problem raises :class:`PlaybookError` whose message names the file, the
-YAML line when known, and the dotted key path.
+YAML line when known, and the dotted key path.  :class:`PlaybookCache` does the
+same but parses a file again only when it or the environment it read changed.
 
-Pure module: stdlib and pyyaml only (file reading is a plain blocking ``open``;
-callers on the reactor thread should run :func:`load_playbook` in a thread).
+Pure module: stdlib and pyyaml only (file reading is a plain blocking ``open``
+and ``os.stat``; callers on the reactor thread should load in a thread).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any, Callable, Mapping
 
 import yaml  # type: ignore[import-untyped]
@@ -49,6 +51,7 @@ __all__ = [
     "DtmfAction",
     "FollowUp",
     "Playbook",
+    "PlaybookCache",
     "PlaybookError",
     "PlaybookNotFound",
     "Scene",
@@ -121,15 +124,95 @@ def load_playbook(
     if path is None:
         # Inline text: the trimmed value is what "starts with ---" was tested on.
         return parse_playbook(value.strip(), environ, INLINE_SOURCE, env_prefix=env_prefix)
+    return parse_playbook(_read(path), environ, path, env_prefix=env_prefix)
+
+
+def _read(path: str) -> str:
     try:
         # utf-8, not utf-8-sig: a BOM must stay visible so rule §2.1 rejects it.
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            return f.read()
     except FileNotFoundError:
         raise PlaybookNotFound("playbook not found", source=path) from None
     except (OSError, UnicodeDecodeError) as e:
         raise PlaybookError(f"cannot read playbook: {e}", source=path) from None
-    return parse_playbook(text, environ, path, env_prefix=env_prefix)
+
+
+class _EnvReads(Mapping[str, str]):
+    """The environment as a parse sees it, remembering every variable looked up (set or not)."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        self.reads: dict[str, str | None] = {}
+        self.enumerated = False  # iterated or sized: the reads alone no longer describe what was seen
+
+    def __getitem__(self, name: str) -> str:
+        value = self._environ.get(name)
+        self.reads[name] = value
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        self.enumerated = True
+        return iter(self._environ)
+
+    def __len__(self) -> int:
+        self.enumerated = True
+        return len(self._environ)
+
+
+@dataclass(frozen=True)
+class _Cached:
+    file_id: tuple[int, int, int] | None  # (st_mtime_ns, st_size, st_ino) when read; None: inline text
+    env: tuple[tuple[str, str | None], ...]  # every variable the parse looked up, with its value then
+    playbook: Playbook
+
+
+class PlaybookCache:
+    """Playbooks by name as :func:`load_playbook` returns them, each file parsed once until it changes.
+
+    A file is parsed again when its ``os.stat`` (mtime in ns, size, inode) differs from
+    the one taken before it was last read, or when a variable the parse looked up in
+    ``environ`` (``${VAR}`` expansion, the ``llm`` fill-ins) now has another value; inline
+    text is parsed once per text. Failed loads are not kept: each raises anew.
+
+    The :class:`Playbook` returned is shared by every call that loads it: treat it as
+    read-only. :meth:`load` blocks on the file system; it may run in worker threads at
+    once (a race parses a file twice, and the last result is kept).
+    """
+
+    def __init__(self, base_dir: str = DEFAULT_BASE_DIR) -> None:
+        self._base_dir = base_dir
+        self._entries: dict[tuple[str, str], _Cached] = {}
+
+    def load(self, value: str, environ: Mapping[str, str], *,
+             env_prefix: str = DEFAULT_ENV_PREFIX) -> Playbook:
+        """Resolve ``value`` (§1) and return its parsed playbook; raises PlaybookError."""
+        path = resolve_playbook_path(value, self._base_dir)
+        file_id: tuple[int, int, int] | None = None
+        if path is not None:
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                raise PlaybookNotFound("playbook not found", source=path) from None
+            except OSError as e:
+                raise PlaybookError(f"cannot read playbook: {e}", source=path) from None
+            file_id = (st.st_mtime_ns, st.st_size, st.st_ino)
+        key = (env_prefix, path if path is not None else value)
+        cached = self._entries.get(key)
+        if (cached is not None and cached.file_id == file_id
+                and all(environ.get(name) == seen for name, seen in cached.env)):
+            return cached.playbook
+        env = _EnvReads(environ)
+        if path is None:
+            playbook = parse_playbook(value.strip(), env, INLINE_SOURCE, env_prefix=env_prefix)
+        else:
+            # The stat was taken before the read: a change in between is seen at the next load.
+            playbook = parse_playbook(_read(path), env, path, env_prefix=env_prefix)
+        if not env.enumerated:
+            self._entries[key] = _Cached(file_id, tuple(env.reads.items()), playbook)
+        return playbook
 
 
 # --- §3.1 ${VAR} -----------------------------------------------------------------------------

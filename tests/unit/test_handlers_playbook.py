@@ -92,3 +92,17 @@ class PlaybookHandlerTests(SynchronousTestCase):
         handler.incoming_call(FakeCall("sip:a@x", "sip:b@y"))
         [(_, playbook)] = self.started
         self.assertEqual(playbook.greeting, "Hello.")
+
+    def test_playbook_parsed_once_until_the_file_changes(self) -> None:
+        """Two calls share one parsed playbook; an edit (new mtime) is parsed for the next call."""
+        self.handler.incoming_call(FakeCall("sip:alice@example.com", "sip:sales@pbx"))
+        self.handler.incoming_call(FakeCall("sip:carol@example.com", "sip:sales@pbx"))
+        [(_, first), (_, second)] = self.started
+        self.assertIs(second, first)
+        path = os.path.join(self.dir, "sales.md")
+        with open(path, "w") as f:
+            f.write("---\nllm:\n  provider: openai\ngreeting: Sales, new.\n---\nSell.\n")
+        st = os.stat(path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+        self.handler.incoming_call(FakeCall("sip:dave@example.com", "sip:sales@pbx"))
+        self.assertEqual(self.started[2][1].greeting, "Sales, new.")

@@ -1,8 +1,9 @@
-"""Process-wide policy (activecall.lifecycle): the open-files limit and the periodic garbage collection."""
+"""The daemon's services and process-wide policy (activecall.lifecycle): ordered stop, drain, start-up call, open-files limit, periodic garbage collection."""
 
 from __future__ import annotations
 
 import resource
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -49,3 +50,244 @@ class CyclicGarbageServiceTests(SynchronousTestCase):
         self.assertEqual(runs, [15.0, 30.0])
         svc.stopService()
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class FakeSessions:
+    """Live sessions as the drain and the start-up call see them; records what was done to them."""
+
+    def __init__(self, live: int = 0) -> None:
+        from twisted.internet.defer import Deferred
+
+        self.live = live
+        self.killed = 0
+        self.idle: list[Deferred[None]] = []
+        self.opened: list[Any] = []
+
+    def __len__(self) -> int:
+        return self.live
+
+    def wait_idle(self) -> Deferred[None]:
+        from twisted.internet.defer import Deferred, succeed
+
+        if not self.live:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self.idle.append(d)
+        return d
+
+    def end_all(self) -> None:
+        self.live = 0
+        for d in self.idle:
+            d.callback(None)
+
+    def kill_all(self) -> None:
+        self.killed += 1
+        self.end_all()
+
+    def new_sid(self) -> str:
+        return "s.1234"
+
+    def open(self, params: Any) -> Any:
+        session = FakeSession(params)
+        self.opened.append(session)
+        return session
+
+
+class FakeController:
+    """Records the typed operations it is asked for; ``dial`` answers with ``result``."""
+
+    def __init__(self) -> None:
+        from twisted.internet.defer import Deferred
+
+        self.dialed: list[Any] = []
+        self.result: Deferred[None] = Deferred()
+
+    def dial(self, option: Any) -> Deferred[None]:
+        self.dialed.append(option)
+        return self.result
+
+
+class FakeSession:
+    def __init__(self, params: Any) -> None:
+        self.params = params
+        self.controller = FakeController()
+
+
+class FakeRecordWriter:
+    def __init__(self) -> None:
+        from twisted.internet.defer import Deferred
+
+        self.drained: Deferred[None] = Deferred()
+        self.asked = 0
+
+    def drain(self) -> Deferred[None]:
+        self.asked += 1
+        return self.drained
+
+
+class SequentialServiceTests(SynchronousTestCase):
+    def test_children_stop_in_reverse_order_one_after_the_other(self) -> None:
+        """The last child stops first, and the next one only once the previous stop has fired."""
+        from twisted.application import service
+        from twisted.internet.defer import Deferred
+
+        from activecall.lifecycle import SequentialService
+
+        stops: list[str] = []
+        waits: dict[str, Deferred[None]] = {}
+
+        class Child(service.Service):
+            def __init__(self, name: str) -> None:
+                self.name = name
+
+            def stopService(self) -> Deferred[None]:
+                super().stopService()
+                stops.append(self.name)
+                waits[self.name] = Deferred()
+                return waits[self.name]
+
+        group = SequentialService()
+        for name in ("sip", "registrations", "drain"):
+            Child(name).setServiceParent(group)
+        group.startService()
+        d = group.stopService()
+        self.assertEqual(stops, ["drain"])
+        waits["drain"].callback(None)
+        self.assertEqual(stops, ["drain", "registrations"])
+        waits["registrations"].callback(None)
+        self.assertNoResult(d)
+        waits["sip"].callback(None)
+        self.assertEqual(stops, ["drain", "registrations", "sip"])
+        self.successResultOf(d)
+
+
+class DrainCallsServiceTests(SynchronousTestCase):
+    """Graceful shutdown: refuse new calls, wait for running ones, then cut; no record lost."""
+
+    def setUp(self) -> None:
+        from twisted.internet.task import Clock
+
+        self.clock = Clock()
+        self.refused = 0
+
+    def refuse(self) -> None:
+        self.refused += 1
+
+    def drain(self, sessions: FakeSessions, graceful: bool = True, **kwargs: Any) -> Any:
+        from activecall.lifecycle import DrainCallsService
+
+        svc = DrainCallsService(sessions, self.clock, graceful=graceful, timeout_s=30.0,
+                                refuse_new_calls=self.refuse, **kwargs)
+        svc.startService()
+        return svc
+
+    def test_graceful_waits_then_kills_what_is_left(self) -> None:
+        """New calls are refused at once; running calls get the timeout to end, then are hung up."""
+        sessions = FakeSessions(live=2)
+        d = self.drain(sessions).stopService()
+        self.assertEqual(self.refused, 1)
+        self.clock.advance(29.9)
+        self.assertNoResult(d)
+        self.assertEqual(sessions.killed, 0)
+        self.clock.advance(0.1)
+        self.assertEqual(sessions.killed, 1)
+        self.successResultOf(d)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_graceful_ends_early_when_calls_end(self) -> None:
+        """Calls ending on their own finish the stop before the timeout, with nothing killed."""
+        sessions = FakeSessions(live=1)
+        d = self.drain(sessions).stopService()
+        self.clock.advance(5)
+        sessions.end_all()
+        self.successResultOf(d)
+        self.assertEqual(sessions.killed, 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_not_graceful_kills_at_once(self) -> None:
+        """Without graceful_shutdown every call is hung up when the stop begins, with nothing to wait for."""
+        sessions = FakeSessions(live=3)
+        result = self.drain(sessions, graceful=False).stopService()
+        self.assertEqual((self.refused, sessions.killed), (1, 1))
+        self.assertIsNone(result)
+
+    def test_records_in_flight_and_writer_are_waited_for(self) -> None:
+        """The stop fires only after the records being assembled and the writer's saves are done."""
+        from twisted.internet.defer import Deferred
+
+        sessions = FakeSessions()
+        assembling: Deferred[None] = Deferred()
+        writer = FakeRecordWriter()
+        d = self.drain(sessions, graceful=False, records_in_flight={assembling},
+                       record_writer=writer).stopService()
+        self.assertNoResult(d)
+        self.assertEqual(writer.asked, 0)
+        assembling.callback(None)
+        self.assertEqual(writer.asked, 1)
+        self.assertNoResult(d)
+        writer.drained.callback(None)
+        self.successResultOf(d)
+
+    def test_graceful_waits_for_records_after_the_calls(self) -> None:
+        """After a graceful wait the writer is drained too."""
+        sessions = FakeSessions(live=1)
+        writer = FakeRecordWriter()
+        d = self.drain(sessions, record_writer=writer).stopService()
+        sessions.end_all()
+        self.assertEqual(writer.asked, 1)
+        self.assertNoResult(d)
+        writer.drained.callback(None)
+        self.successResultOf(d)
+
+
+class StartupCallServiceTests(SynchronousTestCase):
+    """``--call URI``: one outbound call through the typed controller API, a second after start-up."""
+
+    def setUp(self) -> None:
+        from twisted.internet.task import Clock
+
+        from activecall.lifecycle import StartupCallService
+
+        self.clock = Clock()
+        self.sessions = FakeSessions()
+        self.svc = StartupCallService(self.sessions, self.clock, "sip:bob@example.com")
+
+    def test_call_placed_after_one_second(self) -> None:
+        """After 1 s a session c.<uuid> (no dump, no pings) dials the URI with a 50 s inactivity timeout."""
+        from activecall.control.query import SessionParams
+        from activecall.options import CallOption
+
+        self.svc.startService()
+        self.clock.advance(0.9)
+        self.assertEqual(self.sessions.opened, [])
+        self.clock.advance(0.1)
+        [session] = self.sessions.opened
+        self.assertEqual(session.params, SessionParams(sid="c.1234", call_type="sip", dump=False, ping_s=0))
+        self.assertEqual(session.controller.dialed,
+                         [CallOption(callee="sip:bob@example.com", inactivity_timeout=50)])
+        session.controller.result.callback(None)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_stop_before_the_second_cancels(self) -> None:
+        """A stop within the first second places no call and leaves no timer."""
+        self.svc.startService()
+        self.clock.advance(0.5)
+        self.svc.stopService()
+        self.clock.advance(5)
+        self.assertEqual(self.sessions.opened, [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_dial_failure_is_logged(self) -> None:
+        """A dial that fails is logged as a failure, not left unhandled."""
+        from twisted.internet.testing import EventLoggingObserver
+        from twisted.logger import globalLogPublisher
+
+        observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.svc.startService()
+        self.clock.advance(1)
+        [session] = self.sessions.opened
+        session.controller.result.errback(RuntimeError("no route"))
+        failures = [e for e in observer if "log_failure" in e]
+        self.assertEqual(len(failures), 1)
+        self.assertIsInstance(failures[0]["log_failure"].value, RuntimeError)
+        self.flushLoggedErrors(RuntimeError)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -13,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from activecall.options import CallOption, TranscriptionOption
 from activecall.playbook.model import (
     Playbook,
+    PlaybookCache,
     PlaybookError,
     PlaybookNotFound,
     expand_env,
@@ -72,6 +74,82 @@ class ResolveTests(SynchronousTestCase):
         """Inline text is parsed directly with source <inline>."""
         p = load_playbook(f"\n---\n{LLM}---\nBe brief.", {})
         self.assertEqual((p.source, p.llm["prompt"]), ("<inline>", "Be brief."))
+
+
+class PlaybookCacheTests(SynchronousTestCase):
+    """A playbook file is parsed once, and again only when it or the environment it used changed."""
+
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.path = os.path.join(self.dir, "p.md")
+        Path(self.path).write_text(f"---\n{LLM}greeting: ${{ACTIVECALL_GREETING}} one\n---\nx")
+        self.cache = PlaybookCache(base_dir=self.dir)
+
+    def touch(self, delta_ns: int = 1_000_000_000) -> None:
+        """Move the file's mtime on, as an edit a second later would."""
+        st = os.stat(self.path)
+        os.utime(self.path, ns=(st.st_atime_ns, st.st_mtime_ns + delta_ns))
+
+    def test_unchanged_file_parsed_once(self) -> None:
+        """Two loads of an unchanged file return the one parsed playbook."""
+        env = {"ACTIVECALL_GREETING": "Hi"}
+        first = self.cache.load("p.md", env)
+        self.assertEqual(first.greeting, "Hi one")
+        self.assertIs(self.cache.load("p.md", env), first)
+
+    def test_touched_file_parsed_again(self) -> None:
+        """A new mtime parses the file again and picks up its new text."""
+        first = self.cache.load("p.md", {})
+        self.touch()
+        second = self.cache.load("p.md", {})
+        self.assertIsNot(second, first)
+        self.assertIs(self.cache.load("p.md", {}), second)
+        Path(self.path).write_text(f"---\n{LLM}greeting: two\n---\nx")
+        self.touch()
+        self.assertEqual(self.cache.load("p.md", {}).greeting, "two")
+
+    def test_edit_of_another_size_parsed_again(self) -> None:
+        """An edit that changes the size is seen even when the mtime did not move."""
+        self.cache.load("p.md", {})
+        st = os.stat(self.path)
+        Path(self.path).write_text(f"---\n{LLM}greeting: a longer greeting\n---\nx")
+        os.utime(self.path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        self.assertEqual(self.cache.load("p.md", {}).greeting, "a longer greeting")
+
+    def test_environment_change_parsed_again(self) -> None:
+        """A variable the playbook expands (or one it could have read) changing parses it again."""
+        first = self.cache.load("p.md", {"ACTIVECALL_GREETING": "Hi"})
+        self.assertIs(self.cache.load("p.md", {"ACTIVECALL_GREETING": "Hi", "UNRELATED": "1"}), first)
+        self.assertEqual(self.cache.load("p.md", {"ACTIVECALL_GREETING": "Hello"}).greeting, "Hello one")
+        self.assertEqual(self.cache.load("p.md", {}).greeting, "${ACTIVECALL_GREETING} one")
+        # The llm fill-ins read OPENAI_* even though the file names none of them.
+        self.assertEqual(self.cache.load("p.md", OPENAI_ENV).llm["model"], "gpt-test")
+
+    def test_env_prefix_is_part_of_the_key(self) -> None:
+        """The same file under another [api] env_prefix expands differently."""
+        env = {"ACTIVECALL_GREETING": "Hi"}
+        self.assertEqual(self.cache.load("p.md", env).greeting, "Hi one")
+        self.assertEqual(self.cache.load("p.md", env, env_prefix="CORP_").greeting, "one")
+
+    def test_missing_and_broken_files_fail_every_time(self) -> None:
+        """A missing file raises PlaybookNotFound; a broken one, fixed, loads at the next call."""
+        with self.assertRaises(PlaybookNotFound):
+            self.cache.load("nope.md", {})
+        Path(self.path).write_text("no front matter")
+        self.touch()
+        with self.assertRaises(PlaybookError):
+            self.cache.load("p.md", {})
+        Path(self.path).write_text(f"---\n{LLM}greeting: fixed\n---\nx")
+        self.touch(2_000_000_000)
+        self.assertEqual(self.cache.load("p.md", {}).greeting, "fixed")
+
+    def test_inline_text_parsed_once(self) -> None:
+        """Inline text is parsed once per text."""
+        text = f"\n---\n{LLM}---\nBe brief."
+        first = self.cache.load(text, {})
+        self.assertEqual(first.source, "<inline>")
+        self.assertIs(self.cache.load(text, {}), first)
 
 
 class DefaultPlaybookTests(SynchronousTestCase):
