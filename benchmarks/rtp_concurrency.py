@@ -7,7 +7,7 @@ Two processes, so the measured side is honest:
   sockets, one reactor thread, one media clock.  Every leg is negotiated
   through :func:`~activecall.sdp.negotiation.answer_offer`, receives and
   decodes the caller stream (jitter buffer -> decoder -> 16 kHz frame
-  delivered to a callback) and encodes and sends one agent frame (a tone)
+  written to a sink) and encodes and sends one agent frame (a tone, read from a source)
   every 20 ms, exactly as a call controller drives it;
 * the **load generator** (this script without ``--daemon``) plays N phones:
   it sends 50 packets/s per call to the daemon's legs and receives what the
@@ -83,7 +83,8 @@ def run_daemon(args: argparse.Namespace) -> None:
     from twisted.internet import reactor, stdio
     from twisted.protocols.basic import LineReceiver
 
-    from activecall.media.clock import MediaClock
+    from activecall.legs import NO_EVENTS
+    from activecall.media.clock import PROCESS, MediaClock
     from activecall.sdp.negotiation import answer_offer
     from activecall.legs.rtp import RtpLeg, RtpMediaEngine
     from activecall.rtp.srtp import generate_crypto
@@ -97,8 +98,13 @@ def run_daemon(args: argparse.Namespace) -> None:
     allocator = RtpPortAllocator(args.rtp_start, args.rtp_start + 4 * args.calls + 400)
     frames_heard = [0]
 
-    def heard(frame: bytes) -> None:
-        frames_heard[0] += 1
+    class Heard:
+        """The sink of every leg: counts caller frames."""
+
+        def write_frame(self, frame: bytes) -> None:
+            frames_heard[0] += 1
+
+    heard = Heard()
 
     t = np.arange(320) / 16000
     tone = [(6000 * np.sin(2 * np.pi * 440 * (t + i * 0.02))).astype("<i2").tobytes() for i in range(50)]
@@ -123,21 +129,23 @@ def run_daemon(args: argparse.Namespace) -> None:
             offer, (args.codec, "telephone_event"), "127.0.0.1", port, session_id=i,
             make_crypto=lambda tag, suite: generate_crypto(tag, suite, rng),
         )
-        legs.append(RtpLeg(engine, ep, neg, clock=reactor, rng=rng, cname=b"bench", on_audio=heard))
+        legs.append(RtpLeg(engine, ep, neg, clock=reactor, rng=rng, cname=b"bench"))
 
     class Agent:
-        """Plays the tone into every leg, one frame per tick, as the controllers would."""
+        """The source of every leg: the tone, one frame per tick, as the controllers would play it."""
 
         n = 0
 
         def media_tick(self, frames: int) -> None:
-            for _ in range(frames):
-                frame = tone[self.n % 50]
-                self.n += 1
-                for leg in legs:
-                    leg.send_agent_audio(frame)
+            self.n += frames
 
-    media_clock.subscribe(Agent())
+        def read_frame(self) -> bytes:
+            return tone[self.n % 50]
+
+    agent = Agent()
+    for leg in legs:
+        leg.attach(agent, heard, NO_EVENTS)
+    media_clock.subscribe(agent, PROCESS)
     tick_times = np.zeros(200000)
     tick_count = [0]
 

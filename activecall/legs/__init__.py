@@ -1,0 +1,47 @@
+"""The call's legs: two-way :class:`~activecall.media.tracks.ILeg` implementations.
+
+* :mod:`activecall.legs.rtp`: the RTP/SRTP media leg and the engine ticking all of them;
+* :mod:`activecall.legs.sip`: SIP legs (outbound dialer, inbound factory, the dialog listener);
+* :mod:`activecall.legs.websocket`: raw audio inside the control WebSocket (/call).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from zope.interface import implementer
+
+from activecall.media.tracks import ILegEvents
+
+__all__ = ["NO_EVENTS"]
+
+
+@implementer(ILegEvents)
+class _NoEvents:
+    """What a leg reports to before :meth:`~activecall.media.tracks.ILeg.attach`: nobody."""
+
+    __slots__ = ()
+
+    def media_ready(self) -> None:
+        return None
+
+    def dtmf(self, digit: str) -> None:
+        return None
+
+    def hold(self, on_hold: bool) -> None:
+        return None
+
+    def ended(self, cause: str) -> None:
+        return None
+
+    def message(self, body: str, content_type: Optional[str]) -> None:
+        return None
+
+    def transfer_requested(self, refer_to: str, referred_by: Optional[str]) -> None:
+        return None
+
+    def transfer_progress(self, status: int, text: str) -> None:
+        return None
+
+
+NO_EVENTS = _NoEvents()

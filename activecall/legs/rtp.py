@@ -1,31 +1,39 @@
 """The SIP call's media leg: RTP/SRTP in and out, ticked by the one media clock.
 
-* :class:`RtpLeg` implements :class:`~activecall.interfaces.ICallLeg` for a
-  negotiated audio stream (:class:`~activecall.sdp.negotiation.NegotiatedMedia`)
+* :class:`RtpLeg` is the media half of a SIP :class:`~activecall.media.tracks.ILeg`
+  for a negotiated audio stream (:class:`~activecall.sdp.negotiation.NegotiatedMedia`)
   on an :class:`~activecall.rtp.transport.RtpEndpoint`.  It exchanges PCM
   s16le mono at 16 kHz (``media_rate_hz``, 640-byte frames) with the call,
-  whatever the codec.
-* :class:`RtpMediaEngine` is subscribed once to the process-wide
-  :class:`~activecall.media.clock.MediaClock` and ticks every leg: per 20 ms
-  frame it pulls each leg's jitter buffer, decodes and delivers the caller
-  frame, then encodes and sends the agent frame.  The G.711 legs' rate
-  conversion (8 <-> 16 kHz) runs as one numpy operation for all of them,
+  whatever the codec, through the source, sink and events given to
+  :meth:`RtpLeg.attach` (before that: :data:`~activecall.media.tracks.NO_AUDIO`
+  and no events).
+* :class:`RtpMediaEngine` ticks every leg from the process-wide
+  :class:`~activecall.media.clock.MediaClock`, in two of its phases: in
+  ``RECEIVE`` it pulls each leg's jitter buffer, decodes and writes the
+  caller frame to the leg's sink; in ``SEND`` it reads each leg's source and
+  encodes and sends the agent frame.  The G.711 legs' rate conversion
+  (8 <-> 16 kHz) runs as one numpy operation per phase for all of them,
   which is what keeps hundreds of calls inside one reactor thread.
 
 Receive path (per datagram, on the reactor): endpoint (latching, SRTP) ->
 ``parse_rtp`` into one reused header view -> RtpSession accounting ->
-telephone-event to the RFC 4733 receiver, audio into the jitter buffer
-(payload kept as a view of the datagram).  Per tick: pop -> decode ->
-16 kHz frame -> in-band DTMF detector (only when telephone-event was not
-negotiated) -> ``on_audio(frame)``.  A frame is delivered every tick while
-the leg runs: silence when nothing arrived or while the peer holds the call.
+telephone-event to the RFC 4733 receiver (``events.dtmf``), audio into the
+jitter buffer (payload kept as a view of the datagram); the first valid
+packet while attached is ``events.media_ready()``.  Per tick: pop ->
+decode -> 16 kHz frame -> in-band DTMF detector (only when telephone-event
+was not negotiated; ``events.dtmf``) -> ``sink.write_frame(frame)``.  A
+frame is delivered every tick while the leg runs: silence when nothing
+arrived or while the peer holds the call.
 
-Send path: :meth:`RtpLeg.send_agent_audio` queues the frame; the next
-engine frame slot encodes and sends it.  A slot without agent audio sends
-nothing but advances the RTP timestamp (the first packet after such a gap
-carries the marker bit), so timestamps stay true across silence.  RFC 4733
-digits replace audio for their duration; without telephone-event, digits
-are sent as in-band tones.
+Send path (per tick): ``source.read_frame()``; a frame is encoded and sent,
+None is a silent slot that sends nothing but advances the RTP timestamp
+(the first packet after such a gap carries the marker bit), so timestamps
+stay true across silence.  While we may not send (hold, ``recvonly``) the
+source is still read, and its frames are dropped.
+
+Sinks, sources and events run user code in the middle of a tick and may
+close legs or open new ones: each phase works on a snapshot of the legs
+and skips those closed meanwhile; a new leg joins at the next phase.
 
 RTCP SR/RR go out when :class:`~activecall.rtp.session.RtpSession` says so
 (checked once per tick, no timers); :meth:`RtpLeg.close` sends BYE and
@@ -34,23 +42,21 @@ releases the ports.
 
 from __future__ import annotations
 
-import math
-from collections import deque
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from zope.interface import implementer
 
-from activecall.interfaces import ICallLeg
+from activecall.legs import NO_EVENTS
 from activecall.media._audioop import audioop
-from activecall.media.clock import MediaClock
+from activecall.media.clock import RECEIVE, SEND, MediaClock
 from activecall.media.codecs import Decoder, Encoder, make_decoder, make_encoder
-from activecall.media.dtmf_detect import COL_HZ, KEYPAD, ROW_HZ, InbandDtmfDetector
+from activecall.media.dtmf_detect import InbandDtmfDetector
 from activecall.sdp.negotiation import NegotiatedMedia
-from activecall.rtp.dtmf import DtmfReceiver, DtmfSender, digit_to_event
+from activecall.media.tracks import NO_AUDIO, AudioSink, AudioSource, ILegEvents
+from activecall.rtp.dtmf import DtmfReceiver
 from activecall.rtp.jitter import LOSS, JitterBuffer
 from activecall.rtp.packet import RtpHeaderView, RtpParseError, parse_rtcp, parse_rtp, parse_telephone_event
 from activecall.rtp.session import ReceiveStatus, RandomBits, RtpSession
@@ -64,14 +70,11 @@ FRAME_SAMPLES = MEDIA_RATE_HZ // 50
 FRAME_BYTES = 2 * FRAME_SAMPLES
 _SILENCE = bytes(FRAME_BYTES)
 _G711_FRAME = 160  # samples of 8 kHz audio per 20 ms
-_G711_SILENCE = bytes(2 * _G711_FRAME)
 # Polyphase 2x filters for the batched G.711 path: taps per phase (up) and in total (down).
 _UP_TAPS = 32
 _DOWN_TAPS = 64
 _CUTOFF_HZ = 3600.0
 _KAISER_BETA = 8.0
-#: Agent frames queued beyond this (100 ms) are dropped, oldest first, to bound latency.
-MAX_TX_BACKLOG = 5
 _PT_CN = 13
 _ACCEPT = (ReceiveStatus.ACCEPTED, ReceiveStatus.NEW_STREAM)
 
@@ -168,10 +171,20 @@ class _G711Batch:
         return _to_s16(x @ self._down)
 
 
+class _Phase:
+    """One of the engine's two media clock subscriptions (receive or send)."""
+
+    __slots__ = ("media_tick",)
+
+    def __init__(self, tick: Any) -> None:
+        self.media_tick = tick
+
+
 class RtpMediaEngine:
     """Ticks all RTP legs from the one media clock; batches the G.711 rate conversion.
 
-    Subscribed to the media clock while at least one leg is attached.
+    Subscribed to the media clock's ``RECEIVE`` and ``SEND`` phases while at
+    least one leg runs.
     """
 
     _log = Logger()
@@ -187,6 +200,8 @@ class RtpMediaEngine:
         self.frames = 0
         self.late_frames = 0
         self._subscribed = False
+        self._receive = _Phase(self._receive_tick)
+        self._send = _Phase(self._send_tick)
 
     def __len__(self) -> int:
         return len(self._legs)
@@ -200,7 +215,8 @@ class RtpMediaEngine:
             leg._row = self._batch.take_row()
         if not self._subscribed:
             self._subscribed = True
-            self._media_clock.subscribe(self)
+            self._media_clock.subscribe(self._receive, RECEIVE)
+            self._media_clock.subscribe(self._send, SEND)
 
     def legs(self) -> list[RtpLeg]:
         """The legs ticking now."""
@@ -221,7 +237,8 @@ class RtpMediaEngine:
             leg._row = -1
         if not self._legs and self._subscribed:
             self._subscribed = False
-            self._media_clock.unsubscribe(self)
+            self._media_clock.unsubscribe(self._receive, RECEIVE)
+            self._media_clock.unsubscribe(self._send, SEND)
 
     def _rebatch(self, leg: RtpLeg) -> None:
         """A leg's codec changed: give it or take away its batch row."""
@@ -231,24 +248,31 @@ class RtpMediaEngine:
             self._batch.give_row(leg._row)
             leg._row = -1
 
-    def media_tick(self, frames: int) -> None:
-        """One media clock tick: ``frames`` frame slots (more than 1 after a late reactor)."""
+    def _receive_tick(self, frames: int) -> None:
+        """The receive phase: ``frames`` caller frames per leg (more than 1 after a late reactor)."""
         now = self._clock.seconds()
         if frames > 1:
             self.late_frames += frames - 1
         for _ in range(frames):
-            self._frame(now)
+            self._receive_frame(now)
         self.frames += frames
-        for leg in self._legs:
-            if now >= leg._rtcp_due_at:
+
+    def _send_tick(self, frames: int) -> None:
+        """The send phase: ``frames`` agent frames per leg, then RTCP where due."""
+        now = self._clock.seconds()
+        for _ in range(frames):
+            self._send_frame(now)
+        for leg in list(self._legs):
+            if not leg.closed and now >= leg._rtcp_due_at:
                 leg._send_rtcp(now)
 
-    def _frame(self, now: float) -> None:
+    def _receive_frame(self, now: float) -> None:
+        # Pull and convert first (no user code runs), then deliver: sinks may close or open legs.
         batch = self._batch
-        legs = self._legs
+        legs = list(self._legs)
+        frames: list[bytes | None] = []
         rows: list[int] = []
         pcms: list[bytes] = []
-        up_legs: list[RtpLeg] = []
         for leg in legs:
             pcm = leg._pull(now)
             if leg._batched:
@@ -256,24 +280,40 @@ class RtpMediaEngine:
                     if leg._up_dirty:
                         leg._up_dirty = False
                         batch.reset_row(leg._row)
-                    leg._deliver(_SILENCE)
+                    frames.append(_SILENCE)
                 else:
                     leg._up_dirty = True
-                    up_legs.append(leg)
                     rows.append(leg._row)
                     pcms.append(pcm)
+                    frames.append(None)  # filled from the batch below
             else:
-                leg._deliver(_SILENCE if pcm is None else pcm)
-        if up_legs:
+                frames.append(_SILENCE if pcm is None else pcm)
+        if rows:
             out = batch.upsample(rows, pcms)
-            for i, leg in enumerate(up_legs):
-                leg._deliver(out[i * FRAME_BYTES : (i + 1) * FRAME_BYTES])
-        rows = []
-        pcms = []
-        down_legs: list[RtpLeg] = []
-        for leg in legs:
+            i = 0
+            for k, frame in enumerate(frames):
+                if frame is None:
+                    frames[k] = out[i * FRAME_BYTES : (i + 1) * FRAME_BYTES]
+                    i += 1
+        for leg, frame in zip(legs, frames):
+            if not leg.closed:
+                leg._deliver(frame)  # type: ignore[arg-type]
+
+    def _send_frame(self, now: float) -> None:
+        # Read every source first (user code: it may close or open legs), then encode and send
+        # for the legs still open, so a batch row given back meanwhile is never written.
+        taken: list[tuple[RtpLeg, bytes]] = []
+        for leg in list(self._legs):
+            if leg.closed:
+                continue
             pcm = leg._tx_slot(now)
-            if pcm is None:
+            if pcm is not None:
+                taken.append((leg, pcm))
+        rows: list[int] = []
+        pcms: list[bytes] = []
+        down_legs: list[RtpLeg] = []
+        for leg, pcm in taken:
+            if leg.closed:
                 continue
             if leg._batched:
                 down_legs.append(leg)
@@ -282,40 +322,26 @@ class RtpMediaEngine:
             else:
                 leg._send_payload(leg._encode(pcm), now)
         if down_legs:
-            out = batch.downsample(rows, pcms)
+            out = self._batch.downsample(rows, pcms)
             n = 2 * _G711_FRAME
             for i, leg in enumerate(down_legs):
                 leg._send_payload(leg._lin2law(out[i * n : (i + 1) * n], 2), now)
 
 
-def _tone_frames(digit: str, duration_ms: int, gap_ms: int) -> list[bytes]:
-    """An in-band DTMF digit at 16 kHz: tone frames then silent frames (-7 dBFS per tone)."""
-    key = "0123456789*#ABCD"[digit_to_event(digit)]
-    row = next(i for i, r in enumerate(KEYPAD) if key in r)
-    col = KEYPAD[row].index(key)
-    n = MEDIA_RATE_HZ * duration_ms // 1000
-    t = np.arange(n) / MEDIA_RATE_HZ
-    amp = 32767.0 * 10 ** (-7.0 / 20.0) / 2.0
-    tone = amp * (np.sin(2 * math.pi * ROW_HZ[row] * t) + np.sin(2 * math.pi * COL_HZ[col] * t))
-    pcm = tone.astype("<i2").tobytes() + bytes(2 * MEDIA_RATE_HZ * gap_ms // 1000)
-    pcm += bytes(-len(pcm) % FRAME_BYTES)
-    return [pcm[i : i + FRAME_BYTES] for i in range(0, len(pcm), FRAME_BYTES)]
-
-
-@implementer(ICallLeg)
 class RtpLeg:
     """One SIP call's RTP media leg (see the module docstring for the data paths).
 
-    Callbacks (all optional, all called on the reactor thread):
-    ``on_audio(frame)`` every 20 ms with 640 bytes of caller PCM at 16 kHz;
-    ``on_dtmf(digit)`` once per key press (RFC 4733, or in-band detection
-    when telephone-event was not negotiated); ``on_media_ready()`` once, on
-    the first valid inbound packet after latching.
+    :meth:`attach` connects it to the call: every 20 ms a 640-byte caller
+    frame at 16 kHz goes to the sink and an agent frame is read from the
+    source; ``events.dtmf(digit)`` once per key press (RFC 4733, or in-band
+    detection when telephone-event was not negotiated);
+    ``events.media_ready()`` once, on the first valid inbound packet after
+    latching while attached.
 
     States::
 
-        running --update(negotiated)--> running (same sockets, SSRC and sequence)
-        running --close()--> closed (RTCP BYE sent, ports released)
+        running --attach()--> attached --update(negotiated)--> attached (same sockets, SSRC and sequence)
+        running/attached --close()--> closed (RTCP BYE sent, ports released)
     """
 
     _log = Logger()
@@ -332,17 +358,15 @@ class RtpLeg:
         clock: IReactorTime,
         rng: RandomBits,
         cname: bytes = b"activecall",
-        on_audio: Callable[[bytes], None] | None = None,
-        on_dtmf: Callable[[str], None] | None = None,
-        on_media_ready: Callable[[], None] | None = None,
         jitter_capacity: int = 64,
     ) -> None:
         self._engine = engine
         self._endpoint = endpoint
         self._clock = clock
-        self.on_audio = on_audio
-        self.on_dtmf = on_dtmf
-        self.on_media_ready = on_media_ready
+        self._source: AudioSource = NO_AUDIO
+        self._sink: AudioSink = NO_AUDIO
+        self._events: ILegEvents = NO_EVENTS
+        self._attached = False
         self._jitter_capacity = jitter_capacity
         now = clock.seconds()
         self._session = RtpSession(
@@ -352,10 +376,7 @@ class RtpLeg:
         self._rtcp_due_at = self._session.deadline()
         self._view = RtpHeaderView()
         self._dtmf_rx = DtmfReceiver()
-        self._dtmf_tx: DtmfSender | None = None
         self._inband_rx: InbandDtmfDetector | None = None
-        self._inband_tx: deque[bytes] = deque()
-        self._tx_queue: deque[bytes] = deque()
         self._rx_fifo = bytearray()
         self._row = -1
         self._up_dirty = False
@@ -371,8 +392,6 @@ class RtpLeg:
         self.rx_dtmf_packets = 0
         self.rx_rtcp_errors = 0
         self.tx_audio_packets = 0
-        self.tx_dtmf_packets = 0
-        self.tx_dropped_frames = 0
         self.tx_silent_slots = 0
         self.frames_delivered = 0
         self.negotiated = negotiated
@@ -381,22 +400,24 @@ class RtpLeg:
         endpoint.set_handlers(self._on_rtp, self._on_rtcp)
         engine.add(self)
 
-    # -- ICallLeg -----------------------------------------------------------
+    # -- the media part of ILeg ------------------------------------------------
 
     @property
     def ssrc(self) -> int:
         """Our RTP SSRC (also the track ssrc in trackEnd)."""
         return self._session.sender.ssrc
 
-    def send_agent_audio(self, pcm: bytes) -> None:
-        """Queue one 20 ms frame (640 bytes, 16 kHz) for the next frame slot."""
-        if self.closed:
-            return
-        q = self._tx_queue
-        if len(q) >= MAX_TX_BACKLOG:
-            q.popleft()
-            self.tx_dropped_frames += 1
-        q.append(pcm)
+    @property
+    def last_activity_at(self) -> float | None:
+        """When the last valid RTP packet arrived (inactivity tracking), or None."""
+        return self._endpoint.last_rx_at
+
+    def attach(self, source: AudioSource, sink: AudioSink, events: ILegEvents) -> None:
+        """From the next tick on, read agent frames from ``source`` and write caller frames to ``sink``."""
+        self._source = source
+        self._sink = sink
+        self._events = events
+        self._attached = True
 
     def close(self) -> Deferred[None]:
         """Send RTCP BYE, stop ticking and release the ports; the Deferred fires when they are free."""
@@ -410,7 +431,8 @@ class RtpLeg:
         self.closed = True
         self._close_waiters.append(waiter)
         self._engine.remove(self)
-        self._tx_queue.clear()
+        self._source = self._sink = NO_AUDIO
+        self._events = NO_EVENTS
         if self.negotiated.can_send:
             self._endpoint.send_rtcp(self._session.bye(self._clock.seconds()))
         d = self._endpoint.stop()
@@ -425,11 +447,6 @@ class RtpLeg:
             w.callback(None)
 
     # -- control ------------------------------------------------------------
-
-    @property
-    def last_packet_at(self) -> float | None:
-        """When the last valid RTP packet arrived (inactivity tracking)."""
-        return self._endpoint.last_rx_at
 
     @property
     def on_hold(self) -> bool:
@@ -451,14 +468,6 @@ class RtpLeg:
         """The receive jitter buffer (statistics)."""
         return self._jb
 
-    def send_dtmf(self, digits: str, duration_ms: int | None = None) -> None:
-        """Send ``digits`` as RFC 4733 events, or as in-band tones without telephone-event."""
-        if self._dtmf_tx is not None:
-            self._dtmf_tx.send(digits, duration_ms)
-            return
-        for d in digits:
-            self._inband_tx.extend(_tone_frames(d, duration_ms or 100, 60))
-
     def update(self, negotiated: NegotiatedMedia) -> None:
         """Apply a re-offer/answer (hold, codec, address, keys) without stopping the stream."""
         old = self.negotiated
@@ -469,8 +478,6 @@ class RtpLeg:
             self._apply_codec(old, negotiated)
             self._engine._rebatch(self)
         self._apply_transport(old, negotiated)
-        if not negotiated.can_send:
-            self._tx_queue.clear()
 
     def stats(self) -> dict[str, Any]:
         """Counters of the leg, its endpoint and its jitter buffer."""
@@ -483,8 +490,6 @@ class RtpLeg:
             "rx_unknown_pt": self.rx_unknown_pt,
             "rx_dtmf_packets": self.rx_dtmf_packets,
             "tx_audio_packets": self.tx_audio_packets,
-            "tx_dtmf_packets": self.tx_dtmf_packets,
-            "tx_dropped_frames": self.tx_dropped_frames,
             "tx_silent_slots": self.tx_silent_slots,
             "frames_delivered": self.frames_delivered,
             "jitter_lost": jb.lost,
@@ -528,12 +533,9 @@ class RtpLeg:
         # Concealment of a lost packet: silence of one remote packet duration.
         self._loss_fill = bytes(self._rx_frame_len * remote_ptime // 20)
         if neg.telephone_event_pt is None:
-            self._dtmf_tx = None
             if self._inband_rx is None:
                 self._inband_rx = InbandDtmfDetector(MEDIA_RATE_HZ)
         else:
-            if self._dtmf_tx is None or self._dtmf_tx.samples_per_tick != self._spf:
-                self._dtmf_tx = DtmfSender(neg.clock_rate_hz, 20)
             self._inband_rx = None
 
     def _apply_transport(self, old: NegotiatedMedia | None, neg: NegotiatedMedia) -> None:
@@ -586,8 +588,8 @@ class RtpLeg:
                 self.rx_dropped += 1
                 return
             digit = self._dtmf_rx.feed(h.ssrc, h.timestamp, event, now)
-            if digit is not None and self.on_dtmf is not None and self._receiving:
-                self.on_dtmf(digit)
+            if digit is not None and self._receiving:
+                self._events.dtmf(digit)
         elif pt == _PT_CN:
             # Comfort noise: the peer is silent; the jitter buffer runs dry into silence.
             self._session.receive_rtp(h, now)
@@ -595,10 +597,9 @@ class RtpLeg:
         else:
             self.rx_unknown_pt += 1
             return
-        if not self.media_ready:
+        if not self.media_ready and self._attached:
             self.media_ready = True
-            if self.on_media_ready is not None:
-                self.on_media_ready()
+            self._events.media_ready()
 
     def _on_rtcp(self, data: bytes, now: float) -> None:
         try:
@@ -640,41 +641,25 @@ class RtpLeg:
             frame = _SILENCE
         self.frames_delivered += 1
         det = self._inband_rx
-        if det is not None and frame is not _SILENCE and self.on_dtmf is not None:
+        if det is not None and frame is not _SILENCE and self._attached:
             for digit in det.feed(frame):
-                self.on_dtmf(digit)
-        if self.on_audio is not None:
-            self.on_audio(frame)
+                self._events.dtmf(digit)
+            if self.closed:
+                return  # the digit ended the call
+        self._sink.write_frame(frame)
 
     def _tx_slot(self, now: float) -> bytes | None:
-        """Use one 20 ms send slot: DTMF, or return the agent frame to encode, or skip."""
+        """Use one 20 ms send slot: return the agent frame to encode, or skip (timestamp advances)."""
+        pcm = self._source.read_frame()
+        if self.closed:
+            return None  # the source ended the call
         sender = self._session.sender
-        q = self._tx_queue
         if not self.negotiated.can_send:
-            q.clear()
             sender.skip(self._spf)
             self._tx_marker = True
             return None
-        dtmf = self._dtmf_tx
-        if dtmf is not None and dtmf.busy:
-            if q:
-                q.popleft()
-            pkt = dtmf.tick(sender.timestamp)
-            if pkt is None:
-                sender.skip(self._spf)
-            else:
-                data = sender.build(pkt.payload, self._spf, now, marker=pkt.marker,
-                                    payload_type=self._te_pt, rtp_ts=pkt.rtp_ts)
-                self._endpoint.send_rtp(data)
-                self.tx_dtmf_packets += 1
-            self._tx_marker = True
-            return None
-        if self._inband_tx:
-            if q:
-                q.popleft()
-            return self._inband_tx.popleft()
-        if q:
-            return q.popleft()
+        if pcm is not None:
+            return pcm
         sender.skip(self._spf)
         self.tx_silent_slots += 1
         self._tx_marker = True

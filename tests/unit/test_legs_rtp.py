@@ -11,22 +11,21 @@ from twisted.internet.defer import succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from activecall.interfaces import ICallLeg
 from activecall.media._audioop import audioop
 from activecall.media.clock import MediaClock
 from activecall.media.codecs import make_decoder, make_encoder
-from activecall.media.dtmf_detect import InbandDtmfDetector
 from activecall.sdp.negotiation import NegotiatedMedia
-from activecall.legs.rtp import FRAME_BYTES, MAX_TX_BACKLOG, RtpLeg, RtpMediaEngine
+from activecall.legs.rtp import FRAME_BYTES, RtpLeg, RtpMediaEngine
+from activecall.media.tracks import FrameQueue, ILegEvents
 from activecall.rtp.packet import (
     TelephoneEvent,
     build_rtp,
     is_rtcp,
     parse_rtcp,
     parse_rtp,
-    parse_telephone_event,
     Bye,
     SenderReport,
 )
@@ -91,6 +90,43 @@ def _power_at(pcm: bytes, freq: float, rate: int) -> float:
     return float(abs(np.dot(x, np.exp(-2j * np.pi * freq * t))) / len(x))
 
 
+@implementer(ILegEvents)
+class RecordingEvents:
+    """ILegEvents that records what a leg reported."""
+
+    def __init__(self) -> None:
+        self.digits: list[str] = []
+        self.ready = 0
+
+    def media_ready(self) -> None:
+        self.ready += 1
+
+    def dtmf(self, digit: str) -> None:
+        self.digits.append(digit)
+
+    def hold(self, on_hold: bool) -> None:
+        raise AssertionError("RTP legs do not report hold")
+
+    def ended(self, cause: str) -> None:
+        raise AssertionError("RTP legs do not report an end")
+
+    def message(self, body: str, content_type: str | None) -> None:
+        raise AssertionError("RTP legs carry no messages")
+
+    def transfer_requested(self, refer_to: str, referred_by: str | None) -> None:
+        raise AssertionError("RTP legs carry no REFER")
+
+    def transfer_progress(self, status: int, text: str) -> None:
+        raise AssertionError("RTP legs carry no NOTIFY")
+
+
+class ListSink:
+    """An AudioSink keeping every frame."""
+
+    def __init__(self, frames: list[bytes]) -> None:
+        self.write_frame = frames.append
+
+
 class LegTestBase(SynchronousTestCase):
     """Builds a leg on a fake reactor; the peer injects packets and reads what we sent."""
 
@@ -104,19 +140,18 @@ class LegTestBase(SynchronousTestCase):
         self.endpoint = RtpEndpoint(self.reactor, self.alloc)
         self.endpoint.start()
         self.audio: list[bytes] = []
-        self.digits: list[str] = []
-        self.ready = 0
-
-        def ready() -> None:
-            self.ready += 1
-
-        self.leg = RtpLeg(
-            self.engine, self.endpoint, neg or _neg(), clock=self.reactor, rng=random.Random(7),
-            on_audio=self.audio.append, on_dtmf=self.digits.append, on_media_ready=ready,
-        )
+        self.events = RecordingEvents()
+        self.digits = self.events.digits
+        self.agent = FrameQueue()
+        self.leg = RtpLeg(self.engine, self.endpoint, neg or _neg(), clock=self.reactor, rng=random.Random(7))
+        self.leg.attach(self.agent, ListSink(self.audio), self.events)
         self.rtp_port = self.reactor.ports[self.endpoint.local_port]
         self.rtcp_port = self.reactor.ports[self.endpoint.local_rtcp_port]
         return self.leg
+
+    @property
+    def ready(self) -> int:
+        return self.events.ready
 
     def tick(self, n: int = 1) -> None:
         for _ in range(n):
@@ -141,10 +176,10 @@ class ReceiveTests(LegTestBase):
             self.inject(pt, 100 + i, 5000 + i * (rate // 50), enc.encode(_tone(freq, n, sr, i * n)))
             self.tick()
 
-    def test_implements_icallleg(self) -> None:
-        """RtpLeg provides ICallLeg at 16 kHz with 640-byte frames."""
+    def test_media_rate(self) -> None:
+        """RtpLeg runs at 16 kHz with 640-byte frames and reports to an ILegEvents."""
         leg = self.make_leg()
-        verifyObject(ICallLeg, leg)
+        verifyObject(ILegEvents, self.events)
         self.assertEqual((leg.media_rate_hz, leg.frame_bytes), (16000, 640))
 
     def test_pcmu_tone_arrives_at_16k(self) -> None:
@@ -237,17 +272,17 @@ class ReceiveTests(LegTestBase):
 
 
 class SendTests(LegTestBase):
-    """Agent audio, timestamps across gaps, DTMF sending."""
+    """Agent audio and timestamps across gaps."""
 
     def test_one_packet_per_tick_with_true_timestamps(self) -> None:
         """Frames go out one per tick; a gap sends nothing but advances the timestamp and sets the marker."""
         self.make_leg()
         frame = _tone(1000, 320, 16000)
         for _ in range(3):
-            self.leg.send_agent_audio(frame)
+            self.agent.write_frame(frame)
             self.tick()
         self.tick(4)
-        self.leg.send_agent_audio(frame)
+        self.agent.write_frame(frame)
         self.tick()
         pkts = self.sent_rtp()
         self.assertEqual(len(pkts), 4)
@@ -265,7 +300,7 @@ class SendTests(LegTestBase):
         """The PCMU we send decodes to the agent's 1 kHz tone."""
         self.make_leg()
         for i in range(30):
-            self.leg.send_agent_audio(_tone(1000, 320, 16000, i * 320))
+            self.agent.write_frame(_tone(1000, 320, 16000, i * 320))
             self.tick()
         dec = make_decoder("pcmu")
         pcm = b"".join(dec.decode(bytes(p.payload)) for p in self.sent_rtp()[5:])
@@ -277,7 +312,7 @@ class SendTests(LegTestBase):
             with self.subTest(codec=codec):
                 self.make_leg(_neg(codec, pt, rate))
                 for _ in range(3):
-                    self.leg.send_agent_audio(_tone(500, 320, 16000))
+                    self.agent.write_frame(_tone(500, 320, 16000))
                     self.tick()
                 ts = [p.timestamp for p in self.sent_rtp()]
                 self.assertEqual([(t - ts[0]) & 0xFFFFFFFF for t in ts], [0, step, 2 * step])
@@ -288,50 +323,11 @@ class SendTests(LegTestBase):
         self.make_leg()
         self.tick()
         for _ in range(3):
-            self.leg.send_agent_audio(bytes(FRAME_BYTES))
+            self.agent.write_frame(bytes(FRAME_BYTES))
         self.reactor.advance(0.061)
         ts = [p.timestamp for p in self.sent_rtp()]
         self.assertEqual([(t - ts[0]) & 0xFFFFFFFF for t in ts], [0, 160, 320])
         self.assertEqual(self.engine.late_frames, 2)
-
-    def test_backlog_is_bounded(self) -> None:
-        """Frames queued faster than they can be sent are dropped beyond the backlog limit."""
-        self.make_leg()
-        for _ in range(MAX_TX_BACKLOG + 3):
-            self.leg.send_agent_audio(bytes(FRAME_BYTES))
-        self.assertEqual(self.leg.stats()["tx_dropped_frames"], 3)
-
-    def test_rfc4733_send(self) -> None:
-        """send_dtmf sends telephone-event packets (marker first, same timestamp, end x3) instead of audio."""
-        self.make_leg()
-        self.leg.send_dtmf("9", duration_ms=60)
-        for _ in range(8):
-            self.leg.send_agent_audio(bytes(FRAME_BYTES))
-            self.tick()
-        te = [p for p in self.sent_rtp() if p.payload_type == 101]
-        events = [parse_telephone_event(p.payload) for p in te]
-        self.assertEqual([e.event for e in events], [9] * 5)
-        self.assertEqual([e.end for e in events], [False, False, True, True, True])
-        self.assertEqual(len({p.timestamp for p in te}), 1)
-        self.assertEqual([p.marker for p in te], [True, False, False, False, False])
-        audio = [p for p in self.sent_rtp() if p.payload_type == 0]
-        # The 60 ms gap after the digit sends nothing either.
-        self.assertEqual(len(audio), 0)
-        self.leg.send_agent_audio(bytes(FRAME_BYTES))
-        self.tick()
-        last = self.sent_rtp()[-1]
-        self.assertEqual((last.payload_type, last.marker), (0, True))
-        self.assertEqual((last.timestamp - te[0].timestamp) & 0xFFFFFFFF, 8 * 160)
-
-    def test_inband_send_without_telephone_event(self) -> None:
-        """Without telephone-event, digits are sent as tones a detector recognises."""
-        self.make_leg(_neg(te=None))
-        self.leg.send_dtmf("3#")
-        self.tick(20)
-        dec = make_decoder("pcmu")
-        pcm = b"".join(dec.decode(bytes(p.payload)) for p in self.sent_rtp())
-        self.assertEqual(InbandDtmfDetector(8000).feed(pcm), ["3", "#"])
-
 
 class ControlTests(LegTestBase):
     """Hold, re-offers, SRTP, RTCP, latching and close."""
@@ -340,18 +336,18 @@ class ControlTests(LegTestBase):
         """A hold stops sending and silences caller audio; resuming continues SSRC and sequence."""
         leg = self.make_leg()
         enc = make_encoder("pcmu")
-        leg.send_agent_audio(bytes(FRAME_BYTES))
+        self.agent.write_frame(bytes(FRAME_BYTES))
         self.tick()
         leg.update(replace(leg.negotiated, direction="recvonly", remote_hold=True))
         self.assertTrue(leg.on_hold)
         for i in range(10):
-            leg.send_agent_audio(bytes(FRAME_BYTES))
+            self.agent.write_frame(bytes(FRAME_BYTES))
             self.inject(0, i, i * 160, enc.encode(_tone(1000, 160, 8000, i * 160)))
             self.tick()
         self.assertEqual(len(self.sent_rtp()), 1)
         self.assertEqual(set(self.audio[1:]), {bytes(FRAME_BYTES)})
         leg.update(replace(leg.negotiated, direction="sendrecv", remote_hold=False))
-        leg.send_agent_audio(bytes(FRAME_BYTES))
+        self.agent.write_frame(bytes(FRAME_BYTES))
         self.tick()
         a, b = self.sent_rtp()
         self.assertEqual((a.ssrc, (b.sequence - a.sequence) & 0xFFFF, b.marker), (b.ssrc, 1, True))
@@ -360,11 +356,11 @@ class ControlTests(LegTestBase):
     def test_codec_change_keeps_stream(self) -> None:
         """A re-offer switching PCMU to PCMA keeps SSRC and sequence, sends PT 8 and decodes A-law."""
         leg = self.make_leg()
-        leg.send_agent_audio(bytes(FRAME_BYTES))
+        self.agent.write_frame(bytes(FRAME_BYTES))
         self.tick()
         leg.update(replace(leg.negotiated, codec="pcma", payload_type=8))
         for i in range(20):
-            leg.send_agent_audio(bytes(FRAME_BYTES))
+            self.agent.write_frame(bytes(FRAME_BYTES))
             self.inject(8, i, i * 160, audioop.lin2alaw(_tone(1000, 160, 8000, i * 160), 2))
             self.tick()
         pkts = self.sent_rtp()
@@ -376,10 +372,10 @@ class ControlTests(LegTestBase):
         """Switching between batched G.711 and G.722 re-batches the leg without errors."""
         leg = self.make_leg()
         leg.update(replace(leg.negotiated, codec="g722", payload_type=9))
-        leg.send_agent_audio(bytes(FRAME_BYTES))
+        self.agent.write_frame(bytes(FRAME_BYTES))
         self.tick()
         leg.update(replace(leg.negotiated, codec="pcmu", payload_type=0))
-        leg.send_agent_audio(bytes(FRAME_BYTES))
+        self.agent.write_frame(bytes(FRAME_BYTES))
         self.tick()
         self.assertEqual([p.payload_type for p in self.sent_rtp()], [9, 0])
 
@@ -387,7 +383,7 @@ class ControlTests(LegTestBase):
         """A re-offer with a new address moves the stream there."""
         leg = self.make_leg()
         leg.update(replace(leg.negotiated, remote_address="192.0.2.99", remote_port=50000))
-        leg.send_agent_audio(bytes(FRAME_BYTES))
+        self.agent.write_frame(bytes(FRAME_BYTES))
         self.tick()
         self.assertEqual(self.rtp_port.sent[-1][1], ("192.0.2.99", 50000))
 
@@ -395,11 +391,11 @@ class ControlTests(LegTestBase):
         """Media goes to where the phone's packets come from once they arrive."""
         leg = self.make_leg()
         self.inject(0, 1, 160, b"\xff" * 160, src=("198.51.100.1", 61000))
-        leg.send_agent_audio(bytes(FRAME_BYTES))
+        self.agent.write_frame(bytes(FRAME_BYTES))
         self.tick()
         self.assertEqual(self.rtp_port.sent[-1][1], ("198.51.100.1", 61000))
         self.assertEqual(self.ready, 1)
-        self.assertEqual(leg.last_packet_at, T0)
+        self.assertEqual(leg.last_activity_at, T0)
 
     def test_srtp(self) -> None:
         """With SDES keys the leg protects what it sends and accepts only authentic packets."""
@@ -407,7 +403,7 @@ class ControlTests(LegTestBase):
         ours, theirs = generate_crypto(1, AES_CM_128_HMAC_SHA1_80, rng), generate_crypto(1, AES_CM_128_HMAC_SHA1_80, rng)
         leg = self.make_leg(_neg(local_crypto=ours, remote_crypto=theirs))
         peer = SrtpContext.from_sdes(theirs, ours)
-        leg.send_agent_audio(bytes(FRAME_BYTES))
+        self.agent.write_frame(bytes(FRAME_BYTES))
         self.tick()
         wire = self.rtp_port.sent[-1][0]
         self.assertEqual(parse_rtp(peer.unprotect(wire)).ssrc, leg.ssrc)
@@ -420,7 +416,7 @@ class ControlTests(LegTestBase):
         """An SR goes to the RTCP port on schedule; close sends BYE, releases ports and leaves no timers."""
         leg = self.make_leg()
         for _ in range(400):
-            leg.send_agent_audio(bytes(FRAME_BYTES))
+            self.agent.write_frame(bytes(FRAME_BYTES))
             self.tick()
         reports = [parse_rtcp(d) for d, _ in self.rtcp_port.sent]
         self.assertTrue(reports)
@@ -432,7 +428,7 @@ class ControlTests(LegTestBase):
         self.assertEqual(self.alloc.used_count, 0)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
         self.assertEqual(len(self.engine), 0)
-        leg.send_agent_audio(bytes(FRAME_BYTES))
+        self.agent.write_frame(bytes(FRAME_BYTES))
         self.successResultOf(leg.close())
 
     def test_incoming_rtcp_is_read(self) -> None:
@@ -450,15 +446,180 @@ class ControlTests(LegTestBase):
         """Ten legs run on the single media clock timer, each receiving and sending."""
         self.make_leg()
         legs = [self.leg]
+        queues = [self.agent]
         for _ in range(4):
             ep = RtpEndpoint(self.reactor, self.alloc)
             ep.start()
-            legs.append(RtpLeg(self.engine, ep, _neg(), clock=self.reactor, rng=random.Random(1)))
+            leg = RtpLeg(self.engine, ep, _neg(), clock=self.reactor, rng=random.Random(1))
+            queues.append(FrameQueue())
+            leg.attach(queues[-1], ListSink([]), RecordingEvents())
+            legs.append(leg)
         self.assertEqual(len(self.reactor.getDelayedCalls()), 1)
-        for leg in legs:
-            leg.send_agent_audio(bytes(FRAME_BYTES))
+        for queue in queues:
+            queue.write_frame(bytes(FRAME_BYTES))
         self.tick()
         self.assertEqual(sum(len(p.sent) for p in self.reactor.ports.values()), 5)
         for leg in legs:
             self.successResultOf(leg.close())
         self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+
+class _Echo:
+    """A sink and a source in one: the source returns what the sink got last (None once read)."""
+
+    def __init__(self) -> None:
+        self.last: bytes | None = None
+
+    def write_frame(self, frame: bytes) -> None:
+        self.last = frame
+
+    def read_frame(self) -> bytes | None:
+        frame, self.last = self.last, None
+        return frame
+
+
+class _Hook:
+    """A sink or source that runs ``action`` once, on its first frame, then behaves like ``inner``."""
+
+    def __init__(self, action: Any, inner: Any = None) -> None:
+        self.action = action
+        self.inner = inner
+        self.frames = 0
+
+    def write_frame(self, frame: bytes) -> None:
+        self.frames += 1
+        if self.frames == 1:
+            self.action()
+
+    def read_frame(self) -> bytes | None:
+        self.frames += 1
+        if self.frames == 1:
+            self.action()
+        return self.inner.read_frame() if self.inner is not None else None
+
+
+class TickTests(LegTestBase):
+    """The engine's phases, attach, and legs closed or opened while a tick runs."""
+
+    def _second_leg(self, source: Any = None, sink: Any = None) -> tuple[RtpLeg, list[bytes], FrameQueue]:
+        ep = RtpEndpoint(self.reactor, self.alloc)
+        ep.start()
+        leg = RtpLeg(self.engine, ep, _neg(), clock=self.reactor, rng=random.Random(2))
+        frames: list[bytes] = []
+        queue = FrameQueue()
+        leg.attach(source if source is not None else queue, sink if sink is not None else ListSink(frames),
+                   RecordingEvents())
+        return leg, frames, queue
+
+    def test_send_phase_sees_this_ticks_caller_frame(self) -> None:
+        """A source reading what the leg's sink was given in the same tick sends it on that tick."""
+        leg = self.make_leg()
+        echo = _Echo()
+        leg.attach(echo, echo, self.events)
+        self.tick()
+        self.assertEqual(len(self.sent_rtp()), 1, "the silent frame of this tick is echoed at once")
+        enc = make_encoder("pcmu")
+        for i in range(12):
+            self.inject(0, 100 + i, i * 160, enc.encode(_tone(1000, 160, 8000, i * 160)))
+            self.tick()
+        self.assertEqual(len(self.sent_rtp()), 13)
+        dec = make_decoder("pcmu")
+        pcm = b"".join(dec.decode(bytes(p.payload)) for p in self.sent_rtp()[-6:])
+        self.assertGreater(_power_at(pcm, 1000, 8000), 3000)
+
+    def test_before_attach_no_audio_no_events(self) -> None:
+        """Until attach a leg sends nothing, keeps its timestamps true and reports no media-ready or digits."""
+        self.reactor = FakeReactor()
+        self.media_clock = MediaClock(self.reactor)
+        self.engine = RtpMediaEngine(self.reactor, self.media_clock)
+        self.alloc = RtpPortAllocator(30000, 30009)
+        ep = RtpEndpoint(self.reactor, self.alloc)
+        ep.start()
+        leg = RtpLeg(self.engine, ep, _neg(), clock=self.reactor, rng=random.Random(7))
+        self.rtp_port = self.reactor.ports[ep.local_port]
+        self.inject(0, 1, 160, b"\xff" * 160)
+        self.inject(101, 2, 320, TelephoneEvent(5, True, 10, 480).encode())
+        self.tick(3)
+        self.assertEqual(self.sent_rtp(), [])
+        self.assertEqual(leg.stats()["tx_silent_slots"], 3)
+        events, audio, agent = RecordingEvents(), [], FrameQueue()
+        leg.attach(agent, ListSink(audio), events)
+        agent.write_frame(bytes(FRAME_BYTES))
+        self.tick()
+        self.assertEqual((events.ready, events.digits, len(audio)), (0, [], 1))
+        self.inject(0, 3, 480, b"\xff" * 160)
+        self.assertEqual(events.ready, 1)
+        (pkt,) = self.sent_rtp()
+        self.assertTrue(pkt.marker)
+        self.successResultOf(leg.close())
+
+    def test_sink_closes_another_leg(self) -> None:
+        """A sink closing a leg mid-tick: the closed leg gets no frame, sends nothing, and the others go on."""
+        self.make_leg()
+        other, other_frames, other_queue = self._second_leg()
+        self.leg.attach(self.agent, _Hook(other.close), self.events)
+        other_queue.write_frame(bytes(FRAME_BYTES))
+        self.agent.write_frame(bytes(FRAME_BYTES))
+        self.tick()
+        self.assertTrue(other.closed)
+        self.assertEqual(other_frames, [])
+        self.assertEqual(other.stats()["frames_delivered"], 0)
+        self.assertEqual(len(self.sent_rtp()), 1)
+        self.assertEqual(other.stats()["tx_audio_packets"], 0)
+        self.assertEqual(len(self.engine), 1)
+        self.leg.attach(self.agent, ListSink(self.audio), self.events)
+        self.tick(2)
+        self.assertEqual(len(self.audio), 2, "the clock still ticks the remaining leg")
+
+    def test_source_closes_an_earlier_leg_and_its_own(self) -> None:
+        """A source closing a leg whose frame was already read, and its own leg: neither sends anything."""
+        self.make_leg()
+        self.agent.write_frame(bytes(FRAME_BYTES))
+        queue = FrameQueue()
+        queue.write_frame(bytes(FRAME_BYTES))
+        holder: list[RtpLeg] = []
+
+        def close_both() -> None:
+            self.leg.close()
+            holder[0].close()
+
+        other, _, _ = self._second_leg(source=_Hook(close_both, queue))
+        holder.append(other)
+        self.tick()
+        self.assertEqual((self.leg.stats()["tx_audio_packets"], other.stats()["tx_audio_packets"]), (0, 0))
+        self.assertEqual(self.sent_rtp(), [])
+        self.assertEqual(len(self.engine), 0)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_leg_opened_during_a_tick_runs_from_the_next(self) -> None:
+        """A leg created by a sink mid-tick (a new call) sends in this tick's send phase and receives from the next tick on."""
+        self.make_leg()
+        opened: list[tuple[RtpLeg, list[bytes], FrameQueue]] = []
+
+        def open_leg() -> None:
+            opened.append(self._second_leg())
+            opened[0][2].write_frame(_tone(1000, 320, 16000))
+
+        self.leg.attach(self.agent, _Hook(open_leg), self.events)
+        self.tick()
+        new, frames, _ = opened[0]
+        self.assertEqual((frames, new.stats()["tx_audio_packets"]), ([], 1))
+        self.tick()
+        self.assertEqual((len(frames), new.stats()["tx_audio_packets"]), (1, 1))
+
+    def test_digit_that_closes_the_leg(self) -> None:
+        """An in-band digit whose handler closes the leg: the frame is not written to the sink after the close."""
+        self.make_leg(_neg(te=None))
+        from activecall.media.dtmf_detect import COL_HZ, ROW_HZ
+
+        self.events.dtmf = lambda digit: self.leg.close()  # type: ignore[method-assign]
+        enc = make_encoder("pcmu")
+        t = np.arange(1600) / 8000
+        tone = (5000 * (np.sin(2 * np.pi * ROW_HZ[0] * t) + np.sin(2 * np.pi * COL_HZ[0] * t))).astype("<i2").tobytes()
+        for i in range(10):
+            if self.leg.closed:
+                break
+            self.inject(0, i, i * 160, enc.encode(tone[i * 320 : (i + 1) * 320]))
+            self.tick()
+        self.assertTrue(self.leg.closed)
+        self.assertEqual(len(self.audio), self.leg.stats()["frames_delivered"] - 1)
