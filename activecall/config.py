@@ -4,8 +4,10 @@ Pure: TOML text (plus :class:`Overrides`) in, a validated :class:`Config` out. A
 one :class:`ConfigError` naming the key path and the reason; unknown keys and other harmless
 oddities become strings in ``Config.warnings`` for the caller to log.
 
-Only :func:`load_config` (reads the file, checks the TLS files with ``os.access``) and
-:func:`load_dotenv` touch the file system.
+Only :func:`load_config` (reads the file, checks the TLS files with ``os.access``) touches the
+file system.  The routing rules the tables are read into are :mod:`activecall.routing`, their
+Rust-dialect patterns are compiled by :mod:`activecall.rustregex`, and the ``.env`` file is
+:mod:`activecall.dotenv`'s.
 """
 
 from __future__ import annotations
@@ -15,14 +17,14 @@ import errno
 import ipaddress
 import os
 import re
-import string
 import tomllib
-import warnings as _warnings
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeAlias, TypeVar
 
 from activecall import __version__
+from activecall.routing import PlaybookRule, Rewrite, TrunkRule
+from activecall.rustregex import compile_rust_regex, convert_replacement
 
 __all__ = [
     "AmbianceConfig",
@@ -37,23 +39,17 @@ __all__ = [
     "IceServer",
     "Overrides",
     "PlaybookHandlerConfig",
-    "PlaybookRule",
     "RecordingConfig",
     "RegisterUser",
-    "Rewrite",
     "SipAclConfig",
     "SipRateLimitConfig",
-    "TrunkRule",
     "WebhookHandlerConfig",
     "check_files",
-    "compile_rust_regex",
-    "convert_replacement",
+    "unreadable_reason",
     "load_config",
-    "load_dotenv",
     "normalize_codecs",
     "parse_config",
     "parse_duration",
-    "rewrite_target",
 ]
 
 
@@ -129,21 +125,6 @@ class WebhookHandlerConfig:
     urls: tuple[str, ...] = ()
     method: str = "POST"
     headers: tuple[tuple[str, str], ...] = ()
-
-
-@dataclass(frozen=True)
-class PlaybookRule:
-    """One ``[[handler.rules]]`` entry; unset patterns match anything."""
-
-    caller: re.Pattern[str] | None
-    callee: re.Pattern[str] | None
-    playbook: str
-
-    def matches(self, caller_uri: str, callee_uri: str) -> bool:
-        """Return whether every pattern present is found in the From/To URI (search semantics)."""
-        if self.caller is not None and self.caller.search(caller_uri) is None:
-            return False
-        return self.callee is None or self.callee.search(callee_uri) is not None
 
 
 @dataclass(frozen=True)
@@ -261,52 +242,6 @@ class AmbianceConfig:
     normal_level: float = 0.3
     transition_speed: float = 0.01
     enabled: bool = True
-
-
-@dataclass(frozen=True)
-class Rewrite:
-    """One ``[[rewrites]]`` rule: ``match`` compiled, ``replacement`` in Python ``re.sub`` form."""
-
-    match: re.Pattern[str]
-    rewrite: str
-    replacement: str
-
-    def apply(self, uri: str) -> str:
-        """Replace every match in ``uri``."""
-        return self.match.sub(self.replacement, uri)
-
-
-@dataclass(frozen=True)
-class TrunkRule:
-    """One ``[[trunk_rules]]`` entry: match conditions and rewrites (config.md §12.1)."""
-
-    match_from_user: re.Pattern[str] | None = None
-    match_from_host: re.Pattern[str] | None = None
-    match_to_user: re.Pattern[str] | None = None
-    match_to_host: re.Pattern[str] | None = None
-    rewrite_from_user: str | None = None
-    rewrite_from_host: str | None = None
-    rewrite_to_user: str | None = None
-    rewrite_to_host: str | None = None
-    rewrite_contact_user: str | None = None
-    rewrite_contact_host: str | None = None
-
-    def matches(
-        self, from_user: str | None, from_host: str, to_user: str | None, to_host: str
-    ) -> bool:
-        """Return whether all conditions hold; a user pattern never matches a URI without user."""
-        pairs = (
-            (self.match_from_user, from_user),
-            (self.match_from_host, from_host),
-            (self.match_to_user, to_user),
-            (self.match_to_host, to_host),
-        )
-        for pattern, value in pairs:
-            if pattern is None:
-                continue
-            if value is None or pattern.search(value) is None:
-                return False
-        return True
 
 
 @dataclass(frozen=True)
@@ -487,140 +422,6 @@ def normalize_codecs(names: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, 
         elif canonical not in out:
             out.append(canonical)
     return tuple(out), tuple(unknown)
-
-
-def _class_set_error(pattern: str, i: int) -> str | None:
-    """Describe Rust-only syntax starting at ``pattern[i]`` inside a character class, if any."""
-    c = pattern[i]
-    if c == "[":
-        if pattern.startswith("[:", i):
-            end = pattern.find(":]", i + 2)
-            name = pattern[i : end + 2] if end >= 0 else "[:"
-            return f"POSIX class {name} is not supported at position {i}"
-        return f"nested character class is not supported at position {i}"
-    if c in "&~" and pattern.startswith(c * 2, i):
-        return f"character class set operation {c * 2!r} is not supported at position {i}"
-    return None
-
-
-def _translate_rust_regex(pattern: str) -> str:
-    """Respell Rust ``regex`` forms Python lacks; ``ValueError`` on Rust-only syntax."""
-    out: list[str] = []
-    i = 0
-    n = len(pattern)
-    in_class = False
-    while i < n:
-        c = pattern[i]
-        if c == "\\" and i + 1 < n:
-            nxt = pattern[i + 1]
-            if nxt in "pP":
-                raise ValueError(f"Unicode class \\{nxt} is not supported at position {i}")
-            if nxt == "z" and not in_class:
-                out.append("\\Z")  # Rust \z (end of text) is Python \Z
-                i += 2
-                continue
-            if nxt == "x" and pattern.startswith("{", i + 2):
-                end = pattern.find("}", i + 3)
-                digits = pattern[i + 3 : end] if end > 0 else ""
-                if 0 < len(digits) <= 8 and all(d in string.hexdigits for d in digits):
-                    out.append(f"\\U{int(digits, 16):08x}")
-                    i = end + 1
-                    continue
-            out.append(pattern[i : i + 2])
-            i += 2
-            continue
-        if in_class:
-            problem = _class_set_error(pattern, i)
-            if problem is not None:
-                raise ValueError(problem)
-            if c == "]":
-                in_class = False
-            out.append(c)
-            i += 1
-            continue
-        if c == "[":
-            in_class = True
-            out.append(c)
-            i += 1
-            if i < n and pattern[i] == "^":
-                out.append("^")
-                i += 1
-            # A ']' first in a class is a literal in both dialects.
-            if i < n and pattern[i] == "]":
-                out.append("]")
-                i += 1
-            continue
-        if pattern.startswith("(?<", i) and i + 3 < n and pattern[i + 3] not in "=!":
-            out.append("(?P<")  # Rust also spells named groups (?<name>...)
-            i += 3
-            continue
-        out.append(c)
-        i += 1
-    return "".join(out)
-
-
-def compile_rust_regex(pattern: str) -> re.Pattern[str]:
-    """Compile a Rust ``regex``-dialect pattern with Python ``re``.
-
-    Raises ``ValueError`` (also for ``re.error``) whose text is the reason, e.g.
-    ``"unterminated character set at position 3"``; Rust-only syntax (``\\p{…}``,
-    ``[[:alpha:]]``, class set operations) is rejected rather than silently misread.
-    """
-    translated = _translate_rust_regex(pattern)
-    # Python warns (FutureWarning) where it reads a pattern differently from other engines.
-    with _warnings.catch_warnings():
-        _warnings.simplefilter("error")
-        try:
-            return re.compile(translated)
-        except re.error as e:
-            raise ValueError(str(e)) from None
-        except Warning as w:
-            raise ValueError(str(w)) from None
-
-
-_REPLACEMENT_REF = re.compile(r"\$(?:(\$)|\{([_0-9A-Za-z]+)\}|([_0-9A-Za-z]+))")
-
-
-def convert_replacement(template: str, pattern: re.Pattern[str] | None = None) -> str:
-    """Convert a Rust replacement (``$1``, ``${1}``, ``$name``, ``$$``) to ``re.sub`` form.
-
-    ``$1`` becomes ``\\1`` (``\\g<1>`` when a digit follows), ``$name`` becomes ``\\g<name>``.
-
-    Backslashes are escaped so they stay literal. With ``pattern``, references to groups it
-    does not have become empty strings, as in Rust (Python would raise at substitution time).
-    """
-    out: list[str] = []
-    pos = 0
-    for m in _REPLACEMENT_REF.finditer(template):
-        out.append(template[pos : m.start()].replace("\\", "\\\\"))
-        pos = m.end()
-        if m.group(1) is not None:
-            out.append("$")
-            continue
-        name = m.group(2) if m.group(2) is not None else m.group(3)
-        if name.isdigit():
-            number = int(name)
-            if pattern is not None and number > pattern.groups:
-                continue
-            following = template[pos : pos + 1]
-            out.append(f"\\g<{number}>" if following.isdigit() else f"\\{number}")
-        else:
-            if pattern is not None and name not in pattern.groupindex:
-                continue
-            out.append(f"\\g<{name}>")
-    out.append(template[pos:].replace("\\", "\\\\"))
-    return "".join(out)
-
-
-def rewrite_target(rewrites: Sequence[Rewrite], uri: str) -> str | None:
-    """Apply ``[[rewrites]]`` in order; return the result if at least one matched, else ``None``."""
-    current = uri
-    matched = False
-    for rule in rewrites:
-        if rule.match.search(current) is not None:
-            matched = True
-            current = rule.apply(current)
-    return current if matched else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1617,18 +1418,19 @@ def parse_config(text: str, overrides: Overrides = Overrides(), source: str = "<
     )
 
 
-def _unreadable(code: int | None, strerror: str | None) -> str:
+def unreadable_reason(code: int | None, strerror: str | None) -> str:
+    """The ConfigError reason for a file that cannot be read (errno and its text)."""
     return f"file not readable: [Errno {code}] {strerror}"
 
 
 def _check_readable(path: str, key_path: str) -> None:
     """Fail unless ``path`` is a readable regular file (checked with ``os.access``)."""
     if not os.path.exists(path):
-        raise ConfigError(key_path, _unreadable(errno.ENOENT, os.strerror(errno.ENOENT)))
+        raise ConfigError(key_path, unreadable_reason(errno.ENOENT, os.strerror(errno.ENOENT)))
     if os.path.isdir(path):
-        raise ConfigError(key_path, _unreadable(errno.EISDIR, os.strerror(errno.EISDIR)))
+        raise ConfigError(key_path, unreadable_reason(errno.EISDIR, os.strerror(errno.EISDIR)))
     if not os.access(path, os.R_OK):
-        raise ConfigError(key_path, _unreadable(errno.EACCES, os.strerror(errno.EACCES)))
+        raise ConfigError(key_path, unreadable_reason(errno.EACCES, os.strerror(errno.EACCES)))
 
 
 def check_files(config: Config) -> None:
@@ -1649,7 +1451,7 @@ def load_config(path: str | None, overrides: Overrides = Overrides()) -> Config:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
-        raise ConfigError(path, _unreadable(e.errno, e.strerror)) from None
+        raise ConfigError(path, unreadable_reason(e.errno, e.strerror)) from None
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -1657,67 +1459,3 @@ def load_config(path: str | None, overrides: Overrides = Overrides()) -> Config:
     config = parse_config(text, overrides, source=path)
     check_files(config)
     return config
-
-
-_DOTENV_LINE = re.compile(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_.]*)\s*=\s*(.*)")
-_DOTENV_ESCAPES: Final = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\", "$": "$"}
-
-
-def _dotenv_value(raw: str) -> str:
-    """Unquote one ``.env`` value: double quotes with escapes, single quotes literal."""
-    raw = raw.strip()
-    if raw[:1] == '"':
-        out: list[str] = []
-        i = 1
-        while i < len(raw):
-            c = raw[i]
-            if c == "\\" and i + 1 < len(raw):
-                out.append(_DOTENV_ESCAPES.get(raw[i + 1], "\\" + raw[i + 1]))
-                i += 2
-                continue
-            if c == '"':
-                return "".join(out)
-            out.append(c)
-            i += 1
-        return raw  # unterminated: keep the text as written
-    if raw[:1] == "'":
-        end = raw.find("'", 1)
-        return raw if end < 0 else raw[1:end]
-    # Unquoted: a '#' after whitespace starts a comment.
-    m = re.search(r"\s#", raw)
-    if m is not None:
-        raw = raw[: m.start()]
-    return raw.strip()
-
-
-def parse_dotenv(text: str) -> list[tuple[str, str]]:
-    """Parse ``.env`` text into ``(name, value)`` pairs in file order."""
-    pairs = []
-    for line in text.splitlines():
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        m = _DOTENV_LINE.fullmatch(line)
-        if m is None:
-            continue
-        pairs.append((m.group(1), _dotenv_value(m.group(2))))
-    return pairs
-
-
-def load_dotenv(path: str = ".env", environ: MutableMapping[str, str] | None = None) -> None:
-    """Load ``KEY=VALUE`` lines from ``path`` into ``environ`` (default ``os.environ``).
-
-    A missing file is fine; variables already set are never overwritten (config.md §1.3).
-    """
-    env: MutableMapping[str, str] = os.environ if environ is None else environ
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            text = f.read()
-    except FileNotFoundError:
-        return
-    except (OSError, UnicodeDecodeError) as e:
-        reason = _unreadable(e.errno, e.strerror) if isinstance(e, OSError) else f"not UTF-8: {e}"
-        raise ConfigError(path, reason) from None
-    for name, value in parse_dotenv(text):
-        if name not in env:
-            env[name] = value

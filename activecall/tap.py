@@ -17,7 +17,8 @@ from twisted.application import internet, service
 from twisted.python import usage
 
 import activecall
-from activecall.config import Config, ConfigError, Overrides, load_config, load_dotenv
+from activecall.config import Config, ConfigError, Overrides, load_config
+from activecall.dotenv import load_dotenv
 
 
 class Options(usage.Options):
@@ -236,7 +237,8 @@ def makeService(options: Options) -> service.IService:
     from activecall.call.services import CallServices
     import dataclasses
 
-    from activecall.config import PlaybookHandlerConfig, WebhookHandlerConfig, rewrite_target
+    from activecall.config import PlaybookHandlerConfig, WebhookHandlerConfig
+    from activecall.routing import rewrite_target
     from activecall.fetch import Fetcher, http_client_for
     from activecall.control.query import SessionParams
     from activecall.handlers.playbook import PlaybookCallHandler

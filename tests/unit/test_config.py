@@ -23,15 +23,14 @@ from activecall.config import (
     PlaybookHandlerConfig,
     RecordingConfig,
     WebhookHandlerConfig,
-    compile_rust_regex,
-    convert_replacement,
     load_config,
-    load_dotenv,
     normalize_codecs,
     parse_config,
     parse_duration,
-    rewrite_target,
 )
+from activecall.dotenv import load_dotenv
+from activecall.routing import rewrite_target
+from activecall.rustregex import compile_rust_regex, convert_replacement
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_FILE = REPO / "etc" / "activecall.toml"
