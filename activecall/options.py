@@ -26,6 +26,7 @@ __all__ = [
     "WireObject",
     "wire_field",
     "CallOption",
+    "MERGED_OPTION_KEYS",
     "SipOption",
     "RecorderOption",
     "VadOption",
@@ -590,7 +591,8 @@ class ReferOption(WireObject):
 CALL_CODECS: tuple[str, ...] = ("pcm", "pcmu", "pcma", "g722")
 
 # Fields a new CallOption inherits from the session's existing one when it lacks
-# them (§4.1 merge rule; realtime and sip are the activecall additions).
+# them (§4.1 merge rule; realtime and sip are the activecall additions).  The one
+# list of call-option keys: MERGED_OPTION_KEYS (below CallOption) is its wire spelling.
 _CALL_MERGED_FIELDS: tuple[str, ...] = (
     "asr",
     "tts",
@@ -660,3 +662,10 @@ class CallOption(WireObject):
     def from_mapping(cls, obj: Mapping[str, Any], path: str = "option") -> CallOption:
         """Decode a CallOption from a parsed mapping (playbooks, webhooks)."""
         return cls.from_json(dict(obj), path)
+
+
+#: The wire keys of the merged fields (``ringbackDetection``...): the keys of a playbook's
+#: front matter that become the call's options (playbook §4).
+MERGED_OPTION_KEYS: tuple[str, ...] = tuple(
+    f.metadata["wire"].key for f in dataclasses.fields(CallOption) if f.name in _CALL_MERGED_FIELDS
+)

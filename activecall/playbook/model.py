@@ -26,6 +26,7 @@ from activecall.config import DEFAULT_ENV_PREFIX
 from activecall.options import (
     AgcOption,
     AmbianceOption,
+    MERGED_OPTION_KEYS,
     CallOption,
     CommandError,
     EouOption,
@@ -47,7 +48,6 @@ from activecall.options import (
 
 __all__ = [
     "DEFAULT_BASE_DIR",
-    "OPTION_KEYS",
     "DtmfAction",
     "FollowUp",
     "Playbook",
@@ -65,23 +65,6 @@ __all__ = [
 
 DEFAULT_BASE_DIR = "config/playbook"
 INLINE_SOURCE = "<inline>"
-
-# Front matter keys that become the call's options (§4), in wire spelling.
-OPTION_KEYS: tuple[str, ...] = (
-    "asr",
-    "tts",
-    "vad",
-    "denoise",
-    "agc",
-    "recorder",
-    "extra",
-    "realtime",
-    "eou",
-    "sip",
-    "ambiance",
-    "ringbackDetection",
-)
-
 
 class PlaybookError(ValueError):
     """A playbook that cannot be loaded; ``str()`` is the full message (file, line, key path)."""
@@ -787,7 +770,7 @@ def parse_playbook(text: str, environ: Mapping[str, str], source: str, *,
         return PlaybookError(message, source=source, line=line)
 
     try:
-        option = CallOption.from_mapping({k: fm[k] for k in OPTION_KEYS if k in fm}, "option")
+        option = CallOption.from_mapping({k: fm[k] for k in MERGED_OPTION_KEYS if k in fm}, "option")
     except CommandError as e:
         raise fail(e, "option") from None
 
