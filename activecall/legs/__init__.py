@@ -7,13 +7,13 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 from zope.interface import implementer
 
 from activecall.media.tracks import ILegEvents
 
-__all__ = ["NO_EVENTS"]
+__all__ = ["NO_EVENTS", "PhaseTicker"]
 
 
 @implementer(ILegEvents)
@@ -45,3 +45,12 @@ class _NoEvents:
 
 
 NO_EVENTS = _NoEvents()
+
+
+class PhaseTicker:
+    """A media clock subscriber calling ``tick(frames)``: one object per phase a leg ticks in."""
+
+    __slots__ = ("media_tick",)
+
+    def __init__(self, tick: Callable[[int], None]) -> None:
+        self.media_tick = tick

@@ -49,7 +49,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from activecall.legs import NO_EVENTS
+from activecall.legs import NO_EVENTS, PhaseTicker
 from activecall.media._audioop import audioop
 from activecall.media.clock import RECEIVE, SEND, MediaClock
 from activecall.media.codecs import Decoder, Encoder, make_decoder, make_encoder
@@ -171,15 +171,6 @@ class _G711Batch:
         return _to_s16(x @ self._down)
 
 
-class _Phase:
-    """One of the engine's two media clock subscriptions (receive or send)."""
-
-    __slots__ = ("media_tick",)
-
-    def __init__(self, tick: Any) -> None:
-        self.media_tick = tick
-
-
 class RtpMediaEngine:
     """Ticks all RTP legs from the one media clock; batches the G.711 rate conversion.
 
@@ -200,8 +191,8 @@ class RtpMediaEngine:
         self.frames = 0
         self.late_frames = 0
         self._subscribed = False
-        self._receive = _Phase(self._receive_tick)
-        self._send = _Phase(self._send_tick)
+        self._receive = PhaseTicker(self._receive_tick)
+        self._send = PhaseTicker(self._send_tick)
 
     def __len__(self) -> int:
         return len(self._legs)
