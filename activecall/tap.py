@@ -73,114 +73,6 @@ class Options(usage.Options):
             raise SystemExit(f"activecall: configuration error: {e}")
 
 
-class SequentialService(service.MultiService):
-    """Stops its children in reverse order, each after the previous one finished.
-
-    Registration must finish its un-REGISTER before the SIP listeners close,
-    or the registrar's answers are lost.
-    """
-
-    def stopService(self) -> Any:
-        from twisted.internet.defer import Deferred, maybeDeferred
-
-        service.Service.stopService(self)
-
-        async def stop_in_order() -> None:
-            for child in reversed(list(self)):
-                await maybeDeferred(child.stopService)
-
-        return Deferred.fromCoroutine(stop_in_order())
-
-
-class DrainCallsService(service.Service):
-    """Graceful shutdown of calls (config.md §3 graceful_shutdown).
-
-    On stop: refuse new inbound calls (503 "Server shutting down"), answer the
-    ones still waiting for a client, let running calls end on their own for up
-    to ``timeout_s``, then hang up what is left.
-    """
-
-    def __init__(self, sessions: Any, clock: Any, *, graceful: bool, timeout_s: float,
-                 refuse_new_calls: Any, records: Any = None) -> None:
-        self._sessions = sessions
-        self._records = records
-        self._clock = clock
-        self._graceful = graceful
-        self._timeout_s = timeout_s
-        self._refuse_new_calls = refuse_new_calls
-
-    def stopService(self) -> Any:
-        from twisted.internet.defer import TimeoutError
-        from twisted.logger import Logger
-
-        super().stopService()
-        self._refuse_new_calls()
-        if not self._graceful:
-            self._sessions.kill_all()
-            return self._save_records()
-        log = Logger(namespace="activecall")
-        if len(self._sessions):
-            log.info("shutting down: waiting up to {t} s for {n} call(s) to end", t=self._timeout_s, n=len(self._sessions))
-        d = self._sessions.wait_idle()
-        d.addTimeout(self._timeout_s, self._clock)
-
-        def cut(f: Any) -> None:
-            f.trap(TimeoutError)
-            log.info("shutting down: ending {n} call(s) still running", n=len(self._sessions))
-            self._sessions.kill_all()
-
-        return d.addErrback(cut).addCallback(lambda _: self._save_records())
-
-    def _save_records(self) -> Any:
-        """No call record is lost to a shutdown: wait for those being assembled and saved."""
-        from twisted.internet.defer import DeferredList
-
-        if self._records is None:
-            return None
-        services, writer = self._records
-        pending = list(services.records_in_flight)
-        return DeferredList(pending).addCallback(lambda _: writer.drain())
-
-
-class StartupCallService(service.Service):
-    """``--call URI``: about 1 s after start-up, place one outbound SIP call (config.md §2).
-
-    The call runs as a session without a WebSocket (``c.<uuid>``, no event dump,
-    no pings, 50 s inactivity timeout); ``/list`` and ``/kill`` see it.
-    """
-
-    DELAY_S = 1.0
-    INACTIVITY_TIMEOUT_S = 50
-
-    def __init__(self, sessions: Any, clock: Any, uri: str) -> None:
-        self._sessions = sessions
-        self._clock = clock
-        self._uri = uri
-        self._pending: Any = None
-
-    def startService(self) -> None:
-        super().startService()
-        self._pending = self._clock.callLater(self.DELAY_S, self._place)
-
-    def stopService(self) -> Any:
-        if self._pending is not None and self._pending.active():
-            self._pending.cancel()
-        return super().stopService()
-
-    def _place(self) -> None:
-        from twisted.logger import Logger
-
-        from activecall.control.commands import InviteCommand
-        from activecall.options import CallOption
-        from activecall.control.query import SessionParams
-
-        self._pending = None
-        sid = "c." + self._sessions.new_sid()[2:]
-        session = self._sessions.open(SessionParams(sid=sid, call_type="sip", dump=False, ping_s=0))
-        Logger(namespace="activecall").info("--call: calling {uri} as session {sid}", uri=self._uri, sid=sid)
-        session.submit(InviteCommand(option=CallOption(callee=self._uri, inactivity_timeout=self.INACTIVITY_TIMEOUT_S)))
-
-
 class ActivecallService(service.MultiService):
     """The daemon: HTTP/WebSocket now; SIP, RTP and registration join as they land.
 
@@ -232,18 +124,11 @@ def makeService(options: Options) -> service.IService:
 
     from twisted.internet.defer import Deferred
 
-    from activecall.call.record import CallRecord, build_call_record, hangup_reason_from_name
     from activecall.call.recordstore import CallRecordWriter, make_store
     from activecall.call.services import CallServices
-    import dataclasses
-
-    from activecall.config import PlaybookHandlerConfig, WebhookHandlerConfig
     from activecall.routing import rewrite_target
     from activecall.fetch import Fetcher, http_client_for
-    from activecall.control.query import SessionParams
-    from activecall.handlers.playbook import PlaybookCallHandler
-    from activecall.handlers.pending import PendingCalls
-    from activecall.handlers.webhook import WebhookCallHandler, WebhookNotifier
+    from activecall.handlers.router import build_router
     from activecall.sip.registration import RegistrationService, fixed_retry
     from activecall.sip.security import SipGuard, registrar_hosts
     from activecall.metrics import DaemonCollector, DaemonMetrics, install as install_metrics
@@ -261,7 +146,8 @@ def makeService(options: Options) -> service.IService:
     from activecall.media.cache import MediaCache
     from activecall.speech.registry import SynthesizerRegistry
     from activecall.speech.tts import register_builtin_synthesizers
-    from activecall.lifecycle import CyclicGarbageService, is_loopback, raise_open_files_limit
+    from activecall.lifecycle import (CyclicGarbageService, DrainCallsService, SequentialService, StartupCallService,
+                                      is_loopback, raise_open_files_limit)
     from activecall.web import LISTEN_BACKLOG, ActivecallSite, ApiResource, ConnectionLimiter, WebService
 
     config = options.config
@@ -322,36 +208,10 @@ def makeService(options: Options) -> service.IService:
     sip_group = SequentialService()
     sip_group.setServiceParent(top)
     guard = SipGuard.from_config(config.sip_acl, config.sip_rate_limit)
-    handler: Any = None
-    def unanswered_call_ended(dialog_id: str, call: Any, added_at: float, status: int) -> None:
-        # A call no client ever attached to still gets its record (playbook.md §14); calls
-        # with a session get theirs from the session's controller.
-        if services.call_records is None or sessions.get(dialog_id) is not None:
-            return
-        reason = hangup_reason_from_name("canceled" if status == 487 else "failed")
-        record = CallRecord(call_type="sip", call_id=dialog_id, start_s=added_at, end_s=reactor.seconds(),
-                            caller=call.caller, callee=call.callee, sip_status=status, hangup_reason=reason,
-                            extras={"session_id": dialog_id, "call_type": "sip"})
-        services.call_records.write(build_call_record(record), added_at)
-
-    if isinstance(config.handler, WebhookHandlerConfig):
-        services.pending = PendingCalls(reactor, config.accept_timeout_s, on_closed=unanswered_call_ended,
-                                        max_pending=config.sip_limits.max_pending_invites,
-                                        max_per_source=config.sip_limits.max_pending_per_source,
-                                        trusted=guard.bypasses_limit)
-        notifier = WebhookNotifier(config.handler, fetcher, reactor, signing_secret=config.webhook.signing_secret)
-        handler = WebhookCallHandler(notifier, services.pending, reactor)
-    elif isinstance(config.handler, PlaybookHandlerConfig):
-        def start_playbook_call(call: Any, playbook: Any) -> None:
-            session = sessions.open(SessionParams(sid=call.dialog_id, call_type="sip", dump=True, ping_s=0))
-            option = playbook.call_option()
-            if option.inactivity_timeout is None:
-                option = dataclasses.replace(option, inactivity_timeout=50)
-            session.controller.answer_with_playbook(call, option, playbook.greeting)
-
-        handler = PlaybookCallHandler(config.handler, start_playbook_call, run_blocking, os.environ,
-                                      env_prefix=config.api.env_prefix)
-    sip = build_sip_service(config, reactor, services.ids, handler,
+    router = build_router(config, clock=reactor, sessions=sessions, http_client=fetcher, run_blocking=run_blocking,
+                          environ=os.environ, call_records=services.call_records, trusted=guard.bypasses_limit)
+    services.pending = router.pending
+    sip = build_sip_service(config, reactor, services.ids, router.call_handler,
                             admit=guard.source_admitted, budget=guard.datagram_allowed,
                             penalize=guard.parse_failed)
     # Only requests that start something count against a source's rate (docs/config-security.md).
@@ -370,19 +230,13 @@ def makeService(options: Options) -> service.IService:
         stop_timeout_s=min(5.0, float(config.graceful_shutdown_timeout)), user_agent=config.useragent)
     registrations.setServiceParent(sip_group)
 
-    def refuse_new_calls() -> None:
-        if isinstance(handler, (WebhookCallHandler, PlaybookCallHandler)):
-            handler.shutting_down = True
-        if services.pending is not None:
-            services.pending.reject_all()
-
     if config.call:
         StartupCallService(sessions, reactor, config.call).setServiceParent(top)
     # Stopped first (SequentialService): calls end while SIP and registrations still work.
     DrainCallsService(sessions, reactor, graceful=config.graceful_shutdown,
                       timeout_s=float(config.graceful_shutdown_timeout),
-                      refuse_new_calls=refuse_new_calls,
-                      records=(services, services.call_records) if services.call_records is not None else None,
+                      refuse_new_calls=router.refuse_new_calls,
+                      records_in_flight=services.records_in_flight, record_writer=services.call_records,
                       ).setServiceParent(sip_group)
     advertise_ip = config.external_ip or (
         config.addr if config.addr not in ("", "0.0.0.0", "::") else first_interface_address())

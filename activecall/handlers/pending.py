@@ -59,7 +59,15 @@ PENDING_RETRY_AFTER_S = 5
 
 
 class PendingCall(Protocol):
-    """What the registry needs of a call: :class:`activecall.sip.useragent.InboundCall` fits."""
+    """What the registry and its ``on_closed`` need of a call: :class:`activecall.sip.useragent.InboundCall` fits."""
+
+    @property
+    def caller(self) -> str:
+        """The From URI (for the record of a call that leaves unanswered)."""
+
+    @property
+    def callee(self) -> str:
+        """The To URI."""
 
     def reject(self, code: int, reason: str | None = None,
                headers: Iterable[tuple[str, str]] = ()) -> None:
