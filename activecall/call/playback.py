@@ -291,8 +291,8 @@ class BridgeSource(SstSource):
         self._frames: list[bytes] = []
         self.ended = False
 
-    def push(self, frame: bytes) -> None:
-        """One frame from the other leg; a short backlog is kept, older audio dropped."""
+    def write_frame(self, frame: bytes) -> None:
+        """One frame from the other leg (this source is that leg's sink); a short backlog is kept, older audio dropped."""
         if len(self._frames) >= 5:
             del self._frames[0]
         self._frames.append(frame)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
 from typing import Any, Mapping, Optional, Protocol, Sequence, Union
 
-from activecall.control.events import format_rfc3339_z
+from activecall.timefmt import format_rfc3339_z
 
 __all__ = [
     "CALL_TYPES",

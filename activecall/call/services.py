@@ -1,17 +1,56 @@
-"""What every call controller is given by the composition root (tap.py)."""
+"""What every call controller is given by the composition root (tap.py), and the seams it sees them through."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from activecall.ids import IdSource
-from activecall.media.clock import MediaClock
 from activecall.media.cache import MediaCache
+from activecall.media.clock import MediaClock
+from activecall.media.tracks import IInboundLegFactory, ILegDialer
 from activecall.speech.registry import SynthesizerRegistry
+
+
+class Recorder(Protocol):
+    """A stereo call recording (activecall.media.recorder.WavRecorder)."""
+
+    def write(self, left: bytes, right: bytes) -> None:
+        """Append one frame per channel (caller left, agent right)."""
+
+    def close(self) -> Deferred[None]:
+        """Finish the file; fires when it is complete."""
+
+
+class CallRecords(Protocol):
+    """Saves one call record per call (activecall.call.recordstore.CallRecordWriter)."""
+
+    def write(self, record: dict[str, Any], started_at: float) -> Deferred[Any]:
+        """Save ``record`` (built by build_call_record)."""
+
+
+class PendingInbound(Protocol):
+    """Inbound calls waiting for a client to accept them (activecall.handlers.pending.PendingCalls)."""
+
+    def __contains__(self, dialog_id: object) -> bool: ...
+
+    def get(self, dialog_id: str) -> Any:
+        """The waiting call, left waiting."""
+
+    def take(self, dialog_id: str) -> Any:
+        """The waiting call, no longer waiting (the client accepts or answers it)."""
+
+    def cancelled(self, dialog_id: str) -> bool:
+        """The caller cancelled it."""
+
+    def reject(self, dialog_id: str, code: int, reason: str) -> bool:
+        """Decline it."""
+
+    def client_disconnected(self, dialog_id: str) -> bool:
+        """Its client went away before answering."""
 
 
 @dataclass
@@ -28,21 +67,21 @@ class CallServices:
     # Fetches an http(s) URL under the [fetch] policy: fetch_url(url) -> Deferred[bytes]
     # (activecall.fetch.Fetcher.get; fails with a FetchError whose text reveals nothing).
     fetch_url: Callable[[str], Deferred[bytes]]
-    # Opens a stereo WAV recorder at a path: make_recorder(path) -> WavRecorder-like
-    # (write(left, right), close() -> Deferred). None disables recording.
-    make_recorder: Optional[Callable[[str], Any]] = None
+    # Outbound legs by call kind ("sip" when SIP is configured); /call legs come from their session.
+    dialers: Mapping[str, ILegDialer] = field(default_factory=dict)
+    # Wraps inbound SIP calls into legs; None: no SIP.
+    inbound_legs: Optional[IInboundLegFactory] = None
+    # Opens a stereo WAV recorder at a path; None disables recording.
+    make_recorder: Optional[Callable[[str], Recorder]] = None
     # [recording] enabled + auto_start: record every call from answer.
     auto_record: bool = False
     recording_path: str = "./config/recorders"
-    # SIP user agent + RTP engine for /call/sip (activecall.legs.sip.SipMedia); None: no SIP.
-    sip: Any = None
-    # Saves one call record per call (activecall.call.recordstore.CallRecordWriter); None: [callrecord] absent.
-    call_records: Any = None
+    # None: [callrecord] absent.
+    call_records: Optional[CallRecords] = None
     # Records still being assembled (recording closing, sizes); shutdown waits for them.
-    records_in_flight: set = field(default_factory=set)
-    # Inbound calls waiting for a client (activecall.handlers.pending.PendingCalls); None: no webhook.
-    pending: Any = None
+    records_in_flight: set[Deferred[None]] = field(default_factory=set)
+    # None: no webhook handler, so no call waits for a client.
+    pending: Optional[PendingInbound] = None
     models_dir: str = "./models"
     # Local files `play` may read ([fetch] media_dirs); anything else is refused.
     media_dirs: tuple[str, ...] = ("./config/media",)
-    environ: Mapping[str, str] = field(default_factory=dict)

@@ -22,6 +22,8 @@ from dataclasses import KW_ONLY, dataclass
 from datetime import datetime, timezone
 from typing import Any, ClassVar, Union, get_args
 
+from activecall.timefmt import format_rfc3339, format_rfc3339_z
+
 __all__ = [
     "Attendee",
     "Event",
@@ -58,16 +60,6 @@ __all__ = [
     "EouEvent",
     "OtherEvent",
 ]
-
-
-def format_rfc3339(epoch_s: float) -> str:
-    """UTC RFC 3339 with microseconds and ``+00:00``, e.g. ``2026-08-14T07:31:40.100000+00:00``."""
-    return datetime.fromtimestamp(epoch_s, tz=timezone.utc).isoformat(timespec="microseconds")
-
-
-def format_rfc3339_z(epoch_s: float) -> str:
-    """As :func:`format_rfc3339` but ending in ``Z`` (the ``/list`` form)."""
-    return format_rfc3339(epoch_s)[: -len("+00:00")] + "Z"
 
 
 def _w(key: str, default: Any = dataclasses.MISSING, *, keep: bool = False) -> Any:

@@ -16,16 +16,19 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from activecall.call.controller import CallController
+from activecall.call.events import CallEvent
 from activecall.call.services import CallServices
 from activecall.clock import CallClock
 from activecall.control import events as ev
 from activecall.control.access import redact_secrets
 from activecall.control.commands import CommandError, command_from_object
+from activecall.control.dispatch import execute, wire_event
 from activecall.control.query import SessionParams
 from activecall.control.dump import EventDump, dump_path_for
 from activecall.control.wirejson import JsonInputError, parse_json
 from activecall.fileio import UnsafePathError
 from activecall.interfaces import IControlChannel, ISessionListener
+from activecall.legs.websocket import ControlSocketAudio, WebSocketDialer
 
 # Active Call holds at most 32 queued commands while one blocks.
 MAX_QUEUED_COMMANDS = 32
@@ -54,7 +57,15 @@ class CallSession:
         self._dump_problem: Optional[str] = None
         self.dump = self._open_dump(max_dump_bytes) if params.dump else None
         self.dump_path = self.dump.path if self.dump is not None else None
-        self.controller = CallController(self, services)
+        dialers = dict(services.dialers)
+        self.audio: Optional[ControlSocketAudio] = None
+        if self.call_type == "webSocket":
+            # /call: the call's audio travels inside this session's own socket.
+            self.audio = ControlSocketAudio(self.send_audio)
+            dialers["webSocket"] = WebSocketDialer(self.audio, services.media_clock, services.clock, services.ids)
+        self.controller = CallController(
+            self.sid, self.server_side_track, self.call_type, services, self, dialers=dialers,
+            pending=services.pending if self.call_type == "sip" else None, dump_path=self.dump_path)
         if params.ping_s:
             self._timers.call_later(params.ping_s, self._ping)
 
@@ -131,7 +142,7 @@ class CallSession:
         while self._queue and not self._busy and not self.finished:
             command = self._queue.popleft()
             try:
-                result = self.controller.execute(command)
+                result = execute(self.controller, command)
             except Exception:
                 self._log.failure("command {name} failed", name=type(command).name)
                 self._command_error(f"{type(command).name} failed: internal error")
@@ -147,8 +158,8 @@ class CallSession:
 
     def receive_audio(self, data: bytes) -> None:
         """A Binary frame arrived: caller audio on /call, ignored elsewhere."""
-        if self.call_type == "webSocket":
-            self.controller.caller_audio(data)
+        if self.audio is not None and not self.finished:
+            self.audio.receive(data)
 
     def client_closed(self) -> None:
         """The client closed the socket: same as hangup, recorded reason canceled."""
@@ -162,6 +173,18 @@ class CallSession:
             self.controller.hangup("canceled", "system")
 
     # -- output ---------------------------------------------------------------
+
+    def call_event(self, event: CallEvent) -> None:
+        """The controller reports something: send it as its wire event."""
+        self.emit(wire_event(event))
+
+    def client_audio(self, data: bytes) -> None:
+        """``subscribe``: call audio for the client."""
+        self.send_audio(data)
+
+    def call_finished(self) -> None:
+        """The controller ended the call."""
+        self.finish()
 
     def emit(self, event: Any) -> None:
         """Send an event to the WebSocket, SSE listeners and the dump."""

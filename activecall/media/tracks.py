@@ -128,6 +128,10 @@ class LegSetupError(Exception):
     """A leg could not be set up (bad target, no ports, an unacceptable SDP); the text says why."""
 
 
+class LegOptionError(LegSetupError):
+    """The call option lacks what this kind of leg needs (e.g. a callee); the text is the whole error."""
+
+
 class LegRejectedError(Exception):
     """The far end declined the leg with a final status (486 Busy, 487 after CANCEL, 408 ...)."""
 
