@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from datetime import datetime, timedelta, timezone
 from typing import Any, Optional
 
 from twisted.trial.unittest import SynchronousTestCase
 
-import activecall
 from activecall.call.record import (
     CallRecord,
     HangupReason,
@@ -338,15 +334,3 @@ class RecordFilePathTests(SynchronousTestCase):
         """Path separators in a client-chosen call id are replaced."""
         self.assertEqual(record_file_path("/cdr", "../../etc/x", _T0, timezone.utc),
                          "/cdr/20260814/20260814-073140_.._.._etc_x.json")
-
-
-class PurityTests(SynchronousTestCase):
-    """The record module stays in the pure layer."""
-
-    def test_no_reactor_import(self) -> None:
-        """Importing activecall.call.record does not import the reactor or twisted.internet."""
-        code = ("import sys, activecall.call.record; "
-                "print(any(m.startswith('twisted.internet') for m in sys.modules))")
-        root = os.path.dirname(os.path.dirname(os.path.abspath(activecall.__file__)))
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
-        self.assertEqual(out.stdout.strip(), "False")

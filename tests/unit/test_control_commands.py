@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import ast
 import json
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 from hypothesis import given, settings
@@ -816,41 +812,6 @@ class FuzzTests(SynchronousTestCase):
             decode_command(text)
         except CommandError:
             pass
-
-
-class PurityTests(SynchronousTestCase):
-    """The control model is a pure layer."""
-
-    def test_no_reactor_import(self) -> None:
-        """Importing commands, events and options loads neither twisted.internet, asyncio nor socket."""
-        code = (
-            "import sys\n"
-            "import activecall.control.commands, activecall.control.events, activecall.options\n"
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('asyncio', 'socket')"
-            " or m.startswith('twisted.internet'))\n"
-            "print(','.join(bad))\n"
-        )
-        out = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, check=True,
-            cwd=str(Path(__file__).resolve().parents[2]),
-        )
-        self.assertEqual(out.stdout.strip(), "")
-
-    def test_no_forbidden_imports_in_source(self) -> None:
-        """The three modules do not import time, random, socket, asyncio or twisted."""
-        root = Path(__file__).resolve().parents[2] / "activecall" / "control"
-        forbidden = {"time", "random", "socket", "asyncio", "twisted"}
-        found = []
-        for name in ("commands.py", "events.py", "options.py"):
-            tree = ast.parse((root / name).read_text())
-            for node in ast.walk(tree):
-                mods: list[str] = []
-                if isinstance(node, ast.Import):
-                    mods = [a.name for a in node.names]
-                elif isinstance(node, ast.ImportFrom) and node.module:
-                    mods = [node.module]
-                found += [f"{name}: {m}" for m in mods if m.split(".")[0] in forbidden]
-        self.assertEqual(found, [])
 
 
 class HugeNumberTests(SynchronousTestCase):

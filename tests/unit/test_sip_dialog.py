@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 from twisted.trial.unittest import SynchronousTestCase
 
 from activecall.sip.dialog import (
@@ -185,13 +182,3 @@ class HoldTests(SynchronousTestCase):
         offer = set_direction(minimal_sdp("10.0.0.2"), "sendonly")
         answer = parse_sdp(answer_hold(minimal_sdp(), offer))
         self.assertEqual(answer.direction(answer.media[0]), "recvonly")
-
-
-class PurityTests(SynchronousTestCase):
-    """The dialog module stays pure."""
-
-    def test_no_reactor_import(self) -> None:
-        """Importing the dialog module does not import the Twisted reactor."""
-        code = "import sys, activecall.sip.dialog; print('twisted.internet.reactor' in sys.modules)"
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        self.assertEqual(out.stdout.strip(), "False")

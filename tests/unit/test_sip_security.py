@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 from twisted.trial.unittest import SynchronousTestCase
 
 from activecall.config import SipAclConfig, SipRateLimitConfig, parse_config
@@ -210,15 +207,3 @@ class GuardTests(SynchronousTestCase):
             registrar_hosts(["sip:pbx.example.org:5060", "sips:10.0.0.9;transport=tls", "sip:[2001:db8::1]:5080",
                              "sip:pbx.example.org"]),
             ["pbx.example.org", "10.0.0.9", "2001:db8::1"])
-
-    def test_pure(self) -> None:
-        """Importing the module does not import the reactor, sockets, time or random."""
-        code = (
-            "import sys, activecall.sip.security\n"
-            "mods = ('twisted.internet.reactor', 'socket', 'asyncio')\n"
-            "bad = [m for m in mods if m in sys.modules]\n"
-            "print(bad)\n"
-        )
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             check=True)
-        self.assertEqual(out.stdout.strip(), "[]")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from typing import Any
 
 from treq.testing import StubTreq
@@ -99,14 +97,6 @@ class RegistryTests(SynchronousTestCase):
         self.registry.register("flaky", flaky)
         self.assertRaises(ProviderUnavailableError, self.registry.create, "flaky", SynthesisSettings())
         self.assertIsInstance(self.registry.create("flaky", SynthesisSettings()), FakeSynthesizer)
-
-    def test_pure_modules_do_not_import_reactor(self) -> None:
-        """interfaces, registry and cache import without installing the global reactor."""
-        code = (
-            "import sys, activecall.speech.interfaces, activecall.speech.registry, activecall.media.cache\n"
-            "sys.exit('twisted.internet.reactor' in sys.modules)"
-        )
-        self.assertEqual(subprocess.run([sys.executable, "-c", code]).returncode, 0)
 
 
 class BuiltinRegistrationTests(SynchronousTestCase):
