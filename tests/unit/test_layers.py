@@ -481,6 +481,16 @@ class CheckerTests(SynchronousTestCase):
             "not allowed (only legs/webrtc.py imports aiortc)",
         ])
 
+    def test_import_module_call(self) -> None:
+        """``importlib.import_module`` with a literal name counts as an import."""
+        tree = scan({
+            "activecall.media.clock": "import importlib\ndef f():\n    importlib.import_module('activecall.call.x')\n",
+            "activecall.call.x": "",
+        })
+        self.assertEqual([(i.name, i.local) for i in tree.imports["activecall.media.clock"]],
+                         [("importlib", False), ("activecall.call.x", True)])
+        self.assertEqual(len(layer_violations(tree)), 1)
+
     def test_sideways_import(self) -> None:
         """Two packages of the same rank may not import each other."""
         tree = scan({"activecall.rtp.session": "import activecall.media.resample\n", "activecall.media.resample": ""})
