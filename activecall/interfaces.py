@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from zope.interface import Attribute, Interface
+from zope.interface import Interface
 
 
 class IControlChannel(Interface):
@@ -38,17 +38,3 @@ class ISessionListener(Interface):
 
     def on_close() -> None:
         """The session ended."""
-
-
-class ICallLeg(Interface):
-    """The media leg to the remote party of a call."""
-
-    media_rate_hz = Attribute("Sample rate of the PCM the call exchanges with this leg.")
-    frame_bytes = Attribute("Bytes of one 20 ms PCM frame at media_rate_hz.")
-    ssrc = Attribute("The leg's track ssrc, reported in trackEnd.")
-
-    def send_agent_audio(pcm: bytes) -> None:
-        """Send one 20 ms frame of agent audio (PCM s16le mono at media_rate_hz)."""
-
-    def close() -> None:
-        """Release the leg's resources."""

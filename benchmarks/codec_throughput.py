@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from activecall.media._audioop import audioop  # noqa: E402
 from activecall.media.codecs import get_codec, make_decoder, make_encoder  # noqa: E402
-from activecall.media.mixer import Mixer, apply_gain  # noqa: E402
+from activecall.media.mixer import apply_gain  # noqa: E402
 from activecall.media.resample import Resampler  # noqa: E402
 
 RATES = (8000, 16000, 24000, 44100, 48000)
@@ -112,14 +112,10 @@ def bench_resamplers(frames: int, repeat: int) -> None:
             print(f"{a:>6} -> {b:>6}  {ours:>7.1f}  {cheap:>9.1f}  {swr:>6.1f}")
 
 
-def bench_mixer(frames: int, repeat: int) -> None:
-    """Mixing and gain cost per 20 ms frame at 16 kHz."""
+def bench_gain(frames: int, repeat: int) -> None:
+    """Gain cost per 20 ms frame at 16 kHz."""
     pcm = frames_of(speech_like(16000, frames / 50), 320)
-    print("\nmixer (16 kHz)    us")
-    for n in (2, 4, 8):
-        mixer = Mixer(320)
-        groups = [pcm[i : i + n] for i in range(0, len(pcm) - n + 1, n)]
-        print(f"mix {n} inputs     {timeit(mixer.mix, groups, repeat):.1f}")  # type: ignore[arg-type]
+    print("\ngain (16 kHz)     us")
     print(f"apply_gain        {timeit(lambda f: apply_gain(f, 0.7), pcm, repeat):.1f}")
 
 
@@ -131,7 +127,7 @@ def main() -> None:
     args = parser.parse_args()
     bench_codecs(args.frames, args.repeat)
     bench_resamplers(args.frames, args.repeat)
-    bench_mixer(args.frames, args.repeat)
+    bench_gain(args.frames, args.repeat)
 
 
 if __name__ == "__main__":

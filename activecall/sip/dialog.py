@@ -26,7 +26,6 @@ from activecall.sip.message import (
     SipParseError,
     SipRequest,
     SipResponse,
-    parse_name_addr,
 )
 from activecall.sdp.model import DIRECTIONS, parse_sdp
 from activecall.sip.uri import SipUri
@@ -327,14 +326,3 @@ def answer_hold(local_sdp: bytes, offer: bytes) -> bytes:
     except (SipParseError, IndexError):
         offered = "sendrecv"
     return set_direction(local_sdp, answer_direction(offered))
-
-
-def parse_refer_to(request: SipRequest) -> NameAddr | None:
-    """The Refer-To of a REFER, or None when absent or malformed."""
-    value = request.headers.get("Refer-To")
-    if value is None:
-        return None
-    try:
-        return parse_name_addr(value)
-    except SipParseError:
-        return None

@@ -1203,10 +1203,3 @@ class SipUserAgent:
         """Every live dialog (for /list and shutdown)."""
         return list(self._dialogs.values())
 
-    def find_dialog(self, dialog_id: str) -> CallDialog | None:
-        """The live dialog with this protocol.md §1.4 id."""
-        for call in self._dialogs.values():
-            if call.dialog_id == dialog_id:
-                return call
-        return None
-
