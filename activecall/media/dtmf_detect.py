@@ -5,7 +5,9 @@ rate, 204 at 16 kHz), the length at which adjacent DTMF row frequencies
 fall about one DFT bin apart.  For each block the power at the 8 DTMF
 frequencies is the Goertzel value, computed for all complete blocks of a
 ``feed`` at once as one matrix product with precomputed cos/sin tables
-(the same single-bin DFT the Goertzel recursion evaluates).
+(the same single-bin DFT the Goertzel recursion evaluates).  The tables
+depend only on the sample rate: they are built once per rate and process,
+read-only and shared by every detector (one per call).
 
 A block is a *hit* for a key when the strongest row and column tones are
 both loud enough, their twist is within limits, each stands out from the
@@ -20,13 +22,40 @@ absent for ``min_off_blocks`` blocks before another press is reported.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
-__all__ = ["InbandDtmfDetector", "ROW_HZ", "COL_HZ", "KEYPAD"]
+__all__ = ["InbandDtmfDetector", "ROW_HZ", "COL_HZ", "KEYPAD", "block_samples", "goertzel_tables"]
 
 ROW_HZ = (697.0, 770.0, 852.0, 941.0)
 COL_HZ = (1209.0, 1336.0, 1477.0, 1633.0)
 KEYPAD = ("123A", "456B", "789C", "*0#D")
+
+
+def block_samples(sample_rate_hz: int) -> int:
+    """Samples per analysis block at ``sample_rate_hz`` (102 at 8 kHz)."""
+    return int(round(102 * sample_rate_hz / 8000))
+
+
+@lru_cache(maxsize=8)
+def goertzel_tables(sample_rate_hz: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(frequencies, per-block phase advance, (N, 16) cos|sin basis) for ``sample_rate_hz``.
+
+    Computed once per rate and process; the arrays are read-only because every
+    detector at that rate shares them.
+    """
+    block = block_samples(sample_rate_hz)
+    n = np.arange(block)
+    freqs = np.array(ROW_HZ + COL_HZ)
+    # Phase a tone exactly at each frequency advances by from one block to the next.
+    advance = 2.0 * np.pi * freqs * block / sample_rate_hz
+    phase = 2.0 * np.pi * np.outer(freqs, n) / sample_rate_hz
+    # (N, 16): cos then sin columns; block @ basis gives real and imaginary parts.
+    basis = np.concatenate((np.cos(phase), np.sin(phase))).T.copy()
+    for table in (freqs, advance, basis):
+        table.setflags(write=False)
+    return freqs, advance, basis
 
 
 class InbandDtmfDetector:
@@ -77,7 +106,7 @@ class InbandDtmfDetector:
         max_frequency_offset: float = 0.03,
     ) -> None:
         self.sample_rate_hz = sample_rate_hz
-        self.block = int(round(102 * sample_rate_hz / 8000))
+        self.block = block_samples(sample_rate_hz)
         self.min_on_blocks = min_on_blocks
         self.min_off_blocks = min_off_blocks
         # Per-tone power (amplitude**2 / 2) of a sine at min_level_dbfs peak.
@@ -88,14 +117,7 @@ class InbandDtmfDetector:
         self._relative_peak = 10.0 ** (relative_peak_db / 10.0)
         self._energy_ratio = energy_ratio
         self._max_offset = max_frequency_offset
-        n = np.arange(self.block)
-        freqs = np.array(ROW_HZ + COL_HZ)
-        self._freqs = freqs
-        # Phase a tone exactly at each frequency advances by from one block to the next.
-        self._advance = 2.0 * np.pi * freqs * self.block / sample_rate_hz
-        phase = 2.0 * np.pi * np.outer(freqs, n) / sample_rate_hz
-        # (N, 16): cos then sin columns; block @ basis gives real and imaginary parts.
-        self._basis = np.concatenate((np.cos(phase), np.sin(phase))).T.copy()
+        self._freqs, self._advance, self._basis = goertzel_tables(sample_rate_hz)
         self._pending = np.zeros(self.block, dtype=np.float64)
         self._fill = 0
         self._prev_key = ""

@@ -177,3 +177,28 @@ class RejectionTests(SynchronousTestCase):
         self.assertEqual(_detect(sig, 8000), "")
         ok = 8000 * np.sin(2 * np.pi * 770 * t) + 5000 * np.sin(2 * np.pi * 1336 * t)
         self.assertEqual(_detect(ok, 8000), "5")
+
+
+class SharedTablesTests(SynchronousTestCase):
+    """The Goertzel tables are built once per sample rate and shared, read-only, by every detector."""
+
+    def test_detectors_at_one_rate_share_the_basis(self) -> None:
+        """Two 8 kHz detectors hold the same basis array; a 16 kHz one has its own, twice as long."""
+        a, b, wide = InbandDtmfDetector(8000), InbandDtmfDetector(8000), InbandDtmfDetector(16000)
+        self.assertIs(a._basis, b._basis)
+        self.assertEqual(a._basis.shape, (102, 16))
+        self.assertEqual(wide._basis.shape, (204, 16))
+
+    def test_shared_tables_are_read_only(self) -> None:
+        """Writing into a shared table raises instead of corrupting every other call's detector."""
+        detector = InbandDtmfDetector(8000)
+        with self.assertRaises(ValueError):
+            detector._basis[0, 0] = 0.0
+
+    def test_detectors_sharing_tables_keep_their_own_state(self) -> None:
+        """A press fed to one detector is not seen by another at the same rate."""
+        rng = np.random.default_rng(3)
+        a, b = InbandDtmfDetector(8000), InbandDtmfDetector(8000)
+        pcm = _pcm(_sequence("5", 8000, rng))
+        self.assertEqual(a.feed(pcm), ["5"])
+        self.assertEqual(b.feed(_pcm(_silence(200, 8000))), [])
