@@ -12,19 +12,14 @@ This is blocking, CPU-bound work: adapters call it from a thread
 from __future__ import annotations
 
 import io
-import math
 import os
 
 import av
 import numpy as np
 
-from activecall.media.resample import resample
+from activecall.media.resample import ResampleError, resample
 
 __all__ = ["AudioDecodeError", "decode_audio"]
-
-# Beyond this reduced up-factor the polyphase bank gets large (odd source
-# rates such as 44056 Hz); libswresample handles those instead.
-_MAX_POLYPHASE_UP = 4096
 
 
 class AudioDecodeError(ValueError):
@@ -58,7 +53,8 @@ def decode_audio(source: bytes | str, sample_rate_hz: int) -> bytes:
     """Decode ``source`` (file path or encoded bytes) to PCM s16le mono at ``sample_rate_hz``.
 
     Raises :class:`AudioDecodeError` for missing files, empty or corrupt
-    data, or a container without an audio stream.
+    data, a container without an audio stream, or a source rate the
+    resampler does not take (outside 1000..384000 Hz).
     """
     if not isinstance(sample_rate_hz, int) or not 1000 <= sample_rate_hz <= 384000:
         raise AudioDecodeError(f"sample_rate_hz must be an int in 1000..384000, got {sample_rate_hz!r}")
@@ -70,10 +66,10 @@ def decode_audio(source: bytes | str, sample_rate_hz: int) -> bytes:
     pcm = np.clip(np.rint(mono * 32768.0), -32768, 32767).astype("<i2")
     if rate == sample_rate_hz:
         return pcm.tobytes()
-    up = sample_rate_hz // math.gcd(rate, sample_rate_hz)
-    if up <= _MAX_POLYPHASE_UP and 1000 <= rate <= 384000:
+    try:
         return resample(pcm.tobytes(), rate, sample_rate_hz)
-    return _swr_resample(pcm, rate, sample_rate_hz)
+    except ResampleError as e:
+        raise AudioDecodeError(f"unsupported source sample rate: {e}") from None
 
 
 def _decode_mono_float(container: av.container.InputContainer) -> tuple[np.ndarray, int]:
@@ -112,13 +108,3 @@ def _decode_mono_float(container: av.container.InputContainer) -> tuple[np.ndarr
         detail = f" ({bad_packets} undecodable packets)" if bad_packets else ""
         raise AudioDecodeError(f"no audio samples could be decoded{detail}")
     return np.concatenate(chunks), rate
-
-
-def _swr_resample(pcm: np.ndarray, in_rate: int, out_rate: int) -> bytes:
-    """Fallback for unusual rate pairs: libswresample, one shot."""
-    frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
-    frame.sample_rate = in_rate
-    swr = av.AudioResampler(format="s16", layout="mono", rate=out_rate)
-    parts = [f.to_ndarray().reshape(-1) for f in swr.resample(frame)]
-    parts += [f.to_ndarray().reshape(-1) for f in swr.resample(None)]
-    return np.concatenate(parts).astype("<i2").tobytes() if parts else b""

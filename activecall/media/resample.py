@@ -22,6 +22,12 @@ project machine, per 20 ms frame: this FIR 11-19 us for the telephony pairs
   lower rate); :meth:`Resampler.flush` releases that tail.  Chunked input
   gives bit-identical output to one-shot input.
 
+This module is the one resampling API outside the hot RTP path (whose batched
+G.711 kernel is in :mod:`activecall.legs.rtp`): call audio, recordings, TTS
+and decoded audio files all go through it.  Any rate pair in range works; a
+pair with more than 4096 phases (odd rates such as 44056 Hz) computes the
+filter rows each block needs instead of keeping the whole bank.
+
 Filter: Kaiser-windowed sinc, beta 8 (about 80 dB stopband), cutoff at 0.94
 of the lower Nyquist, 40 taps per output sample at the lower rate.  When
 downsampling the kernel stretches with the ratio, which is what provides the
@@ -48,6 +54,9 @@ _MAX_RATE_HZ = 384000
 _RESIDUE_MAX_UP = 16
 # Outputs computed per vectorised step; keeps temporaries to a few MB.
 _BLOCK_OUTPUTS = 4096
+# Rate pairs with more phases than this (odd rates such as 44056 Hz, whose bank
+# would take tens of MB) compute each block's kernel rows when they are needed.
+_MAX_BANK_PHASES = 4096
 
 
 class ResampleError(ValueError):
@@ -59,21 +68,33 @@ def _check_rate(name: str, rate: int) -> None:
         raise ResampleError(f"{name} must be an int in {_MIN_RATE_HZ}..{_MAX_RATE_HZ} Hz, got {rate!r}")
 
 
-def _design_bank(up: int, down: int) -> tuple[np.ndarray, int]:
-    """Return the (up, taps) polyphase filter bank and half its tap count."""
+def _half_taps(up: int, down: int) -> int:
+    """Half the tap count: 20 taps each side at the lower rate, stretched when downsampling."""
+    return math.ceil(_HALF_TAPS / min(1.0, up / down))
+
+
+def _kernel_rows(up: int, down: int, phases: np.ndarray) -> np.ndarray:
+    """The filter rows of the phases ``phases`` (indices in ``0..up-1``), each of unity DC gain."""
     ratio = min(1.0, up / down)
-    half = math.ceil(_HALF_TAPS / ratio)
+    half = _half_taps(up, down)
     taps = 2 * half
     # Cutoff in cycles per input sample.
     fc = 0.5 * ratio * _CUTOFF
-    phases = np.arange(up, dtype=np.float64)[:, None] / up
     # tau = input time of the output minus input time of tap j.
-    tau = phases + (half - 1) - np.arange(taps, dtype=np.float64)[None, :]
+    tau = phases.astype(np.float64)[:, None] / up + (half - 1) - np.arange(taps, dtype=np.float64)[None, :]
     kernel = 2.0 * fc * np.sinc(2.0 * fc * tau)
     x = np.clip(tau / half, -1.0, 1.0)
     kernel *= np.i0(_KAISER_BETA * np.sqrt(1.0 - x * x)) / np.i0(_KAISER_BETA)
     kernel /= kernel.sum(axis=1, keepdims=True)
-    return np.ascontiguousarray(kernel, dtype=np.float64), half
+    return np.ascontiguousarray(kernel, dtype=np.float64)
+
+
+def _design_bank(up: int, down: int) -> tuple[np.ndarray | None, int]:
+    """Return the (up, taps) polyphase filter bank (None past ``_MAX_BANK_PHASES``) and half its taps."""
+    half = _half_taps(up, down)
+    if up > _MAX_BANK_PHASES:
+        return None, half
+    return _kernel_rows(up, down, np.arange(up)), half
 
 
 def _to_pcm16(y: np.ndarray) -> bytes:
@@ -113,6 +134,7 @@ class Resampler:
         g = math.gcd(in_rate_hz, out_rate_hz)
         self._up = out_rate_hz // g
         self._down = in_rate_hz // g
+        self._bank: np.ndarray | None
         if self._up == self._down:
             self._bank = np.ones((1, 1), dtype=np.float64)
             self._half = 0
@@ -158,7 +180,9 @@ class Resampler:
             ])
         up, down, taps, half = self._up, self._down, self._taps, self._half
         item = buf.itemsize
+        bank = self._bank
         if up <= _RESIDUE_MAX_UP:
+            assert bank is not None
             # Outputs k0+j, k0+j+L, ... share one phase and their windows
             # start M input samples apart: one strided mat-vec per residue.
             y = np.empty(count, dtype=np.float64)
@@ -169,13 +193,14 @@ class Resampler:
                 windows = np.ndarray(
                     (rows, taps), np.float64, buf, first * item, (down * item, item)
                 )
-                y[j::up] = np.dot(windows, self._bank[u % up])
+                y[j::up] = np.dot(windows, bank[u % up])
             return y
         # Long periods (44.1 kHz family): gather every output's window.
         windows = np.ndarray((buf.shape[0] - taps + 1, taps), np.float64, buf, 0, (item, item))
         u = np.arange(k0, k1, dtype=np.int64) * down - lead
         firsts = u // up - half + 1 - buf_start
-        return np.einsum("kt,kt->k", windows[firsts], self._bank[u % up])
+        rows = bank[u % up] if bank is not None else _kernel_rows(up, down, u % up)
+        return np.einsum("kt,kt->k", windows[firsts], rows)
 
     def process(self, pcm: bytes) -> bytes:
         """Feed PCM; return all output that is complete so far."""

@@ -189,3 +189,19 @@ class ErrorTests(SynchronousTestCase):
         self.assertRaises(AudioDecodeError, decode_audio, blob, 0)
         self.assertRaises(AudioDecodeError, decode_audio, 42, 16000)
         self.assertTrue(issubclass(AudioDecodeError, ValueError))
+
+
+class OddRateTests(SynchronousTestCase):
+    """Files at odd rates go through the same resampler as everything else."""
+
+    def test_odd_source_rate(self) -> None:
+        """A 44101 Hz WAV (8000 filter phases to 8 kHz) decodes to an 8 kHz tone."""
+        pcm = decode_audio(pcm_wav(tone(440, 44101, 1.0), 44101, 2), 8000)
+        self.assertLess(abs(len(pcm) / 2 / 8000 - 1.0), 0.03)
+        self.assertLess(abs(dominant_hz(pcm, 8000) - 440), 5)
+        self.assertLess(abs(peak(pcm) - 0.5), 0.05)
+
+    def test_source_rate_out_of_range(self) -> None:
+        """A source rate the resampler does not take is an AudioDecodeError, not a ResampleError."""
+        with self.assertRaises(AudioDecodeError):
+            decode_audio(pcm_wav(tone(100, 500, 1.0), 500, 2), 8000)

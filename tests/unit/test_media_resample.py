@@ -180,3 +180,37 @@ class QualityTests(SynchronousTestCase):
         half_period = (np.arange(len(y)) // 2) % 40
         self.assertGreater(y[(half_period >= 5) & (half_period < 15)].min(), 30000)
         self.assertLess(y[(half_period >= 25) & (half_period < 35)].max(), -30000)
+
+
+class OddRateTests(SynchronousTestCase):
+    """Rate pairs with more than 4096 phases (odd file rates) work without a full filter bank."""
+
+    ODD = ((44101, 8000), (8000, 44101), (44101, 16000))
+
+    def test_rows_on_demand_equal_the_bank(self) -> None:
+        """The rows computed per block are the rows the bank would hold, bit for bit."""
+        from activecall.media.resample import _design_bank, _kernel_rows
+
+        bank, half = _design_bank(147, 160)
+        assert bank is not None
+        phases = np.array([0, 5, 146, 73])
+        self.assertTrue(np.array_equal(_kernel_rows(147, 160, phases), bank[phases]))
+        self.assertEqual(bank.shape, (147, 2 * half))
+
+    def test_large_pairs_keep_no_bank(self) -> None:
+        """8 kHz -> 44101 Hz (44101 phases) and 44101 Hz -> 8 kHz (8000 phases) keep no bank."""
+        self.assertIsNone(Resampler(8000, 44101)._bank)
+        self.assertIsNone(Resampler(44101, 8000)._bank)
+        self.assertIsNotNone(Resampler(44100, 8000)._bank)
+
+    def test_odd_pairs_preserve_a_tone(self) -> None:
+        """A 1 kHz tone keeps its frequency and amplitude through the odd pairs, one-shot and chunked."""
+        for a, b in self.ODD:
+            x = tone(1000, a, a // 4).tobytes()
+            y = pcm_array(resample(x, a, b))
+            self.assertEqual(len(y), -(-(a // 4) * b // a))
+            ref = np.sin(2 * np.pi * 1000 * np.arange(len(y)) / b) * 10000
+            rms_err = np.sqrt(np.mean((y[300:-300] - ref[300:-300]) ** 2))
+            self.assertLess(rms_err, 10.0, f"{a}->{b}")
+            self.assertEqual(chunked(Resampler(a, b), x, [a // 50, 7, 1000]),
+                             chunked(Resampler(a, b), x, [len(x) // 2]), f"{a}->{b}")
