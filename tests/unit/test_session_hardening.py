@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from activecall.call.services import CallServices
-from activecall.control.dump import EventDump
+from activecall.control.dump import EventDump, dump_writer
 from activecall.control.session import SessionManager
 from activecall.control.query import MAX_ID_CHARS, QueryError, SessionParams, parse_session_query
 from activecall.ids import IdSource
@@ -93,6 +93,7 @@ class DumpPathTests(_SessionCase):
         """A Call-ID-like id ``../../../../x`` dumps to a harmless file name inside the directory."""
         session, _ = self.open("../../../../x-tagA-tagB")
         session.receive_text('{"command":"hangup"}')
+        dump_writer().drain()  # the dump's file work runs on the writer thread
         self.assertEqual(os.path.dirname(session.dump_path), os.path.realpath(self.recordings))
         self.assertNotIn("/", os.path.basename(session.dump_path).replace(".events.jsonl", ""))
         self.assertFalse(os.path.basename(session.dump_path).startswith("."))
@@ -118,6 +119,12 @@ class DumpPathTests(_SessionCase):
         self.assertIn("recording directory", errors[0]["error"])
 
 
+def _run_now(job: Any) -> bool:
+    """A dump writer that runs each file job at once, in the caller's thread."""
+    job()
+    return True
+
+
 class DumpBoundTests(SynchronousTestCase):
     """``max_dump_bytes`` bounds the dump; one warning says so."""
 
@@ -127,7 +134,7 @@ class DumpBoundTests(SynchronousTestCase):
 
         observer = EventLoggingObserver.createWithCleanup(self, EventDump._log.observer)  # type: ignore[attr-defined]
         path = os.path.join(tempfile.mkdtemp(), "d.events.jsonl")
-        dump = EventDump(path, max_bytes=500)
+        dump = EventDump(path, max_bytes=500, submit=_run_now)
         for i in range(100):
             dump.write("event", i, "x" * 40)
         dump.close()
@@ -141,7 +148,7 @@ class DumpBoundTests(SynchronousTestCase):
         path = os.path.join(tempfile.mkdtemp(), "d.events.jsonl")
         with open(path, "wb") as f:
             f.write(b"y" * 500)
-        dump = EventDump(path, max_bytes=500)
+        dump = EventDump(path, max_bytes=500, submit=_run_now)
         dump.write("event", 1, "x")
         dump.close()
         self.assertEqual(os.path.getsize(path), 500)
