@@ -133,7 +133,7 @@ def makeService(options: Options) -> service.IService:
     from activecall.sip.security import SipGuard, registrar_hosts
     from activecall.metrics import DaemonCollector, DaemonMetrics, install as install_metrics
     from activecall.systemd import SystemdNotify
-    from activecall.legs.sip import SipMedia
+    from activecall.legs.sip import SipDialer, SipInboundFactory, SipMedia
     from activecall.legs.rtp import RtpMediaEngine
     from activecall.rtp.transport import RtpPortAllocator
     from activecall.sip.service import build_sip_service, first_interface_address
@@ -194,7 +194,6 @@ def makeService(options: Options) -> service.IService:
         auto_record=config.recording.enabled and bool(config.recording.auto_start),
         recording_path=config.recording.path,
         models_dir=config.models_dir,
-        environ=os.environ,
     )
     if config.callrecord is not None:
         try:
@@ -244,7 +243,7 @@ def makeService(options: Options) -> service.IService:
     metrics.add_collector(DaemonCollector(
         user_agent=sip.user_agent, stack=sip.stack, guard=guard, pending=services.pending,
         sessions=sessions, engine=rtp_engine, media_clock=media_clock))
-    services.sip = SipMedia(
+    sip_media = SipMedia(
         reactor=reactor, user_agent=sip.user_agent, engine=rtp_engine,
         allocator=RtpPortAllocator(config.rtp_start_port, config.rtp_end_port),
         codecs=config.codecs, advertise_ip=advertise_ip, bind_ip=config.rtp_bind_ip or "",
@@ -252,6 +251,8 @@ def makeService(options: Options) -> service.IService:
         register_users=config.register_users,
         rewrite=(lambda uri: rewrite_target(config.rewrites, uri)) if config.rewrites else None,
         trunk_rules=config.trunk_rules)
+    services.dialers = {"sip": SipDialer(sip_media, reactor, services.ids)}
+    services.inbound_legs = SipInboundFactory(sip_media, reactor, services.ids)
     resource = ApiResource(sessions, reactor, config.ice_servers,
                            precache=lambda command: Deferred.fromCoroutine(precache(services, command)),
                            gzip=config.http_gzip, registrations=registrations.registrations_json,

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from activecall.media.tracks import IInboundLeg, IInboundLegFactory, ILegDialer, LegSetupError
 from activecall.speech.interfaces import ISpeechSynthesizer, SynthesisError, SynthesisRequest
 
-__all__ = ["FakeSynthesizer", "SynthesizerConformanceMixin"]
+__all__ = ["FakeSynthesizer", "SynthesizerConformanceMixin", "FakeLeg", "FakeDialer"]
 
 
 @implementer(ISpeechSynthesizer)
@@ -115,3 +116,101 @@ class SynthesizerConformanceMixin:
         synth = self.make_synthesizer()
         assert verifyObject(ISpeechSynthesizer, synth)
         assert isinstance(synth.name, str) and synth.name == synth.name.lower() and synth.name
+
+
+@implementer(IInboundLeg)
+class FakeLeg:
+    """An :class:`~activecall.media.tracks.ILeg` (and IInboundLeg) driven by hand in tests.
+
+    ``tick()`` does what the media clock does to a real leg: deliver the queued
+    caller frames to the sink, then pull one agent frame into ``sent``.  The
+    ``events`` given at attach are what a test calls to play the far end.
+    """
+
+    media_rate_hz = 16000
+    frame_bytes = 640
+    can_transfer = True
+    audio_on_control_socket = False
+
+    def __init__(self, ssrc: int = 1234, answer_sdp: str = "v=0\r\n", caller: str = "sip:alice@example.com",
+                 callee: str = "sip:bot@example.com") -> None:
+        self.ssrc = ssrc
+        self.answer_sdp = answer_sdp
+        self.offer_sdp = "v=0\r\n"
+        self.caller = caller
+        self.callee = callee
+        self.x_headers: dict[str, str] = {}
+        self.last_activity_at: Optional[float] = None
+        self.source: Any = None
+        self.sink: Any = None
+        self.events: Any = None
+        self.caller_frames: list[bytes] = []
+        self.sent: list[Optional[bytes]] = []
+        self.closed_with: Optional[dict[str, str]] = None
+        self.closed = False
+        self.rang: list[bool] = []
+        self.rejected: Optional[tuple[int, str]] = None
+        self.answering: Optional[Deferred[None]] = None
+        self.refer_targets: list[str] = []
+        self.refer_result: Deferred[Any] = Deferred()
+        self.prepare_error: Optional[str] = None
+
+    def attach(self, source: Any, sink: Any, events: Any) -> None:
+        self.source, self.sink, self.events = source, sink, events
+
+    def tick(self) -> None:
+        """One media tick: receive phase (caller frames to the sink), then send phase (one pull)."""
+        frames, self.caller_frames = self.caller_frames, []
+        for frame in frames:
+            self.sink.write_frame(frame)
+        if self.source is not None and not self.closed:
+            self.sent.append(self.source.read_frame())
+
+    def refer(self, target: str) -> Deferred[Any]:
+        self.refer_targets.append(target)
+        return self.refer_result
+
+    def close(self, headers: Optional[Mapping[str, str]] = None) -> Deferred[None]:
+        if not self.closed:
+            self.closed = True
+            self.closed_with = dict(headers or {})
+        return succeed(None)
+
+    # IInboundLeg
+    def prepare(self) -> None:
+        if self.prepare_error is not None:
+            self.rejected = (488, "Not Acceptable Here")
+            raise LegSetupError(self.prepare_error)
+
+    def ring(self, early_media: bool) -> None:
+        self.rang.append(early_media)
+
+    def answer(self) -> Deferred[None]:
+        self.answering = Deferred()
+        return self.answering
+
+    def reject(self, code: int, reason: str) -> None:
+        self.rejected = (code, reason)
+
+
+@implementer(ILegDialer, IInboundLegFactory)
+class FakeDialer:
+    """Dials :class:`FakeLeg` s: each ``dial`` is kept in ``attempts`` with its Deferred, answered by the test."""
+
+    def __init__(self) -> None:
+        self.attempts: list[tuple[Any, str, Callable[[bool], None], Deferred[Any]]] = []
+        self.cancelled: list[str] = []
+        self.setup_error: Optional[LegSetupError] = None
+        self.inbound_legs: list[FakeLeg] = []
+
+    def dial(self, option: Any, call_id: str, on_ringing: Callable[[bool], None]) -> Deferred[Any]:
+        if self.setup_error is not None:
+            raise self.setup_error
+        d: Deferred[Any] = Deferred(lambda _: self.cancelled.append(call_id))
+        self.attempts.append((option, call_id, on_ringing, d))
+        return d
+
+    def inbound(self, call: Any, option: Any) -> FakeLeg:
+        leg = call if isinstance(call, FakeLeg) else FakeLeg()
+        self.inbound_legs.append(leg)
+        return leg

@@ -191,6 +191,8 @@ class TtsProviderMetricsTests(SynchronousTestCase):
         from activecall.call.controller import CallController
         from activecall.call.services import CallServices
         from activecall.control import commands as cmds
+        from activecall.control.dispatch import execute
+        from activecall.legs.websocket import ControlSocketAudio, WebSocketDialer
         from activecall.media.cache import MediaCache
         from activecall.speech.interfaces import SynthesisError
         from activecall.speech.registry import SynthesizerRegistry
@@ -209,24 +211,21 @@ class TtsProviderMetricsTests(SynchronousTestCase):
                                 synthesizers=registry, cache=MediaCache(tempfile.mkdtemp()),
                                 run_blocking=lambda f, *a: maybeDeferred(f, *a), fetch_url=lambda url: succeed(b""))
 
-        class Session:
-            sid = "s.m"
-            call_type = "webSocket"
-            server_side_track = "sst"
-            dump_path = None
-
-            def emit(self, event: Any) -> None:
+        class Observer:
+            def call_event(self, event: Any) -> None:
                 pass
 
-            def send_audio(self, data: bytes) -> None:
+            def client_audio(self, data: bytes) -> None:
                 pass
 
-            def finish(self) -> None:
+            def call_finished(self) -> None:
                 pass
 
-        c = CallController(Session(), services)
-        c.execute(cmds.command_from_object({"command": "invite", "option": {"codec": "pcm", "tts": {"provider": "fake"}}}))
-        c.execute(cmds.command_from_object({"command": "tts", "text": "x" * 20, "playId": "p", "endOfStream": True}))
+        port = ControlSocketAudio(lambda data: None)
+        dialers = {"webSocket": WebSocketDialer(port, services.media_clock, clock, services.ids)}
+        c = CallController("s.m", "sst", "webSocket", services, Observer(), dialers=dialers)
+        execute(c, cmds.command_from_object({"command": "invite", "option": {"codec": "pcm", "tts": {"provider": "fake"}}}))
+        execute(c, cmds.command_from_object({"command": "tts", "text": "x" * 20, "playId": "p", "endOfStream": True}))
         for _ in range(200):
             clock.advance(0.01)
         return m
