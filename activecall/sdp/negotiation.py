@@ -57,6 +57,7 @@ __all__ = [
     "answer_offer",
     "apply_answer",
     "answer_direction",
+    "offer_holds",
     "DIRECTIONS",
     "TELEPHONE_EVENT",
 ]
@@ -324,6 +325,29 @@ def _rtcp_target(m: MediaDescription, address: str, mux: bool) -> tuple[str, int
     return rtcp_address, port
 
 
+def _holds(sd: SessionDescription, m: MediaDescription) -> bool:
+    """The one hold rule: the peer's stream ``m`` says sendonly/inactive, or has the RFC 2543 hold
+    address (``c=0.0.0.0`` or ``c=::``, media or session level)."""
+    return sd.direction(m) in ("sendonly", "inactive")
+
+
+def offer_holds(offer: str | bytes | SessionDescription) -> bool:
+    """Whether an offer puts the call on hold, for an offer that cannot be answered.
+
+    The rule of :attr:`NegotiatedMedia.remote_hold`, applied to the first
+    audio stream with a port (other media never count); False for
+    unreadable SDP or an offer without such a stream.
+    """
+    try:
+        sd = offer if isinstance(offer, SessionDescription) else parse_sdp(offer)
+    except SdpParseError:
+        return False
+    for m in sd.media:
+        if m.media == "audio" and m.port != 0:
+            return _holds(sd, m)
+    return False
+
+
 def _negotiated(
     sd: SessionDescription,
     m: MediaDescription,
@@ -349,7 +373,7 @@ def _negotiated(
         telephone_event_pt=te_pt,
         ptime_ms=_PTIME_MS,
         direction=direction,
-        remote_hold=sd.direction(m) in ("sendonly", "inactive"),
+        remote_hold=_holds(sd, m),
         local_crypto=local_crypto,
         remote_crypto=remote_crypto,
         rtcp_mux=mux,
