@@ -17,8 +17,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from activecall.digits import bounded_int
 from activecall.rtp.srtp import CryptoAttribute, SrtpError, parse_crypto
-from activecall.sip.uri import SipParseError, bounded_int
 
 __all__ = [
     "SdpParseError",
@@ -61,15 +61,20 @@ def _small_int(text: str, high: int, low: int = 0) -> int | None:
     """``text`` as a bounded ASCII-digit integer, or None (for accessors that tolerate junk)."""
     try:
         return bounded_int(text, "number", high, low=low)
-    except SipParseError:
+    except ValueError:
         return None
 
 
-class SdpParseError(SipParseError):
-    """Malformed SDP; a UAS usually answers 488 (or 400 if the SIP message is at fault)."""
+class SdpParseError(ValueError):
+    """Malformed SDP; a UAS usually answers ``status`` 488 (or 400 if the SIP message is at fault).
+
+    Like :class:`activecall.sip.uri.SipParseError` it carries the response
+    status, but it is no SIP error: SDP sits below the SIP layer.
+    """
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, status=488)
+        super().__init__(message)
+        self.status = 488
 
 
 @dataclass

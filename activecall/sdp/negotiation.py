@@ -62,7 +62,7 @@ __all__ = [
     "TELEPHONE_EVENT",
 ]
 
-#: Unreadable SDP; the SIP layer's parse error (a ``ValueError`` carrying ``status=488``).
+#: Unreadable SDP: the SDP model's parse error (a ``ValueError`` carrying ``status=488``).
 SdpError = SdpParseError
 
 TELEPHONE_EVENT = "telephone_event"

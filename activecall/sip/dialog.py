@@ -27,7 +27,7 @@ from activecall.sip.message import (
     SipRequest,
     SipResponse,
 )
-from activecall.sdp.model import DIRECTIONS, parse_sdp
+from activecall.sdp.model import DIRECTIONS, SdpParseError, parse_sdp
 from activecall.sip.uri import SipUri
 
 __all__ = [
@@ -323,6 +323,6 @@ def answer_hold(local_sdp: bytes, offer: bytes) -> bytes:
     try:
         session = parse_sdp(offer)
         offered = session.direction(session.media[0]) if session.media else "sendrecv"
-    except (SipParseError, IndexError):
+    except (SdpParseError, IndexError):
         offered = "sendrecv"
     return set_direction(local_sdp, answer_direction(offered))

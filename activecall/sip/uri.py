@@ -15,6 +15,8 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 
+from activecall.digits import bounded_int as _bounded_int
+
 __all__ = [
     "SipParseError",
     "SipUri",
@@ -58,27 +60,15 @@ _OPAQUE_FORBIDDEN = frozenset(' \t\r\n<>"')
 _DEFAULT_PORTS = {"sip": 5060, "sips": 5061}
 #: The ``;transport=`` values we have listeners for (config.md §4).
 _TRANSPORTS = ("udp", "tcp", "tls")
-_DIGITS_RE = re.compile(r"[0-9]+\Z")
 
 
 def bounded_int(text: str, what: str, high: int, *, low: int = 0,
                 error: type[SipParseError] = SipParseError) -> int:
-    """``text`` as an integer in ``low..high``, or raise ``error``.
+    """``text`` as an integer in ``low..high``, or raise ``error`` (:func:`activecall.digits.bounded_int`).
 
-    Only ASCII digits count (``str.isdigit()`` also takes ``'\u0663'`` and
-    ``'\u00b2'``), leading zeros are allowed, and the length is checked
-    before ``int()`` so a 5000-digit value is refused without converting it
-    (``int()`` would raise a plain ``ValueError`` past 4,300 digits).
+    The SIP parsers' spelling: the error defaults to :class:`SipParseError`.
     """
-    if not _DIGITS_RE.match(text):
-        raise error(f"bad {what}: {text[:40]!r}")
-    digits = text.lstrip("0") or "0"
-    if len(digits) > len(str(high)):
-        raise error(f"{what} out of range: {text[:40]!r}")
-    value = int(digits)
-    if not low <= value <= high:
-        raise error(f"{what} out of range: {text[:40]!r}")
-    return value
+    return _bounded_int(text, what, high, low=low, error=error)
 
 
 def is_ip_literal(host: str) -> bool:

@@ -123,7 +123,7 @@ class ParseTests(SynchronousTestCase):
         self.assertEqual(sdp.media[1].rtpmaps(), {31: RtpMap("H261", 90000)})
 
     def test_errors(self) -> None:
-        """Malformed SDP raises SdpParseError (a SipParseError with status 488)."""
+        """Malformed SDP raises SdpParseError (a ValueError with status 488)."""
         for bad in ("", "o=x", "v=0\r\no=a b\r\n", "v=0\r\no=a 1 2 IN IP4 h\r\nm=audio x RTP/AVP 0\r\n",
                     "v=0\r\no=a 1 2 IN IP4 h\r\nbogus\r\n", "v=0\r\ns=-\r\n", b"v=0\xff\r\n"):
             with self.assertRaises(SdpParseError, msg=repr(bad)) as ctx:
