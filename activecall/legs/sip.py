@@ -226,6 +226,7 @@ class SipDialogListener:
         self._leg = leg
 
     def on_bye(self, request: Any) -> None:
+        """The far end hung up."""
         self._leg._far_end_ended("hangup")
 
     def on_cancel(self) -> None:
@@ -233,26 +234,32 @@ class SipDialogListener:
         self._leg._far_end_ended("hangup")
 
     def on_terminated(self, reason: str) -> None:
+        """The dialog ended: the far end's BYE or CANCEL, a timeout, or our 2xx never ACKed ("failed")."""
         if reason in _FAR_END_GONE:
             self._leg._far_end_ended("hangup")
         elif reason == "ack-timeout":
             self._leg._far_end_ended("failed")
 
     def on_reinvite(self, sdp: bytes) -> Optional[bytes]:
+        """A re-INVITE/UPDATE offer: our answer, or None for the user agent's default."""
         return self._leg._reoffer(sdp)
 
     def on_info(self, request: Any) -> None:
+        """INFO ``Signal=`` digits (DTMF relay)."""
         for digit in _info_digits(request.body):
             self._leg._events.dtmf(digit)
 
     def on_message(self, request: Any) -> None:
+        """An in-dialog MESSAGE."""
         self._leg._events.message(request.body.decode("utf-8", "replace"), request.headers.first("Content-Type"))
 
     def on_refer(self, request: Any) -> None:
+        """The far end asks us to transfer (REFER, already answered 202)."""
         headers = request.headers
         self._leg._events.transfer_requested(headers.first("Refer-To") or "", headers.first("Referred-By"))
 
     def on_notify(self, request: Any) -> None:
+        """A NOTIFY of our REFER: its sipfrag status, when it has one."""
         status = sipfrag_status(request.body)
         if status is not None:
             self._leg._events.transfer_progress(*status)
