@@ -7,8 +7,9 @@ Pure module: bytes in, objects out; no I/O, no clock.
   (which RFC 3261 §7.3.1 makes equivalent to a single SP).  Lookups are
   case-insensitive and understand compact forms: ``get("Via")`` finds ``v:``.
 * Typed views (:class:`Via`, :class:`NameAddr`, :class:`CSeq`, ...) are parsed
-  from the stored text on demand, so editing ``headers`` never leaves a stale
-  cache behind.
+  from the stored text on first use and kept on the :class:`Headers`, which
+  forget them on every edit, so a view is never stale; mutable views come
+  back as copies.
 * :func:`parse_message` validates what a UA needs (start line, Via, From, To,
   Call-ID, CSeq, Max-Forwards, Contact, Route, Content-Length) and raises
   :class:`SipParseError` carrying the response status to send and the partial
@@ -18,9 +19,9 @@ Pure module: bytes in, objects out; no I/O, no clock.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 from activecall.sip.uri import SipParseError, SipUri, bounded_int, parse_uri, split_hostport
 
@@ -82,16 +83,30 @@ MAX_CONTENT_LENGTH = 2**31 - 1
 #: CSeq numbers fit 32 bits (§8.1.1.5).
 MAX_CSEQ = 2**32 - 1
 _LWS = " \t"
+_T = TypeVar("_T")
+
+
+_CANONICAL: dict[str, str] = {}
+_CANONICAL_MAX = 512
 
 
 def canonical_name(name: str) -> str:
     """Lower-case long form of a header name (``"V"`` → ``"via"``)."""
+    found = _CANONICAL.get(name)
+    if found is not None:
+        return found
     lname = name.lower()
-    return _COMPACT.get(lname, lname)
+    key = _COMPACT.get(lname, lname)
+    if len(_CANONICAL) < _CANONICAL_MAX:  # spellings seen on the wire are unbounded: remember the first few
+        _CANONICAL[name] = key
+    return key
 
 
 def _is_token(text: str) -> bool:
     return bool(text) and all(c in _TOKEN_CHARS for c in text)
+
+
+_MISSING = object()
 
 
 class Headers:
@@ -100,20 +115,38 @@ class Headers:
     Lookups are case-insensitive and map compact forms to long ones.  Each
     entry is one header line; comma-joined values stay joined (use the typed
     parsers or :func:`split_commas` to split them).
+
+    The typed accessors of a message keep what they parsed here (``_cache``),
+    so each header is parsed once however often it is read; every mutation
+    empties the cache.
     """
 
-    __slots__ = ("_items",)
+    __slots__ = ("_items", "_keys", "_cache")
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
         self._items: list[tuple[str, str]] = [(n, v) for n, v in items]
+        self._keys: list[str] = [canonical_name(n) for n, _ in self._items]
+        self._cache: dict[str, object] | None = None
+
+    def _changed(self) -> None:
+        self._cache = None
+
+    def _memo(self, key: str, compute: Callable[[], _T]) -> _T:
+        """``compute()``, remembered under ``key`` until the headers change (errors are not remembered)."""
+        cache = self._cache
+        if cache is None:
+            cache = self._cache = {}
+        value = cache.get(key, _MISSING)
+        if value is _MISSING:
+            value = cache[key] = compute()
+        return value  # type: ignore[return-value]
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """Value of the first ``name`` header, or ``default``."""
-        key = canonical_name(name)
-        for n, v in self._items:
-            if canonical_name(n) == key:
-                return v
-        return default
+        try:
+            return self._items[self._keys.index(canonical_name(name))][1]
+        except ValueError:
+            return default
 
     def first(self, name: str) -> str | None:
         """Value of the first ``name`` header, or None."""
@@ -122,68 +155,89 @@ class Headers:
     def get_all(self, name: str) -> list[str]:
         """Values of every ``name`` header line, in order."""
         key = canonical_name(name)
-        return [v for n, v in self._items if canonical_name(n) == key]
+        return [item[1] for k, item in zip(self._keys, self._items) if k == key]
 
     def count(self, name: str) -> int:
         """How many ``name`` header lines there are."""
-        return len(self.get_all(name))
+        return self._keys.count(canonical_name(name))
 
     def set(self, name: str, value: str) -> None:
         """Make ``value`` the only ``name`` header, in place of the first one if any."""
         key = canonical_name(name)
         out: list[tuple[str, str]] = []
+        keys: list[str] = []
         done = False
-        for n, v in self._items:
-            if canonical_name(n) == key:
+        for k, (n, v) in zip(self._keys, self._items):
+            if k == key:
                 if not done:
                     out.append((n, value))
+                    keys.append(k)
                     done = True
             else:
                 out.append((n, v))
+                keys.append(k)
         if not done:
             out.append((name, value))
+            keys.append(key)
         self._items = out
+        self._keys = keys
+        self._changed()
 
     def add(self, name: str, value: str, *, prepend: bool = False) -> None:
         """Append a header line (or put it before all others of that name)."""
-        if not prepend:
-            self._items.append((name, value))
-            return
         key = canonical_name(name)
-        for i, (n, _) in enumerate(self._items):
-            if canonical_name(n) == key:
+        self._changed()
+        if prepend:
+            try:
+                i = self._keys.index(key)
+            except ValueError:
+                pass
+            else:
                 self._items.insert(i, (name, value))
+                self._keys.insert(i, key)
                 return
         self._items.append((name, value))
+        self._keys.append(key)
 
     def remove(self, name: str) -> int:
         """Drop every ``name`` header; return how many were dropped."""
         key = canonical_name(name)
         before = len(self._items)
-        self._items = [(n, v) for n, v in self._items if canonical_name(n) != key]
+        kept = [(k, item) for k, item in zip(self._keys, self._items) if k != key]
+        self._keys = [k for k, _ in kept]
+        self._items = [item for _, item in kept]
+        self._changed()
         return before - len(self._items)
 
     def replace_first_value(self, name: str, value: str) -> None:
         """Replace the first comma-separated element of the first ``name`` header."""
         key = canonical_name(name)
-        for i, (n, v) in enumerate(self._items):
-            if canonical_name(n) == key:
-                parts = split_commas(v)
-                parts[0] = value
-                self._items[i] = (n, ", ".join(parts))
-                return
-        self._items.append((name, value))
+        self._changed()
+        try:
+            i = self._keys.index(key)
+        except ValueError:
+            self._items.append((name, value))
+            self._keys.append(key)
+            return
+        n, v = self._items[i]
+        parts = split_commas(v)
+        parts[0] = value
+        self._items[i] = (n, ", ".join(parts))
 
     def items(self) -> list[tuple[str, str]]:
         """All ``(name, value)`` lines, as written."""
         return list(self._items)
 
     def copy(self) -> Headers:
-        """A shallow copy (strings are immutable, so effectively deep)."""
-        return Headers(self._items)
+        """A shallow copy (strings are immutable, so effectively deep); parsed values come along."""
+        other = Headers.__new__(Headers)
+        other._items = list(self._items)
+        other._keys = list(self._keys)
+        other._cache = None if self._cache is None else dict(self._cache)
+        return other
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and self.get(name) is not None
+        return isinstance(name, str) and canonical_name(name) in self._keys
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         return iter(list(self._items))
@@ -616,7 +670,12 @@ def parse_auth_header(value: str) -> AuthHeader:
 
 
 class _Accessors:
-    """Typed views over ``self.headers`` shared by requests and responses."""
+    """Typed views over ``self.headers`` shared by requests and responses.
+
+    Each view is parsed once per header text and kept on ``headers`` (a
+    mutation of ``headers`` forgets it); mutable views (Via, NameAddr, lists)
+    are returned as copies, so changing one never changes the next read.
+    """
 
     headers: Headers
     body: bytes
@@ -630,22 +689,26 @@ class _Accessors:
     @property
     def call_id(self) -> str:
         """The Call-ID."""
-        return self._one("Call-ID").strip()
+        return self.headers._memo("call-id", lambda: self._one("Call-ID").strip())
 
     @property
     def cseq(self) -> CSeq:
         """The parsed CSeq."""
-        return parse_cseq(self._one("CSeq"))
+        return self.headers._memo("cseq", lambda: parse_cseq(self._one("CSeq")))
+
+    def _vias(self) -> list[Via]:
+        return self.headers._memo("via", lambda: [v for line in self.headers.get_all("Via") for v in parse_via(line)])
 
     @property
     def vias(self) -> list[Via]:
         """Every Via value, top first (comma-joined lines split)."""
-        return [v for line in self.headers.get_all("Via") for v in parse_via(line)]
+        return [v.copy() for v in self._vias()]
 
     @property
     def top_via(self) -> Via:
         """The first Via value."""
-        return parse_via(self._one("Via"))[0]
+        # The first line only: a bad Via further down does not hide the top one.
+        return self.headers._memo("top-via", lambda: parse_via(self._one("Via"))[0]).copy()
 
     def set_top_via(self, via: Via) -> None:
         """Replace the first Via value, keeping any others on the same line."""
@@ -654,12 +717,22 @@ class _Accessors:
     @property
     def from_(self) -> NameAddr:
         """The parsed From header."""
-        return parse_name_addr(self._one("From"))
+        return self.headers._memo("from", lambda: parse_name_addr(self._one("From"))).copy()
 
     @property
     def to(self) -> NameAddr:
         """The parsed To header."""
-        return parse_name_addr(self._one("To"))
+        return self.headers._memo("to", lambda: parse_name_addr(self._one("To"))).copy()
+
+    @property
+    def from_tag(self) -> str | None:
+        """The From tag, without copying the parsed From."""
+        return self.headers._memo("from", lambda: parse_name_addr(self._one("From"))).tag
+
+    @property
+    def to_tag(self) -> str | None:
+        """The To tag, without copying the parsed To."""
+        return self.headers._memo("to", lambda: parse_name_addr(self._one("To"))).tag
 
     @property
     def max_forwards(self) -> int | None:
@@ -686,22 +759,35 @@ class _Accessors:
     @property
     def contacts(self) -> list[NameAddr] | Literal["*"]:
         """Parsed Contact values (``"*"`` for the wildcard)."""
-        return parse_contacts(self.headers.get_all("Contact"))
+        contacts = self.headers._memo("contact", lambda: parse_contacts(self.headers.get_all("Contact")))
+        return contacts if contacts == "*" else [c.copy() for c in contacts]
 
     @property
     def routes(self) -> list[NameAddr]:
         """Parsed Route values in order."""
-        return parse_name_addr_list(self.headers.get_all("Route"))
+        routes = self.headers._memo("route", lambda: parse_name_addr_list(self.headers.get_all("Route")))
+        return [r.copy() for r in routes]
 
     @property
     def record_routes(self) -> list[NameAddr]:
         """Parsed Record-Route values in order."""
-        return parse_name_addr_list(self.headers.get_all("Record-Route"))
+        routes = self.headers._memo("record-route", lambda: parse_name_addr_list(self.headers.get_all("Record-Route")))
+        return [r.copy() for r in routes]
 
     def _serialize(self, start_line: str) -> bytes:
-        headers = self.headers.copy()
-        headers.set("Content-Length", str(len(self.body)))
-        lines = [start_line] + [f"{n}: {v}" for n, v in headers]
+        # Content-Length is the body's: it replaces the first such line, later ones are dropped.
+        length = str(len(self.body))
+        lines = [start_line]
+        done = False
+        for key, (n, v) in zip(self.headers._keys, self.headers._items):
+            if key == "content-length":
+                if not done:
+                    lines.append(f"{n}: {length}")
+                    done = True
+            else:
+                lines.append(f"{n}: {v}")
+        if not done:
+            lines.append(f"Content-Length: {length}")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape") + bytes(self.body)
 
 

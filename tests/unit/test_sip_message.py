@@ -306,3 +306,82 @@ def resp_request_with_tag(req: SipRequest) -> SipRequest:
     other = req.copy()
     other.headers.set("To", "<sip:bob@biloxi.example.com>;tag=old")
     return other
+
+
+class ParsedHeaderCacheTests(SynchronousTestCase):
+    """Typed views are parsed once and kept, yet every header edit is seen by the next read."""
+
+    def setUp(self) -> None:
+        self.msg = parse_message(INVITE)
+
+    def test_views_are_parsed_once(self) -> None:
+        """Reading a view twice returns equal values without parsing the header text again."""
+        first = self.msg.top_via
+        self.assertIn("top-via", self.msg.headers._cache or {})
+        self.assertEqual(self.msg.top_via, first)
+        self.assertIs(self.msg.cseq, self.msg.cseq)
+
+    def test_set_after_read_returns_the_new_value(self) -> None:
+        """Replacing Via, From, To, CSeq and Call-ID after reading them changes what the views return."""
+        self.assertEqual(self.msg.top_via.branch, "z9hG4bK776asdhds")
+        self.assertEqual(self.msg.from_.tag, "1928301774")
+        self.assertIsNone(self.msg.to.tag)
+        self.assertEqual(self.msg.cseq, CSeq(314159, "INVITE"))
+        self.msg.headers.set("Via", "SIP/2.0/TCP host.example.com;branch=z9hG4bKnew")
+        self.msg.headers.set("From", "<sip:carol@example.com>;tag=c1")
+        self.msg.headers.set("To", "<sip:bob@example.com>;tag=b2")
+        self.msg.headers.set("CSeq", "7 INVITE")
+        self.msg.headers.set("Call-ID", "other@host")
+        self.assertEqual(self.msg.top_via.branch, "z9hG4bKnew")
+        self.assertEqual([v.transport for v in self.msg.vias], ["TCP"])
+        self.assertEqual(self.msg.from_.tag, "c1")
+        self.assertEqual(self.msg.from_tag, "c1")
+        self.assertEqual(self.msg.to.tag, "b2")
+        self.assertEqual(self.msg.to_tag, "b2")
+        self.assertEqual(self.msg.cseq, CSeq(7, "INVITE"))
+        self.assertEqual(self.msg.call_id, "other@host")
+
+    def test_add_remove_and_set_top_via_are_seen(self) -> None:
+        """add, remove, replace_first_value (set_top_via) all invalidate what was parsed."""
+        self.assertEqual(self.msg.routes, [])
+        self.msg.headers.add("Route", "<sip:proxy.example.com;lr>")
+        self.assertEqual([r.uri.host for r in self.msg.routes], ["proxy.example.com"])
+        self.assertEqual(len(self.msg.contacts), 1)
+        self.msg.headers.remove("Contact")
+        self.assertEqual(self.msg.contacts, [])
+        via = self.msg.top_via
+        via.set_param("received", "192.0.2.1")
+        self.msg.set_top_via(via)
+        self.assertEqual(self.msg.top_via.received, "192.0.2.1")
+        self.msg.headers.add("Via", "SIP/2.0/UDP first.example.com;branch=z9hG4bKtop", prepend=True)
+        self.assertEqual(self.msg.top_via.host, "first.example.com")
+        self.assertEqual(len(self.msg.vias), 2)
+
+    def test_changing_a_returned_view_does_not_change_the_next_read(self) -> None:
+        """Views are copies: editing one without writing it back leaves the message as it was."""
+        self.msg.top_via.set_param("branch", "z9hG4bKmutated")
+        self.msg.from_.set_param("tag", "mutated")
+        self.msg.vias[0].set_param("rport", None)
+        self.msg.contacts[0].uri.host = "mutated.example.com"  # type: ignore[index]
+        self.assertEqual(self.msg.top_via.branch, "z9hG4bK776asdhds")
+        self.assertFalse(self.msg.vias[0].has_rport)
+        self.assertEqual(self.msg.from_.tag, "1928301774")
+        self.assertNotEqual(self.msg.contacts[0].uri.host, "mutated.example.com")  # type: ignore[index]
+
+    def test_a_copy_keeps_its_own_cache(self) -> None:
+        """Editing a copied message's headers changes neither the original nor its views."""
+        original_branch = self.msg.top_via.branch
+        other = self.msg.copy()
+        other.headers.set("Via", "SIP/2.0/UDP elsewhere.example.com;branch=z9hG4bKcopy")
+        self.assertEqual(other.top_via.branch, "z9hG4bKcopy")
+        self.assertEqual(self.msg.top_via.branch, original_branch)
+
+    def test_serialize_sets_content_length_once(self) -> None:
+        """The first Content-Length line takes the body length in place; later ones are dropped."""
+        msg = SipRequest("MESSAGE", parse_uri("sip:a@example.com"), Headers([
+            ("Via", "SIP/2.0/UDP h;branch=z9hG4bK1"), ("l", "99"), ("To", "<sip:a@example.com>"),
+            ("Content-Length", "5")]), b"hi")
+        wire = msg.serialize().decode()
+        self.assertIn("\r\nl: 2\r\nTo: <sip:a@example.com>\r\n\r\nhi", wire)
+        self.assertNotIn("Content-Length", wire)
+        self.assertIn("\r\nContent-Length: 0\r\n", SipResponse(200, "OK", Headers([("To", "x")])).serialize().decode())
