@@ -71,6 +71,8 @@ _COMPACT = {
 
 # Header fields that may appear at most once (§20, RFC 4475 multi01).
 _SINGLE = ("from", "to", "call-id", "cseq", "max-forwards", "content-length", "content-type")
+# Header fields every message must have (canonical name, name in the error).
+_REQUIRED = (("via", "Via"), ("from", "From"), ("to", "To"), ("call-id", "Call-ID"), ("cseq", "CSeq"))
 
 _TOKEN_CHARS = frozenset(
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~"
@@ -102,8 +104,18 @@ def canonical_name(name: str) -> str:
     return key
 
 
+def _char_class_re(chars: frozenset[str]) -> re.Pattern[str]:
+    """A pattern matching one or more of ``chars`` (use with ``fullmatch``)."""
+    return re.compile("[" + "".join(re.escape(c) for c in sorted(chars)) + "]+")
+
+
+_TOKEN_RE = _char_class_re(_TOKEN_CHARS)
+_GEN_VALUE_RE = _char_class_re(_GEN_VALUE_CHARS)
+_CALL_ID_RE = _char_class_re(_WORD_CHARS | frozenset("@"))
+
+
 def _is_token(text: str) -> bool:
-    return bool(text) and all(c in _TOKEN_CHARS for c in text)
+    return _TOKEN_RE.fullmatch(text) is not None
 
 
 _MISSING = object()
@@ -284,6 +296,8 @@ def quote(text: str) -> str:
 
 def split_commas(value: str) -> list[str]:
     """Split a header value on commas outside quotes and ``<...>``; strip each part."""
+    if '"' not in value and "<" not in value:
+        return [part.strip(_LWS) for part in value.split(",")]
     parts: list[str] = []
     buf: list[str] = []
     in_quote = False
@@ -322,6 +336,8 @@ def split_commas(value: str) -> list[str]:
 
 def _split_semis(text: str) -> list[str]:
     """Split on semicolons outside quoted strings."""
+    if '"' not in text:
+        return text.split(";")
     parts: list[str] = []
     buf: list[str] = []
     i = 0
@@ -369,7 +385,7 @@ def parse_params(text: str) -> Params:
             _, end = _read_quoted(value, 0)
             if end != len(value):
                 raise SipParseError(f"junk after quoted parameter: {text!r}")
-        elif not value or any(c not in _GEN_VALUE_CHARS for c in value):
+        elif _GEN_VALUE_RE.fullmatch(value) is None:
             raise SipParseError(f"bad parameter value {value!r} in {text!r}")
         params.append((name, value))
     return params
@@ -568,7 +584,7 @@ def parse_name_addr(value: str) -> NameAddr:
         return _bracketed(text[lt:], display, value)
     uri_text, semi, rest = text.partition(";")
     uri_text = uri_text.strip(_LWS)
-    if any(c in uri_text for c in " \t,") or (
+    if " " in uri_text or "\t" in uri_text or "," in uri_text or (
         uri_text.lower().startswith(("sip:", "sips:")) and "?" in uri_text
     ):
         raise SipParseError(f"URI with ',', '?' or spaces must be in <>: {value!r}")
@@ -581,7 +597,7 @@ def _bracketed(text: str, display: str | None, original: str) -> NameAddr:
     if gt < 0:
         raise SipParseError(f"missing '>': {original!r}")
     uri_text = text[1:gt]
-    if any(c in uri_text for c in " \t"):
+    if " " in uri_text or "\t" in uri_text:
         raise SipParseError(f"whitespace inside <URI>: {original!r}")
     return NameAddr(parse_uri(uri_text), display, parse_params(text[gt + 1 :]), bracketed=True)
 
@@ -965,20 +981,21 @@ def _check_request_line(line: str, msg: SipRequest) -> None:
 
 def _check_headers(msg: SipRequest | SipResponse) -> None:
     headers = msg.headers
-    for name in ("Via", "From", "To", "Call-ID", "CSeq"):
-        if name not in headers:
+    keys = headers._keys  # canonical names: no per-lookup name folding
+    for key, name in _REQUIRED:
+        if key not in keys:
             raise SipParseError(f"missing {name} header")
     for name in _SINGLE:
-        if headers.count(name) > 1:
+        if keys.count(name) > 1:
             raise SipParseError(f"more than one {name} header")
     msg.vias  # noqa: B018 - parsing validates
     msg.from_  # noqa: B018
     msg.to  # noqa: B018
     call_id = msg.call_id
-    if not call_id or any(c not in _WORD_CHARS and c != "@" for c in call_id) or call_id.count("@") > 1:
+    if _CALL_ID_RE.fullmatch(call_id) is None or call_id.count("@") > 1:
         raise SipParseError(f"bad Call-ID: {call_id!r}")
     cseq = msg.cseq
-    if "Contact" in headers:
+    if "contact" in keys:
         contacts = msg.contacts
         if contacts == "*" and not (isinstance(msg, SipRequest) and msg.method == "REGISTER"):
             raise SipParseError("Contact: * outside REGISTER")
