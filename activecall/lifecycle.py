@@ -24,6 +24,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from activecall.config import Config
 from activecall.control.query import SessionParams
 from activecall.options import CallOption
 
@@ -36,8 +37,12 @@ __all__ = [
     "StartupCallService",
     "StartupSessions",
     "is_loopback",
+    "prepare_process",
     "raise_open_files_limit",
 ]
+
+#: Below this many open files a few hundred calls (RTP pairs, sockets) run out of descriptors.
+MIN_OPEN_FILES = 4096
 
 
 def is_loopback(host: str) -> bool:
@@ -66,6 +71,25 @@ def raise_open_files_limit(wanted: int = 65536) -> tuple[int, int]:
         except (ValueError, OSError):
             pass
     return soft, soft
+
+
+def prepare_process(config: Config, log: Logger,
+                    raise_limit: Callable[[], tuple[int, int]] = raise_open_files_limit) -> None:
+    """Before the daemon is built: log the config's warnings, lift the open-files limit, warn of risks.
+
+    Warns when fewer than :data:`MIN_OPEN_FILES` descriptors are allowed after
+    ``raise_limit()``, and when the control API listens beyond loopback without a token.
+    """
+    for warning in config.warnings:
+        log.warn("config: {warning}", warning=warning)
+    _, open_files = raise_limit()
+    if open_files < MIN_OPEN_FILES:
+        log.warn("only {n} open files allowed (RLIMIT_NOFILE); raise LimitNOFILE for more than a few hundred calls",
+                 n=open_files)
+    if not config.api.tokens and not is_loopback(config.http_host):
+        log.warn("HTTP/WebSocket control API on {addr} needs no token: anyone who can reach it can place, "
+                 "list and end calls; set [api] tokens or listen on 127.0.0.1 (docs/security.md)",
+                 addr=config.http_addr)
 
 
 class CyclicGarbageService(service.Service):

@@ -5,6 +5,7 @@ This is the one module that imports every layer and passes the real reactor.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -147,29 +148,19 @@ def makeService(options: Options) -> service.IService:
     from activecall.speech.registry import SynthesizerRegistry
     from activecall.speech.tts import register_builtin_synthesizers
     from activecall.lifecycle import (CyclicGarbageService, DrainCallsService, SequentialService, StartupCallService,
-                                      is_loopback, raise_open_files_limit)
+                                      prepare_process)
     from activecall.web import LISTEN_BACKLOG, ActivecallSite, ApiResource, ConnectionLimiter, WebService
 
     config = options.config
     log = Logger(namespace="activecall")
     top = ActivecallService(config, make_observer(config.log_level, config.log_file))
-    for warning in config.warnings:
-        log.warn("config: {warning}", warning=warning)
-    _, open_files = raise_open_files_limit()
-    if open_files < 4096:
-        log.warn("only {n} open files allowed (RLIMIT_NOFILE); raise LimitNOFILE for more than a few hundred calls",
-                 n=open_files)
-    if not config.api.tokens and not is_loopback(config.http_host):
-        log.warn("HTTP/WebSocket control API on {addr} needs no token: anyone who can reach it can place, "
-                 "list and end calls; set [api] tokens or listen on 127.0.0.1 (docs/security.md)",
-                 addr=config.http_addr)
+    prepare_process(config, log)
 
     pool = HTTPConnectionPool(reactor, persistent=True)
     http_client = HTTPClient(Agent(reactor, pool=pool))
     threadpool = reactor.getThreadPool()
 
-    def run_blocking(f: Any, *args: Any) -> Any:
-        return deferToThreadPool(reactor, threadpool, f, *args)
+    run_blocking = functools.partial(deferToThreadPool, reactor, threadpool)
 
     # Every URL the daemon is given (play, webhook, call records) goes through the [fetch] policy.
     fetcher = Fetcher(http_client_for(reactor, config.fetch, pool), reactor, config.fetch)

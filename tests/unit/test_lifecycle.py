@@ -291,3 +291,40 @@ class StartupCallServiceTests(SynchronousTestCase):
         self.assertEqual(len(failures), 1)
         self.assertIsInstance(failures[0]["log_failure"].value, RuntimeError)
         self.flushLoggedErrors(RuntimeError)
+
+
+class PrepareProcessTests(SynchronousTestCase):
+    """Start-up checks: config warnings, the open-files limit and an open control API are logged."""
+
+    def warnings(self, toml: str, open_files: int = 65536) -> list[str]:
+        from twisted.internet.testing import EventLoggingObserver
+        from twisted.logger import Logger, formatEvent
+
+        from activecall.config import Overrides, parse_config
+        from activecall.lifecycle import prepare_process
+
+        observer = EventLoggingObserver()
+        prepare_process(parse_config(toml, Overrides()), Logger(observer=observer),
+                        raise_limit=lambda: (1024, open_files))
+        return [formatEvent(e) for e in observer]
+
+    def test_quiet_on_loopback_with_enough_files(self) -> None:
+        """A loopback API and 65536 files log nothing."""
+        self.assertEqual(self.warnings('http_addr = "127.0.0.1:8080"\n'), [])
+
+    def test_few_open_files_warned(self) -> None:
+        """Fewer than 4096 open files after raising the limit is a warning."""
+        [line] = self.warnings('http_addr = "127.0.0.1:8080"\n', open_files=1024)
+        self.assertIn("only 1024 open files allowed", line)
+
+    def test_open_api_without_token_warned(self) -> None:
+        """An API on all interfaces without [api] tokens is a warning; with a token it is not."""
+        [line] = self.warnings('http_addr = "0.0.0.0:8080"\n')
+        self.assertIn("needs no token", line)
+        self.assertEqual(self.warnings('http_addr = "0.0.0.0:8080"\n[api]\ntokens = ["t0ken-t0ken-t0ken-t0ken"]\n'), [])
+
+    def test_config_warnings_logged(self) -> None:
+        """Each warning the config reader collected is logged with a config: prefix."""
+        lines = self.warnings('http_addr = "127.0.0.1:8080"\n[handler]\ntype = "playbook"\n')
+        self.assertEqual(len(lines), 1)
+        self.assertTrue(lines[0].startswith("config: "), lines)
