@@ -15,8 +15,8 @@ import atexit
 import errno
 import json
 import os
-import queue
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import IO, Optional
 
@@ -42,35 +42,45 @@ class DumpWriter:
     The thread starts with the first job; :meth:`drain` waits for what is
     queued so far; :meth:`stop` drains and ends the thread (run at interpreter
     exit for the process's writer, so a clean shutdown writes every line).
+    Queueing is a deque append; the thread is woken only when it went idle,
+    so a busy daemon does not hand the GIL back and forth for every line.
     """
 
     _log = Logger()
 
     def __init__(self, max_queued: int = MAX_QUEUED) -> None:
-        self._jobs: queue.Queue[Optional[Callable[[], None]]] = queue.Queue(max_queued)
+        self._jobs: deque[Optional[Callable[[], None]]] = deque()
+        self._max_queued = max_queued
+        self._wake = threading.Event()
+        self._idle = False
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
 
     def submit(self, job: Callable[[], None]) -> bool:
-        """Queue ``job`` for the thread; False (job dropped) when the queue is full."""
+        """Queue ``job`` for the thread; False (job dropped) when ``max_queued`` jobs wait."""
+        if len(self._jobs) >= self._max_queued:
+            return False
+        self._put(job)
+        return True
+
+    def _put(self, job: Optional[Callable[[], None]]) -> None:
         if self._thread is None:
             with self._lock:
                 if self._thread is None:
                     thread = threading.Thread(target=self._run, name="activecall-dump", daemon=True)
                     thread.start()
                     self._thread = thread
-        try:
-            self._jobs.put_nowait(job)
-        except queue.Full:
-            return False
-        return True
+        self._jobs.append(job)
+        if self._idle:
+            self._idle = False
+            self._wake.set()
 
     def drain(self, timeout_s: Optional[float] = None) -> bool:
         """Block until every job queued before this call ran; False on timeout."""
         if self._thread is None:
             return True
         done = threading.Event()
-        self._jobs.put(done.set, timeout=timeout_s)
+        self._put(done.set)
         return done.wait(timeout_s)
 
     def stop(self, timeout_s: float = 10.0) -> None:
@@ -78,19 +88,28 @@ class DumpWriter:
         thread = self._thread
         if thread is None or not thread.is_alive():
             return
-        self._jobs.put(None, timeout=timeout_s)
+        self._put(None)
         thread.join(timeout_s)
         self._thread = None
 
     def _run(self) -> None:
+        jobs = self._jobs
         while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            try:
-                job()
-            except Exception:  # the thread is the boundary: one dump's failure must not stop the others
-                self._log.failure("event dump job failed")
+            while jobs:
+                job = jobs.popleft()
+                if job is None:
+                    return
+                try:
+                    job()
+                except Exception:  # the thread is the boundary: one dump's failure must not stop the others
+                    self._log.failure("event dump job failed")
+            # Clear, then say idle, then look again: a job queued in between is never left waiting.
+            self._wake.clear()
+            self._idle = True
+            if jobs:
+                self._idle = False
+                continue
+            self._wake.wait()
 
 
 _writer: Optional[DumpWriter] = None
