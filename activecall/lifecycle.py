@@ -113,7 +113,7 @@ class CyclicGarbageService(service.Service):
         super().startService()
         self._loop.start(self._interval_s, now=False)
 
-    def stopService(self) -> Any:
+    def stopService(self) -> Optional[Deferred[None]]:
         if self._loop.running:
             self._loop.stop()
         return super().stopService()
