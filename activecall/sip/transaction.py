@@ -30,7 +30,8 @@ requests (§18.2.1, RFC 3581) and send responses to ``received:rport``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import heapq
+import itertools
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -261,6 +262,8 @@ class _Transaction:
         self.cfg = timers
         self.state = ""
         self.timers: dict[str, float] = {}
+        # name -> due time already on the layer's timer heap
+        self.armed: dict[str, float] = {}
         self._intervals: dict[str, float] = {}
 
     @property
@@ -508,7 +511,7 @@ def _server_key(request: SipRequest) -> TransactionKey:
     # RFC 2543: Request-URI, From tag, Call-ID, CSeq number and top Via identify it.
     # The To tag is left out so the ACK (which carries our tag) matches too.
     ident = "|".join((
-        str(request.uri).lower(), request.from_.tag or "", request.call_id,
+        str(request.uri).lower(), request.from_tag or "", request.call_id,
         str(request.cseq.seq), str(via),
     ))
     return TransactionKey("2543:" + ident, sent_by, method, True)
@@ -519,6 +522,12 @@ class TransactionLayer:
 
     Requests are mutated in place: :meth:`send_request` fills in the branch and
     ``rport`` of the top Via; :meth:`receive` stamps ``received``/``rport``.
+
+    Timers live on one heap of ``(due, seq, transaction, name)``: after every
+    call into a transaction its new timers are pushed; an entry whose timer
+    was since cancelled or moved is dropped when it reaches the top.  So
+    :meth:`deadline` and :meth:`expire` cost O(log n), not a scan of every
+    transaction.
     """
 
     def __init__(self, ids: BranchSource, timers: TimerConfig | None = None) -> None:
@@ -530,6 +539,11 @@ class TransactionLayer:
         self._merge_index: dict[tuple[str, str, int, str], TransactionKey] = {}
         # (Call-ID, CSeq number, From tag) -> INVITE server txn waiting for the ACK to its 2xx
         self._awaiting_ack: dict[tuple[str, int, str], TransactionKey] = {}
+        # server key -> its entry in each of the two indexes above, to forget it in O(1)
+        self._merge_ident: dict[TransactionKey, tuple[str, str, int, str]] = {}
+        self._ack_ident: dict[TransactionKey, tuple[str, int, str]] = {}
+        self._heap: list[tuple[float, int, _Transaction, str]] = []
+        self._seq = itertools.count()
 
     # ------------------------------------------------------------ lookup
 
@@ -564,17 +578,19 @@ class TransactionLayer:
             raise ValueError(f"a client transaction with branch {key.branch} exists")
         txn = ClientTransaction(key, request, addr, reliable, self.timers)
         self._clients[key] = txn
-        return key, txn.start(now)
+        return key, self._after(txn, txn.start(now))
 
     def send_response(self, key: TransactionKey, response: SipResponse, now: float) -> list[Action]:
         """Send the TU's response through server transaction ``key``."""
         txn = self._servers.get(key)
         if txn is None:
             raise ValueError(f"no server transaction {key}")
-        actions = txn.send(response, now)
+        actions = self._after(txn, txn.send(response, now))
         if txn.is_invite and 200 <= response.status < 300:
             req = txn.request
-            self._awaiting_ack[(req.call_id, req.cseq.seq, req.from_.tag or "")] = key
+            ident = (req.call_id, req.cseq.seq, req.from_tag or "")
+            self._awaiting_ack[ident] = key
+            self._ack_ident[key] = ident
         return actions
 
     def send_stateless(self, message: SipRequest | SipResponse, addr: Address) -> list[Action]:
@@ -626,7 +642,7 @@ class TransactionLayer:
         txn = self._clients.get(key)
         if txn is None:
             return [MessageDropped(f"stray {response.status} response", source)]
-        return txn.on_response(response, now)
+        return self._after(txn, txn.on_response(response, now))
 
     def _receive_request(self, request: SipRequest, source: Address, now: float,
                          reliable: bool) -> list[Action]:
@@ -645,8 +661,8 @@ class TransactionLayer:
         if merged:
             # §8.2.2.2: same request reached us twice by different paths.
             txn.start(now)
-            return txn.send(make_response(request, 482, to_tag=self._ids.tag()), now)
-        return [*txn.start(now), DeliverRequest(request, key, source)]
+            return self._after(txn, txn.send(make_response(request, 482, to_tag=self._ids.tag()), now))
+        return [*self._after(txn, txn.start(now)), DeliverRequest(request, key, source)]
 
     def _stamp_via(self, request: SipRequest, source: Address) -> None:
         via = request.top_via
@@ -669,22 +685,25 @@ class TransactionLayer:
         return txn
 
     def _merged_with(self, request: SipRequest, key: TransactionKey) -> bool:
-        if request.to.tag is not None:
+        if request.to_tag is not None:
             return False
         cseq = request.cseq
-        ident = (request.from_.tag or "", request.call_id, cseq.seq, cseq.method)
+        ident = (request.from_tag or "", request.call_id, cseq.seq, cseq.method)
         other = self._merge_index.get(ident)
         if other is not None and other != key and other in self._servers:
             return True
         self._merge_index[ident] = key
+        self._merge_ident[key] = ident
         return False
 
     def _receive_ack(self, ack: SipRequest, txn: ServerTransaction | None, source: Address,
                      now: float) -> list[Action]:
         if txn is not None and txn.state != "accepted":
-            return txn.on_ack(now)
-        ident = (ack.call_id, ack.cseq.seq, ack.from_.tag or "")
+            return self._after(txn, txn.on_ack(now))
+        ident = (ack.call_id, ack.cseq.seq, ack.from_tag or "")
         waiting = self._awaiting_ack.pop(ident, None)
+        if waiting is not None:
+            self._ack_ident.pop(waiting, None)
         invite = self._servers.get(waiting) if waiting else txn
         if invite is not None:
             invite.ack_2xx()
@@ -697,11 +716,11 @@ class TransactionLayer:
         txn.start(now)
         invite = self._servers.get(invite_key)
         if invite is None:
-            return txn.send(make_response(cancel, 481, to_tag=self._ids.tag()), now)
+            return self._after(txn, txn.send(make_response(cancel, 481, to_tag=self._ids.tag()), now))
         if invite.state != "proceeding":
             # Final response already sent: CANCEL has no effect but still gets a 200 (§9.2).
-            return txn.send(make_response(cancel, 200, to_tag=self._to_tag(invite)), now)
-        return [DeliverRequest(cancel, key, source, cancels=invite_key)]
+            return self._after(txn, txn.send(make_response(cancel, 200, to_tag=self._to_tag(invite)), now))
+        return self._after(txn, [DeliverRequest(cancel, key, source, cancels=invite_key)])
 
     @staticmethod
     def _to_tag(txn: ServerTransaction) -> str | None:
@@ -714,35 +733,58 @@ class TransactionLayer:
 
     # ------------------------------------------------------------ timers
 
-    def _all(self) -> Iterable[_Transaction]:
-        yield from self._clients.values()
-        yield from self._servers.values()
+    def _after(self, txn: _Transaction, actions: list[Action]) -> list[Action]:
+        """Push the timers ``txn`` armed since it was last seen; pass ``actions`` through."""
+        armed = txn.armed
+        for name, at in txn.timers.items():
+            if armed.get(name) != at:
+                armed[name] = at
+                heapq.heappush(self._heap, (at, next(self._seq), txn, name))
+        return actions
+
+    @staticmethod
+    def _live(txn: _Transaction, name: str, at: float) -> bool:
+        return txn.timers.get(name) == at and txn.armed.get(name) == at
 
     def deadline(self) -> float | None:
         """When :meth:`expire` must next be called, or None if no timer is pending."""
-        deadlines = [d for t in self._all() if (d := t.deadline()) is not None]
-        return min(deadlines) if deadlines else None
+        heap = self._heap
+        while heap:
+            at, _, txn, name = heap[0]
+            if self._live(txn, name, at):
+                return at
+            heapq.heappop(heap)
+            if txn.armed.get(name) == at:
+                del txn.armed[name]
+        return None
 
     def expire(self, now: float) -> list[Action]:
         """Fire every timer due at or before ``now``, oldest first."""
         actions: list[Action] = []
-        while True:
-            due: tuple[float, _Transaction, str] | None = None
-            for txn in self._all():
-                for name, at in txn.timers.items():
-                    if at <= now and (due is None or at < due[0]):
-                        due = (at, txn, name)
-            if due is None:
-                return actions
-            at, txn, name = due
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            at, _, txn, name = heapq.heappop(heap)
+            if not self._live(txn, name, at):
+                if txn.armed.get(name) == at:
+                    del txn.armed[name]
+                continue
+            del txn.armed[name]
             actions.extend(txn.fire(name, at))
             if txn.terminated:
                 self._forget(txn)
+            else:
+                self._after(txn, actions)
+        return actions
 
     def _forget(self, txn: _Transaction) -> None:
         if isinstance(txn, ClientTransaction):
             self._clients.pop(txn.key, None)
             return
-        self._servers.pop(txn.key, None)
-        self._merge_index = {k: v for k, v in self._merge_index.items() if v != txn.key}
-        self._awaiting_ack = {k: v for k, v in self._awaiting_ack.items() if v != txn.key}
+        key = txn.key
+        self._servers.pop(key, None)
+        merge = self._merge_ident.pop(key, None)
+        if merge is not None and self._merge_index.get(merge) == key:
+            del self._merge_index[merge]
+        ack = self._ack_ident.pop(key, None)
+        if ack is not None and self._awaiting_ack.get(ack) == key:
+            del self._awaiting_ack[ack]

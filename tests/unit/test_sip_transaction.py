@@ -431,3 +431,45 @@ class ServerNonInviteTests(SynchronousTestCase):
     def test_keys_are_distinct_by_method(self) -> None:
         """Server keys treat ACK as INVITE but keep CANCEL apart (§17.2.3)."""
         self.assertNotEqual(TransactionKey("b", "h", "INVITE", True), TransactionKey("b", "h", "CANCEL", True))
+
+
+class TimerHeapTests(SynchronousTestCase):
+    """Timers of many transactions fire in due order from one heap; ended transactions leave nothing behind."""
+
+    def test_timers_of_many_transactions_fire_in_due_order(self) -> None:
+        """Client INVITEs started at different times retransmit in global time order."""
+        tl = layer()
+        keys = [tl.send_request(request(branch=None, call_id=f"c{i}"), PEER, i * 0.1)[0] for i in range(5)]
+        events = run_until(tl, 2.0)
+        sends = [(t, a.key) for t, a in events if isinstance(a, Transmit)]
+        self.assertEqual([t for t, _ in sends], sorted(t for t, _ in sends))
+        self.assertEqual(sends[:5], [(0.5 + i * 0.1, keys[i]) for i in range(5)])
+
+    def test_cancelled_timer_never_fires_and_deadline_moves_on(self) -> None:
+        """A 1xx stops Timer A and B: the deadline becomes the next live timer, not the cancelled one."""
+        tl = layer()
+        key, _ = tl.send_request(request(branch=None, call_id="a"), PEER, 0.0)
+        other, _ = tl.send_request(request(branch=None, call_id="b"), PEER, 0.2)
+        sent = tl.client_transaction(key).request  # type: ignore[union-attr]
+        tl.receive(reply(sent, 180), PEER, 0.1)
+        self.assertEqual(tl.deadline(), 0.7)  # the other INVITE's Timer A; key's 0.5 is gone
+        events = run_until(tl, 40.0)
+        self.assertEqual({a.key for _, a in events if isinstance(a, Transmit)}, {other})
+
+    def test_ended_transactions_leave_no_index_or_timer_entries(self) -> None:
+        """After answered INVITEs and BYEs have run out their timers, every index and the heap are empty."""
+        tl = layer()
+        for i in range(20):
+            invite = request(call_id=f"call-{i}", branch=f"z9hG4bKi{i}")
+            key = next(a.server_txn_key for a in tl.receive(invite, CALLER, 0.0) if isinstance(a, DeliverRequest))
+            tl.send_response(key, make_response(invite, 200, to_tag="t"), 0.0)
+            ack = request("ACK", call_id=f"call-{i}", branch=f"z9hG4bKa{i}", to_tag="t")
+            tl.receive(ack, CALLER, 0.01)
+            bye = request("BYE", call_id=f"call-{i}", branch=f"z9hG4bKb{i}", to_tag="t", cseq=2)
+            bye_key = next(a.server_txn_key for a in tl.receive(bye, CALLER, 0.02) if isinstance(a, DeliverRequest))
+            tl.send_response(bye_key, make_response(bye, 200), 0.02)
+        run_until(tl, 100.0)
+        self.assertEqual(len(tl), 0)
+        self.assertIsNone(tl.deadline())
+        self.assertEqual((tl._merge_index, tl._awaiting_ack, tl._merge_ident, tl._ack_ident, tl._heap),
+                         ({}, {}, {}, {}, []))
