@@ -394,6 +394,10 @@ class CallController:
     def read_frame(self) -> Optional[bytes]:
         """The leg pulls the agent's next frame (the call is its AudioSource)."""
         source = self._agent
+        if source is not None and source.finished:
+            # Its last frame left on the previous pull: the track ends after its audio.
+            self.end_play(source, interrupted=isinstance(source, TtsPlay) and source.stop_after_current)
+            source = self._agent
         frame = None
         if source is not None:
             frame = source.read_frame()
@@ -402,10 +406,8 @@ class CallController:
                     frame = bytes(len(frame))
                 if self._subscribed:
                     self._observer.client_audio(b"\x00" + frame)  # subscribe: agent audio on SST
-        if self._recording is not None:
+        if self._recording is not None and not self.ended:
             self._recording.agent_frame(frame)
-        if source is not None and source.finished and source is self._agent:
-            self.end_play(source, interrupted=isinstance(source, TtsPlay) and source.stop_after_current)
         return frame
 
     def set_agent_source(self, source: SstSource) -> None:

@@ -27,7 +27,7 @@ import socket
 import struct
 import wave
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -40,6 +40,7 @@ from zope.interface import implementer
 
 from activecall.media._audioop import audioop
 from activecall.media.clock import MediaClock
+from activecall.media.tracks import ILegEvents
 from activecall.sdp.negotiation import NegotiatedMedia, NegotiationError, SdpError, answer_offer
 from activecall.media.recorder import WavRecorder
 from activecall.legs.rtp import MEDIA_RATE_HZ, RtpLeg, RtpMediaEngine
@@ -198,8 +199,10 @@ class MediaCall:
         self._closing = False
         self._tone_phase = 0
         self._recorder = WavRecorder(recording, MEDIA_RATE_HZ, reactor=self._reactor)
+        self._next_agent: Optional[bytes] = None
         self.leg = RtpLeg(handler.engine, endpoint, negotiated, clock=self._reactor, rng=handler.rng,
-                          cname=b"media-peer", on_audio=self._caller_frame, on_dtmf=self.digits.append)
+                          cname=b"media-peer")
+        self.leg.attach(self, self, _DigitsOnly(self.digits))
 
     def _agent_frame(self, caller: bytes) -> bytes:
         """The agent's next 20 ms: the caller's own frame (echo) or the next piece of a steady tone."""
@@ -210,12 +213,17 @@ class MediaCall:
         pcm = self._handler.tone_amplitude * np.sin(2 * np.pi * self._handler.tone_hz * n / MEDIA_RATE_HZ)
         return pcm.astype("<i2").tobytes()
 
-    def _caller_frame(self, caller: bytes) -> None:
-        # The leg delivers one caller frame per media tick, so the agent frame is paced by the same clock.
+    def write_frame(self, caller: bytes) -> None:
+        """The leg's sink: one caller frame per media tick, so the agent frame is paced by the same clock."""
         agent = self._agent_frame(caller)
-        self.leg.send_agent_audio(agent)
+        self._next_agent = agent
         self._recorder.write(caller, agent)
         self.frames_recorded += 1
+
+    def read_frame(self) -> Optional[bytes]:
+        """The leg's source: the agent frame made from this tick's caller frame."""
+        frame, self._next_agent = self._next_agent, None
+        return frame
 
     # -- IDialogListener (the methods the user agent calls on call.listener) --
 
@@ -255,6 +263,35 @@ class MediaCall:
             )
 
         closed.addCallback(done).chainDeferred(self.ended)
+
+
+@implementer(ILegEvents)
+class _DigitsOnly:
+    """Leg events of the media peer: only the digits are kept."""
+
+    def __init__(self, digits: list[str]) -> None:
+        self._digits = digits
+
+    def media_ready(self) -> None:
+        pass
+
+    def dtmf(self, digit: str) -> None:
+        self._digits.append(digit)
+
+    def hold(self, on_hold: bool) -> None:
+        pass
+
+    def ended(self, cause: str) -> None:
+        pass
+
+    def message(self, body: str, content_type: Optional[str]) -> None:
+        pass
+
+    def transfer_requested(self, refer_to: str, referred_by: Optional[str]) -> None:
+        pass
+
+    def transfer_progress(self, status: int, text: str) -> None:
+        pass
 
 
 @implementer(ICallHandler)
