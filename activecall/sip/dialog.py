@@ -169,7 +169,7 @@ class Dialog:
         try:
             if message.call_id != self.call_id:
                 return False
-            to_tag, from_tag = message.to.tag, message.from_.tag
+            to_tag, from_tag = message.to_tag, message.from_tag
         except SipParseError:
             return False
         if incoming:

@@ -1038,6 +1038,9 @@ def reason_phrase(status: int) -> str:
     return _REASONS.get(status) or _REASONS.get(status // 100 * 100, "Unknown")
 
 
+_RESPONSE_COPIES = frozenset({"via", "from", "to", "call-id", "cseq"})
+
+
 def make_response(
     request: SipRequest,
     status: int,
@@ -1054,18 +1057,21 @@ def make_response(
     400 can be built from a partial request.
     """
     headers = Headers()
-    for name, value in request.headers:
-        key = canonical_name(name)
+    first_to = True
+    for key, (name, value) in zip(request.headers._keys, request.headers._items):
         if key == "to" and to_tag is not None:
             try:
-                to = parse_name_addr(value)
+                # The first To is the one the accessors parsed (and kept); a partial may hold more.
+                tag = request.to_tag if first_to else parse_name_addr(value).tag
             except SipParseError:
                 headers.add(name, value)
                 continue
-            if to.tag is None:
+            finally:
+                first_to = False
+            if tag is None:
                 value = value + ";tag=" + to_tag
             headers.add(name, value)
-        elif key in ("via", "from", "to", "call-id", "cseq") or (key == "timestamp" and status == 100):
+        elif key in _RESPONSE_COPIES or (key == "timestamp" and status == 100):
             headers.add(name, value)
     for name, value in extra_headers:
         headers.add(name, value)

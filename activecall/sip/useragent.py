@@ -819,8 +819,8 @@ class SipUserAgent:
             request.headers.add(name, value)
         cseq = request.cseq
         call = None
-        if request.to.tag is not None:
-            call = self._dialogs.get((request.call_id, request.from_.tag or ""))
+        if request.to_tag is not None:
+            call = self._dialogs.get((request.call_id, request.from_tag or ""))
         if call is not None:
             call.dialog.local_seq += 1
             seq = call.dialog.local_seq
@@ -858,7 +858,7 @@ class SipUserAgent:
                 pending.deferred.errback(CallRejected(status, response.reason, response))
             return
         request = pending.op.request
-        to_tag = response.to.tag
+        to_tag = response.to_tag
         if pending.call is not None:
             if to_tag == pending.call.dialog.remote_tag:
                 call = pending.call
@@ -938,7 +938,7 @@ class SipUserAgent:
         """
         if request.method == "OPTIONS" and not self.enable_options_response:
             try:
-                if request.to.tag is None:
+                if request.to_tag is None:
                     return False
             except SipParseError:
                 return False
@@ -958,7 +958,7 @@ class SipUserAgent:
         if request.method in ("ACK", "CANCEL"):
             return False
         try:
-            to_tag = request.to.tag
+            to_tag = request.to_tag
             if to_tag is None:
                 return True
             return (request.call_id, to_tag) not in self._dialogs
@@ -984,7 +984,7 @@ class SipUserAgent:
             self._cancel_received(request, key, cancels)
             return
         try:
-            to_tag = request.to.tag
+            to_tag = request.to_tag
         except SipParseError:
             self._respond(key, request, 400)
             return
@@ -1071,7 +1071,7 @@ class SipUserAgent:
 
     def _ack_received(self, ack: SipRequest) -> None:
         try:
-            call = self._dialogs.get((ack.call_id, ack.to.tag or ""))
+            call = self._dialogs.get((ack.call_id, ack.to_tag or ""))
         except SipParseError:
             return
         if call is None:
@@ -1121,7 +1121,7 @@ class SipUserAgent:
 
     def _in_dialog(self, request: SipRequest, key: TransactionKey, to_tag: str) -> None:
         call = self._dialogs.get((request.call_id, to_tag))
-        if call is None or request.from_.tag != call.dialog.remote_tag:
+        if call is None or request.from_tag != call.dialog.remote_tag:
             self._respond(key, request, 481)
             return
         try:
