@@ -28,6 +28,8 @@ __all__ = ["DumpWriter", "EventDump", "dump_path_for", "dump_writer"]
 
 #: Operations queued for the writer thread at most; beyond, lines are dropped (and one warning per dump says so).
 MAX_QUEUED = 100_000
+#: How long the writer waits for more work before it sleeps until woken.
+LINGER_S = 0.005
 
 
 def dump_path_for(directory: str, sid: str) -> str:
@@ -42,15 +44,18 @@ class DumpWriter:
     The thread starts with the first job; :meth:`drain` waits for what is
     queued so far; :meth:`stop` drains and ends the thread (run at interpreter
     exit for the process's writer, so a clean shutdown writes every line).
-    Queueing is a deque append; the thread is woken only when it went idle,
-    so a busy daemon does not hand the GIL back and forth for every line.
+    Queueing is a deque append.  The thread is woken only when it went idle,
+    and before going idle it lingers ``linger_s`` for more lines, so a busy
+    daemon wakes it (and hands it the GIL) a few hundred times a second at
+    most, not once per line; a line waits ``linger_s`` at most.
     """
 
     _log = Logger()
 
-    def __init__(self, max_queued: int = MAX_QUEUED) -> None:
+    def __init__(self, max_queued: int = MAX_QUEUED, linger_s: float = LINGER_S) -> None:
         self._jobs: deque[Optional[Callable[[], None]]] = deque()
         self._max_queued = max_queued
+        self._linger_s = linger_s
         self._wake = threading.Event()
         self._idle = False
         self._thread: Optional[threading.Thread] = None
@@ -103,13 +108,18 @@ class DumpWriter:
                     job()
                 except Exception:  # the thread is the boundary: one dump's failure must not stop the others
                     self._log.failure("event dump job failed")
-            # Clear, then say idle, then look again: a job queued in between is never left waiting.
-            self._wake.clear()
+            # More lines usually follow within milliseconds: take them in one batch.
+            # (Nobody sets the event while the thread is not idle: this is a timed pause.)
+            self._wake.wait(self._linger_s)
+            if jobs:
+                continue
+            # Say idle, then look again: a job queued in between is never left waiting.
             self._idle = True
             if jobs:
                 self._idle = False
                 continue
             self._wake.wait()
+            self._wake.clear()
 
 
 _writer: Optional[DumpWriter] = None
