@@ -25,11 +25,9 @@ from zope.interface import implementer
 
 from activecall.call.events import (
     INPUT_EVENTS, CallAnswered, CallDeclined, CallEnded, CallEvent, CallInactive, CallOffered, CustomSent,
-    DtmfReceived, ErrorOccurred, HistoryAdded, HoldChanged, InputTimedOut, MediaArrived, MessageReceived,
-    PlayInterrupted, RingingReported, TrackEnded, TrackStarted, TransferRequested,
+    DtmfReceived, ErrorOccurred, HistoryAdded, HoldChanged, MediaArrived, MessageReceived, RingingReported,
+    TrackEnded, TrackStarted, TransferRequested,
 )
-from activecall.call.fileplay import load_audio
-from activecall.call.playback import FilePlay, SstSource, TtsPlay, split_sentences, strip_emoji
 from activecall.call.record import (
     CallRecord, RecordedHangupReason, RecorderFile, build_call_record, hangup_reason_from_name,
 )
@@ -37,14 +35,13 @@ from activecall.call.recording import CallRecording, recording_file
 from activecall.call.recordstore import file_sizes
 from activecall.call.services import CallServices, PendingInbound
 from activecall.call.transfer import BlindTransfer, BridgedTransfer
-from activecall.call.tts import Speech, TtsJob
+from activecall.call.track import ServerSideTrack
 from activecall.clock import CallClock
 from activecall.fileio import UnsafePathError
 from activecall.media.tracks import (
     FanOut, IInboundLeg, ILeg, ILegDialer, ILegEvents, LegOptionError, LegRejectedError, LegSetupError,
 )
 from activecall.options import CallOption, CommandError, ReferOption, SynthesisOption
-from activecall.speech.interfaces import UnknownProviderError
 from activecall.timefmt import format_rfc3339
 
 _INACTIVITY_CHECK_S = 1.0
@@ -108,7 +105,7 @@ class CallController:
         self._observer = observer
         self._pending = pending
         self._dump_path = dump_path
-        self._timers = CallClock(services.clock)
+        self.timers = CallClock(services.clock)
         self.option: Optional[CallOption] = None
         self.leg: Optional[ILeg] = None
         self.created_at = services.clock.seconds()
@@ -120,11 +117,7 @@ class CallController:
         self.caller_audio = FanOut()
         self._gate = _CallerGate(self.caller_audio)
         self._events = _MainLegEvents(self)
-        self._agent: Optional[SstSource] = None
-        self._mute_agent = False
-        self._subscribed = False
-        self._speech = Speech(self, services)
-        self._wait_input: Any = None
+        self.track = ServerSideTrack(self)
         self._watch_from = self.created_at
         self._inbound: Optional[IInboundLeg] = None
         self._dialing: Optional[Deferred[Any]] = None
@@ -152,9 +145,8 @@ class CallController:
 
     def report(self, event: CallEvent) -> None:
         """Tell the observer; the caller's reaction cancels a pending waitInputTimeout."""
-        if self._wait_input is not None and isinstance(event, INPUT_EVENTS):
-            self._timers.cancel(self._wait_input)
-            self._wait_input = None
+        if isinstance(event, INPUT_EVENTS):
+            self.track.input_arrived()
         self._observer.call_event(event)
 
     def error(self, message: str, sender: str = "command", track: Optional[str] = None, code: Optional[int] = None) -> None:
@@ -164,7 +156,7 @@ class CallController:
     @property
     def pending_timers(self) -> int:
         """Timers still scheduled for this call (0 after hangup)."""
-        return self._timers.pending
+        return self.timers.pending
 
     # -- outbound ---------------------------------------------------------
 
@@ -217,7 +209,7 @@ class CallController:
             leg.close().addErrback(lambda f: None)
             return
         self.leg = leg
-        leg.attach(self, self._gate, self._events)
+        leg.attach(self.track, self._gate, self._events)
         self._answered()
         self.report(CallAnswered(self.now(), self.sid, leg.answer_sdp, refer=False))
         self._after_answer(option, sender=sender)
@@ -310,7 +302,7 @@ class CallController:
             return False
         self._inbound = inbound
         self.leg = inbound
-        inbound.attach(self, self._gate, self._events)
+        inbound.attach(self.track, self._gate, self._events)
         self.report(TrackStarted(self.now(), self.sid))
         return True
 
@@ -335,14 +327,14 @@ class CallController:
         """What every answered leg gets: processors, recording, the inactivity watch, ``subscribe``."""
         assert self.leg is not None
         # subscribe mirrors SIP/WebRTC audio to the socket; /call already carries audio.
-        self._subscribed = option.subscribe and not self.leg.audio_on_control_socket
-        if self._subscribed:
+        if option.subscribe and not self.leg.audio_on_control_socket:
             self.caller_audio.add(_ClientMirror(self._observer))
+            self.track.mirror = self._observer.client_audio
         self._report_unavailable_processors(option, sender=sender)
         self._start_recording(option)
         if option.inactivity_timeout:
             self._watch_from = self.now()
-            self._timers.call_later(_INACTIVITY_CHECK_S, self._check_inactivity)
+            self.timers.call_later(_INACTIVITY_CHECK_S, self._check_inactivity)
 
     def _report_unavailable_processors(self, option: CallOption, sender: str) -> None:
         # Speech recognition and VAD engines join in later layers; name what this
@@ -373,6 +365,7 @@ class CallController:
             return
         self._recording = CallRecording(recorder, path, self.media_rate_hz)
         self.caller_audio.add(self._recording)
+        self.track.recording = self._recording
 
     def _check_inactivity(self) -> None:
         assert self.option is not None and self.option.inactivity_timeout
@@ -382,213 +375,51 @@ class CallController:
             self.report(CallInactive(self.now(), self.sid))
             self.hangup("inactivityTimeout", "system")
             return
-        self._timers.call_later(_INACTIVITY_CHECK_S, self._check_inactivity)
+        self.timers.call_later(_INACTIVITY_CHECK_S, self._check_inactivity)
 
     # -- the agent's audio (server-side track) --------------------------------
 
-    @property
-    def agent_source(self) -> Optional[SstSource]:
-        """What plays on the server-side track now."""
-        return self._agent
-
-    def read_frame(self) -> Optional[bytes]:
-        """The leg pulls the agent's next frame (the call is its AudioSource)."""
-        source = self._agent
-        if source is not None and source.finished:
-            # Its last frame left on the previous pull: the track ends after its audio.
-            self.end_play(source, interrupted=isinstance(source, TtsPlay) and source.stop_after_current)
-            source = self._agent
-        frame = None
-        if source is not None:
-            frame = source.read_frame()
-            if frame is not None:
-                if self._mute_agent:
-                    frame = bytes(len(frame))
-                if self._subscribed:
-                    self._observer.client_audio(b"\x00" + frame)  # subscribe: agent audio on SST
-        if self._recording is not None and not self.ended:
-            self._recording.agent_frame(frame)
-        return frame
-
-    def set_agent_source(self, source: SstSource) -> None:
-        """Play ``source`` on the server-side track (what was there must have been cut)."""
-        self._agent = source
-
-    def drop_agent_source(self, source: SstSource) -> None:
-        """Stop ``source`` without a trackEnd (a transfer bridge whose leg ended)."""
-        if self._agent is source:
-            self._agent = None
-            source.cancel()
-
-    def end_play(self, source: SstSource, interrupted: bool) -> None:
-        """Emit the track's trackEnd; a normal end arms autoHangup or waitInputTimeout."""
-        if self._agent is source:
-            self._agent = None
-        source.cancel()
-        self.report(TrackEnded(self.now(), self.sst, self.now() - source.started_at, source.ssrc, source.play_id))
-        if interrupted or self.ended:
-            return
-        if source.auto_hangup:
-            self.hangup("bySystem", "system")
-        elif source.wait_input_timeout_ms:
-            self._arm_wait_input(source.wait_input_timeout_ms)
-
-    def _arm_wait_input(self, timeout_ms: int) -> None:
-        started = self.now()
-
-        def expired() -> None:
-            self._wait_input = None
-            self.report(InputTimedOut(self.now(), self.sst, started, timeout_ms))
-
-        self._timers.cancel(self._wait_input)
-        self._wait_input = self._timers.call_later(timeout_ms / 1000.0, expired)
-
-    def cut_agent_audio(self) -> None:
-        """Stop whatever plays on the server-side track now: ``interruption`` for TTS, then ``trackEnd``."""
-        source = self._agent
-        if source is None:
-            return
-        if isinstance(source, TtsPlay):
-            self._report_interruption(source)
-        self.end_play(source, interrupted=True)
-
-    def _report_interruption(self, play: TtsPlay) -> None:
-        subtitle, total_ms, current_ms = play.interruption_info()
-        self.report(PlayInterrupted(self.now(), self.sst, play.play_id, subtitle, total_ms, current_ms))
-
-    def interrupt(self, graceful: bool = False) -> None:
-        """Stop the agent's audio; ``graceful`` lets the sentence being spoken finish."""
-        source = self._agent
-        if source is None:
-            return
-        if isinstance(source, TtsPlay) and graceful and not source.streaming:
-            self._report_interruption(source)
-            source.cut_after_current()
-            return
-        self.cut_agent_audio()
-
-    def pause(self, paused: bool) -> None:
-        """Pause or resume what plays on the server-side track."""
-        if self._agent is None:
-            self.error(f"track not found: {self.sst}")
-            return
-        self._agent.paused = paused
-
-    def mute(self, track: Optional[str], muted: bool) -> None:
-        """Mute (or unmute) the agent's track, the caller's, or both (``track`` None)."""
-        if track is None:
-            self._mute_agent = self._gate.muted = muted
-        elif track == self.sst:
-            self._mute_agent = muted
-        elif track == self.sid:
-            self._gate.muted = muted
-        else:
-            raise NotAllowedError(f"unknown track {track}")
-
-    def _require_leg(self) -> ILeg:
+    def require_leg(self) -> ILeg:
+        """The call's leg; an operation that needs media is not allowed before there is one."""
         if self.leg is None:
             raise NotAllowedError("the call is not started")
         return self.leg
 
-    # -- play ------------------------------------------------------------
-
     def play(self, url: str, play_id: Optional[str] = None, auto_hangup: bool = False,
              wait_input_timeout_ms: Optional[int] = None, offset_ms: Optional[int] = None) -> None:
         """Play an audio file or URL on the server-side track, cutting what played."""
-        self._require_leg()
-        self.play_file(url, play_id, auto_hangup=auto_hangup, wait_input_timeout_ms=wait_input_timeout_ms,
-                       offset_ms=offset_ms)
-
-    def play_file(self, url: str, play_id: Optional[str], loop: bool = False, auto_hangup: bool = False,
-                  wait_input_timeout_ms: Optional[int] = None, offset_ms: Optional[int] = None) -> FilePlay:
-        """Start a file play (trackStart at once; the audio when loaded)."""
-        leg = self._require_leg()
-        self.cut_agent_audio()
-        play_id = play_id if play_id is not None else url
-        source = FilePlay(play_id, self.services.ids.ssrc(), leg.frame_bytes, self.now(), url, loop=loop)
-        source.auto_hangup = auto_hangup
-        source.wait_input_timeout_ms = wait_input_timeout_ms
-        rate = int(leg.media_rate_hz)
-        offset_bytes = int(offset_ms or 0) * rate // 1000 * 2
-        self.report(TrackStarted(self.now(), self.sst, play_id))
-        self.set_agent_source(source)
-        d = load_audio(self.services, url, rate)
-        source.loader = d
-
-        def loaded(pcm: bytes) -> None:
-            source.loader = None
-            source.loaded(pcm, offset_bytes)
-
-        def failed(f: Failure) -> None:
-            source.loader = None
-            if f.check(CancelledError):
-                return
-            message = f.getErrorMessage() or f.type.__name__
-            self._log.info("play of {url} failed: {message}", url=url, message=message)
-            if self._agent is source:
-                self.error(message, sender=f"filetrack: {url}", track=self.sst)
-                source.failed = True
-                self.end_play(source, interrupted=True)
-
-        d.addCallbacks(loaded, failed)
-        return source
-
-    # -- tts ---------------------------------------------------------------
+        self.require_leg()
+        self.track.play_file(url, play_id, auto_hangup=auto_hangup, wait_input_timeout_ms=wait_input_timeout_ms,
+                             offset_ms=offset_ms)
 
     def say(self, text: str, *, play_id: Optional[str] = None, option: Optional[SynthesisOption] = None,
             speaker: Optional[str] = None, streaming: bool = False, end_of_stream: bool = False,
             base64_pcm: Optional[bytes] = None, cache_key: Optional[str] = None, auto_hangup: bool = False,
             wait_input_timeout_ms: Optional[int] = None) -> None:
-        """Speak ``text`` (or a chunk of streamed text, or ready-made PCM) on the server-side track.
+        """Speak ``text`` (or a chunk of streamed text, or ready-made PCM) on the server-side track."""
+        self.require_leg()
+        self.track.say(text, play_id=play_id, option=option, speaker=speaker, streaming=streaming,
+                       end_of_stream=end_of_stream, base64_pcm=base64_pcm, cache_key=cache_key,
+                       auto_hangup=auto_hangup, wait_input_timeout_ms=wait_input_timeout_ms)
 
-        Chunks with the play id of the TTS play in progress join it; anything else cuts
-        what played and starts a new play.
-        """
-        leg = self._require_leg()
-        base = self.option.tts if self.option is not None else None
-        if option is not None:
-            option = option.merged_over(base) if base is not None else option
+    def interrupt(self, graceful: bool = False) -> None:
+        """Stop the agent's audio; ``graceful`` lets the sentence being spoken finish."""
+        self.track.interrupt(graceful)
+
+    def pause(self, paused: bool) -> None:
+        """Pause or resume what plays on the server-side track."""
+        self.track.pause(paused)
+
+    def mute(self, track: Optional[str], muted: bool) -> None:
+        """Mute (or unmute) the agent's track, the caller's, or both (``track`` None)."""
+        if track is None:
+            self.track.muted = self._gate.muted = muted
+        elif track == self.sst:
+            self.track.muted = muted
+        elif track == self.sid:
+            self._gate.muted = muted
         else:
-            option = base
-        if option is None or not option.provider:
-            self.error("TTS type not found: no tts provider in the call or command option")
-            return
-        try:
-            provider = self.services.synthesizers.resolve(option.provider)
-        except UnknownProviderError as e:
-            self.error(str(e))
-            return
-        option = option.with_defaults()
-        current = self._agent
-        if isinstance(current, TtsPlay) and current.play_id == play_id and not current.finished and not current.stop_after_current:
-            play = current
-        else:
-            self.cut_agent_audio()
-            rate = int(leg.media_rate_hz)
-            play = TtsPlay(play_id, self.services.ids.ssrc(), leg.frame_bytes, self.now(), streaming, rate * 2 / 1000)
-            self.report(TrackStarted(self.now(), self.sst, play_id))
-            self.set_agent_source(play)
-        play.auto_hangup = play.auto_hangup or auto_hangup
-        if wait_input_timeout_ms is not None:
-            play.wait_input_timeout_ms = wait_input_timeout_ms
-        job = TtsJob(provider, option, speaker or option.speaker, cache_key, self.command_seq)
-        if base64_pcm is not None and not play.streaming:
-            self._speech.queue_pcm(play, base64_pcm, option)
-        elif play.streaming:
-            play.pending_text += strip_emoji(text)
-            sentences, play.pending_text = split_sentences(play.pending_text)
-            if end_of_stream and play.pending_text.strip():
-                sentences.append(play.pending_text.strip())
-                play.pending_text = ""
-            for sentence in sentences:
-                self._speech.queue_sentence(play, sentence, job, cacheable=False)
-        else:
-            stripped = strip_emoji(text).strip()
-            if stripped:
-                self._speech.queue_sentence(play, stripped, job, cacheable=True)
-        if end_of_stream:
-            play.end_of_stream = True
-            play.pending_text = play.pending_text.strip()
+            raise NotAllowedError(f"unknown track {track}")
 
     # -- transfer -----------------------------------------------------------
 
@@ -643,12 +474,12 @@ class CallController:
             return
         if recorded_reason is not None and self._recorded_reason is None:
             self._recorded_reason = recorded_reason
-        self.cut_agent_audio()
+        self.track.cut()
         self.ended = True
         self.hangup_reason = reason
         if self._recorded_reason is None:
             self._recorded_reason = hangup_reason_from_name(reason)
-        self._timers.cancel_all()
+        self.timers.cancel_all()
         if self._recording is not None:
             path = self._recording.path
             self._recorder_closed = self._recording.close()

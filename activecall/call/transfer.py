@@ -64,10 +64,10 @@ class BridgedTransfer:
     async def run(self, callee: str, caller: Optional[str]) -> None:
         """Dial the target with music on hold (or a bridge trackStart), then bridge it."""
         c, options = self._call, self._options
-        c.cut_agent_audio()
+        c.track.cut()
         moh: Optional[FilePlay] = None
         if options.moh:
-            moh = self._moh = c.play_file(options.moh, play_id=None, loop=True)
+            moh = self._moh = c.track.play_file(options.moh, play_id=None, loop=True)
         else:
             c.report(TrackStarted(c.now(), c.sst))
         call_id = options.call_id or f"ref-{c.services.ids.bits(32)}-{c.sid}"
@@ -89,8 +89,8 @@ class BridgedTransfer:
         except (LegRejectedError, LegSetupError, CancelledError, TimeoutError) as e:
             self._dialing = None
             c.transfer_finished(self)
-            if moh is not None and c.agent_source is moh:
-                c.end_play(moh, interrupted=True)
+            if moh is not None and c.track.source is moh:
+                c.track.end_play(moh, interrupted=True)
             if self._ended:
                 return  # ended while dialing (hangup): the attempt was cancelled
             if isinstance(e, LegRejectedError):
@@ -106,8 +106,8 @@ class BridgedTransfer:
         if c.ended or self._ended:
             leg.close().addErrback(lambda f: None)
             return
-        if moh is not None and c.agent_source is moh:
-            c.end_play(moh, interrupted=True)
+        if moh is not None and c.track.source is moh:
+            c.track.end_play(moh, interrupted=True)
         assert c.leg is not None
         bridge = BridgeSource(c.services.ids.ssrc(), c.leg.frame_bytes, c.now())
         self._bridge = bridge
@@ -117,7 +117,7 @@ class BridgedTransfer:
         self.answered_at = c.now()
         leg.attach(self._to_target, bridge, _TransferLegEvents(self))
         c.caller_audio.add(self._to_target)
-        c.set_agent_source(bridge)
+        c.track.set_source(bridge)
         c.report(CallAnswered(c.now(), c.sst, leg.answer_sdp, refer=True))
 
     def end(self, reason: str, initiator: str, send_bye: bool, headers: Optional[Mapping[str, str]] = None) -> None:
@@ -134,7 +134,7 @@ class BridgedTransfer:
         c.caller_audio.remove(self._to_target)
         bridge, self._bridge = self._bridge, None
         if bridge is not None:
-            c.drop_agent_source(bridge)
+            c.track.drop(bridge)
         now = c.now()
         started = self.answered_at or now
         c.report(TrackEnded(now, c.sst, now - started, leg.ssrc if leg is not None else 0))

@@ -123,7 +123,7 @@ class OutboundTests(_Case):
         self.assertEqual(self.obs.kinds(), ["TrackStarted", "RingingReported", "CallAnswered"])
         self.assertTrue(self.obs.events[1].early_media)
         self.assertEqual(self.obs.events[2].sdp, "v=0 answer")
-        self.assertIs(leg.source, c)
+        self.assertIs(leg.source, c.track)
         c.hangup("byClient", "client", {"X-Extra": "1"})
         ended = self.obs.of(ce.TrackEnded)[-1]
         self.assertEqual((ended.track, ended.ssrc), (SID, 99))
