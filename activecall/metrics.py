@@ -8,15 +8,15 @@ Two kinds of metrics:
 * **observed** ones, updated where the event happens, at most once per media
   tick or per provider request: the media tick lateness histogram
   (:attr:`DaemonMetrics.tick_lateness`, fed by ``MediaClock``) and provider
-  latency/errors (:func:`observe_provider`);
+  latency/errors (:meth:`DaemonMetrics.observe_provider`, injected into the call layer);
 * **collected** ones, read at scrape time by :class:`DaemonCollector` from the
   counters the SIP stack, user agent, guard, pending registry, sessions and
   RTP legs already keep.  Nothing is added to the per-packet path: RTP
   figures are sums over the legs of the calls in progress when scraped.
 
 The daemon builds one :class:`DaemonMetrics` (its own ``CollectorRegistry``,
-never the global default one) in ``tap.py`` and :func:`install`\\ s it so
-provider call sites can report with the module-level :func:`observe_provider`.
+never the global default one) in ``tap.py`` and hands its ``observe_provider``
+to the provider call sites (``CallServices.observe_provider``).
 """
 
 from __future__ import annotations
@@ -31,9 +31,6 @@ from prometheus_client.registry import Collector
 __all__ = [
     "DaemonMetrics",
     "DaemonCollector",
-    "install",
-    "installed",
-    "observe_provider",
     "TICK_LATENESS_BUCKETS_S",
 ]
 
@@ -76,27 +73,6 @@ class DaemonMetrics:
     def render(self) -> tuple[bytes, str]:
         """The text exposition and its content type, for ``GET /metrics``."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
-
-
-_installed: DaemonMetrics | None = None
-
-
-def install(metrics: DaemonMetrics | None) -> None:
-    """Make ``metrics`` the target of :func:`observe_provider` (tap.py; None uninstalls)."""
-    global _installed
-    _installed = metrics
-
-
-def installed() -> DaemonMetrics | None:
-    """The installed metrics, if any."""
-    return _installed
-
-
-def observe_provider(kind: str, provider: str, seconds: float | None, error: bool = False) -> None:
-    """Report one provider request (``kind`` ``"tts"``/``"asr"``/``"llm"``); a no-op until :func:`install`."""
-    metrics = _installed
-    if metrics is not None:
-        metrics.observe_provider(kind, provider, seconds, error)
 
 
 def _jitter_s(leg: Any) -> float | None:

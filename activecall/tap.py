@@ -132,7 +132,7 @@ def makeService(options: Options) -> service.IService:
     from activecall.handlers.router import build_router
     from activecall.sip.registration import RegistrationService, fixed_retry
     from activecall.sip.security import SipGuard, registrar_hosts
-    from activecall.metrics import DaemonCollector, DaemonMetrics, install as install_metrics
+    from activecall.metrics import DaemonCollector, DaemonMetrics
     from activecall.systemd import SystemdNotify
     from activecall.legs.sip import SipDialer, SipInboundFactory, SipMedia
     from activecall.legs.rtp import RtpMediaEngine
@@ -170,7 +170,6 @@ def makeService(options: Options) -> service.IService:
         synthesizers, reactor=reactor, clock=reactor, threadpool=threadpool,
         http_client=http_client, environ=os.environ, models_dir=config.models_dir, fetch=config.fetch)
     metrics = DaemonMetrics()
-    install_metrics(metrics)
     media_clock = MediaClock(reactor, observe_lateness=metrics.tick_lateness.observe)
     services = CallServices(
         clock=reactor,
@@ -185,6 +184,7 @@ def makeService(options: Options) -> service.IService:
         auto_record=config.recording.enabled and bool(config.recording.auto_start),
         recording_path=config.recording.path,
         models_dir=config.models_dir,
+        observe_provider=metrics.observe_provider,
     )
     if config.callrecord is not None:
         try:

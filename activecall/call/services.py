@@ -53,6 +53,10 @@ class PendingInbound(Protocol):
         """Its client went away before answering."""
 
 
+def _not_observed(kind: str, provider: str, seconds: Optional[float], error: bool = False) -> None:
+    """Provider measurements go nowhere (no /metrics)."""
+
+
 @dataclass
 class CallServices:
     """Shared, process-wide collaborators of calls; nothing here is global state."""
@@ -85,3 +89,5 @@ class CallServices:
     models_dir: str = "./models"
     # Local files `play` may read ([fetch] media_dirs); anything else is refused.
     media_dirs: tuple[str, ...] = ("./config/media",)
+    # One provider request: observe_provider(kind, provider, seconds to first byte or None, error).
+    observe_provider: Callable[[str, str, Optional[float], bool], None] = _not_observed

@@ -12,7 +12,6 @@ from activecall.call.events import CallEvent, ErrorOccurred, MetricsMeasured
 from activecall.call.playback import Sentence, TtsPlay, strip_emoji
 from activecall.call.services import CallServices
 from activecall.media.mixer import apply_gain
-from activecall.metrics import observe_provider
 from activecall.options import SynthesisOption
 from activecall.media.resample import Resampler
 from activecall.media.cache import validate_key
@@ -280,7 +279,7 @@ class _SentenceSynthesis:
         if f.check(CancelledError) or self._sentence.done:
             return
         self._sentence.done = True
-        observe_provider("tts", self._job.provider, None, error=True)
+        self._services.observe_provider("tts", self._job.provider, None, True)
         self._log.info("TTS {p} failed: {e}", p=self._job.provider, e=f.getErrorMessage())
         if not self._host.ended:
             self._speech.error(f"TTS {self._job.provider} failed: {f.getErrorMessage()}", code=500)
@@ -289,7 +288,7 @@ class _SentenceSynthesis:
         now = self._host.now()
         ttfb = int(((self._first_audio or now) - self._started) * 1000)
         if not cached:
-            observe_provider("tts", self._job.provider, (self._first_audio or now) - self._started)
+            self._services.observe_provider("tts", self._job.provider, (self._first_audio or now) - self._started, False)
         data: dict[str, Any] = {
             "playId": self._play.play_id,
             "cmdSeq": self._job.cmd_seq,

@@ -9,11 +9,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from activecall import metrics as metrics_module
 from activecall.handlers.pending import PendingCalls
 from activecall.ids import IdSource
 from activecall.media.clock import MediaClock
-from activecall.metrics import DaemonCollector, DaemonMetrics, observe_provider
+from activecall.metrics import DaemonCollector, DaemonMetrics
 from activecall.sip.message import parse_message
 from activecall.sip.security import RateLimiter, SipAcl, SipGuard
 from activecall.sip.transport import SipDatagramProtocol, SipStack
@@ -81,13 +80,10 @@ class DaemonMetricsTests(SynchronousTestCase):
         self.assertEqual(samples(b)[("activecall_media_tick_lateness_seconds_count", ())], 0.0)
 
     def test_observe_provider(self) -> None:
-        """observe_provider records latency for successes and counts errors, once installed."""
+        """observe_provider records latency for successes and counts errors."""
         m = DaemonMetrics()
-        observe_provider("tts", "openai", 0.3)  # nothing installed: a no-op
-        metrics_module.install(m)
-        self.addCleanup(metrics_module.install, None)
-        observe_provider("tts", "openai", 0.3)
-        observe_provider("tts", "openai", None, error=True)
+        m.observe_provider("tts", "openai", 0.3)
+        m.observe_provider("tts", "openai", None, error=True)
         got = samples(m)
         labels = (("kind", "tts"), ("provider", "openai"))
         self.assertEqual(got[("activecall_provider_latency_seconds_count", labels)], 1.0)
@@ -199,8 +195,6 @@ class TtsProviderMetricsTests(SynchronousTestCase):
         from activecall.testing import FakeSynthesizer
 
         m = DaemonMetrics()
-        metrics_module.install(m)
-        self.addCleanup(metrics_module.install, None)
         clock = Clock()
         synth = FakeSynthesizer(clock, ms_per_char=20, chunk_ms=100, chunk_interval_s=0.01)
         if fail:
@@ -209,7 +203,8 @@ class TtsProviderMetricsTests(SynchronousTestCase):
         registry.register("fake", lambda settings: synth)
         services = CallServices(clock=clock, media_clock=MediaClock(clock), ids=IdSource(random.Random(7)),
                                 synthesizers=registry, cache=MediaCache(tempfile.mkdtemp()),
-                                run_blocking=lambda f, *a: maybeDeferred(f, *a), fetch_url=lambda url: succeed(b""))
+                                run_blocking=lambda f, *a: maybeDeferred(f, *a), fetch_url=lambda url: succeed(b""),
+                                observe_provider=m.observe_provider)
 
         class Observer:
             def call_event(self, event: Any) -> None:
