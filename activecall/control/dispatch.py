@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred
 
 from activecall.call import events as ce
 from activecall.call.controller import CallController, NotAllowedError
-from activecall.call.record import hangup_reason_from_command
+from activecall.call.record import command_event_reason, hangup_reason_from_command
 from activecall.control import commands as cmds
 from activecall.control import events as ev
 from activecall.timefmt import format_rfc3339
@@ -74,7 +74,7 @@ def _play(c: CallController, cmd: cmds.PlayCommand) -> None:
 
 
 def _hangup(c: CallController, cmd: cmds.HangupCommand) -> None:
-    reason, initiator = cmd.reason or "byClient", cmd.initiator or "client"
+    reason, initiator = command_event_reason(cmd.reason), cmd.initiator or "client"
     headers = dict(cmd.headers or {})
     if cmd.refer:
         c.end_transfer(reason, initiator, headers)
