@@ -143,6 +143,15 @@ class Headers:
     def _changed(self) -> None:
         self._cache = None
 
+    def forget_parsed(self) -> None:
+        """Drop the kept typed views (they are parsed again when read).
+
+        For a message that is done with but stays referenced (a transaction
+        keeps its request up to 32 s): its views would otherwise keep tens of
+        objects per message alive for the cyclic GC to scan again and again.
+        """
+        self._cache = None
+
     def _memo(self, key: str, compute: Callable[[], _T]) -> _T:
         """``compute()``, remembered under ``key`` until the headers change (errors are not remembered)."""
         cache = self._cache
@@ -420,7 +429,7 @@ def _format_params(params: Params) -> str:
 # ---------------------------------------------------------------- typed headers
 
 
-@dataclass
+@dataclass(slots=True)
 class Via:
     """One Via header value: ``SIP/2.0/UDP host:port;branch=...;rport``."""
 
@@ -515,7 +524,7 @@ def parse_via(value: str) -> list[Via]:
     return vias
 
 
-@dataclass
+@dataclass(slots=True)
 class NameAddr:
     """``[display] <uri>;params`` or ``uri;params`` (From, To, Contact, Route ...).
 
@@ -619,7 +628,7 @@ def parse_contacts(values: Iterable[str]) -> list[NameAddr] | Literal["*"]:
     return parse_name_addr_list(values)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CSeq:
     """``CSeq: <seq> <method>``."""
 
@@ -638,7 +647,7 @@ def parse_cseq(value: str) -> CSeq:
     return CSeq(bounded_int(parts[0], "CSeq number", MAX_CSEQ), parts[1])
 
 
-@dataclass
+@dataclass(slots=True)
 class AuthHeader:
     """``scheme param=value, ...`` of WWW-/Proxy-Authenticate and (Proxy-)Authorization.
 
@@ -692,6 +701,8 @@ class _Accessors:
     mutation of ``headers`` forgets it); mutable views (Via, NameAddr, lists)
     are returned as copies, so changing one never changes the next read.
     """
+
+    __slots__ = ()
 
     headers: Headers
     body: bytes
@@ -807,7 +818,7 @@ class _Accessors:
         return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape") + bytes(self.body)
 
 
-@dataclass(eq=True)
+@dataclass(eq=True, slots=True)
 class SipRequest(_Accessors):
     """A SIP request.  ``uri`` may be a placeholder in a :class:`SipParseError`'s partial."""
 
@@ -826,7 +837,7 @@ class SipRequest(_Accessors):
         return SipRequest(self.method, self.uri.copy(), self.headers.copy(), self.body, self.version)
 
 
-@dataclass(eq=True)
+@dataclass(eq=True, slots=True)
 class SipResponse(_Accessors):
     """A SIP response."""
 

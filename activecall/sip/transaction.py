@@ -86,7 +86,7 @@ class BranchSource(Protocol):
         ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TimerConfig:
     """RFC 3261 timer base values, in seconds (§17.1.1.1 and table 4)."""
 
@@ -96,7 +96,7 @@ class TimerConfig:
     trying_delay: float = 0.2  # INVITE server: send 100 if the TU is silent this long (§17.2.1)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TransactionKey:
     """Identifies a transaction: branch, sent-by (server side only) and method (ACK counts as INVITE)."""
 
@@ -106,7 +106,7 @@ class TransactionKey:
     server: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Transmit:
     """Send ``data`` to ``addr``; report failures with :meth:`TransactionLayer.transport_failed`."""
 
@@ -115,7 +115,7 @@ class Transmit:
     key: TransactionKey | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DeliverRequest:
     """A new request for the TU; ``server_txn_key`` is None for an ACK to a 2xx.
 
@@ -129,7 +129,7 @@ class DeliverRequest:
     cancels: TransactionKey | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DeliverResponse:
     """A response for the TU's client transaction."""
 
@@ -137,7 +137,7 @@ class DeliverResponse:
     client_txn_key: TransactionKey
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TransactionTimeout:
     """Timer B/F (client: answer yourself with 408) or Timer H (server: no ACK came)."""
 
@@ -145,7 +145,7 @@ class TransactionTimeout:
     request: SipRequest
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AckTimeout:
     """A 2xx to an INVITE was retransmitted for 64*T1 with no ACK: the TU should send BYE."""
 
@@ -153,7 +153,7 @@ class AckTimeout:
     response: SipResponse
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TransportError:
     """Sending failed; the transaction is gone (client TU: treat as 503)."""
 
@@ -161,14 +161,14 @@ class TransportError:
     request: SipRequest
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TransactionTerminated:
     """The transaction reached Terminated and was forgotten."""
 
     key: TransactionKey
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MessageDropped:
     """A message was absorbed or discarded; ``reason`` says why (for counters and debug logs)."""
 
@@ -253,6 +253,8 @@ def build_cancel(request: SipRequest) -> SipRequest:
 class _Transaction:
     """Timer bookkeeping shared by client and server transactions."""
 
+    __slots__ = ("key", "request", "addr", "reliable", "cfg", "state", "timers", "armed", "_intervals")
+
     def __init__(self, key: TransactionKey, request: SipRequest, addr: Address, reliable: bool,
                  timers: TimerConfig) -> None:
         self.key = key
@@ -311,6 +313,8 @@ class ClientTransaction(_Transaction):
         trying --1xx--> proceeding --final--> completed --Timer K--> terminated
            \\-- Timer F / transport error --> terminated (timeout reported)
     """
+
+    __slots__ = ("is_invite", "_wire", "_ack", "last_response")
 
     def __init__(self, key: TransactionKey, request: SipRequest, addr: Address, reliable: bool,
                  timers: TimerConfig) -> None:
@@ -405,6 +409,8 @@ class ServerTransaction(_Transaction):
 
         trying --1xx--> proceeding --final--> completed --Timer J--> terminated
     """
+
+    __slots__ = ("is_invite", "last_response", "_last_wire", "acked")
 
     def __init__(self, key: TransactionKey, request: SipRequest, addr: Address, reliable: bool,
                  timers: TimerConfig) -> None:

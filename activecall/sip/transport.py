@@ -23,6 +23,7 @@ counted in :attr:`SipStack.counters` and logged at debug.
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 from collections.abc import Callable
 from typing import Any, Protocol as TypingProtocol
@@ -120,6 +121,8 @@ class SipStack:
         self._ids = ids
         self._shards = [TransactionLayer(ids, timers) for _ in range(shards)]
         self._deadlines = [_INF] * shards
+        # (deadline, shard) pushed whenever a shard's deadline changes; stale entries are skipped.
+        self._due: list[tuple[float, int]] = []
         self._dirty: set[int] = set()
         self._timer: IDelayedCall | None = None
         self._timer_at = _INF
@@ -171,13 +174,20 @@ class SipStack:
 
     def _finish(self) -> None:
         """Refresh dirty shard deadlines and re-arm the single callLater at the earliest."""
+        deadlines, due = self._deadlines, self._due
         if self._dirty:
-            shards, deadlines = self._shards, self._deadlines
+            shards = self._shards
             for i in self._dirty:
                 d = shards[i].deadline()
-                deadlines[i] = _INF if d is None else d
+                d = _INF if d is None else d
+                if d != deadlines[i]:
+                    deadlines[i] = d
+                    if d != _INF:
+                        heapq.heappush(due, (d, i))
             self._dirty.clear()
-        at = min(self._deadlines)
+        while due and deadlines[due[0][1]] != due[0][0]:
+            heapq.heappop(due)
+        at = due[0][0] if due else _INF
         if at == self._timer_at and self._timer is not None:
             return
         self._timer_at = at
@@ -196,13 +206,16 @@ class SipStack:
         self._timer = None
         self._timer_at = _INF
         now = self._reactor.seconds()
-        for i, at in enumerate(self._deadlines):
-            if at <= now:
-                self._dirty.add(i)
-                try:
-                    self._run(self._shards[i], self._shards[i].expire(now), None)
-                except Exception:
-                    self._log.failure("SIP timer processing failed")
+        deadlines, due = self._deadlines, self._due
+        while due and due[0][0] <= now:
+            at, i = heapq.heappop(due)
+            if deadlines[i] != at or i in self._dirty:
+                continue  # stale, or already expired in this round
+            self._dirty.add(i)
+            try:
+                self._run(self._shards[i], self._shards[i].expire(now), None)
+            except Exception:
+                self._log.failure("SIP timer processing failed")
         self._finish()
 
     # ------------------------------------------------------------ actions
@@ -285,6 +298,8 @@ class SipStack:
             layer = self._shards[i]
             self._dirty.add(i)
             self._run(layer, layer.receive(msg, source, self.now(), reliable=link.reliable), link)
+            # Handled: whoever keeps the message re-parses what it reads later.
+            msg.headers.forget_parsed()
         except SipParseError as err:
             self.counters["parse_errors"] += 1
             self._log.debug("bad SIP from {source}: {error}", source=source, error=str(err))
@@ -376,6 +391,7 @@ class SipStack:
         try:
             self._run(layer, layer.send_response(key, response, self.now()), self._links.get(key))
         finally:
+            response.headers.forget_parsed()  # the transaction keeps it for retransmissions
             self._finish()
 
     def send_stateless(self, message: SipRequest | SipResponse, hop: Hop, flow: object | None = None) -> None:

@@ -385,3 +385,11 @@ class ParsedHeaderCacheTests(SynchronousTestCase):
         self.assertIn("\r\nl: 2\r\nTo: <sip:a@example.com>\r\n\r\nhi", wire)
         self.assertNotIn("Content-Length", wire)
         self.assertIn("\r\nContent-Length: 0\r\n", SipResponse(200, "OK", Headers([("To", "x")])).serialize().decode())
+
+    def test_forget_parsed_drops_views_and_reads_parse_again(self) -> None:
+        """forget_parsed() empties the cache; the next read parses the same value again."""
+        before = self.msg.from_
+        self.assertIsNotNone(self.msg.headers._cache)
+        self.msg.headers.forget_parsed()
+        self.assertIsNone(self.msg.headers._cache)
+        self.assertEqual(self.msg.from_, before)

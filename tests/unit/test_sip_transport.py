@@ -119,6 +119,44 @@ class UdpTimerTests(SynchronousTestCase):
         self.assertEqual(stack.counters["received"], 0)
 
 
+class TimerAcrossShardsTests(SynchronousTestCase):
+    """The one delayed call follows the earliest deadline of all shards, as they move."""
+
+    def test_deadline_follows_shards_started_at_different_times(self) -> None:
+        """Requests in different shards retransmit on their own schedules, each at its due time."""
+        clock, stack, ua, transport = make_udp()
+        for i in range(6):  # sent at 0.0, 0.1, ... 0.5: first Timer E at 0.5, 0.6, ... 1.0
+            ua.request(options_request(f"sip:10.0.0.{i + 2}:5070")).addErrback(lambda f: None)
+            if i < 5:
+                clock.advance(0.1)
+        self.assertEqual(len(transport.written), 7)  # six requests, the first one resent at 0.5
+        delayed = clock.getDelayedCalls()
+        self.assertEqual(len(delayed), 1)
+        self.assertAlmostEqual(delayed[0].getTime(), 0.6)
+        clock.advance(0.1)
+        self.assertEqual(len(transport.written), 8)
+        clock.advance(0.4)
+        self.assertEqual(len(transport.written), 12)
+        self.assertAlmostEqual(clock.getDelayedCalls()[0].getTime(), 1.5)  # the first request's second resend
+        clock.pump([1.0] * 40)
+        self.assertEqual((clock.getDelayedCalls(), stack.transactions), ([], 0))
+
+
+class ParsedViewsTests(SynchronousTestCase):
+    """Messages the stack has handled keep no parsed views (a transaction holds them up to 32 s)."""
+
+    def test_handled_request_and_sent_response_forget_their_views(self) -> None:
+        """After an OPTIONS is answered, neither the request nor the response its transaction keeps has a cache."""
+        clock, stack, ua, transport = make_udp()
+        datagram = OPTIONS.replace(b"TCP", b"UDP") % (1, 1)
+        stack._udp.datagramReceived(datagram, ("10.0.0.2", 5070))  # type: ignore[union-attr]
+        self.assertEqual(parse_message(transport.written[0][0]).status, 200)  # type: ignore[union-attr]
+        (txn,) = [t for shard in stack._shards for t in shard._servers.values()]
+        self.assertIsNone(txn.request.headers._cache)
+        self.assertIsNone(txn.last_response.headers._cache)  # type: ignore[union-attr]
+        self.assertEqual(txn.request.call_id, "c1")  # read again: parsed again
+
+
 class StreamTests(SynchronousTestCase):
     """TCP/TLS stream protocol over StringTransport."""
 
