@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from activecall.media.clock import MAX_CATCH_UP_FRAMES, MediaClock
+from activecall.media.clock import MAX_CATCH_UP_FRAMES, PROCESS, RECEIVE, SEND, MediaClock
 
 
 class Recorder:
@@ -81,3 +81,33 @@ class MediaClockTests(SynchronousTestCase):
         self.assertEqual(good.ticks, [1, 1])
         self.assertEqual(len(mc), 1)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class PhaseTests(SynchronousTestCase):
+    """Each tick runs every RECEIVE subscriber, then PROCESS, then SEND, whatever the subscription order."""
+
+    def test_phase_order_is_independent_of_subscription_order(self) -> None:
+        """Subscribed send-first, the tick still runs receive, process, send; the same object may be in two phases."""
+        clock = Clock()
+        mc = MediaClock(clock)
+        order: list[str] = []
+
+        class Named:
+            def __init__(self, name: str) -> None:
+                self.name = name
+
+            def media_tick(self, frames: int) -> None:
+                order.append(self.name)
+
+        mc.subscribe(Named("send"), SEND)
+        mc.subscribe(Named("process"), PROCESS)
+        mc.subscribe(Named("receive"), RECEIVE)
+        both = Named("both")
+        mc.subscribe(both, RECEIVE)
+        mc.subscribe(both, SEND)
+        clock.advance(0.02)
+        self.assertEqual(order, ["receive", "both", "process", "send", "both"])
+        mc.unsubscribe(both, RECEIVE)
+        self.assertEqual(len(mc), 4)
+        mc.unsubscribe(both, SEND)
+        self.assertEqual(len(mc), 3)
