@@ -25,8 +25,16 @@ Two servers can be measured (``--mode``):
     The SIP stack alone (``build_sip_service`` with an auto-answer handler) on
     the default reactor.
 
+The daemon runs in a fresh directory under ``--workdir`` (default ``/dev/shm``
+when it exists): the shipped config writes one event dump file per call under
+``./config/recorders``, and on a thin-provisioned VM disk creating a file costs
+0.02–1.3 ms of kernel CPU depending on what the disk did before, which would
+swamp the per-call figure; on tmpfs the figure measures the daemon, not the disk.
+Pass ``--workdir /tmp`` to include the disk.
+
 ``--src DIR`` runs the server from another checkout (``PYTHONPATH=DIR``, e.g. a
-``git worktree`` of an older commit) with this interpreter; the child prints
+``git worktree`` of an older commit) with this interpreter; repeat it to
+measure several checkouts one after the other in the same run; the child prints
 the ``activecall`` package it imported and the run stops if it is not under
 DIR.  ``ACTIVECALL_BENCH_PROFILE=out.svg`` (or ``.txt`` for py-spy's raw
 collapsed stacks) records the daemon with ``py-spy`` for the whole run.
@@ -34,7 +42,7 @@ collapsed stacks) records the daemon with ``py-spy`` for the whole run.
 Usage::
 
     python benchmarks/sip_cps.py [--mode daemon|stack] [--rates 100,200,300] [--rate 150]
-                                 [--seconds 10] [--src DIR] [--skip-reference]
+                                 [--seconds 10] [--src DIR] [--workdir DIR] [--skip-reference]
 
 Every process started here (daemon, SIPp, py-spy) is stopped before exit;
 everything binds 127.0.0.1.
@@ -173,10 +181,10 @@ def start_ours(mode: str, src: str, workdir: str) -> Server:
     if mode == "daemon":
         conf = daemon_config(src, workdir, port, free_port(socket.SOCK_STREAM))
         argv = [sys.executable, "-c", DAEMON_BOOT, "-n", "--reactor=asyncio", "--pidfile=", "activecall", "--conf", conf]
-        name, ready = "activecall daemon (shipped config, playbook)", " ready: "
+        name, ready = f"activecall daemon (shipped config, playbook) from {src}", " ready: "
     else:
         argv = [sys.executable, os.path.abspath(__file__), "--serve", str(port)]
-        name, ready = "activecall SIP stack (SipUserAgent, auto-answer)", "ready"
+        name, ready = f"activecall SIP stack (SipUserAgent, auto-answer) from {src}", "ready"
     with open(log_path, "wb") as log:
         # cwd is the work directory: the config's relative paths land there, and no checkout shadows src.
         proc = subprocess.Popen(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
@@ -282,34 +290,17 @@ def summary(name: str, best: Optional[Step]) -> str:
     return f"{name}: {best.rate} calls/s ({best.cps:.0f} achieved), {best.cpu_ms_per_call:.3f} ms CPU per call"
 
 
-def main() -> None:
-    """Parse arguments, run our server's sweep, then the SIPp UAS reference sweep."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=("daemon", "stack"), default="daemon")
-    parser.add_argument("--rates", default="100,150,200,300,400,500,600,800")
-    parser.add_argument("--rate", type=int, help="one rate instead of the --rates steps")
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--src", default=REPO, help="checkout the server runs from (default: this one)")
-    parser.add_argument("--skip-reference", action="store_true")
-    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.serve:
-        serve(args.serve)
-        return
-    if shutil.which("sipp") is None:
-        sys.exit("sipp (Debian sip-tester) is required")
-    rates = [args.rate] if args.rate else [int(r) for r in args.rates.split(",")]
-    src = os.path.abspath(args.src)
-
-    workdir = tempfile.mkdtemp(prefix=f"sipcps-{args.mode}-")
-    ours: Optional[Step] = None
+def measure_ours(mode: str, src: str, rates: list[int], seconds: float, workdir_parent: Optional[str]) -> Optional[Step]:
+    """Start our server from ``src``, sweep it (under py-spy when asked), stop it; the best clean step."""
+    workdir = tempfile.mkdtemp(prefix=f"sipcps-{mode}-", dir=workdir_parent)
+    print(f"\nworking directory {workdir}", flush=True)
     server: Optional[Server] = None
     profiler: Optional[subprocess.Popen[bytes]] = None
     try:
-        server = start_ours(args.mode, src, workdir)
+        server = start_ours(mode, src, workdir)
         if os.environ.get(PROFILE_ENV):
             profiler = start_profiler(server.proc.pid, os.path.abspath(os.environ[PROFILE_ENV]))
-        ours = sweep(server, rates, args.seconds)
+        return sweep(server, rates, seconds)
     finally:
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
@@ -322,22 +313,49 @@ def main() -> None:
             server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
-    reference: Optional[Step] = None
-    if not args.skip_reference:
-        port = free_port()
-        uas = subprocess.Popen(["sipp", "-sn", "uas", "-i", "127.0.0.1", "-p", str(port), "-mp", str(free_port()),
-                                "-nostdin", "-buff_size", "4194304"],
-                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               cwd=tempfile.gettempdir())
-        server = Server("SIPp UAS (reference)", uas, port)
-        try:
-            # No readiness wait needed: the UAC retransmits an INVITE that arrives before SIPp binds.
-            reference = sweep(server, rates, args.seconds)
-        finally:
-            server.stop()
+
+def measure_reference(rates: list[int], seconds: float) -> Optional[Step]:
+    """Sweep SIPp's own UAS."""
+    port = free_port()
+    uas = subprocess.Popen(["sipp", "-sn", "uas", "-i", "127.0.0.1", "-p", str(port), "-mp", str(free_port()),
+                            "-nostdin", "-buff_size", "4194304"],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           cwd=tempfile.gettempdir())
+    server = Server("SIPp UAS (reference)", uas, port)
+    try:
+        # No readiness wait needed: the UAC retransmits an INVITE that arrives before SIPp binds.
+        return sweep(server, rates, seconds)
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    """Parse arguments, sweep each ``--src`` in turn, then the SIPp UAS reference."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=("daemon", "stack"), default="daemon")
+    parser.add_argument("--rates", default="100,150,200,300,400,500,600,800")
+    parser.add_argument("--rate", type=int, help="one rate instead of the --rates steps")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--src", action="append",
+                        help="checkout the server runs from (default: this one); repeat to compare checkouts in one run")
+    parser.add_argument("--workdir", default="/dev/shm" if os.access("/dev/shm", os.W_OK) else None,
+                        help="parent of the daemon's temporary working directory (default /dev/shm)")
+    parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve)
+        return
+    if shutil.which("sipp") is None:
+        sys.exit("sipp (Debian sip-tester) is required")
+    rates = [args.rate] if args.rate else [int(r) for r in args.rates.split(",")]
+    sources = [os.path.abspath(src) for src in (args.src or [REPO])]
+    results = [(src, measure_ours(args.mode, src, rates, args.seconds, args.workdir)) for src in sources]
+    reference = None if args.skip_reference else measure_reference(rates, args.seconds)
 
     print("\nhighest rate sustained with zero failed calls:")
-    print("  " + summary(f"activecall {args.mode} ({src})", ours))
+    for src, best in results:
+        print("  " + summary(f"activecall {args.mode} ({src})", best))
     if not args.skip_reference:
         print("  " + summary("SIPp UAS", reference))
 
