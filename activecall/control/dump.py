@@ -28,6 +28,8 @@ __all__ = ["DumpWriter", "EventDump", "dump_path_for", "dump_writer"]
 
 #: Operations queued for the writer thread at most; beyond, lines are dropped (and one warning per dump says so).
 MAX_QUEUED = 100_000
+_ENCODER = json.JSONEncoder(ensure_ascii=False)  # built once: json.dumps(..., ensure_ascii=False) builds one per call
+
 #: How long the writer waits for more work before it sleeps until woken.
 LINGER_S = 0.005
 
@@ -194,11 +196,10 @@ class EventDump:
     # -- the reactor side -------------------------------------------------------
 
     def write(self, kind: str, timestamp_ms: int, content: str) -> None:
-        """Queue one line; the writer appends it at once, so a crash loses nothing already written."""
+        """Queue one line (encoded by the writer, which appends it at once: a crash loses nothing already written)."""
         if self._stopped:
             return
-        line = (json.dumps({"type": kind, "timestamp": timestamp_ms, "content": content}, ensure_ascii=False) + "\n").encode("utf-8", "replace")
-        if not self._submit(lambda: self._append(line)) and not self._dropped:
+        if not self._submit(lambda: self._append(kind, timestamp_ms, content)) and not self._dropped:
             self._dropped = True
             self._log.warn("event dump {path}: writer queue full, lines dropped", path=self.path)
 
@@ -225,9 +226,10 @@ class EventDump:
             self._fail(e.strerror or str(e), e)
             self._closed.set()
 
-    def _append(self, line: bytes) -> None:
+    def _append(self, kind: str, timestamp_ms: int, content: str) -> None:
         if self._file is None:
             return
+        line = (_ENCODER.encode({"type": kind, "timestamp": timestamp_ms, "content": content}) + "\n").encode("utf-8", "replace")
         if self._max_bytes is not None and self._size + len(line) > self._max_bytes:
             self._log.warn("event dump {path} reached max_dump_bytes ({max_bytes}); the rest of this session is not recorded",
                            path=self.path, max_bytes=self._max_bytes)
