@@ -37,7 +37,8 @@ Pass ``--workdir /tmp`` to include the disk.
 measure several checkouts one after the other in the same run; the child prints
 the ``activecall`` package it imported and the run stops if it is not under
 DIR.  ``ACTIVECALL_BENCH_PROFILE=out.svg`` (or ``.txt`` for py-spy's raw
-collapsed stacks) records the daemon with ``py-spy`` for the whole run.
+collapsed stacks) records the daemon with ``py-spy`` for the whole run
+(``ACTIVECALL_BENCH_PROFILE_ARGS="--gil"`` samples only the thread holding the GIL).
 
 Usage::
 
@@ -72,6 +73,7 @@ sys.path.insert(0, HERE)
 from procstats import cpu_seconds  # noqa: E402
 
 PROFILE_ENV = "ACTIVECALL_BENCH_PROFILE"
+PROFILE_ARGS_ENV = "ACTIVECALL_BENCH_PROFILE_ARGS"  # more py-spy arguments, e.g. "--gil"
 
 
 def free_port(kind: int = socket.SOCK_DGRAM) -> int:
@@ -204,8 +206,9 @@ def start_profiler(pid: int, out: str) -> Optional[subprocess.Popen[bytes]]:
         print(f"{PROFILE_ENV} set but py-spy not found (pip install py-spy)", flush=True)
         return None
     fmt = "raw" if out.endswith(".txt") else "flamegraph"
+    extra = os.environ.get(PROFILE_ARGS_ENV, "").split()
     return subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", "250", "--format", fmt, "--output", out,
-                             "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--nonblocking", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 @dataclass
