@@ -8,6 +8,7 @@ after its last frame left; a normal end arms autoHangup or waitInputTimeout.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.internet.defer import CancelledError
@@ -195,11 +196,17 @@ class ServerSideTrack:
             option = option.merged_over(base) if base is not None else option
         else:
             option = base
+        synthesizers = self._services.synthesizers
         if option is None or not option.provider:
-            c.error("TTS type not found: no tts provider in the call or command option")
-            return
+            # providers.md: a tts without a provider anywhere speaks with the default engine.
+            default = synthesizers.default_provider(option.language if option is not None else None)
+            if default is None:
+                c.error("TTS provider not available: no provider given and no default engine installed "
+                        "(install the offline extra or set tts.provider)", sender="tts", track=c.sst)
+                return
+            option = dataclasses.replace(option or SynthesisOption(), provider=default)
         try:
-            provider = self._services.synthesizers.resolve(option.provider)
+            provider = synthesizers.resolve(option.provider)
         except UnknownProviderError as e:
             c.error(str(e))
             return

@@ -14,7 +14,10 @@ from twisted.logger import Logger
 
 from activecall.speech.interfaces import ISpeechSynthesizer, UnknownProviderError
 
-__all__ = ["SynthesisSettings", "SynthesizerFactory", "SynthesizerRegistry"]
+__all__ = ["SynthesisSettings", "SynthesizerFactory", "SynthesizerRegistry", "OFFLINE_TTS"]
+
+#: The offline engine every default falls back to (providers.md "Defaults when provider is omitted").
+OFFLINE_TTS = "piper"
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,22 @@ class SynthesizerRegistry:
         if key not in self._factories:
             raise UnknownProviderError(f"TTS type not found: {name}")
         return key
+
+    def default_provider(self, language: str | None) -> str | None:
+        """The provider a ``tts`` without one speaks with: ``aliyun`` for Chinese, ``supertonic`` otherwise,
+        the offline engine when that default is not available here; None when nothing is."""
+        wanted = "aliyun" if (language or "").lower().startswith("zh") else "supertonic"
+        for name in (wanted, OFFLINE_TTS):
+            try:
+                provider = self.resolve(name)
+            except UnknownProviderError:
+                continue
+            if name != wanted and wanted not in self._alias_logged:
+                self._alias_logged.add(wanted)
+                self._log.info("default TTS provider {wanted} is not available here; using {provider}",
+                               wanted=wanted, provider=provider)
+            return provider
+        return None
 
     def create(self, name: str, settings: SynthesisSettings) -> ISpeechSynthesizer:
         """Return the provider for ``name`` built with ``settings`` (cached).

@@ -81,6 +81,19 @@ class WebSocketCallTests(TestCase):
         self.assertEqual(hangup["initiator"], "client")
         await client.wait_closed()
 
+    async def test_tts_without_any_provider_speaks_with_the_default_engine(self) -> None:
+        """A client written for Active Call sends tts with no provider anywhere: the offline default speaks."""
+        daemon = await self._start()
+        client = await self._call(daemon, "e2e-d", {"codec": "pcm", "sampleRate": 16000})
+        client.send({"command": "tts", "text": "Hello with the default voice.", "playId": "d", "endOfStream": True})
+        await client.wait_event("trackEnd", trackId="server-side-track", playId="d")
+        self.assertFalse([e for e in client.events if e["event"] == "error"])
+        frames = [f for _, f in client.frames]
+        self.assertGreaterEqual(len(frames), 25)
+        self.assertGreater(rms(b"".join(frames)), 300, "speech, not silence")
+        metrics = await client.wait_event("metrics")
+        self.assertEqual(metrics["key"], "completed.tts.piper")
+
     async def test_interrupt_cuts_speech_with_interruption_then_track_end(self) -> None:
         """pcmu call: interrupt while speaking gives interruption{playId,...} then trackEnd; frames are 160 bytes."""
         daemon = await self._start()
@@ -198,7 +211,6 @@ class WebSocketCallTests(TestCase):
             (json.dumps({"command": "tts", "text": "x", "autoHangup": "false"}), "invalid tts.autoHangup"),
             (json.dumps({"command": "invite", "option": {"codec": "pcm", "sampleRate": 4000}}), "invalid invite.option.sampleRate"),
             (json.dumps({"command": "invite", "option": {}}), "invite not allowed"),
-            (json.dumps({"command": "tts", "text": "hi"}), "TTS type not found"),
             (json.dumps({"command": "tts", "text": "hi", "option": {"provider": "nosuch"}}), "TTS type not found: nosuch"),
             (json.dumps({"command": "mute", "trackId": "nope"}), "mute not allowed"),
             (json.dumps({"command": "message", "body": "x"}), "message command is only supported for SIP calls"),

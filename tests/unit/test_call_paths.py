@@ -185,8 +185,23 @@ class InboundTests(_Case):
         self.assertEqual(self.obs.events[2].sdp, "v=0 ours")
         leg.events.media_ready()
         self.assertIsInstance(self.obs.events[3], ce.MediaArrived)
-        # No TTS provider in this option: the greeting is attempted and reported as such.
-        self.assertIn("TTS type not found", self.obs.of(ce.ErrorOccurred)[-1].message)
+        # No provider in the option and no default engine registered here: the greeting says so.
+        self.assertIn("no default engine", self.obs.of(ce.ErrorOccurred)[-1].message)
+
+    def test_greeting_without_provider_speaks_with_the_default_engine(self) -> None:
+        """With the offline engine registered, a greeting with no tts option is spoken by it."""
+        self.services.synthesizers.register("piper", lambda settings: self.synth, aliases=("supertonic",))
+        c = self.controller()
+        leg = FakeLeg()
+        c.answer(CallOption(), call=leg, greeting="Hello there.")
+        leg.events.media_ready()
+        self.assertEqual(self.obs.of(ce.TrackStarted)[-1].play_id, "greeting")
+        for _ in range(50):
+            self.clock.advance(0.02)
+            leg.tick()
+        self.assertEqual(self.obs.of(ce.ErrorOccurred), [])
+        self.assertTrue(any(frame for frame in leg.sent if frame), "the greeting's audio was pulled")
+        self.assertEqual(self.synth.requests[0].text, "Hello there.")
 
     def test_media_setup_failure_is_reported_and_declined(self) -> None:
         """An offer the leg cannot answer: 488 by the leg, an error, hangup failed."""

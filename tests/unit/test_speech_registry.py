@@ -200,3 +200,19 @@ class OpenAIConformanceTests(SynthesizerConformanceMixin, SynchronousTestCase):
 
     def make_synthesizer(self) -> ISpeechSynthesizer:
         return OpenAISynthesizer(SynthesisSettings(api_key="k"), http_client=StubTreq(Resource()), clock=Clock(), environ={})
+
+
+class DefaultProviderTests(SynchronousTestCase):
+    """A tts without a provider speaks with providers.md's default, else the offline engine."""
+
+    def test_defaults_by_language_fall_back_to_the_offline_engine(self) -> None:
+        """English takes supertonic (served by piper); Chinese wants aliyun, absent here, so piper; nothing registered: None."""
+        registry = SynthesizerRegistry()
+        self.assertIsNone(registry.default_provider("en"))
+        registry.register("piper", lambda settings: None, aliases=("supertonic",))
+        self.assertEqual(registry.default_provider(None), "piper")
+        self.assertEqual(registry.default_provider("zh-CN"), "piper")
+        registry.register("aliyun", lambda settings: None)
+        self.assertEqual(registry.default_provider("zh"), "aliyun")
+        self.assertEqual(registry.default_provider("en-US"), "piper")
+
