@@ -139,7 +139,7 @@ class FakeLeg:
         self.offer_sdp = "v=0\r\n"
         self.caller = caller
         self.callee = callee
-        self.x_headers: dict[str, str] = {}
+        self.custom_headers: dict[str, str] = {}
         self.last_activity_at: Optional[float] = None
         self.source: Any = None
         self.sink: Any = None

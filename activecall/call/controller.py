@@ -292,7 +292,7 @@ class CallController:
         assert self.services.inbound_legs is not None
         inbound = self.services.inbound_legs.inbound(call, option)
         self.report(CallOffered(self.now(), self.sid, inbound.caller, inbound.callee, inbound.offer_sdp,
-                                inbound.x_headers or None))
+                                inbound.custom_headers or None))
         try:
             inbound.prepare()
         except LegSetupError as e:  # declined with 488 by the leg

@@ -46,6 +46,7 @@ from activecall.options import MAX_SIP_HEADERS, CallOption, sip_header_problem
 from activecall.rtp.srtp import AES_CM_128_HMAC_SHA1_80, generate_crypto
 from activecall.rtp.transport import RtpEndpoint, RtpPortAllocator
 from activecall.sdp.negotiation import answer_offer, apply_answer, build_offer, offer_holds
+from activecall.sip.message import canonical_name
 from activecall.sip.uri import SipUri, parse_uri, transport_for_uri
 from activecall.sip.useragent import CallRejected
 
@@ -67,6 +68,22 @@ __all__ = [
 _log = Logger(namespace="activecall.legs.sip")
 # Dialog ends (CallDialog.on_terminated reasons) that mean the far end is gone.
 _FAR_END_GONE = ("bye-received", "timeout", "cancel")
+
+
+#: Header fields of RFC 3261 §20 and the IETF extensions every PBX sends; an INVITE's other headers
+#: (X-*, P-*, vendor ones) are the call's custom headers, reported in ``incoming``.
+STANDARD_HEADERS = frozenset({
+    "accept", "accept-encoding", "accept-language", "alert-info", "allow", "allow-events", "authentication-info",
+    "authorization", "call-id", "call-info", "contact", "content-disposition", "content-encoding",
+    "content-language", "content-length", "content-type", "cseq", "date", "error-info", "event", "expires",
+    "from", "in-reply-to", "max-forwards", "mime-version", "min-expires", "min-se", "organization", "priority",
+    "proxy-authenticate", "proxy-authorization", "proxy-require", "rack", "record-route", "reply-to", "require",
+    "retry-after", "route", "rseq", "server", "session-expires", "subject", "supported", "timestamp", "to",
+    "unsupported", "user-agent", "via", "warning", "www-authenticate", "refer-to", "referred-by", "replaces",
+    "accept-contact", "reject-contact", "request-disposition", "identity", "identity-info", "path",
+    "service-route", "privacy", "reason", "security-client", "security-server", "security-verify",
+    "subscription-state", "target-dialog",
+})
 
 
 def outgoing_headers(headers: Optional[Mapping[str, str]]) -> list[tuple[str, str]]:
@@ -414,8 +431,8 @@ class InboundSipLeg(_SipLegBase):
         self.caller: str = call.caller
         self.callee: str = call.callee
         self.offer_sdp = bytes(call.remote_sdp).decode("utf-8", "replace")
-        self.x_headers = {name: value for name, value in call.request.headers.items()
-                          if name.lower().startswith("x-")}
+        self.custom_headers = {name: value for name, value in call.request.headers.items()
+                               if canonical_name(name) not in STANDARD_HEADERS}
         #: Our SDP answer ('' until prepared).
         self.answer_sdp = ""
 

@@ -197,7 +197,7 @@ class IInboundLeg(ILeg):
     caller = Attribute("The caller's URI (From).")
     callee = Attribute("The called URI (To).")
     offer_sdp = Attribute("The offer as text.")
-    x_headers = Attribute("The request's X- headers (dict), for the incoming event.")
+    custom_headers = Attribute("The request's non-standard headers (dict: X-*, P-*, Diversion ...), for the incoming event.")
 
     def prepare() -> None:
         """Answer the offer's SDP and open the media (early media possible from here).

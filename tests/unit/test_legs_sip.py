@@ -570,12 +570,15 @@ class InboundTests(SipTestBase):
     """InboundSipLeg: the offer, prepare, ring, answer, reject, CANCEL and close."""
 
     def test_offer_fields(self) -> None:
-        """caller, callee, the offer text and the X- headers of the INVITE."""
+        """caller, callee, the offer text and the INVITE's non-standard headers (X-*, P-*, Diversion), no standard one."""
         offer = sdp()
-        leg, _ = self.inbound_leg(offer, (("X-Tenant", "7"), ("x-lower", "a"), ("Subject", "no")))
+        leg, _ = self.inbound_leg(offer, (("X-Tenant", "7"), ("x-lower", "a"), ("Subject", "no"),
+                                          ("P-Asserted-Identity", "<sip:100@pbx>"), ("Diversion", "<sip:200@pbx>"),
+                                          ("User-Agent", "no"), ("s", "no")))
         self.assertEqual((leg.caller, leg.callee, leg.offer_sdp), ("sip:alice@192.0.2.10", "sip:bot@192.0.2.1",
                                                                   offer.decode()))
-        self.assertEqual(leg.x_headers, {"X-Tenant": "7", "x-lower": "a"})
+        self.assertEqual(leg.custom_headers, {"X-Tenant": "7", "x-lower": "a", "P-Asserted-Identity": "<sip:100@pbx>",
+                                              "Diversion": "<sip:200@pbx>"})
         self.assertEqual((leg.answer_sdp, leg.ssrc, leg.last_activity_at), ("", 0, None))
 
     def test_prepare_ring_answer(self) -> None:
