@@ -140,6 +140,15 @@ class Headers:
         self._keys: list[str] = [canonical_name(n) for n, _ in self._items]
         self._cache: dict[str, object] | None = None
 
+    @classmethod
+    def _from_parsed(cls, items: list[tuple[str, str]], keys: list[str]) -> Headers:
+        """Headers over lists the parser built (``keys`` the canonical names of ``items``)."""
+        headers = cls.__new__(cls)
+        headers._items = items
+        headers._keys = keys
+        headers._cache = None
+        return headers
+
     def _changed(self) -> None:
         self._cache = None
 
@@ -872,6 +881,9 @@ def _find_head_end(data: bytes, start: int) -> tuple[int, int]:
 
 
 def _split_lines(head: str) -> list[str]:
+    crlf = head.count("\r\n")
+    if head.count("\r") == crlf and head.count("\n") == crlf:
+        return head.split("\r\n")  # the usual case: CRLF line ends only
     lines = re.split(r"\r?\n", head)
     if any("\r" in line for line in lines):
         raise SipParseError("bare CR in message head")
@@ -889,14 +901,16 @@ def _parse_headers(lines: list[str]) -> Headers:
             logical.append(line)
         else:
             raise SipParseError("empty header line")
-    headers = Headers()
+    items: list[tuple[str, str]] = []
+    keys: list[str] = []
     for line in logical:
         name, colon, value = line.partition(":")
         name = name.rstrip(_LWS)
         if not colon or not _is_token(name):
             raise SipParseError(f"bad header line: {line[:80]!r}")
-        headers.add(name, value.strip(_LWS))
-    return headers
+        items.append((name, value.strip(_LWS)))
+        keys.append(canonical_name(name))
+    return Headers._from_parsed(items, keys)
 
 
 def _check_version(version: str) -> None:
