@@ -128,7 +128,7 @@ class CallController:
         self._recorder_closed: Optional[Deferred[None]] = None
         self._recorded_reason: Optional[RecordedHangupReason] = None  # the call record's; the first one set wins
         self._sip_status: Optional[int] = None
-        self._ring_s: Optional[float] = None
+        self.rang_at: Optional[float] = None  # first 1xx above 100 (outbound) or our 180/183 (inbound)
         self._greeting: Optional[str] = None
 
     # -- plumbing -------------------------------------------------------
@@ -215,8 +215,8 @@ class CallController:
         self._after_answer(option, sender=sender)
 
     def _on_ringing(self, early_media: bool) -> None:
-        if self._ring_s is None:
-            self._ring_s = self.now()
+        if self.rang_at is None:
+            self.rang_at = self.now()
         self.report(RingingReported(self.now(), self.sid, early_media, refer=False))
 
     def _answered(self) -> None:
@@ -259,8 +259,8 @@ class CallController:
             return
         assert self._inbound is not None
         self._inbound.ring(early)
-        if self._ring_s is None:
-            self._ring_s = self.now()
+        if self.rang_at is None:
+            self.rang_at = self.now()
         if ringtone:
             self.play(ringtone)
 
@@ -517,6 +517,7 @@ class CallController:
         option = self.option
         self._observer.call_event(CallEnded(
             now, self.sid, reason, initiator, started_at=self.created_at, answered_at=self.answered_at,
+            rang_at=self.rang_at,
             caller=option.caller if option is not None else None,
             callee=option.callee if option is not None else None,
             call_type=self.call_type,
@@ -548,7 +549,7 @@ class CallController:
             start_s=self.created_at,
             end_s=ended_at,
             option=option,
-            ring_s=self._ring_s,
+            ring_s=self.rang_at,
             answer_s=self.answered_at,
             caller=inbound.caller if inbound is not None else (option.caller if option is not None else None),
             callee=inbound.callee if inbound is not None else (option.callee if option is not None else None),

@@ -206,6 +206,7 @@ class CallEnded:
     initiator: str
     started_at: float
     answered_at: Optional[float] = None
+    rang_at: Optional[float] = None
     caller: Optional[str] = None
     callee: Optional[str] = None
     call_type: Optional[str] = None

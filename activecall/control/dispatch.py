@@ -230,6 +230,7 @@ def _(e: ce.CallEnded) -> Any:
         start_time=format_rfc3339(e.started_at),
         hangup_time=format_rfc3339(e.now),
         answer_time=format_rfc3339(e.answered_at) if e.answered_at is not None else None,
+        ringing_time=format_rfc3339(e.rang_at) if e.rang_at is not None else None,
         from_=ev.Attendee.from_uri(e.caller) if e.caller else None,
         to=ev.Attendee.from_uri(e.callee) if e.callee else None,
         extra={

@@ -252,7 +252,7 @@ class CallSession:
             "callType": self.call_type,
             # Keys, passwords and Authorization headers of the option stay with the session.
             "cs.option": redact_secrets(c.option.to_json()) if c.option is not None else None,
-            "ringTime": None,
+            "ringTime": ev.format_rfc3339_z(c.rang_at) if c.rang_at is not None else None,
             "startTime": ev.format_rfc3339_z(c.answered_at) if c.answered_at is not None else None,
         }
 

@@ -131,6 +131,25 @@ class OutboundTests(_Case):
         self.assertTrue(self.obs.finished)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_hangup_carries_the_ringing_time(self) -> None:
+        """A call that rang reports when in hangup (ringingTime); one that never rang has none."""
+        from activecall.control.dispatch import wire_event
+
+        c = self.controller()
+        c.dial(CallOption(callee="sip:bob@example.com"))
+        rang = self.clock.seconds()
+        self.dialer.attempts[0][2](False)
+        self.clock.advance(1)
+        self.dialer.attempts[0][3].callback(FakeLeg())
+        c.hangup("byClient", "client")
+        ended = self.obs.of(ce.CallEnded)[0]
+        self.assertEqual(ended.rang_at, rang)
+        self.assertEqual(wire_event(ended).to_json()["ringingTime"], "2023-11-14T22:13:20.000000+00:00")
+        self.obs = Observer()
+        c, _ = self.answered_outbound()
+        c.hangup("byClient", "client")
+        self.assertNotIn("ringingTime", wire_event(self.obs.of(ce.CallEnded)[0]).to_json())
+
     def test_rejection_reports_reject_and_ends_by_callee(self) -> None:
         """A 486 gives reject{486}, an error naming it and hangup byCallee."""
         c = self.controller()
