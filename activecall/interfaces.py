@@ -18,7 +18,7 @@ class IControlChannel(Interface):
         """Send a Ping frame."""
 
     def close() -> None:
-        """Close the connection (no status code, as Active Call does)."""
+        """Close the connection with 1000 (normal closure): the call is over."""
 
 
 class ISessionListener(Interface):

@@ -128,7 +128,7 @@ class _Channel:
         self._proto.send_keepalive_ping(payload)
 
     def close(self) -> None:
-        self._proto.sendClose()
+        self._proto.sendClose(code=1000)  # normal closure after the final hangup
 
 
 # The options a server protocol takes from its factory (maxMessagePayloadSize, tcpNoDelay, ...).

@@ -131,6 +131,13 @@ class FrameSizeTests(_SocketCase):
         session = self.host.sessions["a"]
         self.assertEqual((len(session.audio), session.texts), (1, [b'{"command":"hangup"}']))
 
+    def test_session_end_closes_with_1000(self) -> None:
+        """When the call is over the server closes the socket with 1000 (normal closure)."""
+        _, client, pump = self.connect("?id=done")
+        self.host.sessions["done"].channel.close()
+        pump.flush()
+        self.assertEqual((client.closed, client.close_code), (True, 1000))
+
     def test_oversized_binary_frame_closes_1009(self) -> None:
         """A 2 KiB binary frame (limit 1 KiB) is refused from its header: close 1009, nothing delivered."""
         _, client, pump = self.connect("?id=b")
