@@ -747,8 +747,18 @@ class _Accessors:
         return self.headers._memo("top-via", lambda: parse_via(self._one("Via"))[0]).copy()
 
     def set_top_via(self, via: Via) -> None:
-        """Replace the first Via value, keeping any others on the same line."""
-        self.headers.replace_first_value("Via", str(via))
+        """Replace the first Via value, keeping any others on the same line.
+
+        Only the Via views are forgotten: the others (From, To, CSeq ...) stay
+        parsed, since stamping ``received``/``rport`` changes nothing else.
+        """
+        headers = self.headers
+        cache = headers._cache
+        headers.replace_first_value("Via", str(via))
+        if cache:
+            cache.pop("via", None)
+            cache.pop("top-via", None)
+            headers._cache = cache
 
     @property
     def from_(self) -> NameAddr:

@@ -393,3 +393,14 @@ class ParsedHeaderCacheTests(SynchronousTestCase):
         self.msg.headers.forget_parsed()
         self.assertIsNone(self.msg.headers._cache)
         self.assertEqual(self.msg.from_, before)
+
+    def test_set_top_via_keeps_the_other_views(self) -> None:
+        """Stamping the top Via forgets only the Via views; From stays parsed and every view is current."""
+        from_ = self.msg.from_
+        via = self.msg.top_via
+        via.set_param("received", "192.0.2.7")
+        self.msg.set_top_via(via)
+        self.assertIn("from", self.msg.headers._cache or {})
+        self.assertEqual(self.msg.from_, from_)
+        self.assertEqual(self.msg.top_via.received, "192.0.2.7")
+        self.assertEqual(self.msg.vias[0].received, "192.0.2.7")
