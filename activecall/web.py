@@ -345,12 +345,18 @@ class ApiResource(Resource):
         return NOT_DONE_YET
 
     def _ice_servers_json(self) -> list[dict[str, Any]]:
-        if not self._ice_servers:
-            return [{"urls": ["stun:stun.l.google.com:19302"], "username": None, "credential": None, "credential_type": None}]
-        return [
-            {"urls": list(s.urls), "username": s.username, "credential": s.credential, "credential_type": s.credential_type}
-            for s in self._ice_servers
-        ]
+        return ice_servers_json(self._ice_servers)
+
+
+def ice_servers_json(servers: Sequence[Any]) -> list[dict[str, Any]]:
+    """``GET /iceservers``: the configured ``[[ice_servers]]`` only (no public server is ever added),
+    ``credential_type`` filled for TURN entries and null for STUN-only ones."""
+    out = []
+    for s in servers:
+        turn = any(url.lower().startswith(("turn:", "turns:")) for url in s.urls)
+        out.append({"urls": list(s.urls), "username": s.username, "credential": s.credential,
+                    "credential_type": (s.credential_type or "password") if turn else None})
+    return out
 
 
 class WebService(Service):

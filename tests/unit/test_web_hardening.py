@@ -365,7 +365,6 @@ class ListenBacklogTests(SynchronousTestCase):
         """makeService listens on http_addr with backlog=LISTEN_BACKLOG, far above a burst the limits admit."""
         from twisted.application import internet
 
-        from activecall.metrics import install
         from activecall.tap import Options, makeService
 
         workdir = tempfile.mkdtemp()
@@ -375,7 +374,6 @@ class ListenBacklogTests(SynchronousTestCase):
                     f'media_cache_path = "{workdir}/cache"\n')
         options = Options()
         options.parseOptions(["--conf", path])
-        self.addCleanup(install, None)
         top = makeService(options)
 
         def walk(service: Any) -> Any:
@@ -471,3 +469,23 @@ class EventStreamBacklogTests(SynchronousTestCase):
         self.assertEqual(request.written, [b'event: event\ndata: {"event":"a"}\n\n'])
         stream.gone()
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class IceServersTests(SynchronousTestCase):
+    """/iceservers lists what [[ice_servers]] configures, nothing else."""
+
+    def test_only_configured_servers_with_turn_credential_type(self) -> None:
+        """No servers configured: []; a TURN entry carries its credential_type, a STUN one null."""
+        from activecall.config import IceServer
+        from activecall.web import ice_servers_json
+
+        self.assertEqual(ice_servers_json(()), [])
+        got = ice_servers_json((IceServer(urls=("stun:stun.example.net:3478",)),
+                                IceServer(urls=("turn:turn.example.net:3478?transport=udp",), username="u",
+                                          credential="p")))
+        self.assertEqual(got, [
+            {"urls": ["stun:stun.example.net:3478"], "username": None, "credential": None, "credential_type": None},
+            {"urls": ["turn:turn.example.net:3478?transport=udp"], "username": "u", "credential": "p",
+             "credential_type": "password"},
+        ])
+
