@@ -153,6 +153,8 @@ class FakeLeg:
         self.answering: Optional[Deferred[None]] = None
         self.refer_targets: list[str] = []
         self.refer_result: Deferred[Any] = Deferred()
+        self.messages: list[tuple[str, str, dict[str, str]]] = []
+        self.message_result: Deferred[Any] = Deferred()
         self.prepare_error: Optional[str] = None
 
     def attach(self, source: Any, sink: Any, events: Any) -> None:
@@ -169,6 +171,10 @@ class FakeLeg:
     def refer(self, target: str) -> Deferred[Any]:
         self.refer_targets.append(target)
         return self.refer_result
+
+    def send_message(self, body: str, content_type: str, headers: Optional[Mapping[str, str]] = None) -> Deferred[Any]:
+        self.messages.append((body, content_type, dict(headers or {})))
+        return self.message_result
 
     def close(self, headers: Optional[Mapping[str, str]] = None) -> Deferred[None]:
         if not self.closed:

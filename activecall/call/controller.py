@@ -455,6 +455,29 @@ class CallController:
         if isinstance(self._transfer, BlindTransfer) and not self.ended:
             self._transfer.progress(status, text)
 
+    def send_message(self, body: str, content_type: str, headers: Optional[Mapping[str, str]] = None,
+                     refer: bool = False) -> None:
+        """``message``: an in-dialog SIP MESSAGE on the call's leg (or the transfer leg); no event on success."""
+        if refer:
+            transfer = self._transfer
+            if not isinstance(transfer, BridgedTransfer) or transfer.leg is None:
+                raise NotAllowedError("no transfer leg")
+            leg = transfer.leg
+        else:
+            leg = self.require_leg()
+
+        def sent(response: Any) -> None:
+            if not 200 <= response.status < 300:
+                self.error(f"message rejected: {response.status} {response.reason}")
+
+        def failed(f: Failure) -> None:
+            if f.check(LegSetupError):
+                self.error(f.getErrorMessage())
+            elif not self.ended:
+                self.error(f"message failed: {f.getErrorMessage()}")
+
+        leg.send_message(body, content_type, headers).addCallbacks(sent, failed)
+
     # -- conversation -------------------------------------------------------
 
     def add_history(self, speaker: str, text: str) -> None:

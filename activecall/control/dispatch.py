@@ -101,7 +101,7 @@ _COMMANDS: dict[type, Callable[[CallController, Any], Optional[Deferred[Any]]]] 
     cmds.UnmuteCommand: lambda c, cmd: c.mute(cmd.track_id, False),
     cmds.HangupCommand: _hangup,
     cmds.ReferCommand: _refer,
-    cmds.MessageCommand: lambda c, cmd: c.error("message command is only supported for SIP calls"),
+    cmds.MessageCommand: lambda c, cmd: c.send_message(cmd.body, cmd.content_type, cmd.headers, refer=cmd.refer),
     cmds.AddIceCandidateCommand: lambda c, cmd: c.error("addIceCandidate not allowed: the call has no WebRTC leg"),
     cmds.BridgeCommand: lambda c, cmd: c.error(f"bridge target session not found: {cmd.target_session_id}"),
     cmds.UnbridgeCommand: lambda c, cmd: None,  # no bridge exists on this call, which is not an error (spec §2.2)

@@ -340,6 +340,10 @@ class _SipLegBase:
         """Send REFER for ``target``; its NOTIFYs arrive as ``events.transfer_progress``."""
         return self.call.refer(target)
 
+    def send_message(self, body: str, content_type: str, headers: Optional[Mapping[str, str]] = None) -> Deferred[Any]:
+        """Send MESSAGE in the dialog (RFC 3428); fires with the final response."""
+        return self.call.message(body.encode("utf-8"), content_type, headers=outgoing_headers(headers))
+
     def close(self, headers: Optional[Mapping[str, str]] = None) -> Deferred[None]:
         """BYE (carrying ``headers``) unless the far end ended the dialog, then release the media.
 

@@ -160,6 +160,10 @@ class WebSocketLeg:
         """A WebSocket leg cannot be transferred."""
         return fail(LegSetupError("refer needs a SIP leg"))
 
+    def send_message(self, body: str, content_type: str, headers: Optional[Mapping[str, str]] = None) -> Deferred[Any]:
+        """A WebSocket leg has no SIP dialog."""
+        return fail(LegSetupError("message command is only supported for SIP calls"))
+
     def close(self, headers: Optional[Mapping[str, str]] = None) -> Deferred[None]:
         """Stop ticking; the WebSocket itself belongs to the session.  Idempotent."""
         if not self.closed:

@@ -186,6 +186,10 @@ class ILeg(Interface):
         """Send a SIP REFER for ``target`` (RFC 3515): Deferred firing with the response
         (``.status``, ``.reason``); NOTIFYs arrive as :meth:`ILegEvents.transfer_progress`."""
 
+    def send_message(body: str, content_type: str, headers: Optional[Mapping[str, str]] = None) -> Any:
+        """Send an in-dialog SIP MESSAGE: Deferred firing with the final response (``.status``,
+        ``.reason``); legs without SIP signalling fail it with :class:`LegSetupError`."""
+
     def close(headers: Optional[Mapping[str, str]] = None) -> Any:
         """End the leg: signal the far end if it is still up (SIP BYE carrying ``headers``) and
         release the media. Idempotent; returns a Deferred that fires when the resources are free."""

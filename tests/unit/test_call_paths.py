@@ -314,6 +314,23 @@ class LegEventTests(_Case):
         self.assertEqual(self.obs.of(ce.MessageReceived)[0].body, "hi")
         self.assertEqual(self.obs.of(ce.TransferRequested)[0].refer_to, "sip:carol@example.com")
 
+    def test_message_is_sent_in_the_dialog(self) -> None:
+        """message sends MESSAGE on the leg: no event on 200, an error naming a rejection."""
+        c, leg = self.answered_outbound()
+        c.send_message("hello", "text/plain", {"X-A": "1"})
+        self.assertEqual(leg.messages, [("hello", "text/plain", {"X-A": "1"})])
+
+        class Response:
+            status, reason = 200, "OK"
+
+        leg.message_result.callback(Response())
+        self.assertEqual(self.obs.of(ce.ErrorOccurred), [])
+        Response.status, Response.reason = 488, "Not Acceptable Here"
+        leg.message_result = succeed(Response())
+        c.send_message("again", "text/plain")
+        self.assertEqual(self.obs.of(ce.ErrorOccurred)[-1].message, "message rejected: 488 Not Acceptable Here")
+        self.assertRaises(NotAllowedError, c.send_message, "x", "text/plain", refer=True)
+
     def test_subscribe_mirrors_both_directions_and_mute_silences_the_caller(self) -> None:
         """subscribe tags caller audio 0x01; caller mute zeroes what every sink sees."""
         c, leg = self.answered_outbound(subscribe=True)

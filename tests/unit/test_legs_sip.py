@@ -158,6 +158,7 @@ class FakeCall:
         self.terminated = False
         self.byes: list[list[tuple[str, str]]] = []
         self.refers: list[str] = []
+        self.messages: list[tuple[bytes, str, list[tuple[str, str]]]] = []
 
     def bye(self, headers: Any = ()) -> Deferred[Any]:
         assert not self.terminated, "BYE on a terminated dialog"
@@ -168,6 +169,10 @@ class FakeCall:
     def refer(self, target: str) -> Deferred[Any]:
         self.refers.append(target)
         return succeed(Response(202, reason="Accepted"))
+
+    def message(self, body: bytes, content_type: str, headers: Any = ()) -> Deferred[Any]:
+        self.messages.append((body, content_type, list(headers)))
+        return succeed(Response(200))
 
     # What the user agent does on in-dialog requests.
     def far_bye(self) -> None:
@@ -401,6 +406,13 @@ class DialerTests(SipTestBase):
         leg, call = self.answered_leg()
         response = self.successResultOf(leg.refer("sip:carol@192.0.2.20"))
         self.assertEqual((call.refers, response.status), (["sip:carol@192.0.2.20"], 202))
+
+    def test_send_message(self) -> None:
+        """send_message() sends MESSAGE in the dialog with its content type and only safe headers."""
+        leg, call = self.answered_leg()
+        response = self.successResultOf(leg.send_message("héllo", "text/plain", {"X-A": "1", "X-B": "a\r\nVia: x"}))
+        self.assertEqual(response.status, 200)
+        self.assertEqual(call.messages, [("héllo".encode(), "text/plain", [("X-A", "1")])])
 
 
 class CloseTests(SipTestBase):
