@@ -34,6 +34,14 @@ def make_observer(level: str, log_file: Optional[str], stream: Optional[IO[str]]
     return FilteringLogObserver(textFileLogObserver(out), [predicate])
 
 
+def log_destination(twistd_logfile: Optional[str], log_file: Optional[str]) -> Optional[str]:
+    """Where the daemon logs: ``twistd --logfile FILE`` (the command line wins), else ``log_file``, else
+    None for stdout (journald under systemd).  ``--logfile -`` means stdout, as it does for twistd."""
+    if twistd_logfile:
+        return None if twistd_logfile == "-" else twistd_logfile
+    return log_file
+
+
 def install_on_application(application: Any, observer: ILogObserver) -> None:
     """Make twistd log through ``observer``: twistd asks the application for an ILogObserver."""
     set_component = getattr(application, "setComponent", None)

@@ -115,6 +115,12 @@ class ActivecallService(service.MultiService):
         super().setServiceParent(parent)
 
 
+def _twistd_logfile(options: usage.Options) -> str | None:
+    """twistd's own ``--logfile`` (``twistd --logfile FILE activecall ...``): our parent's option."""
+    parent = getattr(options, "parent", None)
+    return parent.get("logfile") if parent is not None else None
+
+
 def makeService(options: Options) -> service.IService:
     """Build the daemon's MultiService from validated options (the composition root)."""
     from twisted.internet import reactor
@@ -141,7 +147,7 @@ def makeService(options: Options) -> service.IService:
     from activecall.call.tts import precache
     from activecall.control.session import SessionManager
     from activecall.ids import SystemIds
-    from activecall.logs import make_observer
+    from activecall.logs import log_destination, make_observer
     from activecall.media.clock import MediaClock
     from activecall.media.recorder import WavRecorder
     from activecall.media.cache import MediaCache
@@ -153,7 +159,7 @@ def makeService(options: Options) -> service.IService:
 
     config = options.config
     log = Logger(namespace="activecall")
-    top = ActivecallService(config, make_observer(config.log_level, config.log_file))
+    top = ActivecallService(config, make_observer(config.log_level, log_destination(_twistd_logfile(options), config.log_file)))
     prepare_process(config, log)
 
     pool = HTTPConnectionPool(reactor, persistent=True)

@@ -150,8 +150,10 @@ class Daemon(ProcessProtocol):
         return f"ws://127.0.0.1:{self.http_port}"
 
 
-def spawn_daemon(workdir: str, args: list[str], env: Optional[dict[str, str]] = None) -> Daemon:
-    """Run twistd activecall with ``args`` in ``workdir``, importing this checkout."""
+def spawn_daemon(workdir: str, args: list[str], env: Optional[dict[str, str]] = None,
+                 twistd_args: tuple[str, ...] = ()) -> Daemon:
+    """Run twistd activecall with ``args`` in ``workdir``, importing this checkout; ``twistd_args``
+    go to twistd itself (before the subcommand)."""
     proto = Daemon()
     workdir = os.path.abspath(workdir)
     child_env = dict(os.environ)
@@ -159,12 +161,13 @@ def spawn_daemon(workdir: str, args: list[str], env: Optional[dict[str, str]] = 
     child_env["PYTHONUNBUFFERED"] = "1"
     child_env.update(env or {})
     argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-            "-n", "--reactor=asyncio", "--pidfile=", "activecall"] + args
+            "-n", "--reactor=asyncio", "--pidfile=", *twistd_args, "activecall"] + args
     reactor.spawnProcess(proto, sys.executable, argv, env=child_env, path=workdir)
     return proto
 
 
-def start_daemon(workdir: str, config: str, extra_args: tuple[str, ...] = (), ready_text: str = " ready: ") -> Deferred[Daemon]:
+def start_daemon(workdir: str, config: str, extra_args: tuple[str, ...] = (), ready_text: str = " ready: ",
+                 twistd_args: tuple[str, ...] = ()) -> Deferred[Daemon]:
     """Write ``config`` (with {http_port} and {sip_port} filled) and start the daemon; fires when ready.
 
     Readiness is the daemon's ``ready`` log line on stdout, or, with
@@ -176,7 +179,7 @@ def start_daemon(workdir: str, config: str, extra_args: tuple[str, ...] = (), re
     path = os.path.join(workdir, "activecall.toml")
     with open(path, "w") as f:
         f.write(config.format(http_port=http_port, sip_port=sip_port, workdir=workdir))
-    daemon = spawn_daemon(workdir, ["--conf", path, *extra_args])
+    daemon = spawn_daemon(workdir, ["--conf", path, *extra_args], twistd_args=twistd_args)
     daemon.http_port = http_port
     daemon.sip_port = sip_port
     d = daemon.wait_output(ready_text) if ready_text else wait_port(http_port)

@@ -36,11 +36,11 @@ class WebSocketCallTests(TestCase):
 
     timeout = 120
 
-    async def _start(self, extra: str = "", ready_text: str = " ready: ") -> Any:
+    async def _start(self, extra: str = "", ready_text: str = " ready: ", twistd_args: tuple[str, ...] = ()) -> Any:
         workdir = os.path.abspath(self.mktemp())
         os.makedirs(workdir)
         self.workdir = workdir
-        daemon = await start_daemon(workdir, extra + BASE_CONFIG, ready_text=ready_text)
+        daemon = await start_daemon(workdir, extra + BASE_CONFIG, ready_text=ready_text, twistd_args=twistd_args)
         self.addCleanup(daemon.stop)
         return daemon
 
@@ -288,6 +288,19 @@ class WebSocketCallTests(TestCase):
         self.assertEqual((r.code, await r.text()), (404, "track not active"))
         with open(os.path.join(self.workdir, "activecall.log")) as f:
             self.assertIn("session e2e-6 opened", f.read())
+
+    async def test_twistd_logfile_is_honoured(self) -> None:
+        """twistd --logfile FILE receives the daemon's log (with log_level applied); stdout stays quiet."""
+        path = os.path.abspath(self.mktemp())
+        daemon = await self._start(ready_text="", twistd_args=("--logfile", path))
+        client = await self._call(daemon, "e2e-l", {"codec": "pcm"})
+        client.send({"command": "hangup"})
+        await client.wait_closed()
+        with open(path) as f:
+            text = f.read()
+        self.assertIn(" ready: ", text)
+        self.assertIn("session e2e-l opened", text)
+        self.assertNotIn("session e2e-l opened", daemon.output)
 
     async def test_sip_and_webrtc_endpoints_accept_sessions(self) -> None:
         """/call/sip and /call/webrtc take connections; a WebRTC invite is an error until its layer lands."""

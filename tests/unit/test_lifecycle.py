@@ -328,3 +328,32 @@ class PrepareProcessTests(SynchronousTestCase):
         lines = self.warnings('http_addr = "127.0.0.1:8080"\n[handler]\ntype = "playbook"\n')
         self.assertEqual(len(lines), 1)
         self.assertTrue(lines[0].startswith("config: "), lines)
+
+
+class LogDestinationTests(SynchronousTestCase):
+    """Logs go where the operator asked: twistd --logfile, else log_file, else stdout."""
+
+    def test_logfile_then_log_file_then_stdout(self) -> None:
+        """The command line wins; '-' is stdout; neither is stdout (None)."""
+        from activecall.logs import log_destination
+
+        self.assertEqual(log_destination("/var/log/a.log", "/tmp/b.log"), "/var/log/a.log")
+        self.assertIsNone(log_destination("-", "/tmp/b.log"))
+        self.assertEqual(log_destination(None, "/tmp/b.log"), "/tmp/b.log")
+        self.assertIsNone(log_destination(None, None))
+
+    def test_twistd_parent_option_is_read(self) -> None:
+        """The plugin's options see twistd's --logfile through their parent."""
+        from twisted.scripts.twistd import ServerOptions
+
+        from activecall.tap import _twistd_logfile
+
+        top = ServerOptions()
+        top["logfile"] = "/tmp/x.log"
+
+        class Sub:
+            parent = top
+
+        self.assertEqual(_twistd_logfile(Sub()), "/tmp/x.log")
+        self.assertIsNone(_twistd_logfile(object()))
+
