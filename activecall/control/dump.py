@@ -31,7 +31,7 @@ MAX_QUEUED = 100_000
 _ENCODER = json.JSONEncoder(ensure_ascii=False)  # built once: json.dumps(..., ensure_ascii=False) builds one per call
 
 #: How long the writer waits for more work before it sleeps until woken.
-LINGER_S = 0.005
+LINGER_S = 0.002
 
 
 def dump_path_for(directory: str, sid: str) -> str:
