@@ -147,6 +147,26 @@ class OutboundSipCallTests(TestCase):
         self.assertGreater(np.abs(frames[:, 1]).max(), 1000, "our TTS on the right")
         self.assertGreater(np.abs(frames[:, 0]).max(), 1000, "the echo of it came back on the left")
 
+    async def test_tts_without_provider_reaches_the_sip_callee(self) -> None:
+        """No tts provider in the call or the command: the default engine speaks, SIPp echoes it back."""
+        daemon, sipp_port, (client, sipp) = await self._setup(["-sn", "uas", "-rtp_echo"])
+        client.send({"command": "invite", "option": {
+            "callee": f"sip:agent@127.0.0.1:{sipp_port}", "caller": "sip:bot@127.0.0.1", "subscribe": True}})
+        await client.wait_event("answer", trackId="sip-e2e")
+        client.send({"command": "tts", "text": "Hello with the default voice.", "playId": "d", "endOfStream": True})
+        await client.wait_event("trackEnd", trackId="server-side-track", playId="d")
+        await client.wait_event("mediaReady", trackId="sip-e2e")
+        import numpy as np
+
+        self.assertFalse([e for e in client.events if e["event"] == "error"])
+        echo = b"".join(f[1:] for _, f in client.frames if f[:1] == b"\x01")
+        self.assertGreater(np.abs(np.frombuffer(echo, "<i2")).max(), 1000, "the callee heard our speech")
+        client.send({"command": "hangup"})
+        await client.wait_closed()
+        (code,) = await sipp.wait_exit()
+        self.assertEqual(code, 0, sipp.output[-2000:])
+        await daemon.stop()
+
     async def test_busy_callee_is_a_reject(self) -> None:
         """A 486 from the callee gives reject{code 486}, error{invite}, hangup{byCallee} and the socket closes."""
         daemon, sipp_port, (client, sipp) = await self._setup(["-sf", os.path.join(SCENARIOS, "uas_486.xml")])
