@@ -2,10 +2,12 @@
 
 A key press is one *event*: every packet of it carries the RTP timestamp of
 the event start, a growing duration, and the last one (sent three times)
-the end bit.  The receiver therefore identifies a press by
-``(ssrc, rtp_ts, event)`` and reports it once, on whichever of its packets
-arrives first, so lost start packets, the repeated end packets, and
-retransmissions neither lose nor duplicate digits.
+the end bit.  A new event starts on a new timestamp or a new event code
+(§2.5.1.2), so the receiver identifies a press by ``(ssrc, rtp_ts, event)``
+and reports it once, on whichever of its packets arrives first: lost start
+packets, the repeated end packets, and retransmissions neither lose nor
+duplicate digits, and two presses of the same key are two digits whatever
+the timestamps do between them (a sender that restarts its timestamps too).
 """
 
 from __future__ import annotations
@@ -62,8 +64,10 @@ class DtmfReceiver:
         ended --non-end packet, same timestamp, > reuse_after_s later--> new press
             (peers that do not advance the timestamp between presses)
 
-    A packet whose timestamp is older than the newest press of its SSRC and
-    not in the recent history is a stale retransmission and is ignored.
+    An end packet whose timestamp is older than the newest press of its
+    SSRC and not in the recent history is a stale retransmission and is
+    ignored; any other packet of an unknown press starts one, older
+    timestamp or not (the sender restarted its timestamps).
     """
 
     __slots__ = ("_history", "_newest_ts", "reuse_after_s")
@@ -89,7 +93,7 @@ class DtmfReceiver:
                 return None
         else:
             newest = self._newest_ts.get(ssrc)
-            if newest is not None and ts_diff(rtp_ts, newest) < 0:
+            if event.end and newest is not None and ts_diff(rtp_ts, newest) < 0:
                 return None
         self._newest_ts[ssrc] = rtp_ts
         self._history.append(_Press(ssrc, rtp_ts, event.event, event.end, now))

@@ -1,7 +1,11 @@
 """Per-stream RTP state and the RTCP schedule (RFC 3550), sans-IO.
 
 * :class:`RtpReceiverStats`: reception statistics for one remote SSRC
-  (Appendix A.1 sequence validation with probation, A.3 loss, A.8 jitter).
+  (Appendix A.1 sequence validation with probation, A.3 loss, A.8 jitter),
+  optionally checking timestamps too: a sender that restarts its
+  timestamps (or its sequence numbers behind the current ones) on the same
+  SSRC is re-synchronised after two packets in order, as A.1 does for a
+  sequence jump.
 * :class:`RtpReceiver`: which remote SSRC is "the" stream.  A new SSRC that
   passes probation replaces the old one and is reported as
   ``ReceiveStatus.NEW_STREAM`` so the caller resets its jitter buffer and
@@ -38,6 +42,7 @@ from activecall.rtp.packet import (
     build_rtp_into,
     ntp_from_seconds,
     ntp_middle32,
+    ts_diff,
 )
 
 __all__ = [
@@ -57,6 +62,9 @@ RTP_SEQ_MOD = 1 << 16
 MAX_DROPOUT = 3000
 MAX_MISORDER = 100
 MIN_SEQUENTIAL = 2
+#: Timestamp check: a media packet in sequence may advance the RTP clock by the
+#: time since the previous one plus this much; less than 0 or more is a jump.
+TS_SLACK_S = 1.0
 
 RTCP_MIN_TIME_S = 5.0
 # e - 3/2: compensates the randomisation's bias towards short intervals (§6.3.1).
@@ -108,7 +116,16 @@ class RtpReceiverStats:
 
     State: on probation until ``min_sequential`` packets arrive in sequence;
     then valid.  A jump of more than MAX_DROPOUT ahead (or MAX_MISORDER
-    behind) is BAD once, and RESTARTED if the next packet follows it.
+    behind) is BAD once, and RESTARTED if the next packet follows it (the
+    A.1 ``bad_seq`` rule).
+
+    With ``check_timestamps``, media packets (not RFC 4733 events, whose
+    timestamp is the event start) are held to their RTP clock as well: a
+    packet in sequence whose timestamp goes backwards or advances more than
+    the arrival time since the previous one plus :data:`TS_SLACK_S`, or a
+    packet behind in sequence whose timestamp is ahead (a sequence restart
+    to nearby numbers), is a jump handled by the same rule: BAD once,
+    RESTARTED when the next packet follows it in sequence and timestamp.
     """
 
     __slots__ = (
@@ -128,17 +145,31 @@ class RtpReceiverStats:
         "last_sr_lsr",
         "last_sr_at",
         "_min_sequential",
+        "_check_ts",
+        "max_ts",
+        "max_ts_at",
+        "bad_ts",
+        "bad_at",
     )
 
-    def __init__(self, ssrc: int, seq: int, clock_rate_hz: int, min_sequential: int = MIN_SEQUENTIAL) -> None:
+    def __init__(
+        self, ssrc: int, seq: int, clock_rate_hz: int, min_sequential: int = MIN_SEQUENTIAL,
+        *, check_timestamps: bool = False,
+    ) -> None:
         self.ssrc = ssrc
         self.clock_rate_hz = clock_rate_hz
         self._min_sequential = min_sequential
+        self._check_ts = check_timestamps
         self.jitter = 0.0
         self.transit = 0.0
         self._have_transit = False
         self.last_sr_lsr = 0
         self.last_sr_at: float | None = None
+        #: Timestamp of the newest media packet in sequence and its arrival (-1: none yet).
+        self.max_ts = 0
+        self.max_ts_at = -1.0
+        self.bad_ts = 0
+        self.bad_at = 0.0
         self._init_seq(seq)
         self.max_seq = (seq - 1) & 0xFFFF
         self.probation = min_sequential
@@ -157,9 +188,19 @@ class RtpReceiverStats:
         """Whether the source has passed probation."""
         return self.probation == 0
 
-    def update(self, seq: int, rtp_ts: int, now: float) -> SeqStatus:
-        """Account one packet (A.1 ``update_seq`` plus the A.8 jitter estimate)."""
+    def _ts_follows(self, rtp_ts: int, now: float, ref_ts: int, ref_at: float) -> bool:
+        """Whether ``rtp_ts`` at ``now`` may follow ``ref_ts`` received at ``ref_at`` in sequence."""
+        step = ts_diff(rtp_ts, ref_ts)
+        return 0 <= step <= (now - ref_at + TS_SLACK_S) * self.clock_rate_hz
+
+    def update(self, seq: int, rtp_ts: int, now: float, media: bool = True) -> SeqStatus:
+        """Account one packet (A.1 ``update_seq`` plus the A.8 jitter estimate).
+
+        ``media`` is False for packets whose timestamp is not the media clock
+        (RFC 4733 events): they are never checked against it.
+        """
         udelta = (seq - self.max_seq) & 0xFFFF
+        check = media and self._check_ts
         if self.probation:
             if seq == (self.max_seq + 1) & 0xFFFF:
                 self.probation -= 1
@@ -167,30 +208,52 @@ class RtpReceiverStats:
                 if self.probation == 0:
                     self._init_seq(seq)
                     self.received += 1
+                    if media:
+                        self.max_ts, self.max_ts_at = rtp_ts, now
                     self._update_jitter(rtp_ts, now)
                     return SeqStatus.VALID
             else:
                 self.probation = self._min_sequential - 1
                 self.max_seq = seq
             return SeqStatus.PROBATION
-        status = SeqStatus.VALID
         if udelta < MAX_DROPOUT:
-            if seq < self.max_seq:
-                self.cycles += RTP_SEQ_MOD
-            self.max_seq = seq
+            if udelta:
+                if check and self.max_ts_at >= 0.0 and not self._ts_follows(rtp_ts, now, self.max_ts, self.max_ts_at):
+                    return self._jump(seq, rtp_ts, now, check, False)
+                if seq < self.max_seq:
+                    self.cycles += RTP_SEQ_MOD
+                self.max_seq = seq
+                if media:
+                    self.max_ts, self.max_ts_at = rtp_ts, now
         elif udelta <= RTP_SEQ_MOD - MAX_MISORDER:
-            if seq == self.bad_seq:
-                # Two sequential packets after a jump: the sender restarted.
-                self._init_seq(seq)
-                self._have_transit = False
-                status = SeqStatus.RESTARTED
-            else:
-                self.bad_seq = (seq + 1) & 0xFFFF
-                return SeqStatus.BAD
+            return self._jump(seq, rtp_ts, now, check, True)
+        elif check and self.max_ts_at >= 0.0 and ts_diff(rtp_ts, self.max_ts) > 0:
+            # Behind in sequence but ahead in time: not a reordered packet.
+            return self._jump(seq, rtp_ts, now, check, True)
         # else: duplicate or reordered, still counted
         self.received += 1
         self._update_jitter(rtp_ts, now)
-        return status
+        return SeqStatus.VALID
+
+    def _jump(self, seq: int, rtp_ts: int, now: float, check: bool, renumbered: bool) -> SeqStatus:
+        """A discontinuity: BAD, or RESTARTED if it follows the previous BAD packet (A.1 ``bad_seq``)."""
+        if seq == self.bad_seq and (not check or self._ts_follows(rtp_ts, now, self.bad_ts, self.bad_at)):
+            # Two sequential packets after a jump: the sender restarted.
+            if renumbered:
+                self._init_seq(seq)
+            else:
+                if seq < self.max_seq:
+                    self.cycles += RTP_SEQ_MOD
+                self.max_seq = seq
+                self.bad_seq = RTP_SEQ_MOD + 1
+            self._have_transit = False
+            self.max_ts, self.max_ts_at = rtp_ts, now
+            self.received += 1
+            self._update_jitter(rtp_ts, now)
+            return SeqStatus.RESTARTED
+        self.bad_seq = (seq + 1) & 0xFFFF
+        self.bad_ts, self.bad_at = rtp_ts, now
+        return SeqStatus.BAD
 
     def _update_jitter(self, rtp_ts: int, now: float) -> None:
         transit = now * self.clock_rate_hz - rtp_ts
@@ -254,20 +317,23 @@ class RtpReceiver:
     stragglers are ``STALE_SOURCE`` rather than a flip-flop back.
     """
 
-    __slots__ = ("clock_rate_hz", "current", "candidate", "_retired", "_min_sequential")
+    __slots__ = ("clock_rate_hz", "current", "candidate", "_retired", "_min_sequential", "_check_ts")
 
-    def __init__(self, clock_rate_hz: int, min_sequential: int = MIN_SEQUENTIAL) -> None:
+    def __init__(
+        self, clock_rate_hz: int, min_sequential: int = MIN_SEQUENTIAL, *, check_timestamps: bool = False
+    ) -> None:
         self.clock_rate_hz = clock_rate_hz
         self._min_sequential = min_sequential
+        self._check_ts = check_timestamps
         self.current: RtpReceiverStats | None = None
         self.candidate: RtpReceiverStats | None = None
         self._retired: deque[int] = deque(maxlen=4)
 
-    def receive(self, ssrc: int, seq: int, rtp_ts: int, now: float) -> ReceiveStatus:
-        """Account one packet and say whether to deliver it."""
+    def receive(self, ssrc: int, seq: int, rtp_ts: int, now: float, media: bool = True) -> ReceiveStatus:
+        """Account one packet and say whether to deliver it (``media``: see :meth:`RtpReceiverStats.update`)."""
         cur = self.current
         if cur is not None and ssrc == cur.ssrc:
-            status = cur.update(seq, rtp_ts, now)
+            status = cur.update(seq, rtp_ts, now, media)
             if status is SeqStatus.VALID:
                 return ReceiveStatus.ACCEPTED
             if status is SeqStatus.RESTARTED:
@@ -277,8 +343,10 @@ class RtpReceiver:
             return ReceiveStatus.STALE_SOURCE
         cand = self.candidate
         if cand is None or cand.ssrc != ssrc:
-            cand = self.candidate = RtpReceiverStats(ssrc, seq, self.clock_rate_hz, self._min_sequential)
-        if cand.update(seq, rtp_ts, now) is not SeqStatus.VALID:
+            cand = self.candidate = RtpReceiverStats(
+                ssrc, seq, self.clock_rate_hz, self._min_sequential, check_timestamps=self._check_ts
+            )
+        if cand.update(seq, rtp_ts, now, media) is not SeqStatus.VALID:
             return ReceiveStatus.PROBATION
         if cur is not None:
             self._retired.append(cur.ssrc)
@@ -477,10 +545,11 @@ class RtpSession:
         session_bandwidth_bps: int = 64000,
         min_sequential: int = MIN_SEQUENTIAL,
         rtcp_min_time_s: float = RTCP_MIN_TIME_S,
+        check_timestamps: bool = False,
     ) -> None:
         self.cname = cname
         self.sender = RtpStream(rng, clock_rate_hz, payload_type)
-        self.receiver = RtpReceiver(clock_rate_hz, min_sequential)
+        self.receiver = RtpReceiver(clock_rate_hz, min_sequential, check_timestamps=check_timestamps)
         self.scheduler = RtcpScheduler(
             rng, now, session_bandwidth_bps=session_bandwidth_bps, min_time_s=rtcp_min_time_s
         )
@@ -489,9 +558,9 @@ class RtpSession:
         self._packets_at_last_report = 0
         self._sent_since_report = False
 
-    def receive_rtp(self, header: RtpHeaderView, now: float) -> ReceiveStatus:
-        """Account an incoming RTP packet; see :class:`ReceiveStatus`."""
-        return self.receiver.receive(header.ssrc, header.sequence, header.timestamp, now)
+    def receive_rtp(self, header: RtpHeaderView, now: float, media: bool = True) -> ReceiveStatus:
+        """Account an incoming RTP packet; see :class:`ReceiveStatus` (``media`` False for RFC 4733 events)."""
+        return self.receiver.receive(header.ssrc, header.sequence, header.timestamp, now, media)
 
     def receive_rtcp(self, packets: list[RtcpPacket], now: float) -> list[int]:
         """Take in a parsed compound RTCP packet; return the SSRCs that said BYE."""

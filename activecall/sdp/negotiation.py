@@ -107,6 +107,10 @@ class NegotiatedMedia:
     remote_crypto: CryptoAttribute | None = None
     rtcp_mux: bool = False
     remote_ptime_ms: int | None = None
+    #: The comfort noise payload type (RFC 3389 ``CN`` at the codec's RTP clock rate) when
+    #: the peer offered it (our answer then lists it too); None otherwise, also for the
+    #: answers to our own offers, which list no CN.  Only with it do we send CN.
+    comfort_noise_pt: int | None = None
 
     @property
     def srtp(self) -> bool:
@@ -292,6 +296,16 @@ def _find_te(m: MediaDescription, rate: int) -> int | None:
     return None
 
 
+def _find_cn(m: MediaDescription, rate: int) -> int | None:
+    """The peer's comfort noise payload type at ``rate`` (static 13 or an rtpmap ``CN/rate``), if it lists one."""
+    rtpmaps = m.rtpmaps()
+    for pt in m.payload_types:
+        enc = rtpmaps.get(pt)
+        if enc is not None and enc.encoding.upper() == "CN" and enc.clock_rate_hz == rate:
+            return pt
+    return None
+
+
 def _pick_crypto(m: MediaDescription) -> CryptoAttribute | None:
     """The first offered ``a=crypto`` we can use (known suite, no MKI, no session params)."""
     for attr in m.crypto():
@@ -357,6 +371,7 @@ def _negotiated(
     mux: bool,
     local_crypto: CryptoAttribute | None,
     remote_crypto: CryptoAttribute | None,
+    cn_pt: int | None = None,
 ) -> NegotiatedMedia:
     """The :class:`NegotiatedMedia` for the peer's audio section ``m`` (offer or answer)."""
     name, pt, rate = codec
@@ -378,6 +393,7 @@ def _negotiated(
         remote_crypto=remote_crypto,
         rtcp_mux=mux,
         remote_ptime_ms=m.ptime_ms,
+        comfort_noise_pt=cn_pt,
     )
 
 
@@ -397,6 +413,9 @@ def _answer_media(
         formats.append(te)
         attrs.append(_rtpmap(te, TELEPHONE_EVENT, rate, 1))
         attrs.append(Attribute("fmtp", f"{te} {fmtps.get(te, _TE_FMTP)}"))
+    if neg.comfort_noise_pt is not None:
+        formats.append(neg.comfort_noise_pt)
+        attrs.append(Attribute("rtpmap", f"{neg.comfort_noise_pt} CN/{rate}"))
     crypto = [neg.local_crypto] if neg.local_crypto is not None else []
     attrs.extend(_transport_attributes(port, neg.rtcp_mux, crypto, neg.direction))
     return MediaDescription("audio", port, m.proto, [str(f) for f in formats], attributes=attrs)
@@ -458,7 +477,8 @@ def answer_offer(
                 raise ValueError("SRTP answer needs make_crypto or local_crypto")
         te_pt = _find_te(m, codec[2]) if TELEPHONE_EVENT in prefs else None
         direction = answer_direction(sd.direction(m), local_direction)
-        result = _negotiated(sd, m, codec, te_pt, direction, m.rtcp_mux, ours, remote_crypto)
+        # We take comfort noise wherever offered (RFC 3389) and answer it, so we may send it too.
+        result = _negotiated(sd, m, codec, te_pt, direction, m.rtcp_mux, ours, remote_crypto, _find_cn(m, codec[2]))
         chosen_index = index
     if result is None:
         raise NegotiationError(problem)

@@ -191,3 +191,45 @@ class SenderTests(SynchronousTestCase):
             DtmfSender(volume=64)
         with self.assertRaises(ValueError):
             DtmfSender().send("1", duration_ms=10_000)
+
+
+def _end(ts: int, event: int, duration: int = 800) -> tuple[int, TelephoneEvent]:
+    return ts, TelephoneEvent(event, True, 10, duration)
+
+
+def _start(ts: int, event: int, duration: int = 160) -> tuple[int, TelephoneEvent]:
+    return ts, TelephoneEvent(event, False, 10, duration)
+
+
+class NewEventRuleTests(SynchronousTestCase):
+    """RFC 4733 §2.5.1.2: a new event starts on a new timestamp or a new event code (golden sequences)."""
+
+    GOLDEN: list[tuple[str, list[tuple[int, TelephoneEvent]], list[str]]] = [
+        ("5 then 5, distinct timestamps", _press(1000, 5) + _press(2600, 5), ["5", "5"]),
+        ("end bit three times", [_start(1000, 5), _end(1000, 5), _end(1000, 5), _end(1000, 5)], ["5"]),
+        ("only the end packets, three times", [_end(1000, 7)] * 3, ["7"]),
+        ("new code, same timestamp", [_start(1000, 5), _end(1000, 5), _start(1000, 6), _end(1000, 6)], ["5", "6"]),
+        ("new code, same timestamp, no end", [_start(1000, 1), _start(1000, 2)], ["1", "2"]),
+        ("timestamps restarted: 5 then 5 at an older timestamp", _press(900000, 5) + _press(1000, 5), ["5", "5"]),
+        ("timestamps restarted: 8 then 9 at an older timestamp", _press(900000, 8) + _press(160, 9), ["8", "9"]),
+        ("timestamps restarted, start of the second press lost", _press(900000, 5) + _press(1000, 5)[1:], ["5", "5"]),
+        ("three keys in a row", _press(1000, 1) + _press(2000, 2) + _press(3000, 3), ["1", "2", "3"]),
+    ]
+
+    def test_golden(self) -> None:
+        """Each golden telephone-event sequence gives exactly its digits."""
+        for name, packets, digits in self.GOLDEN:
+            with self.subTest(name):
+                rx = DtmfReceiver()
+                out = [rx.feed(7, ts, ev, T0 + 0.02 * i) for i, (ts, ev) in enumerate(packets)]
+                self.assertEqual([d for d in out if d is not None], digits, name)
+
+    def test_two_sources(self) -> None:
+        """Interleaved presses of two SSRCs are each reported once."""
+        rx = DtmfReceiver()
+        a, b = _press(1000, 4), _press(1000, 4)
+        out = []
+        for i, ((ts_a, ev_a), (ts_b, ev_b)) in enumerate(zip(a, b)):
+            out.append(rx.feed(1, ts_a, ev_a, T0 + 0.02 * i))
+            out.append(rx.feed(2, ts_b, ev_b, T0 + 0.02 * i))
+        self.assertEqual([d for d in out if d is not None], ["4", "4"])

@@ -317,3 +317,89 @@ class SessionTests(SynchronousTestCase):
         self._receive(s, 0x55, list(range(5)), T0)
         self.assertEqual(s.receive_rtcp([Bye((0x55,))], T0 + 4), [0x55])
         self.assertIsNone(s.receiver.current)
+
+
+A, N, I = ReceiveStatus.ACCEPTED, ReceiveStatus.NEW_STREAM, ReceiveStatus.INVALID
+
+#: Golden sequences after a steady stream of 10 packets (seq BASE.., ts 5000 + 160 k, 20 ms apart):
+#: (name, base seq, packets as (seq, ts, seconds after the previous packet), statuses).
+_GOLDEN: list[tuple[str, int, list[tuple[int, int, float]], list[ReceiveStatus]]] = [
+    ("in order", 1000, [(1010, 6600, 0.02), (1011, 6760, 0.02)], [A, A]),
+    ("restart to seq 0, ts continuing", 20000, [(0, 6600, 0.02), (1, 6760, 0.02), (2, 6920, 0.02)], [I, N, A]),
+    ("restart to seq 0 and ts 0", 20000, [(0, 0, 0.02), (1, 160, 0.02), (2, 320, 0.02)], [I, N, A]),
+    ("jump ahead > MAX_DROPOUT", 1000, [(4600, 6600, 0.02), (4601, 6760, 0.02), (4602, 6920, 0.02)], [I, N, A]),
+    ("one stray packet far away", 1000, [(40000, 6600, 0.02), (1010, 6600, 0.0), (1011, 6760, 0.02)], [I, A, A]),
+    ("reorder within MAX_MISORDER", 1000, [(1011, 6760, 0.02), (1010, 6600, 0.001), (1012, 6920, 0.02)], [A, A, A]),
+    ("duplicates", 1000, [(1010, 6600, 0.02), (1010, 6600, 0.001), (1011, 6760, 0.02)], [A, A, A]),
+    ("65535 -> 0 wrap", 65526, [(0, 6600, 0.02), (1, 6760, 0.02)], [A, A]),
+    ("loss below MAX_DROPOUT", 1000, [(1110, 22600, 2.02), (1111, 22760, 0.02)], [A, A]),
+    ("ts restart, seq continuing", 1000, [(1010, 7, 0.02), (1011, 167, 0.02), (1012, 327, 0.02)], [I, N, A]),
+    ("ts jumps ahead, seq continuing", 1000, [(1010, 0x70000000, 0.02), (1011, 0x700000A0, 0.02)], [I, N]),
+    ("one packet with a wild ts", 1000, [(1010, 0x12345678, 0.02), (1011, 6760, 0.02)], [I, A]),
+    ("seq restart behind, ts continuing", 1000, [(990, 6600, 0.02), (991, 6760, 0.02), (992, 6920, 0.02)], [I, N, A]),
+    ("silence suppressed for 5 s", 1000, [(1010, 46440, 5.0), (1011, 46600, 0.02)], [A, A]),
+    ("network stall then burst", 1000, [(1010, 6600, 3.0), (1011, 6760, 0.0), (1012, 6920, 0.0)], [A, A, A]),
+]
+
+
+def _steady(r: RtpReceiver, base: int, ssrc: int = 5) -> float:
+    """Ten packets in order from BASE, 20 ms apart; the time of the last."""
+    for k in range(10):
+        status = r.receive(ssrc, (base + k) & 0xFFFF, 5000 + 160 * k, T0 + 0.02 * k)
+        assert status in (A, N, ReceiveStatus.PROBATION), status
+    return T0 + 0.18
+
+
+class GoldenSequenceTests(SynchronousTestCase):
+    """RFC 3550 A.1 validation (MAX_DROPOUT 3000, MAX_MISORDER 100, MIN_SEQUENTIAL 2) with timestamp checks."""
+
+    def test_golden_sequences(self) -> None:
+        """Each golden packet sequence gives its statuses: restarts resync after two packets in order."""
+        for name, base, packets, expected in _GOLDEN:
+            with self.subTest(name):
+                r = RtpReceiver(8000, check_timestamps=True)
+                now = _steady(r, base)
+                got = []
+                for seq, ts, dt in packets:
+                    now += dt
+                    got.append(r.receive(5, seq, ts, now))
+                self.assertEqual(got, expected, name)
+
+    def test_restart_rebases_statistics(self) -> None:
+        """After a sequence restart the loss count starts again from the new base, not 45000 packets lost."""
+        r = RtpReceiver(8000, check_timestamps=True)
+        now = _steady(r, 45000)
+        for k in range(5):
+            r.receive(5, k, 160 * k, now + 0.02 * (k + 1))
+        cur = r.current
+        assert cur is not None
+        self.assertEqual((cur.base_seq, cur.expected, cur.cumulative_lost), (1, 4, 0))
+
+    def test_ts_restart_keeps_sequence_accounting(self) -> None:
+        """A timestamp restart with the sequence continuing keeps the sequence statistics (one packet lost)."""
+        r = RtpReceiver(8000, check_timestamps=True)
+        now = _steady(r, 1000)
+        for k in range(4):
+            r.receive(5, 1010 + k, 160 * k, now + 0.02 * (k + 1))
+        cur = r.current
+        assert cur is not None
+        self.assertEqual((cur.base_seq, cur.extended_max_seq, cur.cumulative_lost), (1001, 1013, 1))
+
+    def test_events_are_not_held_to_the_media_clock(self) -> None:
+        """RFC 4733 packets (media=False) keep their event-start timestamp amid audio without a jump."""
+        r = RtpReceiver(8000, check_timestamps=True)
+        now = _steady(r, 1000)
+        seq = 1010
+        got = []
+        for k in range(6):
+            now += 0.02
+            got.append(r.receive(5, seq, 6600 + 160 * k, now))  # audio goes on
+            got.append(r.receive(5, seq + 1, 6600, now, media=False))  # the event keeps its start
+            seq += 2
+        self.assertEqual(set(got), {A})
+
+    def test_without_timestamp_checks_a1_only(self) -> None:
+        """By default only sequence numbers count (plain A.1): a timestamp restart is accepted."""
+        r = RtpReceiver(8000)
+        now = _steady(r, 1000)
+        self.assertEqual([r.receive(5, 1010 + k, 7 + 160 * k, now + 0.02 * (k + 1)) for k in range(2)], [A, A])

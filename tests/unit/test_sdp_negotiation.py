@@ -294,3 +294,33 @@ class OfferTests(SynchronousTestCase):
         self.assertRaises(NegotiationError, apply_answer, plain, _offer("m=audio 5000 RTP/AVP 8\r\n"))
         self.assertRaises(NegotiationError, apply_answer, secure, _offer("m=audio 5000 RTP/SAVP 0\r\n"))
         self.assertRaises(NegotiationError, apply_answer, plain, _offer("m=audio 5000 RTP/SAVP 0\r\n"))
+
+
+class ComfortNoiseTests(SynchronousTestCase):
+    """Comfort noise (RFC 3389 CN) is negotiated only when the peer offers it."""
+
+    def test_offered_cn_is_answered(self) -> None:
+        """A peer offering static PT 13 gets CN in our answer and comfort_noise_pt is 13."""
+        offer = _offer("m=audio 40000 RTP/AVP 0 101 13\r\na=rtpmap:101 telephone-event/8000\r\na=sendrecv\r\n")
+        text, neg = answer_offer(offer, PREFS, "198.51.100.7", 12000, session_id=9)
+        self.assertEqual(neg.comfort_noise_pt, 13)
+        m = parse_sdp(text).media[0]
+        self.assertEqual(m.payload_types, [0, 101, 13])
+        self.assertEqual(m.rtpmaps()[13], RtpMap("CN", 8000, 1))
+
+    def test_cn_at_the_codec_rate_only(self) -> None:
+        """A dynamic CN/16000 does not go with PCMU (RTP clock 8000); CN/8000 at PT 98 does."""
+        only16 = _offer("m=audio 40000 RTP/AVP 0 97\r\na=rtpmap:97 CN/16000\r\n")
+        self.assertIsNone(answer_offer(only16, PREFS, "198.51.100.7", 12000, session_id=9)[1].comfort_noise_pt)
+        dyn = _offer("m=audio 40000 RTP/AVP 0 98\r\na=rtpmap:98 CN/8000\r\n")
+        self.assertEqual(answer_offer(dyn, PREFS, "198.51.100.7", 12000, session_id=9)[1].comfort_noise_pt, 98)
+
+    def test_no_cn_unless_offered(self) -> None:
+        """Without CN in the offer the answer lists none and comfort_noise_pt is None; our offers list none."""
+        text, neg = answer_offer(PHONE_OFFER, PREFS, "198.51.100.7", 12000, session_id=9)
+        self.assertIsNone(neg.comfort_noise_pt)
+        self.assertNotIn(13, parse_sdp(text).media[0].payload_types)
+        offer = build_offer(PREFS, "198.51.100.7", 12000, session_id=9)
+        self.assertNotIn("CN/", offer.sdp)
+        answer = _offer("m=audio 40000 RTP/AVP 0 13\r\n")
+        self.assertIsNone(apply_answer(offer, answer).comfort_noise_pt)
