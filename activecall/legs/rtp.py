@@ -25,11 +25,21 @@ was not negotiated; ``events.dtmf``) -> ``sink.write_frame(frame)``.  A
 frame is delivered every tick while the leg runs: silence when nothing
 arrived or while the peer holds the call.
 
-Send path (per tick): ``source.read_frame()``; a frame is encoded and sent,
-None is a silent slot that sends nothing but advances the RTP timestamp
-(the first packet after such a gap carries the marker bit), so timestamps
-stay true across silence.  While we may not send (hold, ``recvonly``) the
-source is still read, and its frames are dropped.
+Send path (per tick): ``source.read_frame()``; a frame is encoded and sent.
+Once the stream runs (:meth:`RtpLeg.start_stream`: at the answer, or at
+183 early media) every tick sends a packet, so carriers, NAT bindings and
+media-timeout detection see a live stream from a silent agent: when the
+source has no frame, silence in the negotiated codec (a precomputed G.711
+payload, no encoding work; G.722 and Opus encode a silent frame), or, only
+if the peer offered comfort noise, an RFC 3389 CN packet at the start of
+the silence and again every :data:`CN_REFRESH_TICKS` (the slots between
+send nothing; the audio after them starts a talkspurt with the marker
+bit).  Sequence numbers and timestamps run on without gaps; the marker bit
+is on the first packet of the stream and after a real gap (hold).  Before
+the stream runs (an inbound leg ringing without early media) a slot
+without a frame sends nothing and advances the timestamp.  While we may not
+send (hold, ``recvonly``) the source is still read, its frames are dropped
+and nothing is sent.
 
 Sinks, sources and events run user code in the middle of a tick and may
 close legs or open new ones: each phase works on a snapshot of the legs
@@ -69,6 +79,8 @@ MEDIA_RATE_HZ = 16000
 FRAME_SAMPLES = MEDIA_RATE_HZ // 50
 FRAME_BYTES = 2 * FRAME_SAMPLES
 _SILENCE = bytes(FRAME_BYTES)
+# Returned by RtpLeg._tx_slot for "send silence this slot" (compared by identity).
+_SILENT_SLOT = bytes(FRAME_BYTES)
 _G711_FRAME = 160  # samples of 8 kHz audio per 20 ms
 # Polyphase 2x filters for the batched G.711 path: taps per phase (up) and in total (down).
 _UP_TAPS = 32
@@ -76,6 +88,14 @@ _DOWN_TAPS = 64
 _CUTOFF_HZ = 3600.0
 _KAISER_BETA = 8.0
 _PT_CN = 13
+# What a silent slot sends in G.711 (the codes of 0): the payload, precomputed.
+_PCMU_SILENCE = b"\xff" * _G711_FRAME
+_PCMA_SILENCE = b"\xd5" * _G711_FRAME
+#: RFC 3389 comfort noise: the level (-dBov) of our CN packets, and how often
+#: (in 20 ms slots) a silence longer than one packet repeats its CN packet.
+CN_LEVEL_DBOV = 80
+CN_REFRESH_TICKS = 50
+_CN_PAYLOAD = bytes((CN_LEVEL_DBOV,))
 _ACCEPT = (ReceiveStatus.ACCEPTED, ReceiveStatus.NEW_STREAM)
 
 
@@ -146,8 +166,16 @@ class _G711Batch:
         self._free.append(row)
 
     def reset_row(self, row: int) -> None:
-        """Forget a row's filter history (new stream, or after silence)."""
+        """Forget a row's filter history (a new leg)."""
         self._up_hist[row] = 0.0
+        self._down_hist[row] = 0.0
+
+    def reset_up(self, row: int) -> None:
+        """Forget a row's receive filter history (the caller went silent)."""
+        self._up_hist[row] = 0.0
+
+    def reset_down(self, row: int) -> None:
+        """Forget a row's send filter history (the agent went silent)."""
         self._down_hist[row] = 0.0
 
     def upsample(self, rows: list[int], pcm8k: list[bytes]) -> bytes:
@@ -270,7 +298,7 @@ class RtpMediaEngine:
                 if pcm is None:
                     if leg._up_dirty:
                         leg._up_dirty = False
-                        batch.reset_row(leg._row)
+                        batch.reset_up(leg._row)
                     frames.append(_SILENCE)
                 else:
                     leg._up_dirty = True
@@ -306,7 +334,10 @@ class RtpMediaEngine:
         for leg, pcm in taken:
             if leg.closed:
                 continue
-            if leg._batched:
+            if pcm is _SILENT_SLOT:
+                leg._send_silence(now)
+            elif leg._batched:
+                leg._down_dirty = True
                 down_legs.append(leg)
                 rows.append(leg._row)
                 pcms.append(pcm)
@@ -333,6 +364,9 @@ class RtpLeg:
 
         running --attach()--> attached --update(negotiated)--> attached (same sockets, SSRC and sequence)
         running/attached --close()--> closed (RTCP BYE sent, ports released)
+
+    and, independently, the send stream: idle (only agent frames are sent)
+    --start_stream()--> streaming (a packet every 20 ms while we may send).
     """
 
     _log = Logger()
@@ -362,7 +396,7 @@ class RtpLeg:
         now = clock.seconds()
         self._session = RtpSession(
             rng, now, clock_rate_hz=negotiated.clock_rate_hz, payload_type=negotiated.payload_type,
-            cname=cname, min_sequential=1,
+            cname=cname, min_sequential=1, check_timestamps=True,
         )
         self._rtcp_due_at = self._session.deadline()
         self._view = RtpHeaderView()
@@ -371,7 +405,11 @@ class RtpLeg:
         self._rx_fifo = bytearray()
         self._row = -1
         self._up_dirty = False
+        self._down_dirty = False
         self._tx_marker = True
+        self._streaming = False
+        # Slots until the next comfort noise packet; -1 while not in a CN silence.
+        self._cn_wait = -1
         self.media_ready = False
         self.closed = False
         self._released = False
@@ -409,6 +447,15 @@ class RtpLeg:
         self._sink = sink
         self._events = events
         self._attached = True
+
+    def start_stream(self) -> None:
+        """From the next tick on, send a packet every 20 ms (silence or comfort noise without agent audio)."""
+        self._streaming = True
+
+    @property
+    def streaming(self) -> bool:
+        """Whether :meth:`start_stream` was called."""
+        return self._streaming
 
     def close(self) -> Deferred[None]:
         """Send RTCP BYE, stop ticking and release the ports; the Deferred fires when they are free."""
@@ -464,8 +511,9 @@ class RtpLeg:
         old = self.negotiated
         self.negotiated = negotiated
         if (negotiated.codec, negotiated.payload_type, negotiated.clock_rate_hz, negotiated.telephone_event_pt,
-                negotiated.remote_ptime_ms) != (old.codec, old.payload_type, old.clock_rate_hz,
-                                               old.telephone_event_pt, old.remote_ptime_ms):
+                negotiated.remote_ptime_ms, negotiated.comfort_noise_pt) != (
+                old.codec, old.payload_type, old.clock_rate_hz, old.telephone_event_pt, old.remote_ptime_ms,
+                old.comfort_noise_pt):
             self._apply_codec(old, negotiated)
             self._engine._rebatch(self)
         self._apply_transport(old, negotiated)
@@ -498,6 +546,9 @@ class RtpLeg:
         codec = neg.codec
         self._pt = neg.payload_type
         self._te_pt = -1 if neg.telephone_event_pt is None else neg.telephone_event_pt
+        self._cn_pt = -1 if neg.comfort_noise_pt is None else neg.comfort_noise_pt
+        self._cn_wait = -1
+        self._silence_payload = _PCMU_SILENCE if codec == "pcmu" else _PCMA_SILENCE if codec == "pcma" else None
         sender = self._session.sender
         sender.payload_type = neg.payload_type
         sender.clock_rate_hz = neg.clock_rate_hz
@@ -530,9 +581,11 @@ class RtpLeg:
             self._inband_rx = None
 
     def _apply_transport(self, old: NegotiatedMedia | None, neg: NegotiatedMedia) -> None:
-        pts = {neg.payload_type, 13}  # 13: comfort noise (RFC 3389), sent by many phones unasked
+        pts = {neg.payload_type, _PT_CN}  # 13: comfort noise (RFC 3389), sent by many phones unasked
         if neg.telephone_event_pt is not None:
             pts.add(neg.telephone_event_pt)
+        if neg.comfort_noise_pt is not None:
+            pts.add(neg.comfort_noise_pt)
         self._endpoint.payload_types = frozenset(pts)
         self._endpoint.set_remote(
             (neg.remote_address, neg.remote_port),
@@ -568,10 +621,16 @@ class RtpLeg:
             off = h.payload_offset
             self._jb.put(h.sequence, h.timestamp, data[off : off + h.payload_length], now, h.marker)
         elif pt == self._te_pt:
-            status = self._session.receive_rtp(h, now)
-            if status not in _ACCEPT:
-                self.rx_dropped += 1
-                return
+            # Events are told apart by their own identity (RFC 4733), whatever the sequence
+            # check says, and an event from another SSRC must not take the audio stream over.
+            cur = self._session.receiver.current
+            if cur is None or cur.ssrc == h.ssrc:
+                status = self._session.receive_rtp(h, now, False)
+                if status is ReceiveStatus.NEW_STREAM:
+                    self._jb.reset()
+                    self._rx_fifo.clear()
+            else:
+                status = ReceiveStatus.STALE_SOURCE
             self.rx_dtmf_packets += 1
             try:
                 event = parse_telephone_event(h.payload)
@@ -581,7 +640,11 @@ class RtpLeg:
             digit = self._dtmf_rx.feed(h.ssrc, h.timestamp, event, now)
             if digit is not None and self._receiving:
                 self._events.dtmf(digit)
-        elif pt == _PT_CN:
+                if self.closed:
+                    return  # the digit ended the call
+            if status not in _ACCEPT:
+                return
+        elif pt == _PT_CN or pt == self._cn_pt:
             # Comfort noise: the peer is silent; the jitter buffer runs dry into silence.
             self._session.receive_rtp(h, now)
             return
@@ -640,21 +703,48 @@ class RtpLeg:
         self._sink.write_frame(frame)
 
     def _tx_slot(self, now: float) -> bytes | None:
-        """Use one 20 ms send slot: return the agent frame to encode, or skip (timestamp advances)."""
+        """Use one 20 ms send slot: the agent frame to encode, :data:`_SILENT_SLOT` (send silence),
+        or None (send nothing; the timestamp advances)."""
         pcm = self._source.read_frame()
         if self.closed:
             return None  # the source ended the call
-        sender = self._session.sender
         if not self.negotiated.can_send:
-            sender.skip(self._spf)
+            self._session.sender.skip(self._spf)
             self._tx_marker = True
             return None
         if pcm is not None:
+            if self._cn_wait >= 0:
+                # The end of a comfort noise silence: a new talkspurt.
+                self._cn_wait = -1
+                self._tx_marker = True
             return pcm
-        sender.skip(self._spf)
-        self.tx_silent_slots += 1
+        if self._streaming:
+            return _SILENT_SLOT
+        self._session.sender.skip(self._spf)
         self._tx_marker = True
         return None
+
+    def _send_silence(self, now: float) -> None:
+        """One silent slot of the stream: comfort noise if the peer offered it, else coded silence."""
+        sender = self._session.sender
+        if self._cn_pt >= 0:
+            if self._cn_wait > 0:
+                self._cn_wait -= 1
+                sender.skip(self._spf)
+                return
+            self._cn_wait = CN_REFRESH_TICKS - 1
+            data = sender.build(_CN_PAYLOAD, self._spf, now, marker=self._tx_marker, payload_type=self._cn_pt)
+        else:
+            payload = self._silence_payload
+            if payload is None:
+                payload = self._encode(_SILENCE)
+            elif self._down_dirty:
+                self._down_dirty = False
+                self._engine._batch.reset_down(self._row)
+            data = sender.build(payload, self._spf, now, marker=self._tx_marker)
+        self._tx_marker = False
+        self._endpoint.send_rtp(data)
+        self.tx_silent_slots += 1
 
     def _encode(self, pcm: bytes) -> bytes:
         assert self._encoder is not None

@@ -467,6 +467,8 @@ class InboundSipLeg(_SipLegBase):
     def ring(self, early_media: bool) -> None:
         """180 Ringing, or 183 with our SDP (early media); prepares the leg first if needed."""
         self.prepare()
+        if early_media:
+            self._start_stream()
         self.call.ringing(self.answer_sdp if early_media else None)
 
     def answer(self) -> Deferred[None]:
@@ -476,8 +478,14 @@ class InboundSipLeg(_SipLegBase):
         """
         self.prepare()
         self._answered = True
+        self._start_stream()
         d: Deferred[Any] = self.call.answer(self.answer_sdp)
         return d.addCallbacks(lambda _: None, _rejected)
+
+    def _start_stream(self) -> None:
+        """The peer has our SDP (183 or 200): from now on RTP flows every 20 ms, silence included."""
+        assert self._rtp is not None  # prepared
+        self._rtp.start_stream()
 
     def reject(self, code: int, reason: str) -> None:
         """Decline the call with a final response."""
@@ -547,6 +555,7 @@ class SipDialer:
                 self._release(endpoint)
                 raise LegSetupError(str(e)) from e
             rtp = RtpLeg(media.engine, endpoint, negotiated, clock=self._clock, rng=ids)
+            rtp.start_stream()
             return SipLeg(media, call, rtp, session_id, ids, self._clock)
 
         def failed(f: Failure) -> Failure:

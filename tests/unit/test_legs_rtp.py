@@ -541,7 +541,7 @@ class TickTests(LegTestBase):
         self.inject(101, 2, 320, TelephoneEvent(5, True, 10, 480).encode())
         self.tick(3)
         self.assertEqual(self.sent_rtp(), [])
-        self.assertEqual(leg.stats()["tx_silent_slots"], 3)
+        self.assertEqual(leg.stats()["tx_silent_slots"], 0)
         events, audio, agent = RecordingEvents(), [], FrameQueue()
         leg.attach(agent, ListSink(audio), events)
         agent.write_frame(bytes(FRAME_BYTES))
@@ -623,3 +623,178 @@ class TickTests(LegTestBase):
             self.tick()
         self.assertTrue(self.leg.closed)
         self.assertEqual(len(self.audio), self.leg.stats()["frames_delivered"] - 1)
+
+
+class StreamTests(LegTestBase):
+    """Issue 10.3: once the stream runs, one packet every 20 ms, silence or comfort noise included."""
+
+    def _rel(self, values: list[int], mod: int) -> list[int]:
+        return [(v - values[0]) % mod for v in values]
+
+    def test_idle_stream_is_50_packets_per_second_of_coded_silence(self) -> None:
+        """A streaming leg with no agent frames sends 50 packets/s of G.711 silence (PCMU 0xFF, PCMA 0xD5)."""
+        for batch in (True, False):
+            for codec, pt, code in (("pcmu", 0, 0xFF), ("pcma", 8, 0xD5)):
+                with self.subTest(codec=codec, batch=batch):
+                    self.batch = batch
+                    leg = self.make_leg(_neg(codec, pt))
+                    leg.start_stream()
+                    self.tick(50)
+                    pkts = self.sent_rtp()
+                    self.assertEqual(len(pkts), 50)
+                    self.assertEqual({bytes(p.payload) for p in pkts}, {bytes([code]) * 160})
+                    self.assertEqual({p.payload_type for p in pkts}, {pt})
+                    self.assertEqual(self._rel([p.sequence for p in pkts], 1 << 16), list(range(50)))
+                    self.assertEqual(self._rel([p.timestamp for p in pkts], 1 << 32), [160 * k for k in range(50)])
+                    self.assertEqual([p.marker for p in pkts], [True] + [False] * 49)
+                    stats = leg.stats()
+                    self.assertEqual((stats["tx_silent_slots"], stats["tx_audio_packets"]), (50, 0))
+
+    def test_g722_and_opus_send_encoded_silence(self) -> None:
+        """G.722 and Opus legs send a silent frame through their encoder every tick."""
+        for codec, pt, rate, step in (("g722", 9, 8000, 160), ("opus", 111, 48000, 960)):
+            with self.subTest(codec=codec):
+                self.make_leg(_neg(codec, pt, rate)).start_stream()
+                self.tick(25)
+                pkts = self.sent_rtp()
+                self.assertEqual(len(pkts), 25)
+                self.assertEqual({p.payload_type for p in pkts}, {pt})
+                self.assertEqual(self._rel([p.timestamp for p in pkts], 1 << 32), [step * k for k in range(25)])
+                dec = make_decoder(codec, 16000)
+                pcm = b"".join(dec.decode(bytes(p.payload)) for p in pkts)
+                self.assertLess(np.abs(np.frombuffer(pcm, dtype="<i2")).max(), 64)
+
+    def test_audio_silence_audio_is_one_continuous_stream(self) -> None:
+        """Audio, silence and audio again: consecutive sequence numbers and timestamps, no marker after silence."""
+        leg = self.make_leg()
+        leg.start_stream()
+        frame = _tone(1000, 320, 16000)
+        for _ in range(3):
+            self.agent.write_frame(frame)
+            self.tick()
+        self.tick(4)
+        for _ in range(2):
+            self.agent.write_frame(frame)
+            self.tick()
+        pkts = self.sent_rtp()
+        self.assertEqual(len(pkts), 9)
+        self.assertEqual(self._rel([p.sequence for p in pkts], 1 << 16), list(range(9)))
+        self.assertEqual(self._rel([p.timestamp for p in pkts], 1 << 32), [160 * k for k in range(9)])
+        self.assertEqual([p.marker for p in pkts], [True] + [False] * 8)
+        silent = [bytes(p.payload) == b"\xff" * 160 for p in pkts]
+        self.assertEqual(silent, [False] * 3 + [True] * 4 + [False] * 2)
+        self.assertEqual((leg.stats()["tx_audio_packets"], leg.stats()["tx_silent_slots"]), (5, 4))
+
+    def test_comfort_noise_only_when_offered(self) -> None:
+        """With CN offered: one CN packet at the start of silence, again every CN_REFRESH_TICKS, and a marker when audio resumes."""
+        from activecall.legs.rtp import CN_LEVEL_DBOV, CN_REFRESH_TICKS
+
+        leg = self.make_leg(_neg(comfort_noise_pt=13))
+        leg.start_stream()
+        self.tick(2 * CN_REFRESH_TICKS + 10)
+        cn = self.sent_rtp()
+        self.assertEqual(len(cn), 3)
+        self.assertEqual({(p.payload_type, bytes(p.payload)) for p in cn}, {(13, bytes([CN_LEVEL_DBOV]))})
+        self.assertEqual(self._rel([p.sequence for p in cn], 1 << 16), [0, 1, 2])
+        self.assertEqual(self._rel([p.timestamp for p in cn], 1 << 32), [0, 160 * CN_REFRESH_TICKS, 320 * CN_REFRESH_TICKS])
+        self.agent.write_frame(_tone(1000, 320, 16000))
+        self.tick()
+        self.tick()
+        audio, again = self.sent_rtp()[3:]
+        self.assertEqual((audio.payload_type, audio.marker, (audio.sequence - cn[0].sequence) & 0xFFFF), (0, True, 3))
+        self.assertEqual((audio.timestamp - cn[0].timestamp) & 0xFFFFFFFF, 160 * (2 * CN_REFRESH_TICKS + 10))
+        self.assertEqual((again.payload_type, again.marker), (13, False), "the next silence starts with CN at once")
+        self.assertEqual(leg.stats()["tx_silent_slots"], 4)
+        # Without CN in the offer: coded silence, never PT 13.
+        self.make_leg().start_stream()
+        self.tick(CN_REFRESH_TICKS + 5)
+        self.assertEqual({p.payload_type for p in self.sent_rtp()}, {0})
+        self.assertEqual(len(self.sent_rtp()), CN_REFRESH_TICKS + 5)
+
+    def test_hold_sends_nothing_while_streaming(self) -> None:
+        """On hold (recvonly/inactive) a streaming leg sends nothing; on resume the stream goes on with a marker."""
+        leg = self.make_leg()
+        leg.start_stream()
+        self.tick(5)
+        for direction in ("recvonly", "inactive"):
+            leg.update(replace(leg.negotiated, direction=direction))
+            self.tick(5)
+            self.assertEqual(len(self.sent_rtp()), 5, direction)
+        leg.update(replace(leg.negotiated, direction="sendrecv"))
+        self.tick()
+        pkts = self.sent_rtp()
+        self.assertEqual(len(pkts), 6)
+        last, prev = pkts[-1], pkts[-2]
+        self.assertEqual(((last.sequence - prev.sequence) & 0xFFFF, last.marker), (1, True))
+        self.assertEqual((last.timestamp - prev.timestamp) & 0xFFFFFFFF, 11 * 160)
+
+    def test_not_streaming_before_start(self) -> None:
+        """Until start_stream (an inbound leg ringing without early media) silence sends nothing."""
+        leg = self.make_leg()
+        self.tick(10)
+        self.assertEqual(self.sent_rtp(), [])
+        self.assertFalse(leg.streaming)
+        leg.start_stream()
+        self.tick(2)
+        self.assertEqual(len(self.sent_rtp()), 2)
+        self.assertTrue(self.sent_rtp()[0].marker)
+
+
+class ResyncTests(LegTestBase):
+    """Issue 10.4 through the leg: restarts resync the jitter buffer; every key press is a digit."""
+
+    def _tone_packets(self, seq0: int, ts0: int, frames: int, ssrc: int = 0xABC, start: int = 0) -> None:
+        enc = make_encoder("pcmu")
+        for i in range(frames):
+            self.inject(0, (seq0 + i) & 0xFFFF, (ts0 + 160 * i) & 0xFFFFFFFF,
+                        enc.encode(_tone(1000, 160, 8000, (start + i) * 160)), ssrc=ssrc)
+            self.tick()
+
+    def test_sequence_restart_resyncs(self) -> None:
+        """A source restarting at seq 0 / ts 0 (same SSRC) plays on after one dropped packet, none late."""
+        self.make_leg()
+        self._tone_packets(30000, 123456, 20)
+        self._tone_packets(0, 0, 40, start=20)
+        stats = self.leg.stats()
+        self.assertEqual((stats["rx_dropped"], stats["jitter_late"]), (1, 0))
+        self.assertGreater(_power_at(b"".join(self.audio[-20:]), 1000, 16000), 3000)
+
+    def test_sequence_restart_nearby_resyncs(self) -> None:
+        """A restart to sequence numbers just behind the current ones (timestamps going on) is no late packet."""
+        self.make_leg()
+        self._tone_packets(100, 5000, 60)
+        self._tone_packets(110, 5000 + 160 * 60, 40, start=60)
+        stats = self.leg.stats()
+        self.assertEqual((stats["rx_dropped"], stats["jitter_late"]), (1, 0))
+        self.assertGreater(_power_at(b"".join(self.audio[-20:]), 1000, 16000), 3000)
+
+    def test_timestamp_restart_keeps_the_delay(self) -> None:
+        """A timestamp restart with the sequence going on resets the jitter buffer instead of inflating its delay."""
+        self.make_leg()
+        self._tone_packets(100, 5000, 20)
+        self._tone_packets(120, 0x7FFF0000, 40, start=20)
+        stats = self.leg.stats()
+        self.assertEqual(stats["jitter_target_frames"], self.leg.jitter_buffer.min_delay_frames)
+        self.assertGreater(_power_at(b"".join(self.audio[-20:]), 1000, 16000), 3000)
+
+    def test_same_key_twice_and_after_a_restart(self) -> None:
+        """5, 5 (new timestamp) and 5 again after the source restarted its timestamps: three digits."""
+        self.make_leg()
+        seq = 10
+        for ts in (8000, 16000, 160):
+            for end, dur in ((False, 160), (False, 320), (True, 480), (True, 480), (True, 480)):
+                self.inject(101, seq, ts, TelephoneEvent(5, end, 10, dur).encode())
+                seq += 1
+            self.tick()
+        self.assertEqual(self.digits, ["5", "5", "5"])
+
+    def test_events_from_another_ssrc(self) -> None:
+        """Telephone-events from another SSRC are digits and do not take the audio stream over."""
+        self.make_leg()
+        self._tone_packets(100, 5000, 10)
+        self.inject(101, 7, 4000, TelephoneEvent(9, False, 10, 160).encode(), ssrc=0xD7)
+        self.inject(101, 8, 4000, TelephoneEvent(9, True, 10, 320).encode(), ssrc=0xD7)
+        self._tone_packets(110, 5000 + 1600, 10, start=10)
+        self.assertEqual(self.digits, ["9"])
+        self.assertEqual(self.leg.session.receiver.current.ssrc, 0xABC)  # type: ignore[union-attr]
+        self.assertEqual(self.leg.stats()["rx_audio_packets"], 20)

@@ -693,3 +693,29 @@ class InboundTests(SipTestBase):
         call.far_bye()
         self.successResultOf(leg.close())
         self.assertEqual((self.events.seen, call.byes), ([("ended", "hangup")], []))
+
+
+class StreamStartTests(SipTestBase):
+    """Issue 10.3: the RTP stream (a packet every 20 ms, silence included) runs from 183 or the answer."""
+
+    def test_inbound_streams_from_early_media_or_answer(self) -> None:
+        """Prepared or ringing with 180 the leg does not stream; 183 with SDP or the 200 starts it."""
+        for early in (True, False):
+            with self.subTest(early=early):
+                leg, call = self.inbound_leg()
+                leg.prepare()
+                assert leg.rtp is not None
+                leg.ring(False)
+                self.assertFalse(leg.rtp.streaming)
+                if early:
+                    leg.ring(True)
+                    self.assertTrue(leg.rtp.streaming)
+                leg.answer()
+                self.assertTrue(leg.rtp.streaming)
+                leg.close()
+
+    def test_outbound_streams_once_answered(self) -> None:
+        """An answered outbound leg streams at once."""
+        leg, _ = self.answered_leg()
+        assert leg.rtp is not None
+        self.assertTrue(leg.rtp.streaming)
