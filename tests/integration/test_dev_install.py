@@ -19,7 +19,8 @@ class EditableInstallTests(SynchronousTestCase):
     def test_editable_install_finds_the_plugin(self) -> None:
         """pip install -e . (no deps, into a temp prefix): a python using that site sees the activecall ServiceMaker."""
         prefix = tempfile.mkdtemp()
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+        # --ignore-installed: pip must not uninstall the activecall this test suite itself runs from.
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed",
                         "--prefix", prefix, "-e", REPO], check=True, timeout=300, capture_output=True)
         [site] = glob.glob(os.path.join(prefix, "lib", "python*", "site-packages"))
         probe = (
