@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import IO, Any, Optional
 
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
+    LogEvent,
     LogLevel,
     LogLevelFilterPredicate,
+    PredicateResult,
     textFileLogObserver,
 )
 
@@ -23,6 +26,18 @@ _LEVELS = {
 }
 
 
+# Twisted's UDP ports log every start and close: four lines per call for the RTP/RTCP pair.
+_PORT_CHATTER = re.compile(r"(?:rtc?p|_Rtc?pProtocol) starting on \d+|\(UDP Port \d+ Closed\)")
+
+
+def _no_port_chatter(event: LogEvent) -> PredicateResult:
+    """Drop the per-call UDP port lines of the media sockets (kept with log_level debug)."""
+    message = event.get("message")
+    if event.get("log_namespace") == "log_legacy" and message and _PORT_CHATTER.fullmatch(str(message[0])):
+        return PredicateResult.no
+    return PredicateResult.maybe
+
+
 def make_observer(level: str, log_file: Optional[str], stream: Optional[IO[str]] = None) -> ILogObserver:
     """A text observer writing to ``log_file`` (appending) or ``stream``, dropping events below ``level``."""
     out: IO[str]
@@ -30,8 +45,11 @@ def make_observer(level: str, log_file: Optional[str], stream: Optional[IO[str]]
         out = open(log_file, "a", encoding="utf-8")
     else:
         out = stream if stream is not None else sys.stdout
-    predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVELS.get(level.lower(), LogLevel.info))
-    return FilteringLogObserver(textFileLogObserver(out), [predicate])
+    threshold = _LEVELS.get(level.lower(), LogLevel.info)
+    predicates = [LogLevelFilterPredicate(defaultLogLevel=threshold)]
+    if threshold > LogLevel.debug:
+        predicates.append(_no_port_chatter)
+    return FilteringLogObserver(textFileLogObserver(out), predicates)
 
 
 def log_destination(twistd_logfile: Optional[str], log_file: Optional[str]) -> Optional[str]:

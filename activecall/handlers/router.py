@@ -188,5 +188,5 @@ def build_router(config: Config, *, clock: IReactorTime, sessions: RouterSession
         return InboundRouter(WebhookCallHandler(notifier, pending, clock), pending)
     if isinstance(handler, PlaybookHandlerConfig):
         return InboundRouter(PlaybookCallHandler(handler, PlaybookCallStarter(sessions), run_blocking, environ,
-                                                 env_prefix=config.api.env_prefix))
+                                                 env_prefix=config.api.env_prefix, clock=clock))
     return InboundRouter(None)

@@ -150,6 +150,7 @@ class _Cached:
     file_id: tuple[int, int, int] | None  # (st_mtime_ns, st_size, st_ino) when read; None: inline text
     env: tuple[tuple[str, str | None], ...]  # every variable the parse looked up, with its value then
     playbook: Playbook
+    checked_at: float | None = None  # when the file was last stat'ed unchanged (load's ``now``)
 
 
 class PlaybookCache:
@@ -169,9 +170,23 @@ class PlaybookCache:
         self._base_dir = base_dir
         self._entries: dict[tuple[str, str], _Cached] = {}
 
+    def recent(self, value: str, environ: Mapping[str, str], now: float, *,
+               env_prefix: str = DEFAULT_ENV_PREFIX, max_age_s: float = 1.0) -> Playbook | None:
+        """The cached playbook if its file was found unchanged by a :meth:`load` less than ``max_age_s``
+        ago and its variables still hold: no file system access, so it may run on the reactor thread."""
+        path = resolve_playbook_path(value, self._base_dir)
+        cached = self._entries.get((env_prefix, path if path is not None else value))
+        if cached is None or cached.checked_at is None or not 0 <= now - cached.checked_at < max_age_s:
+            return None
+        if not all(environ.get(name) == seen for name, seen in cached.env):
+            return None
+        return cached.playbook
+
     def load(self, value: str, environ: Mapping[str, str], *,
-             env_prefix: str = DEFAULT_ENV_PREFIX) -> Playbook:
-        """Resolve ``value`` (§1) and return its parsed playbook; raises PlaybookError."""
+             env_prefix: str = DEFAULT_ENV_PREFIX, now: float | None = None) -> Playbook:
+        """Resolve ``value`` (§1) and return its parsed playbook; raises PlaybookError.
+
+        ``now`` (seconds on the caller's clock) dates the check, for :meth:`recent`."""
         path = resolve_playbook_path(value, self._base_dir)
         file_id: tuple[int, int, int] | None = None
         if path is not None:
@@ -186,6 +201,8 @@ class PlaybookCache:
         cached = self._entries.get(key)
         if (cached is not None and cached.file_id == file_id
                 and all(environ.get(name) == seen for name, seen in cached.env)):
+            if now is not None:
+                self._entries[key] = dataclasses.replace(cached, checked_at=now)
             return cached.playbook
         env = _EnvReads(environ)
         if path is None:
@@ -194,7 +211,7 @@ class PlaybookCache:
             # The stat was taken before the read: a change in between is seen at the next load.
             playbook = parse_playbook(_read(path), env, path, env_prefix=env_prefix)
         if not env.enumerated:
-            self._entries[key] = _Cached(file_id, tuple(env.reads.items()), playbook)
+            self._entries[key] = _Cached(file_id, tuple(env.reads.items()), playbook, now)
         return playbook
 
 

@@ -94,6 +94,10 @@ class RtpPortAllocator:
 class _RtpProtocol(DatagramProtocol):
     """Forwards datagrams of the RTP socket to the endpoint."""
 
+    def logPrefix(self) -> str:
+        """What Twisted's port log lines call this socket (the log filter knows it)."""
+        return "rtp"
+
     def __init__(self, endpoint: RtpEndpoint) -> None:
         self._endpoint = endpoint
 
@@ -103,6 +107,10 @@ class _RtpProtocol(DatagramProtocol):
 
 class _RtcpProtocol(DatagramProtocol):
     """Forwards datagrams of the RTCP socket to the endpoint."""
+
+    def logPrefix(self) -> str:
+        """What Twisted's port log lines call this socket (the log filter knows it)."""
+        return "rtcp"
 
     def __init__(self, endpoint: RtpEndpoint) -> None:
         self._endpoint = endpoint

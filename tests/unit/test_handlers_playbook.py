@@ -106,3 +106,33 @@ class PlaybookHandlerTests(SynchronousTestCase):
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
         self.handler.incoming_call(FakeCall("sip:dave@example.com", "sip:sales@pbx"))
         self.assertEqual(self.started[2][1].greeting, "Sales, new.")
+
+    def test_recently_checked_file_needs_no_thread_hop(self) -> None:
+        """With a clock, a call within a second of the last check takes the cached playbook at once;
+        later calls check the file again and see an edit."""
+        from twisted.internet.task import Clock
+
+        clock = Clock()
+        hops: list[object] = []
+
+        def run_blocking(f: Any, *a: Any) -> Any:
+            hops.append(f)
+            return maybeDeferred(f, *a)
+
+        config = parse_config(f'[handler]\ntype = "playbook"\ndefault = "{self.dir}/sales.md"\n', Overrides())
+        handler = PlaybookCallHandler(config.handler, lambda call, pb: self.started.append((call, pb)),
+                                      run_blocking, {}, clock=clock)
+        handler.incoming_call(FakeCall("sip:a@x", "sip:b@y"))
+        clock.advance(0.5)
+        handler.incoming_call(FakeCall("sip:a@x", "sip:b@y"))
+        self.assertEqual((len(hops), len(self.started)), (1, 2))
+        self.assertIs(self.started[0][1], self.started[1][1])
+        path = os.path.join(self.dir, "sales.md")
+        with open(path, "w") as f:
+            f.write("---\nllm:\n  provider: openai\ngreeting: Changed.\n---\nSell.\n")
+        os.utime(path, ns=(1, 1))
+        clock.advance(1)
+        handler.incoming_call(FakeCall("sip:a@x", "sip:b@y"))
+        self.assertEqual(len(hops), 2)
+        self.assertEqual(self.started[-1][1].greeting, "Changed.")
+

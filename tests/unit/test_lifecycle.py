@@ -357,3 +357,31 @@ class LogDestinationTests(SynchronousTestCase):
         self.assertEqual(_twistd_logfile(Sub()), "/tmp/x.log")
         self.assertIsNone(_twistd_logfile(object()))
 
+
+
+class PortChatterTests(SynchronousTestCase):
+    """The per-call start/close lines of RTP and RTCP sockets stay out of the log unless log_level is debug."""
+
+    def test_media_port_lines_dropped_at_info_kept_at_debug(self) -> None:
+        """At info only the SIP listener's line and ordinary lines remain; debug keeps everything."""
+        import io
+
+        from twisted.logger import globalLogPublisher
+        from twisted.python import log
+
+        from activecall.logs import make_observer
+
+        kept = {}
+        for level in ("info", "debug"):
+            out = io.StringIO()
+            observer = make_observer(level, None, out)
+            globalLogPublisher.addObserver(observer)
+            try:
+                for text in ("(UDP Port 40000 Closed)", "rtp starting on 40000", "rtcp starting on 40001",
+                             "SipUdpProtocol starting on 5060", "hello"):
+                    log.msg(text)
+            finally:
+                globalLogPublisher.removeObserver(observer)
+            kept[level] = [line.split("] ", 1)[-1] for line in out.getvalue().splitlines()]
+        self.assertEqual(kept["info"], ["SipUdpProtocol starting on 5060", "hello"])
+        self.assertEqual(len(kept["debug"]), 5)
