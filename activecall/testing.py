@@ -14,7 +14,7 @@ from zope.interface.verify import verifyObject
 from activecall.media.tracks import IInboundLeg, IInboundLegFactory, ILegDialer, LegSetupError
 from activecall.speech.interfaces import ISpeechSynthesizer, SynthesisError, SynthesisRequest
 
-__all__ = ["FakeSynthesizer", "SynthesizerConformanceMixin", "FakeLeg", "FakeDialer"]
+__all__ = ["FakeSynthesizer", "SynthesizerConformanceMixin", "FakeLeg", "FakeDialer", "FakeRecorder", "FakePending"]
 
 
 @implementer(ISpeechSynthesizer)
@@ -220,3 +220,51 @@ class FakeDialer:
         leg = call if isinstance(call, FakeLeg) else FakeLeg()
         self.inbound_legs.append(leg)
         return leg
+
+
+class FakeRecorder:
+    """A stereo recorder (``CallServices.make_recorder``'s product) that keeps what it is given."""
+
+    def __init__(self, path: str = "") -> None:
+        self.path = path
+        self.left = bytearray()
+        self.right = bytearray()
+        self.closed = False
+
+    def write(self, left: bytes, right: bytes) -> None:
+        self.left += left
+        self.right += right
+
+    def close(self) -> Deferred[None]:
+        self.closed = True
+        return succeed(None)
+
+
+class FakePending:
+    """Inbound calls waiting for a client (``CallServices.pending``), with a log of what happened to them."""
+
+    def __init__(self, calls: Optional[dict[str, Any]] = None) -> None:
+        self.calls: dict[str, Any] = dict(calls or {})
+        self.log: list[tuple[str, Any]] = []
+
+    def __contains__(self, dialog_id: object) -> bool:
+        return dialog_id in self.calls
+
+    def get(self, dialog_id: str) -> Any:
+        return self.calls.get(dialog_id)
+
+    def take(self, dialog_id: str) -> Any:
+        return self.calls.pop(dialog_id, None)
+
+    def cancelled(self, dialog_id: str) -> bool:
+        self.log.append(("cancelled", dialog_id))
+        return self.calls.pop(dialog_id, None) is not None
+
+    def reject(self, dialog_id: str, code: int, reason: str) -> bool:
+        self.log.append(("reject", code))
+        return self.calls.pop(dialog_id, None) is not None
+
+    def client_disconnected(self, dialog_id: str) -> bool:
+        self.log.append(("client_disconnected", dialog_id))
+        return self.calls.pop(dialog_id, None) is not None
+

@@ -21,7 +21,7 @@ from activecall.media.clock import MediaClock
 from activecall.media.cache import MediaCache
 from activecall.speech.interfaces import SynthesisError
 from activecall.speech.registry import SynthesizerRegistry
-from activecall.testing import FakeSynthesizer
+from activecall.testing import FakeRecorder, FakeSynthesizer
 
 SID = "s.test"
 SST = "server-side-track"
@@ -324,24 +324,6 @@ class ControllerTests(_ControllerCase):
         error = self.session.of(ev.ErrorEvent)[-1]
         self.assertEqual(error.sender, "invite")
         self.assertTrue(self.session.finished)
-
-
-class FakeRecorder:
-    """Collects what would be written to the WAV."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.left = bytearray()
-        self.right = bytearray()
-        self.closed = False
-
-    def write(self, left: bytes, right: bytes) -> None:
-        self.left += left
-        self.right += right
-
-    def close(self) -> Any:
-        self.closed = True
-        return succeed(None)
 
 
 class RecordingTests(_ControllerCase):

@@ -21,7 +21,7 @@ from activecall.media.clock import MediaClock
 from activecall.media.tracks import IInboundLeg, LegRejectedError, LegSetupError
 from activecall.options import CallOption, ReferOption, SipOption
 from activecall.speech.registry import SynthesizerRegistry
-from activecall.testing import FakeDialer, FakeLeg, FakeSynthesizer
+from activecall.testing import FakeDialer, FakeLeg, FakePending, FakeRecorder, FakeSynthesizer
 
 SID = "s.paths"
 SST = "server-side-track"
@@ -49,35 +49,6 @@ class Observer:
 
     def kinds(self) -> list[str]:
         return [type(e).__name__ for e in self.events]
-
-
-class FakePending:
-    """PendingCalls with one waiting call."""
-
-    def __init__(self, sid: str, call: Any) -> None:
-        self.calls = {sid: call}
-        self.log: list[tuple[str, Any]] = []
-
-    def __contains__(self, sid: object) -> bool:
-        return sid in self.calls
-
-    def get(self, sid: str) -> Any:
-        return self.calls.get(sid)
-
-    def take(self, sid: str) -> Any:
-        return self.calls.pop(sid, None)
-
-    def cancelled(self, sid: str) -> bool:
-        self.log.append(("cancelled", sid))
-        return self.calls.pop(sid, None) is not None
-
-    def reject(self, sid: str, code: int, reason: str) -> bool:
-        self.log.append(("reject", code))
-        return self.calls.pop(sid, None) is not None
-
-    def client_disconnected(self, sid: str) -> bool:
-        self.log.append(("client_disconnected", sid))
-        return self.calls.pop(sid, None) is not None
 
 
 class _Case(SynchronousTestCase):
@@ -235,7 +206,7 @@ class InboundTests(_Case):
     def test_ring_then_accept_from_pending(self) -> None:
         """ringing with early media rings the waiting call; accept answers it; the caller's BYE ends byCaller."""
         leg = FakeLeg()
-        pending = FakePending(SID, leg)
+        pending = FakePending({SID: leg})
         c = self.controller(pending)
         c.ring(early_media=True)
         self.assertEqual(leg.rang, [True])
@@ -246,14 +217,14 @@ class InboundTests(_Case):
 
     def test_accept_without_a_pending_call(self) -> None:
         """accept with nothing waiting: reject{486} and not allowed."""
-        c = self.controller(FakePending("other", FakeLeg()))
+        c = self.controller(FakePending({"other": FakeLeg()}))
         self.assertRaises(NotAllowedError, c.answer, CallOption())
         self.assertEqual(self.obs.of(ce.CallDeclined)[0].code, 486)
 
     def test_cancel_while_ringing_and_unconfirmed_answer(self) -> None:
         """CANCEL after ringing ends as canceled; an answer never ACKed (408) ends as failed."""
         leg = FakeLeg()
-        pending = FakePending(SID, leg)
+        pending = FakePending({SID: leg})
         c = self.controller(pending)
         c.ring()
         leg.events.ended("hangup")
@@ -269,7 +240,7 @@ class InboundTests(_Case):
 
     def test_client_gone_before_answer_declines(self) -> None:
         """A client closing before it answers declines the waiting call (603)."""
-        pending = FakePending(SID, FakeLeg())
+        pending = FakePending({SID: FakeLeg()})
         c = self.controller(pending)
         c.hangup("canceled", "client")
         self.assertEqual(pending.log, [("client_disconnected", SID)])
@@ -277,14 +248,14 @@ class InboundTests(_Case):
     def test_hangup_after_ringing_terminates_with_487(self) -> None:
         """A call rung but not accepted is answered 487 at hangup, by the pending list or by its leg."""
         leg = FakeLeg()
-        pending = FakePending(SID, leg)
+        pending = FakePending({SID: leg})
         c = self.controller(pending)
         c.ring()
         c.hangup("byClient", "client")
         self.assertEqual(pending.log, [("reject", 487)])
         self.obs = Observer()
         leg = FakeLeg()
-        pending = FakePending(SID, leg)
+        pending = FakePending({SID: leg})
         c = self.controller(pending)
         c.ring()
         pending.calls.clear()  # no longer listed as waiting (its accept timer ran elsewhere)
@@ -342,21 +313,6 @@ class LegEventTests(_Case):
         leg.tick()
         self.assertEqual(self.obs.audio[-1], b"\x01" + bytes(640))
         self.assertRaises(NotAllowedError, c.mute, "nobody", True)
-
-
-class FakeRecorder:
-    def __init__(self) -> None:
-        self.left = bytearray()
-        self.right = bytearray()
-        self.closed = False
-
-    def write(self, left: bytes, right: bytes) -> None:
-        self.left += left
-        self.right += right
-
-    def close(self) -> Any:
-        self.closed = True
-        return succeed(None)
 
 
 class RecordingTests(_Case):

@@ -16,30 +16,7 @@ from activecall.ids import IdSource
 from activecall.media.cache import MediaCache
 from activecall.media.clock import MediaClock
 from activecall.speech.registry import SynthesizerRegistry
-from activecall.testing import FakeDialer, FakeLeg
-
-
-class _Pending:
-    def __init__(self, sid: str, call: object) -> None:
-        self.calls = {sid: call}
-
-    def __contains__(self, sid: object) -> bool:
-        return sid in self.calls
-
-    def get(self, sid: str) -> object:
-        return self.calls.get(sid)
-
-    def take(self, sid: str) -> object:
-        return self.calls.pop(sid, None)
-
-    def cancelled(self, sid: str) -> bool:
-        return True
-
-    def reject(self, sid: str, code: int, reason: str) -> bool:
-        return True
-
-    def client_disconnected(self, sid: str) -> bool:
-        return True
+from activecall.testing import FakeDialer, FakeLeg, FakePending
 
 
 class ListEntryTests(SynchronousTestCase):
@@ -54,7 +31,7 @@ class ListEntryTests(SynchronousTestCase):
             clock=clock, media_clock=MediaClock(clock), ids=IdSource(random.Random(7)),
             synthesizers=SynthesizerRegistry(), cache=MediaCache(tempfile.mkdtemp()),
             run_blocking=lambda f, *a: maybeDeferred(f, *a), fetch_url=lambda url: succeed(b""),
-            dialers={"sip": dialer}, inbound_legs=dialer, pending=_Pending("d-1", FakeLeg()),
+            dialers={"sip": dialer}, inbound_legs=dialer, pending=FakePending({"d-1": FakeLeg()}),
             recording_path=tempfile.mkdtemp())
         session = SessionManager(services).open(SessionParams(sid="d-1", call_type="sip", dump=False, ping_s=0))
         self.assertEqual((session.list_entry()["ringTime"], session.list_entry()["startTime"]), (None, None))
