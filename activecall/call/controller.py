@@ -16,7 +16,7 @@ commands to these methods and the events to wire events.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Protocol
+from typing import Any, Callable, Mapping, Optional, Protocol
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.logger import Logger
@@ -96,7 +96,7 @@ class CallController:
 
     def __init__(self, sid: str, sst: str, call_type: str, services: CallServices, observer: CallObserver, *,
                  dialers: Mapping[str, ILegDialer], pending: Optional[PendingInbound] = None,
-                 dump_path: Optional[str] = None) -> None:
+                 dump_path: Optional[str] = None, wait_dump_closed: Optional[Callable[[], object]] = None) -> None:
         self.sid = sid
         self.sst = sst
         self.call_type = call_type
@@ -105,6 +105,8 @@ class CallController:
         self._observer = observer
         self._pending = pending
         self._dump_path = dump_path
+        # Blocks until the event dump's last line is on disk (its writer is a thread): run off the reactor.
+        self._wait_dump_closed = wait_dump_closed
         self.timers = CallClock(services.clock)
         self.option: Optional[CallOption] = None
         self.leg: Optional[ILeg] = None
@@ -561,6 +563,8 @@ class CallController:
                 await self._recorder_closed
             except Exception:
                 pass  # logged where the recorder failed; the record lists what exists
+        if self._wait_dump_closed is not None:
+            await services.run_blocking(self._wait_dump_closed)
         recording_path = self._recording.path if self._recording is not None else None
         paths = [p for p in (recording_path, self._dump_path) if p]
         sizes = await file_sizes(services.run_blocking, paths)

@@ -65,9 +65,15 @@ class CallSession:
             dialers["webSocket"] = WebSocketDialer(self.audio, services.media_clock, services.clock, services.ids)
         self.controller = CallController(
             self.sid, self.server_side_track, self.call_type, services, self, dialers=dialers,
-            pending=services.pending if self.call_type == "sip" else None, dump_path=self.dump_path)
+            pending=services.pending if self.call_type == "sip" else None, dump_path=self.dump_path,
+            wait_dump_closed=self._wait_dump_closed if self.dump is not None else None)
         if params.ping_s:
             self._timers.call_later(params.ping_s, self._ping)
+
+    def _wait_dump_closed(self) -> None:
+        """Block (in a worker thread) until the dump is closed and flushed, at most 5 s."""
+        if self.dump is not None:
+            self.dump.wait_closed(5.0)
 
     def _open_dump(self, max_bytes: Optional[int]) -> Optional[EventDump]:
         try:
