@@ -137,7 +137,10 @@ def write_tone(path: str, seconds: float) -> None:
 
 async def run(args: argparse.Namespace) -> None:
     workdir = tempfile.mkdtemp(prefix="ac-bench-")
-    wav = os.path.join(workdir, "tone.wav")
+    # `play` reads local files only under [fetch] media_dirs (./config/media of the daemon's directory).
+    media = os.path.join(workdir, "config", "media")
+    os.makedirs(media, exist_ok=True)
+    wav = os.path.join(media, "tone.wav")
     write_tone(wav, args.seconds)
     daemon = await start_daemon(workdir, BASE_CONFIG)
     pid = daemon.transport.pid
