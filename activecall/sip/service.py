@@ -1,4 +1,4 @@
-"""The SIP service: listeners on addr:udp_port (always) and addr:tls_port (when set).
+"""The SIP service: UDP and TCP on addr:udp_port (always, RFC 3261 §18) and TLS on addr:tls_port (when set).
 
 Adapter module, used by the composition root::
 
@@ -8,7 +8,9 @@ Adapter module, used by the composition root::
 
 ``addr = ""`` binds the first non-loopback interface address; ``0.0.0.0``
 binds every interface and advertises the first non-loopback one in Via and
-Contact unless ``external_ip`` is set (config.md §3-§4).
+Contact unless ``external_ip`` is set (config.md §3-§4).  With ``udp_port = 0``
+(tests) TCP takes the port the system gave UDP; if that TCP port is taken, both
+are bound again on a fresh port (a few tries).
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ class SipService(Service):
 
     def __init__(self, reactor: Any, stack: SipStack, user_agent: SipUserAgent, *, bind: str,
                  advertise: str, udp_port: int, tls_port: int | None = None,
-                 tls_options: Any = None, tcp_port: int | None = None) -> None:
+                 tls_options: Any = None) -> None:
         self._reactor = reactor
         self.stack = stack
         self.user_agent = user_agent
@@ -91,26 +93,39 @@ class SipService(Service):
         self._udp_port = udp_port
         self._tls_port = tls_port
         self._tls_options = tls_options
-        self._tcp_port = tcp_port
         self._ports: list[IListeningPort] = []
 
+    def _listen_udp_tcp(self) -> tuple[IListeningPort, IListeningPort, SipDatagramProtocol]:
+        """UDP and TCP on the same port; a failure to bind is raised (start-up error)."""
+        from twisted.internet.error import CannotListenError
+
+        tries_left = 5 if self._udp_port == 0 else 1
+        while True:
+            udp = SipDatagramProtocol(self.stack)
+            udp_port = self._reactor.listenUDP(self._udp_port, udp, interface=self._bind)
+            try:
+                tcp_port = self._reactor.listenTCP(udp_port.getHost().port, SipStreamFactory(self.stack, "tcp"),
+                                                   interface=self._bind)
+            except CannotListenError:
+                udp_port.stopListening()
+                tries_left -= 1
+                if tries_left == 0:
+                    raise
+                continue
+            return udp_port, tcp_port, udp
+
     def startService(self) -> None:
-        """Open UDP (and TLS/TCP when configured); a failure to bind is raised (start-up error)."""
+        """Open UDP and TCP (and TLS when configured); a failure to bind is raised (start-up error)."""
         super().startService()
-        udp = SipDatagramProtocol(self.stack)
-        port = self._reactor.listenUDP(self._udp_port, udp, interface=self._bind)
-        self._ports.append(port)
+        port, tcp, udp = self._listen_udp_tcp()
+        self._ports += [port, tcp]
         self.stack.add_listener("udp", self._advertise, port.getHost().port, udp)
+        self.stack.add_listener("tcp", self._advertise, tcp.getHost().port)
         if self._tls_port is not None:
             tls = self._reactor.listenSSL(self._tls_port, SipStreamFactory(self.stack, "tls"),
                                           self._tls_options, interface=self._bind)
             self._ports.append(tls)
             self.stack.add_listener("tls", self._advertise, tls.getHost().port)
-        if self._tcp_port is not None:
-            tcp = self._reactor.listenTCP(self._tcp_port, SipStreamFactory(self.stack, "tcp"),
-                                          interface=self._bind)
-            self._ports.append(tcp)
-            self.stack.add_listener("tcp", self._advertise, tcp.getHost().port)
         self._log.info("SIP listening on {addresses}",
                        addresses=", ".join(f"{p.getHost().type}:{p.getHost().port}" for p in self._ports))
 
@@ -134,7 +149,6 @@ class SipService(Service):
 
 def build_sip_service(config: Any, reactor: Any, ids: Any, handler: object | None, *,
                       client_tls: Any = None, timers: TimerConfig | None = None,
-                      tcp_port: int | None = None,
                       admit: Callable[[str, float], bool] | None = None,
                       budget: Callable[[str, float], bool] | None = None,
                       penalize: Callable[[str, float], None] | None = None) -> SipService:
@@ -163,5 +177,4 @@ def build_sip_service(config: Any, reactor: Any, ids: Any, handler: object | Non
         enable_options_response=config.enable_options_response,
     )
     return SipService(reactor, stack, ua, bind=bind, advertise=advertise, udp_port=config.udp_port,
-                      tls_port=config.tls_port, tls_options=tls_options,
-                      tcp_port=tcp_port if tcp_port is not None else getattr(config, "tcp_port", None))
+                      tls_port=config.tls_port, tls_options=tls_options)

@@ -14,7 +14,15 @@ inbound and outbound stream connections).  It feeds the one transaction user
   messages per read) and answers RFC 5626 keep-alive pings.
 * Outbound TCP/TLS connections are reused per ``(transport, host, port)``;
   TLS verifies the peer's certificate for the URI host (service-identity via
-  ``optionsForClientTLS``).
+  ``optionsForClientTLS``).  TCP is the same stream path without the TLS layer.
+* Responses go back on the connection the request came on (RFC 3261 §18.2.2);
+  when it is gone, a new connection is opened to the Via's ``received`` IP
+  and sent-by port (5060, 5061 for TLS, when it has none).
+* A connection with no traffic for ``idle_timeout_s`` that no transaction and
+  no dialog (:meth:`TransactionUser.flow_in_use`) uses is closed.
+* The per-source checks run on streams as on datagrams: ``budget`` and
+  ``admit`` when a connection is accepted and for every framed message,
+  ``penalize`` for unparseable messages and for streams that cannot be framed.
 
 Malformed input never raises out of a protocol: requests get 400 from the
 transaction layer when they can be answered, everything else is dropped,
@@ -62,6 +70,9 @@ __all__ = [
 Address = tuple[str, int]
 Hop = tuple[str, str, int]
 _INF = float("inf")
+#: Seconds without traffic after which an unused stream connection is closed.
+IDLE_TIMEOUT_S = 60.0
+_DEFAULT_PORTS = {"udp": 5060, "tcp": 5060, "tls": 5061}
 
 
 class TransactionUser(TypingProtocol):
@@ -75,6 +86,7 @@ class TransactionUser(TypingProtocol):
     def client_terminated(self, key: TransactionKey) -> None: ...
     def server_terminated(self, key: TransactionKey) -> None: ...
     def ack_timeout(self, key: TransactionKey) -> None: ...
+    def flow_in_use(self, flow: object) -> bool: ...
 
 
 class Link(TypingProtocol):
@@ -103,6 +115,7 @@ class SipStack:
     outbound stream connections, ``resolve`` for host names).
     ``client_tls(hostname)`` returns the client TLS options for an outbound
     connection (default: ``optionsForClientTLS(hostname)``, platform trust).
+    ``idle_timeout_s`` closes stream connections nothing uses any more.
     """
 
     _log = Logger()
@@ -112,8 +125,10 @@ class SipStack:
                  client_tls: Callable[[str], Any] | None = None,
                  admit: Callable[[str, float], bool] | None = None,
                  budget: Callable[[str, float], bool] | None = None,
-                 penalize: Callable[[str, float], None] | None = None) -> None:
+                 penalize: Callable[[str, float], None] | None = None,
+                 idle_timeout_s: float = IDLE_TIMEOUT_S) -> None:
         self._reactor = reactor
+        self.idle_timeout_s = idle_timeout_s
         # A per-source datagram budget (any message), then the ACL (requests), both before a parse.
         self._budget = budget
         self._penalize = penalize  # told of each unparseable message's source
@@ -129,6 +144,8 @@ class SipStack:
         self._client_tls = client_tls
         self._user: TransactionUser | None = None
         self._links: dict[TransactionKey, Link] = {}
+        # Server transactions on a stream: where to reconnect if their connection is gone.
+        self._reply_hops: dict[TransactionKey, Hop] = {}
         self._listeners: dict[str, Address] = {}
         self._udp: SipDatagramProtocol | None = None
         self._connections: dict[Hop, SipStreamProtocol] = {}
@@ -157,6 +174,10 @@ class SipStack:
     def now(self) -> float:
         """Seconds on the injected clock."""
         return self._reactor.seconds()
+
+    def call_later(self, delay: float, f: Callable[[], None]) -> IDelayedCall:
+        """Schedule ``f`` on the injected clock (the connections' idle checks)."""
+        return self._reactor.callLater(delay, f)
 
     def local_address(self, transport: str) -> Address | None:
         """The advertised (host, port) of the ``transport`` listener, if bound."""
@@ -227,6 +248,8 @@ class SipStack:
             if kind is Transmit:
                 key = action.key  # type: ignore[union-attr]
                 target = self._links.get(key, link) if key is not None else link
+                if isinstance(target, SipStreamProtocol) and target.closed and key is not None:
+                    target = self._reconnect(key)
                 if target is None:
                     self.counters["send_errors"] += 1
                     continue
@@ -238,6 +261,9 @@ class SipStack:
                 assert isinstance(action, DeliverRequest)
                 if action.server_txn_key is not None and link is not None:
                     self._links[action.server_txn_key] = link
+                    if isinstance(link, SipStreamProtocol):
+                        self._reply_hops[action.server_txn_key] = self._reply_hop(link, action.request,
+                                                                                  action.source)
                 if user is not None:
                     user.request_received(action.request, action.server_txn_key, action.source,
                                           link, action.cancels)
@@ -248,6 +274,7 @@ class SipStack:
             elif kind is TransactionTerminated:
                 key = action.key  # type: ignore[union-attr]
                 self._links.pop(key, None)
+                self._reply_hops.pop(key, None)
                 if user is not None:
                     if key.server:
                         user.server_terminated(key)
@@ -268,7 +295,43 @@ class SipStack:
             elif kind is MessageDropped:
                 self.counters["dropped"] += 1
 
+    @staticmethod
+    def _reply_hop(link: SipStreamProtocol, request: SipRequest, source: Address) -> Hop:
+        """§18.2.2: the ``received`` IP (the source) and the sent-by port of the request's top Via."""
+        try:
+            port = request.top_via.port
+        except SipParseError:
+            port = None
+        return (link.name, source[0], port or _DEFAULT_PORTS[link.name])
+
+    def _reconnect(self, key: TransactionKey) -> Link | None:
+        """A server transaction's connection is gone: a (new or pooled) one to its Via's sent-by."""
+        hop = self._reply_hops.get(key)
+        if hop is None:
+            return None
+        link = self._link_for(hop, None)
+        self._links[key] = link
+        return link
+
     # ------------------------------------------------------------ receiving
+
+    def stream_accepted(self, proto: SipStreamProtocol) -> bool:
+        """An inbound connection from ``proto.peer``: the per-source budget and the ACL decide."""
+        ip = proto.peer[0] if proto.peer is not None else ""
+        now = self.now()
+        if self._budget is not None and not self._budget(ip, now):
+            self.counters["flooded"] += 1
+            return False
+        if self._admit is not None and not self._admit(ip, now):
+            self.counters["refused"] += 1
+            return False
+        return True
+
+    def stream_unframed(self, proto: SipStreamProtocol) -> None:
+        """``proto``'s stream could not be split into messages (it is being closed)."""
+        self.counters["parse_errors"] += 1
+        if self._penalize is not None and proto.peer is not None:
+            self._penalize(proto.peer[0], self.now())
 
     def message_received(self, data: bytes, source: Address, link: Link) -> None:
         """One datagram or framed stream message arrived on ``link`` from ``source``."""
@@ -413,14 +476,25 @@ class SipStack:
             self._connections.setdefault((proto.name, proto.peer[0], proto.peer[1]), proto)
 
     def connection_lost(self, proto: SipStreamProtocol) -> None:
-        """Forget a closed stream; transactions still using it fail on their next send."""
+        """Forget a closed stream; client transactions on it fail (503), server ones reconnect to reply."""
         for hop, conn in list(self._connections.items()):
             if conn is proto:
                 del self._connections[hop]
-        keys = [k for k, link in self._links.items() if link is proto]
+        keys = [k for k, link in self._links.items() if link is proto and not k.server]
         for key in keys:
             self._fail_key(key)
         self._finish()
+
+    def flow_of(self, key: TransactionKey) -> object | None:
+        """The stream connection client transaction ``key`` was sent on (None on UDP)."""
+        link = self._links.get(key)
+        return link if isinstance(link, SipStreamProtocol) else None
+
+    def connection_idle(self, proto: SipStreamProtocol) -> bool:
+        """True when ``proto`` may be closed: no transaction and no dialog uses it."""
+        if any(link is proto for link in self._links.values()):
+            return False
+        return self._user is None or not self._user.flow_in_use(proto)
 
     def _fail_key(self, key: TransactionKey) -> None:
         # The key does not say which shard owns it; this path is rare, so ask each.
@@ -477,7 +551,11 @@ class SipStreamProtocol(Protocol):
     """One TCP or TLS connection (``name`` ``tcp``/``tls``), inbound or outbound.
 
     Writes made before an outbound connection is up are queued and flushed by
-    :meth:`connectionMade`.
+    :meth:`connectionMade`.  An inbound connection from a source the stack's
+    budget or ACL refuses is closed at once.  Once connected, one ``callLater``
+    checks for idleness every ``idle_timeout_s`` (traffic only updates
+    :attr:`last_activity`), and the connection is closed when it has been
+    quiet that long and :meth:`SipStack.connection_idle` agrees.
     """
 
     _log = Logger()
@@ -490,23 +568,52 @@ class SipStreamProtocol(Protocol):
         self.peer: Address | None = None
         self.closed = False
         self._queue: list[bytes] | None = []
+        self._role = role
+        self.last_activity = 0.0
+        self._idle: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
-        """Record the peer and flush writes queued while connecting."""
+        """Record the peer, admit it (inbound) and flush writes queued while connecting."""
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         if self.peer is None:
             self.peer = (getattr(peer, "host", ""), getattr(peer, "port", 0))
+        if self._role == "server" and not self._stack.stream_accepted(self):
+            self.closed = True
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        self.last_activity = self._stack.now()
+        self._arm_idle(self._stack.idle_timeout_s)
         self._stack.connection_made(self)
         queued, self._queue = self._queue or [], None
         for data in queued:
             self.transport.write(data)  # type: ignore[union-attr]
 
+    def _arm_idle(self, delay: float) -> None:
+        self._idle = self._stack.call_later(delay, self._check_idle)
+
+    def _check_idle(self) -> None:
+        self._idle = None
+        if self.closed:
+            return
+        timeout = self._stack.idle_timeout_s
+        quiet = self._stack.now() - self.last_activity
+        if quiet < timeout:
+            self._arm_idle(timeout - quiet)
+        elif not self._stack.connection_idle(self):
+            self._arm_idle(timeout)
+        else:
+            self._log.debug("closing idle SIP {name} connection to {peer}", name=self.name, peer=self.peer)
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
     def dataReceived(self, data: bytes) -> None:
         """Frame the stream and hand each message to the stack."""
+        if self.closed:
+            return
+        self.last_activity = self._stack.now()
         try:
             frames = self._framer.feed(data)
         except FramingError as err:
-            self._stack.counters["parse_errors"] += 1
+            self._stack.stream_unframed(self)
             self._log.debug("closing SIP stream from {peer}: {error}", peer=self.peer, error=str(err))
             self.transport.loseConnection()  # type: ignore[union-attr]
             return
@@ -523,6 +630,7 @@ class SipStreamProtocol(Protocol):
         if self._queue is not None:
             self._queue.append(data)
             return True
+        self.last_activity = self._stack.now()
         self.transport.write(data)  # type: ignore[union-attr]
         return True
 
@@ -540,6 +648,9 @@ class SipStreamProtocol(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         """Fail whatever still depends on this connection."""
         self.closed = True
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
         self._stack.connection_lost(self)
 
 

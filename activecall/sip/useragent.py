@@ -35,6 +35,12 @@ calls and INVITEs in progress) gets ``503`` with ``Retry-After`` and a
 ``admit_new_request`` (the rate limit) is asked, before any transaction
 exists, only for requests that start something (:meth:`SipUserAgent.starts_something`);
 a False answer drops the request silently.
+
+Transports (RFC 3261 §18.1.1): a request goes over the transport its target
+names (``;transport=``, ``sips:``); a target that names none goes over UDP,
+or over TCP when the request is larger than :data:`UDP_MTU_LIMIT` bytes and a
+TCP listener exists.  Via and Contact name the transport actually used
+(``SIP/2.0/TCP``, ``;transport=tcp``).
 """
 
 from __future__ import annotations
@@ -89,6 +95,8 @@ MAX_CALLS_REASON = 'SIP;cause=503;text="Too many calls"'
 _COUNTED_METHODS = frozenset(ALLOW.split(", ")) | {"REGISTER", "SUBSCRIBE", "PUBLISH"}
 # Seconds a caller refused for max_calls is asked to wait (RFC 3261 §20.33).
 MAX_CALLS_RETRY_AFTER_S = 5
+#: §18.1.1: a request larger than this (path MTU 1500 minus 200) goes over TCP unless the target asks for UDP.
+UDP_MTU_LIMIT = 1300
 
 Hop = tuple[str, str, int]
 """Where a request goes: ``(transport, host, port)`` with transport ``udp``/``tcp``/``tls``."""
@@ -177,11 +185,16 @@ class ISipStack(Protocol):
         """Send an ACK for a 2xx (no transaction)."""
         ...
 
+    def flow_of(self, key: TransactionKey) -> object | None:
+        """The stream connection client transaction ``key`` went out on (None for UDP)."""
+        ...
+
 
 class _Op:
     """One client transaction the TU waits on (plus its digest retries)."""
 
-    __slots__ = ("request", "hop", "flow", "deferred", "digest", "on_final", "on_provisional", "auth_tries")
+    __slots__ = ("request", "hop", "flow", "deferred", "digest", "on_final", "on_provisional", "auth_tries",
+                 "sized")
 
     def __init__(self, request: SipRequest, hop: Hop, flow: object | None,
                  on_final: Callable[[SipResponse], None],
@@ -194,6 +207,8 @@ class _Op:
         self.on_provisional = on_provisional
         self.digest = digest
         self.auth_tries = 0
+        # The target named no transport: a request over UDP_MTU_LIMIT bytes goes over TCP (§18.1.1).
+        self.sized = False
 
 
 def _call_listener(listener: object | None, name: str, *args: object) -> Any:
@@ -549,10 +564,33 @@ class SipUserAgent:
 
     def _start(self, op: _Op) -> TransactionKey:
         key = self._put_via(op.request, op.hop[0])
+        if op.sized and op.hop[0] == "udp" and self._stack.local_address("tcp") is not None \
+                and len(op.request.serialize()) > UDP_MTU_LIMIT:
+            self._use_tcp(op)
+            key = self._put_via(op.request, "tcp")
         self._ops[key] = op  # before sending: a synchronous failure reports back at once
         self._count_request("out", op.request.method)
         self._stack.send_request(op.request, op.hop, op.flow)
+        if op.flow is None:
+            op.flow = self._stack.flow_of(key)  # the dialog keeps the connection it was made on
         return key
+
+    def _use_tcp(self, op: _Op) -> None:
+        """Move ``op`` from UDP to TCP (same host and port); our UDP Contact becomes the TCP one."""
+        op.hop = ("tcp", op.hop[1], op.hop[2])
+        udp_contact = self.local_contact("udp")
+        h = op.request.headers
+        lines = h.get_all("Contact")
+        if any(line.strip() in (f"<{udp_contact}>", str(udp_contact)) for line in lines):
+            tcp_contact = f"<{self.local_contact('tcp')}>"
+            h.remove("Contact")
+            for line in lines:
+                h.add("Contact", tcp_contact if line.strip() in (f"<{udp_contact}>", str(udp_contact)) else line)
+
+    @staticmethod
+    def _sized(uri: SipUri) -> bool:
+        """True when ``uri`` leaves the transport to us (no ``;transport=``, not ``sips:``)."""
+        return uri.param("transport") is None and transport_for_uri(uri) == "udp"
 
     def _resolve(self, uri: SipUri) -> Deferred[Hop]:
         try:
@@ -567,6 +605,7 @@ class SipUserAgent:
         def go(hop: Hop) -> None:
             op = build(hop)
             op.flow = flow
+            op.sized = self._sized(uri)
             self._start(op)
 
         def bad(f: Failure) -> None:
@@ -695,6 +734,7 @@ class SipUserAgent:
 
         def go(hop: Hop) -> None:
             op.hop = hop
+            op.sized = self._sized(hop_uri)
             self._pending_invites[self._start(op)] = pending
 
         def bad(f: Failure) -> None:
@@ -1082,6 +1122,10 @@ class SipUserAgent:
             if ack.body:
                 call.remote_sdp = ack.body  # late offer answered in the ACK
             call.acked.callback(call)
+
+    def flow_in_use(self, flow: object) -> bool:
+        """True while a dialog (a call, early or confirmed) holds stream connection ``flow``."""
+        return any(call.flow is flow for call in self._dialogs.values())
 
     def ack_timeout(self, key: TransactionKey) -> None:
         """Our 2xx was never ACKed (64*T1): end the call with a BYE (§13.3.1.4)."""

@@ -58,6 +58,9 @@ class RecordingUser:
     def ack_timeout(self, key: Any) -> None:
         pass
 
+    def flow_in_use(self, flow: Any) -> bool:
+        return False
+
 
 def make_udp(reactor: Any = None) -> tuple[Any, SipStack, SipUserAgent, MemoryDatagramTransport]:
     clock = reactor or Clock()
