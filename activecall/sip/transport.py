@@ -134,6 +134,7 @@ class SipStack:
         self._penalize = penalize  # told of each unparseable message's source
         self._admit = admit
         self._ids = ids
+        self._timers = timers
         self._shards = [TransactionLayer(ids, timers) for _ in range(shards)]
         self._deadlines = [_INF] * shards
         # (deadline, shard) pushed whenever a shard's deadline changes; stale entries are skipped.
@@ -512,11 +513,21 @@ class SipStack:
             conn.abort()
 
     def stop(self) -> None:
-        """Cancel the transaction timer (service shutdown; transactions are abandoned)."""
+        """Cancel the transaction timer and abandon every transaction (service shutdown).
+
+        Connections closing after this (their ``connectionLost`` comes later)
+        find no transaction left, so nothing re-arms the timer.
+        """
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
         self._timer_at = _INF
+        self._shards = [TransactionLayer(self._ids, self._timers) for _ in self._shards]
+        self._deadlines = [_INF] * len(self._shards)
+        self._due.clear()
+        self._dirty.clear()
+        self._links.clear()
+        self._reply_hops.clear()
 
 
 class SipDatagramProtocol(DatagramProtocol):

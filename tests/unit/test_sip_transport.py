@@ -580,3 +580,18 @@ class TcpFramingTests(TcpCase):
     def test_whole_bytewise_coalesced(self) -> None:
         """Both OPTIONS complete with 200 in each feeding mode."""
         self.assertEqual([self.run_feed(m) for m in ("whole", "bytewise", "coalesced")], [[200, 200]] * 3)
+
+
+class StopTests(TcpCase):
+    """Service shutdown leaves no timer behind, even when connections close afterwards."""
+
+    def test_connection_lost_after_stop_arms_nothing(self) -> None:
+        """A transaction pending at stop() is abandoned: the later connectionLost schedules no timer."""
+        self.make()
+        self.ua.request(options_request("sip:10.0.0.2:5070;transport=tcp"))
+        proto, _ = self.connect()
+        self.stack.close_connections()
+        self.stack.stop()
+        proto.connectionLost(None)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assertEqual(self.stack.transactions, 0)
