@@ -566,8 +566,10 @@ class SipUserAgent:
         key = self._put_via(op.request, op.hop[0])
         if op.sized and op.hop[0] == "udp" and self._stack.local_address("tcp") is not None \
                 and len(op.request.serialize()) > UDP_MTU_LIMIT:
-            self._use_tcp(op)
+            op.hop = ("tcp", op.hop[1], op.hop[2])
             key = self._put_via(op.request, "tcp")
+        if "Contact" in op.request.headers:
+            self._fit_contact(op.request, op.hop[0])
         self._ops[key] = op  # before sending: a synchronous failure reports back at once
         self._count_request("out", op.request.method)
         self._stack.send_request(op.request, op.hop, op.flow)
@@ -575,17 +577,24 @@ class SipUserAgent:
             op.flow = self._stack.flow_of(key)  # the dialog keeps the connection it was made on
         return key
 
-    def _use_tcp(self, op: _Op) -> None:
-        """Move ``op`` from UDP to TCP (same host and port); our UDP Contact becomes the TCP one."""
-        op.hop = ("tcp", op.hop[1], op.hop[2])
-        udp_contact = self.local_contact("udp")
-        h = op.request.headers
+    def _fit_contact(self, request: SipRequest, transport: str) -> None:
+        """Our own Contact for another transport (the target URI's, when the hop or size chose another)
+        becomes the one for ``transport``; any other Contact is left alone."""
+        try:
+            ours = f"<{self.local_contact(transport)}>"
+        except DialogError:
+            return
+        others = set()
+        for name in ("udp", "tcp", "tls"):
+            if name != transport and self._stack.local_address(name) is not None:
+                others.add(f"<{self.local_contact(name)}>")
+        h = request.headers
         lines = h.get_all("Contact")
-        if any(line.strip() in (f"<{udp_contact}>", str(udp_contact)) for line in lines):
-            tcp_contact = f"<{self.local_contact('tcp')}>"
-            h.remove("Contact")
-            for line in lines:
-                h.add("Contact", tcp_contact if line.strip() in (f"<{udp_contact}>", str(udp_contact)) else line)
+        if not any(line.strip() in others for line in lines):
+            return
+        h.remove("Contact")
+        for line in lines:
+            h.add("Contact", ours if line.strip() in others else line)
 
     @staticmethod
     def _sized(uri: SipUri) -> bool:

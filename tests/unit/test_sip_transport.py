@@ -595,3 +595,26 @@ class StopTests(TcpCase):
         proto.connectionLost(None)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
         self.assertEqual(self.stack.transactions, 0)
+
+
+class TcpNextHopContactTests(TcpCase):
+    """The Contact follows the transport actually used, not only the Request-URI's."""
+
+    def test_tcp_next_hop_gives_tcp_contact(self) -> None:
+        """An INVITE for a plain sip: URI sent to a ;transport=tcp next hop carries the TCP Contact."""
+        self.make()
+        self.ua.invite("sip:bob@10.0.0.2:5070", "sip:agent@10.0.0.1", sdp=b"v=0\r\n",
+                       next_hop="sip:10.0.0.3:5080;transport=tcp")
+        self.assertEqual([c[:2] for c in self.reactor.tcpClients], [("10.0.0.3", 5080)])
+        _, transport = self.connect()
+        (invite,) = messages(transport.value())
+        self.assertEqual(invite.headers.get("Contact"), "<sip:10.0.0.1:5060;transport=tcp>")
+
+    def test_foreign_contact_kept(self) -> None:
+        """A Contact the caller chose (not one of ours) is sent unchanged over TCP."""
+        self.make()
+        self.ua.invite("sip:bob@10.0.0.2:5070;transport=tcp", "sip:agent@10.0.0.1", sdp=b"v=0\r\n",
+                       contact="sip:me@192.0.2.1:5099")
+        _, transport = self.connect()
+        (invite,) = messages(transport.value())
+        self.assertEqual(invite.headers.get("Contact"), "<sip:me@192.0.2.1:5099>")
