@@ -599,6 +599,9 @@ class _NullUser:
     def request_received(self, *args: Any, **kwargs: Any) -> None:
         pass
 
+    def flow_in_use(self, flow: Any) -> bool:
+        return False
+
     def response_received(self, *args: Any) -> None:
         pass
 
