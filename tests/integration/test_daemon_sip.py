@@ -261,6 +261,20 @@ class OutboundSipCallTests(TestCase):
         (code,) = await sipp.wait_exit()
         self.assertEqual(code, 0, sipp.output[-3000:])
 
+    async def test_message_command_sends_sip_message_in_the_dialog(self) -> None:
+        """message sends an in-dialog SIP MESSAGE that SIPp checks (body, type, header); no error; the call goes on."""
+        daemon, sipp_port, (client, sipp) = await self._setup(["-sf", os.path.join(SCENARIOS, "uas_receives_message.xml")])
+        client.send({"command": "invite", "option": {"callee": f"sip:agent@127.0.0.1:{sipp_port}"}})
+        await client.wait_event("answer", trackId="sip-e2e")
+        client.send({"command": "message", "body": "hello pbx", "contentType": "text/plain", "headers": {"X-Ticket": "42"}})
+        client.send({"command": "history", "speaker": "bot", "text": "sent"})
+        await client.wait_event("addHistory")
+        client.send({"command": "hangup"})
+        await client.wait_event("hangup", trackId="sip-e2e")
+        (code,) = await sipp.wait_exit()
+        self.assertEqual(code, 0, sipp.output[-3000:])
+        self.assertEqual([e for e in client.events if e["event"] == "error"], [])
+
     async def test_refer_rejected_keeps_the_call(self) -> None:
         """A busy transfer target gives reject{refer:true, 486} and an error; the original call goes on."""
         daemon, sipp_port, (client, sipp) = await self._setup(["-sn", "uas", "-rtp_echo"])
