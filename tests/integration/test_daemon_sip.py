@@ -167,6 +167,34 @@ class OutboundSipCallTests(TestCase):
         self.assertEqual(code, 0, sipp.output[-2000:])
         await daemon.stop()
 
+    async def test_idle_answered_call_streams_50_packets_per_second_to_sipp(self) -> None:
+        """An answered call with no command sends SIPp one RTP packet per 20 ms (SIPp echoes it: both directions count)."""
+        import re
+        import time
+
+        from twisted.internet.task import deferLater
+
+        daemon, sipp_port, (client, sipp) = await self._setup(["-sn", "uas", "-rtp_echo"])
+        client.send({"command": "invite", "option": {"callee": f"sip:agent@127.0.0.1:{sipp_port}"}})
+        await client.wait_event("answer", trackId="sip-e2e")
+
+        async def packets() -> dict[str, float]:
+            text = await (await http_client().get(f"{daemon.base_url}/metrics")).text()
+            return {d: float(v) for d, v in re.findall(r'activecall_rtp_packets_total\{direction="(\w+)"\} (\S+)', text)}
+
+        first, t0 = await packets(), time.monotonic()
+        while time.monotonic() - t0 < 2.0:  # a measuring window, not a wait for an event
+            await deferLater(reactor, 0.1, lambda: None)
+        last, t1 = await packets(), time.monotonic()
+        sent_rate = (last["tx"] - first["tx"]) / (t1 - t0)
+        echoed_rate = (last["rx"] - first["rx"]) / (t1 - t0)
+        self.assertGreaterEqual(sent_rate, 45, last)
+        self.assertGreaterEqual(echoed_rate, 40, "SIPp received our silence and echoed it")
+        client.send({"command": "hangup"})
+        await client.wait_closed()
+        (code,) = await sipp.wait_exit()
+        self.assertEqual(code, 0, sipp.output[-2000:])
+
     async def test_busy_callee_is_a_reject(self) -> None:
         """A 486 from the callee gives reject{code 486}, error{invite}, hangup{byCallee} and the socket closes."""
         daemon, sipp_port, (client, sipp) = await self._setup(["-sf", os.path.join(SCENARIOS, "uas_486.xml")])
