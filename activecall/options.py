@@ -148,12 +148,8 @@ PROTECTED_SIP_HEADERS = frozenset({
 })
 
 
-def sip_header_problem(name: str, value: str) -> str | None:
-    """Why ``name: value`` may not go into an outgoing SIP request, or None when it may."""
-    if not _SIP_TOKEN.fullmatch(name):
-        return "header name must be an RFC 3261 token (letters, digits, -.!%*_+`'~)"
-    if name.lower() in PROTECTED_SIP_HEADERS:
-        return f"{name} is set by activecall and cannot be overridden"
+def sip_value_problem(value: str) -> str | None:
+    """Why ``value`` may not be a header value of an outgoing SIP request, or None when it may."""
     if _SIP_VALUE_FORBIDDEN.search(value):
         return "header value must not contain CR, LF, NUL or other control characters"
     if len(value) > MAX_SIP_HEADER_VALUE_CHARS:
@@ -161,11 +157,29 @@ def sip_header_problem(name: str, value: str) -> str | None:
     return None
 
 
+def sip_header_problem(name: str, value: str) -> str | None:
+    """Why ``name: value`` may not go into an outgoing SIP request, or None when it may."""
+    if not _SIP_TOKEN.fullmatch(name):
+        return "header name must be an RFC 3261 token (letters, digits, -.!%*_+`'~)"
+    if name.lower() in PROTECTED_SIP_HEADERS:
+        return f"{name} is set by activecall and cannot be overridden"
+    return sip_value_problem(value)
+
+
 def check_sip_text(value: Any, path: str) -> str:
     """A string that goes into a SIP header (URI, user name, realm): no CR, LF, NUL or other controls."""
     text = check_str(value, path)
     if _SIP_VALUE_FORBIDDEN.search(text):
         raise CommandError.invalid(path, "must not contain CR, LF, NUL or other control characters")
+    return text
+
+
+def check_sip_header_value(value: Any, path: str) -> str:
+    """One header value we put on a request (``message.contentType``): single line, bounded length."""
+    text = check_str(value, path)
+    problem = sip_value_problem(text)
+    if problem is not None:
+        raise CommandError.invalid(path, problem)
     return text
 
 

@@ -25,6 +25,7 @@ from activecall.options import (
     check_any,
     check_bool,
     check_sip_headers,
+    check_sip_header_value,
     check_sip_text,
     check_str,
     check_u32,
@@ -198,7 +199,7 @@ class MessageCommand(WireObject):
     name: ClassVar[str] = "message"
 
     body: str = wire_field("body", check_str)
-    content_type: str = wire_field("contentType", check_str, "text/plain;charset=utf-8")
+    content_type: str = wire_field("contentType", check_sip_header_value, "text/plain;charset=utf-8")
     headers: dict[str, str] | None = wire_field("headers", check_sip_headers, None)
     refer: bool = wire_field("refer", check_bool, False)
 

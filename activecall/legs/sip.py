@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -42,7 +42,7 @@ from activecall.media.tracks import (
     LegRejectedError,
     LegSetupError,
 )
-from activecall.options import MAX_SIP_HEADERS, CallOption, sip_header_problem
+from activecall.options import MAX_SIP_HEADERS, CallOption, sip_header_problem, sip_value_problem
 from activecall.rtp.srtp import AES_CM_128_HMAC_SHA1_80, generate_crypto
 from activecall.rtp.transport import RtpEndpoint, RtpPortAllocator
 from activecall.sdp.negotiation import answer_offer, apply_answer, build_offer, offer_holds
@@ -341,7 +341,12 @@ class _SipLegBase:
         return self.call.refer(target)
 
     def send_message(self, body: str, content_type: str, headers: Optional[Mapping[str, str]] = None) -> Deferred[Any]:
-        """Send MESSAGE in the dialog (RFC 3428); fires with the final response."""
+        """Send MESSAGE in the dialog (RFC 3428); fires with the final response.
+
+        The content type is checked again where it leaves, as every header value is."""
+        problem = sip_value_problem(content_type)
+        if problem is not None:
+            return fail(LegSetupError(f"invalid message.contentType: {problem}"))
         return self.call.message(body.encode("utf-8"), content_type, headers=outgoing_headers(headers))
 
     def close(self, headers: Optional[Mapping[str, str]] = None) -> Deferred[None]:

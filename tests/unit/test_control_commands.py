@@ -626,6 +626,15 @@ class SipHeaderTests(SynchronousTestCase):
         ]:
             self.assertEqual(self.error(obj), f"invalid {path}: must not contain CR, LF, NUL or other control characters")
 
+    def test_message_content_type_is_one_bounded_line(self) -> None:
+        """message.contentType becomes a header: CR/LF smuggling and 1025 characters are refused; a normal one passes."""
+        for bad, why in [(self.SMUGGLE, "must not contain CR, LF"), ("t" * 1025, "longer than 1024 characters")]:
+            message = self.error({"command": "message", "body": "b", "contentType": bad})
+            self.assertTrue(message.startswith("invalid message.contentType: "), message)
+            self.assertIn(why, message)
+        command = decode_command(json.dumps({"command": "message", "body": "b", "contentType": "application/json"}))
+        self.assertEqual(command.content_type, "application/json")
+
     def test_ordinary_headers_pass(self) -> None:
         """32 extension headers with tabs, quotes and 1024-character values are accepted."""
         headers = {f"X-Tenant-{i}": "a\tb \"q\" " + "v" * 1000 for i in range(32)}

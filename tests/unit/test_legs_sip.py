@@ -413,6 +413,9 @@ class DialerTests(SipTestBase):
         response = self.successResultOf(leg.send_message("héllo", "text/plain", {"X-A": "1", "X-B": "a\r\nVia: x"}))
         self.assertEqual(response.status, 200)
         self.assertEqual(call.messages, [("héllo".encode(), "text/plain", [("X-A", "1")])])
+        failure = self.failureResultOf(leg.send_message("x", "text/plain\r\nVia: SIP/2.0/UDP evil"), LegSetupError)
+        self.assertIn("invalid message.contentType", failure.getErrorMessage())
+        self.assertEqual(len(call.messages), 1, "nothing sent with a multi-line content type")
 
 
 class CloseTests(SipTestBase):
