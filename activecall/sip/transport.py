@@ -72,6 +72,8 @@ Hop = tuple[str, str, int]
 _INF = float("inf")
 #: Seconds without traffic after which an unused stream connection is closed.
 IDLE_TIMEOUT_S = 60.0
+#: Inbound TCP/TLS connections one source IP may hold open at once (a proxy needs a few; a flood is cut here).
+MAX_INBOUND_STREAMS_PER_SOURCE = 64
 _DEFAULT_PORTS = {"udp": 5060, "tcp": 5060, "tls": 5061}
 
 
@@ -150,6 +152,8 @@ class SipStack:
         self._listeners: dict[str, Address] = {}
         self._udp: SipDatagramProtocol | None = None
         self._connections: dict[Hop, SipStreamProtocol] = {}
+        # Inbound stream connections open per source IP: each holds a socket for up to the idle timeout.
+        self._inbound_open: dict[str, int] = {}
         self._tls_names: dict[Address, str] = {}
         self.counters: dict[str, int] = {"received": 0, "sent": 0, "dropped": 0, "parse_errors": 0,
                                          "send_errors": 0, "refused": 0, "flooded": 0}
@@ -326,6 +330,11 @@ class SipStack:
         if self._admit is not None and not self._admit(ip, now):
             self.counters["refused"] += 1
             return False
+        if self._inbound_open.get(ip, 0) >= MAX_INBOUND_STREAMS_PER_SOURCE:
+            self.counters["flooded"] += 1
+            return False
+        self._inbound_open[ip] = self._inbound_open.get(ip, 0) + 1
+        proto.counted_ip = ip
         return True
 
     def stream_unframed(self, proto: SipStreamProtocol) -> None:
@@ -478,6 +487,13 @@ class SipStack:
 
     def connection_lost(self, proto: SipStreamProtocol) -> None:
         """Forget a closed stream; client transactions on it fail (503), server ones reconnect to reply."""
+        ip, proto.counted_ip = proto.counted_ip, None
+        if ip is not None:
+            left = self._inbound_open.get(ip, 0) - 1
+            if left > 0:
+                self._inbound_open[ip] = left
+            else:
+                self._inbound_open.pop(ip, None)
         for hop, conn in list(self._connections.items()):
             if conn is proto:
                 del self._connections[hop]
@@ -580,6 +596,8 @@ class SipStreamProtocol(Protocol):
         self.closed = False
         self._queue: list[bytes] | None = []
         self._role = role
+        #: The source IP this inbound connection counts against (None: outbound, or not admitted).
+        self.counted_ip: str | None = None
         self.last_activity = 0.0
         self._idle: IDelayedCall | None = None
 

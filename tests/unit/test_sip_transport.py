@@ -536,6 +536,23 @@ class TcpGuardTests(TcpCase):
         self.assertTrue(transport.disconnecting)
         self.assertEqual(self.stack.counters["flooded"], 1)
 
+    def test_open_connections_per_source_are_capped(self) -> None:
+        """A source holding MAX_INBOUND_STREAMS_PER_SOURCE connections gets no more until one closes; others still can."""
+        from activecall.sip.transport import MAX_INBOUND_STREAMS_PER_SOURCE
+
+        self.make()
+        held = [self.accept(host="10.0.0.9") for _ in range(MAX_INBOUND_STREAMS_PER_SOURCE)]
+        self.assertFalse(any(t.disconnecting for _, t in held))
+        _, refused = self.accept(host="10.0.0.9")
+        self.assertTrue(refused.disconnecting)
+        self.assertEqual(self.stack.counters["flooded"], 1)
+        _, other = self.accept(host="10.0.0.10")
+        self.assertFalse(other.disconnecting)
+        proto, _ = held[0]
+        proto.connectionLost(None)
+        _, again = self.accept(host="10.0.0.9")
+        self.assertFalse(again.disconnecting)
+
     def test_unframeable_stream_penalizes_source(self) -> None:
         """A stream that cannot be framed charges its source as garbage (penalize) and is closed."""
         seen: list[str] = []
