@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 from twisted.internet.defer import Deferred, succeed
@@ -12,7 +12,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from activecall.media.tracks import IInboundLeg, IInboundLegFactory, ILegDialer, LegSetupError
-from activecall.speech.interfaces import ISpeechSynthesizer, SynthesisError, SynthesisRequest
+from activecall.speech.interfaces import ISpeechSynthesizer, SynthesisError, SynthesisRequest, WordTiming
 
 __all__ = ["FakeSynthesizer", "SynthesizerConformanceMixin", "FakeLeg", "FakeDialer", "FakeRecorder", "FakePending"]
 
@@ -65,7 +65,8 @@ class FakeSynthesizer:
         tone = np.sin(np.arange(n) * (2 * np.pi * self.frequency_hz / rate)) * 8000
         return tone.astype("<i2").tobytes()
 
-    def synthesize(self, request: SynthesisRequest, on_audio: Callable[[bytes, int], None]) -> Deferred[None]:
+    def synthesize(self, request: SynthesisRequest, on_audio: Callable[[bytes, int], None],
+                   on_words: Optional[Callable[[Sequence[WordTiming]], None]] = None) -> Deferred[None]:
         """Deliver :meth:`audio_for` in chunks on the clock; see ``ISpeechSynthesizer``."""
         self.requests.append(request)
         rate = self.rate_for(request)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import treq
 from treq.client import HTTPClient
@@ -40,6 +40,7 @@ from activecall.speech.interfaces import (
     ProviderUnavailableError,
     SynthesisError,
     SynthesisRequest,
+    WordTiming,
 )
 from activecall.speech.registry import SynthesisSettings
 
@@ -195,7 +196,8 @@ class OpenAISynthesizer:
             body["instructions"] = request.extra["instructions"]
         return body
 
-    def synthesize(self, request: SynthesisRequest, on_audio: Callable[[bytes, int], None]) -> Deferred[None]:
+    def synthesize(self, request: SynthesisRequest, on_audio: Callable[[bytes, int], None],
+                   on_words: Optional[Callable[[Sequence[WordTiming]], None]] = None) -> Deferred[None]:
         """See :meth:`ISpeechSynthesizer.synthesize`; audio comes at 24 kHz for ``pcm``."""
         headers = {b"Content-Type": [b"application/json"]}
         try:

@@ -25,7 +25,7 @@ import importlib.util
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Optional, Protocol, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
@@ -40,6 +40,7 @@ from activecall.speech.interfaces import (
     ProviderUnavailableError,
     SynthesisError,
     SynthesisRequest,
+    WordTiming,
 )
 from activecall.speech.registry import SynthesisSettings
 
@@ -194,7 +195,8 @@ class PiperSynthesizer:
             path = os.path.join(self._settings.models_dir, path)
         return path, path + ".json", speaker_id
 
-    def synthesize(self, request: SynthesisRequest, on_audio: Callable[[bytes, int], None]) -> Deferred[None]:
+    def synthesize(self, request: SynthesisRequest, on_audio: Callable[[bytes, int], None],
+                   on_words: Optional[Callable[[Sequence[WordTiming]], None]] = None) -> Deferred[None]:
         """See :meth:`ISpeechSynthesizer.synthesize`; audio comes at the voice's own rate."""
         cancelled = threading.Event()
 
