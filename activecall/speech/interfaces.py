@@ -193,6 +193,10 @@ class IRecognitionListener(Interface):
     def transcript(result):  # type: ignore[no-untyped-def]
         """A :class:`Transcript` (partials of an index come before its final; finals in index order)."""
 
+    def dropped(error):  # type: ignore[no-untyped-def]
+        """One utterance was lost but the stream goes on (a :class:`RecognitionError`: the queue was
+        full, one request failed); the call layer reports it as an ``error`` event."""
+
     def failed(error):  # type: ignore[no-untyped-def]
         """The stream cannot go on (a :class:`RecognitionError`: refused, timed out, connection lost);
         no further call comes.  ``error.retryable`` says whether opening a new stream may help."""
