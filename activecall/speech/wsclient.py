@@ -120,8 +120,9 @@ class _ClientProtocol(WebSocketClientProtocol):
     def processHandshake(self) -> object:
         # Keep the HTTP status of a refused upgrade (401, 403, 429...) for the error text.
         result = super().processHandshake()
-        if getattr(self, "http_status_code", None) not in (None, 101):
-            self._ac_status = self.http_status_code
+        fields = str(getattr(self, "http_status_line", "") or "").split()
+        if len(fields) >= 2 and fields[1].isdigit() and fields[1] != "101":
+            self._ac_status = int(fields[1])
         return result
 
 

@@ -77,6 +77,7 @@ class WsClientTests(TestCase):
         with self.assertRaises(WsConnectError) as cm:
             await connect_ws(reactor, f"ws://127.0.0.1:{port}/", listener=_Listener())
         self.assertIn("handshake", str(cm.exception))
+        self.assertEqual(cm.exception.status, 401)
 
     async def test_connection_refused(self) -> None:
         port = await self._serve(_Echo)
