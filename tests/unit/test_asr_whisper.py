@@ -392,6 +392,29 @@ class QueueTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
         self.assertEqual(self.recognizer.pending, 0)
 
+    def test_model_load_failure_is_not_cached(self) -> None:
+        """A model that fails to load fails that decode (not retryable); the next decode loads again."""
+        attempts: list[str] = []
+
+        def loader(model_dir: str, compute_type: str, workers: int) -> _FakeEngine:
+            attempts.append(model_dir)
+            if len(attempts) == 1:
+                raise RuntimeError("corrupt model.bin")
+            return self.engine
+
+        recognizer = WhisperRecognizer(
+            RecognizerSettings(), reactor=_ImmediateReactor(), threadpool=self.pool,  # type: ignore[arg-type]
+            clock=Clock(), workers=1, engine_loader=loader, default_model=self.model_dir)
+        first = recognizer.transcribe(self._pcm(500), RecognitionRequest(), False)
+        self.pool.run_next()
+        error = self.failureResultOf(first, RecognitionError).value
+        self.assertFalse(error.retryable)
+        self.assertIn("corrupt model.bin", str(error))
+        second = recognizer.transcribe(self._pcm(500), RecognitionRequest(), False)
+        self.pool.run_next()
+        self.assertEqual(self.successResultOf(second).text, "heard 8000")
+        self.assertEqual(len(attempts), 2)
+
     def test_extra_options_checked(self) -> None:
         """beam_size and compute_type come from extra, bad values are refused before queueing."""
         good = RecognitionRequest(extra={"beam_size": "3", "compute_type": "float32"})

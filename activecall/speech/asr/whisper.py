@@ -217,12 +217,16 @@ class WhisperEngine:
             return self.decode_short(audio, language, beam_size)
         return self.decode_long(audio, language, beam_size)
 
-    def decode_short(self, audio: np.ndarray, language: str | None, beam_size: int) -> EngineResult:
-        """One ``generate`` over a 10 s encoder window (audio of at most :data:`SHORT_WINDOW_MAX_S`)."""
+    def decode_short(self, audio: np.ndarray, language: str | None, beam_size: int,
+                     window_frames: int = SHORT_WINDOW_FRAMES) -> EngineResult:
+        """One ``generate`` over a 10 s encoder window (audio of at most :data:`SHORT_WINDOW_MAX_S`).
+
+        ``window_frames=3000`` is Whisper's full window through the same code (benchmarks compare).
+        """
         import ctranslate2
         from faster_whisper.audio import pad_or_trim
 
-        features = pad_or_trim(self._model.feature_extractor(audio), SHORT_WINDOW_FRAMES)
+        features = pad_or_trim(self._model.feature_extractor(audio), window_frames)
         encoded = self._ct2.encode(ctranslate2.StorageView.from_array(np.ascontiguousarray(features[None])))
         if language is None:
             detected = self._ct2.detect_language(encoded)[0]
