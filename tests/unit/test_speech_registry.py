@@ -22,6 +22,8 @@ from activecall.speech.interfaces import (
 )
 from activecall.speech.registry import SynthesisSettings, SynthesizerRegistry
 from activecall.speech.tts import register_builtin_synthesizers
+from activecall.speech.tts.aliyun import AliyunSynthesizer
+from activecall.speech.tts.deepgram import DeepgramSynthesizer
 from activecall.speech.tts.openai import OpenAISynthesizer
 from activecall.speech.tts.piper import PiperSynthesizer
 from activecall.testing import FakeSynthesizer, SynthesizerConformanceMixin
@@ -100,7 +102,7 @@ class RegistryTests(SynchronousTestCase):
 
 
 class BuiltinRegistrationTests(SynchronousTestCase):
-    """register_builtin_synthesizers wires piper (alias supertonic) and openai."""
+    """register_builtin_synthesizers wires piper (alias supertonic), openai and the cloud providers."""
 
     def make(self, environ: dict[str, str]) -> SynthesizerRegistry:
         registry = SynthesizerRegistry()
@@ -119,13 +121,22 @@ class BuiltinRegistrationTests(SynchronousTestCase):
     def test_builtins(self) -> None:
         """The built-ins resolve and build providers of the right classes."""
         registry = self.make({"OPENAI_API_KEY": "k"})
-        self.assertEqual(registry.names(), ["openai", "piper"])
+        self.assertEqual(registry.names(), ["aliyun", "deepgram", "openai", "piper", "tencent", "tencent_basic"])
         piper = registry.create("supertonic", SynthesisSettings(models_dir=""))
         self.assertIsInstance(piper, PiperSynthesizer)
         self.assertTrue(verifyObject(ISpeechSynthesizer, piper))
         # an empty models_dir is filled from the registration's models_dir
         self.assertEqual(piper.voice_for(SynthesisRequest("x", model="v.onnx"))[0], "/srv/models/v.onnx")
         self.assertIsInstance(registry.create("OpenAI", SynthesisSettings()), OpenAISynthesizer)
+
+    def test_cloud_builtins(self) -> None:
+        """deepgram and aliyun build with their environment keys and are unavailable without any."""
+        registry = self.make({"DEEPGRAM_API_KEY": "dg", "DASHSCOPE_API_KEY": "ds"})
+        self.assertIsInstance(registry.create("deepgram", SynthesisSettings()), DeepgramSynthesizer)
+        self.assertIsInstance(registry.create("aliyun", SynthesisSettings()), AliyunSynthesizer)
+        bare = self.make({})
+        self.assertRaises(ProviderUnavailableError, bare.create, "deepgram", SynthesisSettings())
+        self.assertRaises(ProviderUnavailableError, bare.create, "aliyun", SynthesisSettings())
 
     def test_openai_without_key_unavailable(self) -> None:
         """openai without any key for the official API is ProviderUnavailableError at create time."""

@@ -27,7 +27,8 @@ def register_builtin_synthesizers(
     models_dir: str,
     fetch: FetchConfig = FetchConfig(),
 ) -> None:
-    """Register ``piper`` (alias ``supertonic``) and ``openai`` in ``registry``.
+    """Register ``piper`` (alias ``supertonic``), ``openai``, ``deepgram``, ``aliyun``, ``tencent`` and
+    ``tencent_basic`` in ``registry``.
 
     Providers are built lazily by :meth:`SynthesizerRegistry.create`, so a missing
     offline extra or API key only matters when the provider is asked for
@@ -48,5 +49,29 @@ def register_builtin_synthesizers(
 
         return OpenAISynthesizer(settings, http_client=http_client, clock=clock, environ=environ, fetch=fetch)
 
+    def deepgram(settings: SynthesisSettings) -> ISpeechSynthesizer:
+        from activecall.speech.tts.deepgram import DeepgramSynthesizer
+
+        return DeepgramSynthesizer(settings, http_client=http_client, clock=clock, environ=environ, fetch=fetch)
+
+    def aliyun(settings: SynthesisSettings) -> ISpeechSynthesizer:
+        from activecall.speech.tts.aliyun import AliyunSynthesizer
+
+        return AliyunSynthesizer(settings, reactor=reactor, clock=clock, environ=environ, fetch=fetch)
+
+    def tencent(settings: SynthesisSettings) -> ISpeechSynthesizer:
+        from activecall.speech.tts.tencent import TencentSynthesizer
+
+        return TencentSynthesizer(settings, reactor=reactor, clock=clock, environ=environ, fetch=fetch)
+
+    def tencent_basic(settings: SynthesisSettings) -> ISpeechSynthesizer:
+        from activecall.speech.tts.tencent import TencentBasicSynthesizer
+
+        return TencentBasicSynthesizer(settings, http_client=http_client, clock=clock, environ=environ, fetch=fetch)
+
     registry.register("piper", piper, aliases=("supertonic",))
     registry.register("openai", openai)
+    registry.register("deepgram", deepgram)
+    registry.register("aliyun", aliyun)
+    registry.register("tencent", tencent)
+    registry.register("tencent_basic", tencent_basic)
