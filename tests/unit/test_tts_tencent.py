@@ -4,6 +4,8 @@ speaking Tencent's documented protocols, signatures recomputed on the server sid
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 from typing import Any, Optional
 from urllib.parse import parse_qsl, urlsplit
@@ -58,6 +60,12 @@ class _Sink:
         return b"".join(p for p, _ in self.audio)
 
 
+def _doc_signature(key: str, host: str, path: str, params: dict[str, str]) -> str:
+    """The stream_ws signature as Tencent's page describes it, written out independently of the provider."""
+    text = "GET" + host + path + "?" + "&".join(f"{k}={params[k]}" for k in sorted(params))
+    return base64.b64encode(hmac.new(key.encode(), text.encode(), hashlib.sha1).digest()).decode()
+
+
 class TencentTtsService(FakeWsHandler):
     """The stream_ws service: checks the signature, then PCM pieces, subtitles and final, 10 ms apart.
 
@@ -73,7 +81,7 @@ class TencentTtsService(FakeWsHandler):
         self.url_path = parts.path
         self.params = dict(parse_qsl(parts.query)) if parts.query else {k: v[-1] for k, v in request.params.items()}
         signature = self.params.pop("Signature", "")
-        self.signature_ok = signature == get_signature(SECRET_KEY, self.headers["host"], self.url_path, self.params)
+        self.signature_ok = signature == _doc_signature(SECRET_KEY, self.headers["host"], self.url_path, self.params)
         self.calls: list[Any] = []
 
     def _frame(self, message: dict[str, Any]) -> str:
@@ -231,6 +239,20 @@ class TencentWsTtsTests(TestCase):
         await self.server.handlers[0].closed
         await deferLater(reactor, 0.08)  # the server's remaining frames would have come by now
         self.assertEqual(len(sink.audio), 1)
+
+    async def test_consumer_failure_stops_synthesis(self) -> None:
+        """An on_audio that raises fails the request (not retryable) and drops the connection."""
+        endpoint = self._serve()
+
+        def broken(pcm: bytes, rate: int) -> None:
+            raise ValueError("sink full")
+
+        error = await self.assertFailure(self._synth(endpoint).synthesize(SynthesisRequest("hi"), broken),
+                                         SynthesisError)
+        self.assertIn("sink full", str(error))
+        self.assertFalse(error.retryable)
+        await self.server.handlers[0].closed
+        self.flushLoggedErrors(ValueError)
 
     async def test_unreachable_service(self) -> None:
         """Nothing listening: a retryable connect error."""

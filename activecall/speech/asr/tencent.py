@@ -18,6 +18,9 @@ else ``TENCENT_APPID``/``TENCENT_SECRET_ID``/``TENCENT_SECRET_KEY``.  The enviro
 go only to the configured service (``settings.endpoint``, else ``asr.cloud.tencent.com``); a request
 whose own ``endpoint`` points elsewhere must carry all three itself and pass ``[fetch] allowed_hosts``.
 
+An ``endpoint`` is ``ws[s]://host[:port]`` (a path there replaces ``/asr/v2``; ``/<appid>`` follows);
+the signature covers the endpoint's host, as it does Tencent's.
+
 ``request.model`` (``modelType``) is the ``engine_model_type`` (default ``16k_zh``; ``16k_en`` for
 an ``en*`` language).  Every ``extra`` entry with a lower-case name becomes a query parameter,
 replacing the defaults (``needvad=1``, ``vad_silence_time=700``, ``filter_modal=0``, ``filter_punc=0``,
@@ -73,6 +76,8 @@ _MAX_EXTRA_VALUE = 2048
 #: Server error codes worth a new stream: concurrency limit, engine/server errors.
 _RETRYABLE_CODES = frozenset({4006}) | frozenset(range(5000, 6000))
 _MAX_TIME_MS = 24 * 3600 * 1000
+
+
 def _bounded_ms(value: Any) -> Optional[int]:
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_TIME_MS:
         return value

@@ -26,6 +26,8 @@ Both:
 * ``speaker`` is the numeric ``VoiceType``; ``speed`` (a rate, 1.0 normal) maps onto Tencent's
   -2..6 scale; volume stays 0 (normal; the caller applies ``volume``); ``sample_rate_hz`` 8000,
   16000 or 24000 is asked for, other rates get 16000, and ``on_audio`` says which;
+* ``endpoint``: the service URL (``tencent``: ``ws[s]://host[:port][/path]``, path ``/stream_ws`` when
+  absent; ``tencent_basic``: ``http[s]://host[:port]/``), its host being the signed one;
 * extra entries named like Tencent parameters (``EmotionCategory``, ``SegmentRate``...) are added;
 * word timings come from the subtitles when ``request.subtitle`` (``BeginTime``/``EndTime`` ms).
 """
@@ -40,7 +42,6 @@ import uuid
 from typing import Any, Callable, Mapping, Optional, Sequence
 from urllib.parse import urlsplit
 
-import treq
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -50,7 +51,7 @@ from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
 from activecall.config import FetchConfig
-from activecall.fetch import FetchRefusedError, check_url
+from activecall.fetch import BodyStream, FetchRefusedError, check_url
 from activecall.speech.asr.wsstream import check_ws_url
 from activecall.speech.interfaces import ISpeechSynthesizer, SynthesisError, SynthesisRequest, WordTiming
 from activecall.speech.registry import SynthesisSettings
@@ -474,6 +475,7 @@ class _RestCall:
         self._chunks: list[bytes] = []
         self._size = 0
         self._pending: Optional[Deferred[Any]] = None
+        self._body: Optional[BodyStream] = None
         self._timer: Optional[IDelayedCall] = None
         self.result: Deferred[None] = Deferred(lambda _: self._stop())
 
@@ -489,6 +491,9 @@ class _RestCall:
         pending, self._pending = self._pending, None
         if pending is not None and not pending.called:
             pending.cancel()
+        body, self._body = self._body, None
+        if body is not None:
+            body.stop()
 
     def _fail(self, error: SynthesisError) -> None:
         self._stop()
@@ -510,9 +515,10 @@ class _RestCall:
         if self.result.called:
             return
         limit = self._max_bytes if 200 <= response.code < 300 else _MAX_ERROR_BODY
-        d = treq.collect(response, lambda data: self._collect(data, limit))
-        self._pending = d
-        d.addCallbacks(lambda _: self._body_done(response.code), self._body_failed)
+        finished: Deferred[None] = Deferred()
+        self._body = BodyStream(lambda data: self._collect(data, limit), finished)
+        finished.addCallbacks(lambda _: self._body_done(response.code), self._body_failed)
+        response.deliverBody(self._body)
 
     def _collect(self, data: bytes, limit: int) -> None:
         self._size += len(data)
@@ -521,8 +527,8 @@ class _RestCall:
         self._chunks.append(data)
 
     def _body_failed(self, failure: Failure) -> None:
-        self._pending = None
-        if self.result.called or failure.check(CancelledError):
+        self._body = None
+        if self.result.called:
             return
         if isinstance(failure.value, SynthesisError):
             self._fail(failure.value)
@@ -531,7 +537,7 @@ class _RestCall:
                                       retryable=True))
 
     def _body_done(self, status: int) -> None:
-        self._pending = None
+        self._body = None
         if self.result.called:
             return
         body = b"".join(self._chunks)
