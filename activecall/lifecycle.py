@@ -119,6 +119,30 @@ class CyclicGarbageService(service.Service):
         return super().stopService()
 
 
+class Startable(Protocol):
+    def start(self) -> object: ...
+
+    def stop(self) -> object: ...
+
+
+class WorkersService(service.Service):
+    """Starts worker pools (the VAD engine's thread, the ASR decoding pool) with the daemon and
+    stops them after the calls ended, in reverse order."""
+
+    def __init__(self, *workers: Startable) -> None:
+        self._workers = workers
+
+    def startService(self) -> None:
+        super().startService()
+        for worker in self._workers:
+            worker.start()
+
+    def stopService(self) -> Optional[Deferred[None]]:
+        for worker in reversed(self._workers):
+            worker.stop()
+        return super().stopService()
+
+
 class SequentialService(service.MultiService):
     """Stops its children in reverse order, each after the previous one finished.
 

@@ -35,6 +35,7 @@ __all__ = [
     "MediaPassOption",
     "AmbianceOption",
     "EouOption",
+    "InterruptionOption",
     "RealtimeOption",
     "ReferOption",
     "RingbackDetectionOption",
@@ -522,6 +523,21 @@ class EouOption(WireObject):
 
 
 @dataclass(frozen=True, slots=True)
+class InterruptionOption(WireObject):
+    """Barge-in policy (playbook.md §9; **activecall** also takes it as ``option.interruption``).
+
+    ``strategy``: which caller events cut the agent's speech: ``both`` (VAD ``speaking`` or an ASR
+    partial), ``vad``, ``asr`` or ``none``.
+    """
+
+    strategy: str = wire_field("strategy", one_of(("both", "vad", "asr", "none")), "both")
+    ignore_first_ms: int = wire_field("ignoreFirstMs", check_u32, 800)
+    filler_word_filter: bool = wire_field("fillerWordFilter", check_bool, False)
+    volume_fade_ms: int | None = wire_field("volumeFadeMs", check_u32, None)
+    min_speech_ms: int = wire_field("minSpeechMs", check_u32, 0)
+
+
+@dataclass(frozen=True, slots=True)
 class RealtimeOption(WireObject):
     """Speech-to-speech model (§4.10); ``turn_detection``/``tools`` are free-form JSON."""
 
@@ -615,6 +631,7 @@ _CALL_MERGED_FIELDS: tuple[str, ...] = (
     "agc",
     "recorder",
     "eou",
+    "interruption",
     "extra",
     "ambiance",
     "ringback_detection",
@@ -648,6 +665,7 @@ class CallOption(WireObject):
         "mediaPass", nested(MediaPassOption), None
     )
     eou: EouOption | None = wire_field("eou", nested(EouOption), None)
+    interruption: InterruptionOption | None = wire_field("interruption", nested(InterruptionOption), None)
     realtime: RealtimeOption | None = wire_field("realtime", nested(RealtimeOption), None)
     ambiance: AmbianceOption | None = wire_field("ambiance", nested(AmbianceOption), None)
     ringback_detection: RingbackDetectionOption | None = wire_field(

@@ -121,6 +121,13 @@ def _twistd_logfile(options: usage.Options) -> str | None:
     return parent.get("logfile") if parent is not None else None
 
 
+def _make_denoiser(rate_hz: int) -> Any:
+    """RNNoise for one leg; raises (reported as an ``error`` event) when pyrnnoise is not installed."""
+    from activecall.media.denoise import Denoiser
+
+    return Denoiser(rate_hz)
+
+
 def makeService(options: Options) -> service.IService:
     """Build the daemon's MultiService from validated options (the composition root)."""
     from twisted.internet import reactor
@@ -151,10 +158,15 @@ def makeService(options: Options) -> service.IService:
     from activecall.media.clock import MediaClock
     from activecall.media.recorder import WavRecorder
     from activecall.media.cache import MediaCache
-    from activecall.speech.registry import SynthesizerRegistry
+    from twisted.python.threadpool import ThreadPool
+
+    from activecall.call.hearing import FILLERS_FILE, read_fillers
+    from activecall.speech.asr import register_builtin_recognizers
+    from activecall.speech.registry import RecognizerRegistry, SynthesizerRegistry
     from activecall.speech.tts import register_builtin_synthesizers
+    from activecall.speech.vad.engine import VadEngine
     from activecall.lifecycle import (CyclicGarbageService, DrainCallsService, SequentialService, StartupCallService,
-                                      prepare_process)
+                                      WorkersService, prepare_process)
     from activecall.web import LISTEN_BACKLOG, ActivecallSite, ApiResource, ConnectionLimiter, WebService
 
     config = options.config
@@ -177,6 +189,13 @@ def makeService(options: Options) -> service.IService:
         http_client=http_client, environ=os.environ, models_dir=config.models_dir, fetch=config.fetch)
     metrics = DaemonMetrics()
     media_clock = MediaClock(reactor, observe_lateness=metrics.tick_lateness.observe)
+    # Offline decoding never runs on the reactor nor in the pool file I/O uses; one core stays for media.
+    asr_threadpool = ThreadPool(minthreads=0, maxthreads=max(1, min(4, (os.cpu_count() or 2) - 1)), name="asr")
+    recognizers = RecognizerRegistry()
+    register_builtin_recognizers(
+        recognizers, reactor=reactor, clock=reactor, asr_threadpool=asr_threadpool, http_client=http_client,
+        environ=os.environ, models_dir=config.models_dir, fetch=config.fetch)
+    vad = VadEngine(media_clock, reactor, reactor)
     services = CallServices(
         clock=reactor,
         media_clock=media_clock,
@@ -191,6 +210,10 @@ def makeService(options: Options) -> service.IService:
         recording_path=config.recording.path,
         models_dir=config.models_dir,
         observe_provider=metrics.observe_provider,
+        recognizers=recognizers,
+        vad=vad,
+        make_denoiser=_make_denoiser,
+        fillers=read_fillers(FILLERS_FILE),
     )
     if config.callrecord is not None:
         try:
@@ -201,6 +224,8 @@ def makeService(options: Options) -> service.IService:
         services.call_records = CallRecordWriter(store)
     sessions = SessionManager(services, max_dump_bytes=config.api.max_dump_bytes)
 
+    # Started before and stopped after everything that places calls (services stop in reverse order).
+    WorkersService(vad, asr_threadpool).setServiceParent(top)
     sip_group = SequentialService()
     sip_group.setServiceParent(top)
     guard = SipGuard.from_config(config.sip_acl, config.sip_rate_limit)

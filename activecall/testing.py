@@ -12,9 +12,12 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from activecall.media.tracks import IInboundLeg, IInboundLegFactory, ILegDialer, LegSetupError
-from activecall.speech.interfaces import ISpeechSynthesizer, SynthesisError, SynthesisRequest, WordTiming
+from activecall.speech.interfaces import (
+    IRecognitionStream, IRecognizer, ISpeechSynthesizer, RecognitionRequest, SynthesisError, SynthesisRequest, WordTiming,
+)
 
-__all__ = ["FakeSynthesizer", "SynthesizerConformanceMixin", "FakeLeg", "FakeDialer", "FakeRecorder", "FakePending"]
+__all__ = ["FakeSynthesizer", "SynthesizerConformanceMixin", "FakeLeg", "FakeDialer", "FakeRecorder", "FakePending",
+           "FakeRecognizer", "FakeRecognitionStream", "FakeVadEngine", "FakeVadStream"]
 
 
 @implementer(ISpeechSynthesizer)
@@ -269,3 +272,78 @@ class FakePending:
         self.log.append(("client_disconnected", dialog_id))
         return self.calls.pop(dialog_id, None) is not None
 
+
+
+@implementer(IRecognitionStream)
+class FakeRecognitionStream:
+    """What a :class:`FakeRecognizer` opened: records the audio and VAD hints; a test plays the provider
+    by calling ``listener.transcript/dropped/failed``."""
+
+    def __init__(self, request: RecognitionRequest, listener: Any) -> None:
+        self.request = request
+        self.listener = listener
+        self.audio = bytearray()
+        self.hints: list[tuple[str, int]] = []
+        self.closed = False
+
+    def write(self, pcm: bytes) -> None:
+        if not self.closed:
+            self.audio += pcm
+
+    def speech_started(self, at_ms: int) -> None:
+        self.hints.append(("started", at_ms))
+
+    def speech_ended(self, at_ms: int) -> None:
+        self.hints.append(("ended", at_ms))
+
+    def close(self) -> Deferred[None]:
+        self.closed = True
+        return succeed(None)
+
+
+@implementer(IRecognizer)
+class FakeRecognizer:
+    """A recognizer whose streams a test drives by hand (``streaming`` chooses which kind it claims to be)."""
+
+    def __init__(self, name: str = "fakeasr", streaming: bool = True) -> None:
+        self.name = name
+        self.streaming = streaming
+        self.streams: list[FakeRecognitionStream] = []
+        self.open_error: Optional[Exception] = None
+
+    def open(self, request: RecognitionRequest, listener: Any) -> FakeRecognitionStream:
+        if self.open_error is not None:
+            raise self.open_error
+        stream = FakeRecognitionStream(request, listener)
+        self.streams.append(stream)
+        return stream
+
+
+class FakeVadStream:
+    """A VAD stream that records frames; a test plays the detector through ``listener``."""
+
+    def __init__(self, kind: str, rate_hz: int, params: Any, listener: Any) -> None:
+        self.kind = kind
+        self.rate_hz = rate_hz
+        self.params = params
+        self.listener = listener
+        self.frames: list[bytes] = []
+        self.closed = False
+
+    def write(self, pcm: bytes) -> None:
+        self.frames.append(pcm)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeVadEngine:
+    """A VAD engine whose streams a test drives by hand."""
+
+    def __init__(self) -> None:
+        self.streams: list[FakeVadStream] = []
+
+    def open(self, kind: str, rate_hz: int, params: Any, listener: Any) -> FakeVadStream:
+        stream = FakeVadStream(kind, rate_hz, params, listener)
+        self.streams.append(stream)
+        return stream

@@ -31,6 +31,7 @@ from activecall.call.events import (
 from activecall.call.record import (
     CallRecord, RecordedHangupReason, RecorderFile, build_call_record, hangup_reason_from_name,
 )
+from activecall.call.hearing import CallHearing
 from activecall.call.recording import CallRecording, recording_file
 from activecall.call.recordstore import file_sizes
 from activecall.call.services import CallServices, PendingInbound
@@ -132,6 +133,7 @@ class CallController:
         self._sip_status: Optional[int] = None
         self.rang_at: Optional[float] = None  # first 1xx above 100 (outbound) or our 180/183 (inbound)
         self._greeting: Optional[str] = None
+        self.hearing: Optional[CallHearing] = None
 
     # -- plumbing -------------------------------------------------------
 
@@ -332,21 +334,21 @@ class CallController:
         if option.subscribe and not self.leg.audio_on_control_socket:
             self.caller_audio.add(_ClientMirror(self._observer))
             self.track.mirror = self._observer.client_audio
-        self._report_unavailable_processors(option, sender=sender)
+        self._start_hearing(option, sender=sender)
+        if option.playbook is not None:
+            self.error(f"playbook engine not available: {option.playbook}", sender="playbook")
         self._start_recording(option)
         if option.inactivity_timeout:
             self._watch_from = self.now()
             self.timers.call_later(_INACTIVITY_CHECK_S, self._check_inactivity)
 
-    def _report_unavailable_processors(self, option: CallOption, sender: str) -> None:
-        # Speech recognition and VAD engines join in later layers; name what this
-        # call asked for and cannot get, and keep the rest of the call running.
-        if option.asr is not None:
-            self.error(f"ASR provider not available: {option.asr.provider}", sender=sender)
-        if option.vad is not None and (option.vad.type or "silero") != "nop":
-            self.error(f"VAD type not available: {option.vad.type or 'silero'}", sender=sender)
-        if option.playbook is not None:
-            self.error(f"playbook engine not available: {option.playbook}", sender="playbook")
+    def _start_hearing(self, option: CallOption, sender: str) -> None:
+        """denoise -> VAD -> ASR on the caller's audio, after mute (a muted caller is not heard)."""
+        assert self.leg is not None
+        hearing = CallHearing.start(self, option, self.media_rate_hz, sender)
+        if hearing is not None:
+            self.hearing = hearing
+            self.caller_audio.add(hearing)
 
     def _start_recording(self, option: CallOption) -> None:
         services = self.services
@@ -501,6 +503,8 @@ class CallController:
             self._recorded_reason = recorded_reason
         self.track.cut()
         self.ended = True
+        if self.hearing is not None:
+            self.hearing.close()
         self.hangup_reason = reason
         if self._recorded_reason is None:
             self._recorded_reason = hangup_reason_from_name(reason)

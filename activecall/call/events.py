@@ -94,6 +94,66 @@ class PlayInterrupted:
     subtitle: Optional[str]
     total_ms: int
     current_ms: int
+    position: Optional[int] = None  # index of the word being heard, when the provider gave word timings
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechStarted:
+    """The caller's voice has lasted ``speechPadding`` (the ``speaking`` of the spec); it began at ``started_at``."""
+
+    now: float
+    track: str
+    started_at: float
+    refer: Optional[bool] = None
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechEnded:
+    """A stretch of the caller's speech ended: it began at ``started_at`` and lasted ``duration_ms``."""
+
+    now: float
+    track: str
+    started_at: float
+    duration_ms: int
+    refer: Optional[bool] = None
+
+
+@dataclass(frozen=True, slots=True)
+class SilenceLasted:
+    """The caller has been silent since ``started_at`` for ``duration_ms`` (VAD ``silenceTimeout``)."""
+
+    now: float
+    track: str
+    started_at: float
+    duration_ms: int
+    refer: Optional[bool] = None
+
+
+@dataclass(frozen=True, slots=True)
+class TranscriptHeard:
+    """What the recognizer heard of sentence ``index``: interim (``final`` False) or final."""
+
+    now: float
+    track: str
+    final: bool
+    index: int
+    text: str
+    started_at: Optional[float] = None
+    ended_at: Optional[float] = None
+    confidence: Optional[float] = None
+    is_filler: Optional[bool] = None
+    refer: Optional[bool] = None
+
+
+@dataclass(frozen=True, slots=True)
+class TurnEnded:
+    """The caller finished a turn (end of utterance): ``text`` is what they said in it, if recognized."""
+
+    now: float
+    track: str
+    completed: bool
+    text: Optional[str] = None
+    refer: Optional[bool] = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,9 +275,9 @@ class CallEnded:
 
 CallEvent = Union[
     CallOffered, RingingReported, CallAnswered, CallDeclined, MediaArrived, TrackStarted, TrackEnded,
-    PlayInterrupted, DtmfReceived, HoldChanged, InputTimedOut, CallInactive, MessageReceived,
+    PlayInterrupted, SpeechStarted, SpeechEnded, SilenceLasted, TranscriptHeard, TurnEnded, DtmfReceived, HoldChanged, InputTimedOut, CallInactive, MessageReceived,
     TransferRequested, MetricsMeasured, HistoryAdded, CustomSent, ErrorOccurred, CallEnded,
 ]
 
 #: Events that count as "the caller reacted": they cancel a pending waitInputTimeout.
-INPUT_EVENTS = (DtmfReceived, TrackStarted)
+INPUT_EVENTS = (DtmfReceived, TrackStarted, SpeechStarted, TranscriptHeard)

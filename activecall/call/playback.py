@@ -7,13 +7,15 @@ elsewhere and append audio here as it arrives.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from typing import Any, Optional
 
 
 class Sentence:
     """One TTS sentence: its text and the audio synthesized for it so far."""
 
-    __slots__ = ("text", "buf", "pos", "done", "synth", "synthesized_bytes", "cached", "started", "seq", "skipped")
+    __slots__ = ("text", "buf", "pos", "done", "synth", "synthesized_bytes", "cached", "started", "seq", "skipped",
+                 "word_starts_ms", "played_bytes")
 
     def __init__(self, text: str, seq: int) -> None:
         self.text = text
@@ -26,6 +28,14 @@ class Sentence:
         self.cached = False
         self.started = False
         self.skipped = False
+        self.word_starts_ms: list[int] = []  # when each word begins (provider word timings), in order
+        self.played_bytes = 0  # heard so far (pos restarts when played audio is released)
+
+    def word_at(self, ms: int) -> Optional[int]:
+        """Index of the word being heard ``ms`` into the sentence, when the provider gave timings."""
+        if not self.word_starts_ms:
+            return None
+        return max(0, bisect_right(self.word_starts_ms, ms) - 1)
 
     def append(self, pcm: bytes) -> None:
         """Add synthesized audio."""
@@ -151,14 +161,15 @@ class TtsPlay(SstSource):
             return self.index >= len(self.sentences)
         return self.end_of_stream and not self.pending_text and self.index >= len(self.sentences)
 
-    def interruption_info(self) -> tuple[Optional[str], int, int]:
-        """Return (subtitle, totalDuration ms synthesized, current ms played) of the current sentence."""
+    def interruption_info(self) -> tuple[Optional[str], int, int, Optional[int]]:
+        """Return (subtitle, totalDuration ms synthesized, current ms played, word position) of the
+        current sentence; the position is None without provider word timings."""
         s = self.current
         if s is None:
-            return None, 0, 0
+            return None, 0, 0, None
         total_ms = int(s.synthesized_bytes / self.bytes_per_ms)
         current_ms = int(s.pos / self.bytes_per_ms)
-        return s.text, total_ms, current_ms
+        return s.text, total_ms, current_ms, s.word_at(current_ms)
 
     def cut_after_current(self) -> None:
         """Graceful interrupt: finish the sentence being spoken, drop the rest."""

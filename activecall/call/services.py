@@ -12,7 +12,7 @@ from activecall.ids import IdSource
 from activecall.media.cache import MediaCache
 from activecall.media.clock import MediaClock
 from activecall.media.tracks import IInboundLegFactory, ILegDialer
-from activecall.speech.registry import SynthesizerRegistry
+from activecall.speech.registry import RecognizerRegistry, SynthesizerRegistry
 
 
 class Recorder(Protocol):
@@ -53,6 +53,27 @@ class PendingInbound(Protocol):
         """Its client went away before answering."""
 
 
+class VoiceStream(Protocol):
+    """One call's audio into the VAD engine."""
+
+    def write(self, pcm: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class VoiceDetectors(Protocol):
+    """The process's VAD engine (activecall.speech.vad.engine.VadEngine): batched across calls."""
+
+    def open(self, kind: str, rate_hz: int, params: Any, listener: Any) -> VoiceStream:
+        """A stream for one call (kind ``silero``/``webrtc``, 8000 or 16000 Hz); raises if it cannot run."""
+
+
+class AudioFilter(Protocol):
+    """A frame-by-frame filter of caller audio (denoise): as many bytes out as in."""
+
+    def process(self, frame: bytes) -> bytes: ...
+
+
 def _not_observed(kind: str, provider: str, seconds: Optional[float], error: bool = False) -> None:
     """Provider measurements go nowhere (no /metrics)."""
 
@@ -89,5 +110,13 @@ class CallServices:
     models_dir: str = "./models"
     # Local files `play` may read ([fetch] media_dirs); anything else is refused.
     media_dirs: tuple[str, ...] = ("./config/media",)
+    # Speech recognition providers by name; None: no ASR here.
+    recognizers: Optional[RecognizerRegistry] = None
+    # The batched VAD engine; None: no VAD here (the offline extra is missing).
+    vad: Optional[VoiceDetectors] = None
+    # Builds a denoiser for a leg rate (RNNoise); None: denoise not available.
+    make_denoiser: Optional[Callable[[int], AudioFilter]] = None
+    # Filler words barge-in ignores (config/fillers.txt); empty: the built-in list.
+    fillers: frozenset[str] = frozenset()
     # One provider request: observe_provider(kind, provider, seconds to first byte or None, error).
     observe_provider: Callable[[str, str, Optional[float], bool], None] = _not_observed

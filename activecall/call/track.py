@@ -110,6 +110,20 @@ class ServerSideTrack:
             return
         self.cut()
 
+    def agent_speaking_since(self) -> Optional[float]:
+        """When the TTS play now speaking started; None when no TTS plays, or it ends the call (barge-in
+        never cuts a goodbye before hang-up)."""
+        source = self.source
+        if not isinstance(source, TtsPlay) or source.finished or source.auto_hangup or source.stop_after_current:
+            return None
+        return source.started_at
+
+    def barge_in(self) -> None:
+        """The caller spoke over the agent: cut its speech now (``interruption``, ``trackEnd``). The leg
+        pulls nothing more of it: its queued sentences and syntheses are dropped with the play."""
+        if isinstance(self.source, TtsPlay):
+            self.cut()
+
     def pause(self, paused: bool) -> None:
         """Pause or resume what plays."""
         c = self._call
@@ -120,8 +134,8 @@ class ServerSideTrack:
 
     def _report_interruption(self, play: TtsPlay) -> None:
         c = self._call
-        subtitle, total_ms, current_ms = play.interruption_info()
-        c.report(PlayInterrupted(c.now(), c.sst, play.play_id, subtitle, total_ms, current_ms))
+        subtitle, total_ms, current_ms, position = play.interruption_info()
+        c.report(PlayInterrupted(c.now(), c.sst, play.play_id, subtitle, total_ms, current_ms, position))
 
     # -- waitInputTimeout ---------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol
+from typing import Any, Optional, Protocol, Sequence
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
@@ -15,7 +15,7 @@ from activecall.media.mixer import apply_gain
 from activecall.options import SynthesisOption
 from activecall.media.resample import Resampler
 from activecall.media.cache import validate_key
-from activecall.speech.interfaces import ISpeechSynthesizer, SynthesisRequest
+from activecall.speech.interfaces import ISpeechSynthesizer, SynthesisRequest, WordTiming
 from activecall.speech.registry import SynthesisSettings
 
 
@@ -39,6 +39,7 @@ def synthesis_request(text: str, option: SynthesisOption, speaker: Optional[str]
         api_key=option.secret_key,
         extra=dict(option.extra or {}),
         session_id=option.session_id or session_id,
+        subtitle=bool(option.subtitle),
     )
 
 
@@ -238,9 +239,18 @@ class _SentenceSynthesis:
             self._release()
             return
         request = synthesis_request(self._sentence.text, option, self._job.speaker, self._host.sid)
-        d = synthesizer.synthesize(request, self._on_audio)
+        d = synthesizer.synthesize(request, self._on_audio, self._on_words if request.subtitle else None)
         self._sentence.synth = d
         d.addCallbacks(self._done, self._failed)
+
+    def _on_words(self, words: Sequence[WordTiming]) -> None:
+        if self._sentence.done:
+            return
+        starts = self._sentence.word_starts_ms
+        for word in words[:10_000 - len(starts)]:
+            begin = max(0, int(word.begin_ms))
+            if not starts or begin >= starts[-1]:
+                starts.append(begin)
 
     def _on_audio(self, pcm: bytes, rate: int) -> None:
         if self._sentence.done:

@@ -160,7 +160,39 @@ def _(e: ce.TrackEnded) -> Any:
 @wire_event.register
 def _(e: ce.PlayInterrupted) -> Any:
     return ev.InterruptionEvent(track_id=e.track, timestamp=_ms(e.now), play_id=e.play_id, subtitle=e.subtitle,
-                                total_duration=e.total_ms, current=e.current_ms)
+                                position=e.position, total_duration=e.total_ms, current=e.current_ms)
+
+
+@wire_event.register
+def _(e: ce.SpeechStarted) -> Any:
+    return ev.SpeakingEvent(track_id=e.track, timestamp=_ms(e.now), start_time=_ms(e.started_at), confidence=1.0,
+                            refer=e.refer)
+
+
+@wire_event.register
+def _(e: ce.SpeechEnded) -> Any:
+    return ev.SilenceEvent(track_id=e.track, timestamp=_ms(e.now), start_time=_ms(e.started_at),
+                           duration=e.duration_ms, refer=e.refer)
+
+
+@wire_event.register
+def _(e: ce.SilenceLasted) -> Any:
+    return ev.SilenceEvent(track_id=e.track, timestamp=_ms(e.now), start_time=_ms(e.started_at),
+                           duration=e.duration_ms, refer=e.refer)
+
+
+@wire_event.register
+def _(e: ce.TranscriptHeard) -> Any:
+    kind = ev.AsrFinalEvent if e.final else ev.AsrDeltaEvent
+    return kind(track_id=e.track, timestamp=_ms(e.now), index=e.index, text=e.text,
+                start_time=_ms(e.started_at) if e.started_at is not None else None,
+                end_time=_ms(e.ended_at) if e.ended_at is not None else None,
+                is_filler=e.is_filler, confidence=e.confidence, refer=e.refer)
+
+
+@wire_event.register
+def _(e: ce.TurnEnded) -> Any:
+    return ev.EouEvent(track_id=e.track, timestamp=_ms(e.now), completed=e.completed, text=e.text, refer=e.refer)
 
 
 @wire_event.register

@@ -471,7 +471,7 @@ class AnswerMachineDetectionEvent(_EventBase):
 
 @dataclass(frozen=True, slots=True)
 class EouEvent(_EventBase):
-    """End of utterance; defined, never emitted (no engine ships)."""
+    """End of utterance (a silence-based detector, option `eou`)."""
 
     name: ClassVar[str] = "eou"
     track_id: str = _w("trackId")

@@ -54,7 +54,9 @@ class TtsPlayTests(SynchronousTestCase):
         s.append(tone(FRAME * 5))
         play.read_frame()
         play.read_frame()
-        self.assertEqual(play.interruption_info(), ("Good morning.", 100, 40))
+        self.assertEqual(play.interruption_info(), ("Good morning.", 100, 40, None))
+        play.current.word_starts_ms = [0, 30]
+        self.assertEqual(play.interruption_info()[3], 1)
 
     def test_graceful_cut_finishes_the_current_sentence_only(self) -> None:
         """cut_after_current keeps the sentence being spoken and cancels the queued ones."""

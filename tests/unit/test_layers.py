@@ -161,6 +161,7 @@ PURE: tuple[str, ...] = (
     "activecall.media.dtmf_detect",
     "activecall.media.tracks",
     "activecall.speech.interfaces",
+    "activecall.speech.vad.segmenter",
     "activecall.call.events",
     "activecall.call.record",
     "activecall.playbook.model",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -125,6 +124,3 @@ class SegmenterTests(SynchronousTestCase):
         """A window length outside 1..1000 ms is refused."""
         self.assertRaises(ValueError, VadSegmenter, VadParams(), 0)
 
-    def test_pure(self) -> None:
-        """The segmenter does not pull in the reactor."""
-        self.assertNotIn("twisted.internet.reactor", sys.modules)
