@@ -130,7 +130,7 @@ class TencentCredentials:
 def resolve_credentials(own: tuple[Optional[str], Optional[str], Optional[str]], environ: Mapping[str, str], *,
                         use_environ: bool, provider: str) -> TencentCredentials:
     """The request's own (appId, secretId, secretKey), each else ``TENCENT_APPID``/``TENCENT_SECRET_ID``/
-    ``TENCENT_SECRET_KEY`` when ``use_environ`` (the configured service only).
+    ``TENCENT_SECRET_KEY`` when ``use_environ`` (Tencent's own endpoint only).
 
     :raises ValueError: with the text to report, when one is missing or malformed.
     """
@@ -141,7 +141,7 @@ def resolve_credentials(own: tuple[Optional[str], Optional[str], Optional[str]],
         if use_environ:
             raise ValueError(f"{provider}: no credentials (set appId, secretId and secretKey, or TENCENT_APPID, "
                              "TENCENT_SECRET_ID and TENCENT_SECRET_KEY)")
-        raise ValueError(f"{provider}: endpoint is not the configured service; a request with its own endpoint "
+        raise ValueError(f"{provider}: endpoint is not Tencent's; a request with its own endpoint "
                          "must give its own appId, secretId and secretKey")
     if not _APP_ID.fullmatch(app_id):
         raise ValueError(f"{provider}: appId must be the numeric Tencent Cloud AppId")

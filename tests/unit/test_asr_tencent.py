@@ -20,6 +20,7 @@ from activecall.speech.asr.tencent import TencentRecognizer
 from activecall.speech.interfaces import (
     IRecognitionStream,
     IRecognizer,
+    ProviderUnavailableError,
     RecognitionError,
     RecognitionRequest,
     Transcript,
@@ -33,6 +34,8 @@ SECRET_ID = "AKIDtestsecretid0001"
 SECRET_KEY = "test-secret-key-0001"
 ENV = {"TENCENT_APPID": APP_ID, "TENCENT_SECRET_ID": SECRET_ID, "TENCENT_SECRET_KEY": SECRET_KEY}
 FRAME = b"\x10\x00\xf0\xff" * 160  # 20 ms at 16 kHz
+#: What a request to a local (not Tencent's) endpoint must carry: the environment's stay with Tencent.
+OWN = {"app_id": APP_ID, "secret_id": SECRET_ID}
 
 
 class _Listener:
@@ -125,9 +128,9 @@ class TencentAsrStreamTests(TestCase):
         self.server = server
         return f"ws://127.0.0.1:{port}"
 
-    def _recognizer(self, endpoint: str, environ: Any = ENV, **kwargs: Any) -> TencentRecognizer:
-        recognizer = TencentRecognizer(RecognizerSettings(endpoint=endpoint), reactor=reactor, clock=reactor,
-                                       environ=environ, **kwargs)
+    def _recognizer(self, endpoint: str, key: str = SECRET_KEY, **kwargs: Any) -> TencentRecognizer:
+        recognizer = TencentRecognizer(RecognizerSettings(endpoint=endpoint, api_key=key), reactor=reactor,
+                                       clock=reactor, environ=ENV, **kwargs)
         verifyObject(IRecognizer, recognizer)
         return recognizer
 
@@ -135,7 +138,7 @@ class TencentAsrStreamTests(TestCase):
         """A correctly signed URL, binary audio in 40 ms messages, {"type":"end"}; partial then final, in order."""
         endpoint = self._serve(TencentAsrService)
         listener = _Listener()
-        stream = self._recognizer(endpoint).open(RecognitionRequest(language="zh-CN"), listener)
+        stream = self._recognizer(endpoint).open(RecognitionRequest(language="zh-CN", **OWN), listener)
         verifyObject(IRecognitionStream, stream)
         for _ in range(50):
             stream.write(FRAME)
@@ -161,7 +164,7 @@ class TencentAsrStreamTests(TestCase):
         """The server's code 4002 (signature check failed) fails the stream, not retryable."""
         endpoint = self._serve(TencentAsrService)
         listener = _Listener()
-        self._recognizer(endpoint, environ={**ENV, "TENCENT_SECRET_KEY": "wrong"}).open(RecognitionRequest(), listener)
+        self._recognizer(endpoint, key="wrong").open(RecognitionRequest(**OWN), listener)
         error = await listener.failed_d
         self.assertIn("4002", str(error))
         self.assertFalse(error.retryable)
@@ -173,7 +176,7 @@ class TencentAsrStreamTests(TestCase):
             error_code = 4006
 
         listener = _Listener()
-        self._recognizer(self._serve(Busy)).open(RecognitionRequest(), listener)
+        self._recognizer(self._serve(Busy)).open(RecognitionRequest(**OWN), listener)
         error = await listener.failed_d
         self.assertTrue(error.retryable)
         self.assertIn("4006", str(error))
@@ -187,7 +190,7 @@ class TencentAsrStreamTests(TestCase):
                 self.deny = (403, "Forbidden")
 
         listener = _Listener()
-        self._recognizer(self._serve(Deny)).open(RecognitionRequest(), listener)
+        self._recognizer(self._serve(Deny)).open(RecognitionRequest(**OWN), listener)
         error = await listener.failed_d
         self.assertIn("403", str(error))
         self.assertFalse(error.retryable)
@@ -199,7 +202,7 @@ class TencentAsrStreamTests(TestCase):
                 self.send_text("<html>oops</html>")
 
         listener = _Listener()
-        self._recognizer(self._serve(Garbage)).open(RecognitionRequest(), listener)
+        self._recognizer(self._serve(Garbage)).open(RecognitionRequest(**OWN), listener)
         error = await listener.failed_d
         self.assertIn("malformed", str(error))
 
@@ -207,7 +210,7 @@ class TencentAsrStreamTests(TestCase):
         """A TCP drop mid-stream: one retryable failure, close() still fires, nothing after it."""
         endpoint = self._serve(TencentAsrService)
         listener = _Listener()
-        stream = self._recognizer(endpoint).open(RecognitionRequest(), listener)
+        stream = self._recognizer(endpoint).open(RecognitionRequest(**OWN), listener)
         for _ in range(6):
             stream.write(FRAME)
         await _until(lambda: bool(self.server.handlers) and len(self.server.handlers[0].binaries) >= 3)
@@ -262,15 +265,18 @@ class TencentAsrUrlTests(SynchronousTestCase):
         self.assertEqual(signature, asr_signature("other-key", "asr.cloud.tencent.com", "/asr/v2/42", params))
 
     def test_missing_credentials(self) -> None:
-        """No credentials anywhere: open() refuses with a RecognitionError naming the variables."""
-        with self.assertRaises(RecognitionError) as e:
+        """No secret key: the provider is unavailable; no app id: open() refuses naming the variable."""
+        with self.assertRaises(ProviderUnavailableError) as e:
             self._url(RecognitionRequest(), environ={})
         self.assertIn("TENCENT_SECRET_KEY", str(e.exception))
+        with self.assertRaises(RecognitionError) as e:
+            self._url(RecognitionRequest(), environ={"TENCENT_SECRET_KEY": "k"})
+        self.assertIn("TENCENT_APPID", str(e.exception))
         with self.assertRaises(RecognitionError):
             self._url(RecognitionRequest(app_id="not-a-number"))
 
-    def test_environment_credentials_stay_with_the_configured_service(self) -> None:
-        """A client endpoint elsewhere gets no environment credentials and must pass allowed_hosts."""
+    def test_environment_credentials_stay_with_tencent(self) -> None:
+        """An endpoint elsewhere (request's or option's) gets no environment credentials, must pass allowed_hosts."""
         with self.assertRaises(RecognitionError) as e:
             self._url(RecognitionRequest(endpoint="ws://127.0.0.1:9/"))
         self.assertIn("own appId", str(e.exception))
@@ -278,6 +284,10 @@ class TencentAsrUrlTests(SynchronousTestCase):
         self.assertEqual(self._url(own)[0], "ws://127.0.0.1:9/asr/v2/1")
         with self.assertRaises(RecognitionError):
             self._url(own, fetch=FetchConfig(allowed_hosts=("asr.cloud.tencent.com",)))
-        # the operator's endpoint is the configured service: environment credentials go there
-        configured = RecognizerSettings(endpoint="ws://127.0.0.1:9")
-        self.assertEqual(self._url(RecognitionRequest(), settings=configured)[0], f"ws://127.0.0.1:9/asr/v2/{APP_ID}")
+        elsewhere = RecognizerSettings(endpoint="ws://127.0.0.1:9", api_key="k")
+        with self.assertRaises(RecognitionError):
+            self._url(RecognitionRequest(), settings=elsewhere)
+        self.assertEqual(self._url(RecognitionRequest(app_id="1", secret_id="AKIDx"), settings=elsewhere)[0],
+                         "ws://127.0.0.1:9/asr/v2/1")
+        with self.assertRaises(ProviderUnavailableError):  # the option's endpoint without its own key
+            self._url(RecognitionRequest(), settings=RecognizerSettings(endpoint="ws://127.0.0.1:9"))

@@ -23,10 +23,17 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface.verify import verifyObject
 
 from activecall.config import FetchConfig
-from activecall.speech.interfaces import ISpeechSynthesizer, SynthesisError, SynthesisRequest, WordTiming
+from activecall.speech.interfaces import (
+    ISpeechSynthesizer,
+    ProviderUnavailableError,
+    SynthesisError,
+    SynthesisRequest,
+    WordTiming,
+)
 from activecall.speech.registry import SynthesisSettings
 from activecall.speech.tencent_auth import get_signature, tc3_authorization
 from activecall.speech.tts.tencent import TencentBasicSynthesizer, TencentSynthesizer, parse_subtitles, tencent_speed
+from activecall.testing import SynthesizerConformanceMixin
 from wsfake import FakeWsHandler, FakeWsServer
 
 APP_ID = "1300000001"
@@ -127,6 +134,11 @@ class TencentTtsService(FakeWsHandler):
                 call.cancel()
 
 
+def _own(text: str, **kwargs: Any) -> SynthesisRequest:
+    """A request carrying its own appId/secretId, as one to a local (not Tencent's) endpoint must."""
+    return SynthesisRequest(text, extra={"appId": APP_ID, "secretId": SECRET_ID}, **kwargs)
+
+
 class TencentWsTtsTests(TestCase):
     timeout = 10
 
@@ -144,9 +156,9 @@ class TencentWsTtsTests(TestCase):
         self.server = server
         return f"ws://127.0.0.1:{port}"
 
-    def _synth(self, endpoint: str, environ: Any = ENV, **kwargs: Any) -> TencentSynthesizer:
-        synth = TencentSynthesizer(SynthesisSettings(endpoint=endpoint), reactor=reactor, clock=reactor,
-                                   environ=environ, **kwargs)
+    def _synth(self, endpoint: str, key: str = SECRET_KEY, **kwargs: Any) -> TencentSynthesizer:
+        synth = TencentSynthesizer(SynthesisSettings(endpoint=endpoint, api_key=key), reactor=reactor, clock=reactor,
+                                   environ=ENV, **kwargs)
         verifyObject(ISpeechSynthesizer, synth)
         return synth
 
@@ -154,7 +166,7 @@ class TencentWsTtsTests(TestCase):
         """Signed URL with the documented parameters; PCM in whole samples at the asked rate; words once each."""
         endpoint = self._serve()
         sink = _Sink()
-        request = SynthesisRequest("你好，世界。", sample_rate_hz=16000, speaker="101002", speed=1.2, subtitle=True)
+        request = _own("你好，世界。", sample_rate_hz=16000, speaker="101002", speed=1.2, subtitle=True)
         await self._synth(endpoint).synthesize(request, sink.on_audio, sink.on_words)
         service = self.server.handlers[0]
         self.assertTrue(service.signature_ok)
@@ -177,7 +189,7 @@ class TencentWsTtsTests(TestCase):
         """Without request.subtitle: no EnableSubtitle parameter and no on_words calls."""
         endpoint = self._serve()
         sink = _Sink()
-        await self._synth(endpoint).synthesize(SynthesisRequest("hi", sample_rate_hz=8000), sink.on_audio,
+        await self._synth(endpoint).synthesize(_own("hi", sample_rate_hz=8000), sink.on_audio,
                                                sink.on_words)
         self.assertNotIn("EnableSubtitle", self.server.handlers[0].params)
         self.assertEqual(self.server.handlers[0].params["SampleRate"], "8000")
@@ -188,8 +200,8 @@ class TencentWsTtsTests(TestCase):
     async def test_wrong_key_is_the_servers_error(self) -> None:
         """A signature the server rejects comes back as its code != 0 frame: SynthesisError with the code."""
         endpoint = self._serve()
-        d = self._synth(endpoint, environ={**ENV, "TENCENT_SECRET_KEY": "nope"}).synthesize(
-            SynthesisRequest("hi"), _Sink().on_audio)
+        d = self._synth(endpoint, key="nope").synthesize(
+            _own("hi"), _Sink().on_audio)
         error = await self.assertFailure(d, SynthesisError)
         self.assertIn("10003", str(error))
         self.assertFalse(error.retryable)
@@ -198,7 +210,7 @@ class TencentWsTtsTests(TestCase):
         """A code != 0 frame after some audio fails the request; no audio after it."""
         endpoint = self._serve("error")
         sink = _Sink()
-        error = await self.assertFailure(self._synth(endpoint).synthesize(SynthesisRequest("hi"), sink.on_audio),
+        error = await self.assertFailure(self._synth(endpoint).synthesize(_own("hi"), sink.on_audio),
                                          SynthesisError)
         self.assertIn("10005", str(error))
         self.assertEqual(sink.pcm, PCM[:PIECES[0] - 1])
@@ -206,7 +218,7 @@ class TencentWsTtsTests(TestCase):
     async def test_refused_upgrade(self) -> None:
         """401 at the upgrade: not retryable, the status in the text."""
         endpoint = self._serve(deny=(401, "Unauthorized"))
-        error = await self.assertFailure(self._synth(endpoint).synthesize(SynthesisRequest("hi"), _Sink().on_audio),
+        error = await self.assertFailure(self._synth(endpoint).synthesize(_own("hi"), _Sink().on_audio),
                                          SynthesisError)
         self.assertIn("401", str(error))
         self.assertFalse(error.retryable)
@@ -214,7 +226,7 @@ class TencentWsTtsTests(TestCase):
     async def test_drop_mid_stream(self) -> None:
         """A TCP cut before final: a retryable error, not a short success."""
         endpoint = self._serve("drop")
-        error = await self.assertFailure(self._synth(endpoint).synthesize(SynthesisRequest("hi"), _Sink().on_audio),
+        error = await self.assertFailure(self._synth(endpoint).synthesize(_own("hi"), _Sink().on_audio),
                                          SynthesisError)
         self.assertTrue(error.retryable)
         self.assertIn("closed before the end", str(error))
@@ -223,7 +235,7 @@ class TencentWsTtsTests(TestCase):
         """No frame within idle_timeout_s: a retryable error, the connection dropped."""
         endpoint = self._serve("stall")
         synth = self._synth(endpoint, idle_timeout_s=0.2)
-        error = await self.assertFailure(synth.synthesize(SynthesisRequest("hi"), _Sink().on_audio), SynthesisError)
+        error = await self.assertFailure(synth.synthesize(_own("hi"), _Sink().on_audio), SynthesisError)
         self.assertTrue(error.retryable)
         self.assertIn("no data", str(error))
         await self.server.handlers[0].closed
@@ -232,7 +244,7 @@ class TencentWsTtsTests(TestCase):
         """Cancelling after the first audio: CancelledError, no on_audio after, the connection dropped."""
         endpoint = self._serve()
         sink = _Sink()
-        d = self._synth(endpoint).synthesize(SynthesisRequest("hi"), sink.on_audio)
+        d = self._synth(endpoint).synthesize(_own("hi"), sink.on_audio)
         await sink.first
         d.cancel()
         await self.assertFailure(d, CancelledError)
@@ -247,7 +259,7 @@ class TencentWsTtsTests(TestCase):
         def broken(pcm: bytes, rate: int) -> None:
             raise ValueError("sink full")
 
-        error = await self.assertFailure(self._synth(endpoint).synthesize(SynthesisRequest("hi"), broken),
+        error = await self.assertFailure(self._synth(endpoint).synthesize(_own("hi"), broken),
                                          SynthesisError)
         self.assertIn("sink full", str(error))
         self.assertFalse(error.retryable)
@@ -260,11 +272,14 @@ class TencentWsTtsTests(TestCase):
         port = server.listen()
         await server.stop()
         error = await self.assertFailure(
-            self._synth(f"ws://127.0.0.1:{port}").synthesize(SynthesisRequest("hi"), _Sink().on_audio), SynthesisError)
+            self._synth(f"ws://127.0.0.1:{port}").synthesize(_own("hi"), _Sink().on_audio), SynthesisError)
         self.assertTrue(error.retryable)
 
 
-class TencentWsTtsUrlTests(SynchronousTestCase):
+class TencentWsTtsUrlTests(SynthesizerConformanceMixin, SynchronousTestCase):
+    def make_synthesizer(self) -> TencentSynthesizer:
+        return TencentSynthesizer(SynthesisSettings(), reactor=None, clock=Clock(), environ=ENV)
+
     def _url(self, request: SynthesisRequest, settings: SynthesisSettings = SynthesisSettings(),
              environ: Any = ENV, fetch: FetchConfig = FetchConfig()) -> tuple[str, dict[str, str]]:
         clock = Clock()
@@ -287,12 +302,14 @@ class TencentWsTtsUrlTests(SynchronousTestCase):
         """A non-numeric VoiceType and missing credentials are refused before any connection."""
         with self.assertRaises(SynthesisError):
             self._url(SynthesisRequest("x", speaker="longxiaochun"))
-        with self.assertRaises(SynthesisError) as e:
+        with self.assertRaises(ProviderUnavailableError):
             self._url(SynthesisRequest("x"), environ={})
+        with self.assertRaises(SynthesisError) as e:
+            self._url(SynthesisRequest("x"), environ={"TENCENT_SECRET_KEY": "k"})
         self.assertIn("TENCENT_SECRET_ID", str(e.exception))
 
-    def test_environment_credentials_stay_with_the_configured_service(self) -> None:
-        """A request endpoint elsewhere needs its own appId/secretId/secretKey and must pass allowed_hosts."""
+    def test_environment_credentials_stay_with_tencent(self) -> None:
+        """An endpoint elsewhere needs its own appId/secretId/secretKey and must pass allowed_hosts."""
         with self.assertRaises(SynthesisError):
             self._url(SynthesisRequest("x", endpoint="ws://127.0.0.1:9"))
         own = SynthesisRequest("x", endpoint="ws://127.0.0.1:9", api_key="k",
@@ -304,6 +321,10 @@ class TencentWsTtsUrlTests(SynchronousTestCase):
         self.assertEqual(signature, get_signature("k", "127.0.0.1:9", "/stream_ws", params))
         with self.assertRaises(SynthesisError):
             self._url(own, fetch=FetchConfig(allowed_hosts=("tts.cloud.tencent.com",)))
+        with self.assertRaises(SynthesisError):  # the option's endpoint is a client's choice too
+            self._url(SynthesisRequest("x"), settings=SynthesisSettings(endpoint="ws://127.0.0.1:9", api_key="k"))
+        with self.assertRaises(ProviderUnavailableError):
+            self._url(SynthesisRequest("x"), settings=SynthesisSettings(endpoint="ws://127.0.0.1:9"))
 
     def test_speed_scale(self) -> None:
         """Rates map onto Tencent's documented Speed levels, clamped at both ends."""
@@ -368,7 +389,10 @@ class TextToVoiceResource(Resource):
                                         "Subtitles": [W0, W1], "RequestId": "r"}}).encode()
 
 
-class TencentBasicTtsTests(SynchronousTestCase):
+class TencentBasicTtsTests(SynthesizerConformanceMixin, SynchronousTestCase):
+    def make_synthesizer(self) -> TencentBasicSynthesizer:
+        return self._synth()
+
     def setUp(self) -> None:
         self.resource = TextToVoiceResource()
         self.stub = StubTreq(self.resource)
@@ -481,8 +505,8 @@ class TencentBasicTcpTests(TestCase):
         pool = HTTPConnectionPool(reactor, persistent=False)
         client = HTTPClient(Agent(reactor, pool=pool))
         endpoint = f"http://127.0.0.1:{port.getHost().port}/"
-        synth = TencentBasicSynthesizer(SynthesisSettings(endpoint=endpoint), http_client=client, clock=reactor,
-                                        environ=ENV)
-        error = await self.assertFailure(synth.synthesize(SynthesisRequest("x"), _Sink().on_audio), SynthesisError)
+        synth = TencentBasicSynthesizer(SynthesisSettings(endpoint=endpoint, api_key=SECRET_KEY), http_client=client,
+                                        clock=reactor, environ=ENV)
+        error = await self.assertFailure(synth.synthesize(_own("x"), _Sink().on_audio), SynthesisError)
         self.assertTrue(error.retryable)
         await pool.closeCachedConnections()

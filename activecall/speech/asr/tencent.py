@@ -15,8 +15,8 @@ Wire protocol (Tencent's "实时语音识别 (WebSocket)", API 2.0 style):
 Credentials: ``request.app_id``/``secret_id``/``api_key`` (the option's ``appId``/``secretId``/
 ``secretKey``), else ``request.extra`` ``appId``/``secretId``, else ``settings.api_key`` for the key,
 else ``TENCENT_APPID``/``TENCENT_SECRET_ID``/``TENCENT_SECRET_KEY``.  The environment's credentials
-go only to the configured service (``settings.endpoint``, else ``asr.cloud.tencent.com``); a request
-whose own ``endpoint`` points elsewhere must carry all three itself and pass ``[fetch] allowed_hosts``.
+go only to Tencent (``wss://asr.cloud.tencent.com``): an ``endpoint`` elsewhere (the option's, which a
+client chooses) must come with all three of its own and pass ``[fetch] allowed_hosts``.
 
 An ``endpoint`` is ``ws[s]://host[:port]`` (a path there replaces ``/asr/v2``; ``/<appid>`` follows);
 the signature covers the endpoint's host, as it does Tencent's.
@@ -48,6 +48,7 @@ from activecall.speech.interfaces import (
     IRecognitionListener,
     IRecognitionStream,
     IRecognizer,
+    ProviderUnavailableError,
     RecognitionError,
     RecognitionRequest,
     Transcript,
@@ -154,7 +155,11 @@ class TencentRecognizer:
                  environ: Mapping[str, str], fetch: FetchConfig = FetchConfig(), connect_timeout_s: float = 5.0,
                  close_timeout_s: float = 3.0, nonce: Callable[[], int] = lambda: secrets.randbelow(10**9) + 1,
                  voice_id: Callable[[], str] = lambda: uuid.uuid4().hex) -> None:
-        """``nonce`` and ``voice_id`` are the per-connection random values (injected for tests)."""
+        """``nonce`` and ``voice_id`` are the per-connection random values (injected for tests).
+
+        Raise ProviderUnavailableError when no secret key could ever be sent: none in the settings
+        nor (for Tencent's own endpoint) in the environment.
+        """
         self._settings = settings
         self._reactor = reactor
         self._clock = clock
@@ -164,13 +169,16 @@ class TencentRecognizer:
         self._close_timeout_s = close_timeout_s
         self._nonce = nonce
         self._voice_id = voice_id
-        self._configured = (settings.endpoint or DEFAULT_ENDPOINT).rstrip("/")
+        self._default = (settings.endpoint or DEFAULT_ENDPOINT).rstrip("/")
+        if not settings.api_key and (self._default != DEFAULT_ENDPOINT or not environ.get("TENCENT_SECRET_KEY")):
+            raise ProviderUnavailableError(
+                "tencent ASR: no secret key (set asr.secretKey, or TENCENT_SECRET_KEY for Tencent's endpoint)")
 
     def url_for(self, request: RecognitionRequest) -> str:
         """The signed URL of a new stream for ``request``; RecognitionError when it cannot work."""
-        base = (request.endpoint or self._configured).rstrip("/")
-        configured = base == self._configured
-        if not configured:
+        base = (request.endpoint or self._default).rstrip("/")
+        official = base == DEFAULT_ENDPOINT
+        if not official:
             try:
                 check_ws_url(base, self._fetch.allowed_hosts)
             except FetchRefusedError as e:
@@ -180,7 +188,7 @@ class TencentRecognizer:
         own = (request.app_id or request.extra.get("appId"), request.secret_id or request.extra.get("secretId"),
                request.api_key or self._settings.api_key)
         try:
-            creds = resolve_credentials(own, self._environ, use_environ=configured, provider="tencent ASR")
+            creds = resolve_credentials(own, self._environ, use_environ=official, provider="tencent ASR")
         except ValueError as e:
             raise RecognitionError(str(e)) from None
         parts = urlsplit(base)

@@ -21,8 +21,9 @@ Both:
 
 * credentials: ``request.extra`` ``appId``/``secretId`` and ``request.api_key`` (the option's
   ``secretKey``) or ``settings.api_key``, else ``TENCENT_APPID``/``TENCENT_SECRET_ID``/``TENCENT_SECRET_KEY``;
-  the environment's go only to the configured service (``settings.endpoint``, else Tencent's host): a
-  request with its own ``endpoint`` must bring all three and pass ``[fetch] allowed_hosts``;
+  the environment's go only to Tencent's own endpoint: an ``endpoint`` elsewhere (the option's, which a
+  client chooses) must come with all three of its own and pass ``[fetch] allowed_hosts``; without any
+  secret key for the settings' endpoint the constructor raises ProviderUnavailableError;
 * ``speaker`` is the numeric ``VoiceType``; ``speed`` (a rate, 1.0 normal) maps onto Tencent's
   -2..6 scale; volume stays 0 (normal; the caller applies ``volume``); ``sample_rate_hz`` 8000,
   16000 or 24000 is asked for, other rates get 16000, and ``on_audio`` says which;
@@ -53,7 +54,13 @@ from zope.interface import implementer
 from activecall.config import FetchConfig
 from activecall.fetch import BodyStream, FetchRefusedError, check_url
 from activecall.speech.asr.wsstream import check_ws_url
-from activecall.speech.interfaces import ISpeechSynthesizer, SynthesisError, SynthesisRequest, WordTiming
+from activecall.speech.interfaces import (
+    ISpeechSynthesizer,
+    ProviderUnavailableError,
+    SynthesisError,
+    SynthesisRequest,
+    WordTiming,
+)
 from activecall.speech.registry import SynthesisSettings
 from activecall.speech.tencent_auth import (
     TC3_CONTENT_TYPE,
@@ -153,13 +160,20 @@ class _Common:
         self._environ = environ
         self._fetch = fetch
         self._session_id = session_id
-        self._configured = settings.endpoint or default_endpoint
+        self._official = default_endpoint
+        self._default = settings.endpoint or default_endpoint
+        if not settings.api_key and (not self._is_official(self._default) or not environ.get("TENCENT_SECRET_KEY")):
+            raise ProviderUnavailableError(
+                f"{self.provider}: no secret key (set tts.secretKey, or TENCENT_SECRET_KEY for Tencent's endpoint)")
+
+    def _is_official(self, url: str) -> bool:
+        return url.rstrip("/") == self._official.rstrip("/")
 
     def _target(self, request: SynthesisRequest) -> tuple[str, TencentCredentials]:
         """The URL ``request`` goes to and the credentials it is signed with, or SynthesisError."""
-        url = request.endpoint or self._configured
-        configured = url.rstrip("/") == self._configured.rstrip("/")
-        if not configured:
+        url = request.endpoint or self._default
+        official = self._is_official(url)
+        if not official:
             try:
                 self._url_policy(url, self._fetch.allowed_hosts)
             except FetchRefusedError as e:
@@ -167,7 +181,7 @@ class _Common:
                 raise SynthesisError(f"{self.provider}: endpoint not allowed (fetch.allowed_hosts only)") from None
         own = (request.extra.get("appId"), request.extra.get("secretId"), request.api_key or self._settings.api_key)
         try:
-            return url, resolve_credentials(own, self._environ, use_environ=configured, provider=self.provider)
+            return url, resolve_credentials(own, self._environ, use_environ=official, provider=self.provider)
         except ValueError as e:
             raise SynthesisError(str(e)) from None
 
