@@ -123,6 +123,7 @@ class CallHearing:
         self._reported_indexes: set[int] = set()
         self._speaking = False
         self._speech_started_ms = 0
+        self._speech_started_at = 0.0
         self._last_final_at: Optional[float] = None
         self._turn_text: list[str] = []
         self._eou_timer: Any = None
@@ -258,11 +259,12 @@ class CallHearing:
         call = self._call
         self._speaking = True
         self._speech_started_ms = start_ms
+        self._speech_started_at = self._at(start_ms)
         self._cancel_eou()
         if self._asr is not None:
             self._asr.speech_started(start_ms)
         if self._vad_events:
-            call.report(SpeechStarted(call.now(), call.sid, self._at(start_ms)))
+            call.report(SpeechStarted(call.now(), call.sid, self._speech_started_at))
         self._maybe_barge_in(by_vad=True, text=None)
 
     def speech_ended(self, start_ms: int, duration_ms: int) -> None:
@@ -272,7 +274,9 @@ class CallHearing:
             self._asr.speech_ended(start_ms + duration_ms)
             self._awaiting_final = True
         if self._vad_events:
-            call.report(SpeechEnded(call.now(), call.sid, self._at(start_ms), duration_ms))
+            # The same start as the speaking event reported, to the millisecond.
+            started_at = self._speech_started_at if start_ms == self._speech_started_ms else self._at(start_ms)
+            call.report(SpeechEnded(call.now(), call.sid, started_at, duration_ms))
         self._arm_eou()
 
     def silence_timeout(self, start_ms: int, duration_ms: int) -> None:

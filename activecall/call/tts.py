@@ -40,6 +40,8 @@ def synthesis_request(text: str, option: SynthesisOption, speaker: Optional[str]
         extra=dict(option.extra or {}),
         session_id=option.session_id or session_id,
         subtitle=bool(option.subtitle),
+        app_id=option.app_id,
+        secret_id=option.secret_id,
     )
 
 

@@ -94,6 +94,8 @@ class SynthesisRequest:
     extra: Mapping[str, str] = field(default_factory=_empty_extra)
     session_id: str | None = None
     subtitle: bool = False
+    app_id: str | None = None
+    secret_id: str | None = None
 
 
 @dataclass(frozen=True)

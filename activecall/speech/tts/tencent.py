@@ -179,7 +179,8 @@ class _Common:
             except FetchRefusedError as e:
                 self._log.info("{provider} endpoint refused: {reason}", provider=self.provider, reason=str(e))
                 raise SynthesisError(f"{self.provider}: endpoint not allowed (fetch.allowed_hosts only)") from None
-        own = (request.extra.get("appId"), request.extra.get("secretId"), request.api_key or self._settings.api_key)
+        own = (request.app_id or request.extra.get("appId"), request.secret_id or request.extra.get("secretId"),
+               request.api_key or self._settings.api_key)
         try:
             return url, resolve_credentials(own, self._environ, use_environ=official, provider=self.provider)
         except ValueError as e:
