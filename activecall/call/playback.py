@@ -10,6 +10,8 @@ from __future__ import annotations
 from bisect import bisect_right
 from typing import Any, Optional
 
+from activecall.speech.text import TextSplitter
+
 
 class Sentence:
     """One TTS sentence: its text and the audio synthesized for it so far."""
@@ -99,7 +101,8 @@ class TtsPlay(SstSource):
         self.index = 0  # sentence being played
         self.end_of_stream = False
         self.stop_after_current = False  # graceful interrupt
-        self.pending_text = ""  # streaming: text not yet forming a sentence
+        # streaming: text chunks become pieces to synthesize (sentences; the first may be a clause)
+        self.splitter: Optional[TextSplitter] = TextSplitter() if streaming else None
         self.synth_waiting: list[Any] = []  # syntheses not started yet (maxConcurrentTasks)
         self.synth_running = 0
         self._seq = 0
@@ -159,7 +162,7 @@ class TtsPlay(SstSource):
     def finished(self) -> bool:
         if self.stop_after_current:
             return self.index >= len(self.sentences)
-        return self.end_of_stream and not self.pending_text and self.index >= len(self.sentences)
+        return self.end_of_stream and self.index >= len(self.sentences)
 
     def interruption_info(self) -> tuple[Optional[str], int, int, Optional[int]]:
         """Return (subtitle, totalDuration ms synthesized, current ms played, word position) of the
@@ -175,7 +178,7 @@ class TtsPlay(SstSource):
         """Graceful interrupt: finish the sentence being spoken, drop the rest."""
         self.stop_after_current = True
         self.end_of_stream = True
-        self.pending_text = ""
+        self.splitter = None
         current = self.current
         keep = self.index + (1 if current is not None and current.started else 0)
         for rest in self.sentences[keep:]:
@@ -187,7 +190,7 @@ class TtsPlay(SstSource):
         for s in self.sentences[self.index:]:
             s.cancel()
         self.sentences = self.sentences[: self.index]
-        self.pending_text = ""
+        self.splitter = None
         self.end_of_stream = True
 
 
@@ -248,30 +251,6 @@ class FilePlay(SstSource):
         self.loop = False
         if self.pcm is not None:
             self.pos = len(self.pcm)
-
-
-_SENTENCE_END = frozenset(".!?;:。！？；\n")
-
-
-def split_sentences(text: str) -> tuple[list[str], str]:
-    """Split streamed text into complete sentences and the unfinished rest.
-
-    A sentence ends at ``.!?;:`` followed by white space, or at CJK end
-    punctuation or a newline, so "3.5" and "e.g." mid-token do not split.
-    """
-    out: list[str] = []
-    start = 0
-    n = len(text)
-    for i, ch in enumerate(text):
-        if ch not in _SENTENCE_END:
-            continue
-        if ch in ".!?;:" and (i + 1 >= n or not text[i + 1].isspace()):
-            continue
-        piece = text[start:i + 1].strip()
-        if piece:
-            out.append(piece)
-        start = i + 1
-    return out, text[start:]
 
 
 _EMOJI_RANGES = (

@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 
 from activecall.call.events import InputTimedOut, PlayInterrupted, TrackEnded, TrackStarted
 from activecall.call.fileplay import load_audio
-from activecall.call.playback import FilePlay, SstSource, TtsPlay, split_sentences, strip_emoji
+from activecall.call.playback import FilePlay, SstSource, TtsPlay, strip_emoji
 from activecall.call.tts import Speech, TtsJob
 from activecall.options import SynthesisOption
 from activecall.speech.interfaces import UnknownProviderError
@@ -241,12 +241,11 @@ class ServerSideTrack:
         if base64_pcm is not None and not play.streaming:
             self._speech.queue_pcm(play, base64_pcm, option)
         elif play.streaming:
-            play.pending_text += strip_emoji(text)
-            sentences, play.pending_text = split_sentences(play.pending_text)
-            if end_of_stream and play.pending_text.strip():
-                sentences.append(play.pending_text.strip())
-                play.pending_text = ""
-            for sentence in sentences:
+            splitter = play.splitter
+            pieces = splitter.feed(strip_emoji(text)) if splitter is not None else []
+            if end_of_stream and splitter is not None:
+                pieces += splitter.flush()
+            for sentence in pieces:
                 self._speech.queue_sentence(play, sentence, job, cacheable=False)
         else:
             stripped = strip_emoji(text).strip()
@@ -254,4 +253,3 @@ class ServerSideTrack:
                 self._speech.queue_sentence(play, stripped, job, cacheable=True)
         if end_of_stream:
             play.end_of_stream = True
-            play.pending_text = play.pending_text.strip()

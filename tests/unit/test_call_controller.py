@@ -248,6 +248,19 @@ class ControllerTests(_ControllerCase):
         self.advance(2)
         self.assertEqual(self.session.of(ev.TrackEndEvent)[-1].play_id, "s")
 
+    def test_streaming_first_clause_starts_early_and_keeps_numbers_whole(self) -> None:
+        """LLM-sized tokens: the first piece may end at a clause; prices and abbreviations never split."""
+        self.invite()
+        text = "Okay, I found your booking for Friday, and it costs $4.99 per night. Dr. Smith will see you."
+        for i in range(0, len(text), 3):
+            self.run_cmd({"command": "tts", "text": text[i:i + 3], "playId": "s", "streaming": True})
+        self.run_cmd({"command": "tts", "text": "", "playId": "s", "streaming": True, "endOfStream": True})
+        self.assertEqual([r.text for r in self.synth.requests][:1], ["Okay, I found your booking for Friday,"])
+        self.advance(3)
+        self.assertEqual([r.text for r in self.synth.requests],
+                         ["Okay, I found your booking for Friday,", "and it costs $4.99 per night.",
+                          "Dr. Smith will see you."])
+
     def test_pause_resume_and_mute(self) -> None:
         """pause stops frames; resume continues; mute of SST sends zeros; unknown tracks are errors."""
         self.invite()

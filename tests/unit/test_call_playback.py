@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from activecall.call.playback import FilePlay, TtsPlay, split_sentences, strip_emoji
+from activecall.call.playback import FilePlay, TtsPlay, strip_emoji
 
 FRAME = 640  # 20 ms at 16 kHz
 
@@ -117,12 +117,6 @@ class FilePlayTests(SynchronousTestCase):
 
 class TextTests(SynchronousTestCase):
     """Streaming text is cut into sentences; emoji are removed."""
-
-    def test_split_sentences(self) -> None:
-        """Sentences end at punctuation followed by space or at CJK punctuation; decimals stay whole."""
-        self.assertEqual(split_sentences("It costs 3.5 dollars. Shall I"), (["It costs 3.5 dollars."], " Shall I"))
-        self.assertEqual(split_sentences("你好。再见"), (["你好。"], "再见"))
-        self.assertEqual(split_sentences("Hi! How are you? "), (["Hi!", "How are you?"], " "))
 
     def test_strip_emoji(self) -> None:
         """Emoji vanish, other non-ASCII text stays."""
