@@ -97,8 +97,12 @@ class CallHearing:
 
     _log = Logger()
 
-    def __init__(self, call: "CallController", option: CallOption, leg_rate_hz: int, sender: str) -> None:
+    def __init__(self, call: "CallController", option: CallOption, leg_rate_hz: int, sender: str,
+                 track: Optional[str] = None, refer: Optional[bool] = None) -> None:
         self._call = call
+        self._track = track or call.sid
+        self._refer = refer
+        self.asr_paused = False
         self._services = call.services
         self._option = option
         self._sender = sender
@@ -129,7 +133,7 @@ class CallHearing:
         self._eou_timer: Any = None
         self._eou_ms: Optional[int] = None
         self._awaiting_final = False
-        option_interruption = option.interruption
+        option_interruption = option.interruption if not refer else None  # the agent speaks to the caller only
         self.barge_in: Optional[BargeIn] = (
             BargeIn(option_interruption, self._services.fillers or DEFAULT_FILLERS)
             if option_interruption is not None else None)
@@ -138,13 +142,14 @@ class CallHearing:
     # -- building ----------------------------------------------------------------
 
     @classmethod
-    def start(cls, call: "CallController", option: CallOption, leg_rate_hz: int, sender: str) -> Optional["CallHearing"]:
+    def start(cls, call: "CallController", option: CallOption, leg_rate_hz: int, sender: str,
+              track: Optional[str] = None, refer: Optional[bool] = None) -> Optional["CallHearing"]:
         """The hearing ``option`` asks for, reporting each piece that cannot run (the rest goes on); None
-        when nothing is asked."""
+        when nothing is asked.  ``track``/``refer``: a transfer leg's hearing reports on SST with ``refer``."""
         wants_vad = option.vad is not None and (option.vad.type or "silero").lower() != "nop"
         if not (wants_vad or option.asr is not None or option.denoise or option.eou is not None):
             return None
-        hearing = cls(call, option, leg_rate_hz, sender)
+        hearing = cls(call, option, leg_rate_hz, sender, track, refer)
         if option.denoise:
             hearing._open_denoiser()
         if option.asr is not None:
@@ -245,7 +250,7 @@ class CallHearing:
         self._written_ms += len(frame) * 500 // self._leg_rate
         if self._vad is not None:
             self._vad.write(self._to_vad.process(frame) if self._to_vad is not None else frame)
-        if self._asr is not None:
+        if self._asr is not None and not self.asr_paused:
             pcm = self._to_asr.process(frame) if self._to_asr is not None else frame
             self._asr.write(pcm)
 
@@ -261,10 +266,10 @@ class CallHearing:
         self._speech_started_ms = start_ms
         self._speech_started_at = self._at(start_ms)
         self._cancel_eou()
-        if self._asr is not None:
+        if self._asr is not None and not self.asr_paused:
             self._asr.speech_started(start_ms)
         if self._vad_events:
-            call.report(SpeechStarted(call.now(), call.sid, self._speech_started_at))
+            call.report(SpeechStarted(call.now(), self._track, self._speech_started_at, self._refer))
         self._maybe_barge_in(by_vad=True, text=None)
 
     def speech_ended(self, start_ms: int, duration_ms: int) -> None:
@@ -276,13 +281,13 @@ class CallHearing:
         if self._vad_events:
             # The same start as the speaking event reported, to the millisecond.
             started_at = self._speech_started_at if start_ms == self._speech_started_ms else self._at(start_ms)
-            call.report(SpeechEnded(call.now(), call.sid, started_at, duration_ms))
+            call.report(SpeechEnded(call.now(), self._track, started_at, duration_ms, self._refer))
         self._arm_eou()
 
     def silence_timeout(self, start_ms: int, duration_ms: int) -> None:
         call = self._call
         if self._vad_events:
-            call.report(SilenceLasted(call.now(), call.sid, self._at(start_ms), duration_ms))
+            call.report(SilenceLasted(call.now(), self._track, self._at(start_ms), duration_ms, self._refer))
 
     # -- ASR results --------------------------------------------------------------------------
 
@@ -300,8 +305,8 @@ class CallHearing:
                 self._reported_indexes = {i for i in self._reported_indexes if i > result.index - 32}
             if started is not None:
                 self._metric(f"ttfb.asr.{self._provider}", now - started, result.index)
-        call.report(TranscriptHeard(now, call.sid, result.final, result.index, result.text, started, ended,
-                                    result.confidence, is_filler))
+        call.report(TranscriptHeard(now, self._track, result.final, result.index, result.text, started, ended,
+                                    result.confidence, is_filler, self._refer))
         if result.final:
             self._last_final_at = now
             self._awaiting_final = False
@@ -392,7 +397,7 @@ class CallHearing:
         call = self._call
         text = " ".join(t for t in self._turn_text if t) or None
         self._turn_text = []
-        call.report(TurnEnded(call.now(), call.sid, True, text))
+        call.report(TurnEnded(call.now(), self._track, True, text, self._refer))
 
     def _cancel_eou(self) -> None:
         timer, self._eou_timer = self._eou_timer, None

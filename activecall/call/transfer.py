@@ -23,7 +23,8 @@ from activecall.call.events import (
     TrackStarted,
 )
 from activecall.call.playback import BridgeSource, FilePlay
-from activecall.media.tracks import FrameQueue, ILeg, ILegEvents, LegRejectedError, LegSetupError
+from activecall.call.hearing import CallHearing
+from activecall.media.tracks import AudioSink, FanOut, FrameQueue, ILeg, ILegEvents, LegRejectedError, LegSetupError
 from activecall.options import CallOption, ReferOption, SipOption
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ class BridgedTransfer:
         self._bridge: Optional[BridgeSource] = None
         self._moh: Optional[FilePlay] = None
         self._ended = False
+        self.hearing: Optional[CallHearing] = None
 
     def transfer_option(self, callee: str, caller: Optional[str]) -> CallOption:
         """The transfer leg's CallOption: the X-Referred-* headers added to the refer's sip headers."""
@@ -115,7 +117,17 @@ class BridgedTransfer:
             c.report(TrackStarted(c.now(), c.sst))
         self.leg = leg
         self.answered_at = c.now()
-        leg.attach(self._to_target, bridge, _TransferLegEvents(self))
+        sink: AudioSink = bridge
+        hearing_option = CallOption(vad=options.vad, asr=options.asr, denoise=options.denoise)
+        self.hearing = CallHearing.start(c, hearing_option, int(leg.media_rate_hz), "refer", track=c.sst, refer=True)
+        if self.hearing is not None:
+            # The target's voice is heard (refer:true events) on its way to the caller.
+            sink = FanOut()
+            sink.add(bridge)
+            sink.add(self.hearing)
+        if options.pause_parent_asr and c.hearing is not None:
+            c.hearing.asr_paused = True
+        leg.attach(self._to_target, sink, _TransferLegEvents(self))
         c.caller_audio.add(self._to_target)
         c.track.set_source(bridge)
         c.report(CallAnswered(c.now(), c.sst, leg.answer_sdp, refer=True))
@@ -131,6 +143,10 @@ class BridgedTransfer:
         if dialing is not None:
             dialing.cancel()
         leg = self.leg
+        if self.hearing is not None:
+            self.hearing.close()
+        if self._options.pause_parent_asr and c.hearing is not None and not self.auto_hangup:
+            c.hearing.asr_paused = False  # the call goes on: hear its caller again
         c.caller_audio.remove(self._to_target)
         bridge, self._bridge = self._bridge, None
         if bridge is not None:

@@ -342,3 +342,34 @@ class EndOfUtteranceTests(_Case):
         self.assertEqual(self.obs.of(ce.TurnEnded), [])
         self.call(eou=EouOption(type="smart_turn"))
         self.assertTrue(any(e.message.startswith("EOU type not available: smart_turn") for e in self.obs.of(ce.ErrorOccurred)))
+
+
+class TransferLegTests(_Case):
+    def test_transfer_leg_is_heard_with_refer_and_pauses_the_parent_asr(self) -> None:
+        """refer.options.vad/asr hear the transfer target (events on SST with refer:true); pauseParentAsr
+        stops the caller's ASR until the transfer leg ends (autoHangup false)."""
+        from activecall.options import ReferOption
+
+        c, leg = self.call(asr=TranscriptionOption(provider="live"))
+        c.transfer("sip:agent@example.com", options=ReferOption(
+            vad=VadOption(), asr=TranscriptionOption(provider="live"), pause_parent_asr=True, auto_hangup=False))
+        target = FakeLeg(ssrc=7)
+        self.dialer.attempts[-1][3].callback(target)
+        parent, child = self.streaming.streams
+        self.assertTrue(c.hearing.asr_paused)
+        self.feed(leg, 100)
+        self.assertEqual(len(parent.audio), 0)
+        target.sink.write_frame(bytes(640))
+        self.assertEqual(len(child.audio), 640)
+        self.vad.streams[-1].listener.speech_started(0)
+        speaking = self.obs.of(ce.SpeechStarted)[-1]
+        self.assertEqual((speaking.track, speaking.refer), ("sst", True))
+        self.assertTrue(wire_event(speaking).to_json()["refer"])
+        child.listener.transcript(Transcript(0, "agent here", True))
+        final = self.obs.of(ce.TranscriptHeard)[-1]
+        self.assertEqual((final.track, final.refer), ("sst", True))
+        target.events.ended("hangup")
+        self.assertTrue(child.closed)
+        self.assertFalse(c.hearing.asr_paused)
+        self.feed(leg, 40)
+        self.assertEqual(len(parent.audio), 2 * 640)
