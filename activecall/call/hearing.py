@@ -133,6 +133,7 @@ class CallHearing:
         self._eou_timer: Any = None
         self._eou_ms: Optional[int] = None
         self._awaiting_final = False
+        self._final_since_speech = False
         option_interruption = option.interruption if not refer else None  # the agent speaks to the caller only
         self.barge_in: Optional[BargeIn] = (
             BargeIn(option_interruption, self._services.fillers or DEFAULT_FILLERS)
@@ -265,6 +266,7 @@ class CallHearing:
         self._speaking = True
         self._speech_started_ms = start_ms
         self._speech_started_at = self._at(start_ms)
+        self._final_since_speech = False
         self._cancel_eou()
         if self._asr is not None and not self.asr_paused:
             self._asr.speech_started(start_ms)
@@ -277,7 +279,8 @@ class CallHearing:
         self._speaking = False
         if self._asr is not None:
             self._asr.speech_ended(start_ms + duration_ms)
-            self._awaiting_final = True
+            # A streaming recognizer may have finalized before our VAD saw the end.
+            self._awaiting_final = not self._final_since_speech
         if self._vad_events:
             # The same start as the speaking event reported, to the millisecond.
             started_at = self._speech_started_at if start_ms == self._speech_started_ms else self._at(start_ms)
@@ -310,6 +313,7 @@ class CallHearing:
         if result.final:
             self._last_final_at = now
             self._awaiting_final = False
+            self._final_since_speech = True
             self._turn_text.append(result.text)
             latency = now - (ended if ended is not None else now)
             self._metric(f"completed.asr.{self._provider}", latency, result.index)

@@ -373,3 +373,15 @@ class TransferLegTests(_Case):
         self.assertFalse(c.hearing.asr_paused)
         self.feed(leg, 40)
         self.assertEqual(len(parent.audio), 2 * 640)
+
+
+class StreamingEouTests(_Case):
+    def test_final_before_vad_end_does_not_delay_eou(self) -> None:
+        """A streaming final that beat the VAD's end of speech: eou comes after the timeout, not 2 s later."""
+        c, leg = self.call(vad=VadOption(), asr=TranscriptionOption(provider="live"), eou=EouOption(timeout=300))
+        vad = self.vad.streams[0]
+        vad.listener.speech_started(0)
+        self.streaming.streams[0].listener.transcript(Transcript(0, "yes please", True))
+        vad.listener.speech_ended(0, 700)
+        self.clock.advance(0.35)
+        self.assertEqual([t.text for t in self.obs.of(ce.TurnEnded)], ["yes please"])
