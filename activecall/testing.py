@@ -161,6 +161,10 @@ class FakeLeg:
         self.message_result: Deferred[Any] = Deferred()
         self.prepare_error: Optional[str] = None
 
+    @property
+    def native_rate_hz(self) -> int:
+        return self.media_rate_hz
+
     def attach(self, source: Any, sink: Any, events: Any) -> None:
         self.source, self.sink, self.events = source, sink, events
 

@@ -345,7 +345,8 @@ class CallController:
     def _start_hearing(self, option: CallOption, sender: str) -> None:
         """denoise -> VAD -> ASR on the caller's audio, after mute (a muted caller is not heard)."""
         assert self.leg is not None
-        hearing = CallHearing.start(self, option, self.media_rate_hz, sender)
+        hearing = CallHearing.start(self, option, self.media_rate_hz, sender,
+                                    native_rate_hz=int(self.leg.native_rate_hz))
         if hearing is not None:
             self.hearing = hearing
             self.caller_audio.add(hearing)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
+import numpy as np
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -98,7 +99,9 @@ class CallHearing:
     _log = Logger()
 
     def __init__(self, call: "CallController", option: CallOption, leg_rate_hz: int, sender: str,
-                 track: Optional[str] = None, refer: Optional[bool] = None) -> None:
+                 track: Optional[str] = None, refer: Optional[bool] = None,
+                 native_rate_hz: Optional[int] = None) -> None:
+        native_rate_hz = native_rate_hz or leg_rate_hz
         self._call = call
         self._track = track or call.sid
         self._refer = refer
@@ -110,8 +113,13 @@ class CallHearing:
         self._closed = False
         self._denoiser: Optional[AudioFilter] = None
         self._vad: Optional[VoiceStream] = None
-        self._vad_rate = 8000 if leg_rate_hz == 8000 else 16000
-        self._to_vad = Resampler(leg_rate_hz, self._vad_rate) if leg_rate_hz != self._vad_rate else None
+        # Narrowband callers are heard at 8 kHz (cheaper Silero windows): an 8 kHz leg as it is, a
+        # G.711 SIP leg's 16 kHz frames (upsampled from 8 kHz, nothing above 4 kHz) by taking every other
+        # sample, which aliases nothing.
+        self._vad_rate = 8000 if native_rate_hz == 8000 else 16000
+        self._vad_decimate = leg_rate_hz == 2 * self._vad_rate and native_rate_hz == self._vad_rate
+        self._to_vad = Resampler(leg_rate_hz, self._vad_rate) \
+            if leg_rate_hz != self._vad_rate and not self._vad_decimate else None
         self._vad_events = False  # report speaking/silence (the client asked for vad)
         self._asr: Optional[IRecognitionStream] = None
         self._asr_option: Optional[TranscriptionOption] = None
@@ -144,13 +152,14 @@ class CallHearing:
 
     @classmethod
     def start(cls, call: "CallController", option: CallOption, leg_rate_hz: int, sender: str,
-              track: Optional[str] = None, refer: Optional[bool] = None) -> Optional["CallHearing"]:
+              track: Optional[str] = None, refer: Optional[bool] = None,
+              native_rate_hz: Optional[int] = None) -> Optional["CallHearing"]:
         """The hearing ``option`` asks for, reporting each piece that cannot run (the rest goes on); None
         when nothing is asked.  ``track``/``refer``: a transfer leg's hearing reports on SST with ``refer``."""
         wants_vad = option.vad is not None and (option.vad.type or "silero").lower() != "nop"
         if not (wants_vad or option.asr is not None or option.denoise or option.eou is not None):
             return None
-        hearing = cls(call, option, leg_rate_hz, sender, track, refer)
+        hearing = cls(call, option, leg_rate_hz, sender, track, refer, native_rate_hz)
         if option.denoise:
             hearing._open_denoiser()
         if option.asr is not None:
@@ -250,7 +259,10 @@ class CallHearing:
         self._last_write_at = self._call.now()
         self._written_ms += len(frame) * 500 // self._leg_rate
         if self._vad is not None:
-            self._vad.write(self._to_vad.process(frame) if self._to_vad is not None else frame)
+            if self._vad_decimate:
+                self._vad.write(np.frombuffer(frame, dtype="<i2")[::2].tobytes())
+            else:
+                self._vad.write(self._to_vad.process(frame) if self._to_vad is not None else frame)
         if self._asr is not None and not self.asr_paused:
             pcm = self._to_asr.process(frame) if self._to_asr is not None else frame
             self._asr.write(pcm)

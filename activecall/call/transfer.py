@@ -119,7 +119,8 @@ class BridgedTransfer:
         self.answered_at = c.now()
         sink: AudioSink = bridge
         hearing_option = CallOption(vad=options.vad, asr=options.asr, denoise=options.denoise)
-        self.hearing = CallHearing.start(c, hearing_option, int(leg.media_rate_hz), "refer", track=c.sst, refer=True)
+        self.hearing = CallHearing.start(c, hearing_option, int(leg.media_rate_hz), "refer", track=c.sst, refer=True,
+                                         native_rate_hz=int(leg.native_rate_hz))
         if self.hearing is not None:
             # The target's voice is heard (refer:true events) on its way to the caller.
             sink = FanOut()

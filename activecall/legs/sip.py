@@ -292,6 +292,14 @@ class _SipLegBase:
     can_transfer = True
     audio_on_control_socket = False
 
+    @property
+    def native_rate_hz(self) -> int:
+        """8000 while the far end speaks G.711 (narrowband), else the media rate."""
+        rtp = self._rtp
+        if rtp is not None and rtp.negotiated.codec in ("pcmu", "pcma"):
+            return 8000
+        return MEDIA_RATE_HZ
+
     def __init__(self, media: SipMedia, call: Any, ids: Any, clock: IReactorTime) -> None:
         self._media = media
         self.call = call

@@ -117,6 +117,7 @@ class WebSocketLeg:
         else:
             self.media_rate_hz = get_codec(self.codec).sample_rate_hz
         self.frame_bytes = frame_bytes_at(self.media_rate_hz)
+        self.native_rate_hz = self.media_rate_hz
         self.ssrc = ssrc
         self._port = port
         self._media_clock = media_clock

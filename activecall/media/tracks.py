@@ -171,6 +171,8 @@ class ILeg(Interface):
     """A two-way media leg to the remote party of a call (RTP/SIP, WebSocket, WebRTC)."""
 
     media_rate_hz = Attribute("Sample rate (Hz) of the PCM the call exchanges with this leg.")
+    native_rate_hz = Attribute("The bandwidth of the far end's audio (Hz): 8000 for a G.711 SIP leg, whose "
+                               "frames reach the call upsampled to media_rate_hz; else media_rate_hz.")
     frame_bytes = Attribute("Bytes of one 20 ms PCM frame at media_rate_hz.")
     ssrc = Attribute("The leg's track ssrc, reported in trackEnd.")
     answer_sdp = Attribute("The SDP reported in the call's answer event ('' for legs without SDP).")

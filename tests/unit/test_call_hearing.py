@@ -115,6 +115,23 @@ class VadEventTests(_Case):
         self.assertEqual(stream.frames[0], bytes(320))
         self.assertEqual(len(self.streaming.streams[0].audio), 5 * 640)
 
+    def test_g711_sip_leg_vad_at_8k_by_decimation(self) -> None:
+        """A 16 kHz leg carrying G.711 (narrowband) feeds VAD every other sample at 8 kHz; ASR keeps 16 kHz."""
+        c = CallController(SID, "sst", "sip", self.services, self.obs, dialers=self.services.dialers)
+        c.dial(CallOption(callee="sip:bob@example.com", vad=VadOption(), asr=TranscriptionOption(provider="live")))
+
+        class NarrowLeg(FakeLeg):
+            native_rate_hz = 8000
+
+        leg = NarrowLeg()
+        self.dialer.attempts[-1][3].callback(leg)
+        frame = b"".join(int(i).to_bytes(2, "little", signed=True) for i in range(320))
+        leg.sink.write_frame(frame)
+        [stream] = self.vad.streams
+        self.assertEqual(stream.rate_hz, 8000)
+        self.assertEqual(stream.frames[-1], b"".join(int(i).to_bytes(2, "little") for i in range(0, 320, 2)))
+        self.assertEqual(bytes(self.streaming.streams[0].audio), frame)
+
     def test_unknown_vad_type_is_an_error_and_asr_still_runs(self) -> None:
         """A bad vad.type is reported; the recognizer keeps hearing the caller."""
         c, leg = self.call(vad=VadOption(type="quantum"), asr=TranscriptionOption(provider="live"))
