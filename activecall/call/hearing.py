@@ -188,8 +188,9 @@ class CallHearing:
         from activecall.speech.vad.segmenter import VadParams
 
         vad_option = self._option.vad
-        kind = (vad_option.type if vad_option is not None else "silero") or "silero"
-        kind = kind.lower()
+        kind = ((vad_option.type if vad_option is not None else "silero") or "silero").lower()
+        if not events and kind == "nop":
+            kind = "silero"  # "no VAD events" still needs utterance bounds for a segment recognizer
         if kind not in ("silero", "webrtc"):
             self._error(f"VAD type not available: {kind}")
             return

@@ -189,6 +189,16 @@ class AsrTests(_Case):
         self.assertEqual(self.segments.streams[0].hints, [("started", 100), ("ended", 900)])
         self.assertEqual((self.obs.of(ce.SpeechStarted), self.obs.of(ce.SpeechEnded)), ([], []))
 
+    def test_nop_vad_with_a_segment_recognizer_still_cuts_utterances(self) -> None:
+        """vad nop means no VAD events; whisper-like recognizers still get a silent Silero."""
+        c, leg = self.call(vad=VadOption(type="nop"), asr=TranscriptionOption(provider="seg"))
+        self.assertEqual(self.obs.of(ce.ErrorOccurred), [])
+        [vad] = self.vad.streams
+        self.assertEqual(vad.kind, "silero")
+        vad.listener.speech_started(0)
+        self.assertEqual(self.obs.of(ce.SpeechStarted), [])
+        self.assertEqual(self.segments.streams[0].hints, [("started", 0)])
+
     def test_unknown_provider_is_an_error_and_vad_still_runs(self) -> None:
         """An unknown asr.provider is reported; speaking events still come."""
         c, leg = self.call(vad=VadOption(), asr=TranscriptionOption(provider="nosuch"))
