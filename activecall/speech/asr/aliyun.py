@@ -33,16 +33,15 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from activecall.config import FetchConfig
-from activecall.fetch import FetchRefusedError
 from activecall.speech.asr.wsstream import WsRecognitionStream, check_ws_url, parse_json_object
 from activecall.speech.interfaces import (
     IRecognitionListener,
     IRecognizer,
-    ProviderUnavailableError,
     RecognitionError,
     RecognitionRequest,
     Transcript,
 )
+from activecall.speech.keys import KeyPolicy
 from activecall.speech.registry import RecognizerSettings
 
 __all__ = ["AliyunRecognizer", "AliyunStream", "DEFAULT_ENDPOINT", "DEFAULT_MODEL"]
@@ -52,8 +51,6 @@ DEFAULT_MODEL = "paraformer-realtime-v2"
 _FIXED_PARAMETERS = ("format", "sample_rate")  # the audio we send is 16 kHz PCM whatever extra says
 _RETRYABLE_HINTS = ("throttl", "timeout", "internal", "overload", "busy")
 _MAX_TIME_MS = 7 * 24 * 3600 * 1000
-_OWN_KEY_NEEDED = ("aliyun ASR: endpoint is not the default one; a request with its own endpoint "
-                   "must give its own apiKey")
 
 
 def _ms(value: Any) -> Optional[int]:
@@ -103,12 +100,13 @@ class AliyunRecognizer:
         self._connect_timeout_s = connect_timeout_s
         self._close_timeout_s = close_timeout_s
         self._new_task_id = new_task_id
-        self._env_api_key = environ.get("DASHSCOPE_API_KEY") or None
-        endpoint = settings.endpoint or DEFAULT_ENDPOINT
-        if endpoint == DEFAULT_ENDPOINT and not (settings.api_key or self._env_api_key):
-            raise ProviderUnavailableError("aliyun ASR: no API key (set asr.apiKey or DASHSCOPE_API_KEY)")
-        if endpoint != DEFAULT_ENDPOINT and not settings.api_key:
-            raise ProviderUnavailableError(_OWN_KEY_NEEDED)
+        self._keys = KeyPolicy(
+            "aliyun ASR", official=frozenset({DEFAULT_ENDPOINT}), env_key=environ.get("DASHSCOPE_API_KEY") or None,
+            no_key="aliyun ASR: no API key (set asr.apiKey or DASHSCOPE_API_KEY)", where="the default one",
+            schemes="ws/wss",
+            error_type=RecognitionError, check=lambda url: check_ws_url(url, fetch.allowed_hosts),
+            on_refused=lambda reason: self._log.info("aliyun ASR endpoint refused: {reason}", reason=reason))
+        self._keys.check_settings(settings.endpoint or DEFAULT_ENDPOINT, settings.api_key)
 
     def endpoint_for(self, request: RecognitionRequest) -> str:
         """The inference WebSocket URL ``request`` goes to."""
@@ -116,21 +114,7 @@ class AliyunRecognizer:
 
     def headers_for(self, request: RecognitionRequest) -> dict[str, str]:
         """The upgrade headers for ``request``; RecognitionError when it cannot be sent."""
-        endpoint = self.endpoint_for(request)
-        own = request.api_key or self._settings.api_key
-        if endpoint == DEFAULT_ENDPOINT:
-            key = own or self._env_api_key
-            if not key:
-                raise RecognitionError("aliyun ASR: no API key (set asr.apiKey or DASHSCOPE_API_KEY)")
-        else:
-            try:
-                check_ws_url(endpoint, self._fetch.allowed_hosts)
-            except FetchRefusedError as e:
-                self._log.info("aliyun ASR endpoint refused: {reason}", reason=str(e))
-                raise RecognitionError("aliyun ASR: endpoint not allowed (ws/wss and fetch.allowed_hosts only)")
-            if not own:
-                raise RecognitionError(_OWN_KEY_NEEDED)
-            key = own
+        key = self._keys.key_for(self.endpoint_for(request), request.api_key or self._settings.api_key)
         return {"Authorization": "Bearer " + _clean_key(key)}
 
     def run_task_for(self, request: RecognitionRequest, task_id: str) -> dict[str, Any]:

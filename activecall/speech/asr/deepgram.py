@@ -32,16 +32,15 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from activecall.config import FetchConfig
-from activecall.fetch import FetchRefusedError
 from activecall.speech.asr.wsstream import WsRecognitionStream, check_ws_url, parse_json_object
 from activecall.speech.interfaces import (
     IRecognitionListener,
     IRecognizer,
-    ProviderUnavailableError,
     RecognitionError,
     RecognitionRequest,
     Transcript,
 )
+from activecall.speech.keys import KeyPolicy
 from activecall.speech.registry import RecognizerSettings
 
 __all__ = ["DeepgramRecognizer", "DeepgramStream", "DEFAULT_ENDPOINT", "DEFAULT_MODEL", "KEEPALIVE_S"]
@@ -51,8 +50,6 @@ DEFAULT_MODEL = "nova-3"
 #: Seconds without audio after which a KeepAlive goes out (Deepgram gives up after about 10 s).
 KEEPALIVE_S = 5.0
 _MAX_TIME_S = 7 * 24 * 3600.0  # result times beyond a week of audio are nonsense
-_OWN_KEY_NEEDED = ("deepgram ASR: endpoint is not the default one; a request with its own endpoint "
-                   "must give its own apiKey")
 
 
 def _seconds(value: Any) -> Optional[float]:
@@ -89,12 +86,13 @@ class DeepgramRecognizer:
         self._fetch = fetch
         self._connect_timeout_s = connect_timeout_s
         self._close_timeout_s = close_timeout_s
-        self._env_api_key = environ.get("DEEPGRAM_API_KEY") or None
-        endpoint = settings.endpoint or DEFAULT_ENDPOINT
-        if endpoint == DEFAULT_ENDPOINT and not (settings.api_key or self._env_api_key):
-            raise ProviderUnavailableError("deepgram ASR: no API key (set asr.apiKey or DEEPGRAM_API_KEY)")
-        if endpoint != DEFAULT_ENDPOINT and not settings.api_key:
-            raise ProviderUnavailableError(_OWN_KEY_NEEDED)
+        self._keys = KeyPolicy(
+            "deepgram ASR", official=frozenset({DEFAULT_ENDPOINT}), env_key=environ.get("DEEPGRAM_API_KEY") or None,
+            no_key="deepgram ASR: no API key (set asr.apiKey or DEEPGRAM_API_KEY)", where="the default one",
+            schemes="ws/wss",
+            error_type=RecognitionError, check=lambda url: check_ws_url(url, fetch.allowed_hosts),
+            on_refused=lambda reason: self._log.info("deepgram ASR endpoint refused: {reason}", reason=reason))
+        self._keys.check_settings(settings.endpoint or DEFAULT_ENDPOINT, settings.api_key)
 
     def endpoint_for(self, request: RecognitionRequest) -> str:
         """The listen URL ``request`` goes to, without the query."""
@@ -113,20 +111,7 @@ class DeepgramRecognizer:
     def connection_for(self, request: RecognitionRequest) -> tuple[str, dict[str, str]]:
         """The full URL and the headers for ``request``; RecognitionError when it cannot be sent."""
         endpoint = self.endpoint_for(request)
-        own = request.api_key or self._settings.api_key
-        if endpoint == DEFAULT_ENDPOINT:
-            key = own or self._env_api_key
-            if not key:
-                raise RecognitionError("deepgram ASR: no API key (set asr.apiKey or DEEPGRAM_API_KEY)")
-        else:
-            try:
-                check_ws_url(endpoint, self._fetch.allowed_hosts)
-            except FetchRefusedError as e:
-                self._log.info("deepgram ASR endpoint refused: {reason}", reason=str(e))
-                raise RecognitionError("deepgram ASR: endpoint not allowed (ws/wss and fetch.allowed_hosts only)")
-            if not own:
-                raise RecognitionError(_OWN_KEY_NEEDED)
-            key = own
+        key = self._keys.key_for(endpoint, request.api_key or self._settings.api_key)
         separator = "&" if "?" in endpoint else "?"
         url = endpoint + separator + urlencode(list(self.query_for(request).items()))
         return url, {"Authorization": "Token " + _clean_key(key)}

@@ -28,25 +28,24 @@ import wave
 from typing import Any, Mapping, Optional
 
 from treq.client import HTTPClient
-from twisted.internet.defer import CancelledError, Deferred, fail
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface import implementer
 
 from activecall.config import FetchConfig
-from activecall.fetch import BodyStream, FetchRefusedError, check_url
+from activecall.fetch import check_url
+from activecall.speech.httpcall import StreamedCall, retryable_status, server_message
 from activecall.speech.asr.segments import SegmentStream
 from activecall.speech.interfaces import (
     IRecognitionListener,
     ISegmentRecognizer,
-    ProviderUnavailableError,
     RecognitionError,
     RecognitionRequest,
     RecognizerBusyError,
     SegmentTranscript,
 )
+from activecall.speech.keys import KeyPolicy
 from activecall.speech.registry import RecognizerSettings
 
 __all__ = ["OpenAIRecognizer", "DEFAULT_BASE_URL", "DEFAULT_MODEL", "wav_bytes", "multipart_body"]
@@ -56,8 +55,7 @@ DEFAULT_MODEL = "whisper-1"
 SAMPLE_RATE_HZ = 16000
 MAX_RESPONSE_BYTES = 64 * 1024
 _MAX_MESSAGE_CHARS = 300
-_OWN_KEY_NEEDED = ("openai ASR: endpoint is not the configured base URL (OPENAI_BASE_URL); "
-                   "a request with its own endpoint must give its own apiKey")
+_PATH = "/audio/transcriptions"
 _EXTRA_FIELDS = ("prompt", "temperature")
 
 
@@ -139,12 +137,15 @@ class OpenAIRecognizer:
         self._timeout_s = timeout_s
         self._max_in_flight = max_in_flight
         self._in_flight = 0
-        self._configured_base_url = (environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
-        self._env_api_key = environ.get("OPENAI_API_KEY") or None
-        if self._default_base_url() == DEFAULT_BASE_URL and not (settings.api_key or self._env_api_key):
-            raise ProviderUnavailableError("openai ASR: no API key (set asr.apiKey or OPENAI_API_KEY)")
-        if self._default_base_url() != self._configured_base_url and not settings.api_key:
-            raise ProviderUnavailableError(_OWN_KEY_NEEDED)
+        configured = (environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+        self._configured_base_url = configured
+        self._keys = KeyPolicy(
+            "openai ASR", official=frozenset({configured + _PATH}), env_key=environ.get("OPENAI_API_KEY") or None,
+            no_key="openai ASR: no API key (set asr.apiKey or OPENAI_API_KEY)",
+            where="the configured base URL (OPENAI_BASE_URL)", needs_key=frozenset({DEFAULT_BASE_URL + _PATH}),
+            error_type=RecognitionError, check=lambda url: check_url(url, fetch.allowed_hosts),
+            on_refused=lambda reason: self._log.info("openai ASR endpoint refused: {reason}", reason=reason))
+        self._keys.check_settings(self._default_base_url() + _PATH, settings.api_key)
 
     @property
     def in_flight(self) -> int:
@@ -157,26 +158,11 @@ class OpenAIRecognizer:
     def url_for(self, request: RecognitionRequest) -> str:
         """Return the ``/audio/transcriptions`` URL ``request`` goes to."""
         base = request.endpoint.rstrip("/") if request.endpoint else self._default_base_url()
-        return base + "/audio/transcriptions"
+        return base + _PATH
 
-    def _key_for(self, request: RecognitionRequest) -> Optional[str]:
-        """The key for ``request``'s URL: its own, else (configured base URL only) the environment's.
-
-        A client-chosen URL must also pass the ``[fetch]`` scheme and host rules.
-        """
-        own = request.api_key or self._settings.api_key
-        url = self.url_for(request)
-        if url == self._configured_base_url + "/audio/transcriptions":
-            return own or self._env_api_key
-        try:
-            check_url(url, self._fetch.allowed_hosts)
-        except FetchRefusedError as e:
-            self._log.info("openai ASR endpoint refused: {reason}", reason=str(e))
-            raise RecognitionError("openai ASR: endpoint not allowed (http/https and fetch.allowed_hosts only)",
-                                   retryable=False) from None
-        if not own:
-            raise RecognitionError(_OWN_KEY_NEEDED, retryable=False)
-        return own
+    def _key_for(self, request: RecognitionRequest) -> str:
+        """The key for ``request``'s URL (see :class:`KeyPolicy`); ``""`` for a server that needs none."""
+        return self._keys.key_for(self.url_for(request), request.api_key or self._settings.api_key)
 
     def fields_for(self, request: RecognitionRequest) -> dict[str, str]:
         """Return the form fields (all but ``file``) for ``request``."""
@@ -221,118 +207,34 @@ class OpenAIRecognizer:
         return result
 
 
-class _TranscriptionCall:
-    """One ``/audio/transcriptions`` request: waiting for headers -> reading the body -> result fired.
+class _TranscriptionCall(StreamedCall[SegmentTranscript]):
+    """One ``/audio/transcriptions`` request: the (64 KiB at most) JSON answer, whole, becomes the transcript.
 
-    A single timer on the injected clock covers both states; cancelling ``result`` in either
-    aborts the HTTP request.
+    ``timeout_s`` bounds the whole request.
     """
 
+    provider = "openai ASR"
+    error_type = RecognitionError
+    idle_timeout = False
+    truncate_error_body = False
+
     def __init__(self, clock: IReactorTime, timeout_s: float, log: Logger) -> None:
-        self._clock = clock
-        self._timeout_s = timeout_s
-        self._log = log
+        super().__init__(clock, timeout_s, MAX_RESPONSE_BYTES, log)
         self._started = clock.seconds()
-        self._pending: Optional[Deferred[Any]] = None
-        self._body: Optional[BodyStream] = None
-        self._timer: Optional[IDelayedCall] = None
         self._chunks: list[bytes] = []
-        self._size = 0
-        self.result: Deferred[SegmentTranscript] = Deferred(self._cancel)
 
-    def start(self, request: Deferred[IResponse]) -> None:
-        self._pending = request
-        self._timer = self._clock.callLater(self._timeout_s, self._timed_out)
-        request.addCallbacks(self._got_response, self._request_failed)
+    def too_large_error(self, limit: int) -> RecognitionError:
+        return RecognitionError(f"openai ASR: response (HTTP {self.code}) larger than {limit} bytes", retryable=False)
 
-    def _stop(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            # not "if not pending.called": an Agent request that has connected is called but
-            # waiting on an inner Deferred, and cancel() is what aborts that connection
-            pending.cancel()
-        body, self._body = self._body, None
-        if body is not None:
-            body.stop()
-
-    def _cancel(self, _: Deferred[SegmentTranscript]) -> None:
-        self._stop()  # result errbacks with CancelledError on its own
-
-    def _fail(self, error: RecognitionError) -> None:
-        self._stop()
-        if not self.result.called:
-            self.result.errback(Failure(error))
-
-    def _timed_out(self) -> None:
-        self._timer = None
-        self._fail(RecognitionError(f"openai ASR: no answer within {self._timeout_s:g} s", retryable=True))
-
-    def _request_failed(self, failure: Failure) -> None:
-        self._pending = None
-        if self.result.called or failure.check(CancelledError):
-            return
-        self._fail(RecognitionError(f"openai ASR request failed: {failure.getErrorMessage()}", retryable=True))
-
-    def _got_response(self, response: IResponse) -> None:
-        self._pending = None
-        if self.result.called:
-            return
-        code = response.code
-        if response.length is not UNKNOWN_LENGTH and response.length > MAX_RESPONSE_BYTES:
-            ignored = BodyStream(lambda data: None, Deferred())
-            response.deliverBody(ignored)
-            ignored.stop()
-            self._fail(_too_large(code))
-            return
-        finished: Deferred[None] = Deferred()
-        self._body = BodyStream(self._data, finished)
-        finished.addCallbacks(self._body_done, self._body_failed, callbackArgs=(code,), errbackArgs=(code,))
-        response.deliverBody(self._body)
-
-    def _data(self, data: bytes) -> None:
-        self._size += len(data)
-        if self._size > MAX_RESPONSE_BYTES:
-            raise _TooLarge()
+    def received(self, data: bytes) -> None:
         self._chunks.append(data)
 
-    def _body_failed(self, failure: Failure, code: int) -> None:
-        self._body = None
-        if self.result.called:
-            return
-        if failure.check(_TooLarge):
-            self._fail(_too_large(code))
-            return
-        self._log.debug("openai ASR body failed: {reason}", reason=failure.getErrorMessage())
-        self._fail(RecognitionError(f"openai ASR response interrupted: {failure.getErrorMessage()}", retryable=True))
+    def status_error(self, code: int, body: bytes) -> RecognitionError:
+        return _http_error(code, body)
 
-    def _body_done(self, _: None, code: int) -> None:
-        self._body = None
-        if self.result.called:
-            return
-        body = b"".join(self._chunks)
-        if not 200 <= code < 300:
-            self._fail(_http_error(code, body))
-            return
-        try:
-            text = _parse_text(body)
-        except RecognitionError as e:
-            self._fail(e)
-            return
-        elapsed = max(0.0, self._clock.seconds() - self._started)
-        self._stop()
-        self.result.callback(SegmentTranscript(text, None, elapsed))
-
-
-class _TooLarge(Exception):
-    """The response body passed MAX_RESPONSE_BYTES."""
-
-
-def _too_large(code: int) -> RecognitionError:
-    return RecognitionError(f"openai ASR: response (HTTP {code}) larger than {MAX_RESPONSE_BYTES} bytes",
-                            retryable=False)
+    def finished(self) -> SegmentTranscript:
+        text = _parse_text(b"".join(self._chunks))
+        return SegmentTranscript(text, None, max(0.0, self._clock.seconds() - self._started))
 
 
 def _parse_text(body: bytes) -> str:
@@ -348,23 +250,9 @@ def _parse_text(body: bytes) -> str:
 
 
 def _http_error(code: int, body: bytes) -> RecognitionError:
-    """Build the RecognitionError for an HTTP error status, with the server's message if any."""
-    message = ""
-    try:
-        parsed = json.loads(body)
-        err = parsed.get("error") if isinstance(parsed, dict) else None
-        if isinstance(err, dict):
-            message = str(err.get("message") or "")
-        elif isinstance(err, str):
-            message = err
-        elif isinstance(parsed, dict) and parsed.get("detail"):
-            message = str(parsed["detail"])  # FastAPI-based self-hosted servers
-    except ValueError:
-        pass
-    if not message:
-        message = body.decode("utf-8", "replace")
-    message = " ".join(message.split())
-    if len(message) > _MAX_MESSAGE_CHARS:
-        message = message[:_MAX_MESSAGE_CHARS] + "..."
-    retryable = code in (408, 429) or code >= 500
-    return RecognitionError(f"openai ASR HTTP {code}: {message}".rstrip(": "), retryable=retryable)
+    """Build the RecognitionError for an HTTP error status, with the server's message if any.
+
+    ``detail`` is where FastAPI-based self-hosted servers put it.
+    """
+    message = server_message(body, ("error", "detail"), _MAX_MESSAGE_CHARS)
+    return RecognitionError(f"openai ASR HTTP {code}: {message}".rstrip(": "), retryable=retryable_status(code))

@@ -39,15 +39,14 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from activecall.config import FetchConfig
-from activecall.fetch import FetchRefusedError
 from activecall.speech.asr.wsstream import check_ws_url
 from activecall.speech.interfaces import (
     ISpeechSynthesizer,
-    ProviderUnavailableError,
     SynthesisError,
     SynthesisRequest,
     WordTiming,
 )
+from activecall.speech.keys import KeyPolicy
 from activecall.speech.registry import SynthesisSettings
 from activecall.speech.wsclient import WsConnectError, WsConnection, connect_ws
 
@@ -67,8 +66,6 @@ _MAX_WORDS = 4096
 _MAX_WORD_CHARS = 64
 _MAX_TIME_MS = 24 * 3600 * 1000
 _RETRYABLE_CODES = frozenset({"InternalError", "ServiceUnavailable", "RequestTimeOut", "Timeout"})
-_OWN_KEY_NEEDED = ("aliyun TTS: endpoint is not DashScope's; a request with its own endpoint "
-                   "must give its own apiKey")
 
 
 def _clamp(value: float, low: float, high: float) -> float:
@@ -107,34 +104,21 @@ class AliyunSynthesizer:
         self._connect_timeout_s = connect_timeout_s
         self._idle_timeout_s = idle_timeout_s
         self._task_ids = task_ids
-        self._env_api_key = environ.get("DASHSCOPE_API_KEY") or None
-        default = _normalized(settings.endpoint or DEFAULT_URL)
-        if default in _OFFICIAL_URLS and not (settings.api_key or self._env_api_key):
-            raise ProviderUnavailableError("aliyun TTS: no API key (set tts.secretKey or DASHSCOPE_API_KEY)")
-        if default not in _OFFICIAL_URLS and not settings.api_key:
-            raise ProviderUnavailableError(_OWN_KEY_NEEDED)
+        self._keys = KeyPolicy(
+            "aliyun TTS", official=_OFFICIAL_URLS, env_key=environ.get("DASHSCOPE_API_KEY") or None,
+            no_key="aliyun TTS: no API key (set tts.secretKey or DASHSCOPE_API_KEY)", where="DashScope's",
+            schemes="ws/wss",
+            error_type=SynthesisError, check=lambda url: check_ws_url(url, fetch.allowed_hosts),
+            on_refused=lambda reason: self._log.info("aliyun TTS endpoint refused: {reason}", reason=reason))
+        self._keys.check_settings(_normalized(settings.endpoint or DEFAULT_URL), settings.api_key)
 
     def url_for(self, request: SynthesisRequest) -> str:
         """The WebSocket URL ``request`` goes to."""
         return _normalized(request.endpoint or self._settings.endpoint or DEFAULT_URL)
 
     def _key_for(self, request: SynthesisRequest) -> str:
-        own = request.api_key or self._settings.api_key
-        url = self.url_for(request)
-        if url in _OFFICIAL_URLS:
-            key = own or self._env_api_key
-            if not key:
-                raise SynthesisError("aliyun TTS: no API key", retryable=False)
-            return key
-        try:
-            check_ws_url(url, self._fetch.allowed_hosts)
-        except FetchRefusedError as e:
-            self._log.info("aliyun TTS endpoint refused: {reason}", reason=str(e))
-            raise SynthesisError("aliyun TTS: endpoint not allowed (ws/wss and fetch.allowed_hosts only)",
-                                 retryable=False) from None
-        if not own:
-            raise SynthesisError(_OWN_KEY_NEEDED, retryable=False)
-        return own
+        """The key for ``request``'s URL (see :class:`KeyPolicy`)."""
+        return self._keys.key_for(self.url_for(request), request.api_key or self._settings.api_key)
 
     def sample_rate_for(self, request: SynthesisRequest) -> int:
         """The rate asked of CosyVoice (and reported to ``on_audio``)."""

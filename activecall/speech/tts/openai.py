@@ -24,24 +24,23 @@ import json
 import struct
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-import treq
 from treq.client import HTTPClient
-from twisted.internet.defer import CancelledError, Deferred, fail
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
 from activecall.config import FetchConfig
-from activecall.fetch import BodyStream, FetchRefusedError, check_url
+from activecall.fetch import check_url
+from activecall.speech.httpcall import StreamedCall, content_type, retryable_status, server_message
 from activecall.speech.interfaces import (
     ISpeechSynthesizer,
-    ProviderUnavailableError,
     SynthesisError,
     SynthesisRequest,
     WordTiming,
 )
+from activecall.speech.keys import KeyPolicy
 from activecall.speech.registry import SynthesisSettings
 
 __all__ = ["OpenAISynthesizer", "DEFAULT_BASE_URL", "DEFAULT_MODEL", "DEFAULT_VOICE", "PCM_RATE_HZ"]
@@ -50,9 +49,7 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_MODEL = "gpt-4o-mini-tts"
 DEFAULT_VOICE = "alloy"
 PCM_RATE_HZ = 24000  # OpenAI's "pcm" format: s16le mono 24 kHz, no header
-_MAX_ERROR_BODY = 64 * 1024
-_OWN_KEY_NEEDED = ("openai TTS: endpoint is not the configured base URL (OPENAI_BASE_URL); "
-                   "a request with its own endpoint must give its own apiKey")
+_PATH = "/audio/speech"
 _COMPRESSED_TYPES = frozenset(
     {b"audio/mpeg", b"audio/mp3", b"audio/ogg", b"audio/opus", b"audio/aac", b"audio/flac", b"application/json"}
 )
@@ -149,38 +146,27 @@ class OpenAISynthesizer:
         self._clock = clock
         self._idle_timeout_s = idle_timeout_s
         self._fetch = fetch
-        self._configured_base_url = (environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
-        self._env_api_key = environ.get("OPENAI_API_KEY") or None
-        if self._default_base_url() == DEFAULT_BASE_URL and not (settings.api_key or self._env_api_key):
-            raise ProviderUnavailableError("openai TTS: no API key (set tts.apiKey or OPENAI_API_KEY)")
-        if self._default_base_url() != self._configured_base_url and not settings.api_key:
-            raise ProviderUnavailableError(_OWN_KEY_NEEDED)
+        configured = (environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+        self._configured_base_url = configured
+        self._keys = KeyPolicy(
+            "openai TTS", official=frozenset({configured + _PATH}), env_key=environ.get("OPENAI_API_KEY") or None,
+            no_key="openai TTS: no API key (set tts.apiKey or OPENAI_API_KEY)",
+            where="the configured base URL (OPENAI_BASE_URL)", needs_key=frozenset({DEFAULT_BASE_URL + _PATH}),
+            error_type=SynthesisError, check=lambda url: check_url(url, fetch.allowed_hosts),
+            on_refused=lambda reason: self._log.info("openai TTS endpoint refused: {reason}", reason=reason))
+        self._keys.check_settings(self._default_base_url() + _PATH, settings.api_key)
 
     def _default_base_url(self) -> str:
         return (self._settings.endpoint or self._configured_base_url).rstrip("/")
 
-    def _key_for(self, request: SynthesisRequest) -> str | None:
-        """The key for ``request``'s URL: its own, else (configured base URL only) the environment's.
-
-        A client-chosen URL must also pass the ``[fetch]`` scheme and host rules.
-        """
-        own = request.api_key or self._settings.api_key
-        if self.url_for(request) == self._configured_base_url + "/audio/speech":
-            return own or self._env_api_key
-        try:
-            check_url(self.url_for(request), self._fetch.allowed_hosts)
-        except FetchRefusedError as e:
-            self._log.info("openai TTS endpoint refused: {reason}", reason=str(e))
-            raise SynthesisError("openai TTS: endpoint not allowed (http/https and fetch.allowed_hosts only)",
-                                 retryable=False) from None
-        if not own:
-            raise SynthesisError(_OWN_KEY_NEEDED, retryable=False)
-        return own
+    def _key_for(self, request: SynthesisRequest) -> str:
+        """The key for ``request``'s URL (see :class:`KeyPolicy`); ``""`` for a server that needs none."""
+        return self._keys.key_for(self.url_for(request), request.api_key or self._settings.api_key)
 
     def url_for(self, request: SynthesisRequest) -> str:
         """Return the ``/audio/speech`` URL ``request`` goes to."""
         base = request.endpoint.rstrip("/") if request.endpoint else self._default_base_url()
-        return base + "/audio/speech"
+        return base + _PATH
 
     def body_for(self, request: SynthesisRequest) -> dict[str, Any]:
         """Return the JSON body for ``request``."""
@@ -215,12 +201,11 @@ class OpenAISynthesizer:
         return call.result
 
 
-class _SpeechCall:
-    """One ``/audio/speech`` request: headers -> streamed body -> done, with cancel and idle timeout.
+class _SpeechCall(StreamedCall[None]):
+    """One ``/audio/speech`` request: its streamed body goes to ``on_audio`` (PCM, or WAV after its header)."""
 
-    States: waiting for the response -> streaming the body -> finished (result fired).
-    Cancelling ``result`` in either of the first two states aborts the HTTP request.
-    """
+    provider = "openai TTS"
+    error_type = SynthesisError
 
     def __init__(
         self,
@@ -231,153 +216,38 @@ class _SpeechCall:
         log: Logger,
         max_bytes: int,
     ) -> None:
-        self._clock = clock
-        self._max_bytes = max_bytes
-        self._received = 0
-        self._idle_timeout_s = idle_timeout_s
+        super().__init__(clock, idle_timeout_s, max_bytes, log)
         self._on_audio = on_audio
-        self._log = log
         self._wav = _WavHeader() if response_format == "wav" else None
         self._framer = _PcmFramer()
-        self._pending: Deferred[Any] | None = None
-        self._body: BodyStream | None = None
-        self._timer: IDelayedCall | None = None
-        self.result: Deferred[None] = Deferred(self._cancel)
 
-    def start(self, request: Deferred[IResponse]) -> None:
-        self._pending = request
-        self._arm_timer()
-        request.addCallbacks(self._got_response, self._request_failed)
-
-    # -- timers and teardown
-
-    def _arm_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self._idle_timeout_s)
-        else:
-            self._timer = self._clock.callLater(self._idle_timeout_s, self._timed_out)
-
-    def _stop(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        pending, self._pending = self._pending, None
-        if pending is not None and not pending.called:
-            pending.cancel()
-        body, self._body = self._body, None
-        if body is not None:
-            body.stop()
-
-    def _cancel(self, _: Deferred[None]) -> None:
-        self._stop()  # result errbacks with CancelledError on its own
-
-    def _fail(self, error: SynthesisError) -> None:
-        self._stop()
-        if not self.result.called:
-            self.result.errback(Failure(error))
-
-    def _timed_out(self) -> None:
-        self._timer = None
-        self._fail(SynthesisError(f"openai TTS: no data for {self._idle_timeout_s:g} s", retryable=True))
-
-    # -- response
-
-    def _request_failed(self, failure: Failure) -> None:
-        self._pending = None
-        if self.result.called or failure.check(CancelledError):
-            return
-        self._fail(SynthesisError(f"openai TTS request failed: {failure.getErrorMessage()}", retryable=True))
-
-    def _got_response(self, response: IResponse) -> None:
-        self._pending = None
-        if self.result.called:
-            return
-        if not 200 <= response.code < 300:
-            self._read_error(response)
-            return
-        ctype = (response.headers.getRawHeaders(b"content-type") or [b""])[0].split(b";")[0].strip().lower()
+    def check_response(self, response: IResponse) -> None:
+        ctype = content_type(response)
         if ctype in _COMPRESSED_TYPES:
             # a server that ignored response_format; we cannot decode compressed audio here
-            self._fail(SynthesisError(f"openai TTS: unsupported response type {ctype.decode('latin-1')}", retryable=False))
-            return
-        finished: Deferred[None] = Deferred()
-        self._body = BodyStream(self._data, finished)
-        finished.addCallbacks(self._body_done, self._body_failed)
-        response.deliverBody(self._body)
+            raise SynthesisError(f"openai TTS: unsupported response type {ctype.decode('latin-1')}", retryable=False)
 
-    def _data(self, data: bytes) -> None:
-        if self.result.called:
-            return
-        self._received += len(data)
-        if self._received > self._max_bytes:
-            raise SynthesisError(f"openai TTS: response larger than {self._max_bytes} bytes", retryable=False)
-        self._arm_timer()
+    def received(self, data: bytes) -> None:
         if self._wav is not None and not self._wav.done:
-            data = self._wav.feed(data)  # may raise SynthesisError -> _body_failed
+            data = self._wav.feed(data)  # may raise SynthesisError
         pcm = self._framer.feed(data)
         if pcm:
             rate = self._wav.sample_rate_hz if self._wav is not None else PCM_RATE_HZ
             assert rate is not None
-            try:
-                self._on_audio(pcm, rate)
-            except Exception as e:
-                self._log.failure("openai TTS on_audio callback failed")
-                raise SynthesisError(f"audio consumer failed: {e}", retryable=False) from e
+            self.deliver(self._on_audio, pcm, rate)
 
-    def _body_done(self, _: None) -> None:
-        self._body = None
-        if self.result.called:
-            return
+    def finished(self) -> None:
         if self._wav is not None and not self._wav.done:
-            self._fail(SynthesisError("openai TTS: WAV response ended inside its header", retryable=True))
-            return
-        self._stop()
-        self.result.callback(None)
+            raise SynthesisError("openai TTS: WAV response ended inside its header", retryable=True)
 
-    def _body_failed(self, failure: Failure) -> None:
-        self._body = None
-        if self.result.called:
-            return
-        error = failure.value
-        if isinstance(error, SynthesisError):
-            self._fail(error)
-            return
-        self._log.debug("openai TTS body failed: {reason}", reason=failure.getErrorMessage())
-        self._fail(SynthesisError(f"openai TTS response interrupted: {failure.getErrorMessage()}", retryable=True))
-
-    def _read_error(self, response: IResponse) -> None:
-        code = response.code
-        chunks: list[bytes] = []
-        size = [0]
-
-        def collect(data: bytes) -> None:
-            if size[0] < _MAX_ERROR_BODY:
-                chunks.append(data)
-                size[0] += len(data)
-
-        def report(_: object) -> None:
-            self._fail(_http_error(code, b"".join(chunks)))
-
-        d = treq.collect(response, collect)
-        self._pending = d
-        d.addBoth(report)
+    def status_error(self, code: int, body: bytes) -> SynthesisError:
+        return _http_error(code, body)
 
 
 def _http_error(code: int, body: bytes) -> SynthesisError:
-    """Build the SynthesisError for an HTTP error status, with the server's message if any."""
-    message = ""
-    try:
-        parsed = json.loads(body)
-        err = parsed.get("error") if isinstance(parsed, dict) else None
-        if isinstance(err, dict):
-            message = str(err.get("message") or "")
-        elif isinstance(err, str):
-            message = err
-        elif isinstance(parsed, dict) and parsed.get("detail"):
-            message = str(parsed["detail"])  # FastAPI-based self-hosted servers
-    except ValueError:
-        pass
-    if not message:
-        message = body.decode("utf-8", "replace").strip()[:200]
-    retryable = code in (408, 429) or code >= 500
-    return SynthesisError(f"openai TTS HTTP {code}: {message}".rstrip(": "), retryable=retryable)
+    """Build the SynthesisError for an HTTP error status, with the server's message if any.
+
+    ``detail`` is where FastAPI-based self-hosted servers put it.
+    """
+    message = server_message(body, ("error", "detail"))
+    return SynthesisError(f"openai TTS HTTP {code}: {message}".rstrip(": "), retryable=retryable_status(code))

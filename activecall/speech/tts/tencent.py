@@ -48,11 +48,11 @@ from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
 from activecall.config import FetchConfig
-from activecall.fetch import BodyStream, FetchRefusedError, check_url
+from activecall.fetch import FetchRefusedError, check_url
+from activecall.speech.httpcall import StreamedCall, retryable_status
 from activecall.speech.asr.wsstream import check_ws_url
 from activecall.speech.interfaces import (
     ISpeechSynthesizer,
@@ -89,7 +89,6 @@ _MAX_EXTRA_VALUE = 256
 _MAX_SUBTITLES = 4096
 _MAX_WORD = 64
 _MAX_TIME_MS = 24 * 3600 * 1000
-_MAX_ERROR_BODY = 64 * 1024
 #: Tencent's speed levels and the rates they stand for (documented: -2 = 0.6x ... 6 = 2.5x).
 _SPEED_STEPS = ((0.6, -2.0), (0.8, -1.0), (1.0, 0.0), (1.2, 1.0), (1.5, 2.0), (2.5, 6.0))
 
@@ -469,115 +468,48 @@ class TencentBasicSynthesizer(_Common):
         return call.result
 
 
-class _RestCall:
-    """One TextToVoice request: response -> body (bounded) -> decoded audio and subtitles, or an error.
+class _RestCall(StreamedCall[None]):
+    """One TextToVoice request: the (bounded) answer is decoded once whole into audio and subtitles.
 
-    The whole exchange is bounded by one timer on the injected clock; cancelling ``result``
-    aborts the HTTP request and nothing reaches ``on_audio`` afterwards.
+    ``timeout_s`` bounds the whole exchange; nothing reaches ``on_audio`` after ``result`` fired.
     """
 
     provider = "tencent_basic TTS"
+    error_type = SynthesisError
+    idle_timeout = False
+    truncate_error_body = False
 
     def __init__(self, clock: IReactorTime, timeout_s: float, max_bytes: int, rate: int,
                  on_audio: Callable[[bytes, int], None], words: _Words, log: Logger) -> None:
-        self._clock = clock
-        self._timeout_s = timeout_s
-        self._max_bytes = max_bytes
+        super().__init__(clock, timeout_s, max_bytes, log)
         self._rate = rate
         self._on_audio = on_audio
         self._words = words
-        self._log = log
         self._chunks: list[bytes] = []
-        self._size = 0
-        self._pending: Optional[Deferred[Any]] = None
-        self._body: Optional[BodyStream] = None
-        self._timer: Optional[IDelayedCall] = None
-        self.result: Deferred[None] = Deferred(lambda _: self._stop())
 
-    def start(self, request: Deferred[IResponse]) -> None:
-        self._pending = request
-        self._timer = self._clock.callLater(self._timeout_s, self._timed_out)
-        request.addCallbacks(self._got_response, self._request_failed)
+    def timeout_error(self) -> SynthesisError:
+        return SynthesisError(f"tencent_basic TTS: no answer in {self.timeout_s:g} s", retryable=True)
 
-    def _stop(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        pending, self._pending = self._pending, None
-        if pending is not None and not pending.called:
-            pending.cancel()
-        body, self._body = self._body, None
-        if body is not None:
-            body.stop()
-
-    def _fail(self, error: SynthesisError) -> None:
-        self._stop()
-        if not self.result.called:
-            self.result.errback(Failure(error))
-
-    def _timed_out(self) -> None:
-        self._timer = None
-        self._fail(SynthesisError(f"tencent_basic TTS: no answer in {self._timeout_s:g} s", retryable=True))
-
-    def _request_failed(self, failure: Failure) -> None:
-        self._pending = None
-        if self.result.called or failure.check(CancelledError):
-            return
-        self._fail(SynthesisError(f"tencent_basic TTS request failed: {failure.getErrorMessage()}", retryable=True))
-
-    def _got_response(self, response: IResponse) -> None:
-        self._pending = None
-        if self.result.called:
-            return
-        limit = self._max_bytes if 200 <= response.code < 300 else _MAX_ERROR_BODY
-        finished: Deferred[None] = Deferred()
-        self._body = BodyStream(lambda data: self._collect(data, limit), finished)
-        finished.addCallbacks(lambda _: self._body_done(response.code), self._body_failed)
-        response.deliverBody(self._body)
-
-    def _collect(self, data: bytes, limit: int) -> None:
-        self._size += len(data)
-        if self._size > limit:
-            raise SynthesisError(f"tencent_basic TTS: response larger than {limit} bytes")
+    def received(self, data: bytes) -> None:
         self._chunks.append(data)
 
-    def _body_failed(self, failure: Failure) -> None:
-        self._body = None
-        if self.result.called:
-            return
-        if isinstance(failure.value, SynthesisError):
-            self._fail(failure.value)
-        else:
-            self._fail(SynthesisError(f"tencent_basic TTS response interrupted: {failure.getErrorMessage()}",
-                                      retryable=True))
+    def status_error(self, code: int, body: bytes) -> SynthesisError:
+        answer = _text_to_voice_answer(code, body)
+        assert isinstance(answer, SynthesisError)  # a non-2xx answer is always an error
+        return answer
 
-    def _body_done(self, status: int) -> None:
-        self._body = None
-        if self.result.called:
-            return
-        body = b"".join(self._chunks)
-        try:
-            audio, words = _parse_text_to_voice(status, body)
-        except SynthesisError as e:
-            self._fail(e)
-            return
-        self._stop()
-        try:
-            self._words.feed(words)
-            if audio:
-                self._on_audio(audio, self._rate)
-        except Exception as e:
-            self._log.failure("tencent_basic TTS consumer failed")
-            self._fail(SynthesisError(f"audio consumer failed: {e}"))
-            return
-        self.result.callback(None)
+    def finished(self) -> None:
+        audio, words = _parse_text_to_voice(self.code, b"".join(self._chunks))
+        self.deliver(self._words.feed, words)
+        if audio:
+            self.deliver(self._on_audio, audio, self._rate)
 
 
 _RETRYABLE_ERRORS = ("InternalError", "RequestLimitExceeded", "ResourceUnavailable")
 
 
-def _parse_text_to_voice(status: int, body: bytes) -> tuple[bytes, list[tuple[int, WordTiming]]]:
-    """Audio (whole samples) and words of a TextToVoice answer, or the SynthesisError it stands for."""
+def _text_to_voice_answer(status: int, body: bytes) -> dict[str, Any] | SynthesisError:
+    """The ``Response`` object of a successful TextToVoice answer, or the SynthesisError the answer stands for."""
     provider = "tencent_basic TTS"
     try:
         parsed = json.loads(body)
@@ -586,16 +518,25 @@ def _parse_text_to_voice(status: int, body: bytes) -> tuple[bytes, list[tuple[in
     response = parsed.get("Response") if isinstance(parsed, dict) else None
     if not isinstance(response, dict):
         text = body.decode("utf-8", "replace").strip()[:200]
-        raise SynthesisError(f"{provider} HTTP {status}: {text or 'not a Tencent Cloud API answer'}",
-                             retryable=status in (408, 429) or status >= 500)
+        return SynthesisError(f"{provider} HTTP {status}: {text or 'not a Tencent Cloud API answer'}",
+                              retryable=retryable_status(status))
     error = response.get("Error")
     if error is not None:
         code = str(error.get("Code") or "") if isinstance(error, dict) else ""
         message = str(error.get("Message") or "") if isinstance(error, dict) else ""
-        raise SynthesisError(f"{provider}: {code[:100]}: {message[:200]}".rstrip(": "),
-                             retryable=code.startswith(_RETRYABLE_ERRORS))
+        return SynthesisError(f"{provider}: {code[:100]}: {message[:200]}".rstrip(": "),
+                              retryable=code.startswith(_RETRYABLE_ERRORS))
     if not 200 <= status < 300:
-        raise SynthesisError(f"{provider} HTTP {status}", retryable=status in (408, 429) or status >= 500)
+        return SynthesisError(f"{provider} HTTP {status}", retryable=retryable_status(status))
+    return response
+
+
+def _parse_text_to_voice(status: int, body: bytes) -> tuple[bytes, list[tuple[int, WordTiming]]]:
+    """Audio (whole samples) and words of a TextToVoice answer, or the SynthesisError it stands for."""
+    provider = "tencent_basic TTS"
+    response = _text_to_voice_answer(status, body)
+    if isinstance(response, SynthesisError):
+        raise response
     audio_b64 = response.get("Audio")
     if not isinstance(audio_b64, str):
         raise SynthesisError(f"{provider}: answer without Audio")
