@@ -31,7 +31,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from activecall.fetch import BodyStream
 from activecall.speech.interfaces import RecognitionError, SynthesisError
 
-__all__ = ["StreamedCall", "MAX_ERROR_BODY_BYTES", "content_type", "retryable_status", "server_message"]
+__all__ = ["StreamedCall", "PcmFramer", "MAX_ERROR_BODY_BYTES", "content_type", "retryable_status", "server_message"]
 
 T = TypeVar("T")
 SpeechError = Union[SynthesisError, RecognitionError]
@@ -272,3 +272,19 @@ def _discard(response: IResponse) -> None:
     ignored = BodyStream(lambda data: None, Deferred())
     response.deliverBody(ignored)
     ignored.stop()
+
+
+class PcmFramer:
+    """Hands out even-length pieces of an s16le byte stream (HTTP body or WebSocket frames), carrying
+    an odd byte to the next piece, so consumers always get whole samples."""
+
+    __slots__ = ("_carry",)
+
+    def __init__(self) -> None:
+        self._carry = b""
+
+    def feed(self, data: bytes) -> bytes:
+        data = self._carry + data
+        cut = len(data) & ~1
+        self._carry = data[cut:]
+        return data[:cut]

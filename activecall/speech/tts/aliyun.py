@@ -40,6 +40,7 @@ from zope.interface import implementer
 
 from activecall.config import FetchConfig
 from activecall.speech.asr.wsstream import check_ws_url
+from activecall.speech.httpcall import PcmFramer
 from activecall.speech.interfaces import (
     ISpeechSynthesizer,
     SynthesisError,
@@ -218,7 +219,7 @@ class _Task:
         self._idle_timeout_s = idle_timeout_s
         self._log = log
         self._received = 0
-        self._carry = b""
+        self._framer = PcmFramer()
         self._started = False
         self._emitted: dict[int, int] = {}  # sentence index -> words already reported
         self._connecting: Optional[Deferred[WsConnection]] = None
@@ -306,11 +307,9 @@ class _Task:
             self._fail(SynthesisError(f"aliyun TTS: audio larger than {self._max_bytes} bytes", retryable=False))
             return
         self._arm_idle()
-        data = self._carry + data
-        cut = len(data) & ~1
-        self._carry = data[cut:]
-        if cut:
-            self._deliver(self._on_audio, data[:cut], self._rate_hz)
+        pcm = self._framer.feed(data)
+        if pcm:
+            self._deliver(self._on_audio, pcm, self._rate_hz)
 
     def ws_text(self, text: str) -> None:
         if self._ended:

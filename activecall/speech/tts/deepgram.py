@@ -34,7 +34,7 @@ from zope.interface import implementer
 
 from activecall.config import FetchConfig
 from activecall.fetch import check_url
-from activecall.speech.httpcall import StreamedCall, content_type, retryable_status, server_message
+from activecall.speech.httpcall import PcmFramer, StreamedCall, content_type, retryable_status, server_message
 from activecall.speech.interfaces import (
     ISpeechSynthesizer,
     SynthesisError,
@@ -146,7 +146,7 @@ class _SpeakCall(StreamedCall[None]):
         super().__init__(clock, idle_timeout_s, max_bytes, log)
         self._rate_hz = rate_hz
         self._on_audio = on_audio
-        self._carry = b""
+        self._framer = PcmFramer()
 
     def check_response(self, response: IResponse) -> None:
         ctype = content_type(response)
@@ -154,11 +154,9 @@ class _SpeakCall(StreamedCall[None]):
             raise SynthesisError(f"deepgram TTS: unexpected response type {ctype.decode('latin-1')}", retryable=False)
 
     def received(self, data: bytes) -> None:
-        data = self._carry + data
-        cut = len(data) & ~1  # whole s16le samples only; an odd byte waits for the next piece
-        self._carry = data[cut:]
-        if cut:
-            self.deliver(self._on_audio, data[:cut], self._rate_hz)
+        pcm = self._framer.feed(data)
+        if pcm:
+            self.deliver(self._on_audio, pcm, self._rate_hz)
 
     def finished(self) -> None:
         return None

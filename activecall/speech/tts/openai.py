@@ -33,7 +33,7 @@ from zope.interface import implementer
 
 from activecall.config import FetchConfig
 from activecall.fetch import check_url
-from activecall.speech.httpcall import StreamedCall, content_type, retryable_status, server_message
+from activecall.speech.httpcall import PcmFramer, StreamedCall, content_type, retryable_status, server_message
 from activecall.speech.interfaces import (
     ISpeechSynthesizer,
     SynthesisError,
@@ -53,19 +53,6 @@ _PATH = "/audio/speech"
 _COMPRESSED_TYPES = frozenset(
     {b"audio/mpeg", b"audio/mp3", b"audio/ogg", b"audio/opus", b"audio/aac", b"audio/flac", b"application/json"}
 )
-
-
-class _PcmFramer:
-    """Hands out even-length pieces of an s16le byte stream, carrying an odd byte."""
-
-    def __init__(self) -> None:
-        self._carry = b""
-
-    def feed(self, data: bytes) -> bytes:
-        data = self._carry + data
-        cut = len(data) & ~1
-        self._carry = data[cut:]
-        return data[:cut]
 
 
 class _WavHeader:
@@ -219,7 +206,7 @@ class _SpeechCall(StreamedCall[None]):
         super().__init__(clock, idle_timeout_s, max_bytes, log)
         self._on_audio = on_audio
         self._wav = _WavHeader() if response_format == "wav" else None
-        self._framer = _PcmFramer()
+        self._framer = PcmFramer()
 
     def check_response(self, response: IResponse) -> None:
         ctype = content_type(response)

@@ -52,7 +52,7 @@ from zope.interface import implementer
 
 from activecall.config import FetchConfig
 from activecall.fetch import FetchRefusedError, check_url
-from activecall.speech.httpcall import StreamedCall, retryable_status
+from activecall.speech.httpcall import PcmFramer, StreamedCall, retryable_status
 from activecall.speech.asr.wsstream import check_ws_url
 from activecall.speech.interfaces import (
     ISpeechSynthesizer,
@@ -129,19 +129,6 @@ def parse_subtitles(value: Any, provider: str) -> list[tuple[int, WordTiming]]:
             raise SynthesisError(f"{provider}: malformed subtitles")
         words.append((index, WordTiming(text[:_MAX_WORD], begin, end)))
     return words
-
-
-class _PcmFramer:
-    """Hands out even-length pieces of an s16le byte stream, carrying an odd byte."""
-
-    def __init__(self) -> None:
-        self._carry = b""
-
-    def feed(self, data: bytes) -> bytes:
-        data = self._carry + data
-        cut = len(data) & ~1
-        self._carry = data[cut:]
-        return data[:cut]
 
 
 class _Common:
@@ -292,7 +279,7 @@ class _WsSpeechCall:
         self._max_bytes = max_bytes
         self._log = log
         self._received = 0
-        self._framer = _PcmFramer()
+        self._framer = PcmFramer()
         self._connecting: Optional[Deferred[WsConnection]] = None
         self._conn: Optional[WsConnection] = None
         self._timer: Optional[IDelayedCall] = None
