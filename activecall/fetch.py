@@ -119,16 +119,17 @@ def host_allowed(host: str, allowed_hosts: tuple[str, ...]) -> bool:
     return False
 
 
-def check_url(url: str, allowed_hosts: tuple[str, ...]) -> str:
-    """Return the lower-case host of an http(s) ``url`` whose host is allowed, else raise FetchRefusedError."""
+def check_url(url: str, allowed_hosts: tuple[str, ...], schemes: tuple[str, str] = ("http", "https")) -> str:
+    """Return the lower-case host of an http(s) ``url`` (or another pair of ``schemes``: ws, wss) whose
+    host is allowed, else raise FetchRefusedError."""
     try:
         parts = urlsplit(url)
         host = parts.hostname
         parts.port  # noqa: B018 -- raises ValueError for a malformed port
     except ValueError as e:
         raise FetchRefusedError(f"malformed URL: {e}") from None
-    if parts.scheme not in ("http", "https"):
-        raise FetchRefusedError(f"scheme {parts.scheme!r} is not http or https")
+    if parts.scheme not in schemes:
+        raise FetchRefusedError(f"scheme {parts.scheme!r} is not {schemes[0]} or {schemes[1]}")
     if not host:
         raise FetchRefusedError("URL has no host")
     if not host_allowed(host, allowed_hosts):

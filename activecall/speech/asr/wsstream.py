@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from activecall.fetch import FetchRefusedError, host_allowed
+from activecall.fetch import check_url
 from activecall.speech.interfaces import IRecognitionListener, IRecognitionStream, RecognitionError, Transcript
 from activecall.speech.wsclient import WsConnectError, WsConnection, connect_ws
 
@@ -39,21 +39,7 @@ _BYTES_PER_MS = 32  # 16 kHz s16le mono
 def check_ws_url(url: str, allowed_hosts: tuple[str, ...]) -> str:
     """Return the lower-case host of a ``ws``/``wss`` URL the ``[fetch]`` policy allows, else raise
     :class:`~activecall.fetch.FetchRefusedError`."""
-    from urllib.parse import urlsplit
-
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname
-        parts.port  # noqa: B018 -- raises ValueError for a malformed port
-    except ValueError as e:
-        raise FetchRefusedError(f"malformed URL: {e}") from None
-    if parts.scheme not in ("ws", "wss"):
-        raise FetchRefusedError(f"scheme {parts.scheme!r} is not ws or wss")
-    if not host:
-        raise FetchRefusedError("URL has no host")
-    if not host_allowed(host, allowed_hosts):
-        raise FetchRefusedError(f"host {host} is not in fetch.allowed_hosts")
-    return host
+    return check_url(url, allowed_hosts, schemes=("ws", "wss"))
 
 
 def parse_json_object(text: str, provider: str) -> dict[str, Any]:
