@@ -110,6 +110,7 @@ class SegmentStreamTests(SynchronousTestCase):
 
     def test_finals_in_order_and_empty_uses_no_index(self) -> None:
         """A later utterance decoded first waits for the earlier; an empty one is skipped."""
+        self.stream = SegmentStream(self.rec, RecognitionRequest(), self.listener, partials=False)
         for start in (0, 2000, 4000):
             self.stream.speech_started(start + self._ms())
             self.write_ms(500)
@@ -163,3 +164,30 @@ class SegmentStreamTests(SynchronousTestCase):
         """Without speech only the history is kept."""
         self.write_ms(20_000)
         self.assertLessEqual(len(self.stream._audio), 1000 * BYTES_PER_MS)
+
+    def test_partial_in_flight_covering_the_utterance_becomes_the_final(self) -> None:
+        """An interim decode asked for after the voice ended (VAD says so only after silencePadding)
+        already holds the whole utterance: its result is the final, no second decode."""
+        self.stream.speech_started(0)
+        self.write_ms(500)  # partial A asked for at 500 ms
+        self.rec.calls[-1][2].callback(SegmentTranscript("hel"))
+        self.write_ms(1000)  # partial B at 1000 ms
+        self.assertEqual([c[1] for c in self.rec.calls], [True, True])
+        self.stream.speech_ended(900)  # the voice ended at 0.9 s: B's audio (to 1.0 s) holds all of it
+        self.assertEqual([c[1] for c in self.rec.calls], [True, True], "no separate final decode")
+        self.rec.calls[-1][2].callback(SegmentTranscript("hello there"))
+        self.assertEqual([(r.text, r.final) for r in self.listener.results], [("hel", False), ("hello there", True)])
+        self.assertEqual(self.stream.partials_promoted, 1)
+
+    def test_partial_older_than_the_end_is_cancelled_quietly(self) -> None:
+        """A partial that misses the end of the utterance is dropped; the final decodes everything."""
+        self.stream.speech_started(0)
+        self.write_ms(600)
+        partial = self.rec.calls[-1]
+        self.stream.speech_ended(900)
+        self.assertTrue(partial[2].called)
+        self.assertFalse(self.rec.calls[-1][1])
+        self.rec.calls[-1][2].callback(SegmentTranscript("done"))
+        self.assertEqual([r.text for r in self.listener.results], ["done"])
+        self.flushLoggedErrors()
+        self.assertEqual(self.flushLoggedErrors(), [])

@@ -73,6 +73,8 @@ class SegmentStream:
         self._next_index = 0
         self._closed = False
         self.partials_dropped = 0
+        self.partials_promoted = 0
+        self._partial_end_ms = 0
 
     # -- IRecognitionStream ---------------------------------------------------
 
@@ -110,11 +112,22 @@ class SegmentStream:
         if self._closed or not self._speaking:
             return
         self._speaking = False
-        self._cancel_partial()
-        end = min(self._written_bytes, max(self._segment_start, (at_ms + _TAIL_MS) * BYTES_PER_MS))
-        pcm = bytes(self._audio[: end - self._segment_start])
         utterance = _Utterance(self._segment_start // BYTES_PER_MS, at_ms)
         self._finals.append(utterance)
+        partial, self._partial = self._partial, None
+        if partial is not None and self._partial_end_ms >= at_ms:
+            # The interim decode in flight already holds the whole utterance (VAD tells the end of
+            # speech only after silencePadding): its result is the final, sooner than a new decode.
+            utterance.decode = partial
+            partial.addCallbacks(self._final_done, self._final_failed, callbackArgs=(utterance,),
+                                 errbackArgs=(utterance,))
+            self.partials_promoted += 1
+            return
+        if partial is not None:
+            partial.addErrback(lambda f: None)  # its own errback passes failures on once superseded
+            partial.cancel()
+        end = min(self._written_bytes, max(self._segment_start, (at_ms + _TAIL_MS) * BYTES_PER_MS))
+        pcm = bytes(self._audio[: end - self._segment_start])
         d = self._recognizer.transcribe(pcm, self._request, False)
         utterance.decode = d
         d.addCallbacks(self._final_done, self._final_failed, callbackArgs=(utterance,), errbackArgs=(utterance,))
@@ -144,11 +157,12 @@ class SegmentStream:
         end_ms = self._written_bytes // BYTES_PER_MS
         d = self._recognizer.transcribe(pcm, self._request, True)
         self._partial = d
+        self._partial_end_ms = end_ms
         d.addCallbacks(self._partial_done, self._partial_failed, callbackArgs=(d, end_ms), errbackArgs=(d,))
 
-    def _partial_done(self, result: SegmentTranscript, d: Deferred[Any], end_ms: int) -> None:
+    def _partial_done(self, result: SegmentTranscript, d: Deferred[Any], end_ms: int) -> Any:
         if self._partial is not d:
-            return  # superseded by the end of speech
+            return result  # promoted to the final (or cancelled): the next callback takes it
         self._partial = None
         text = result.text.strip()
         if self._closed or not self._speaking or not text or text == self._last_partial_text:
@@ -157,12 +171,14 @@ class SegmentStream:
         index = self._next_index + len(self._finals)
         self._listener.transcript(Transcript(index, text, False, self._segment_start // BYTES_PER_MS, end_ms,
                                              result.confidence))
+        return None
 
-    def _partial_failed(self, f: Failure, d: Deferred[Any]) -> None:
-        if self._partial is d:
-            self._partial = None
+    def _partial_failed(self, f: Failure, d: Deferred[Any]) -> Any:
+        if self._partial is not d:
+            return f  # promoted to the final: its errback reports it
+        self._partial = None
         if f.check(CancelledError):
-            return
+            return None
         self.partials_dropped += 1
         if not f.check(RecognizerBusyError):
             self._log.info("interim decode failed: {e}", e=f.getErrorMessage())
@@ -170,6 +186,7 @@ class SegmentStream:
     def _cancel_partial(self) -> None:
         d, self._partial = self._partial, None
         if d is not None:
+            d.addErrback(lambda f: None)  # its own errback passes failures on once superseded
             d.cancel()
 
     # -- finals -----------------------------------------------------------------
