@@ -36,14 +36,17 @@ def write_tone(path: str, seconds: float) -> None:
 class WebhookAgent:
     """Listens on 127.0.0.1 for the daemon's webhook; set :attr:`http_port` once the daemon runs.
 
-    ``ignore(payload)`` true = leave that call unanswered (an attacker's, say).
+    ``ignore(payload)`` true = leave that call unanswered (an attacker's, say);
+    ``accept_option`` is the ``accept`` command's option (``vad``, ``asr`` ...).
     """
 
     def __init__(self, prompt: str, hangup_timeout_s: float, *, query: str = "dump=false",
-                 ignore: Callable[[dict[str, Any]], bool] = lambda payload: False) -> None:
+                 ignore: Callable[[dict[str, Any]], bool] = lambda payload: False,
+                 accept_option: dict[str, Any] | None = None) -> None:
         self.prompt = prompt
+        self.accept_option = dict(accept_option or {})
         self.http_port = 0
-        self.counts = {"accepted": 0, "hangups": 0, "errors": 0, "ignored": 0}
+        self.counts = {"accepted": 0, "hangups": 0, "errors": 0, "ignored": 0, "speaking": 0}
         self._hangup_timeout_s = hangup_timeout_s
         self._query = query
         self._ignore = ignore
@@ -74,12 +77,13 @@ class WebhookAgent:
     async def _answer(self, payload: dict[str, Any]) -> None:
         try:
             client = await raw_connect(self.http_port, f"/call/sip?id={quote(payload['dialogId'], safe='')}&{self._query}")
-            client.send({"command": "accept", "option": {}})
+            client.send({"command": "accept", "option": self.accept_option})
             await client.wait_event("answer", timeout_s=30)
             self.counts["accepted"] += 1
             client.send({"command": "play", "url": self.prompt, "autoHangup": True})
             await client.wait_event("hangup", timeout_s=self._hangup_timeout_s)
             self.counts["hangups"] += 1
+            self.counts["speaking"] += sum(1 for e in client.events if e.get("event") == "speaking")  # VAD heard
             client.transport.loseConnection()
         except Exception as e:  # counted and reported: a benchmark goes on
             self.counts["errors"] += 1
