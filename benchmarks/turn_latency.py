@@ -154,6 +154,12 @@ class Agent(CallClient):
     run_id = "0"
     hears_audio = True  # /call: binary frames are the agent audio
 
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        # Autobahn's client reads its tcpNoDelay option before it has one, so Nagle stays on: a command
+        # sent between audio frames would then wait for the daemon's delayed ACK (~40 ms).
+        self.transport.setTcpNoDelay(True)
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         now = reactor.seconds()
         turn = self.turn
