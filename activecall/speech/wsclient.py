@@ -85,6 +85,13 @@ class _ClientProtocol(WebSocketClientProtocol):
     factory: "_ClientFactory"
     connection: Optional[WsConnection] = None
 
+    def connectionMade(self) -> None:
+        # Audio goes out in small real-time messages: Nagle would hold them for the peer's delayed ACK.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
+        super().connectionMade()
+
     def onConnect(self, response: object) -> None:
         pass
 

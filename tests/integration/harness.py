@@ -233,6 +233,11 @@ path = "{workdir}/recorders"
 class CallClient(WebSocketClientProtocol):
     """A control-socket client recording every event and audio frame with its arrival time."""
 
+    def connectionMade(self) -> None:
+        # Autobahn leaves Nagle on: a command sent between audio frames would wait for a delayed ACK.
+        self.transport.setTcpNoDelay(True)
+        super().connectionMade()
+
     def onOpen(self) -> None:
         self.events: list[dict[str, Any]] = []
         self.frames: list[tuple[float, bytes]] = []
