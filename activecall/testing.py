@@ -297,6 +297,9 @@ class FakeRecognitionStream:
     def speech_started(self, at_ms: int) -> None:
         self.hints.append(("started", at_ms))
 
+    def speech_paused(self, at_ms: int) -> None:
+        self.hints.append(("paused", at_ms))
+
     def speech_ended(self, at_ms: int) -> None:
         self.hints.append(("ended", at_ms))
 

@@ -287,6 +287,10 @@ class CallHearing:
             call.report(SpeechStarted(call.now(), self._track, self._speech_started_at, self._refer))
         self._maybe_barge_in(by_vad=True, text=None)
 
+    def speech_paused(self, at_ms: int) -> None:
+        if self._asr is not None and not self.asr_paused:
+            self._asr.speech_paused(at_ms)
+
     def speech_ended(self, start_ms: int, duration_ms: int) -> None:
         call = self._call
         self._speaking = False
@@ -455,6 +459,10 @@ class _VadListener:
     def speech_started(self, start_ms: int) -> None:
         if not self._h.closed:
             self._h.speech_started(start_ms)
+
+    def speech_paused(self, at_ms: int) -> None:
+        if not self._h.closed:
+            self._h.speech_paused(at_ms)
 
     def speech_ended(self, start_ms: int, duration_ms: int) -> None:
         if not self._h.closed:

@@ -213,6 +213,10 @@ class IRecognitionStream(Interface):
     def speech_started(at_ms):  # type: ignore[no-untyped-def]
         """VAD hint: voice began at stream time ``at_ms`` (may lie a little in the past)."""
 
+    def speech_paused(at_ms):  # type: ignore[no-untyped-def]
+        """VAD hint: the voice stopped at ``at_ms`` and may resume (before speech_ended): a segment
+        recognizer may start decoding the utterance now, to have the final sooner."""
+
     def speech_ended(at_ms):  # type: ignore[no-untyped-def]
         """VAD hint: the voice that began at the last speech_started ended at ``at_ms``."""
 

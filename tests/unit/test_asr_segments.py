@@ -191,3 +191,30 @@ class SegmentStreamTests(SynchronousTestCase):
         self.assertEqual([r.text for r in self.listener.results], ["done"])
         self.flushLoggedErrors()
         self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_pause_starts_a_decode_that_becomes_the_final(self) -> None:
+        """speech_paused decodes at once; when VAD then ends the utterance there, that decode is the
+        final: the final does not wait silencePadding plus a second decode."""
+        self.stream.speech_started(0)
+        self.write_ms(400)
+        self.stream.speech_paused(400)
+        [(pcm, partial, d)] = self.rec.calls
+        self.assertTrue(partial)
+        self.assertEqual(len(pcm), 400 * BYTES_PER_MS)
+        self.write_ms(100)
+        self.stream.speech_ended(400)
+        self.assertEqual(len(self.rec.calls), 1)
+        d.callback(SegmentTranscript("yes please"))
+        self.assertEqual([(r.text, r.final) for r in self.listener.results], [("yes please", True)])
+
+    def test_pause_then_voice_again_is_just_a_partial(self) -> None:
+        """A pause that was not the end: its decode reports a partial; the end decodes the whole."""
+        self.stream.speech_started(0)
+        self.write_ms(400)
+        self.stream.speech_paused(400)
+        self.rec.calls[-1][2].callback(SegmentTranscript("I would"))
+        self.write_ms(800)
+        self.stream.speech_ended(1200)
+        self.rec.calls[-1][2].callback(SegmentTranscript("I would like a table"))
+        self.assertEqual([(r.text, r.final) for r in self.listener.results],
+                         [("I would", False), ("I would like a table", True)])

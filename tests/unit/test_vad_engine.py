@@ -56,6 +56,9 @@ class Recorder:
     def speech_started(self, start_ms: int) -> None:
         self.events.append(("start", start_ms))
 
+    def speech_paused(self, at_ms: int) -> None:
+        """A hint only; the tests look at segments."""
+
     def speech_ended(self, start_ms: int, duration_ms: int) -> None:
         self.events.append(("end", start_ms, duration_ms))
 

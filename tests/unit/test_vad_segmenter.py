@@ -7,16 +7,19 @@ import math
 from twisted.trial.unittest import SynchronousTestCase
 
 from activecall.options import VadOption
-from activecall.speech.vad.segmenter import SilenceTimeout, SpeechEnd, SpeechStart, VadParams, VadSegmenter
+from activecall.speech.vad.segmenter import (
+    SilenceTimeout, SpeechEnd, SpeechPause, SpeechStart, VadParams, VadSegmenter,
+)
 
 
-def run(seg: VadSegmenter, probs: list[float], start_ms: int = 0) -> list[tuple[int, object]]:
-    """Feed one probability per window; (window end ms, event) for every event."""
+def run(seg: VadSegmenter, probs: list[float], start_ms: int = 0, pauses: bool = False) -> list[tuple[int, object]]:
+    """Feed one probability per window; (window end ms, event) for every event (SpeechPause hints only
+    with ``pauses``)."""
     out = []
     end = start_ms
     for p in probs:
         end += seg.window_ms
-        out.extend((end, e) for e in seg.feed(end, p))
+        out.extend((end, e) for e in seg.feed(end, p) if pauses or not isinstance(e, SpeechPause))
     return out
 
 
@@ -123,4 +126,13 @@ class SegmenterTests(SynchronousTestCase):
     def test_bad_window(self) -> None:
         """A window length outside 1..1000 ms is refused."""
         self.assertRaises(ValueError, VadSegmenter, VadParams(), 0)
+
+    def test_pause_hint_when_the_voice_stops(self) -> None:
+        """The first unvoiced window in speech gives SpeechPause(voiced end), before any SpeechEnd; a
+        voice that resumes gives a pause and no end."""
+        seg = VadSegmenter(VadParams(speech_padding_ms=40, silence_padding_ms=100), 20)
+        events = run(seg, [0.9] * 5 + [0.0] + [0.9] * 3 + [0.0] * 6, pauses=True)
+        self.assertEqual([e for _, e in events],
+                         [SpeechStart(0), SpeechPause(100), SpeechPause(180), SpeechEnd(0, 180)])
+        self.assertEqual(events[1][0], 120)  # told on the first unvoiced window
 

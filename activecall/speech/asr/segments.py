@@ -145,6 +145,18 @@ class SegmentStream:
 
     # -- partials -------------------------------------------------------------
 
+    def speech_paused(self, at_ms: int) -> None:
+        """The voice stopped: decode what was said now; if it really was the end (VAD says so only
+        after silencePadding), this decode becomes the final (see speech_ended)."""
+        if self._closed or not self._speaking or not self._partials:
+            return
+        if self._partial is not None:
+            if self._partial_end_ms >= at_ms:
+                return  # the decode in flight already holds everything said
+            self._cancel_partial()  # dropped if still queued; the new one supersedes it
+        if self._written_bytes - self._segment_start >= _MIN_PARTIAL_MS * BYTES_PER_MS:
+            self._launch_partial()
+
     def _maybe_partial(self) -> None:
         if not self._partials or self._partial is not None:
             return
@@ -152,6 +164,9 @@ class SegmentStream:
             return
         if self._written_bytes - self._segment_start < _MIN_PARTIAL_MS * BYTES_PER_MS:
             return
+        self._launch_partial()
+
+    def _launch_partial(self) -> None:
         self._partial_at = self._written_bytes
         pcm = bytes(self._audio)
         end_ms = self._written_bytes // BYTES_PER_MS

@@ -163,6 +163,9 @@ class WsRecognitionStream:
     def speech_started(self, at_ms: int) -> None:
         """Streaming vendors do their own endpointing."""
 
+    def speech_paused(self, at_ms: int) -> None:
+        """Streaming vendors do their own endpointing."""
+
     def speech_ended(self, at_ms: int) -> None:
         """Streaming vendors do their own endpointing."""
 

@@ -47,7 +47,9 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from activecall.media.clock import PROCESS, MediaClock
-from activecall.speech.vad.segmenter import SilenceTimeout, SpeechEnd, SpeechStart, VadEvent, VadParams, VadSegmenter
+from activecall.speech.vad.segmenter import (
+    SilenceTimeout, SpeechEnd, SpeechPause, SpeechStart, VadEvent, VadParams, VadSegmenter,
+)
 from activecall.speech.vad.silero import (
     CONTEXT_SAMPLES,
     WINDOW_SAMPLES,
@@ -74,6 +76,9 @@ class VadListener(Protocol):
 
     def speech_started(self, start_ms: int) -> None:
         """Voice began at ``start_ms`` and has lasted speechPadding (protocol.md ``speaking``)."""
+
+    def speech_paused(self, at_ms: int) -> None:
+        """While speaking, the voice stopped at ``at_ms`` (it may resume within silencePadding)."""
 
     def speech_ended(self, start_ms: int, duration_ms: int) -> None:
         """The speech segment that began at ``start_ms`` lasted ``duration_ms`` (``silence`` (a))."""
@@ -469,6 +474,8 @@ class VadEngine:
             try:
                 if isinstance(event, SpeechStart):
                     listener.speech_started(event.start_ms)
+                elif isinstance(event, SpeechPause):
+                    listener.speech_paused(event.at_ms)
                 elif isinstance(event, SpeechEnd):
                     listener.speech_ended(event.start_ms, event.duration_ms)
                 elif isinstance(event, SilenceTimeout):

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Union
 if TYPE_CHECKING:
     from activecall.options import VadOption
 
-__all__ = ["VadParams", "VadSegmenter", "SpeechStart", "SpeechEnd", "SilenceTimeout", "VadEvent"]
+__all__ = ["VadParams", "VadSegmenter", "SpeechStart", "SpeechPause", "SpeechEnd", "SilenceTimeout", "VadEvent"]
 
 HYSTERESIS = 0.15
 _MIN_LOW_THRESHOLD = 0.01
@@ -53,6 +53,15 @@ class SpeechStart:
 
 
 @dataclass(frozen=True, slots=True)
+class SpeechPause:
+    """While speaking, the voice stopped at ``at_ms``; it may resume within ``silencePadding``.
+
+    A hint for speculative work (a recognizer can start decoding the utterance now)."""
+
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class SpeechEnd:
     """A speech segment ended: it began at ``start_ms`` and lasted ``duration_ms`` (trailing silence excluded)."""
 
@@ -68,7 +77,7 @@ class SilenceTimeout:
     duration_ms: int
 
 
-VadEvent = Union[SpeechStart, SpeechEnd, SilenceTimeout]
+VadEvent = Union[SpeechStart, SpeechPause, SpeechEnd, SilenceTimeout]
 
 
 def _clamp_int(value: object, low: int, high: int, default: int) -> int:
@@ -204,7 +213,7 @@ class VadSegmenter:
                 self._voiced_end_ms = window_end_ms
                 return self._check_forced(window_end_ms)
             self._state = _TRAILING
-            return self._check_end(window_end_ms)
+            return (SpeechPause(self._voiced_end_ms),) + self._check_end(window_end_ms)
         # _TRAILING
         if p >= self._thr:
             self._state = _SPEAKING
