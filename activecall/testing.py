@@ -13,11 +13,11 @@ from zope.interface.verify import verifyObject
 
 from activecall.media.tracks import IInboundLeg, IInboundLegFactory, ILegDialer, LegSetupError
 from activecall.speech.interfaces import (
-    IRecognitionStream, IRecognizer, ISpeechSynthesizer, RecognitionRequest, SynthesisError, SynthesisRequest, WordTiming,
+    IRecognitionListener, IRecognitionStream, IRecognizer, ISpeechSynthesizer, RecognitionRequest, SynthesisError, SynthesisRequest, WordTiming,
 )
 
 __all__ = ["FakeSynthesizer", "SynthesizerConformanceMixin", "FakeLeg", "FakeDialer", "FakeRecorder", "FakePending",
-           "FakeRecognizer", "FakeRecognitionStream", "FakeVadEngine", "FakeVadStream"]
+           "FakeRecognizer", "FakeRecognitionStream", "FakeVadEngine", "FakeVadStream", "RecordingListener"]
 
 
 @implementer(ISpeechSynthesizer)
@@ -354,3 +354,29 @@ class FakeVadEngine:
         stream = FakeVadStream(kind, rate_hz, params, listener)
         self.streams.append(stream)
         return stream
+
+
+@implementer(IRecognitionListener)
+class RecordingListener:
+    """Keeps what a recognition stream reports: ``results``, ``drops``, ``failures``; ``result_d`` fires
+    with the first transcript, ``failed_d`` with the first failure."""
+
+    def __init__(self) -> None:
+        self.results: list[Any] = []
+        self.drops: list[Any] = []
+        self.failures: list[Any] = []
+        self.result_d: Deferred[Any] = Deferred()
+        self.failed_d: Deferred[Any] = Deferred()
+
+    def transcript(self, result: Any) -> None:
+        self.results.append(result)
+        if not self.result_d.called:
+            self.result_d.callback(result)
+
+    def dropped(self, error: Any) -> None:
+        self.drops.append(error)
+
+    def failed(self, error: Any) -> None:
+        self.failures.append(error)
+        if not self.failed_d.called:
+            self.failed_d.callback(error)

@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
@@ -26,6 +25,7 @@ from activecall.speech.interfaces import (
 )
 from activecall.speech.asr import register_builtin_recognizers
 from activecall.speech.registry import RecognizerRegistry, RecognizerSettings
+from activecall.testing import RecordingListener
 from wsfake import FakeWsHandler, FakeWsServer
 
 _ENV = {"DASHSCOPE_API_KEY": "env-secret"}
@@ -47,21 +47,6 @@ def _sentence(task_id: str, text: str, begin: int, end: Any, done: bool, heartbe
                   {"output": {"sentence": sentence}, "usage": {"duration": 2} if done else None})
 
 
-class _Listener:
-    def __init__(self) -> None:
-        self.results: list[Transcript] = []
-        self.failures: list[RecognitionError] = []
-        self.failed_d: Deferred[RecognitionError] = Deferred()
-
-    def transcript(self, result: Transcript) -> None:
-        self.results.append(result)
-
-    def dropped(self, error: Any) -> None:
-        raise AssertionError("streaming recognizers do not drop utterances")
-
-    def failed(self, error: RecognitionError) -> None:
-        self.failures.append(error)
-        self.failed_d.callback(error)
 
 
 class _DashScope(FakeWsHandler):
@@ -114,7 +99,7 @@ class AliyunStreamTests(TestCase):
     def _recognizer(self, **kwargs: Any) -> AliyunRecognizer:
         return AliyunRecognizer(RecognizerSettings(), reactor=reactor, clock=reactor, environ=_ENV, **kwargs)
 
-    def _open(self, handler: Any, listener: _Listener, **kwargs: Any) -> Any:
+    def _open(self, handler: Any, listener: RecordingListener, **kwargs: Any) -> Any:
         url = self._server(handler)
         return self._recognizer(**kwargs).open(RecognitionRequest(endpoint=url, api_key="ds-own"), listener)
 
@@ -122,7 +107,7 @@ class AliyunStreamTests(TestCase):
         """Bearer key; run-task as documented; no audio before task-started; partial then final results;
         finish-task gets the last result and task-finished before close() fires."""
         url = self._server(_DashScope)
-        listener = _Listener()
+        listener = RecordingListener()
         request = RecognitionRequest(language="zh-CN", endpoint=url, api_key="ds-own",
                                      extra={"disfluency_removal_enabled": "true", "format": "wav",
                                             "vocabulary_id": "vocab-1"})
@@ -165,7 +150,7 @@ class AliyunStreamTests(TestCase):
                 self.send_text(_event(self.task_id, "task-failed", error_code="InvalidParameter",
                                       error_message="request timeout after 23 seconds."))
 
-        listener = _Listener()
+        listener = RecordingListener()
         stream = self._open(Fails, listener)
         error = await listener.failed_d
         self.assertFalse(error.retryable)
@@ -178,7 +163,7 @@ class AliyunStreamTests(TestCase):
                 self.send_text(_event(self.task_id, "task-failed", error_code="Throttling.RateQuota",
                                       error_message="Requests rate limit exceeded"))
 
-        listener = _Listener()
+        listener = RecordingListener()
         stream = self._open(Throttled, listener)
         self.assertTrue((await listener.failed_d).retryable)
         await stream.close()
@@ -190,7 +175,7 @@ class AliyunStreamTests(TestCase):
                 super().__init__(request)
                 self.deny = (401, "Unauthorized")
 
-        listener = _Listener()
+        listener = RecordingListener()
         stream = self._open(Unauthorized, listener)
         error = await listener.failed_d
         self.assertFalse(error.retryable)
@@ -205,7 +190,7 @@ class AliyunStreamTests(TestCase):
                 super().on_binary(data)
                 self.drop()
 
-        listener = _Listener()
+        listener = RecordingListener()
         stream = self._open(Drops, listener)
         for frame in _FRAMES[:10]:
             stream.write(frame)
@@ -225,7 +210,7 @@ class AliyunStreamTests(TestCase):
                     else:
                         self.send_text(_event(self.task_id, "result-generated", {"output": {"sentence": 5}}))
 
-            listener = _Listener()
+            listener = RecordingListener()
             stream = self._open(Hostile, listener)
             error = await listener.failed_d
             self.assertFalse(error.retryable)
@@ -237,7 +222,7 @@ class AliyunStreamTests(TestCase):
             def on_text(self, text: str) -> None:
                 self.texts.append(text)
 
-        listener = _Listener()
+        listener = RecordingListener()
         stream = self._open(Mute, listener, connect_timeout_s=0.3)
         stream.write(_FRAMES[0])
         error = await listener.failed_d
@@ -251,7 +236,7 @@ class AliyunStreamTests(TestCase):
         class Silent(_DashScope):
             answer_finish = False
 
-        listener = _Listener()
+        listener = RecordingListener()
         stream = self._open(Silent, listener, close_timeout_s=0.3)
         for frame in _FRAMES:
             stream.write(frame)
@@ -290,7 +275,7 @@ class AliyunRequestTests(SynchronousTestCase):
         """A foreign endpoint without its own key is refused at open(), before any connection."""
         recognizer = AliyunRecognizer(RecognizerSettings(), reactor=None, clock=Clock(), environ=_ENV)
         with self.assertRaises(RecognitionError) as caught:
-            recognizer.open(RecognitionRequest(endpoint="ws://127.0.0.1:9/api-ws/v1/inference"), _Listener())
+            recognizer.open(RecognitionRequest(endpoint="ws://127.0.0.1:9/api-ws/v1/inference"), RecordingListener())
         self.assertIn("apiKey", str(caught.exception))
         self.assertNotIn("env-secret", str(caught.exception))
 
@@ -300,9 +285,9 @@ class AliyunRequestTests(SynchronousTestCase):
                                       fetch=FetchConfig(allowed_hosts=("asr.example.com",)))
         for endpoint in ("wss://evil.example/api-ws/v1/inference", "https://asr.example.com/api-ws/v1/inference"):
             with self.assertRaises(RecognitionError):
-                recognizer.open(RecognitionRequest(endpoint=endpoint, api_key="own"), _Listener())
+                recognizer.open(RecognitionRequest(endpoint=endpoint, api_key="own"), RecordingListener())
         with self.assertRaises(RecognitionError):
-            recognizer.open(RecognitionRequest(api_key="k\nX-Evil: 1"), _Listener())
+            recognizer.open(RecognitionRequest(api_key="k\nX-Evil: 1"), RecordingListener())
         self.assertEqual(recognizer.headers_for(RecognitionRequest(endpoint="wss://asr.example.com/x", api_key="own")),
                          {"Authorization": "Bearer own"})
 

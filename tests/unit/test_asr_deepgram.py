@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
@@ -25,6 +24,7 @@ from activecall.speech.interfaces import (
 )
 from activecall.speech.asr import register_builtin_recognizers
 from activecall.speech.registry import RecognizerRegistry, RecognizerSettings
+from activecall.testing import RecordingListener
 from wsfake import FakeWsHandler, FakeWsServer
 
 _ENV = {"DEEPGRAM_API_KEY": "env-secret"}
@@ -48,21 +48,6 @@ _METADATA = json.dumps({"type": "Metadata", "transaction_key": "deprecated", "re
                         "sha256": "0" * 64, "created": "2026-01-01T00:00:00.000Z", "duration": 2.0, "channels": 1})
 
 
-class _Listener:
-    def __init__(self) -> None:
-        self.results: list[Transcript] = []
-        self.failures: list[RecognitionError] = []
-        self.failed_d: Deferred[RecognitionError] = Deferred()
-
-    def transcript(self, result: Transcript) -> None:
-        self.results.append(result)
-
-    def dropped(self, error: Any) -> None:
-        raise AssertionError("streaming recognizers do not drop utterances")
-
-    def failed(self, error: RecognitionError) -> None:
-        self.failures.append(error)
-        self.failed_d.callback(error)
 
 
 class _Deepgram(FakeWsHandler):
@@ -112,7 +97,7 @@ class DeepgramStreamTests(TestCase):
         """The upgrade carries the query and Token key; audio goes as Binary; partials then finals map to
         indexed transcripts; CloseStream gets the last results before close() fires."""
         url = self._server(_Deepgram)
-        listener = _Listener()
+        listener = RecordingListener()
         request = RecognitionRequest(language="en-US", endpoint=url, api_key="dg-own",
                                      extra={"endpointing": "500", "diarize": "true"})
         stream = self._recognizer().open(request, listener)
@@ -145,7 +130,7 @@ class DeepgramStreamTests(TestCase):
                 self.deny = (401, "Unauthorized")
 
         url = self._server(Unauthorized)
-        listener = _Listener()
+        listener = RecordingListener()
         stream = self._recognizer().open(RecognitionRequest(endpoint=url, api_key="bad"), listener)
         error = await listener.failed_d
         self.assertFalse(error.retryable)
@@ -165,7 +150,7 @@ class DeepgramStreamTests(TestCase):
                         self.peer.sendCloseFrame(code, reason.encode(), isReply=False)
 
             url = self._server(Closes)
-            listener = _Listener()
+            listener = RecordingListener()
             stream = self._recognizer().open(RecognitionRequest(endpoint=url, api_key="k"), listener)
             for frame in _FRAMES[:10]:
                 stream.write(frame)
@@ -182,7 +167,7 @@ class DeepgramStreamTests(TestCase):
                 self.drop()
 
         url = self._server(Drops)
-        listener = _Listener()
+        listener = RecordingListener()
         stream = self._recognizer().open(RecognitionRequest(endpoint=url, api_key="k"), listener)
         for frame in _FRAMES[:10]:
             stream.write(frame)
@@ -199,7 +184,7 @@ class DeepgramStreamTests(TestCase):
                 self.send_text("[1, 2")
 
         url = self._server(Garbage)
-        listener = _Listener()
+        listener = RecordingListener()
         stream = self._recognizer().open(RecognitionRequest(endpoint=url, api_key="k"), listener)
         error = await listener.failed_d
         self.assertFalse(error.retryable)
@@ -211,7 +196,7 @@ class DeepgramStreamTests(TestCase):
             answer_close_stream = False
 
         url = self._server(Silent)
-        listener = _Listener()
+        listener = RecordingListener()
         stream = self._recognizer(close_timeout_s=0.3).open(RecognitionRequest(endpoint=url, api_key="k"), listener)
         for frame in _FRAMES:
             stream.write(frame)
@@ -232,7 +217,7 @@ class DeepgramStreamTests(TestCase):
         """With no audio for KEEPALIVE_S the stream sends KeepAlive; audio going out postpones it."""
         clock = Clock()
         url = self._server(_Deepgram)
-        stream = self._recognizer(clock=clock).open(RecognitionRequest(endpoint=url, api_key="k"), _Listener())
+        stream = self._recognizer(clock=clock).open(RecognitionRequest(endpoint=url, api_key="k"), RecordingListener())
         await _until(lambda: stream.conn is not None)
         handler = self.server.handlers[0]
         clock.advance(KEEPALIVE_S)
@@ -270,7 +255,7 @@ class DeepgramRequestTests(SynchronousTestCase):
         """A foreign endpoint without its own key is refused at open(), before any connection."""
         recognizer = DeepgramRecognizer(RecognizerSettings(), reactor=None, clock=Clock(), environ=_ENV)
         with self.assertRaises(RecognitionError) as caught:
-            recognizer.open(RecognitionRequest(endpoint="ws://127.0.0.1:9/v1/listen"), _Listener())
+            recognizer.open(RecognitionRequest(endpoint="ws://127.0.0.1:9/v1/listen"), RecordingListener())
         self.assertIn("apiKey", str(caught.exception))
         self.assertNotIn("env-secret", str(caught.exception))
 
@@ -280,9 +265,9 @@ class DeepgramRequestTests(SynchronousTestCase):
                                         fetch=FetchConfig(allowed_hosts=("asr.example.com",)))
         for endpoint in ("wss://evil.example/v1/listen", "https://asr.example.com/v1/listen"):
             with self.assertRaises(RecognitionError):
-                recognizer.open(RecognitionRequest(endpoint=endpoint, api_key="own"), _Listener())
+                recognizer.open(RecognitionRequest(endpoint=endpoint, api_key="own"), RecordingListener())
         with self.assertRaises(RecognitionError):
-            recognizer.open(RecognitionRequest(api_key="k\r\nX-Evil: 1"), _Listener())
+            recognizer.open(RecognitionRequest(api_key="k\r\nX-Evil: 1"), RecordingListener())
         url, headers = recognizer.connection_for(RecognitionRequest(endpoint="wss://asr.example.com/v1/listen",
                                                                     api_key="own"))
         self.assertTrue(url.startswith("wss://asr.example.com/v1/listen?model=nova-3"))

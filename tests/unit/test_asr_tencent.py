@@ -10,7 +10,6 @@ from typing import Any, Optional
 from urllib.parse import parse_qsl, urlsplit
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
@@ -23,10 +22,10 @@ from activecall.speech.interfaces import (
     ProviderUnavailableError,
     RecognitionError,
     RecognitionRequest,
-    Transcript,
 )
 from activecall.speech.registry import RecognizerSettings
 from activecall.speech.tencent_auth import asr_signature
+from activecall.testing import RecordingListener
 from wsfake import FakeWsHandler, FakeWsServer
 
 APP_ID = "1259228442"
@@ -38,22 +37,6 @@ FRAME = b"\x10\x00\xf0\xff" * 160  # 20 ms at 16 kHz
 OWN = {"app_id": APP_ID, "secret_id": SECRET_ID}
 
 
-class _Listener:
-    def __init__(self) -> None:
-        self.results: list[Transcript] = []
-        self.failures: list[RecognitionError] = []
-        self.failed_d: Deferred[RecognitionError] = Deferred()
-
-    def transcript(self, result: Transcript) -> None:
-        self.results.append(result)
-
-    def dropped(self, error: Any) -> None:
-        raise AssertionError("tencent never drops single utterances")
-
-    def failed(self, error: RecognitionError) -> None:
-        self.failures.append(error)
-        if not self.failed_d.called:
-            self.failed_d.callback(error)
 
 
 def _doc_signature(key: str, host: str, path: str, params: dict[str, str]) -> str:
@@ -137,7 +120,7 @@ class TencentAsrStreamTests(TestCase):
     async def test_signed_stream_partials_then_final(self) -> None:
         """A correctly signed URL, binary audio in 40 ms messages, {"type":"end"}; partial then final, in order."""
         endpoint = self._serve(TencentAsrService)
-        listener = _Listener()
+        listener = RecordingListener()
         stream = self._recognizer(endpoint).open(RecognitionRequest(language="zh-CN", **OWN), listener)
         verifyObject(IRecognitionStream, stream)
         for _ in range(50):
@@ -163,7 +146,7 @@ class TencentAsrStreamTests(TestCase):
     async def test_wrong_secret_key_is_an_auth_error(self) -> None:
         """The server's code 4002 (signature check failed) fails the stream, not retryable."""
         endpoint = self._serve(TencentAsrService)
-        listener = _Listener()
+        listener = RecordingListener()
         self._recognizer(endpoint, key="wrong").open(RecognitionRequest(**OWN), listener)
         error = await listener.failed_d
         self.assertIn("4002", str(error))
@@ -175,7 +158,7 @@ class TencentAsrStreamTests(TestCase):
         class Busy(TencentAsrService):
             error_code = 4006
 
-        listener = _Listener()
+        listener = RecordingListener()
         self._recognizer(self._serve(Busy)).open(RecognitionRequest(**OWN), listener)
         error = await listener.failed_d
         self.assertTrue(error.retryable)
@@ -189,7 +172,7 @@ class TencentAsrStreamTests(TestCase):
                 super().__init__(request)
                 self.deny = (403, "Forbidden")
 
-        listener = _Listener()
+        listener = RecordingListener()
         self._recognizer(self._serve(Deny)).open(RecognitionRequest(**OWN), listener)
         error = await listener.failed_d
         self.assertIn("403", str(error))
@@ -201,7 +184,7 @@ class TencentAsrStreamTests(TestCase):
             def opened(self) -> None:
                 self.send_text("<html>oops</html>")
 
-        listener = _Listener()
+        listener = RecordingListener()
         self._recognizer(self._serve(Garbage)).open(RecognitionRequest(**OWN), listener)
         error = await listener.failed_d
         self.assertIn("malformed", str(error))
@@ -209,7 +192,7 @@ class TencentAsrStreamTests(TestCase):
     async def test_drop_mid_stream_fails_once_and_close_returns(self) -> None:
         """A TCP drop mid-stream: one retryable failure, close() still fires, nothing after it."""
         endpoint = self._serve(TencentAsrService)
-        listener = _Listener()
+        listener = RecordingListener()
         stream = self._recognizer(endpoint).open(RecognitionRequest(**OWN), listener)
         for _ in range(6):
             stream.write(FRAME)

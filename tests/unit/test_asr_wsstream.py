@@ -5,36 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from activecall.fetch import FetchRefusedError
 from activecall.speech.asr.wsstream import WsRecognitionStream, check_ws_url
 from activecall.speech.interfaces import Transcript
+from activecall.testing import RecordingListener
 from wsfake import FakeWsHandler, FakeWsServer
 
 FRAME = b"\x00\x01" * 320
 
 
-class _Listener:
-    def __init__(self) -> None:
-        self.results: list[Transcript] = []
-        self.failures: list[Any] = []
-        self.failed_d: Deferred[Any] = Deferred()
-        self.result_d: Deferred[Any] = Deferred()
-
-    def transcript(self, result: Transcript) -> None:
-        self.results.append(result)
-        if not self.result_d.called:
-            self.result_d.callback(result)
-
-    def dropped(self, error: Any) -> None:
-        pass
-
-    def failed(self, error: Any) -> None:
-        self.failures.append(error)
-        self.failed_d.callback(error)
 
 
 class _Vendor(WsRecognitionStream):
@@ -90,7 +72,7 @@ class WsRecognitionStreamTests(TestCase):
     async def test_audio_buffered_until_ready_then_final_on_close(self) -> None:
         """Audio written before the vendor is ready is sent after; close() waits for the last result."""
         port = self._server(_Service)
-        listener = _Listener()
+        listener = RecordingListener()
         stream = _Vendor(reactor=reactor, clock=reactor, url=f"ws://127.0.0.1:{port}/", headers={}, listener=listener)
         for _ in range(10):
             stream.write(FRAME)
@@ -102,7 +84,7 @@ class WsRecognitionStreamTests(TestCase):
         """Beyond max_buffer_ms the oldest audio is dropped."""
         port = self._server(_Service)
         stream = _Vendor(reactor=reactor, clock=reactor, url=f"ws://127.0.0.1:{port}/", headers={},
-                         listener=_Listener(), max_buffer_ms=100)
+                         listener=RecordingListener(), max_buffer_ms=100)
         for _ in range(20):
             stream.write(FRAME)
         self.assertEqual(stream.dropped_bytes, 15 * len(FRAME))
@@ -111,7 +93,7 @@ class WsRecognitionStreamTests(TestCase):
     async def test_drop_mid_stream_fails_once_retryable(self) -> None:
         """A vendor that cuts the TCP connection gives one retryable failure."""
         port = self._server(_Service)
-        listener = _Listener()
+        listener = RecordingListener()
         stream = _Vendor(reactor=reactor, clock=reactor, url=f"ws://127.0.0.1:{port}/", headers={}, listener=listener)
         await _until(lambda: stream._ready)
         self.server.handlers[0].drop()
@@ -129,7 +111,7 @@ class WsRecognitionStreamTests(TestCase):
                 self.deny = (401, "Unauthorized")
 
         port = self._server(Deny)
-        listener = _Listener()
+        listener = RecordingListener()
         _Vendor(reactor=reactor, clock=reactor, url=f"ws://127.0.0.1:{port}/", headers={}, listener=listener)
         error = await listener.failed_d
         self.assertFalse(error.retryable)
@@ -141,7 +123,7 @@ class WsRecognitionStreamTests(TestCase):
             silent_on_end = True
 
         port = self._server(Quiet)
-        listener = _Listener()
+        listener = RecordingListener()
         stream = _Vendor(reactor=reactor, clock=reactor, url=f"ws://127.0.0.1:{port}/", headers={}, listener=listener,
                          close_timeout_s=0.2)
         await _until(lambda: stream._ready)
