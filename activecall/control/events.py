@@ -19,7 +19,6 @@ import dataclasses
 import json
 import re
 from dataclasses import KW_ONLY, dataclass
-from datetime import datetime, timezone
 from typing import Any, ClassVar, Union, get_args
 
 from activecall.timefmt import format_rfc3339, format_rfc3339_z
