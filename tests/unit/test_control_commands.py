@@ -263,6 +263,12 @@ BAD: list[tuple[str | bytes, str]] = [
     ),
     ('{"command":"invite","option":{"vad":{"ratio":"0.5"}}}', "invalid invite.option.vad.ratio: expected a number"),
     ('{"command":"invite","option":{"vad":[]}}', "invalid invite.option.vad: expected an object"),
+    ('{"command":"invite","option":{"interruption":{"strategy":"sometimes"}}}',
+     "invalid invite.option.interruption.strategy: expected one of both, vad, asr, none"),
+    ('{"command":"invite","option":{"interruption":{"ignoreFirstMs":-1}}}',
+     "invalid invite.option.interruption.ignoreFirstMs: expected an integer from 0 to 4294967295"),
+    ('{"command":"invite","option":{"eou":{"timeout":"soon"}}}',
+     "invalid invite.option.eou.timeout: expected an integer from 0 to 4294967295"),
     ('{"command":"invite","option":{"asr":{"language":"en"}}}', "missing field invite.option.asr.provider"),
     (
         '{"command":"invite","option":{"sip":{"enable_srtp":"yes"}}}',
