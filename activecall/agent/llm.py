@@ -310,7 +310,7 @@ class OpenAIChat:
             "llm", official=frozenset({configured}), env_key=environ.get("OPENAI_API_KEY") or None,
             no_key="llm: no API key (set llm.apiKey or OPENAI_API_KEY)",
             where="the configured base URL (OPENAI_BASE_URL)", needs_key=frozenset({chat_url(DEFAULT_BASE_URL)}),
-            error_type=LlmError,  # type: ignore[arg-type]  # KeyPolicy needs only (message, retryable=)
+            error_type=LlmError,
             check=lambda url: check_url(url, fetch.allowed_hosts),
             on_refused=lambda reason: self._log.info("llm endpoint refused: {reason}", reason=reason))
 
@@ -362,7 +362,7 @@ class _ChatCall(StreamedCall[ChatResult]):
     second timer the wait for its first delta."""
 
     provider = "llm"
-    error_type = LlmError  # type: ignore[assignment]  # StreamedCall needs only (message, retryable=)
+    error_type = LlmError
     idle_timeout = False
 
     def __init__(self, clock: IReactorTime, first_token_timeout_s: float, total_timeout_s: float,
@@ -386,9 +386,9 @@ class _ChatCall(StreamedCall[ChatResult]):
 
     def _no_first_token(self) -> None:
         self._first = None
-        self._fail(LlmError(f"llm: no first token within {self._first_s:g} s", retryable=True))  # type: ignore[arg-type]
+        self._fail(LlmError(f"llm: no first token within {self._first_s:g} s", retryable=True))
 
-    def timeout_error(self) -> LlmError:  # type: ignore[override]
+    def timeout_error(self) -> LlmError:
         return LlmError(f"llm: answer not complete within {self.timeout_s:g} s", retryable=True)
 
     def check_response(self, response: IResponse) -> None:
@@ -423,6 +423,6 @@ class _ChatCall(StreamedCall[ChatResult]):
             raise LlmError("llm: stream ended before the answer finished", retryable=True)
         return self._answer.result()
 
-    def status_error(self, code: int, body: bytes) -> LlmError:  # type: ignore[override]
+    def status_error(self, code: int, body: bytes) -> LlmError:
         message = server_message(body, ("error", "detail", "message"))
         return LlmError(f"llm HTTP {code}: {message}".rstrip(": "), retryable=retryable_status(code))

@@ -20,7 +20,7 @@ and whatever the request reports after that (``ResponseNeverReceived`` wrapping 
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, ClassVar, Generic, Optional, Sequence, TypeVar, Union
+from typing import Any, Callable, ClassVar, Generic, Optional, Sequence, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -29,12 +29,13 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
 from activecall.fetch import BodyStream
-from activecall.speech.interfaces import RecognitionError, SynthesisError
 
 __all__ = ["StreamedCall", "PcmFramer", "MAX_ERROR_BODY_BYTES", "content_type", "retryable_status", "server_message"]
 
 T = TypeVar("T")
-SpeechError = Union[SynthesisError, RecognitionError]
+#: What a call fails with: its provider's exception type, built as ``error_type(message, retryable=...)``
+#: (SynthesisError, RecognitionError, the LLM client's LlmError).
+SpeechError = Exception
 
 #: The most of an error response's body kept for its message.
 MAX_ERROR_BODY_BYTES = 64 * 1024
@@ -59,7 +60,7 @@ class StreamedCall(Generic[T]):
     """
 
     provider: ClassVar[str]
-    error_type: ClassVar[type[SynthesisError] | type[RecognitionError]]
+    error_type: ClassVar[type[Exception]]
     idle_timeout: ClassVar[bool] = True
     truncate_error_body: ClassVar[bool] = True
 

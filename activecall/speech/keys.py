@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from activecall.speech.interfaces import ProviderUnavailableError, RecognitionError, SynthesisError
+from activecall.speech.interfaces import ProviderUnavailableError
 
 __all__ = ["KeyPolicy"]
 
@@ -38,7 +38,7 @@ class KeyPolicy:
     env_key: Optional[str]
     no_key: str
     where: str
-    error_type: type[SynthesisError] | type[RecognitionError]
+    error_type: type[Exception]  # built as error_type(message, retryable=...)
     check: Callable[[str], object]
     schemes: str = "http/https"
     needs_key: Optional[frozenset[str]] = None
