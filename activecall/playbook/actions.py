@@ -289,7 +289,6 @@ def _tag(name: str, required: tuple[_Attr, ...], optional: tuple[_Attr, ...],
     return match
 
 
-_SET_VAR_HEAD = re.compile(r'<set_var\s+key="([^"]+)"\s+value=["\']')
 _SET_VAR_END = re.compile(r'["\']\s*/>')
 
 
@@ -474,7 +473,7 @@ def parse_json_reply(text: str) -> JsonReply:
     if len(text) > MAX_JSON_CHARS:
         raise ReplyFormatError(f"JSON reply longer than {MAX_JSON_CHARS} characters")
     stripped = text.strip()
-    fenced = _FENCE.search(stripped)
+    fenced = None if stripped[:1] in ("{", "[") else _FENCE.search(stripped)
     if fenced is not None:
         source = fenced.group(1).strip()
     elif stripped[:1] in ("{", "["):

@@ -375,6 +375,8 @@ class JsonModeTests(SynchronousTestCase):
         self.assertEqual(reply, JsonReply(None, [HttpTool("u", "GET", None, {}), Reject("Rejected by agent")],
                                           10000))
         self.assertEqual(parse_json_reply('```\n{"text": "hi"}\n```'), JsonReply("hi", [], 10000))
+        self.assertEqual(parse_json_reply('{"text": "type ```ls``` now"}').speech, "type ```ls``` now")
+        self.assertEqual(parse_json_reply('``` {"text": "unclosed"}').speech, "unclosed")
         speech, actions, _ = parse_json_reply('{"text": "bye", "tools": [{"name": "hangup"}]}')
         self.assertEqual((speech, actions), ("bye", [Hangup()]))
 
