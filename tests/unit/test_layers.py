@@ -165,6 +165,7 @@ PURE: tuple[str, ...] = (
     "activecall.call.events",
     "activecall.call.record",
     "activecall.playbook.model",
+    "activecall.playbook.actions",
     "activecall.control.commands",
     "activecall.control.events",
 )
