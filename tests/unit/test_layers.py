@@ -166,6 +166,7 @@ PURE: tuple[str, ...] = (
     "activecall.call.record",
     "activecall.playbook.model",
     "activecall.playbook.actions",
+    "activecall.playbook.dtmf",
     "activecall.control.commands",
     "activecall.control.events",
 )
