@@ -167,6 +167,7 @@ PURE: tuple[str, ...] = (
     "activecall.playbook.model",
     "activecall.playbook.actions",
     "activecall.playbook.dtmf",
+    "activecall.playbook.templates",
     "activecall.control.commands",
     "activecall.control.events",
 )
@@ -179,7 +180,7 @@ BANNED_EXCEPT: tuple[str, ...] = ("twisted.internet.interfaces",)
 
 #: Third-party libraries that only compute, which pure modules may use.
 COMPUTE_LIBRARIES: tuple[str, ...] = (
-    "zope.interface", "automat", "numpy", "pylibsrtp", "av", "yaml", "audioop",
+    "zope.interface", "automat", "numpy", "pylibsrtp", "av", "yaml", "audioop", "jinja2",
     "twisted.internet.interfaces",
 )
 
