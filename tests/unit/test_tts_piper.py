@@ -306,7 +306,9 @@ class PiperRealVoiceTests(TestCase):
             pcm = bytearray()
             yield self.synth.synthesize(SynthesisRequest("Good morning, how are you today?", speed=speed), lambda p, r: pcm.extend(p))
             lengths.append(len(pcm))
-        self.assertLess(lengths[1], lengths[0] * 0.7)
+        # Phonemes halve but pauses do not, and Piper's duration noise varies the length by a few %:
+        # the ratio lands near 0.70 (0.69-0.71 seen), so 0.7 itself was a coin toss.
+        self.assertLess(lengths[1], lengths[0] * 0.8)
 
     @inlineCallbacks
     def test_cancel_stops_delivery(self) -> Iterator[Deferred[Any]]:
