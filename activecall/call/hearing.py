@@ -223,9 +223,11 @@ class CallHearing:
         name = asr.provider or registry.default_provider(asr.language) or ""
         try:
             provider = registry.resolve(name)
+            # The model travels in each stream's request (every provider reads request.model first);
+            # keeping it out of the settings means a client naming models does not build (and, for
+            # whisper, load) a recognizer per name.
             recognizer = registry.create(provider, RecognizerSettings(
-                model=asr.model_type, endpoint=asr.endpoint, api_key=asr.secret_key,
-                models_dir=self._services.models_dir))
+                endpoint=asr.endpoint, api_key=asr.secret_key, models_dir=self._services.models_dir))
         except UnknownProviderError:
             self._error(f"ASR provider not available: {name}")
             return

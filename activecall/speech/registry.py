@@ -24,6 +24,9 @@ OFFLINE_ASR = "whisper"
 
 P = TypeVar("P")
 
+#: Provider instances kept per registry (one per distinct name and settings).
+MAX_INSTANCES = 16
+
 
 @dataclass(frozen=True)
 class SynthesisSettings:
@@ -107,10 +110,14 @@ class _ProviderRegistry(Generic[P]):
             self._log.info("{kind} provider {alias} is served by {provider}", kind=self.kind, alias=requested,
                            provider=canonical)
         cache_key = (canonical, settings)
-        provider = self._instances.get(cache_key)
+        provider = self._instances.pop(cache_key, None)
         if provider is None:
             provider = self._factories[canonical](settings)
-            self._instances[cache_key] = provider
+            # Settings come from call options (endpoint, key, model): a client varying them must not
+            # grow the cache without bound. The least recently used instance goes; calls using it keep it.
+            while len(self._instances) >= MAX_INSTANCES:
+                self._instances.pop(next(iter(self._instances)))
+        self._instances[cache_key] = provider
         return provider
 
     def _default(self, wanted: str, offline: str) -> str | None:

@@ -227,3 +227,21 @@ class DefaultProviderTests(SynchronousTestCase):
         self.assertEqual(registry.default_provider("zh"), "aliyun")
         self.assertEqual(registry.default_provider("en-US"), "piper")
 
+
+
+class InstanceCacheBoundTests(SynchronousTestCase):
+    def test_settings_from_clients_cannot_grow_the_cache(self) -> None:
+        """Distinct client settings (endpoint, key) build instances, but at most MAX_INSTANCES are kept,
+        the least recently used going first."""
+        from activecall.speech.registry import MAX_INSTANCES, RecognizerRegistry, RecognizerSettings
+
+        built: list[Any] = []
+        registry = RecognizerRegistry()
+        registry.register("x", lambda settings: built.append(settings) or object())
+        first = registry.create("x", RecognizerSettings(api_key="k0"))
+        for i in range(1, 1000):
+            registry.create("x", RecognizerSettings(api_key=f"k{i}"))
+            if i % 10 == 0:
+                self.assertIs(registry.create("x", RecognizerSettings(api_key="k0")), first)  # kept while used
+        self.assertLessEqual(len(registry._instances), MAX_INSTANCES)
+        self.assertEqual(len(built), 1000)
