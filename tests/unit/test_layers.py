@@ -75,6 +75,7 @@ LAYERS: dict[str, str] = {
     # shipped fakes
     "activecall.testing": "testing",
     "activecall.testing_sip": "testing",
+    "activecall.testing_llm": "testing",
     # the composition root
     "activecall.tap": "tap",
 }
