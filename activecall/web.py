@@ -7,15 +7,17 @@ import io
 import json
 import os
 import re
+import stat
 from urllib.parse import unquote
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.web.http import HTTPChannel, combinedLogFormatter
 from twisted.web.resource import Resource
@@ -27,10 +29,13 @@ from activecall.config import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_MESSAGE_BYTE
 from activecall.control.access import AccessPolicy
 from activecall.control.commands import CommandError, command_from_object
 from activecall.control.events import format_rfc3339
+from activecall.control.playbookruns import PlaybookRuns, RunsFullError
 from activecall.control.wirejson import JsonInputError, parse_json
 from activecall.fileio import UnsafePathError, safe_join, write_atomically
 from activecall.control.protocol import ControlFactory
 from activecall.interfaces import ISessionListener
+from activecall.playbook.model import (INLINE_SOURCE, PlaybookError, PlaybookNotFound, parse_playbook,
+                                       resolve_playbook_path)
 
 # The HTTP port's accept queue. Twisted's default (50) overflows in a burst of connections
 # (clients reconnecting after a restart, or a flood): the kernel then drops SYNs and the
@@ -44,6 +49,10 @@ SSE_MAX_BACKLOG_BYTES = 1024 * 1024
 PLAYBOOK_DIR = os.path.join("config", "playbook")
 # A playbook file name: no path, no NUL, no hidden file, always Markdown.
 _PLAYBOOK_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,124}\.md")
+# A playbook read, saved or run over HTTP is at most this large (its front matter has its own, smaller cap).
+MAX_PLAYBOOK_BYTES = 256 * 1024
+# GET /api/playbooks lists at most this many files (the first by name).
+MAX_LISTED_PLAYBOOKS = 1000
 # Routes that answer without a token, for load balancers.
 _OPEN_PATHS = (["health"],)
 _JSON_TYPES = (b"application/json",)
@@ -69,6 +78,94 @@ def _error(request: Request, message: str, code: int) -> bytes:
 def _header(request: Request, name: bytes) -> Optional[str]:
     value = request.getHeader(name)
     return value.decode("latin-1") if value is not None else None
+
+
+_T = TypeVar("_T")
+
+
+class _PlaybookFileError(Exception):
+    """A playbook file refused or not found: ``code`` and the plain-text ``message`` for the client."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# --- playbook files: blocking, run through ApiResource's run_blocking --------------------------
+
+
+def _playbook_path(directory: str, name: str) -> str:
+    """``name`` inside ``directory`` with symlinks resolved; a link pointing outside is refused (400)."""
+    try:
+        return safe_join(directory, name)
+    except UnsafePathError:
+        raise _PlaybookFileError(400, "Invalid filename") from None
+
+
+def list_playbook_files(directory: str, limit: int = MAX_LISTED_PLAYBOOKS) -> list[tuple[str, float]]:
+    """``(name, mtime)`` of the playbooks in ``directory``, by name: regular ``*.md`` files with a valid
+    name (no hidden ones), symlinks only when they resolve inside ``directory``. Blocking."""
+    try:
+        with os.scandir(directory) as entries:
+            names = sorted(e.name for e in entries if _PLAYBOOK_NAME.fullmatch(e.name))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found: list[tuple[str, float]] = []
+    for name in names:
+        if len(found) >= limit:
+            break
+        try:
+            st = os.stat(safe_join(directory, name))
+        except (UnsafePathError, OSError):
+            continue
+        if stat.S_ISREG(st.st_mode):
+            found.append((name, st.st_mtime))
+    return found
+
+
+def read_playbook_file(directory: str, name: str, limit: int = MAX_PLAYBOOK_BYTES) -> bytes:
+    """The bytes of playbook ``name``; raises _PlaybookFileError (400 outside, 404 missing or not a
+    regular file, 413 larger than ``limit``). Blocking."""
+    path = _playbook_path(directory, name)
+    try:
+        # O_NONBLOCK: a FIFO named x.md must not hold a worker thread in open().
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        raise _PlaybookFileError(404, "Playbook not found") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise _PlaybookFileError(404, "Playbook not found")
+        try:
+            data = f.read(limit + 1)
+        except OSError:
+            raise _PlaybookFileError(404, "Playbook not found") from None
+    if len(data) > limit:
+        raise _PlaybookFileError(413, f"Playbook larger than {limit} bytes")
+    return data
+
+
+def save_playbook_file(directory: str, name: str, data: bytes) -> None:
+    """Write playbook ``name`` atomically; raises _PlaybookFileError (400 outside, 500 write error). Blocking."""
+    path = _playbook_path(directory, name)
+    try:
+        write_atomically(path, data)
+    except OSError as e:
+        raise _PlaybookFileError(500, f"cannot save playbook: {e.strerror}") from None
+
+
+def check_playbook_run(directory: str, value: str, environ: Mapping[str, str], env_prefix: str) -> None:
+    """Load ``value`` (inline text or a file name in ``directory``) as a call would; raises PlaybookError
+    (the message names file, line and reason) or _PlaybookFileError. Blocking."""
+    source = resolve_playbook_path(value, directory)
+    if source is None:
+        parse_playbook(value.strip(), environ, INLINE_SOURCE, env_prefix=env_prefix)
+        return
+    try:
+        text = read_playbook_file(directory, value).decode("utf-8")
+    except UnicodeDecodeError:
+        raise PlaybookError("cannot read playbook: not UTF-8 text", source=source) from None
+    parse_playbook(text, environ, source, env_prefix=env_prefix)
 
 
 class _BodyError(Exception):
@@ -150,8 +247,17 @@ class ApiResource(Resource):
     def __init__(self, sessions: Any, clock: IReactorTime, ice_servers: Sequence[Any],
                  precache: Optional[Callable[[Any], Deferred[dict[str, Any]]]] = None, gzip: bool = False,
                  registrations: Optional[Callable[[], Any]] = None,
-                 metrics: Optional[Callable[[], tuple[bytes, str]]] = None, api: ApiConfig = ApiConfig()) -> None:
+                 metrics: Optional[Callable[[], tuple[bytes, str]]] = None, api: ApiConfig = ApiConfig(),
+                 playbook_runs: Optional[PlaybookRuns] = None,
+                 run_blocking: Optional[Callable[..., Deferred[Any]]] = None,
+                 environ: Optional[Mapping[str, str]] = None) -> None:
         super().__init__()
+        # POST /api/playbook/run hands out its ids here; None: the route answers 503.
+        self._playbook_runs = playbook_runs
+        # Playbook file I/O and parsing run through it; None runs them inline (tests, embedding).
+        self._run_blocking = run_blocking
+        self._environ: Mapping[str, str] = environ if environ is not None else {}  # ${VAR}s of playbooks
+        self._env_prefix = api.env_prefix
         self._registrations = registrations
         self._metrics = metrics  # () -> (Prometheus text exposition, its content type)
         self._gzip = gzip
@@ -181,11 +287,52 @@ class ApiResource(Resource):
         except Exception:
             self._log.failure("HTTP {method} {path} failed", method=method, path=path)
             return _json(request, {"status": "error", "error": "internal error"}, 500)
-        if self._gzip and isinstance(body, bytes) and b"gzip" in (request.getHeader(b"accept-encoding") or b""):
+        return self._encoded(request, body) if isinstance(body, bytes) else body
+
+    def _encoded(self, request: Request, body: bytes) -> bytes:
+        if self._gzip and b"gzip" in (request.getHeader(b"accept-encoding") or b""):
             request.setHeader(b"Content-Encoding", b"gzip")
             request.setHeader(b"Vary", b"Accept-Encoding")
             body = gzip.compress(body)
         return body
+
+    def _off_reactor(self, request: Request, work: Callable[[], _T], answer: Callable[[_T], bytes],
+                     refused: Callable[[BaseException], Optional[bytes]]) -> Any:
+        """Run blocking ``work`` through ``run_blocking`` and respond ``answer(result)``.
+
+        ``refused(error)`` turns an expected error into a response (None: unexpected, logged, 500).
+        Returns the body when the work finished at once (no ``run_blocking``), else NOT_DONE_YET;
+        a client gone meanwhile gets nothing.
+        """
+        d: Deferred[Any] = self._run_blocking(work) if self._run_blocking is not None else maybeDeferred(work)
+        d.addCallback(answer)
+
+        def failed(f: Failure) -> bytes:
+            body = refused(f.value)
+            if body is None:
+                self._log.failure("HTTP {method} {uri} failed", f, method=request.method, uri=request.uri)
+                body = _json(request, {"status": "error", "error": "internal error"}, 500)
+            return body
+
+        d.addErrback(failed)
+        done: list[bytes] = []
+        d.addCallback(done.append)
+        if done:
+            return done[0]
+        gone: list[object] = []
+        request.notifyFinish().addBoth(gone.append)
+
+        def respond(_: object) -> None:
+            if gone:
+                return
+            body = self._encoded(request, done[0])
+            request.setHeader(b"Content-Length", b"%d" % len(body))
+            request.write(body)
+            request.finish()
+
+        d.addCallback(respond)
+        d.addErrback(lambda f: self._log.failure("HTTP response to {uri} failed", f, uri=request.uri))
+        return NOT_DONE_YET
 
     def _denied(self, request: Request) -> Optional[bytes]:
         """The 401/403 answer when the token or the browser Origin is not accepted, else None."""
@@ -239,6 +386,8 @@ class ApiResource(Resource):
             return _json(request, self._ice_servers_json())
         if parts == ["precache"] and method == "POST" and self._precache is not None:
             return self._precache_route(request)
+        if parts == ["api", "playbook", "run"]:
+            return self._playbook_run(request) if method == "POST" else _text(request, "Method Not Allowed", 405)
         if parts[:2] == ["api", "playbooks"] and len(parts) <= 3:
             return self._playbooks(request, method, parts[2] if len(parts) == 3 else None)
         if parts == ["registrations"] and method == "GET" and self._registrations is not None:
@@ -293,44 +442,91 @@ class ApiResource(Resource):
         d.addCallbacks(done, failed)
         return NOT_DONE_YET
 
-    def _playbooks(self, request: Request, method: str, name: Optional[str]) -> bytes:
-        """``/api/playbooks[/{name}]``: list, read and save files in ``config/playbook/``."""
+    def _playbooks(self, request: Request, method: str, name: Optional[str]) -> Any:
+        """``/api/playbooks[/{name}]``: list, read and save files in ``config/playbook/``, off the reactor."""
+        directory = PLAYBOOK_DIR
+
+        def as_text(e: BaseException) -> Optional[bytes]:
+            return _text(request, e.message, e.code) if isinstance(e, _PlaybookFileError) else None
+
         if name is None:
             if method != "GET":
                 return _text(request, "Method Not Allowed", 405)
-            entries = []
-            if os.path.isdir(PLAYBOOK_DIR):
-                for entry in sorted(os.scandir(PLAYBOOK_DIR), key=lambda e: e.name):
-                    if entry.is_file() and entry.name.endswith(".md"):
-                        entries.append({"name": entry.name, "updated": format_rfc3339(entry.stat().st_mtime)})
-            return _json(request, entries)
+            return self._off_reactor(
+                request, lambda: list_playbook_files(directory),
+                lambda found: _json(request, [{"name": n, "updated": format_rfc3339(t)} for n, t in found]), as_text)
         name = unquote(name)
         if _PLAYBOOK_NAME.fullmatch(name) is None:
             return _text(request, "Invalid filename", 400)
-        path = os.path.join(PLAYBOOK_DIR, name)
+        valid_name = name
         if method == "GET":
-            try:
-                with open(path, "rb") as f:
-                    text = f.read()
-            except OSError:
-                return _text(request, "Playbook not found", 404)
-            request.setHeader(b"Content-Type", b"text/markdown; charset=utf-8")
-            return text
+            def markdown(text: bytes) -> bytes:
+                request.setHeader(b"Content-Type", b"text/markdown; charset=utf-8")
+                return text
+
+            return self._off_reactor(request, lambda: read_playbook_file(directory, valid_name), markdown, as_text)
         if method == "POST":
             text = self._body(request, _PLAYBOOK_TYPES)
+            if len(text) > MAX_PLAYBOOK_BYTES:
+                return _text(request, f"Playbook larger than {MAX_PLAYBOOK_BYTES} bytes", 413)
             try:
                 text.decode("utf-8")
             except UnicodeDecodeError:
                 return _text(request, "playbook is not UTF-8 text", 400)
-            try:
-                # Also refuses a symlink in the playbook directory that points elsewhere.
-                write_atomically(safe_join(PLAYBOOK_DIR, name), text)
-            except UnsafePathError:
-                return _text(request, "Invalid filename", 400)
-            except OSError as e:
-                return _text(request, f"cannot save playbook: {e.strerror}", 500)
-            return b""
+            # Also refuses a symlink in the playbook directory that points elsewhere.
+            return self._off_reactor(request, lambda: save_playbook_file(directory, valid_name, text),
+                                     lambda _: b"", as_text)
         return _text(request, "Method Not Allowed", 405)
+
+    def _playbook_run(self, request: Request) -> Any:
+        """``POST /api/playbook/run``: check the playbook loads, then hand out the session id it waits under."""
+        runs = self._playbook_runs
+        if runs is None:
+            return _error(request, "playbook runs are not enabled", 503)
+        try:
+            obj = parse_json(self._body(request, _JSON_TYPES))
+        except JsonInputError as e:
+            return _error(request, e.message, 400)
+        if not isinstance(obj, dict):
+            return _error(request, "body must be a JSON object", 400)
+        for key in ("playbook", "content"):
+            if obj.get(key) is not None and not isinstance(obj[key], str):
+                return _error(request, f"{key} must be a string", 400)
+        given = [key for key in ("playbook", "content") if obj.get(key)]
+        if len(given) != 1:
+            return _error(request, "give exactly one of playbook (a file name) and content (playbook text)", 400)
+        value: str = obj[given[0]]
+        if given == ["playbook"]:
+            # A name that reads as inline text ("---x.md") would not be loaded as a file later.
+            if _PLAYBOOK_NAME.fullmatch(value) is None or resolve_playbook_path(value) is None:
+                return _error(request, "invalid playbook name (a file name in config/playbook/ ending in .md)", 400)
+        else:
+            if len(value.encode("utf-8", "surrogatepass")) > MAX_PLAYBOOK_BYTES:
+                return _error(request, f"content larger than {MAX_PLAYBOOK_BYTES} bytes", 413)
+            if resolve_playbook_path(value) is not None:
+                return _error(request, "content must be playbook text starting with ---", 400)
+        directory, environ, env_prefix = PLAYBOOK_DIR, self._environ, self._env_prefix
+
+        def started(_: None) -> bytes:
+            try:
+                sid = runs.add(value)
+            except RunsFullError as e:
+                return _error(request, str(e), 503)
+            self._log.info("playbook run {sid}: {what}", sid=sid,
+                           what=value if given == ["playbook"] else "inline playbook")
+            return _json(request, {"session_id": sid})
+
+        def refused(e: BaseException) -> Optional[bytes]:
+            if isinstance(e, PlaybookNotFound) or (isinstance(e, _PlaybookFileError) and e.code == 404):
+                return _error(request, f"playbook not found: {value}", 404)
+            if isinstance(e, _PlaybookFileError):
+                return _error(request, e.message, e.code)
+            if isinstance(e, PlaybookError):
+                return _error(request, str(e), 400)
+            return None
+
+        return self._off_reactor(request, lambda: check_playbook_run(directory, value, environ, env_prefix),
+                                 started, refused)
 
     def _events(self, request: Request, sid: str) -> Any:
         session = self._sessions.get(sid)
