@@ -96,8 +96,16 @@ class CollectorSpec:
         """Build from the parsed front matter entry (types already checked by the model).
 
         Raises ``ValueError`` naming ``dtmfCollectors.<name>.validation.pattern`` when the
-        pattern is not a valid Rust-dialect regex (:func:`compile_rust_regex`).
+        pattern is not a valid Rust-dialect regex (:func:`compile_rust_regex`), and naming the
+        key of a value no collection can satisfy: a zero ``digits``/``maxDigits``, or
+        ``minDigits`` above ``maxDigits``.
         """
+        for key in ("digits", "maxDigits"):
+            if raw.get(key) == 0:
+                raise ValueError(f"invalid dtmfCollectors.{name}.{key}: must be at least 1")
+        low, high = raw.get("minDigits"), raw.get("maxDigits")
+        if raw.get("digits") is None and low is not None and high is not None and low > high:
+            raise ValueError(f"invalid dtmfCollectors.{name}.minDigits: larger than maxDigits ({high})")
         digits = raw.get("digits")
         validation = raw.get("validation") or {}
         source = validation.get("pattern")

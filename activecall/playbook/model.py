@@ -18,7 +18,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from collections.abc import Iterator
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import yaml  # type: ignore[import-untyped]
 
@@ -46,10 +46,14 @@ from activecall.options import (
     one_of,
 )
 
+if TYPE_CHECKING:  # dtmf imports this module; the specs are built by a function-local import
+    from activecall.playbook.dtmf import CollectorSpec
+
 __all__ = [
     "DEFAULT_BASE_DIR",
     "DtmfAction",
     "FollowUp",
+    "PSEUDO_DIGITS",
     "Playbook",
     "PlaybookCache",
     "PlaybookError",
@@ -59,6 +63,7 @@ __all__ = [
     "load_playbook",
     "parse_playbook",
     "parse_scene",
+    "render_playbook",
     "resolve_playbook_path",
     "split_scenes",
 ]
@@ -330,14 +335,24 @@ class Scene:
     dtmf: Mapping[str, DtmfAction] = field(default_factory=dict)
     play: str | None = None
     followup: FollowUp | None = None
+    # digit -> spoken phrases (lowercased, trimmed) from ``words="a|b"`` (activecall, §5, §8.5)
+    words: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 DTMF_ACTIONS: tuple[str, ...] = ("goto", "transfer", "hangup")
+#: ``digit`` values that no key produces: IVR mode's no-input and no-match actions (§8.5).
+PSEUDO_DIGITS: tuple[str, ...] = ("timeout", "nomatch")
+#: Bounds of one tag's ``words=``: phrases kept, and the longest phrase (longer ones are dropped).
+MAX_WORDS_PER_TAG = 64
+MAX_WORD_CHARS = 100
 _SCENE_HEADER = "# Scene:"
+# AC's grammar is digit, action, then scene and target in that order; activecall also takes
+# ``words`` and reads the optional attributes in any order (the first of a repeated name wins).
 _DTMF_TAG = re.compile(
     r'<dtmf\s+digit="([^"]*)"\s+action="([^"]*)"'
-    r'(?:\s+scene="([^"]*)")?(?:\s+target="([^"]*)")?\s*/>'
+    r'((?:\s+(?:scene|target|words)="[^"]*")*)\s*/>'
 )
+_DTMF_ATTR = re.compile(r'(scene|target|words)="([^"]*)"')
 _PLAY_TAG = re.compile(r'<play\s+file="([^"]*)"\s*/>')
 _FOLLOWUP_TAG = re.compile(r'<followup\s+timeout="(\d+)"\s+max="(\d+)"\s*/>')
 
@@ -345,11 +360,19 @@ _FOLLOWUP_TAG = re.compile(r'<followup\s+timeout="(\d+)"\s+max="(\d+)"\s*/>')
 def parse_scene(scene_id: str, raw: str) -> Scene:
     """Build a Scene from its raw text: collect and strip the dtmf/play/followup tags (§5)."""
     dtmf: dict[str, DtmfAction] = {}
+    words: dict[str, tuple[str, ...]] = {}
     for m in _DTMF_TAG.finditer(raw):
-        digit, action, scene, target = m.groups()
+        digit, action, attr_text = m.groups()
+        attrs: dict[str, str] = {}
+        for a in _DTMF_ATTR.finditer(attr_text):
+            attrs.setdefault(a.group(1), a.group(2))
         # Tags with other actions are stripped but do nothing.
         if action in DTMF_ACTIONS:
-            dtmf[digit] = DtmfAction(action=action, scene=scene, target=target)
+            dtmf[digit] = DtmfAction(action=action, scene=attrs.get("scene"), target=attrs.get("target"))
+            phrases = _phrases(attrs.get("words", ""))
+            words.pop(digit, None)  # the tag kept for a digit (the last) brings its own words
+            if phrases:
+                words[digit] = phrases
     play_match = _PLAY_TAG.search(raw)
     follow_match = _FOLLOWUP_TAG.search(raw)
     prompt = _FOLLOWUP_TAG.sub("", _PLAY_TAG.sub("", _DTMF_TAG.sub("", raw))).strip()
@@ -364,7 +387,20 @@ def parse_scene(scene_id: str, raw: str) -> Scene:
             if follow_match
             else None
         ),
+        words=words,
     )
+
+
+def _phrases(value: str) -> tuple[str, ...]:
+    """``"Sales| buy something |"`` -> ``("sales", "buy something")``: bounded, deduplicated."""
+    out: list[str] = []
+    for part in value.split("|"):
+        phrase = " ".join(part.split()).lower()
+        if phrase and len(phrase) <= MAX_WORD_CHARS and phrase not in out:
+            out.append(phrase)
+            if len(out) == MAX_WORDS_PER_TAG:
+                break
+    return tuple(out)
 
 
 def split_scenes(body: str) -> tuple[dict[str, Scene], str | None]:
@@ -593,7 +629,7 @@ _OTHER_TYPES: _Fields = {
     "dtmf": (
         _map_of(
             {
-                "action": (check_str, True),
+                "action": (one_of(DTMF_ACTIONS), True),
                 "scene": (check_str, False),
                 "target": (check_str, False),
             }
@@ -647,6 +683,8 @@ class Playbook:
     ``front_matter`` is after ``${VAR}`` expansion, key normalization and the
     ``llm`` fill-ins (§2.5); ``option`` holds the option-bearing keys (§4);
     ``text`` is the file as read, for the load-time ``{{ }}`` render (§3.3).
+    ``llm`` is ``None`` for a playbook without one: IVR mode (§8.5).
+    ``collectors`` are the ``dtmfCollectors`` with their defaults applied and patterns compiled.
     """
 
     source: str
@@ -654,7 +692,7 @@ class Playbook:
     front_matter: dict[str, Any]
     option: CallOption
     greeting: str | None
-    llm: dict[str, Any]
+    llm: dict[str, Any] | None
     scenes: dict[str, Scene]
     initial_scene: str | None
     dtmf: Mapping[str, DtmfAction] = field(default_factory=dict)
@@ -662,11 +700,19 @@ class Playbook:
     warnings: tuple[str, ...] = ()
     # llm.apiKey is the operator's OPENAI_API_KEY: it is not copied to sections with their own endpoint.
     llm_key_is_operators: bool = False
+    collectors: Mapping[str, CollectorSpec] = field(default_factory=dict)
+
+    @property
+    def ivr(self) -> bool:
+        """True without an ``llm`` section: scene texts are spoken, no model is called (§8.5)."""
+        return self.llm is None
 
     @property
     def prompt(self) -> str:
         """The initial system prompt: the initial scene's, else ``llm.prompt``, else empty."""
-        prompt = self.llm.get("prompt")
+        if self.initial_scene is not None:
+            return self.scenes[self.initial_scene].prompt
+        prompt = self.llm.get("prompt") if self.llm is not None else None
         return prompt if isinstance(prompt, str) else ""
 
     def call_option(self, given: CallOption | None = None) -> CallOption:
@@ -674,7 +720,7 @@ class Playbook:
         then empty ``secretKey`` of asr/tts/realtime/eou set to ``llm.apiKey`` (the operator's
         key only where the section names no endpoint of its own)."""
         merged = self.option if given is None else given.merged_over(self.option)
-        api_key = self.llm.get("apiKey")
+        api_key = self.llm.get("apiKey") if self.llm is not None else None
         if not api_key:
             return merged
         changes: dict[str, Any] = {}
@@ -748,10 +794,67 @@ def parse_playbook(text: str, environ: Mapping[str, str], source: str, *,
     """Parse playbook ``text`` read from ``source`` (used in messages); raises PlaybookError.
 
     Only allowed ``${VAR}`` expand (:func:`expand_env`, ``env_prefix`` = ``[api] env_prefix``).
+    Every ``{{ }}`` of the file is syntax-checked (§3.3), front matter and body apart as
+    :func:`render_playbook` renders them, so a broken template is a load error with its file
+    line before any call is answered.
     """
+    # templates imports this module (PlaybookError): a function-local import breaks the cycle.
+    from activecall.playbook.templates import check_template
+
     yaml_text, body = _split(text, source)
+    check_template(yaml_text, source)  # the front matter starts on line 1, right after "---"
+    check_template(body, source, first_line=1 + yaml_text.count("\n"))
     warnings: list[str] = []
     yaml_text = expand_env(yaml_text, environ, env_prefix, warnings)
+    return _parse_parts(text, yaml_text, body, environ, source, warnings)
+
+
+def render_playbook(playbook: Playbook, variables: Mapping[str, Any], environ: Mapping[str, str],
+                    env_prefix: str = DEFAULT_ENV_PREFIX) -> Playbook:
+    """The activecall load-time ``{{ }}`` render of §3.3, for every call.
+
+    Front matter (after ``${VAR}`` expansion, so a caller's value cannot name a variable)
+    and body are rendered apart (so a value holding ``---`` cannot move the boundary) and
+    parsed again.  ``sip.hangup_headers`` keep their templates (rendered at hangup), and each
+    scene keeps its template as ``raw`` (re-rendered on a scene switch).  Any render or parse
+    error gives back ``playbook`` itself with one more warning saying why.  A file without
+    template syntax is returned as is.
+    """
+    from activecall.playbook.templates import TemplateRenderError, render  # see parse_playbook
+
+    text = playbook.text
+    if "{{" not in text and "{%" not in text and "{#" not in text:
+        return playbook
+    try:
+        yaml_text, body = _split(text, playbook.source)
+        yaml_text = render(expand_env(yaml_text, environ, env_prefix), variables)
+        body = render(body, variables)
+        rendered = _parse_parts(text, yaml_text, body, environ, playbook.source, [])
+    except (TemplateRenderError, PlaybookError) as e:
+        reason = e.reason if isinstance(e, TemplateRenderError) else str(e)
+        return dataclasses.replace(
+            playbook, warnings=(*playbook.warnings, f"template render failed, playbook used unrendered: {reason}"))
+    option = rendered.option
+    fm = rendered.front_matter
+    if option.sip is not None:
+        kept = playbook.option.sip.hangup_headers if playbook.option.sip is not None else None
+        option = dataclasses.replace(option, sip=dataclasses.replace(option.sip, hangup_headers=kept))
+        if isinstance(fm.get("sip"), dict):
+            fm = {**fm, "sip": {k: v for k, v in fm["sip"].items() if k != "hangup_headers"}}
+            unrendered_sip = playbook.front_matter.get("sip")
+            if isinstance(unrendered_sip, dict) and "hangup_headers" in unrendered_sip:
+                fm["sip"]["hangup_headers"] = unrendered_sip["hangup_headers"]
+    scenes = {
+        sid: dataclasses.replace(scene, raw=playbook.scenes[sid].raw) if sid in playbook.scenes else scene
+        for sid, scene in rendered.scenes.items()
+    }
+    warnings = (*playbook.warnings, *(w for w in rendered.warnings if w not in playbook.warnings))
+    return dataclasses.replace(rendered, option=option, front_matter=fm, scenes=scenes, warnings=warnings)
+
+
+def _parse_parts(text: str, yaml_text: str, body: str, environ: Mapping[str, str], source: str,
+                 warnings: list[str]) -> Playbook:
+    """Parse the (expanded) front matter and body of ``text``."""
     if len(yaml_text) > MAX_FRONT_MATTER_CHARS:
         raise PlaybookError(f"front matter larger than {MAX_FRONT_MATTER_CHARS} characters", source=source)
     try:
@@ -791,33 +894,35 @@ def parse_playbook(text: str, environ: Mapping[str, str], source: str, *,
     except CommandError as e:
         raise fail(e, "option") from None
 
-    llm_value = fm.get("llm")
-    if llm_value is None:
-        # AC answers and does nothing; activecall refuses the playbook (§2.6).
-        raise PlaybookError("missing llm section (llm.provider is required)", source=source)
+    llm_value = fm.get("llm")  # absent: IVR mode (§8.5)
     try:
-        _check_fields(llm_value, "llm", _LLM_TYPES)
+        if llm_value is not None:
+            _check_fields(llm_value, "llm", _LLM_TYPES)
         for key, (check, _required) in _OTHER_TYPES.items():
             if fm.get(key) is not None:
                 check(fm[key], key)
     except CommandError as e:
         raise fail(e) from None
+    collectors = _collectors(fm, source, lines)
 
     scenes, initial = split_scenes(body)
-    llm = dict(llm_value)
-    for key, env in (("apiKey", "OPENAI_API_KEY"), ("baseUrl", "OPENAI_BASE_URL"),
-                     ("model", "OPENAI_MODEL")):  # fmt: skip
-        if key == "apiKey" and not _llm_goes_to_configured_base(llm, environ):
-            continue  # the operator's key goes only to the operator's base URL
-        if not llm.get(key) and environ.get(env):
-            llm[key] = environ[env]
-    operator_key = bool(llm.get("apiKey")) and llm.get("apiKey") == environ.get("OPENAI_API_KEY")
-    if initial is not None:
-        llm["prompt"] = scenes[initial].prompt
-    fm["llm"] = llm
+    llm: dict[str, Any] | None = None
+    operator_key = False
+    if llm_value is not None:
+        llm = dict(llm_value)
+        for key, env in (("apiKey", "OPENAI_API_KEY"), ("baseUrl", "OPENAI_BASE_URL"),
+                         ("model", "OPENAI_MODEL")):  # fmt: skip
+            if key == "apiKey" and not _llm_goes_to_configured_base(llm, environ):
+                continue  # the operator's key goes only to the operator's base URL
+            if not llm.get(key) and environ.get(env):
+                llm[key] = environ[env]
+        operator_key = bool(llm.get("apiKey")) and llm.get("apiKey") == environ.get("OPENAI_API_KEY")
+        if initial is not None:
+            llm["prompt"] = scenes[initial].prompt
+        fm["llm"] = llm
 
     greeting = fm.get("greeting")
-    if greeting is None:
+    if greeting is None and llm is not None:
         greeting = llm.get("greeting")
     follow = fm.get("followUp")
     return Playbook(
@@ -836,4 +941,26 @@ def parse_playbook(text: str, environ: Mapping[str, str], source: str, *,
         follow_up=FollowUp(follow["timeout"], follow["maxCount"]) if follow else None,
         warnings=tuple(warnings),
         llm_key_is_operators=operator_key,
+        collectors=collectors,
     )
+
+
+_SPEC_ERROR_PATH = re.compile(r"^invalid (dtmfCollectors\.\S+?):")
+
+
+def _collectors(fm: Mapping[str, Any], source: str, lines: Mapping[str, int]) -> dict[str, CollectorSpec]:
+    """The digit collectors, built now so a bad pattern or value is a load error naming its key and line."""
+    from activecall.playbook.dtmf import collector_specs  # dtmf imports this module
+
+    try:
+        return collector_specs(fm)
+    except ValueError as e:
+        message = str(e)
+        m = _SPEC_ERROR_PATH.match(message)
+        line = None
+        if m:
+            parts = m.group(1).split(".")
+            while parts and line is None:
+                line = lines.get(".".join(parts))
+                parts.pop()
+        raise PlaybookError(message, source=source, line=line) from None

@@ -11,10 +11,11 @@ bounded as well as sandboxed:
   filters are at most :data:`MAX_OUTPUT_CHARS`, the filters and methods whose output can be
   a product of their inputs (``replace``, ``join``, ``indent``, ``format``) are sized first,
   and the output stops at :data:`MAX_OUTPUT_CHARS`;
-- bounded work: every call, attribute, item, filter and ``range`` item is charged to a
-  per-render budget of :data:`MAX_OPERATIONS`, and the constructs whose cost escapes the
-  budget are refused when the template is checked: nested ``for`` loops, recursive loops,
-  macros and ``{% call %}`` blocks; ``include``/``import``/``extends`` have nothing to load.
+- bounded work: every call, attribute, item, filter, ``range`` item and ``for`` iteration
+  is charged to a per-render budget of :data:`MAX_OPERATIONS` (so nested loops are bounded
+  too), and the constructs whose cost escapes the budget are refused when the template is
+  checked: recursive loops, macros and ``{% call %}`` blocks; ``include``/``import``/
+  ``extends`` are refused as well, since templates get no file access.
 
 Undefined names render as ``""`` (§3: "lenient undefined"); using an attribute of an
 undefined name is an error, as in MiniJinja's lenient mode.
@@ -35,7 +36,7 @@ import jinja2
 from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError, safe_range
 
-from activecall.playbook.model import PlaybookError
+from activecall.playbook.model import Playbook, PlaybookError, Scene, parse_scene, render_playbook
 
 __all__ = [
     "MAX_OPERATIONS",
@@ -46,6 +47,8 @@ __all__ = [
     "call_variables",
     "check_template",
     "render",
+    "render_playbook",
+    "render_scene_prompt",
 ]
 
 #: Longest rendered text, and the largest string, list or integer argument a template may build.
@@ -265,6 +268,17 @@ class _Environment(ImmutableSandboxedEnvironment):
         return _check_result(super().call_binop(context, operator, left, right))
 
 
+#: The filter every ``for`` loop's iterable goes through (see :func:`_compile`).
+_ITERATE = "_activecall_iterate"
+
+
+def _iterate(value: Any) -> Iterable[Any]:
+    """Yield ``value``'s items, charging each one: loops cost their iterations, nested ones too."""
+    for item in value:
+        _charge()
+        yield item
+
+
 def _range(*args: int) -> range:
     r = safe_range(*args)
     _charge(len(r))
@@ -279,6 +293,7 @@ def _make_environment() -> _Environment:
     env.tests = {name: _guard(f) for name, f in env.tests.items()}
     env.globals.pop("lipsum", None)  # random text: not deterministic, and sized by its argument
     env.globals["range"] = _range
+    env.filters[_ITERATE] = _iterate
     return env
 
 
@@ -306,8 +321,6 @@ def _refusal(tree: nodes.Template) -> tuple[int, str] | None:
     for loop in tree.find_all(nodes.For):
         if loop.recursive:
             return loop.lineno, "recursive loops are not supported in playbook templates"
-        for inner in loop.find_all(nodes.For):
-            return inner.lineno, "nested for loops are not supported in playbook templates"
     return None
 
 
@@ -320,6 +333,9 @@ def _compile(text: str) -> jinja2.Template:
     refused = _refusal(tree)
     if refused is not None:
         raise jinja2.TemplateSyntaxError(refused[1], refused[0])
+    for loop in tree.find_all(nodes.For):
+        # Iteration itself calls nothing the sandbox sees: route it through a charging filter.
+        loop.iter = nodes.Filter(loop.iter, _ITERATE, [], [], None, None, lineno=loop.lineno)
     return ENVIRONMENT.from_string(tree)
 
 
@@ -363,6 +379,21 @@ def render(text: str, variables: Mapping[str, Any], *, include_internal: bool = 
         raise TemplateRenderError(f"{type(e).__name__}: {e}") from None
     finally:
         _budget.reset(token)
+
+
+def render_scene_prompt(scene: Scene, variables: Mapping[str, Any]) -> str | None:
+    """A scene's prompt re-rendered with the current variables (§3.3 scene switch).
+
+    Only a raw text holding template syntax is rendered (else the prompt as parsed comes
+    back); the scene tags are stripped after rendering.  ``None`` when rendering fails: the
+    caller keeps the previous rendering.
+    """
+    if "{{" not in scene.raw and "{%" not in scene.raw:
+        return scene.prompt
+    try:
+        return parse_scene(scene.id, render(scene.raw, variables)).prompt
+    except TemplateRenderError:
+        return None
 
 
 # --- §3.2 call variables ---------------------------------------------------------------------

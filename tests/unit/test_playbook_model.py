@@ -348,7 +348,7 @@ class YamlBombTests(SynchronousTestCase):
 
 
 class ValidationTests(SynchronousTestCase):
-    """Wrong types and a missing llm are load errors with clear messages (§2.3, §2.6)."""
+    """Wrong types are load errors with clear messages (§2.3); llm is optional (§8.5)."""
 
     def assertLoadError(self, front: str, expected: str) -> None:
         """Parsing ``front`` raises PlaybookError whose message contains ``expected``."""
@@ -356,9 +356,20 @@ class ValidationTests(SynchronousTestCase):
             parse(front)
         self.assertIn(expected, str(cm.exception))
 
-    def test_missing_llm(self) -> None:
-        """A playbook without llm is refused."""
-        self.assertLoadError("tts:\n  provider: piper\n", "t.md: missing llm")
+    def test_missing_llm_is_ivr_mode(self) -> None:
+        """A playbook without llm loads in IVR mode (§8.5): no llm, no greeting fill-in, prompt from the scene."""
+        p = parse("tts:\n  provider: piper\n", "# Scene: menu\nPress 1.\n", env=OPENAI_ENV)
+        self.assertIsNone(p.llm)
+        self.assertTrue(p.ivr)
+        self.assertNotIn("llm", p.front_matter)
+        self.assertIsNone(p.greeting)
+        self.assertEqual(p.prompt, "Press 1.")
+        self.assertFalse(p.llm_key_is_operators)
+        self.assertFalse(parse(LLM).ivr)
+
+    def test_llm_types_still_checked(self) -> None:
+        """An llm section that is given is still type-checked."""
+        self.assertLoadError("llm: [a]\n", "invalid llm: expected a map")
 
     def test_llm_without_provider(self) -> None:
         """llm.provider is required."""
