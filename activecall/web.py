@@ -133,9 +133,14 @@ def read_playbook_file(directory: str, name: str, limit: int = MAX_PLAYBOOK_BYTE
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         raise _PlaybookFileError(404, "Playbook not found") from None
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        regular = False
+    if not regular:
+        os.close(fd)
+        raise _PlaybookFileError(404, "Playbook not found")
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise _PlaybookFileError(404, "Playbook not found")
         try:
             data = f.read(limit + 1)
         except OSError:
@@ -298,34 +303,38 @@ class ApiResource(Resource):
 
     def _off_reactor(self, request: Request, work: Callable[[], _T], answer: Callable[[_T], bytes],
                      refused: Callable[[BaseException], Optional[bytes]]) -> Any:
-        """Run blocking ``work`` through ``run_blocking`` and respond ``answer(result)``.
+        """Run blocking ``work`` through ``run_blocking`` and respond ``answer(result)`` on the reactor.
 
         ``refused(error)`` turns an expected error into a response (None: unexpected, logged, 500).
         Returns the body when the work finished at once (no ``run_blocking``), else NOT_DONE_YET;
-        a client gone meanwhile gets nothing.
+        for a client gone meanwhile ``answer`` is not called (no id handed out to nobody).
         """
         d: Deferred[Any] = self._run_blocking(work) if self._run_blocking is not None else maybeDeferred(work)
-        d.addCallback(answer)
 
-        def failed(f: Failure) -> bytes:
-            body = refused(f.value)
+        def reply(outcome: Any) -> bytes:
+            failure = outcome if isinstance(outcome, Failure) else None
+            if failure is None:
+                try:
+                    return answer(outcome)
+                except Exception:
+                    failure = Failure()
+            body = refused(failure.value)
             if body is None:
-                self._log.failure("HTTP {method} {uri} failed", f, method=request.method, uri=request.uri)
+                self._log.failure("HTTP {method} {uri} failed", failure, method=request.method, uri=request.uri)
                 body = _json(request, {"status": "error", "error": "internal error"}, 500)
             return body
 
-        d.addErrback(failed)
-        done: list[bytes] = []
-        d.addCallback(done.append)
-        if done:
-            return done[0]
+        outcomes: list[Any] = []
+        d.addBoth(outcomes.append)
+        if outcomes:
+            return reply(outcomes[0])
         gone: list[object] = []
         request.notifyFinish().addBoth(gone.append)
 
         def respond(_: object) -> None:
             if gone:
                 return
-            body = self._encoded(request, done[0])
+            body = self._encoded(request, reply(outcomes[0]))
             request.setHeader(b"Content-Length", b"%d" % len(body))
             request.write(body)
             request.finish()
