@@ -7,10 +7,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from activecall.options import CallOption, TranscriptionOption
+from activecall.playbook.dtmf import CollectorSpec
 from activecall.playbook.model import (
+    MAX_WORD_CHARS,
+    MAX_WORDS_PER_TAG,
+    DtmfAction,
     Playbook,
     PlaybookCache,
     PlaybookError,
@@ -18,6 +23,7 @@ from activecall.playbook.model import (
     expand_env,
     load_playbook,
     parse_playbook,
+    parse_scene,
     resolve_playbook_path,
 )
 
@@ -530,3 +536,164 @@ class GreetingAndOptionTests(SynchronousTestCase):
         with self.assertRaises(PlaybookError) as cm:
             parse(LLM + "followUp:\n  timeout: 1\n  maxCount: " + "9" * 5000 + "\n")
         self.assertIn("t.md:6: invalid YAML front matter: integer too long", str(cm.exception))
+
+
+class IvrModeTests(SynchronousTestCase):
+    """A playbook without llm (§8.5) still gives a call option and a prompt."""
+
+    def test_call_option_without_llm(self) -> None:
+        """call_option merges as usual and copies no key into empty secretKeys."""
+        p = parse("asr:\n  provider: a\n", env=OPENAI_ENV)
+        merged = p.call_option(CallOption(tts=None))
+        assert merged.asr is not None
+        self.assertEqual((merged.asr.provider, merged.asr.secret_key), ("a", None))
+        self.assertIs(p.call_option(), p.option)
+
+    def test_prompt_without_scenes(self) -> None:
+        """Without llm and without a body the prompt is empty."""
+        self.assertEqual(parse("greeting: hi\n", "").prompt, "")
+
+
+class WordsTagTests(SynchronousTestCase):
+    """``words=`` on scene <dtmf> tags and the pseudo digits (§5, §8.5)."""
+
+    def test_words_parsed(self) -> None:
+        """Phrases are split on |, trimmed, lowercased; empty ones are dropped; the tag is stripped."""
+        s = parse_scene("m", 'Menu. <dtmf digit="1" action="goto" scene="sales" words=" Sales | Buy  Something ||"/>')
+        self.assertEqual(s.words, {"1": ("sales", "buy something")})
+        self.assertEqual(s.dtmf["1"], DtmfAction("goto", scene="sales"))
+        self.assertEqual(s.prompt, "Menu.")
+
+    def test_attribute_order_is_lenient(self) -> None:
+        """words may come before, between or after scene/target; target before scene is read too."""
+        for tag in ('<dtmf digit="2" action="transfer" words="agent" target="sip:a@h"/>',
+                    '<dtmf digit="2" action="transfer" target="sip:a@h" words="agent"/>',
+                    '<dtmf digit="2" action="transfer" words="agent" scene="x" target="sip:a@h" />'):
+            s = parse_scene("m", "Hi." + tag)
+            self.assertEqual((s.prompt, s.words, s.dtmf["2"].target), ("Hi.", {"2": ("agent",)}, "sip:a@h"), tag)
+        s = parse_scene("m", '<dtmf digit="3" action="goto" target="t" scene="x"/>')
+        self.assertEqual(s.dtmf["3"], DtmfAction("goto", scene="x", target="t"))
+
+    def test_without_words_and_ignored_actions(self) -> None:
+        """A tag without words= has no phrases; a tag with another action contributes none either."""
+        s = parse_scene("m", '<dtmf digit="1" action="goto" scene="a"/><dtmf digit="9" action="dance" words="x"/>')
+        self.assertEqual(s.words, {})
+        self.assertEqual(list(s.dtmf), ["1"])
+
+    def test_last_tag_for_a_digit_brings_its_words(self) -> None:
+        """For a repeated digit the last tag wins, with its own words (none here)."""
+        s = parse_scene("m", '<dtmf digit="1" action="goto" scene="a" words="a"/><dtmf digit="1" action="goto" scene="b"/>')
+        self.assertEqual((s.dtmf["1"].scene, s.words), ("b", {}))
+
+    def test_bounds(self) -> None:
+        """At most MAX_WORDS_PER_TAG phrases per tag; phrases over MAX_WORD_CHARS are dropped."""
+        many = "|".join(f"w{i}" for i in range(MAX_WORDS_PER_TAG + 10))
+        s = parse_scene("m", f'<dtmf digit="1" action="goto" scene="a" words="{"x" * (MAX_WORD_CHARS + 1)}|{many}"/>')
+        self.assertEqual(len(s.words["1"]), MAX_WORDS_PER_TAG)
+        self.assertEqual(s.words["1"][0], "w0")
+        s = parse_scene("m", f'<dtmf digit="1" action="goto" scene="a" words="{"y" * MAX_WORD_CHARS}"/>')
+        self.assertEqual(s.words["1"], ("y" * MAX_WORD_CHARS,))
+
+    def test_pseudo_digits(self) -> None:
+        """digit="timeout" and digit="nomatch" are kept as actions (IVR mode's no input / no match)."""
+        s = parse("tts: {provider: p}\n", '# Scene: m\nPick. <dtmf digit="timeout" action="hangup"/>'
+                  '<dtmf digit="nomatch" action="goto" scene="m"/>').scenes["m"]
+        self.assertEqual(s.dtmf, {"timeout": DtmfAction("hangup"), "nomatch": DtmfAction("goto", scene="m")})
+        p = parse('dtmf:\n  timeout: {action: hangup}\n')
+        self.assertEqual(p.dtmf, {"timeout": DtmfAction("hangup")})
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.text(alphabet=st.characters(blacklist_characters='"<>'), max_size=12),
+        st.lists(st.text(alphabet=st.characters(blacklist_characters='"'), max_size=30), max_size=8),
+        st.permutations(["scene", "target", "words"]),
+        st.text(max_size=40),
+    )
+    def test_fuzz_tag(self, digit: str, phrases: list[str], order: list[str], around: str) -> None:
+        """Any words= value in any attribute order parses; the tag never stays in the prompt;
+        every kept phrase is non-empty, lowercase, trimmed and bounded."""
+        values = {"scene": "s", "target": "sip:t@h", "words": "|".join(phrases)}
+        attrs = " ".join(f'{k}="{values[k]}"' for k in order)
+        tag = f'<dtmf digit="{digit}" action="goto" {attrs}/>'
+        s = parse_scene("m", around.replace("<", "") + tag)
+        self.assertNotIn("<dtmf", s.prompt)
+        self.assertEqual(s.dtmf[digit], DtmfAction("goto", scene="s", target="sip:t@h"))
+        kept = s.words.get(digit, ())
+        self.assertLessEqual(len(kept), MAX_WORDS_PER_TAG)
+        for phrase in kept:
+            self.assertTrue(phrase and phrase == phrase.strip() and phrase == phrase.lower())
+            self.assertLessEqual(len(phrase), MAX_WORD_CHARS)
+        expected = {" ".join(p.split()).lower() for p in "|".join(phrases).split("|")} - {""}
+        self.assertLessEqual(set(kept), expected)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.text(max_size=200))
+    def test_fuzz_scene_text(self, raw: str) -> None:
+        """Any scene text parses into a Scene whose words belong to its goto/transfer/hangup digits."""
+        s = parse_scene("m", raw)
+        self.assertLessEqual(set(s.words), set(s.dtmf))
+
+
+class CollectorLoadTests(SynchronousTestCase):
+    """dtmfCollectors are built and validated at load (§11.2)."""
+
+    def test_collectors_built(self) -> None:
+        """Each collector becomes a CollectorSpec with its pattern compiled."""
+        p = parse(LLM + "dtmfCollectors:\n  pin:\n    digits: 4\n    validation:\n      pattern: '^[0-9]+$'\n")
+        spec = p.collectors["pin"]
+        self.assertIsInstance(spec, CollectorSpec)
+        self.assertEqual((spec.min_digits, spec.max_digits), (4, 4))
+        assert spec.pattern is not None
+        self.assertTrue(spec.pattern.search("1234"))
+        self.assertEqual(parse(LLM).collectors, {})
+
+    def test_bad_pattern_names_key_and_line(self) -> None:
+        """An invalid validation.pattern is a load error naming file, line and key path."""
+        with self.assertRaises(PlaybookError) as cm:
+            parse(LLM + "dtmfCollectors:\n  pin:\n    digits: 4\n    validation:\n      pattern: '(['\n")
+        self.assertTrue(str(cm.exception).startswith("t.md:8: invalid dtmfCollectors.pin.validation.pattern"),
+                        str(cm.exception))
+        self.assertEqual(cm.exception.line, 8)
+
+    def test_bad_values_name_key_and_line(self) -> None:
+        """minDigits above maxDigits, or zero digits, is a load error naming the key and its line."""
+        with self.assertRaises(PlaybookError) as cm:
+            parse(LLM + "dtmfCollectors:\n  acct:\n    minDigits: 9\n    maxDigits: 3\n")
+        self.assertIn("t.md:6: invalid dtmfCollectors.acct.minDigits", str(cm.exception))
+        with self.assertRaises(PlaybookError) as cm:
+            parse(LLM + "dtmfCollectors:\n  acct:\n    digits: 0\n")
+        self.assertIn("t.md:6: invalid dtmfCollectors.acct.digits", str(cm.exception))
+
+    def test_global_dtmf_action_checked(self) -> None:
+        """A global dtmf entry whose action is not goto/transfer/hangup is a load error naming the key."""
+        with self.assertRaises(PlaybookError) as cm:
+            parse(LLM + 'dtmf:\n  "1": {action: dance}\n')
+        self.assertIn("t.md:5: invalid dtmf.1.action: expected one of goto, transfer, hangup", str(cm.exception))
+
+
+class TemplateCheckAtLoadTests(SynchronousTestCase):
+    """Every {{ }} of the file is syntax-checked at load (§3.3)."""
+
+    def test_malformed_template_in_body_names_file_and_line(self) -> None:
+        """A broken template in the body is a PlaybookError with the file line."""
+        with self.assertRaises(PlaybookError) as cm:
+            parse(LLM, "\n# Scene: a\nfine {{ caller }}\nbroken {{ caller + }} more\n# Scene: b\n")
+        self.assertEqual((cm.exception.source, cm.exception.line), ("t.md", 8))
+        self.assertIn("template error", str(cm.exception))
+
+    def test_malformed_template_in_front_matter(self) -> None:
+        """A broken template in the front matter names its line too."""
+        with self.assertRaises(PlaybookError) as cm:
+            parse(LLM + "greeting: 'hi {% if x %}'\n")
+        self.assertTrue(str(cm.exception).startswith("t.md:4: template error"), str(cm.exception))
+
+    def test_refused_construct_is_a_load_error(self) -> None:
+        """An include is refused at load, with its line."""
+        with self.assertRaises(PlaybookError) as cm:
+            parse(LLM, '\na\n{% include "/etc/passwd" %}\n')
+        self.assertEqual(cm.exception.line, 7)
+
+    def test_valid_templates_load(self) -> None:
+        """Valid templates load; the parsed values keep them literally until rendered."""
+        p = parse(LLM + "greeting: 'Hi {{ caller }}'\n", "Hello {{ sip['X-A'] }}{% if vip %} VIP{% endif %}")
+        self.assertEqual(p.greeting, "Hi {{ caller }}")

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from activecall.playbook.model import PlaybookError
+from activecall.playbook.model import PlaybookError, parse_playbook, parse_scene
 from activecall.playbook.templates import (
+    MAX_OPERATIONS,
     MAX_OUTPUT_CHARS,
     PlaybookTemplateError,
     TemplateRenderError,
     call_variables,
     check_template,
     render,
+    render_playbook,
+    render_scene_prompt,
 )
 
 START = "2026-01-01T10:00:00.000000+00:00"
@@ -229,3 +232,121 @@ class BoundTests(SynchronousTestCase):
         """Unbounded work (ranges, calls in a loop) hits the per-render budget."""
         self.assertLimit("{% for i in range(100000) %}{{ range(100000)|length }}{% endfor %}")
 
+
+
+class NestedLoopTests(SynchronousTestCase):
+    def test_nested_loops_render(self) -> None:
+        """Nested for loops are allowed (the budget bounds them) and render as Jinja2 does."""
+        text = "{% for a in xs %}{% for b in ys %}{{ a }}{{ b }},{% endfor %}{% endfor %}"
+        check_template(text, "p.md")
+        self.assertEqual(render(text, {"xs": ["1", "2"], "ys": ["a", "b"]}), "1a,1b,2a,2b,")
+        self.assertEqual(render("{% for a in xs %}{{ loop.index }}{% else %}none{% endfor %}", {"xs": []}), "none")
+        self.assertEqual(render("{% for k, v in d|dictsort %}{{ k }}={{ v }};{% endfor %}", {"d": {"b": 2, "a": 1}}),
+                         "a=1;b=2;")
+        self.assertEqual(render("{% for a in missing %}x{% endfor %}", {}), "")
+
+    def test_loop_iterations_are_charged(self) -> None:
+        """Iterations count against the budget even when the body does nothing: nested loops stay bounded."""
+        xs = list(range(1000))
+        with self.assertRaises(TemplateRenderError) as cm:
+            render("{% for a in xs %}{% for b in xs %}{% for c in xs %}{% endfor %}{% endfor %}{% endfor %}",
+                   {"xs": xs})
+        self.assertIn(str(MAX_OPERATIONS), cm.exception.reason)
+        render("{% for a in xs %}{% endfor %}", {"xs": xs})  # a plain loop is well within budget
+
+
+PLAYBOOK = (
+    "---\n"
+    "tts:\n  provider: piper\n  speaker: '{{ voice }}'\n"
+    "greeting: 'Hello {{ caller }}'\n"
+    "sip:\n  hangup_headers:\n    X-Outcome: '{{ outcome }}'\n"
+    "---\n"
+    "# Scene: main\nCustomer {{ sip['X-Customer-ID'] }}.{% if vip %} Be extra kind.{% endif %}\n"
+    '<dtmf digit="1" action="transfer" target="sip:{{ desk }}@pbx"/>\n'
+    "# Scene: later\nNow {{ outcome }}.\n"
+)
+
+
+class RenderPlaybookTests(SynchronousTestCase):
+    """The activecall load-time render for every call (§3.3)."""
+
+    def setUp(self) -> None:
+        self.playbook = parse_playbook(PLAYBOOK, {}, "p.md")
+        self.variables = sip_call(extract_headers=["X-Customer-ID"], values={"voice": "F1", "desk": "200"})
+
+    def test_whole_file_rendered_and_reparsed(self) -> None:
+        """Front matter values, scene prompts and scene tags are rendered with the call's variables."""
+        r = render_playbook(self.playbook, self.variables, {})
+        self.assertEqual(r.greeting, "Hello sip:6001@pbx")
+        assert r.option.tts is not None
+        self.assertEqual(r.option.tts.speaker, "F1")
+        self.assertEqual(r.prompt, "Customer 42.")
+        self.assertEqual(r.scenes["main"].dtmf["1"].target, "sip:200@pbx")
+        self.assertEqual(r.warnings, ())
+        vip = render_playbook(self.playbook, {**self.variables, "vip": "yes"}, {})
+        self.assertEqual(vip.prompt, "Customer 42. Be extra kind.")
+
+    def test_hangup_headers_and_scene_templates_kept(self) -> None:
+        """sip.hangup_headers keep their templates; each scene's raw text stays the template for re-rendering."""
+        r = render_playbook(self.playbook, {**self.variables, "outcome": "sold"}, {})
+        assert r.option.sip is not None
+        self.assertEqual(r.option.sip.hangup_headers, {"X-Outcome": "{{ outcome }}"})
+        self.assertEqual(r.front_matter["sip"]["hangup_headers"], {"X-Outcome": "{{ outcome }}"})
+        self.assertEqual(r.scenes["later"].prompt, "Now sold.")
+        self.assertIn("{{ outcome }}", r.scenes["later"].raw)
+        self.assertEqual(r.text, PLAYBOOK)
+
+    def test_render_error_keeps_unrendered_with_a_warning(self) -> None:
+        """A render error (here an undefined attribute) gives the unrendered playbook plus one warning."""
+        pb = parse_playbook("---\ngreeting: '{{ nothing.here }}'\n---\nHi {{ caller }}\n", {}, "p.md")
+        r = render_playbook(pb, self.variables, {})
+        self.assertEqual((r.greeting, r.prompt), ("{{ nothing.here }}", "Hi {{ caller }}"))
+        [warning] = r.warnings
+        self.assertIn("template render failed", warning)
+
+    def test_parse_error_after_render_keeps_unrendered(self) -> None:
+        """A value that makes the rendered front matter invalid falls back to the unrendered playbook."""
+        pb = parse_playbook("---\ngreeting: x{{ g }}\n---\nHi\n", {}, "p.md")
+        self.assertEqual(render_playbook(pb, {"g": "y"}, {}).greeting, "xy")
+        r = render_playbook(pb, {"g": ": no"}, {})
+        self.assertEqual(r.greeting, "x{{ g }}")
+        self.assertIn("template render failed, playbook used unrendered: p.md:2: invalid YAML", r.warnings[-1])
+
+    def test_values_cannot_name_environment_variables_or_move_the_front_matter_end(self) -> None:
+        """A caller's value holding ${VAR} stays literal, and one holding --- stays inside its value."""
+        pb = parse_playbook("---\ngreeting: 'Hi {{ name }}'\ntts:\n  provider: p\n---\nBody\n", {}, "p.md")
+        env = {"ACTIVECALL_SECRET": "s3cret"}
+        r = render_playbook(pb, {"name": "${ACTIVECALL_SECRET} --- x"}, env)
+        self.assertEqual(r.greeting, "Hi ${ACTIVECALL_SECRET} --- x")
+        assert r.option.tts is not None
+        self.assertEqual((r.option.tts.provider, r.prompt), ("p", "Body"))
+        # The playbook's own ${VAR}s still expand.
+        own = parse_playbook("---\ngreeting: '${ACTIVECALL_SECRET} {{ n }}'\n---\n", env, "p.md")
+        self.assertEqual(render_playbook(own, {"n": "1"}, env).greeting, "s3cret 1")
+
+    def test_no_template_syntax_returns_the_same_playbook(self) -> None:
+        """A file without template syntax is not parsed again."""
+        pb = parse_playbook("---\ngreeting: hi\n---\nHello\n", {}, "p.md")
+        self.assertIs(render_playbook(pb, self.variables, {}), pb)
+
+    def test_exported_from_model_too(self) -> None:
+        """render_playbook is one function, importable from model and templates."""
+        from activecall.playbook import model
+
+        self.assertIs(model.render_playbook, render_playbook)
+
+
+class RenderScenePromptTests(SynchronousTestCase):
+    """Scene switch re-render (§3.3)."""
+
+    def test_rerendered_with_current_variables(self) -> None:
+        """A raw text with {{ is rendered again and its tags stripped."""
+        scene = parse_scene("s", 'Order {{ order }}. <dtmf digit="1" action="hangup"/>')
+        self.assertEqual(render_scene_prompt(scene, {"order": "7"}), "Order 7.")
+        self.assertEqual(render_scene_prompt(scene, {}), "Order .")
+
+    def test_plain_scene_and_errors(self) -> None:
+        """Without template syntax the parsed prompt comes back; a render error gives None."""
+        self.assertEqual(render_scene_prompt(parse_scene("s", "Plain."), {}), "Plain.")
+        self.assertIsNone(render_scene_prompt(parse_scene("s", "{{ x.y.z }}"), {}))
+        self.assertIsNone(render_scene_prompt(parse_scene("s", "{% if x %}unclosed {{ x }}"), {}))
