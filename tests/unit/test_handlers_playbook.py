@@ -73,6 +73,34 @@ class PlaybookHandlerTests(SynchronousTestCase):
         self.assertIn("Server shutting down", self.reason(call))
         self.assertEqual(len(self.started), 0)
 
+    def test_playbook_without_llm_is_answered(self) -> None:
+        """A playbook without llm (IVR mode, playbook.md §8.5) starts the call instead of a 503."""
+        with open(os.path.join(self.dir, "ivr.md"), "w") as f:
+            f.write('---\ntts:\n  provider: piper\n---\nPress 1 for sales. <dtmf digit="1" action="hangup" words="sales"/>\n')
+        config = parse_config(f'[handler]\ntype = "playbook"\ndefault = "{self.dir}/ivr.md"\n', Overrides())
+        handler = PlaybookCallHandler(config.handler, lambda call, pb: self.started.append((call, pb)),
+                                      lambda f, *a: maybeDeferred(f, *a), {})
+        call = FakeCall("sip:alice@example.com", "sip:menu@pbx")
+        handler.incoming_call(call)
+        self.assertEqual(call.rejected, [])
+        [(_, playbook)] = self.started
+        self.assertTrue(playbook.ivr)
+        self.assertEqual(playbook.prompt, "Press 1 for sales.")
+
+    def test_template_error_is_503_before_answering(self) -> None:
+        """A malformed {{ }} template refuses the call with the file and line in the Reason."""
+        path = os.path.join(self.dir, "tpl.md")
+        with open(path, "w") as f:
+            f.write("---\ngreeting: hi\n---\nHello {{ caller \n")
+        config = parse_config(f'[handler]\ntype = "playbook"\ndefault = "{path}"\n', Overrides())
+        handler = PlaybookCallHandler(config.handler, lambda call, pb: self.started.append((call, pb)),
+                                      lambda f, *a: maybeDeferred(f, *a), {})
+        call = FakeCall("sip:alice@example.com", "sip:menu@pbx")
+        handler.incoming_call(call)
+        self.assertIn(f"Playbook error: {path}:", self.reason(call))
+        self.assertIn("template error", self.reason(call))
+        self.assertEqual(self.started, [])
+
     def test_cancelled_while_loading_is_not_started(self) -> None:
         """A caller that gave up while the file was read is not answered."""
         call = FakeCall("sip:alice@example.com", "sip:sales@pbx")

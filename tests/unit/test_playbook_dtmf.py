@@ -115,6 +115,23 @@ class SpecTests(SynchronousTestCase):
                 CollectorSpec.from_mapping("zip", {"validation": {"pattern": pattern}})
             self.assertIn("dtmfCollectors.zip.validation.pattern", str(e.exception))
 
+    def test_unsatisfiable_values(self) -> None:
+        """Zero digits/maxDigits and minDigits above maxDigits are ValueErrors naming the key."""
+        for raw, key in (({"digits": 0}, "digits"), ({"maxDigits": 0}, "maxDigits"),
+                         ({"minDigits": 5, "maxDigits": 4}, "minDigits")):
+            with self.assertRaises(ValueError, msg=raw) as e:
+                CollectorSpec.from_mapping("acct", raw)
+            self.assertTrue(str(e.exception).startswith(f"invalid dtmfCollectors.acct.{key}:"), str(e.exception))
+        # digits overrides both, so a contradicting min/max pair beside it is harmless; equal is fine.
+        self.assertEqual(CollectorSpec.from_mapping("a", {"digits": 3, "minDigits": 5, "maxDigits": 4}).max_digits, 3)
+        self.assertEqual(CollectorSpec.from_mapping("a", {"minDigits": 4, "maxDigits": 4}).min_digits, 4)
+
+    def test_playbook_collectors_built_at_load(self) -> None:
+        """A parsed playbook carries the same specs collector_specs builds."""
+        pb = parse_playbook("---\ndtmfCollectors:\n  pin: {digits: 4}\n---\nHi\n", {}, "<t>")
+        self.assertEqual(pb.collectors, collector_specs(pb.front_matter))
+        self.assertEqual(pb.collectors["pin"].max_digits, 4)
+
     def test_bounds(self) -> None:
         """Huge counts, timeouts and retries from the file are clamped."""
         s = CollectorSpec.from_mapping("x", {"digits": 10**18, "timeout": 10**18,
