@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from activecall.config import Config
+from activecall.control.commands import InviteCommand
 from activecall.control.query import SessionParams
 from activecall.options import CallOption
 
@@ -234,17 +235,9 @@ class DrainCallsService(service.Service):
         return DeferredList(pending).addCallback(lambda _: writer.drain())
 
 
-class _Dialer(Protocol):
-    """The controller operation the start-up call uses."""
-
-    def dial(self, option: CallOption) -> Deferred[None]:
-        """Place the outbound call ``option.callee``; fire once it is under way, errback if it cannot be."""
-
-
 class _DialingSession(Protocol):
-    @property
-    def controller(self) -> _Dialer:
-        """The session's call controller."""
+    def submit(self, command: Any) -> None:
+        """Run a decoded command as if the session's client had sent it."""
 
 
 class StartupSessions(Protocol):
@@ -270,10 +263,12 @@ class StartupCallService(service.Service):
 
     _log = Logger(namespace="activecall")
 
-    def __init__(self, sessions: StartupSessions, clock: IReactorTime, uri: str) -> None:
+    def __init__(self, sessions: StartupSessions, clock: IReactorTime, uri: str,
+                 playbook: Optional[str] = None) -> None:
         self._sessions = sessions
         self._clock = clock
         self._uri = uri
+        self._playbook = playbook  # --handler x.md: the playbook drives the call
         self._pending: Optional[IDelayedCall] = None
 
     def startService(self) -> None:
@@ -291,8 +286,5 @@ class StartupCallService(service.Service):
         sid = "c." + self._sessions.new_sid()[2:]
         session = self._sessions.open(SessionParams(sid=sid, call_type="sip", dump=False, ping_s=0))
         self._log.info("--call: calling {uri} as session {sid}", uri=self._uri, sid=sid)
-        d = session.controller.dial(CallOption(callee=self._uri, inactivity_timeout=self.INACTIVITY_TIMEOUT_S))
-        d.addErrback(self._failed, sid)
-
-    def _failed(self, f: Failure, sid: str) -> None:
-        self._log.failure("--call: calling {uri} as session {sid} failed", f, uri=self._uri, sid=sid)
+        session.submit(InviteCommand(option=CallOption(callee=self._uri, inactivity_timeout=self.INACTIVITY_TIMEOUT_S,
+                                                       playbook=self._playbook)))

@@ -143,6 +143,9 @@ def makeService(options: Options) -> service.IService:
     from activecall.routing import rewrite_target
     from activecall.fetch import Fetcher, http_client_for
     from activecall.handlers.router import build_router
+    from activecall.playbook.runner import PlaybookRunner
+    from activecall.control.playbookruns import PlaybookRuns
+    from activecall.config import PlaybookHandlerConfig
     from activecall.sip.registration import RegistrationService, fixed_retry
     from activecall.sip.security import SipGuard, registrar_hosts
     from activecall.metrics import DaemonCollector, DaemonMetrics
@@ -222,7 +225,11 @@ def makeService(options: Options) -> service.IService:
         except ValueError as e:
             raise SystemExit(f"activecall: configuration error: callrecord.type: {e}")
         services.call_records = CallRecordWriter(store)
-    sessions = SessionManager(services, max_dump_bytes=config.api.max_dump_bytes)
+    playbooks = PlaybookRunner(clock=reactor, run_blocking=run_blocking, environ=os.environ, http_client=http_client,
+                               fetcher=fetcher, fetch=config.fetch, env_prefix=config.api.env_prefix)
+    playbook_runs = PlaybookRuns(reactor)
+    sessions = SessionManager(services, max_dump_bytes=config.api.max_dump_bytes, playbooks=playbooks,
+                              runs=playbook_runs)
 
     # Started before and stopped after everything that places calls (services stop in reverse order).
     WorkersService(vad, asr_threadpool).setServiceParent(top)
@@ -230,7 +237,8 @@ def makeService(options: Options) -> service.IService:
     sip_group.setServiceParent(top)
     guard = SipGuard.from_config(config.sip_acl, config.sip_rate_limit)
     router = build_router(config, clock=reactor, sessions=sessions, http_client=fetcher, run_blocking=run_blocking,
-                          environ=os.environ, call_records=services.call_records, trusted=guard.bypasses_limit)
+                          environ=os.environ, call_records=services.call_records, trusted=guard.bypasses_limit,
+                          playbooks=playbooks)
     services.pending = router.pending
     sip = build_sip_service(config, reactor, services.ids, router.call_handler,
                             admit=guard.source_admitted, budget=guard.datagram_allowed,
@@ -252,7 +260,10 @@ def makeService(options: Options) -> service.IService:
     registrations.setServiceParent(sip_group)
 
     if config.call:
-        StartupCallService(sessions, reactor, config.call).setServiceParent(top)
+        handler = config.handler
+        StartupCallService(sessions, reactor, config.call,
+                           playbook=handler.default if isinstance(handler, PlaybookHandlerConfig) else None,
+                           ).setServiceParent(top)
     # Stopped first (SequentialService): calls end while SIP and registrations still work.
     DrainCallsService(sessions, reactor, graceful=config.graceful_shutdown,
                       timeout_s=float(config.graceful_shutdown_timeout),
@@ -278,7 +289,8 @@ def makeService(options: Options) -> service.IService:
     resource = ApiResource(sessions, reactor, config.ice_servers,
                            precache=lambda command: Deferred.fromCoroutine(precache(services, command)),
                            gzip=config.http_gzip, registrations=registrations.registrations_json,
-                           metrics=metrics.render, api=config.api)
+                           metrics=metrics.render, api=config.api, playbook_runs=playbook_runs,
+                           run_blocking=run_blocking, environ=os.environ)
     site = ActivecallSite(resource, config.http_access_skip_paths, header_timeout_s=config.api.header_timeout_s,
                           max_body_bytes=config.api.max_message_bytes)
     WebService(resource).setServiceParent(top)

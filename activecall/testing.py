@@ -135,6 +135,7 @@ class FakeLeg:
     frame_bytes = 640
     can_transfer = True
     audio_on_control_socket = False
+    signals_media_ready = False
 
     def __init__(self, ssrc: int = 1234, answer_sdp: str = "v=0\r\n", caller: str = "sip:alice@example.com",
                  callee: str = "sip:bot@example.com") -> None:

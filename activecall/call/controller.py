@@ -65,6 +65,13 @@ class CallObserver(Protocol):
         """The call is over."""
 
 
+class CallAgent(Protocol):
+    """What drives a call from inside the daemon (a playbook engine): it sees every domain event."""
+
+    def call_event(self, event: CallEvent) -> None:
+        """Something happened on the call (after the observer heard it)."""
+
+
 class _CallerGate:
     """The sink a leg writes caller audio to: muting, then the call's fan-out."""
 
@@ -132,8 +139,12 @@ class CallController:
         self._recorded_reason: Optional[RecordedHangupReason] = None  # the call record's; the first one set wins
         self._sip_status: Optional[int] = None
         self.rang_at: Optional[float] = None  # first 1xx above 100 (outbound) or our 180/183 (inbound)
-        self._greeting: Optional[str] = None
         self.hearing: Optional[CallHearing] = None
+        # The playbook engine driving this call, if any; it hears every event after the observer.
+        self.agent: Optional[CallAgent] = None
+        self._media_arrived = False
+        # The agent's BYE headers (a playbook's rendered sip.hangup_headers); None: the option's.
+        self.bye_headers: Optional[dict[str, str]] = None
 
     # -- plumbing -------------------------------------------------------
 
@@ -152,6 +163,8 @@ class CallController:
         if isinstance(event, INPUT_EVENTS):
             self.track.input_arrived()
         self._observer.call_event(event)
+        if self.agent is not None:
+            self.agent.call_event(event)
 
     def error(self, message: str, sender: str = "command", track: Optional[str] = None, code: Optional[int] = None) -> None:
         """Report that something asked of the call could not be done."""
@@ -230,9 +243,9 @@ class CallController:
 
     # -- inbound ------------------------------------------------------------
 
-    def answer(self, option: Optional[CallOption], call: Any = None, greeting: Optional[str] = None) -> None:
-        """Answer an inbound call: ``call`` handed over by the router (a playbook, greeting spoken
-        after mediaReady), or the one waiting for this session's client (``accept``)."""
+    def answer(self, option: Optional[CallOption], call: Any = None) -> None:
+        """Answer an inbound call: ``call`` handed over by the router (a playbook's), or the one
+        waiting for this session's client (``accept``)."""
         if call is None:
             call = self._pending_call(take=True)
             if call is None or self.answered_at is not None:
@@ -251,7 +264,6 @@ class CallController:
         self.report(CallAnswered(self.now(), self.sid, inbound.answer_sdp, refer=False))
         assert option is not None
         self._after_answer(option, sender="accept")
-        self._greeting = greeting
 
     def ring(self, early_media: bool = False, ringtone: Optional[str] = None) -> None:
         """180 Ringing (or 183 with early media) to the waiting caller; a ringtone plays on the early media."""
@@ -335,8 +347,6 @@ class CallController:
             self.caller_audio.add(_ClientMirror(self._observer))
             self.track.mirror = self._observer.client_audio
         self._start_hearing(option, sender=sender)
-        if option.playbook is not None:
-            self.error(f"playbook engine not available: {option.playbook}", sender="playbook")
         self._start_recording(option)
         if option.inactivity_timeout:
             self._watch_from = self.now()
@@ -383,6 +393,23 @@ class CallController:
         self.timers.call_later(_INACTIVITY_CHECK_S, self._check_inactivity)
 
     # -- the agent's audio (server-side track) --------------------------------
+
+    def waits_for_media(self) -> bool:
+        """Whether media commands should still wait: an RTP leg whose first packet has not come
+        (protocol.md §6 item 22; legs without that signal never wait)."""
+        leg = self.leg
+        return leg is not None and bool(getattr(leg, "signals_media_ready", False)) and not self._media_arrived
+
+    def agent_uri(self) -> Optional[str]:
+        """The agent's side of the call: the called URI of an inbound call, ``option.caller`` of an outbound one."""
+        if self._inbound is not None:
+            return str(self._inbound.callee)
+        return self.option.caller if self.option is not None else None
+
+    def playing_id(self) -> Optional[str]:
+        """The play id of what the server-side track plays now."""
+        source = self.track.source
+        return source.play_id if source is not None else None
 
     def require_leg(self) -> ILeg:
         """The call's leg; an operation that needs media is not allowed before there is one."""
@@ -540,18 +567,26 @@ class CallController:
             duration_s = now - self.answered_at if self.answered_at is not None else 0.0
             self.report(TrackEnded(now, self.sid, duration_s, leg.ssrc if leg is not None else 0))
         if leg is not None:
-            bye_headers = dict(self.option.sip.hangup_headers or {}) if self.option is not None and self.option.sip is not None else {}
+            if self.bye_headers is not None:
+                bye_headers = dict(self.bye_headers)
+            elif self.option is not None and self.option.sip is not None:
+                bye_headers = dict(self.option.sip.hangup_headers or {})
+            else:
+                bye_headers = {}
             bye_headers.update(headers or {})
             leg.close(bye_headers).addErrback(lambda f: self._log.failure("closing the call's leg failed", f))
         self.caller_audio.clear()
         option = self.option
-        self._observer.call_event(CallEnded(
+        ended_event = CallEnded(
             now, self.sid, reason, initiator, started_at=self.created_at, answered_at=self.answered_at,
             rang_at=self.rang_at,
             caller=option.caller if option is not None else None,
             callee=option.callee if option is not None else None,
             call_type=self.call_type,
-        ))
+        )
+        self._observer.call_event(ended_event)
+        if self.agent is not None:
+            self.agent.call_event(ended_event)
         self._observer.call_finished()
         if self.services.call_records is not None:
             in_flight = self.services.records_in_flight
@@ -599,12 +634,8 @@ class CallController:
     # -- what the leg reports ---------------------------------------------------
 
     def _media_ready(self) -> None:
+        self._media_arrived = True
         self.report(MediaArrived(self.now(), self.sid))
-        greeting, self._greeting = self._greeting, None
-        if greeting and not self.ended:
-            # Playbooks speak only once the far end's RTP is recognised (protocol.md §6 item 22).
-            self.command_seq += 1
-            self.say(greeting, play_id="greeting", end_of_stream=True)
 
     def _hold(self, on_hold: bool) -> None:
         if on_hold != self.on_hold:

@@ -7,6 +7,7 @@ keep-alive pings, and hands commands to its :class:`CallController`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from collections import deque
@@ -19,6 +20,7 @@ from activecall.call.controller import CallController
 from activecall.call.events import CallEvent
 from activecall.call.services import CallServices
 from activecall.clock import CallClock
+from activecall.control import commands as cmds
 from activecall.control import events as ev
 from activecall.control.access import redact_secrets
 from activecall.control.commands import CommandError, command_from_object
@@ -29,6 +31,10 @@ from activecall.control.wirejson import JsonInputError, parse_json
 from activecall.fileio import UnsafePathError
 from activecall.interfaces import IControlChannel, ISessionListener
 from activecall.legs.websocket import ControlSocketAudio, WebSocketDialer
+from activecall.playbook.model import PlaybookError
+from activecall.playbook.runner import PlaybookRunner, is_inline_playbook
+
+_STARTING_COMMANDS = (cmds.InviteCommand, cmds.AcceptCommand)
 
 # Active Call holds at most 32 queued commands while one blocks.
 MAX_QUEUED_COMMANDS = 32
@@ -40,8 +46,12 @@ class CallSession:
     _log = Logger()
 
     def __init__(self, params: SessionParams, services: CallServices, on_finished: Callable[["CallSession"], None],
-                 max_dump_bytes: Optional[int] = None) -> None:
+                 max_dump_bytes: Optional[int] = None, playbooks: Optional[PlaybookRunner] = None,
+                 playbook: Optional[str] = None) -> None:
         self.params = params
+        self._playbooks = playbooks
+        # /api/playbook/run: the playbook the session's first invite/accept runs.
+        self._run_playbook = playbook
         self.sid = params.sid
         self.call_type = params.call_type
         self.server_side_track = params.server_side_track
@@ -148,7 +158,9 @@ class CallSession:
         while self._queue and not self._busy and not self.finished:
             command = self._queue.popleft()
             try:
-                result = execute(self.controller, command)
+                result = self._with_playbook(command)
+                if result is None:
+                    result = execute(self.controller, command)
             except Exception:
                 self._log.failure("command {name} failed", name=type(command).name)
                 self._command_error(f"{type(command).name} failed: internal error")
@@ -157,6 +169,46 @@ class CallSession:
                 self._busy = True
                 result.addErrback(lambda f: self._log.failure("command failed", f))
                 result.addBoth(self._unblock)
+
+    def _with_playbook(self, command: Any) -> Optional[Deferred[Any]]:
+        """``option.playbook`` (or the session's /api/playbook/run playbook) on an invite/accept: load it,
+        merge its options under the command's, attach its engine, then run the command (None: no playbook)."""
+        if not isinstance(command, _STARTING_COMMANDS) or self.controller.agent is not None:
+            return None
+        value = command.option.playbook if command.option is not None else None
+        if value is None:
+            value, self._run_playbook = self._run_playbook, None
+        if value is None:
+            return None
+        if self._playbooks is None:
+            self.controller.error("playbook engine not available", sender="playbook")
+            return None
+        return Deferred.fromCoroutine(self._start_with_playbook(command, value))
+
+    async def _start_with_playbook(self, command: Any, value: str) -> None:
+        runner = self._playbooks
+        assert runner is not None
+        name = "inline playbook" if is_inline_playbook(value) else value
+        try:
+            playbook = await runner.load(value)
+            texts = await runner.prompt_texts(playbook)
+        except PlaybookError as e:
+            self.controller.error(f"playbook {name}: {e}", sender="playbook")
+            return
+        except Exception:
+            self._log.failure("loading playbook {name} failed", name=name)
+            self.controller.error(f"playbook {name}: cannot be loaded", sender="playbook")
+            return
+        if self.finished or self.controller.ended:
+            return
+        option = runner.call_option(playbook, command.option)
+        pending = self._services.pending.get(self.sid) if self._services.pending is not None else None
+        caller = getattr(pending, "caller", None) if pending is not None else option.caller
+        callee = getattr(pending, "callee", None) if pending is not None else option.callee
+        runner.attach(self.controller, playbook, texts, caller=caller, callee=callee)
+        result = execute(self.controller, dataclasses.replace(command, option=option))
+        if isinstance(result, Deferred):
+            await result
 
     def _unblock(self, _: object) -> None:
         self._busy = False
@@ -272,15 +324,22 @@ class SessionManager:
 
     _log = Logger()
 
-    def __init__(self, services: CallServices, max_dump_bytes: Optional[int] = None) -> None:
+    def __init__(self, services: CallServices, max_dump_bytes: Optional[int] = None,
+                 playbooks: Optional[PlaybookRunner] = None, runs: Any = None) -> None:
         self._services = services
         self._max_dump_bytes = max_dump_bytes
+        #: Loads playbooks and attaches their engines (None: no playbook engine).
+        self.playbooks = playbooks
+        # /api/playbook/run: session id -> playbook waiting for its socket (PlaybookRuns).
+        self._runs = runs
         self._sessions: dict[str, CallSession] = {}
         self._idle_waiters: list[Deferred[None]] = []
 
     def open(self, params: SessionParams) -> CallSession:
         """Create a session and list it at once."""
-        session = CallSession(params, self._services, self._forget, self._max_dump_bytes)
+        playbook = self._runs.take(params.sid) if self._runs is not None else None
+        session = CallSession(params, self._services, self._forget, self._max_dump_bytes,
+                              playbooks=self.playbooks, playbook=playbook)
         self._sessions[params.sid] = session
         self._log.info("session {sid} opened ({call_type})", sid=params.sid, call_type=params.call_type)
         return session
@@ -318,7 +377,8 @@ class SessionManager:
     def hosts(self, sid: str) -> bool:
         """Whether ``sid`` is a live session or an inbound call waiting for its client here (protocol.md §1.5)."""
         pending = self._services.pending
-        return sid in self._sessions or (pending is not None and sid in pending)
+        return (sid in self._sessions or (pending is not None and sid in pending)
+                or (self._runs is not None and sid in self._runs))
 
     def __len__(self) -> int:
         return len(self._sessions)

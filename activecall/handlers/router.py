@@ -34,7 +34,10 @@ from activecall.handlers.pending import PendingCall, PendingCalls
 from activecall.handlers.playbook import PlaybookCallHandler
 from activecall.handlers.webhook import HttpClient, WebhookCallHandler, WebhookNotifier
 from activecall.options import CallOption
+from activecall.legs.sip import custom_headers_of
 from activecall.playbook.model import Playbook
+from activecall.playbook.prompt import PromptTexts
+from activecall.playbook.runner import PlaybookRunner
 from activecall.sip.useragent import ICallHandler, InboundCall
 
 __all__ = [
@@ -50,9 +53,8 @@ __all__ = [
 class _Answerer(Protocol):
     """The controller operation a playbook call uses."""
 
-    def answer(self, option: Optional[CallOption], call: Optional[InboundCall] = None,
-               greeting: Optional[str] = None) -> None:
-        """Answer the inbound ``call`` with ``option``; speak ``greeting`` once media flows."""
+    def answer(self, option: Optional[CallOption], call: Optional[InboundCall] = None) -> None:
+        """Answer the inbound ``call`` with ``option``."""
 
 
 class _AnsweringSession(Protocol):
@@ -96,16 +98,33 @@ class PlaybookCallStarter:
 
     INACTIVITY_TIMEOUT_S = 50
 
-    def __init__(self, sessions: RouterSessions) -> None:
+    _log = Logger()
+
+    def __init__(self, sessions: RouterSessions, playbooks: Optional[PlaybookRunner] = None) -> None:
         self._sessions = sessions
+        self._playbooks = playbooks
 
     def __call__(self, call: InboundCall, playbook: Playbook) -> None:
-        """Open the session for ``call`` and answer it with ``playbook``."""
+        """Open the session for ``call`` and answer it with ``playbook`` (its engine attached first)."""
+        runner = self._playbooks
+        if runner is None:
+            self._answer(call, playbook, None)
+            return
+        runner.prompt_texts(playbook).addCallback(lambda texts: self._answer(call, playbook, texts)).addErrback(
+            lambda f: (self._log.failure("playbook call {dialog_id} not started", f, dialog_id=call.dialog_id),
+                       call.reject(503, None)))
+
+    def _answer(self, call: InboundCall, playbook: Playbook, texts: Optional[PromptTexts]) -> None:
+        if call.cancelled or call.terminated:
+            return  # the caller gave up while the feature texts were read
         session = self._sessions.open(SessionParams(sid=call.dialog_id, call_type="sip", dump=True, ping_s=0))
-        option = playbook.call_option()
+        option = PlaybookRunner.call_option(playbook, None)
         if option.inactivity_timeout is None:
             option = dataclasses.replace(option, inactivity_timeout=self.INACTIVITY_TIMEOUT_S)
-        session.controller.answer(option, call=call, greeting=playbook.greeting)
+        if self._playbooks is not None and texts is not None:
+            self._playbooks.attach(session.controller, playbook, texts, caller=call.caller, callee=call.callee,
+                                   headers=custom_headers_of(call))
+        session.controller.answer(option, call=call)
 
 
 class UnansweredCallRecords:
@@ -167,7 +186,8 @@ class InboundRouter:
 
 def build_router(config: Config, *, clock: IReactorTime, sessions: RouterSessions, http_client: HttpClient,
                  run_blocking: Callable[..., Deferred[Any]], environ: Mapping[str, str],
-                 call_records: RecordWriter | None, trusted: Callable[[str], bool]) -> InboundRouter:
+                 call_records: RecordWriter | None, trusted: Callable[[str], bool],
+                 playbooks: Optional[PlaybookRunner] = None) -> InboundRouter:
     """The router for ``config.handler`` (config.md §5).
 
     ``http_client`` sends the webhook (an :class:`activecall.fetch.Fetcher`);
@@ -187,6 +207,6 @@ def build_router(config: Config, *, clock: IReactorTime, sessions: RouterSession
         notifier = WebhookNotifier(handler, http_client, clock, signing_secret=config.webhook.signing_secret)
         return InboundRouter(WebhookCallHandler(notifier, pending, clock), pending)
     if isinstance(handler, PlaybookHandlerConfig):
-        return InboundRouter(PlaybookCallHandler(handler, PlaybookCallStarter(sessions), run_blocking, environ,
+        return InboundRouter(PlaybookCallHandler(handler, PlaybookCallStarter(sessions, playbooks), run_blocking, environ,
                                                  env_prefix=config.api.env_prefix, clock=clock))
     return InboundRouter(None)

@@ -282,6 +282,12 @@ class SipDialogListener:
             self._leg._events.transfer_progress(*status)
 
 
+def custom_headers_of(call: Any) -> dict[str, str]:
+    """The INVITE's non-standard headers (X-*, P-*, Diversion ...), name as received -> value."""
+    return {name: value for name, value in call.request.headers.items()
+            if canonical_name(name) not in STANDARD_HEADERS}
+
+
 class _SipLegBase:
     """What both SIP legs share: the dialog, its RtpLeg, re-offers, close."""
 
@@ -291,6 +297,7 @@ class _SipLegBase:
     frame_bytes = FRAME_BYTES
     can_transfer = True
     audio_on_control_socket = False
+    signals_media_ready = True
 
     @property
     def native_rate_hz(self) -> int:
@@ -448,8 +455,7 @@ class InboundSipLeg(_SipLegBase):
         self.caller: str = call.caller
         self.callee: str = call.callee
         self.offer_sdp = bytes(call.remote_sdp).decode("utf-8", "replace")
-        self.custom_headers = {name: value for name, value in call.request.headers.items()
-                               if canonical_name(name) not in STANDARD_HEADERS}
+        self.custom_headers = custom_headers_of(call)
         #: Our SDP answer ('' until prepared).
         self.answer_sdp = ""
 

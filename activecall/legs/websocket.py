@@ -107,6 +107,7 @@ class WebSocketLeg:
 
     can_transfer = False
     audio_on_control_socket = True
+    signals_media_ready = False
     answer_sdp = ""
 
     def __init__(self, codec: str, sample_rate_hz: int, ssrc: int, port: ControlSocketAudio,

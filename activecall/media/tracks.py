@@ -179,6 +179,8 @@ class ILeg(Interface):
     last_activity_at = Attribute("When media last arrived from the far end (seconds on the clock), or None.")
     can_transfer = Attribute("Whether refer() and bridging a transfer leg are possible (SIP legs).")
     audio_on_control_socket = Attribute("Whether the leg's audio already travels on the control socket (/call).")
+    signals_media_ready = Attribute("Whether the leg reports media_ready (RTP legs: the far end's first packet); "
+                                    "an agent waits for it before speaking.")
 
     def attach(source: AudioSource, sink: AudioSink, events: ILegEvents) -> None:
         """Start exchanging audio: caller frames go to ``sink`` in the receive phase, agent frames

@@ -382,9 +382,12 @@ class ReplyParser:
     releases everything held back.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, raw_text: bool = False) -> None:
         self._held = ""  # from a ``<`` that may still become a tag
         self._segment = ""  # text of the segment being built
+        # raw_text: text is returned as it arrives (unstripped, unsegmented) for a downstream
+        # splitter that cuts clauses itself; only tags are still held back and taken out.
+        self._raw = raw_text
 
     def feed(self, chunk: str) -> list[str | Action]:
         """Add the next piece of the reply; return what is now complete."""
@@ -420,6 +423,13 @@ class ReplyParser:
                 pos = lt + 1
 
     def _text(self, text: str, out: list[str | Action]) -> None:
+        if self._raw:
+            if text:
+                if out and isinstance(out[-1], str):
+                    out[-1] += text
+                else:
+                    out.append(text)
+            return
         start = 0
         for i, char in enumerate(text):
             if char in SEGMENT_TERMINATORS:

@@ -165,17 +165,23 @@ class OutboundTests(_Case):
 class InboundTests(_Case):
     """Inbound calls handed over by the router or waiting for a client."""
 
-    def test_router_answer_speaks_the_greeting_after_media(self) -> None:
-        """answer(call=...) emits incoming, trackStart, answer; the greeting starts on mediaReady."""
+    def test_router_answer_then_media_ready(self) -> None:
+        """answer(call=...) emits incoming, trackStart, answer; mediaReady follows the first packet; an RTP leg
+        waits for it before an agent speaks."""
         c = self.controller()
         leg = FakeLeg(answer_sdp="v=0 ours")
-        c.answer(CallOption(tts=None), call=leg, greeting="Hello there.")
+        leg.signals_media_ready = True
+        c.answer(CallOption(tts=None), call=leg)
         self.assertEqual(self.obs.kinds(), ["CallOffered", "TrackStarted", "CallAnswered"])
         self.assertEqual(self.obs.events[0].caller, "sip:alice@example.com")
         self.assertEqual(self.obs.events[2].sdp, "v=0 ours")
+        self.assertTrue(c.waits_for_media())
+        self.assertEqual(c.agent_uri(), "sip:bot@example.com")
         leg.events.media_ready()
         self.assertIsInstance(self.obs.events[3], ce.MediaArrived)
-        # No provider in the option and no default engine registered here: the greeting says so.
+        self.assertFalse(c.waits_for_media())
+        c.say("Hello there.", play_id="greeting", end_of_stream=True)
+        # No provider in the option and no default engine registered here: the error says so.
         self.assertIn("no default engine", self.obs.of(ce.ErrorOccurred)[-1].message)
 
     def test_greeting_without_provider_speaks_with_the_default_engine(self) -> None:
@@ -183,8 +189,8 @@ class InboundTests(_Case):
         self.services.synthesizers.register("piper", lambda settings: self.synth, aliases=("supertonic",))
         c = self.controller()
         leg = FakeLeg()
-        c.answer(CallOption(), call=leg, greeting="Hello there.")
-        leg.events.media_ready()
+        c.answer(CallOption(), call=leg)
+        c.say("Hello there.", play_id="greeting", end_of_stream=True)
         self.assertEqual(self.obs.of(ce.TrackStarted)[-1].play_id, "greeting")
         for _ in range(50):
             self.clock.advance(0.02)

@@ -51,10 +51,15 @@ class FakeController:
     """Records the typed operations asked of it."""
 
     def __init__(self) -> None:
-        self.answered: list[tuple[Any, Any, Any]] = []
+        self.answered: list[tuple[Any, Any]] = []
+        self.sid = "d-1"
+        self.call_type = "sip"
+        self.created_at = 1_700_000_000.0
+        self.agent: Any = None
 
-    def answer(self, option: Any, call: Any = None, greeting: Any = None) -> None:
-        self.answered.append((option, call, greeting))
+    def answer(self, option: Any, call: Any = None) -> None:
+        # The playbook's engine is attached before the call is answered (it hears the answer).
+        self.answered.append((option, call, self.agent))
 
 
 class FakeSession:
@@ -157,9 +162,8 @@ class RouterTests(SynchronousTestCase):
         router.incoming_call(call)
         session = self.sessions.opened["d-1"]
         self.assertEqual(session.params, SessionParams(sid="d-1", call_type="sip", dump=True, ping_s=0))
-        [(option, answered, greeting)] = session.controller.answered
+        [(option, answered, _agent)] = session.controller.answered
         self.assertIs(answered, call)
-        self.assertEqual(greeting, "Sales here.")
         self.assertEqual(option.inactivity_timeout, 50)
         self.assertEqual(self.http.requests, [])
 
@@ -237,7 +241,28 @@ class PlaybookCallStarterTests(SynchronousTestCase):
         sessions = FakeSessions()
         call = FakeCall()
         PlaybookCallStarter(sessions)(call, playbook)
-        [(option, _, greeting)] = sessions.opened["d-1"].controller.answered
+        [(option, _, agent)] = sessions.opened["d-1"].controller.answered
         self.assertEqual(option.inactivity_timeout, 7)
         self.assertEqual(option.sip, playbook.option.sip)
-        self.assertIsNone(greeting)
+        self.assertIsNone(agent)
+        # Barge-in defaults to "both" on playbook calls (§9).
+        self.assertEqual(option.interruption.strategy, "both")
+
+    def test_the_engine_is_attached_before_the_answer(self) -> None:
+        """With a runner, the playbook's engine becomes the controller's agent, its variables from the INVITE."""
+        from twisted.internet.defer import maybeDeferred
+
+        from activecall.playbook.engine import PlaybookEngine
+        from activecall.playbook.runner import PlaybookRunner
+
+        parsed = parse_playbook("---\ngreeting: Hi {{ caller }}.\n---\n# Scene: a\nPress 1.\n", {}, "t.md")
+        runner = PlaybookRunner(clock=Clock(), run_blocking=lambda f, *a, **k: maybeDeferred(f, *a, **k), environ={})
+        sessions = FakeSessions()
+        call = FakeCall()
+        call.request.headers = {"From": "<sip:alice@example.com>;tag=1", "X-Customer": "42"}
+        PlaybookCallStarter(sessions, runner)(call, parsed)
+        [(_, _, agent)] = sessions.opened["d-1"].controller.answered
+        self.assertIsInstance(agent, PlaybookEngine)
+        self.assertEqual(agent.playbook.greeting, "Hi sip:alice@example.com.")
+        self.assertEqual(agent.variables["X-Customer"], "42")
+        self.assertTrue(agent.ivr)

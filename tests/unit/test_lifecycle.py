@@ -111,6 +111,10 @@ class FakeSession:
     def __init__(self, params: Any) -> None:
         self.params = params
         self.controller = FakeController()
+        self.submitted: list[Any] = []
+
+    def submit(self, command: Any) -> None:
+        self.submitted.append(command)
 
 
 class FakeRecordWriter:
@@ -263,10 +267,20 @@ class StartupCallServiceTests(SynchronousTestCase):
         self.clock.advance(0.1)
         [session] = self.sessions.opened
         self.assertEqual(session.params, SessionParams(sid="c.1234", call_type="sip", dump=False, ping_s=0))
-        self.assertEqual(session.controller.dialed,
+        self.assertEqual([c.option for c in session.submitted],
                          [CallOption(callee="sip:bob@example.com", inactivity_timeout=50)])
-        session.controller.result.callback(None)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_handler_playbook_drives_the_call(self) -> None:
+        """--call with --handler x.md: the invite carries the playbook (the session loads and runs it)."""
+        from activecall.lifecycle import StartupCallService
+
+        svc = StartupCallService(self.sessions, self.clock, "sip:bob@example.com", playbook="x.md")
+        svc.startService()
+        self.clock.advance(1)
+        [session] = self.sessions.opened
+        [command] = session.submitted
+        self.assertEqual((command.name, command.option.playbook), ("invite", "x.md"))
 
     def test_stop_before_the_second_cancels(self) -> None:
         """A stop within the first second places no call and leaves no timer."""
@@ -276,21 +290,6 @@ class StartupCallServiceTests(SynchronousTestCase):
         self.clock.advance(5)
         self.assertEqual(self.sessions.opened, [])
         self.assertEqual(self.clock.getDelayedCalls(), [])
-
-    def test_dial_failure_is_logged(self) -> None:
-        """A dial that fails is logged as a failure, not left unhandled."""
-        from twisted.internet.testing import EventLoggingObserver
-        from twisted.logger import globalLogPublisher
-
-        observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        self.svc.startService()
-        self.clock.advance(1)
-        [session] = self.sessions.opened
-        session.controller.result.errback(RuntimeError("no route"))
-        failures = [e for e in observer if "log_failure" in e]
-        self.assertEqual(len(failures), 1)
-        self.assertIsInstance(failures[0]["log_failure"].value, RuntimeError)
-        self.flushLoggedErrors(RuntimeError)
 
 
 class PrepareProcessTests(SynchronousTestCase):
