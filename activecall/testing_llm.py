@@ -12,7 +12,7 @@
 * :class:`StallReply` -- some chunks, then nothing: the stream stays open until the client goes.
 
 A request without ``"stream": true`` gets one ``chat.completion`` JSON object instead of a
-stream (text and tool calls joined).  When the queue is empty, ``responder(request_json)``
+stream (text and tool calls joined); garbage, cut and stall replies are streamed either way.  When the queue is empty, ``responder(request_json)``
 chooses the reply (a reply or a Deferred of one, for benchmarks), else ``default`` is used.
 Every request is recorded in :attr:`ScriptedLlm.requests`; :meth:`ScriptedLlm.next_request`
 waits for the next one.  :func:`listen_llm` serves it on ``127.0.0.1:<free port>``.
@@ -393,8 +393,10 @@ class ScriptedLlm(Resource):
                 request.setHeader(b"content-type", b"application/json")
                 request.write(json.dumps(body).encode("utf-8"))
             else:
-                request.setHeader(b"content-type", b"application/json" if str(body)[:1] in "{[" else b"text/plain")
-                request.write(body if isinstance(body, bytes) else body.encode("utf-8"))
+                data = body if isinstance(body, bytes) else body.encode("utf-8")
+                request.setHeader(b"content-type", b"application/json" if data.lstrip()[:1] in (b"{", b"[")
+                                  else b"text/plain")
+                request.write(data)
         request.finish()
 
     def _write_error(self, request: Request, status: int, message: str) -> None:

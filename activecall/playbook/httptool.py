@@ -23,11 +23,13 @@ from activecall.fetch import FetchedResponse, Fetcher, FetchRefusedError, FetchT
 __all__ = [
     "HttpOutcome", "call_http", "tag_method", "tool_method", "header_problem", "check_headers",
     "tag_result_note", "tool_result_note", "MAX_RESPONSE_CHARS", "MAX_HEADERS", "MAX_HEADER_NAME_CHARS",
-    "MAX_HEADER_VALUE_CHARS", "TOOL_METHODS", "DEFAULT_TIMEOUT_S",
+    "MAX_HEADER_VALUE_CHARS", "MAX_URL_CHARS", "MAX_REQUEST_BODY_BYTES", "TOOL_METHODS", "DEFAULT_TIMEOUT_S",
 ]
 
 #: The response text the model sees is cut to this many characters.
 MAX_RESPONSE_CHARS = 4000
+MAX_URL_CHARS = 2048
+MAX_REQUEST_BODY_BYTES = 64 * 1024
 MAX_HEADERS = 32
 MAX_HEADER_NAME_CHARS = 128
 MAX_HEADER_VALUE_CHARS = 4096
@@ -130,6 +132,10 @@ def call_http(fetcher: Fetcher, url: str, method: Optional[str], body: Optional[
     if chosen is None:
         return succeed(HttpOutcome(None, "", f"method {str(method)[:20]!r} is not one of "
                                              f"{', '.join(sorted(TOOL_METHODS))}"))
+    if len(url) > MAX_URL_CHARS:
+        return succeed(HttpOutcome(None, "", f"URL longer than {MAX_URL_CHARS} characters"))
+    if body is not None and len(body) > MAX_REQUEST_BODY_BYTES:
+        return succeed(HttpOutcome(None, "", f"request body larger than {MAX_REQUEST_BODY_BYTES} bytes"))
     try:
         fetcher.check_url(url)
     except FetchRefusedError as e:

@@ -139,11 +139,15 @@ class CallHttpTests(TestCase):
 
     @inlineCallbacks
     def test_bad_headers(self) -> Iterator[Deferred[Any]]:
-        """A header with CR/LF, a bad name or too many headers: error outcome, no request."""
+        """A header with CR/LF, a bad name or too many headers, an overlong URL or body: error outcome, no request."""
         for headers in ({"X-A": "v\r\nX-Injected: 1"}, {"Bad Name": "v"}, {f"X-{i}": "v" for i in range(40)},
                         {"X-Long": "v" * 5000}):
             outcome = yield call_http(self.fetcher, self.base + "/echo", "GET", None, headers)
             self.assertTrue(outcome.error.startswith("invalid headers: "), outcome.error)
+        outcome = yield call_http(self.fetcher, self.base + "/echo?" + "q" * 3000, "GET", None)
+        self.assertIn("URL longer than", outcome.error)
+        outcome = yield call_http(self.fetcher, self.base + "/echo", "POST", b"x" * 100_000)
+        self.assertIn("request body larger than", outcome.error)
         self.assertEqual(self.api.seen, [])
 
     @inlineCallbacks

@@ -156,6 +156,10 @@ class ScriptedLlmTests(TestCase):
         err = yield self.assertFailure(self.ask()[0], LlmError)
         self.assertIn("HTTP 401: scripted error 401", str(err))
         self.assertFalse(err.retryable)
+        self.llm.push(ErrorReply(502, b"<html>bad gateway</html>"))
+        response = yield self.http.post(self.server.base_url + "/chat/completions", data=b"{}")
+        self.assertEqual((response.code, response.headers.getRawHeaders(b"content-type")), (502, [b"text/plain"]))
+        self.assertEqual((yield response.content()), b"<html>bad gateway</html>")
 
     @inlineCallbacks
     def test_garbage(self) -> Iterator[Deferred[Any]]:
