@@ -179,28 +179,33 @@ def _guard(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def _sized_filter(name: str, f: Callable[..., Any]) -> Callable[..., Any]:
     """Size the filters whose output is a product of their inputs before running them."""
+    sized: Callable[..., Any]
     if name == "replace":
-        def sized(eval_ctx: Any, s: Any, old: Any, new: Any, count: Any = None) -> Any:
+        def sized_replace(eval_ctx: Any, s: Any, old: Any, new: Any, count: Any = None) -> Any:
             if isinstance(s, str) and isinstance(old, str) and isinstance(new, str):
                 _check_size(_replace_size(s, old, new, -1 if count is None else count), "replace")
             return f(eval_ctx, s, old, new, count)
+        sized = sized_replace
     elif name == "join":
-        def sized(eval_ctx: Any, value: Any, d: Any = "", attribute: Any = None) -> Any:
+        def sized_join(eval_ctx: Any, value: Any, d: Any = "", attribute: Any = None) -> Any:
             items = list(value)
             # str() of an item is at least as long as any of its attributes' str(): an upper bound.
             _check_size(sum(len(str(x)) for x in items) + len(str(d)) * max(len(items) - 1, 0), "join")
             return f(eval_ctx, items, d, attribute)
+        sized = sized_join
     elif name == "indent":
-        def sized(s: Any, width: Any = 4, first: bool = False, blank: bool = False) -> Any:
+        def sized_indent(s: Any, width: Any = 4, first: bool = False, blank: bool = False) -> Any:
             if isinstance(s, str):
                 w = len(width) if isinstance(width, str) else int(width)
                 _check_size(len(s) + (s.count("\n") + 1) * w, "indent")
             return f(s, width, first, blank)
+        sized = sized_indent
     elif name == "format":
-        def sized(value: Any, *args: Any, **kwargs: Any) -> Any:
+        def sized_format(value: Any, *args: Any, **kwargs: Any) -> Any:
             if isinstance(value, str):
                 _check_format_string(value)
             return f(value, *args, **kwargs)
+        sized = sized_format
     else:
         return f
     sized.__dict__.update(f.__dict__)
@@ -290,7 +295,7 @@ def _make_environment() -> _Environment:
     env.filters = {
         name: _guard(_sized_filter(name, f)) for name, f in env.filters.items() if name in _FILTERS
     }
-    env.tests = {name: _guard(f) for name, f in env.tests.items()}
+    env.tests = {name: _guard(f) for name, f in env.tests.items()}  # type: ignore[arg-type]  # typed loosely by jinja
     env.globals.pop("lipsum", None)  # random text: not deterministic, and sized by its argument
     env.globals["range"] = _range
     env.filters[_ITERATE] = _iterate

@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
@@ -35,6 +36,12 @@ OPENAI_ENV = {
     "OPENAI_MODEL": "gpt-test",
 }
 LLM = "llm:\n  provider: openai\n"
+
+
+def llm_of(p: Playbook) -> dict[str, Any]:
+    """The llm section of a playbook that has one."""
+    assert p.llm is not None
+    return p.llm
 
 
 def parse(front: str, body: str = "Hello.", env: dict[str, str] | None = None) -> Playbook:
@@ -77,7 +84,7 @@ class ResolveTests(SynchronousTestCase):
     def test_inline_load(self) -> None:
         """Inline text is parsed directly with source <inline>."""
         p = load_playbook(f"\n---\n{LLM}---\nBe brief.", {})
-        self.assertEqual((p.source, p.llm["prompt"]), ("<inline>", "Be brief."))
+        self.assertEqual((p.source, llm_of(p)["prompt"]), ("<inline>", "Be brief."))
 
 
 class PlaybookCacheTests(SynchronousTestCase):
@@ -128,7 +135,7 @@ class PlaybookCacheTests(SynchronousTestCase):
         self.assertEqual(self.cache.load("p.md", {"ACTIVECALL_GREETING": "Hello"}).greeting, "Hello one")
         self.assertEqual(self.cache.load("p.md", {}).greeting, "${ACTIVECALL_GREETING} one")
         # The llm fill-ins read OPENAI_* even though the file names none of them.
-        self.assertEqual(self.cache.load("p.md", OPENAI_ENV).llm["model"], "gpt-test")
+        self.assertEqual(llm_of(self.cache.load("p.md", OPENAI_ENV))["model"], "gpt-test")
 
     def test_env_prefix_is_part_of_the_key(self) -> None:
         """The same file under another [api] env_prefix expands differently."""
@@ -162,23 +169,23 @@ class DefaultPlaybookTests(SynchronousTestCase):
     def test_with_env(self) -> None:
         """With OPENAI_* set, ${VAR}s expand and the options are built."""
         p = load_playbook(DEFAULT_MD, OPENAI_ENV)
-        self.assertEqual(p.llm["apiKey"], "sk-test")
-        self.assertEqual(p.llm["model"], "gpt-test")
-        self.assertEqual(p.llm["baseUrl"], "http://llm.local/v1")
+        self.assertEqual(llm_of(p)["apiKey"], "sk-test")
+        self.assertEqual(llm_of(p)["model"], "gpt-test")
+        self.assertEqual(llm_of(p)["baseUrl"], "http://llm.local/v1")
         assert p.option.tts is not None and p.option.asr is not None and p.option.vad is not None
         self.assertEqual(p.option.tts.provider, "piper")
         self.assertEqual(p.option.asr.provider, "whisper")
         self.assertEqual(p.option.vad.type, "silero")
         self.assertEqual(p.initial_scene, "main")
-        self.assertTrue(p.llm["prompt"].startswith("You are a friendly"))
+        self.assertTrue(llm_of(p)["prompt"].startswith("You are a friendly"))
         self.assertIn("activecall assistant", p.greeting or "")
         self.assertEqual(p.warnings, ())
 
     def test_without_env(self) -> None:
         """Without the env vars it still loads; the LLM key is simply not set."""
         p = load_playbook(DEFAULT_MD, {})
-        self.assertFalse(p.llm.get("apiKey"))
-        self.assertEqual(p.llm["provider"], "openai")
+        self.assertFalse(llm_of(p).get("apiKey"))
+        self.assertEqual(llm_of(p)["provider"], "openai")
 
 
 class ParsingTests(SynchronousTestCase):
@@ -208,8 +215,8 @@ class ParsingTests(SynchronousTestCase):
                   {"ACTIVECALL_S": "1.5"})
         assert p.option.tts is not None
         self.assertEqual(p.option.tts.speed, 1.5)
-        self.assertEqual(p.llm["model"], "${ACTIVECALL_NOPE}")
-        self.assertEqual(p.llm["prompt"], "say ${ACTIVECALL_S}")
+        self.assertEqual(llm_of(p)["model"], "${ACTIVECALL_NOPE}")
+        self.assertEqual(llm_of(p)["prompt"], "say ${ACTIVECALL_S}")
 
     def test_expand_env(self) -> None:
         """expand_env replaces allowed names, keeps unset allowed ones and empties the others."""
@@ -230,9 +237,9 @@ class ParsingTests(SynchronousTestCase):
     def test_env_fill_only_when_empty(self) -> None:
         """Empty llm apiKey/baseUrl/model are filled from OPENAI_*; given ones are kept."""
         p = parse(LLM + '  model: mine\n  apiKey: ""\n', env=OPENAI_ENV)
-        self.assertEqual(p.llm["model"], "mine")
-        self.assertEqual(p.llm["apiKey"], "sk-test")
-        self.assertEqual(p.llm["baseUrl"], "http://llm.local/v1")
+        self.assertEqual(llm_of(p)["model"], "mine")
+        self.assertEqual(llm_of(p)["apiKey"], "sk-test")
+        self.assertEqual(llm_of(p)["baseUrl"], "http://llm.local/v1")
 
 
 class EnvironmentSecretTests(SynchronousTestCase):
@@ -259,19 +266,19 @@ class EnvironmentSecretTests(SynchronousTestCase):
         """${OPENAI_API_KEY} expands in llm.apiKey when baseUrl is unset or the configured one."""
         for base in ("", "  baseUrl: http://llm.local/v1/\n"):
             p = parse(LLM + base + "  apiKey: ${OPENAI_API_KEY}\n", env=self.ENV)
-            self.assertEqual(p.llm["apiKey"], "sk-test", base)
+            self.assertEqual(llm_of(p)["apiKey"], "sk-test", base)
             self.assertEqual(p.warnings, ())
 
     def test_provider_key_to_another_base_url_is_refused(self) -> None:
         """With llm.baseUrl pointing elsewhere neither ${OPENAI_API_KEY} nor the env fill-in sends the key."""
         p = parse(LLM + "  baseUrl: https://collector.evil/v1\n  apiKey: ${OPENAI_API_KEY}\n", env=self.ENV)
-        self.assertEqual(p.llm["apiKey"], "")
+        self.assertEqual(llm_of(p)["apiKey"], "")
         self.assertIn("llm.apiKey: ${OPENAI_API_KEY} not expanded", p.warnings[0])
         p = parse(LLM + "  baseUrl: https://collector.evil/v1\n", env=self.ENV)
-        self.assertNotIn("apiKey", p.llm)
+        self.assertNotIn("apiKey", llm_of(p))
         # Without OPENAI_BASE_URL the configured base is api.openai.com.
         p = parse(LLM + "  baseUrl: https://collector.evil/v1\n", env={"OPENAI_API_KEY": "sk-test"})
-        self.assertNotIn("apiKey", p.llm)
+        self.assertNotIn("apiKey", llm_of(p))
 
     def test_provider_key_outside_key_fields_is_empty(self) -> None:
         """A provider key in a greeting, a header, a URL or inside a longer value is dropped."""
@@ -428,7 +435,7 @@ class KeyTwinTests(SynchronousTestCase):
         )
         assert p.option.vad is not None and p.option.sip is not None
         self.assertEqual(p.option.vad.speech_padding, 300)
-        self.assertEqual(p.llm["apiKey"], "k")
+        self.assertEqual(llm_of(p)["apiKey"], "k")
         self.assertTrue(p.option.ringback_detection and p.option.ringback_detection.enabled)
         self.assertEqual(p.option.sip.extract_headers, ["X-A"])
         self.assertIn("ringback_detection accepted as ringbackDetection", p.warnings)
@@ -465,7 +472,7 @@ class SceneTests(SynchronousTestCase):
         """Without headers the whole body is scene default."""
         p = parse(LLM, "  Just talk.  ")
         self.assertEqual(list(p.scenes), ["default"])
-        self.assertEqual((p.initial_scene, p.llm["prompt"]), ("default", "Just talk."))
+        self.assertEqual((p.initial_scene, llm_of(p)["prompt"]), ("default", "Just talk."))
 
     def test_preamble_is_default_and_initial(self) -> None:
         """Text before the first header becomes the initial scene default."""
@@ -479,7 +486,7 @@ class SceneTests(SynchronousTestCase):
         p = parse(LLM, "# Scene: a\none\n# Scene: b\ntwo\n# Scene: a\nthree")
         self.assertEqual(p.initial_scene, "a")
         self.assertEqual(p.scenes["a"].prompt, "three")
-        self.assertEqual(p.llm["prompt"], "three")
+        self.assertEqual(llm_of(p)["prompt"], "three")
 
     def test_tags(self) -> None:
         """dtmf, play and followup tags are collected and stripped; other tags stay."""
