@@ -6,9 +6,15 @@ inline text), reads the file anew and returns a frozen :class:`Playbook`;
 every problem raises :class:`PlaybookError` whose message names the file, the
 YAML line when known, and the dotted key path.  :class:`PlaybookCache` does the
 same but parses a file again only when it or the environment it read changed.
+Loading also checks what would otherwise fail during a call: every ``{{ }}``
+template's syntax (§3.3) and the digit collectors (§11.2).  Without ``llm`` the
+playbook runs in IVR mode (§8.5).  :func:`render_playbook` is the per-call
+``{{ }}`` render of the whole file.
 
-Pure module: stdlib and pyyaml only (file reading is a plain blocking ``open``
-and ``os.stat``; callers on the reactor thread should load in a thread).
+Pure module: stdlib, pyyaml and the pure playbook modules (templates, dtmf), which
+import this one and are therefore imported inside functions.  File reading is a
+plain blocking ``open`` and ``os.stat``; callers on the reactor thread should load
+in a thread.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from activecall.options import (
     VadOption,
     WireObject,
     check_bool,
+    check_f32,
     check_map,
     check_str,
     check_str_list,
@@ -51,6 +58,9 @@ if TYPE_CHECKING:  # dtmf imports this module; the specs are built by a function
 
 __all__ = [
     "DEFAULT_BASE_DIR",
+    "DTMF_ACTIONS",
+    "MAX_WORDS_PER_TAG",
+    "MAX_WORD_CHARS",
     "DtmfAction",
     "FollowUp",
     "PSEUDO_DIGITS",
@@ -358,7 +368,12 @@ _FOLLOWUP_TAG = re.compile(r'<followup\s+timeout="(\d+)"\s+max="(\d+)"\s*/>')
 
 
 def parse_scene(scene_id: str, raw: str) -> Scene:
-    """Build a Scene from its raw text: collect and strip the dtmf/play/followup tags (§5)."""
+    """Build a Scene from its raw text: collect and strip the dtmf/play/followup tags (§5).
+
+    A ``<dtmf>`` tag's ``words="a|b"`` (activecall) become :attr:`Scene.words` for its digit:
+    trimmed, lowercased, empty and over-long (:data:`MAX_WORD_CHARS`) phrases dropped, at most
+    :data:`MAX_WORDS_PER_TAG` kept.
+    """
     dtmf: dict[str, DtmfAction] = {}
     words: dict[str, tuple[str, ...]] = {}
     for m in _DTMF_TAG.finditer(raw):
@@ -610,6 +625,16 @@ _LLM_TYPES: _Fields = {
     "repairWindowMs": (_int, False),
     "summaryLimit": (_int, False),
     "toolInstructions": (check_str, False),
+    # activecall: per-turn limits, what the caller hears when the model fails, the structured channel.
+    "timeoutMs": (_int, False),
+    "totalTimeoutMs": (_int, False),
+    "apology": (check_str, False),
+    "onError": (one_of(("continue", "hangup")), False),
+    "temperature": (check_f32, False),
+    "maxTokens": (_int, False),
+    "toolMode": (one_of(("tags", "tools", "json")), False),
+    # activecall: use the model only when a base URL or key is configured, else run as an IVR.
+    "optional": (check_bool, False),
 }
 _OTHER_TYPES: _Fields = {
     "greeting": (check_str, False),
@@ -917,7 +942,13 @@ def _parse_parts(text: str, yaml_text: str, body: str, environ: Mapping[str, str
             if not llm.get(key) and environ.get(env):
                 llm[key] = environ[env]
         operator_key = bool(llm.get("apiKey")) and llm.get("apiKey") == environ.get("OPENAI_API_KEY")
-        if initial is not None:
+        if llm.get("optional"):
+            # An IVR that hands free speech to a model when one is configured: its scenes stay what it
+            # says, llm.prompt is the model's prompt.
+            if not (llm.get("baseUrl") or llm.get("apiKey")):
+                llm = None
+                operator_key = False
+        elif initial is not None:
             llm["prompt"] = scenes[initial].prompt
         fm["llm"] = llm
 

@@ -5,7 +5,7 @@ whole words, case-insensitively, with punctuation ignored ("Sales, please." choo
 "wholesale" does not).  A phrase holding CJK characters matches as a substring with all spaces
 removed, since those scripts put no spaces between words (and ASR output may put some anywhere).
 
-Pure module: stdlib only.
+Pure module: stdlib and the playbook model only.
 """
 
 from __future__ import annotations
@@ -14,12 +14,14 @@ import re
 import unicodedata
 from collections.abc import Mapping
 
+from activecall.playbook.model import PSEUDO_DIGITS
+
 __all__ = ["MAX_TEXT_CHARS", "match_words"]
 
 #: Longest transcript looked at; the rest is ignored (a choice is said at the start anyway).
 MAX_TEXT_CHARS = 2000
 # Pseudo digits (playbook.md §8.5) are taken on no input / no match, never by a phrase.
-_PSEUDO = frozenset(("timeout", "nomatch"))
+_PSEUDO = frozenset(PSEUDO_DIGITS)
 # Letters and digits of any script are word characters; everything else separates words.
 _SEPARATORS = re.compile(r"[\W_]+")
 _CJK = re.compile(
