@@ -31,9 +31,9 @@ from activecall.options import ReferOption
 from activecall.playbook import actions as act
 from activecall.playbook.dtmf import Collected, DigitCollector, Failed, NothingEntered, Retry, collector_route, keypad_action
 from activecall.playbook.functions import FUNCTIONS, REPLY_SCHEMA, action_from_call
-from activecall.playbook.model import DtmfAction, FollowUp, Playbook, Scene, parse_scene
+from activecall.playbook.model import DtmfAction, FollowUp, Playbook, Scene
 from activecall.playbook.prompt import PromptTexts, system_prompt
-from activecall.playbook.templates import TemplateRenderError, render
+from activecall.playbook.templates import TemplateRenderError, render, render_scene_prompt
 from activecall.playbook.words import match_words
 
 __all__ = ["ChatClient", "EngineServices", "PlaybookEngine", "TurnPolicy"]
@@ -167,7 +167,9 @@ class _Reply:
         self.first_at: Optional[float] = None
         self.request: Optional[Deferred[ChatResult]] = None
         self.notes: list[str] = []
-        self.remembered = False  # tool results that arrived while it streamed: after it in history
+        self.remembered = False
+        self.scene_text = False  # an IVR scene's own text, not a model reply
+        self.enter_after: Optional[str] = None  # <goto> in scene text: enter that scene once this is said  # tool results that arrived while it streamed: after it in history
 
 
 class PlaybookEngine:
@@ -217,6 +219,16 @@ class PlaybookEngine:
         return self.playbook.llm is None
 
     @property
+    def hybrid(self) -> bool:
+        """``llm.optional`` with a model configured: an IVR whose unmatched speech goes to the model."""
+        return self.playbook.llm is not None and bool(self.playbook.llm.get("optional"))
+
+    @property
+    def speaks_scenes(self) -> bool:
+        """Scene texts are what the agent says (IVR and hybrid), not the model's prompt."""
+        return self.playbook.llm is None or self.hybrid
+
+    @property
     def agent_speaking(self) -> bool:
         return self._agent_play is not None
 
@@ -224,7 +236,10 @@ class PlaybookEngine:
         return self.call.now()
 
     def _system_prompt(self) -> str:
-        return system_prompt(self._scene_prompt, self.services.prompt_texts, self.playbook.collectors)
+        prompt = self._scene_prompt
+        if self.hybrid:
+            prompt = self._render(str((self.playbook.llm or {}).get("prompt") or ""))
+        return system_prompt(prompt, self.services.prompt_texts, self.playbook.collectors)
 
     def _render(self, text: str) -> str:
         if "{{" not in text and "{%" not in text:
@@ -322,12 +337,12 @@ class PlaybookEngine:
             self._play_file(self._render(scene.play))
         if greeting:
             text = self._render(greeting)
-            self._after_speech(lambda: self._say_once(text, blocking=self.ivr))
+            self._after_speech(lambda: self._say_once(text, blocking=self.speaks_scenes))
             self.call.add_history("assistant", text)
-            if self.ivr:
+            if self.speaks_scenes:
                 self._after_speech(self._speak_scene)
             return
-        if self.ivr:
+        if self.speaks_scenes:
             self._after_speech(self._speak_scene)
         else:
             self._after_speech(self._generate)
@@ -476,12 +491,9 @@ class PlaybookEngine:
         if action.action == "goto" and action.scene:
             self._stop_reply()
             self.call.interrupt()
-            if not self._switch_scene(action.scene):
-                return
-            scene = self.scene
-            if scene is not None and scene.play:
-                self._play_file(self._render(scene.play))
-            self._after_speech(self._speak_scene if self.ivr else self._generate)
+            self._after_block.clear()
+            self._blocking_play = None
+            self._enter_scene(action.scene)
         elif action.action == "transfer" and action.target:
             self._transfer(self._render(action.target))
         elif action.action == "hangup":
@@ -494,7 +506,7 @@ class PlaybookEngine:
             return
         policy = self._follow_up_policy()
         if policy is None:
-            if self.ivr:
+            if self.speaks_scenes:
                 policy = FollowUp(timeout=0, max_count=2)
             else:
                 return
@@ -506,14 +518,14 @@ class PlaybookEngine:
             if timeout_action is not None:
                 self._follow_ups = 0
                 self._take_action(timeout_action, "timeout")
-            elif self.ivr:
+            elif self.speaks_scenes:
                 self._hangup_now("No input", "system")
             else:
                 self._hangup_now("Max follow-up reached", "system")
             return
         self._follow_ups += 1
         self._last_interaction = self._now()
-        if self.ivr:
+        if self.speaks_scenes:
             self._speak_scene()
         else:
             self._generate()
@@ -533,16 +545,21 @@ class PlaybookEngine:
             return False
         self.scene_id = scene_id
         self._follow_ups = 0
-        if "{{" in scene.raw or "{%" in scene.raw:
-            try:
-                self._scene_prompt = parse_scene(scene_id, render(scene.raw, self.variables)).prompt
-            except TemplateRenderError:
-                pass  # the previous rendering stays (§3.3)
-        else:
-            self._scene_prompt = scene.prompt
+        rendered = render_scene_prompt(scene, self.variables)
+        if rendered is not None:
+            self._scene_prompt = rendered  # else the previous rendering stays (§3.3)
         if self.history and self.history[0]["role"] == "system":
             self.history[0] = {"role": "system", "content": self._system_prompt()}
         return True
+
+    def _enter_scene(self, scene_id: str) -> None:
+        """Switch to ``scene_id``, play its entry audio, then speak it (IVR) or ask the model (§11.1 goto)."""
+        if self.call.ended or not self._switch_scene(scene_id):
+            return
+        scene = self.scene
+        if scene is not None and scene.play:
+            self._play_file(self._render(scene.play))
+        self._after_speech(self._speak_scene if self.speaks_scenes else self._generate)
 
     def _speak_scene(self) -> None:
         """IVR: the scene's text is what the agent says; its action tags run in order."""
@@ -551,6 +568,7 @@ class PlaybookEngine:
         self._scene_prompt = self._scene_prompt_for_ivr()
         play_id = self._new_play_id()
         reply = _Reply(play_id, json_mode_allowed=False)
+        reply.scene_text = True
         self._reply = reply
         items = reply.parser.feed(self._scene_prompt) + reply.parser.flush()
         self._run_items(reply, items)
@@ -560,7 +578,12 @@ class PlaybookEngine:
         scene = self.scene
         if scene is None:
             return self._render(self.playbook.prompt)
-        return self._render(scene.prompt)
+        return self._current_prompt(scene)
+
+    def _current_prompt(self, scene: Scene) -> str:
+        """The scene's prompt with the variables as they are now (values collected since the call began)."""
+        rendered = render_scene_prompt(scene, self.variables)
+        return rendered if rendered is not None else scene.prompt
 
     # -- the model -------------------------------------------------------------
 
@@ -726,9 +749,14 @@ class PlaybookEngine:
                     return
                 self.call.say("", play_id=reply.play_id, streaming=True, end_of_stream=True,
                               auto_hangup=hangup is not None, wait_input_timeout_ms=WAIT_INPUT_MS)
+                if reply.enter_after is not None:
+                    self._block_on(reply.play_id)
             self._after_speech(close)
         elif hangup is not None:
             self._after_speech(lambda: self._hangup_now(hangup.reason or "bySystem", hangup.initiator or "system"))
+        if reply.enter_after is not None and hangup is None:
+            target = reply.enter_after
+            self._after_speech(lambda: None if reply.stopped else self._enter_scene(target))
 
     def _stop_request(self, reply: _Reply) -> None:
         request, reply.request = reply.request, None
@@ -836,7 +864,10 @@ class PlaybookEngine:
         elif isinstance(action, act.SetVar):
             self._set_var(action.key, action.value)
         elif isinstance(action, act.Goto):
-            self._switch_scene(action.scene)
+            if reply.scene_text:
+                reply.enter_after = action.scene
+            else:
+                self._switch_scene(action.scene)
         elif isinstance(action, act.Play):
             self._cut_sentence(reply)
             self._play_file(self._render(action.file))
@@ -976,14 +1007,16 @@ class PlaybookEngine:
 
     def _collector_done(self, note: str, success: bool) -> None:
         self._collector = None
-        if self.ivr:
+        if self.speaks_scenes:
             scene = self.scene
             action = scene.dtmf.get("collected" if success else "failed") if scene is not None else None
             if action is not None:
                 self._take_action(action, "collected" if success else "failed")
-            elif not success:
-                self._speak_scene()
-            return
+                return
+            if self.ivr:
+                if not success:
+                    self._speak_scene()
+                return
         self.history.append({"role": "system", "content": note})
         self._generate()
 

@@ -169,6 +169,9 @@ PURE: tuple[str, ...] = (
     "activecall.playbook.actions",
     "activecall.playbook.dtmf",
     "activecall.playbook.templates",
+    "activecall.playbook.words",
+    "activecall.playbook.prompt",
+    "activecall.playbook.functions",
     "activecall.control.commands",
     "activecall.control.events",
 )

@@ -24,7 +24,7 @@ from activecall.media.cache import MediaCache
 from activecall.media.clock import MediaClock
 from activecall.options import CallOption, SynthesisOption
 from activecall.playbook.engine import EngineServices, PlaybookEngine
-from activecall.playbook.model import parse_playbook
+from activecall.playbook.model import parse_playbook, render_playbook
 from activecall.playbook.prompt import PromptTexts
 from activecall.speech.registry import SynthesizerRegistry
 from activecall.testing import FakeDialer, FakeLeg, FakeSynthesizer
@@ -163,8 +163,9 @@ class _Case(SynchronousTestCase):
         self.http_calls: list[tuple[Any, ...]] = []
         self.posthooks: list[PlaybookEngine] = []
 
-    def start(self, text: str, *, chat: bool = True) -> tuple[CallController, PlaybookEngine, FakeLeg]:
-        playbook = parse_playbook(text, {}, "test.md")
+    def start(self, text: str, *, chat: bool = True,
+              environ: Optional[dict[str, str]] = None) -> tuple[CallController, PlaybookEngine, FakeLeg]:
+        playbook = parse_playbook(text, environ or {}, "test.md")
         c = CallController(SID, "sst", "sip", self.services, self.obs, dialers=self.services.dialers)
 
         def call_http(url: str, method: str, body: Optional[bytes], headers: Any, tool: bool) -> Deferred[str]:
@@ -174,7 +175,10 @@ class _Case(SynchronousTestCase):
         services = EngineServices(clock=self.clock, chat=self.chat if chat and not playbook.ivr else None,
                                   model="test-model", prompt_texts=PromptTexts(), call_http=call_http,
                                   after_call=self.posthooks.append)
-        engine = PlaybookEngine(c, playbook, services, {"caller": "sip:alice@x", "session_id": SID})
+        variables = {"caller": "sip:alice@x", "session_id": SID}
+        # As the runner does: the load-time render with the call's variables (§3.3).
+        playbook = render_playbook(playbook, variables, environ or {})
+        engine = PlaybookEngine(c, playbook, services, variables)
         c.agent = engine
         c.dial(playbook.call_option(CallOption(callee="sip:bob@example.com")))
         leg = FakeLeg(ssrc=5)
@@ -452,3 +456,89 @@ class IvrTests(_Case):
             self.key(c, d)
         self.advance(3)
         self.assertIn("Thank you, account 123.", self.said())
+
+
+HYBRID_PLAYBOOK = IVR_PLAYBOOK.replace("greeting: Hello.\n", """greeting: Hello.
+llm:
+  provider: openai
+  optional: true
+  prompt: You are the front desk of {{ caller }}'s favourite shop.
+""")
+
+
+class HybridTests(_Case):
+    """``llm.optional`` with a model configured: keys and keywords choose as in the IVR; other speech goes to the model."""
+
+    def start_hybrid(self) -> tuple[CallController, PlaybookEngine, FakeLeg]:
+        return self.start(HYBRID_PLAYBOOK, environ={"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"})
+
+    def test_unmatched_speech_goes_to_the_model(self) -> None:
+        c, engine, _ = self.start_hybrid()
+        self.assertTrue(engine.hybrid)
+        self.advance(3)
+        self.assertEqual(self.said(), ["Hello.", "Press 1 or say sales for sales.", "Press 2 for support."])
+        self.assertEqual(self.chat.requests, [])
+        self.hear(c, "What are your opening hours?")
+        self.assertEqual(engine.scene_id, "menu", "no nomatch action in hybrid mode")
+        self.assertIn("front desk of sip:alice@x's favourite shop", self.chat.last.messages[0]["content"])
+        self.assertEqual(self.chat.last.messages[-1], {"role": "user", "content": "What are your opening hours?"})
+        self.hear(c, "sales")
+        self.assertEqual(engine.scene_id, "sales")
+
+    def test_without_a_model_configured_it_is_an_ivr(self) -> None:
+        playbook = parse_playbook(HYBRID_PLAYBOOK, {}, "t.md")
+        self.assertTrue(playbook.ivr)
+
+
+def _default_playbook() -> str:
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "etc", "playbook", "default.md")
+    with open(path, encoding="utf-8") as f:
+        return f.read().replace("provider: piper", "provider: fake")
+
+
+class DefaultPlaybookTests(_Case):
+    """The shipped etc/playbook/default.md, the README's embedded default: an offline IVR."""
+
+    MENU = "press 1 or say about."
+
+    def test_keyword_about_then_back_to_the_menu(self) -> None:
+        c, engine, _ = self.start(_default_playbook())
+        self.assertTrue(engine.ivr)
+        self.advance(5)
+        self.assertEqual(self.said()[0], "Hello, you are speaking with the activecall demo.")
+        self.assertIn(self.MENU, self.said())
+        self.hear(c, "Tell me about it.")
+        self.advance(12)
+        spoken = self.said()
+        about = next(i for i, t in enumerate(spoken) if t.startswith("This line is answered by activecall"))
+        self.assertIn(self.MENU, spoken[about:], "<goto scene=menu/> speaks the menu again after the text")
+        self.assertEqual(engine.scene_id, "menu")
+
+    def test_key_two_collects_a_number_with_a_retry(self) -> None:
+        c, engine, leg = self.start(_default_playbook())
+        self.advance(5)
+        self.key(c, "2")
+        self.advance(5)
+        self.assertIn("Please type your phone number on the keypad, then press the hash key.", " ".join(self.said()))
+        for d in "12#":  # too short: retried with the error message
+            self.key(c, d)
+        self.advance(6)
+        self.assertTrue(any(t.startswith("That did not look like a phone number.") for t in self.said()))
+        for d in "5551234#":
+            self.key(c, d)
+        self.advance(8)
+        self.assertIn("We will call you back at 5551234.", " ".join(self.said()))
+        self.assertTrue(c.ended)
+
+    def test_goodbye_and_nothing_understood(self) -> None:
+        c, engine, _ = self.start(_default_playbook())
+        self.advance(5)
+        self.hear(c, "bananas")
+        self.advance(1)
+        self.assertIn("Sorry, I did not catch that.", self.said())
+        self.hear(c, "Goodbye!")
+        self.advance(3)
+        self.assertTrue(c.ended)
+        self.assertEqual(self.said()[-1], "Goodbye.")
