@@ -217,6 +217,7 @@ def makeService(options: Options) -> service.IService:
         vad=vad,
         make_denoiser=_make_denoiser,
         fillers=read_fillers(FILLERS_FILE),
+        ambiance_defaults=config.ambiance,
     )
     if config.callrecord is not None:
         try:

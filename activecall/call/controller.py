@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from activecall.call.ambiance import start_ambiance
 from activecall.call.events import (
     INPUT_EVENTS, CallAnswered, CallDeclined, CallEnded, CallEvent, CallInactive, CallOffered, CustomSent,
     DtmfReceived, ErrorOccurred, HistoryAdded, HoldChanged, MediaArrived, MessageReceived, RingingReported,
@@ -348,6 +349,7 @@ class CallController:
             self.track.mirror = self._observer.client_audio
         self._start_hearing(option, sender=sender)
         self._start_recording(option)
+        self.track.ambiance = start_ambiance(self, option.ambiance)
         if option.inactivity_timeout:
             self._watch_from = self.now()
             self.timers.call_later(_INACTIVITY_CHECK_S, self._check_inactivity)
@@ -530,6 +532,8 @@ class CallController:
         if recorded_reason is not None and self._recorded_reason is None:
             self._recorded_reason = recorded_reason
         self.track.cut()
+        if self.track.ambiance is not None:
+            self.track.ambiance.stop()
         self.ended = True
         if self.hearing is not None:
             self.hearing.close()

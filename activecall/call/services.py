@@ -8,6 +8,7 @@ from typing import Any, Callable, Mapping, Optional, Protocol
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
+from activecall.config import AmbianceConfig
 from activecall.ids import IdSource
 from activecall.media.cache import MediaCache
 from activecall.media.clock import MediaClock
@@ -120,3 +121,5 @@ class CallServices:
     fillers: frozenset[str] = frozenset()
     # One provider request: observe_provider(kind, provider, seconds to first byte or None, error).
     observe_provider: Callable[[str, str, Optional[float], bool], None] = _not_observed
+    # The [ambiance] table: fills the keys a call's ambiance block leaves unset; None: built-in defaults.
+    ambiance_defaults: Optional[AmbianceConfig] = None

@@ -15,6 +15,7 @@ from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from activecall.call.ambiance import Ambiance
 from activecall.call.events import InputTimedOut, PlayInterrupted, TrackEnded, TrackStarted
 from activecall.call.fileplay import load_audio
 from activecall.call.playback import FilePlay, SstSource, TtsPlay, strip_emoji
@@ -41,6 +42,8 @@ class ServerSideTrack:
         # The call's recording, told each pull's frame.
         self.recording: Any = None
         self._speech = Speech(call, call.services)
+        # Background sound mixed under whatever plays (activecall.call.ambiance); None: none.
+        self.ambiance: Optional[Ambiance] = None
         self._wait_input: Any = None
 
     # -- the leg's AudioSource ------------------------------------------------
@@ -55,11 +58,13 @@ class ServerSideTrack:
         frame = None
         if source is not None:
             frame = source.read_frame()
-            if frame is not None:
-                if self.muted:
-                    frame = bytes(len(frame))
-                if self.mirror is not None:
-                    self.mirror(b"\x00" + frame)
+            if frame is not None and self.muted:
+                frame = bytes(len(frame))
+        if self.ambiance is not None and not self.muted:
+            # Under the agent's frame, or alone: the remote party, subscribers and the recording hear the mix.
+            frame = self.ambiance.mix(frame)
+        if frame is not None and self.mirror is not None:
+            self.mirror(b"\x00" + frame)
         if self.recording is not None and not self._call.ended:
             self.recording.agent_frame(frame)
         return frame
