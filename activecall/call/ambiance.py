@@ -145,9 +145,12 @@ class Ambiance:
             offsets, buf = self._offsets, self._buf
         else:  # an odd-sized frame (never from a leg): no preallocated buffer fits
             offsets, buf = np.arange(samples, dtype=np.int64), np.empty(samples, dtype=np.float32)
-        # mode="wrap" loops the file, also when it is shorter than one frame.
-        segment = pcm.take(offsets + self._pos, mode="wrap")
-        self._pos = (self._pos + samples) % len(pcm)
+        pos, end = self._pos, self._pos + samples
+        if end <= len(pcm):
+            segment = pcm[pos:end]  # a view: no copy on the common path
+        else:  # mode="wrap" loops the file, also when it is shorter than one frame
+            segment = pcm.take(offsets + pos, mode="wrap")
+        self._pos = end % len(pcm)
         np.multiply(segment, np.float32(gain), out=buf, casting="unsafe")
         if agent_frame is not None:
             np.add(buf, np.frombuffer(agent_frame, dtype="<i2", count=samples), out=buf, casting="unsafe")
