@@ -312,6 +312,8 @@ class OpenAIChat:
             where="the configured base URL (OPENAI_BASE_URL)", needs_key=frozenset({chat_url(DEFAULT_BASE_URL)}),
             error_type=LlmError,
             check=lambda url: check_url(url, fetch.allowed_hosts),
+            # A playbook's own base URL is often a local server (llama.cpp, Ollama, vLLM) that wants no key.
+            own_key_required=False,
             on_refused=lambda reason: self._log.info("llm endpoint refused: {reason}", reason=reason))
 
     def body_for(self, messages: Sequence[Mapping[str, Any]], *, model: str, temperature: Optional[float] = None,

@@ -202,6 +202,8 @@ class PlaybookEngine:
         self._collector: Optional[DigitCollector] = None
         self._collector_timer: Optional[IDelayedCall] = None
         self._errors_in_row = 0
+        # A goodbye with auto-hangup is playing: nothing the caller does now starts another turn (§7.1).
+        self._hanging_up = False
         self._summarizing: Optional[Deferred[Any]] = None
         if playbook.llm is not None:
             self.history.append({"role": "system", "content": self._system_prompt()})
@@ -296,7 +298,7 @@ class PlaybookEngine:
         if getattr(event, "refer", None):
             return  # the transfer leg's own speech and keys are not the agent's business
         name = _EVENT_NAMES.get(type(event))
-        if name is None:
+        if name is None or self._hanging_up:
             return
         if self._collector is not None and self._collector.collecting:
             route = collector_route(name, self._collector.spec.interruptible)
@@ -386,6 +388,7 @@ class PlaybookEngine:
             return
         play_id = self._new_play_id()
         self._metric("tts_play_id_map", {"playId": play_id, "text": text})
+        self._hanging_up = self._hanging_up or auto_hangup
         self.call.say(text, play_id=play_id, end_of_stream=True, auto_hangup=auto_hangup,
                       wait_input_timeout_ms=wait_input_ms)
         if blocking:
@@ -611,7 +614,10 @@ class PlaybookEngine:
             first_token_timeout_s=self.policy.first_token_timeout_s, total_timeout_s=self.policy.total_timeout_s)
         reply.request = request
         request.addCallbacks(self._replied, self._reply_failed, callbackArgs=(reply, responses),
-                             errbackArgs=(reply,))
+                             errbackArgs=(reply,)).addErrback(self._bug, "handling a model reply")
+
+    def _bug(self, f: Failure, what: str) -> None:
+        self._log.failure("playbook engine of {sid} failed {what}", f, sid=self.call.sid, what=what)
 
     def _delta(self, reply: _Reply, text: str) -> None:
         if reply.stopped or self._reply is not reply:
@@ -632,6 +638,8 @@ class PlaybookEngine:
         if reply.hangup is not None:
             # <hangup/> ends the reply: what was said is spoken, then the call ends (§7.1).
             self._stop_request(reply)
+            self._run_items(reply, reply.parser.flush())
+            self._remember_assistant("".join(reply.text), reply)
             self._finish_reply(reply)
 
     def _replied(self, result: ChatResult, reply: _Reply, responses: int) -> None:
@@ -743,6 +751,7 @@ class PlaybookEngine:
             return
         if hangup is not None:
             self._store_hangup_headers()
+            self._hanging_up = True
         if reply.queued:
             def close() -> None:
                 if reply.stopped:

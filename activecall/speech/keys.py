@@ -43,6 +43,8 @@ class KeyPolicy:
     schemes: str = "http/https"
     needs_key: Optional[frozenset[str]] = None
     on_refused: Callable[[str], None] = _ignore
+    # False: an endpoint elsewhere may go without a key (a local model server); it still passes ``check``.
+    own_key_required: bool = True
 
     @property
     def own_key_needed(self) -> str:
@@ -57,7 +59,7 @@ class KeyPolicy:
         """Raise ProviderUnavailableError when the settings' ``endpoint`` could never be given a key."""
         if self._needs_key(endpoint) and not (api_key or self.env_key):
             raise ProviderUnavailableError(self.no_key)
-        if endpoint not in self.official and not api_key:
+        if endpoint not in self.official and not api_key and self.own_key_required:
             raise ProviderUnavailableError(self.own_key_needed)
 
     def key_for(self, url: str, own: Optional[str]) -> str:
@@ -74,6 +76,6 @@ class KeyPolicy:
             self.on_refused(str(e))
             raise self.error_type(f"{self.provider}: endpoint not allowed ({self.schemes} and fetch.allowed_hosts only)",
                                   retryable=False) from None
-        if not own:
+        if not own and self.own_key_required:
             raise self.error_type(self.own_key_needed, retryable=False)
-        return own
+        return own or ""

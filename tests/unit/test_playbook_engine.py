@@ -542,3 +542,18 @@ class DefaultPlaybookTests(_Case):
         self.advance(3)
         self.assertTrue(c.ended)
         self.assertEqual(self.said()[-1], "Goodbye.")
+
+
+class HangupUtteranceTests(_Case):
+    def test_speech_during_the_goodbye_does_not_cut_it(self) -> None:
+        """After <hangup/>, caller speech starts no new turn: the goodbye plays out and the call ends (§7.1)."""
+        c, engine, _ = self.start(LLM_PLAYBOOK)
+        self.hear(c, "Bye.")
+        self.chat.last.send("Goodbye, have a nice day. <hangup/>")
+        self.advance(0.1)
+        self.hear(c, "bye bye")
+        self.key(c, "1")
+        self.assertEqual(len(self.chat.requests), 1)
+        self.advance(3)
+        self.assertTrue(c.ended)
+        self.assertEqual(c.hangup_reason, "bySystem")
