@@ -227,7 +227,8 @@ def makeService(options: Options) -> service.IService:
             raise SystemExit(f"activecall: configuration error: callrecord.type: {e}")
         services.call_records = CallRecordWriter(store)
     playbooks = PlaybookRunner(clock=reactor, run_blocking=run_blocking, environ=os.environ, http_client=http_client,
-                               fetcher=fetcher, fetch=config.fetch, env_prefix=config.api.env_prefix)
+                               fetcher=fetcher, fetch=config.fetch, env_prefix=config.api.env_prefix,
+                               signing_secret=config.webhook.signing_secret, in_flight=services.records_in_flight)
     playbook_runs = PlaybookRuns(reactor)
     sessions = SessionManager(services, max_dump_bytes=config.api.max_dump_bytes, playbooks=playbooks,
                               runs=playbook_runs)

@@ -893,7 +893,7 @@ class PlaybookEngine:
             self._transfer(action.callee, action.caller, options)
         elif isinstance(action, act.Collect):
             self._cut_sentence(reply)
-            self._start_collect(action)
+            self._start_collect(action, reply)
         elif isinstance(action, act.Message):
             if call.call_type != "sip":
                 call.error("message: the call has no SIP leg", sender="playbook")
@@ -970,7 +970,7 @@ class PlaybookEngine:
 
     # -- digit collection --------------------------------------------------------------
 
-    def _start_collect(self, action: act.Collect) -> None:
+    def _start_collect(self, action: act.Collect, reply: Optional[_Reply] = None) -> None:
         spec = self.playbook.collectors.get(action.type)
         if spec is None:
             names = ", ".join(sorted(self.playbook.collectors)) or "none"
@@ -982,7 +982,11 @@ class PlaybookEngine:
         self._collector = collector
         if action.prompt:
             prompt = self._render(action.prompt)
-            self._after_speech(lambda: self._say_once(prompt, wait_input_ms=0))
+            if reply is not None and reply.queued:
+                # Said after what the reply already said, in its stream: a new play would cut it.
+                self._speak_piece(reply, prompt + "\n")
+            else:
+                self._after_speech(lambda: self._say_once(prompt, wait_input_ms=0))
         collector.start(self._now())
         self._arm_collector()
 

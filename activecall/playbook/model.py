@@ -463,9 +463,11 @@ def _wire_schema(cls: type[WireObject]) -> _Schema:
     return keys
 
 
+_UNEXPANDED = re.compile(r"\$\{[^}]+\}")
 _LLM_FIELDS = (
     "provider", "model", "baseUrl", "apiKey", "prompt", "greeting", "language",
     "features", "repairWindowMs", "summaryLimit", "toolInstructions",
+    "timeoutMs", "totalTimeoutMs", "apology", "onError", "temperature", "maxTokens", "toolMode", "optional",
 )  # fmt: skip
 _COLLECTOR_SCHEMA: _Schema = {
     **dict.fromkeys(
@@ -935,6 +937,10 @@ def _parse_parts(text: str, yaml_text: str, body: str, environ: Mapping[str, str
     operator_key = False
     if llm_value is not None:
         llm = dict(llm_value)
+        for key in ("apiKey", "baseUrl", "model"):
+            # An unset ${VAR} stays verbatim (§3.1): here that is no value, so the environment fills it.
+            if isinstance(llm.get(key), str) and _UNEXPANDED.fullmatch(llm[key].strip()):
+                llm[key] = ""
         for key, env in (("apiKey", "OPENAI_API_KEY"), ("baseUrl", "OPENAI_BASE_URL"),
                          ("model", "OPENAI_MODEL")):  # fmt: skip
             if key == "apiKey" and not _llm_goes_to_configured_base(llm, environ):

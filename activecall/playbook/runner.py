@@ -55,7 +55,10 @@ class PlaybookRunner:
     def __init__(self, *, clock: IReactorTime, run_blocking: Callable[..., Deferred[Any]], environ: Mapping[str, str],
                  http_client: Any = None, fetcher: Any = None, fetch: FetchConfig = FetchConfig(),
                  env_prefix: str = DEFAULT_ENV_PREFIX, base_dir: str = DEFAULT_BASE_DIR,
-                 features_dir: str = "features") -> None:
+                 features_dir: str = "features", signing_secret: Optional[str] = None,
+                 in_flight: Optional[set[Deferred[None]]] = None) -> None:
+        """``in_flight``: where post-call hooks still running are kept (the daemon's shutdown waits for
+        that set: CallServices.records_in_flight); ``signing_secret`` signs them ([webhook])."""
         self._clock = clock
         self._run_blocking = run_blocking
         self._environ = environ
@@ -66,8 +69,9 @@ class PlaybookRunner:
         self._features_dir = features_dir
         self.cache = PlaybookCache(base_dir)
         self._texts: dict[tuple[Any, ...], PromptTexts] = {}
+        self._signing_secret = signing_secret
         #: Post-call hooks still running.
-        self.in_flight: set[Deferred[None]] = set()
+        self.in_flight: set[Deferred[None]] = in_flight if in_flight is not None else set()
 
     # -- loading ----------------------------------------------------------------
 
@@ -171,14 +175,11 @@ class PlaybookRunner:
             return d.addCallback(lambda result: result.text)
 
         d = send_posthook(spec, session_id=engine.call.sid, history=[dict(m) for m in engine.history],
-                          summarize=summarize if chat is not None else None, fetcher=self._fetcher, clock=self._clock)
+                          summarize=summarize if chat is not None else None, fetcher=self._fetcher, clock=self._clock,
+                          signing_secret=self._signing_secret)
         self.in_flight.add(d)
         d.addBoth(lambda _: self.in_flight.discard(d))
 
-    def wait_idle(self) -> Deferred[None]:
-        """Fires when every post-call hook has finished (shutdown)."""
-        from twisted.internet.defer import DeferredList
-        return DeferredList(list(self.in_flight)).addCallback(lambda _: None)
 
 
 async def _raise(error: Exception) -> Any:

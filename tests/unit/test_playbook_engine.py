@@ -557,3 +557,25 @@ class HangupUtteranceTests(_Case):
         self.advance(3)
         self.assertTrue(c.ended)
         self.assertEqual(c.hangup_reason, "bySystem")
+
+    def test_collect_prompt_follows_the_text_before_it(self) -> None:
+        """Text before <collect prompt=...> in the same reply is said, then the prompt, in one stream."""
+        c, engine, _ = self.start(LLM_PLAYBOOK)
+        self.hear(c, "My account.")
+        request = self.chat.last
+        request.reply('Sure, I can look that up. <collect type="account" var="acct" prompt="Type your account number."/>')
+        self.assertFalse(request.cancelled)
+        self.advance(3)
+        spoken = " ".join(self.said())
+        self.assertIn("Sure, I can look that up.", spoken)
+        self.assertIn("Type your account number.", spoken)
+        self.assertLess(spoken.index("Sure"), spoken.index("Type your"))
+        self.assertEqual([e.play_id for e in self.of(ce.PlayInterrupted)], [f"{SID}-1"], "only the greeting was cut")
+
+
+class UnexpandedVariableTests(SynchronousTestCase):
+    def test_an_unset_variable_in_llm_keys_counts_as_unset(self) -> None:
+        text = "---\nllm:\n  provider: openai\n  optional: true\n  baseUrl: ${ACTIVECALL_LLM_URL}\n---\nHi.\n"
+        self.assertTrue(parse_playbook(text, {}, "t.md").ivr)
+        with_env = parse_playbook(text, {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}, "t.md")
+        self.assertEqual(with_env.llm["baseUrl"], "http://127.0.0.1:9/v1")

@@ -176,16 +176,19 @@ class DefaultPlaybookTests(SynchronousTestCase):
         self.assertEqual(p.option.tts.provider, "piper")
         self.assertEqual(p.option.asr.provider, "whisper")
         self.assertEqual(p.option.vad.type, "silero")
-        self.assertEqual(p.initial_scene, "main")
-        self.assertTrue(llm_of(p)["prompt"].startswith("You are a friendly"))
-        self.assertIn("activecall assistant", p.greeting or "")
+        self.assertEqual(p.initial_scene, "menu")
+        # llm.optional: the prompt stays the model's; the scenes stay what the IVR says.
+        self.assertTrue(llm_of(p)["prompt"].startswith("You are the activecall demo assistant"))
+        self.assertIn("activecall demo", p.greeting or "")
+        self.assertFalse(p.ivr)
         self.assertEqual(p.warnings, ())
 
     def test_without_env(self) -> None:
-        """Without the env vars it still loads; the LLM key is simply not set."""
+        """Without the env vars it is an offline IVR: no model at all."""
         p = load_playbook(DEFAULT_MD, {})
-        self.assertFalse(llm_of(p).get("apiKey"))
-        self.assertEqual(llm_of(p)["provider"], "openai")
+        self.assertTrue(p.ivr)
+        self.assertIsNone(p.llm)
+        self.assertEqual(set(p.scenes["menu"].dtmf), {"0", "1", "2", "nomatch", "timeout"})
 
 
 class ParsingTests(SynchronousTestCase):
@@ -215,7 +218,8 @@ class ParsingTests(SynchronousTestCase):
                   {"ACTIVECALL_S": "1.5"})
         assert p.option.tts is not None
         self.assertEqual(p.option.tts.speed, 1.5)
-        self.assertEqual(llm_of(p)["model"], "${ACTIVECALL_NOPE}")
+        # Left verbatim (§3.1), which for the llm's endpoint keys means unset (the environment may fill them).
+        self.assertEqual(llm_of(p)["model"], "")
         self.assertEqual(llm_of(p)["prompt"], "say ${ACTIVECALL_S}")
 
     def test_expand_env(self) -> None:
