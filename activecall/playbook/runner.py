@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -23,7 +23,7 @@ from activecall.config import DEFAULT_ENV_PREFIX, FetchConfig
 from activecall.options import CallOption, InterruptionOption
 from activecall.playbook.engine import EngineServices, PlaybookEngine
 from activecall.playbook.httptool import call_http, tag_result_note, tool_result_note
-from activecall.playbook.model import DEFAULT_BASE_DIR, Playbook, PlaybookCache, parse_playbook
+from activecall.playbook.model import DEFAULT_BASE_DIR, Playbook, PlaybookCache, PlaybookError, parse_playbook
 from activecall.playbook.posthook import PosthookSpec, send_posthook
 from activecall.playbook.prompt import PromptTexts, load_prompt_texts
 from activecall.playbook.templates import call_variables, render_playbook
@@ -80,8 +80,7 @@ class PlaybookRunner:
         if is_inline_playbook(value):
             text = value.lstrip()
             if len(text) > MAX_INLINE_CHARS:
-                from activecall.playbook.model import PlaybookError
-                return Deferred.fromCoroutine(_raise(PlaybookError(f"inline playbook larger than {MAX_INLINE_CHARS} characters")))
+                return fail(PlaybookError(f"inline playbook larger than {MAX_INLINE_CHARS} characters"))
             return self._run_blocking(parse_playbook, text, self._environ, "<inline playbook>",
                                       env_prefix=self._env_prefix)
         return self._run_blocking(lambda: self.cache.load(value, self._environ, env_prefix=self._env_prefix))
@@ -180,10 +179,6 @@ class PlaybookRunner:
         self.in_flight.add(d)
         d.addBoth(lambda _: self.in_flight.discard(d))
 
-
-
-async def _raise(error: Exception) -> Any:
-    raise error
 
 
 def _variable_call_type(call_type: str) -> str:

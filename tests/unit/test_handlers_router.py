@@ -266,3 +266,17 @@ class PlaybookCallStarterTests(SynchronousTestCase):
         self.assertEqual(agent.playbook.greeting, "Hi sip:alice@example.com.")
         self.assertEqual(agent.variables["X-Customer"], "42")
         self.assertTrue(agent.ivr)
+
+
+class RunnerLoadTests(SynchronousTestCase):
+    def test_oversized_inline_playbook_is_a_load_error(self) -> None:
+        """Inline text larger than 256 KiB is refused before it is parsed."""
+        from twisted.internet.defer import maybeDeferred
+
+        from activecall.playbook.model import PlaybookError
+        from activecall.playbook.runner import PlaybookRunner
+
+        runner = PlaybookRunner(clock=Clock(), run_blocking=lambda f, *a, **k: maybeDeferred(f, *a, **k), environ={})
+        failure = self.failureResultOf(runner.load("---\n" + "x" * (300 * 1024)), PlaybookError)
+        self.assertIn("larger than", str(failure.value))
+        self.assertTrue(self.successResultOf(runner.load("---\ngreeting: hi\n---\nHello.\n")).ivr)
