@@ -674,16 +674,19 @@ class PlaybookEngine:
         self._errors_in_row += 1
         self.call.error(f"llm: {reason}", sender="llm")
         said = "".join(reply.text)
+        give_up = self.policy.hangup_on_error or self._errors_in_row >= 3
         if reply.queued:
-            # A stream error keeps what arrived (§8.1 step 6).
+            # A stream error keeps what arrived (§8.1 step 6); giving up hangs up once it is said.
             self._run_items(reply, reply.parser.flush())
             self._remember_assistant(said, reply)
+            if give_up and reply.hangup is None and not reply.stopped:
+                reply.hangup = act.Hangup("llm failure", "system")
             self._finish_reply(reply)
             return
         self._reply = None
         reply.stopped = True
         apology = self.policy.apology
-        if self.policy.hangup_on_error or self._errors_in_row >= 3:
+        if give_up:
             self._say_once(apology, auto_hangup=True) if apology else self._hangup_now("llm failure", "system")
         elif apology:
             self._say_once(apology)

@@ -296,6 +296,19 @@ class ConversationTests(_Case):
         self.chat.last.d.errback(LlmError("llm: HTTP 500"))
         self.assertTrue(c.ended)
 
+    def test_a_failure_after_partial_speech_hangs_up_once_it_is_said(self) -> None:
+        """onError: hangup with a stream cut mid-reply: what arrived is spoken to its end, then the call ends."""
+        c, engine, _ = self.start(LLM_PLAYBOOK.replace("  model: test-model\n",
+                                                       "  model: test-model\n  onError: hangup\n"))
+        self.hear(c, "Hi.")
+        self.chat.last.send("Hello there. How")
+        self.chat.last.d.errback(LlmError("llm: the stream ended early"))
+        self.assertFalse(c.ended, "the words already on their way are not cut")
+        self.advance(5)
+        self.assertIn("Hello there.", self.said())
+        self.assertTrue(c.ended)
+        self.assertNotIn("Sorry, I am having trouble answering right now.", self.said())
+
     def test_a_stream_cut_keeps_what_arrived(self) -> None:
         c, engine, _ = self.start(LLM_PLAYBOOK)
         self.hear(c, "Hi.")
