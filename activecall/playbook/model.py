@@ -350,8 +350,8 @@ class Scene:
 
 
 DTMF_ACTIONS: tuple[str, ...] = ("goto", "transfer", "hangup")
-#: ``digit`` values that no key produces: IVR mode's no-input and no-match actions (§8.5).
-PSEUDO_DIGITS: tuple[str, ...] = ("timeout", "nomatch")
+#: ``digit`` values that no key produces: no input, no match, and a collector's outcome (§8.5).
+PSEUDO_DIGITS: tuple[str, ...] = ("timeout", "nomatch", "collected", "failed")
 #: Bounds of one tag's ``words=``: phrases kept, and the longest phrase (longer ones are dropped).
 MAX_WORDS_PER_TAG = 64
 MAX_WORD_CHARS = 100

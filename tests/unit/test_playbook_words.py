@@ -46,8 +46,9 @@ class MatchWordsTests(SynchronousTestCase):
         self.assertEqual(match_words("カタカナ テスト", {"3": ("カタカナ",)}), "3")
 
     def test_pseudo_digits_never_match(self) -> None:
-        """timeout/nomatch actions are taken on no input or no match, never by a phrase."""
+        """timeout/nomatch/collected/failed actions are taken on their own events, never by a phrase."""
         self.assertIsNone(match_words("timeout", {"timeout": ("timeout",), "nomatch": ("timeout",)}))
+        self.assertIsNone(match_words("done", {"collected": ("done",), "failed": ("done",)}))
 
     def test_text_bounded(self) -> None:
         """Only the first MAX_TEXT_CHARS characters are looked at."""
