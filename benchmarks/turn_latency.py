@@ -1,6 +1,6 @@
-"""Turn latency: end of the caller's speech -> asrFinal -> first agent audio, over /call and over SIP (run by hand).
+"""Turn latency: end of the caller's speech -> asrFinal -> first agent audio, over /call, SIP and a playbook (run by hand).
 
-    python benchmarks/turn_latency.py [--turns 20] [--paths call,sip] [--reply TEXT]
+    python benchmarks/turn_latency.py [--turns 20] [--paths call,sip,playbook] [--reply TEXT] [--llm-delay-ms 200]
 
 Starts the real daemon on 127.0.0.1 with offline models: Silero VAD, Whisper tiny.en
 (``asr.provider = whisper``) and Piper (``tts.provider = piper``).  A scripted agent in
@@ -20,6 +20,12 @@ Paths:
   the jitter buffer, as a phone would play it).  Chosen over SIPp ``play_pcap_audio``
   because one reactor then knows both when the last speech frame left and when agent
   audio arrived, without the ``subscribe`` mirror.
+* ``playbook``: a ``/call`` session like ``call``, but driven by an inline playbook
+  (``option.playbook``) whose ``llm.baseUrl`` is a local OpenAI-compatible server in this
+  process (:class:`activecall.testing_llm.ScriptedLlm`) that streams the reply after a
+  fixed first-token delay (``--llm-delay-ms``). The daemon's conversation engine, not this
+  process, answers each final: the full agent loop (engine, HTTP/SSE client, clause
+  chunking, streaming TTS).
 
 Per turn (this process's clock; the daemon runs on the same machine):
 
@@ -32,9 +38,10 @@ Per turn (this process's clock; the daemon runs on the same machine):
 Model time is measured in this process with the same engines and settings as the daemon
 (``WhisperEngine.decode`` of the utterance, 1 thread int8; Piper's time to its first
 chunk of the reply), while the daemon is idle.  "Our share" is
-``T1 - T0 - padding - whisper decode`` and ``T2 - T1 - piper first chunk``; it includes
-everything that is not the final's decode: frame transport, VAD batching, queueing behind
-a partial decode, event delivery, resampling and media-clock pacing.
+``T1 - T0 - padding - whisper decode`` and ``T2 - T1 - piper first chunk`` (on the
+playbook path also minus the model's fixed delay); it includes everything that is not a
+model: frame transport, VAD batching, queueing behind a partial decode, event delivery,
+the LLM round trip over loopback, resampling and media-clock pacing.
 """
 
 from __future__ import annotations
@@ -63,6 +70,7 @@ from harness import BASE_CONFIG, CallClient, _Waiters, free_port, start_daemon  
 from media_peer import MediaCall, MediaPeerHandler  # noqa: E402
 
 from activecall.config import Config  # noqa: E402
+from activecall.testing_llm import ScriptedLlm, TextReply, listen_llm  # noqa: E402
 from activecall.ids import SystemIds  # noqa: E402
 from activecall.rtp.srtp import generate_crypto  # noqa: E402
 from activecall.rtp.transport import RtpEndpoint  # noqa: E402
@@ -77,7 +85,22 @@ AGENT_PEAK = 300  # first agent frame with a sample beyond this is "agent audio"
 LEAD_S = 0.4  # silence before each utterance
 PAUSE_S = 0.5  # silence after the agent's reply ended, before the next utterance
 MISSED_S = 10.0  # no asrFinal this long after the last speech frame: the turn is counted as missed
-DEFAULT_REPLY = "Sure, I can help you with that."
+# One clause, so the playbook path speaks it as one piece and Piper's first chunk is the same as on the others.
+DEFAULT_REPLY = "I can help you with that."
+# The playbook path's agent: the daemon's engine asks the local model, which answers the fixed reply.
+PLAYBOOK = """---
+asr: {{provider: whisper, language: en}}
+tts: {{provider: piper}}
+vad: {{type: silero, silencePadding: {padding}}}
+interruption: {{strategy: none}}
+llm:
+  provider: openai
+  baseUrl: {base_url}
+  model: scripted
+greeting: Hello.
+---
+You are a helpful assistant.
+"""
 # asr_whisper's sentences up to 6 s, then long ones without commas: espeak-ng pauses at a comma for
 # longer than the 100 ms silencePadding, which would split the utterance into two VAD segments.
 SENTENCES = UTTERANCES[:6] + (
@@ -135,6 +158,7 @@ class Turn:
         self.asr_completed_ms: Optional[int] = None
         self.tts_completed_ms: Optional[int] = None
         self.track_start_at: Optional[float] = None
+        self.reply_ended = False
 
     def missed(self) -> bool:
         """No final long after the speech ended."""
@@ -153,6 +177,7 @@ class Agent(CallClient):
     reply = DEFAULT_REPLY
     run_id = "0"
     hears_audio = True  # /call: binary frames are the agent audio
+    scripted = True  # False: a playbook in the daemon answers, this client only listens
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -178,8 +203,9 @@ class Agent(CallClient):
             else:
                 turn.final_at = now
                 turn.speech_end_at = turn.speaker.last_voiced_at
-                self.send({"command": "tts", "text": self.reply, "playId": f"r{turn.index}", "endOfStream": True,
-                           "cacheKey": f"turnlat-{self.run_id}-{turn.index}"})
+                if self.scripted:
+                    self.send({"command": "tts", "text": self.reply, "playId": f"r{turn.index}", "endOfStream": True,
+                               "cacheKey": f"turnlat-{self.run_id}-{turn.index}"})
         elif turn.final_at is None:
             return
         elif event.get("event") == "metrics" and event.get("key") == "completed.asr.whisper" and \
@@ -188,8 +214,12 @@ class Agent(CallClient):
         elif event.get("event") == "metrics" and event.get("key") == "completed.tts.piper" and \
                 turn.tts_completed_ms is None:
             turn.tts_completed_ms = event.get("duration")
-        elif event.get("event") == "trackStart" and event.get("playId") == f"r{turn.index}":
+        elif event.get("event") == "trackStart" and event.get("trackId") == "server-side-track" and \
+                turn.track_start_at is None:
             turn.track_start_at = now
+        elif event.get("event") == "trackEnd" and event.get("trackId") == "server-side-track" and \
+                turn.agent_at is not None:
+            turn.reply_ended = True
 
 
 def connect_agent(url: str) -> defer.Deferred:
@@ -299,7 +329,7 @@ async def run_turns(client: Agent, speaker: Speaker, far: Optional[FarEnd], utte
                 done.append(turn)
             continue
         await wait_for(lambda: turn.agent_at is not None, 60, f"agent audio of turn {n}")
-        await client.wait_event("trackEnd", timeout_s=60, playId=f"r{n}")
+        await wait_for(lambda: turn.reply_ended, 60, f"trackEnd of turn {n}")
         await task.deferLater(reactor, PAUSE_S, lambda: None)
         if n:
             done.append(turn)
@@ -307,12 +337,18 @@ async def run_turns(client: Agent, speaker: Speaker, far: Optional[FarEnd], utte
     return done
 
 
+def fixed_reply(text: str, delay_ms: float) -> Callable[[Any], defer.Deferred]:
+    """The local model: ``text`` as one streamed chunk, ``delay_ms`` after each request (a model's first token)."""
+    return lambda body: task.deferLater(reactor, delay_ms / 1000, TextReply, (text,))
+
+
 def pct(values: list[float]) -> str:
     a = np.array(values)
     return f"p50 {np.percentile(a, 50):7.1f}  p95 {np.percentile(a, 95):7.1f}  max {a.max():7.1f} ms"
 
 
-def report(path: str, all_turns: list[Turn], models: ModelTimes, padding_ms: float, durations: list[float]) -> None:
+def report(path: str, all_turns: list[Turn], models: ModelTimes, padding_ms: float, durations: list[float],
+           llm_ms: float = 0.0) -> None:
     turns = [t for t in all_turns if t.final_at is not None]
     eos_final = [(t.final_at - t.speech_end_at) * 1000 for t in turns]  # type: ignore[operator]
     final_agent = [(t.agent_at - t.final_at) * 1000 for t in turns]  # type: ignore[operator]
@@ -321,7 +357,7 @@ def report(path: str, all_turns: list[Turn], models: ModelTimes, padding_ms: flo
     # A split utterance's final decodes only its tail: the whole utterance's decode time does not apply.
     whole = [i for i, t in enumerate(turns) if not t.early_finals]
     ours_asr = [eos_final[i] - padding_ms - whisper[i] for i in whole]
-    ours_tts = [f - models.piper_ms for f in final_agent]
+    ours_tts = [f - models.piper_ms - llm_ms for f in final_agent]
     print(f"\n== {path}: {len(all_turns)} turns ({len(all_turns) - len(turns)} without asrFinal), "
           f"utterances {min(durations):.1f}-{max(durations):.1f} s, silencePadding {padding_ms:.0f} ms")
     print(f"last speech frame -> asrFinal          {pct(eos_final)}")
@@ -331,6 +367,8 @@ def report(path: str, all_turns: list[Turn], models: ModelTimes, padding_ms: flo
     print(f"  from last frame + silencePadding     {pct([e - padding_ms for e in eos_agent])}")
     print(f"model: whisper decode (final)          {pct(whisper)}")
     print(f"model: piper first chunk               {models.piper_ms:7.1f} ms")
+    if llm_ms:
+        print(f"model: LLM first token (fixed)         {llm_ms:7.1f} ms")
     print(f"our share, speech end -> asrFinal      {pct(ours_asr)}  ({len(whole)} unsplit turns)")
     print(f"our share, asrFinal -> agent audio     {pct(ours_tts)}")
     print(f"our share, both                        {pct([ours_asr[k] + ours_tts[i] for k, i in enumerate(whole)])}")
@@ -341,7 +379,8 @@ def report(path: str, all_turns: list[Turn], models: ModelTimes, padding_ms: flo
     tts_done = [t for t in turns if t.tts_completed_ms is not None]
     if tts_done:
         print(f"daemon metric completed.tts.piper      {pct([float(t.tts_completed_ms) for t in tts_done])}")  # type: ignore[arg-type]
-        print(f"  asrFinal -> agent audio - that       {pct([(t.agent_at - t.final_at) * 1000 - t.tts_completed_ms for t in tts_done])}")  # type: ignore[operator]
+        # Our share after the final with the daemon's own synthesis time (its Piper shares two cores with Whisper).
+        print(f"  asrFinal -> agent audio - that{' - LLM' if llm_ms else '      '} {pct([(t.agent_at - t.final_at) * 1000 - t.tts_completed_ms - llm_ms for t in tts_done])}")  # type: ignore[operator]
     started = [(t.track_start_at - t.final_at) * 1000 for t in turns if t.track_start_at is not None]  # type: ignore[operator]
     if started:
         print(f"asrFinal -> trackStart event           {pct(started)}")
@@ -367,6 +406,7 @@ async def run(args: argparse.Namespace) -> None:
     daemon = await start_daemon(workdir, config)
     option = {"vad": {"type": "silero", "silencePadding": args.padding_ms}, "asr": {"provider": "whisper"},
               "tts": {"provider": "piper"}}
+    llm_port = None
     try:
         for path in args.paths.split(","):
             Agent.run_id = f"{os.getpid()}-{int(time.time())}-{path}"  # cacheKeys never seen: every reply synthesized
@@ -375,6 +415,22 @@ async def run(args: argparse.Namespace) -> None:
                 client = await connect_agent(f"{daemon.ws_url}/call?id=turnlat-call&dump=false&ping=0")
                 client.send({"command": "invite", "option": {"codec": "pcm", "sampleRate": RATE, **option}})
                 await client.wait_event("answer", timeout_s=30)
+                mouth = task.LoopingCall(lambda: client.sendMessage(speaker.next_frame(), isBinary=True))
+                mouth.start(0.02)
+                try:
+                    turns = await run_turns(client, speaker, None, utterances, args.turns)
+                finally:
+                    mouth.stop()
+                client.transport.loseConnection()
+            elif path == "playbook":
+                if llm_port is None:
+                    llm_port = listen_llm(reactor, ScriptedLlm(reactor, responder=fixed_reply(args.reply, args.llm_delay_ms)))
+                playbook = PLAYBOOK.format(padding=args.padding_ms, base_url=llm_port.base_url)
+                client = await connect_agent(f"{daemon.ws_url}/call?id=turnlat-playbook&dump=false&ping=0")
+                client.scripted = False
+                client.send({"command": "invite", "option": {"codec": "pcm", "sampleRate": RATE, "playbook": playbook}})
+                await client.wait_event("answer", timeout_s=30)
+                await client.wait_event("trackEnd", timeout_s=30, trackId="server-side-track")  # the greeting
                 mouth = task.LoopingCall(lambda: client.sendMessage(speaker.next_frame(), isBinary=True))
                 mouth.start(0.02)
                 try:
@@ -403,15 +459,18 @@ async def run(args: argparse.Namespace) -> None:
                     await defer.maybeDeferred(service.stopService)
             else:
                 sys.exit(f"unknown path {path!r}")
-            report(path, turns, models, args.padding_ms, durations)
+            report(path, turns, models, args.padding_ms, durations, args.llm_delay_ms if path == "playbook" else 0.0)
     finally:
+        if llm_port is not None:
+            await llm_port.stop()
         await daemon.stop()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--turns", type=int, default=20, help="measured turns per path (after one warm-up turn)")
-    parser.add_argument("--paths", default="call,sip", help="comma-separated: call, sip")
+    parser.add_argument("--paths", default="call,sip,playbook", help="comma-separated: call, sip, playbook")
+    parser.add_argument("--llm-delay-ms", type=float, default=200.0, help="the playbook path's model: first-token delay")
     parser.add_argument("--reply", default=DEFAULT_REPLY, help="the scripted agent's answer")
     parser.add_argument("--padding-ms", type=int, default=100, help="vad.silencePadding")
     parser.add_argument("--repeat", type=int, default=3, help="in-process model timings: median of N")
