@@ -2,22 +2,45 @@
 
 from __future__ import annotations
 
+import random
+import tempfile
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from activecall.call.services import CallServices
+from activecall.ids import IdSource
+from activecall.media.cache import MediaCache
+from activecall.media.clock import MediaClock
 from activecall.media.tracks import IInboundLeg, IInboundLegFactory, ILegDialer, LegSetupError
+from activecall.speech.registry import SynthesizerRegistry
 from activecall.speech.interfaces import (
     IRecognitionListener, IRecognitionStream, IRecognizer, ISpeechSynthesizer, RecognitionRequest, SynthesisError, SynthesisRequest, WordTiming,
 )
 
-__all__ = ["FakeSynthesizer", "SynthesizerConformanceMixin", "FakeLeg", "FakeDialer", "FakeRecorder", "FakePending",
+__all__ = ["fake_call_services", "FakeSynthesizer", "SynthesizerConformanceMixin", "FakeLeg", "FakeDialer", "FakeRecorder", "FakePending",
            "FakeRecognizer", "FakeRecognitionStream", "FakeVadEngine", "FakeVadStream", "RecordingListener"]
+
+
+def fake_call_services(clock: IReactorTime, *, synthesizer: Optional[ISpeechSynthesizer] = None,
+                       **fields: Any) -> CallServices:
+    """:class:`CallServices` for tests: ``clock`` drives time and the media clock, blocking work runs inline,
+    fetches return nothing, the media cache is a fresh temporary directory, ids are seeded; ``synthesizer``
+    (when given) is TTS provider ``"fake"``; ``fields`` set or replace any other field."""
+    registry = SynthesizerRegistry()
+    if synthesizer is not None:
+        registry.register("fake", lambda settings: synthesizer)
+    defaults: dict[str, Any] = dict(
+        clock=clock, media_clock=MediaClock(clock), ids=IdSource(random.Random(7)), synthesizers=registry,
+        cache=MediaCache(tempfile.mkdtemp()), run_blocking=lambda f, *a: maybeDeferred(f, *a),
+        fetch_url=lambda url: succeed(b""))
+    defaults.update(fields)
+    return CallServices(**defaults)
 
 
 @implementer(ISpeechSynthesizer)

@@ -3,27 +3,21 @@
 from __future__ import annotations
 
 import os
-import random
 import tempfile
 import wave
 from typing import Any
 
 import numpy as np
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from activecall.call import events as ce
 from activecall.call.ambiance import Ambiance, AmbianceSettings, resolve_ambiance
 from activecall.call.controller import CallController
-from activecall.call.services import CallServices
 from activecall.config import AmbianceConfig
-from activecall.ids import IdSource
-from activecall.media.cache import MediaCache
-from activecall.media.clock import MediaClock
 from activecall.options import AmbianceOption, CallOption, SynthesisOption
-from activecall.speech.registry import SynthesizerRegistry
-from activecall.testing import FakeDialer, FakeLeg, FakeRecorder, FakeSynthesizer
+from activecall.testing import fake_call_services, FakeDialer, FakeLeg, FakeRecorder, FakeSynthesizer
 
 SID = "s.ambiance"
 SST = "server-side-track"
@@ -178,18 +172,12 @@ class CallAmbianceTests(SynchronousTestCase):
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.synth = FakeSynthesizer(self.clock, ms_per_char=20, chunk_ms=100, chunk_interval_s=0.01)
-        registry = SynthesizerRegistry()
-        registry.register("fake", lambda settings: self.synth)
         self.dialer = FakeDialer()
         self.media = tempfile.mkdtemp()
         self.bg = os.path.join(self.media, "bg.wav")
         write_wav(self.bg, pcm([LEVEL] * 8000))  # 0.5 s
-        self.services = CallServices(
-            clock=self.clock, media_clock=MediaClock(self.clock), ids=IdSource(random.Random(7)),
-            synthesizers=registry, cache=MediaCache(tempfile.mkdtemp()),
-            run_blocking=lambda f, *a: maybeDeferred(f, *a), fetch_url=lambda url: succeed(b""),
-            dialers={"sip": self.dialer}, inbound_legs=self.dialer, media_dirs=(self.media,),
-        )
+        self.services = fake_call_services(self.clock, synthesizer=self.synth, dialers={"sip": self.dialer},
+                                           inbound_legs=self.dialer, media_dirs=(self.media,))
         self.obs = Observer()
 
     def answered(self, ambiance: AmbianceOption | None, **option: Any) -> tuple[CallController, FakeLeg]:

@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-import random
 import tempfile
 from typing import Any
 
-from twisted.internet.defer import maybeDeferred, succeed
+from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from activecall.call.controller import CallController
-from activecall.call.services import CallServices
 from activecall.control import commands as cmds
 from activecall.control import events as ev
 from activecall.control.dispatch import execute, wire_event
 from activecall.legs.websocket import ControlSocketAudio, WebSocketDialer
-from activecall.ids import IdSource
-from activecall.media.clock import MediaClock
-from activecall.media.cache import MediaCache
 from activecall.speech.interfaces import SynthesisError
-from activecall.speech.registry import SynthesizerRegistry
-from activecall.testing import FakeRecorder, FakeSynthesizer
+from activecall.testing import fake_call_services, FakeRecorder, FakeSynthesizer
 
 SID = "s.test"
 SST = "server-side-track"
@@ -72,18 +66,8 @@ class _ControllerCase(SynchronousTestCase):
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.synth = FakeSynthesizer(self.clock, ms_per_char=20, chunk_ms=100, chunk_interval_s=0.01)
-        registry = SynthesizerRegistry()
-        registry.register("fake", lambda settings: self.synth)
         self.fetched: list[str] = []
-        self.services = CallServices(
-            clock=self.clock,
-            media_clock=MediaClock(self.clock),
-            ids=IdSource(random.Random(7)),
-            synthesizers=registry,
-            cache=MediaCache(tempfile.mkdtemp()),
-            run_blocking=lambda f, *a: maybeDeferred(f, *a),
-            fetch_url=lambda url: succeed(b""),
-        )
+        self.services = fake_call_services(self.clock, synthesizer=self.synth)
         self.session = FakeSession()
         self.c = self.controller()
 

@@ -2,28 +2,21 @@
 
 from __future__ import annotations
 
-import random
-import tempfile
 from typing import Any
 
-from twisted.internet.defer import maybeDeferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from activecall.call import events as ce
 from activecall.call.controller import CallController
 from activecall.call.hearing import BargeIn, read_fillers
-from activecall.call.services import CallServices
 from activecall.control.dispatch import wire_event
-from activecall.ids import IdSource
-from activecall.media.cache import MediaCache
-from activecall.media.clock import MediaClock
 from activecall.options import (
     CallOption, EouOption, InterruptionOption, SynthesisOption, TranscriptionOption, VadOption,
 )
 from activecall.speech.interfaces import RecognitionError, Transcript
-from activecall.speech.registry import RecognizerRegistry, SynthesizerRegistry
-from activecall.testing import FakeDialer, FakeLeg, FakeRecognizer, FakeSynthesizer, FakeVadEngine
+from activecall.speech.registry import RecognizerRegistry
+from activecall.testing import fake_call_services, FakeDialer, FakeLeg, FakeRecognizer, FakeSynthesizer, FakeVadEngine
 
 SID = "s.hear"
 FRAME_16K = b"\x10\x00" * 320
@@ -52,8 +45,6 @@ class _Case(SynchronousTestCase):
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.synth = FakeSynthesizer(self.clock, ms_per_char=20, chunk_ms=100, chunk_interval_s=0.01)
-        synthesizers = SynthesizerRegistry()
-        synthesizers.register("fake", lambda settings: self.synth)
         self.streaming = FakeRecognizer("live", streaming=True)
         self.segments = FakeRecognizer("seg", streaming=False)
         self.backup = FakeRecognizer("backup", streaming=True)
@@ -63,12 +54,8 @@ class _Case(SynchronousTestCase):
         recognizers.register("backup", lambda s: self.backup)
         self.vad = FakeVadEngine()
         self.dialer = FakeDialer()
-        self.services = CallServices(
-            clock=self.clock, media_clock=MediaClock(self.clock), ids=IdSource(random.Random(7)),
-            synthesizers=synthesizers, cache=MediaCache(tempfile.mkdtemp()),
-            run_blocking=lambda f, *a: maybeDeferred(f, *a), fetch_url=lambda url: succeed(b""),
-            dialers={"sip": self.dialer}, recognizers=recognizers, vad=self.vad,
-        )
+        self.services = fake_call_services(self.clock, synthesizer=self.synth, dialers={"sip": self.dialer},
+                                           recognizers=recognizers, vad=self.vad)
         self.obs = Observer()
 
     def call(self, leg_rate: int = 16000, **option: Any) -> tuple[CallController, FakeLeg]:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import random
 import tempfile
 from typing import Any
 
-from twisted.internet.defer import maybeDeferred, succeed
+from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -14,14 +13,9 @@ from zope.interface.verify import verifyObject
 
 from activecall.call import events as ce
 from activecall.call.controller import CallController, NotAllowedError
-from activecall.call.services import CallServices
-from activecall.ids import IdSource
-from activecall.media.cache import MediaCache
-from activecall.media.clock import MediaClock
 from activecall.media.tracks import IInboundLeg, LegRejectedError, LegSetupError
 from activecall.options import CallOption, ReferOption, SipOption
-from activecall.speech.registry import SynthesizerRegistry
-from activecall.testing import FakeDialer, FakeLeg, FakePending, FakeRecorder, FakeSynthesizer
+from activecall.testing import fake_call_services, FakeDialer, FakeLeg, FakePending, FakeRecorder, FakeSynthesizer
 
 SID = "s.paths"
 SST = "server-side-track"
@@ -56,15 +50,9 @@ class _Case(SynchronousTestCase):
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.synth = FakeSynthesizer(self.clock, ms_per_char=20, chunk_ms=100, chunk_interval_s=0.01)
-        registry = SynthesizerRegistry()
-        registry.register("fake", lambda settings: self.synth)
         self.dialer = FakeDialer()
-        self.services = CallServices(
-            clock=self.clock, media_clock=MediaClock(self.clock), ids=IdSource(random.Random(7)),
-            synthesizers=registry, cache=MediaCache(tempfile.mkdtemp()),
-            run_blocking=lambda f, *a: maybeDeferred(f, *a), fetch_url=lambda url: succeed(b""),
-            dialers={"sip": self.dialer}, inbound_legs=self.dialer,
-        )
+        self.services = fake_call_services(self.clock, synthesizer=self.synth, dialers={"sip": self.dialer},
+                                           inbound_legs=self.dialer)
         self.obs = Observer()
 
     def controller(self, pending: Any = None) -> CallController:

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import random
 import tempfile
 
-from twisted.internet.defer import maybeDeferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from activecall.call.services import CallServices
 from activecall.control.query import SessionParams
 from activecall.control.session import SessionManager
-from activecall.ids import IdSource
-from activecall.media.cache import MediaCache
-from activecall.media.clock import MediaClock
-from activecall.speech.registry import SynthesizerRegistry
-from activecall.testing import FakeDialer, FakeLeg, FakePending
+from activecall.testing import fake_call_services, FakeDialer, FakeLeg, FakePending
 
 
 class ListEntryTests(SynchronousTestCase):
@@ -27,12 +20,8 @@ class ListEntryTests(SynchronousTestCase):
         clock = Clock()
         clock.advance(1_700_000_000)
         dialer = FakeDialer()
-        services = CallServices(
-            clock=clock, media_clock=MediaClock(clock), ids=IdSource(random.Random(7)),
-            synthesizers=SynthesizerRegistry(), cache=MediaCache(tempfile.mkdtemp()),
-            run_blocking=lambda f, *a: maybeDeferred(f, *a), fetch_url=lambda url: succeed(b""),
-            dialers={"sip": dialer}, inbound_legs=dialer, pending=FakePending({"d-1": FakeLeg()}),
-            recording_path=tempfile.mkdtemp())
+        services = fake_call_services(clock, dialers={"sip": dialer}, inbound_legs=dialer,
+                                      pending=FakePending({"d-1": FakeLeg()}), recording_path=tempfile.mkdtemp())
         session = SessionManager(services).open(SessionParams(sid="d-1", call_type="sip", dump=False, ping_s=0))
         self.assertEqual((session.list_entry()["ringTime"], session.list_entry()["startTime"]), (None, None))
         session.receive_object({"command": "ringing"})

@@ -180,31 +180,21 @@ class TtsProviderMetricsTests(SynchronousTestCase):
     """The call controller reports TTS time to first byte and failures through observe_provider."""
 
     def run_tts(self, fail: bool) -> DaemonMetrics:
-        import tempfile
 
-        from twisted.internet.defer import maybeDeferred, succeed
 
         from activecall.call.controller import CallController
-        from activecall.call.services import CallServices
         from activecall.control import commands as cmds
         from activecall.control.dispatch import execute
         from activecall.legs.websocket import ControlSocketAudio, WebSocketDialer
-        from activecall.media.cache import MediaCache
         from activecall.speech.interfaces import SynthesisError
-        from activecall.speech.registry import SynthesizerRegistry
-        from activecall.testing import FakeSynthesizer
+        from activecall.testing import fake_call_services, FakeSynthesizer
 
         m = DaemonMetrics()
         clock = Clock()
         synth = FakeSynthesizer(clock, ms_per_char=20, chunk_ms=100, chunk_interval_s=0.01)
         if fail:
             synth.fail_with = SynthesisError("engine exploded")
-        registry = SynthesizerRegistry()
-        registry.register("fake", lambda settings: synth)
-        services = CallServices(clock=clock, media_clock=MediaClock(clock), ids=IdSource(random.Random(7)),
-                                synthesizers=registry, cache=MediaCache(tempfile.mkdtemp()),
-                                run_blocking=lambda f, *a: maybeDeferred(f, *a), fetch_url=lambda url: succeed(b""),
-                                observe_provider=m.observe_provider)
+        services = fake_call_services(clock, synthesizer=synth, observe_provider=m.observe_provider)
 
         class Observer:
             def call_event(self, event: Any) -> None:

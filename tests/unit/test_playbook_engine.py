@@ -7,27 +7,20 @@ and the leg would report.
 
 from __future__ import annotations
 
-import random
-import tempfile
 from typing import Any, Optional
 
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from activecall.agent.llm import ChatResult, LlmError, ToolCall
 from activecall.call import events as ce
 from activecall.call.controller import CallController
-from activecall.call.services import CallServices
-from activecall.ids import IdSource
-from activecall.media.cache import MediaCache
-from activecall.media.clock import MediaClock
-from activecall.options import CallOption, SynthesisOption
+from activecall.options import CallOption
 from activecall.playbook.engine import EngineServices, PlaybookEngine
 from activecall.playbook.model import parse_playbook, render_playbook
 from activecall.playbook.prompt import PromptTexts
-from activecall.speech.registry import SynthesizerRegistry
-from activecall.testing import FakeDialer, FakeLeg, FakeSynthesizer
+from activecall.testing import fake_call_services, FakeDialer, FakeLeg, FakeSynthesizer
 
 SID = "s.engine"
 
@@ -150,14 +143,9 @@ class _Case(SynchronousTestCase):
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.synth = FakeSynthesizer(self.clock, ms_per_char=10, chunk_ms=200, chunk_interval_s=0.01)
-        registry = SynthesizerRegistry()
-        registry.register("fake", lambda settings: self.synth)
         self.dialer = FakeDialer()
-        self.services = CallServices(
-            clock=self.clock, media_clock=MediaClock(self.clock), ids=IdSource(random.Random(7)),
-            synthesizers=registry, cache=MediaCache(tempfile.mkdtemp()),
-            run_blocking=lambda f, *a: maybeDeferred(f, *a), fetch_url=lambda url: succeed(b""),
-            dialers={"sip": self.dialer}, inbound_legs=self.dialer)
+        self.services = fake_call_services(self.clock, synthesizer=self.synth, dialers={"sip": self.dialer},
+                                           inbound_legs=self.dialer)
         self.obs = _Observer()
         self.chat = FakeChat()
         self.http_calls: list[tuple[Any, ...]] = []

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import tempfile
 from typing import Any
 
-from twisted.internet.defer import maybeDeferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -17,12 +15,8 @@ from activecall.call.services import CallServices
 from activecall.control.dump import EventDump, dump_writer
 from activecall.control.session import SessionManager
 from activecall.control.query import MAX_ID_CHARS, QueryError, SessionParams, parse_session_query
-from activecall.ids import IdSource
 from activecall.interfaces import IControlChannel
-from activecall.media.clock import MediaClock
-from activecall.media.cache import MediaCache
-from activecall.speech.registry import SynthesizerRegistry
-from activecall.testing import FakeSynthesizer
+from activecall.testing import fake_call_services, FakeSynthesizer
 
 
 @implementer(IControlChannel)
@@ -52,12 +46,7 @@ class FakeChannel:
 
 def make_services(clock: Clock, recording_path: str) -> CallServices:
     synth = FakeSynthesizer(clock, ms_per_char=20, chunk_ms=100, chunk_interval_s=0.01)
-    registry = SynthesizerRegistry()
-    registry.register("fake", lambda settings: synth)
-    return CallServices(
-        clock=clock, media_clock=MediaClock(clock), ids=IdSource(random.Random(7)), synthesizers=registry,
-        cache=MediaCache(tempfile.mkdtemp()), run_blocking=lambda f, *a: maybeDeferred(f, *a),
-        fetch_url=lambda url: succeed(b""), recording_path=recording_path)
+    return fake_call_services(clock, synthesizer=synth, recording_path=recording_path)
 
 
 class _SessionCase(SynchronousTestCase):
