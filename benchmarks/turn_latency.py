@@ -389,6 +389,24 @@ def report(path: str, all_turns: list[Turn], models: ModelTimes, padding_ms: flo
           + (f" (utterances {split}: an earlier asrFinal came while the caller still spoke)" if split else ""))
 
 
+async def socket_turns(daemon: Any, path: str, option: dict[str, Any], speaker: Speaker,
+                       utterances: list[tuple[list[bytes], int]], turns: int) -> list[Turn]:
+    """The ``call`` and ``playbook`` paths: a ``/call`` session whose client is the caller's phone."""
+    client = await connect_agent(f"{daemon.ws_url}/call?id=turnlat-{path}&dump=false&ping=0")
+    client.scripted = "playbook" not in option
+    client.send({"command": "invite", "option": {"codec": "pcm", "sampleRate": RATE, **option}})
+    await client.wait_event("answer", timeout_s=30)
+    if not client.scripted:
+        await client.wait_event("trackEnd", timeout_s=30, trackId="server-side-track")  # the greeting
+    mouth = task.LoopingCall(lambda: client.sendMessage(speaker.next_frame(), isBinary=True))
+    mouth.start(0.02)
+    try:
+        return await run_turns(client, speaker, None, utterances, turns)
+    finally:
+        mouth.stop()
+        client.transport.loseConnection()
+
+
 async def run(args: argparse.Namespace) -> None:
     if shutil.which("espeak-ng") is None:
         sys.exit("needs espeak-ng")
@@ -412,32 +430,12 @@ async def run(args: argparse.Namespace) -> None:
             Agent.run_id = f"{os.getpid()}-{int(time.time())}-{path}"  # cacheKeys never seen: every reply synthesized
             speaker = Speaker()
             if path == "call":
-                client = await connect_agent(f"{daemon.ws_url}/call?id=turnlat-call&dump=false&ping=0")
-                client.send({"command": "invite", "option": {"codec": "pcm", "sampleRate": RATE, **option}})
-                await client.wait_event("answer", timeout_s=30)
-                mouth = task.LoopingCall(lambda: client.sendMessage(speaker.next_frame(), isBinary=True))
-                mouth.start(0.02)
-                try:
-                    turns = await run_turns(client, speaker, None, utterances, args.turns)
-                finally:
-                    mouth.stop()
-                client.transport.loseConnection()
+                turns = await socket_turns(daemon, path, option, speaker, utterances, args.turns)
             elif path == "playbook":
                 if llm_port is None:
                     llm_port = listen_llm(reactor, ScriptedLlm(reactor, responder=fixed_reply(args.reply, args.llm_delay_ms)))
                 playbook = PLAYBOOK.format(padding=args.padding_ms, base_url=llm_port.base_url)
-                client = await connect_agent(f"{daemon.ws_url}/call?id=turnlat-playbook&dump=false&ping=0")
-                client.scripted = False
-                client.send({"command": "invite", "option": {"codec": "pcm", "sampleRate": RATE, "playbook": playbook}})
-                await client.wait_event("answer", timeout_s=30)
-                await client.wait_event("trackEnd", timeout_s=30, trackId="server-side-track")  # the greeting
-                mouth = task.LoopingCall(lambda: client.sendMessage(speaker.next_frame(), isBinary=True))
-                mouth.start(0.02)
-                try:
-                    turns = await run_turns(client, speaker, None, utterances, args.turns)
-                finally:
-                    mouth.stop()
-                client.transport.loseConnection()
+                turns = await socket_turns(daemon, path, {"playbook": playbook}, speaker, utterances, args.turns)
             elif path == "sip":
                 far = FarEnd(speaker, reactor, workdir, codecs=("pcmu", "telephone_event"), srtp=False)
                 service = build_sip_service(Config(addr="127.0.0.1", udp_port=free_port(socket.SOCK_DGRAM), useragent="turnlat-far"),

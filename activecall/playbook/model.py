@@ -553,6 +553,17 @@ def _normalize(value: Any, schema: _Schema | None, path: str, warnings: list[str
     return out
 
 
+def _line_of(path: str, lines: Mapping[str, int]) -> int | None:
+    """The line of the deepest known key on a dotted ``path`` (a missing key points at its parent)."""
+    parts = path.split(".")
+    while parts:
+        line = lines.get(".".join(parts))
+        if line is not None:
+            return line
+        parts.pop()
+    return None
+
+
 def _key_lines(node: yaml.Node, schema: _Schema | None, path: str, out: dict[str, int]) -> None:
     """Record the 1-based line of every mapping key, under its normalized dotted path."""
     if not isinstance(node, yaml.MappingNode):
@@ -907,14 +918,7 @@ def _parse_parts(text: str, yaml_text: str, body: str, environ: Mapping[str, str
     def fail(e: CommandError, prefix: str = "") -> PlaybookError:
         message = e.message.replace(" option.", " ", 1) if prefix else e.message
         m = _ERROR_PATH.match(message)
-        line = None
-        if m:
-            # The deepest known key on the path (a missing key points at its parent).
-            parts = m.group(1).split(".")
-            while parts and line is None:
-                line = lines.get(".".join(parts))
-                parts.pop()
-        return PlaybookError(message, source=source, line=line)
+        return PlaybookError(message, source=source, line=_line_of(m.group(1), lines) if m else None)
 
     try:
         option = CallOption.from_mapping({k: fm[k] for k in MERGED_OPTION_KEYS if k in fm}, "option")
@@ -994,10 +998,4 @@ def _collectors(fm: Mapping[str, Any], source: str, lines: Mapping[str, int]) ->
     except ValueError as e:
         message = str(e)
         m = _SPEC_ERROR_PATH.match(message)
-        line = None
-        if m:
-            parts = m.group(1).split(".")
-            while parts and line is None:
-                line = lines.get(".".join(parts))
-                parts.pop()
-        raise PlaybookError(message, source=source, line=line) from None
+        raise PlaybookError(message, source=source, line=_line_of(m.group(1), lines) if m else None) from None
