@@ -44,7 +44,8 @@ class _Talker:
         self.done = self._loop.start(0.02)
 
     def _send(self) -> None:
-        if self._pos >= len(self._pcm) or self._client.closed:
+        # The daemon may be closing the socket (a hang-up): ``closed`` is set only once it is closed.
+        if self._pos >= len(self._pcm) or self._client.closed or self._client.state != self._client.STATE_OPEN:
             self._loop.stop()
             return
         self._client.sendMessage(self._pcm[self._pos:self._pos + FRAME], isBinary=True)
