@@ -18,10 +18,10 @@ from activecall.ids import IdSource
 from activecall.media.cache import MediaCache
 from activecall.media.clock import MediaClock
 from activecall.media.tracks import IInboundLeg, IInboundLegFactory, ILegDialer, LegSetupError
-from activecall.speech.registry import SynthesizerRegistry
 from activecall.speech.interfaces import (
     IRecognitionListener, IRecognitionStream, IRecognizer, ISpeechSynthesizer, RecognitionRequest, SynthesisError, SynthesisRequest, WordTiming,
 )
+from activecall.speech.registry import SynthesizerRegistry
 
 __all__ = ["fake_call_services", "FakeSynthesizer", "SynthesizerConformanceMixin", "FakeLeg", "FakeDialer", "FakeRecorder", "FakePending",
            "FakeRecognizer", "FakeRecognitionStream", "FakeVadEngine", "FakeVadStream", "RecordingListener"]
