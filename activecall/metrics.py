@@ -93,11 +93,12 @@ class DaemonCollector(Collector):
     ``user_agent`` (SipUserAgent), ``stack`` (SipStack counters), ``guard``
     (SipGuard), ``pending`` (PendingCalls), ``sessions`` (SessionManager),
     ``engine`` (RtpMediaEngine, whose legs carry the RTP counters) and
-    ``media_clock`` (MediaClock) are read duck-typed.
+    ``media_clock`` (MediaClock) and ``webrtc`` (the WebRTC dialer's ``open_peers``) are read duck-typed.
     """
 
     def __init__(self, *, user_agent: Any = None, stack: Any = None, guard: Any = None, pending: Any = None,
-                 sessions: Any = None, engine: Any = None, media_clock: Any = None) -> None:
+                 sessions: Any = None, engine: Any = None, media_clock: Any = None, webrtc: Any = None) -> None:
+        self.webrtc = webrtc
         self.user_agent = user_agent
         self.stack = stack
         self.guard = guard
@@ -143,6 +144,9 @@ class DaemonCollector(Collector):
                                       value=getattr(self.pending, "refused", 0))
         if self.sessions is not None:
             yield GaugeMetricFamily("activecall_sessions", "Control sessions open now.", value=len(self.sessions))
+        if self.webrtc is not None:
+            yield GaugeMetricFamily("activecall_webrtc_peers", "WebRTC peer connections open now.",
+                                    value=self.webrtc.open_peers)
 
     # ------------------------------------------------------------ SIP
 

@@ -128,6 +128,27 @@ def _make_denoiser(rate_hz: int) -> Any:
     return Denoiser(rate_hz)
 
 
+def _webrtc_dialer(config: Any, reactor: Any, media_clock: Any, ids: Any, log: Any) -> Any:
+    """The dialer of /call/webrtc calls: aiortc on the asyncio reactor's loop.
+
+    Under another reactor aiortc cannot run: with ``[[ice_servers]]`` configured (WebRTC in use)
+    the daemon refuses to start; otherwise WebRTC invites fail at once with that reason.
+    """
+    from activecall.legs.webrtc import WebRtcDialer, WebRtcUnavailableDialer, asyncio_loop_of
+
+    loop = asyncio_loop_of(reactor)
+    if loop is None:
+        if config.ice_servers:
+            raise SystemExit("activecall: configuration error: ice_servers: WebRTC needs the asyncio reactor; "
+                             "run twistd --reactor=asyncio activecall ...")
+        log.warn("WebRTC calls are refused: the reactor is not asyncio (run twistd --reactor=asyncio activecall)")
+        return WebRtcUnavailableDialer()
+    bind_ip = config.rtp_bind_ip or config.addr
+    return WebRtcDialer(loop, media_clock, reactor, ids, codecs=config.codecs, ice_servers=config.ice_servers,
+                        bind_ip=bind_ip if bind_ip not in ("", "0.0.0.0", "::") else None,
+                        external_ip=config.external_ip)
+
+
 def makeService(options: Options) -> service.IService:
     """Build the daemon's MultiService from validated options (the composition root)."""
     from twisted.internet import reactor
@@ -275,9 +296,10 @@ def makeService(options: Options) -> service.IService:
     advertise_ip = config.external_ip or (
         config.addr if config.addr not in ("", "0.0.0.0", "::") else first_interface_address())
     rtp_engine = RtpMediaEngine(reactor, media_clock)
+    webrtc = _webrtc_dialer(config, reactor, media_clock, services.ids, log)
     metrics.add_collector(DaemonCollector(
         user_agent=sip.user_agent, stack=sip.stack, guard=guard, pending=services.pending,
-        sessions=sessions, engine=rtp_engine, media_clock=media_clock))
+        sessions=sessions, engine=rtp_engine, media_clock=media_clock, webrtc=webrtc))
     sip_media = SipMedia(
         reactor=reactor, user_agent=sip.user_agent, engine=rtp_engine,
         allocator=RtpPortAllocator(config.rtp_start_port, config.rtp_end_port),
@@ -286,7 +308,7 @@ def makeService(options: Options) -> service.IService:
         register_users=config.register_users,
         rewrite=(lambda uri: rewrite_target(config.rewrites, uri)) if config.rewrites else None,
         trunk_rules=config.trunk_rules)
-    services.dialers = {"sip": SipDialer(sip_media, reactor, services.ids)}
+    services.dialers = {"sip": SipDialer(sip_media, reactor, services.ids), "webrtc": webrtc}
     services.inbound_legs = SipInboundFactory(sip_media, reactor, services.ids)
     resource = ApiResource(sessions, reactor, config.ice_servers,
                            precache=lambda command: Deferred.fromCoroutine(precache(services, command)),

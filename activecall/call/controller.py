@@ -41,12 +41,14 @@ from activecall.call.track import ServerSideTrack
 from activecall.clock import CallClock
 from activecall.fileio import UnsafePathError
 from activecall.media.tracks import (
-    FanOut, IInboundLeg, ILeg, ILegDialer, ILegEvents, LegOptionError, LegRejectedError, LegSetupError,
+    FanOut, IIceLeg, IInboundLeg, ILeg, ILegDialer, ILegEvents, LegOptionError, LegRejectedError, LegSetupError,
 )
 from activecall.options import CallOption, CommandError, ReferOption, SynthesisOption
 from activecall.timefmt import format_rfc3339
 
 _INACTIVITY_CHECK_S = 1.0
+#: Trickled candidates kept before the WebRTC leg exists (a browser sends a dozen at most).
+MAX_EARLY_ICE_CANDIDATES = 64
 
 
 class NotAllowedError(Exception):
@@ -144,6 +146,8 @@ class CallController:
         # The playbook engine driving this call, if any; it hears every event after the observer.
         self.agent: Optional[CallAgent] = None
         self._media_arrived = False
+        self._leg_track_ended = False  # trackEnd{sid} already sent: the leg's media ended first
+        self._ice_candidates: list[tuple[str, Optional[str], Optional[int]]] = []  # trickled before the leg
         # The agent's BYE headers (a playbook's rendered sip.hangup_headers); None: the option's.
         self.bye_headers: Optional[dict[str, str]] = None
 
@@ -217,6 +221,11 @@ class CallController:
             return
         except CancelledError:
             return  # hung up while ringing: the dialer sent CANCEL
+        except LegOptionError as e:  # the text is the whole error (WebRTC: "Failed to setup track: ...")
+            self._dialing = None
+            self.error(str(e), sender="invite")
+            self.hangup("failed", "system")
+            return
         except LegSetupError as e:  # the answer does not fit our offer
             self._dialing = None
             self.error(f"invite failed: {e}", sender="invite")
@@ -230,7 +239,34 @@ class CallController:
         leg.attach(self.track, self._gate, self._events)
         self._answered()
         self.report(CallAnswered(self.now(), self.sid, leg.answer_sdp, refer=False))
+        candidates, self._ice_candidates = self._ice_candidates, []
+        for candidate in candidates:
+            self._apply_ice_candidate(leg, *candidate)
         self._after_answer(option, sender=sender)
+
+    def add_ice_candidate(self, candidate: str, sdp_mid: Optional[str], sdp_mline_index: Optional[int]) -> None:
+        """``addIceCandidate`` (trickle ICE, protocol.md §5.2): applied to the WebRTC leg, or kept
+        until the leg exists (at most :data:`MAX_EARLY_ICE_CANDIDATES`)."""
+        if self.call_type != "webrtc":
+            raise NotAllowedError("the call has no WebRTC leg")
+        leg = self.leg
+        if leg is None:
+            if len(self._ice_candidates) >= MAX_EARLY_ICE_CANDIDATES:
+                self.error(f"addIceCandidate: more than {MAX_EARLY_ICE_CANDIDATES} candidates before the answer")
+                return
+            self._ice_candidates.append((candidate, sdp_mid, sdp_mline_index))
+            return
+        self._apply_ice_candidate(leg, candidate, sdp_mid, sdp_mline_index)
+
+    def _apply_ice_candidate(self, leg: ILeg, candidate: str, sdp_mid: Optional[str],
+                             sdp_mline_index: Optional[int]) -> None:
+        if not IIceLeg.providedBy(leg):
+            self.error("addIceCandidate not allowed: the call has no WebRTC leg")
+            return
+        try:
+            leg.add_ice_candidate(candidate, sdp_mid, sdp_mline_index)
+        except ValueError as e:
+            self.error(str(CommandError.invalid("candidate", str(e))))
 
     def _on_ringing(self, early_media: bool) -> None:
         if self.rang_at is None:
@@ -567,7 +603,7 @@ class CallController:
             self._inbound.reject(487, "Request Terminated")  # after ringing, before accept
             self._remote_ended = True
         leg = self.leg
-        if leg is not None or self._dial_started:
+        if (leg is not None or self._dial_started) and not self._leg_track_ended:
             duration_s = now - self.answered_at if self.answered_at is not None else 0.0
             self.report(TrackEnded(now, self.sid, duration_s, leg.ssrc if leg is not None else 0))
         if leg is not None:
@@ -650,6 +686,16 @@ class CallController:
         if not self.ended:
             self.far_end_hung_up()
 
+    def _leg_media_ended(self, cause: str) -> None:
+        # A WebRTC peer that failed or closed: trackEnd{sid} now, the session stays (protocol.md §5.2).
+        leg = self.leg
+        if self.ended or leg is None or self._leg_track_ended:
+            return
+        self._leg_track_ended = True
+        now = self.now()
+        duration_s = now - self.answered_at if self.answered_at is not None else 0.0
+        self.report(TrackEnded(now, self.sid, duration_s, leg.ssrc))
+
 
 @implementer(ILegEvents)
 class _MainLegEvents:
@@ -672,6 +718,9 @@ class _MainLegEvents:
 
     def ended(self, cause: str) -> None:
         self._c._leg_ended(cause)
+
+    def media_ended(self, cause: str) -> None:
+        self._c._leg_media_ended(cause)
 
     def message(self, body: str, content_type: Optional[str]) -> None:
         c = self._c

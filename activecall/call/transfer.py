@@ -183,6 +183,9 @@ class _TransferLegEvents:
     def ended(self, cause: str) -> None:
         self._t.end("byCallee", "callee", send_bye=False)
 
+    def media_ended(self, cause: str) -> None:
+        self._t.end("byCallee", "callee", send_bye=False)
+
     def message(self, body: str, content_type: Optional[str]) -> None:
         """Ignored on the transfer leg."""
 

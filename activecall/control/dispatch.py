@@ -102,7 +102,7 @@ _COMMANDS: dict[type, Callable[[CallController, Any], Optional[Deferred[Any]]]] 
     cmds.HangupCommand: _hangup,
     cmds.ReferCommand: _refer,
     cmds.MessageCommand: lambda c, cmd: c.send_message(cmd.body, cmd.content_type, cmd.headers, refer=cmd.refer),
-    cmds.AddIceCandidateCommand: lambda c, cmd: c.error("addIceCandidate not allowed: the call has no WebRTC leg"),
+    cmds.AddIceCandidateCommand: lambda c, cmd: c.add_ice_candidate(cmd.candidate, cmd.sdp_mid, cmd.sdp_mline_index),
     cmds.BridgeCommand: lambda c, cmd: c.error(f"bridge target session not found: {cmd.target_session_id}"),
     cmds.UnbridgeCommand: lambda c, cmd: None,  # no bridge exists on this call, which is not an error (spec §2.2)
     cmds.HistoryCommand: lambda c, cmd: c.add_history(cmd.speaker, cmd.text),

@@ -2,7 +2,8 @@
 
 * :mod:`activecall.legs.rtp`: the RTP/SRTP media leg and the engine ticking all of them;
 * :mod:`activecall.legs.sip`: SIP legs (outbound dialer, inbound factory, the dialog listener);
-* :mod:`activecall.legs.websocket`: raw audio inside the control WebSocket (/call).
+* :mod:`activecall.legs.websocket`: raw audio inside the control WebSocket (/call);
+* :mod:`activecall.legs.webrtc`: a browser's peer connection (/call/webrtc), the only aiortc importer.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ class _NoEvents:
         return None
 
     def ended(self, cause: str) -> None:
+        return None
+
+    def media_ended(self, cause: str) -> None:
         return None
 
     def message(self, body: str, content_type: Optional[str]) -> None:

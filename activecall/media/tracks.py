@@ -157,6 +157,10 @@ class ILegEvents(Interface):
         """The far end ended the leg: ``"hangup"`` (BYE, CANCEL, dialog timeout) or ``"failed"``
         (an inbound answer that was never confirmed: no ACK)."""
 
+    def media_ended(cause: str) -> None:
+        """The far end's media stopped for good while the call goes on (a WebRTC peer that failed,
+        closed or never connected); the call's session decides when to end."""
+
     def message(body: str, content_type: Optional[str]) -> None:
         """An in-dialog SIP MESSAGE arrived (SIP legs only)."""
 
@@ -197,6 +201,15 @@ class ILeg(Interface):
     def close(headers: Optional[Mapping[str, str]] = None) -> Any:
         """End the leg: signal the far end if it is still up (SIP BYE carrying ``headers``) and
         release the media. Idempotent; returns a Deferred that fires when the resources are free."""
+
+
+class IIceLeg(ILeg):
+    """A leg that takes trickled ICE candidates from the client (``addIceCandidate``: WebRTC legs)."""
+
+    handshake_done = Attribute("Whether the peer connected (ICE and DTLS) at least once.")
+
+    def add_ice_candidate(candidate: str, sdp_mid: Optional[str], sdp_mline_index: Optional[int]) -> None:
+        """Apply one remote candidate (``""`` = end of candidates); raises ValueError for a malformed one."""
 
 
 class IInboundLeg(ILeg):

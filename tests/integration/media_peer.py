@@ -284,6 +284,9 @@ class _DigitsOnly:
     def ended(self, cause: str) -> None:
         pass
 
+    def media_ended(self, cause: str) -> None:
+        pass
+
     def message(self, body: str, content_type: Optional[str]) -> None:
         pass
 

@@ -83,6 +83,9 @@ class Events:
     def ended(self, cause: str) -> None:
         """Not reported by RTP legs."""
 
+    def media_ended(self, cause: str) -> None:
+        """Not reported by RTP legs."""
+
     def message(self, body: str, content_type: Optional[str]) -> None:
         """Not reported by RTP legs."""
 

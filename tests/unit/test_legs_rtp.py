@@ -110,6 +110,9 @@ class RecordingEvents:
     def ended(self, cause: str) -> None:
         raise AssertionError("RTP legs do not report an end")
 
+    def media_ended(self, cause: str) -> None:
+        raise AssertionError("RTP legs do not report a media end")
+
     def message(self, body: str, content_type: str | None) -> None:
         raise AssertionError("RTP legs carry no messages")
 

@@ -258,6 +258,9 @@ class Events:
     def ended(self, cause: str) -> None:
         self.seen.append(("ended", cause))
 
+    def media_ended(self, cause: str) -> None:
+        self.seen.append(("media_ended", cause))
+
     def message(self, body: str, content_type: Optional[str]) -> None:
         self.seen.append(("message", body, content_type))
 

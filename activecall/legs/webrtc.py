@@ -1,0 +1,574 @@
+"""WebRTC legs (protocol.md §5.2): a browser's peer connection as the call's leg, through aiortc.
+
+This is the only module that imports aiortc.  aiortc is asyncio code: it runs on
+the loop under Twisted's asyncio reactor (``twistd --reactor=asyncio``), and
+every coroutine is bridged to a Deferred here.
+
+* :class:`WebRtcDialer` (:class:`~activecall.media.tracks.ILegDialer` for
+  ``webrtc`` calls) applies the client's offer (``option.offer``), gathers all
+  of our candidates and answers; the leg it gives carries the answer SDP.
+* :class:`WebRtcLeg` (:class:`IIceLeg`) is ticked by the media clock like the
+  other legs: in ``RECEIVE`` it writes the caller's decoded audio (16 kHz
+  PCM) to its sink, in ``SEND`` it hands one agent frame to the outbound
+  track, whose ``recv()`` aiortc awaits.  Opus encoding runs in aiortc's
+  executor and decoding in its decoder thread, never on the reactor thread.
+  RFC 4733 telephone-events from the browser are taken before aiortc's
+  decoder and reported as DTMF.
+* A peer that fails, closes or does not connect within ``handshakeTimeout``
+  stops only the media (``ILegEvents.media_ended``): the session stays until
+  hangup, socket close, ``/kill``, inactivity or autoHangup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections import deque
+from fractions import Fraction
+from typing import Any, Callable, Coroutine, Mapping, Optional, Sequence
+
+import aioice.ice
+import av
+from aiortc import (
+    MediaStreamTrack,
+    RTCConfiguration,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCRtpSender,
+    RTCSessionDescription,
+)
+from aiortc.codecs import CODECS
+from aiortc.mediastreams import MediaStreamError
+from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+from aiortc.sdp import candidate_from_sdp
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from activecall.legs import NO_EVENTS, PhaseTicker
+from activecall.media.clock import RECEIVE, SEND, MediaClock
+from activecall.media.tracks import (
+    NO_AUDIO,
+    AudioSink,
+    AudioSource,
+    IIceLeg,
+    ILegDialer,
+    ILegEvents,
+    LegOptionError,
+    LegSetupError,
+    frame_bytes_at,
+)
+from activecall.rtp.dtmf import DtmfReceiver
+from activecall.rtp.packet import RtpParseError, parse_telephone_event
+
+__all__ = ["WebRtcLeg", "WebRtcDialer", "WebRtcUnavailableDialer", "WEBRTC_CODECS",
+           "webrtc_codec_order", "parse_ice_candidate", "rewrite_answer", "DEFAULT_HANDSHAKE_TIMEOUT_S",
+           "MAX_OFFER_BYTES", "MAX_CANDIDATE_CHARS", "use_host_address", "asyncio_loop_of"]
+
+MEDIA_RATE_HZ = 16000
+FRAME_SAMPLES = MEDIA_RATE_HZ // 50
+FRAME_BYTES = frame_bytes_at(MEDIA_RATE_HZ)
+#: A peer that has not connected this long after our answer stops the media (no ``handshakeTimeout`` given).
+DEFAULT_HANDSHAKE_TIMEOUT_S = 30
+MAX_OFFER_BYTES = 64 * 1024
+MAX_CANDIDATE_CHARS = 512
+#: Agent frames waiting for aiortc's sender (200 ms); a sender that lags loses the oldest.
+_MAX_OUTBOUND_FRAMES = 10
+#: Seconds of decoded caller audio kept between ticks.
+_MAX_INBOUND_S = 2
+
+#: Our codec names (config ``codecs``) and the aiortc mime types they stand for.
+WEBRTC_CODECS = {"opus": "audio/opus", "g722": "audio/G722", "pcmu": "audio/PCMU", "pcma": "audio/PCMA",
+                 "telephone_event": "audio/telephone-event"}
+_NARROWBAND = frozenset({"audio/pcmu", "audio/pcma"})
+
+# aiortc knows no telephone-event; with it in its codec table the browser may send RFC 4733 DTMF
+# (RTCDTMFSender), which this module takes before aiortc's decoder sees it.
+_TELEPHONE_EVENT = RTCRtpCodecParameters(mimeType="audio/telephone-event", clockRate=8000, channels=1,
+                                         payloadType=101)
+if not any(c.mimeType.lower() == "audio/telephone-event" for c in CODECS["audio"]):
+    CODECS["audio"].append(_TELEPHONE_EVENT)
+
+
+def asyncio_loop_of(reactor: Any) -> Optional[asyncio.AbstractEventLoop]:
+    """The asyncio loop under ``reactor``, or None when it is not Twisted's asyncio reactor."""
+    try:
+        from twisted.internet.asyncioreactor import AsyncioSelectorReactor
+    except ImportError:  # pragma: no cover - always there with Twisted >= 18
+        return None
+    if isinstance(reactor, AsyncioSelectorReactor):
+        return reactor._asyncioEventloop  # type: ignore[no-any-return]
+    return None
+
+
+def use_host_address(bind_ip: str) -> None:
+    """Gather ICE host candidates on ``bind_ip`` only (``rtp_bind_ip``/``addr``), loopback included.
+
+    aioice gathers on every interface but loopback and offers no setting; a
+    daemon bound to one address must offer that one (and tests bind 127.0.0.1).
+    An unspecified address keeps aioice's own choice.
+    """
+    try:
+        address = ipaddress.ip_address(bind_ip)
+    except ValueError:
+        return
+    if address.is_unspecified:
+        return
+    chosen = str(address)
+
+    def host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        return [chosen] if (address.version == 4 and use_ipv4) or (address.version == 6 and use_ipv6) else []
+
+    aioice.ice.get_host_addresses = host_addresses
+
+
+def webrtc_codec_order(codecs: Sequence[str]) -> list[str]:
+    """The aiortc mime types of the configured ``codecs`` a WebRTC peer can use, in that order;
+    telephone-event always last (never the audio codec).  None usable: all of them, Opus first."""
+    order = [WEBRTC_CODECS[c] for c in codecs if c in WEBRTC_CODECS and c != "telephone_event"]
+    if not order:
+        order = [WEBRTC_CODECS[c] for c in ("opus", "g722", "pcmu", "pcma")]
+    if "telephone_event" in codecs or not any(c in WEBRTC_CODECS for c in codecs):
+        order.append(WEBRTC_CODECS["telephone_event"])
+    return order
+
+
+def parse_ice_candidate(candidate: str, sdp_mid: Optional[str], sdp_mline_index: Optional[int]) -> Any:
+    """An ``RTCIceCandidate`` from the browser's ``candidate`` text (``candidate:…``, ``a=`` allowed).
+
+    Raises ValueError naming what is wrong; aiortc's own parser only asserts.
+    """
+    text = candidate.strip()
+    if len(text) > MAX_CANDIDATE_CHARS:
+        raise ValueError(f"candidate longer than {MAX_CANDIDATE_CHARS} characters")
+    if text.startswith("a="):
+        text = text[2:]
+    if text.startswith("candidate:"):
+        text = text[len("candidate:"):]
+    bits = text.split()
+    if len(bits) < 8 or bits[6] != "typ":
+        raise ValueError("candidate must be 'candidate:<foundation> <component> <transport> <priority> "
+                         "<address> <port> typ <type> ...'")
+    if not (bits[1].isdigit() and bits[3].isdigit() and bits[5].isdigit()):
+        raise ValueError("candidate component, priority and port must be numbers")
+    if not 1 <= int(bits[1]) <= 256 or int(bits[3]) >= 2**32 or not 0 <= int(bits[5]) <= 65535:
+        raise ValueError("candidate component, priority or port out of range")
+    if bits[2].lower() not in ("udp", "tcp"):
+        raise ValueError("candidate transport must be udp or tcp")
+    if bits[7] not in ("host", "srflx", "prflx", "relay"):
+        raise ValueError("candidate type must be host, srflx, prflx or relay")
+    if not bits[4].endswith(".local"):
+        ipaddress.ip_address(bits[4])  # ValueError for anything else
+    parsed = candidate_from_sdp(text)
+    parsed.sdpMid = sdp_mid
+    parsed.sdpMLineIndex = sdp_mline_index if sdp_mline_index is not None else (0 if sdp_mid is None else None)
+    return parsed
+
+
+def _is_ipv6_candidate(line: str) -> bool:
+    bits = line.split()
+    return len(bits) > 4 and ":" in bits[4]
+
+
+def rewrite_answer(sdp: str, *, bind_ip: Optional[str], external_ip: Optional[str], enable_ipv6: bool) -> str:
+    """Our answer as sent: host candidates on ``bind_ip`` advertised as ``external_ip`` (1:1 NAT),
+    IPv6 candidates removed unless ``enableIpv6`` (then with LF line ends, as Active Call does)."""
+    out = []
+    changed = False
+    for line in sdp.splitlines():
+        if line.startswith("a=candidate:"):
+            if not enable_ipv6 and _is_ipv6_candidate(line):
+                changed = True
+                continue
+            if external_ip and bind_ip and f" {bind_ip} " in line:
+                line = line.replace(f" {bind_ip} ", f" {external_ip} ", 1)
+        elif line.startswith("c=IN IP4 ") and external_ip and bind_ip and line[9:].strip() == bind_ip:
+            line = f"c=IN IP4 {external_ip}"
+        out.append(line)
+    return "\n".join(out) + "\n" if changed else "\r\n".join(out) + "\r\n"
+
+
+class _AgentTrack(MediaStreamTrack):
+    """The agent's audio to the browser: frames handed over by the leg's SEND tick, silence between plays."""
+
+    kind = "audio"
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._loop = loop
+        self._frames: deque[bytes] = deque(maxlen=_MAX_OUTBOUND_FRAMES)
+        self._waiter: Optional[asyncio.Future[None]] = None
+        self._pts = 0
+        self._time_base = Fraction(1, MEDIA_RATE_HZ)
+        self.frames_sent = 0
+
+    def push(self, pcm: bytes) -> None:
+        """One 20 ms frame of 16 kHz PCM (the oldest waiting one is dropped when full)."""
+        self._frames.append(pcm)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def recv(self) -> av.AudioFrame:
+        while not self._frames:
+            if self.readyState != "live":
+                raise MediaStreamError
+            self._waiter = self._loop.create_future()
+            await self._waiter
+            self._waiter = None
+        frame = av.AudioFrame(format="s16", layout="mono", samples=FRAME_SAMPLES)
+        frame.planes[0].update(self._frames.popleft())
+        frame.sample_rate = MEDIA_RATE_HZ
+        frame.pts = self._pts
+        frame.time_base = self._time_base
+        self._pts += FRAME_SAMPLES
+        self.frames_sent += 1
+        return frame
+
+    def stop(self) -> None:
+        super().stop()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+@implementer(IIceLeg)
+class WebRtcLeg:
+    """A browser's peer connection: caller audio from its track, agent audio on ours.
+
+    States::
+
+        negotiating --answer made--> answered --attach()--> running
+        running --peer connected--> connected (handshake timer cancelled)
+        answered|running|connected --peer failed/closed, handshake timeout--> media ended (trackEnd only)
+        any --close()--> closed (peer closed, nothing ticks)
+    """
+
+    _log = Logger()
+
+    can_transfer = True  # a bridged transfer; sipRefer needs a SIP dialog
+    audio_on_control_socket = False
+    signals_media_ready = False  # no mediaReady for WebRTC peers (protocol.md §3.2)
+    media_rate_hz = MEDIA_RATE_HZ
+    frame_bytes = FRAME_BYTES
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, media_clock: MediaClock, clock: IReactorTime, ssrc: int,
+                 handshake_timeout_s: float, on_closed: Optional[Callable[[WebRtcLeg], None]] = None) -> None:
+        self._loop = loop
+        self._on_closed = on_closed
+        self._media_clock = media_clock
+        self._clock = clock
+        self.ssrc = ssrc
+        self.native_rate_hz = MEDIA_RATE_HZ
+        self.answer_sdp = ""
+        self.codec = ""
+        self.pc: Optional[RTCPeerConnection] = None
+        self.outbound = _AgentTrack(loop)
+        self._handshake_timeout_s = handshake_timeout_s
+        self._handshake_timer: Optional[IDelayedCall] = None
+        self._source: AudioSource = NO_AUDIO
+        self._sink: AudioSink = NO_AUDIO
+        self._events: ILegEvents = NO_EVENTS
+        self._receive_phase = PhaseTicker(self._receive_tick)
+        self._send_phase = PhaseTicker(self._send_tick)
+        self._inbound = bytearray()
+        self._max_inbound = _MAX_INBOUND_S * MEDIA_RATE_HZ * 2
+        self._pump: Optional[asyncio.Task[None]] = None
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._dtmf = DtmfReceiver()
+        self._dtmf_pt: Optional[int] = None
+        self._last_rx_at: Optional[float] = None
+        self.attached = False
+        self.closed = False
+        self.media_ended = False
+        self.handshake_done = False
+        self.frames_delivered = 0
+        self.dropped_bytes = 0
+
+    # -- ILeg -------------------------------------------------------------
+
+    @property
+    def last_activity_at(self) -> Optional[float]:
+        """When caller audio last arrived (seconds on the clock), or None."""
+        return self._last_rx_at
+
+    def attach(self, source: AudioSource, sink: AudioSink, events: ILegEvents) -> None:
+        """Start ticking; the handshake timer runs from here (the client has our answer now)."""
+        if self.closed:
+            return
+        self._source = source
+        self._sink = sink
+        self._events = events
+        if not self.attached:
+            self.attached = True
+            self._media_clock.subscribe(self._receive_phase, RECEIVE)
+            self._media_clock.subscribe(self._send_phase, SEND)
+            if self.media_ended:
+                events.media_ended("peer closed")
+            elif not self.handshake_done and self._handshake_timeout_s > 0:
+                self._handshake_timer = self._clock.callLater(self._handshake_timeout_s, self._handshake_expired)
+
+    def refer(self, target: str) -> Deferred[Any]:
+        """A SIP REFER needs a SIP dialog; a bridged transfer (refer without sipRefer) works."""
+        return fail(LegSetupError("sipRefer needs a SIP leg; a WebRTC call can only bridge a transfer"))
+
+    def send_message(self, body: str, content_type: str, headers: Optional[Mapping[str, str]] = None) -> Deferred[Any]:
+        """A WebRTC leg has no SIP dialog."""
+        return fail(LegSetupError("message command is only supported for SIP calls"))
+
+    def add_ice_candidate(self, candidate: str, sdp_mid: Optional[str], sdp_mline_index: Optional[int]) -> None:
+        """Apply a trickled candidate to the peer (``""``: end of candidates)."""
+        if self.closed or self.pc is None:
+            return
+        parsed = parse_ice_candidate(candidate, sdp_mid, sdp_mline_index) if candidate.strip() else None
+        self._spawn(self.pc.addIceCandidate(parsed), "adding an ICE candidate")
+
+    def close(self, headers: Optional[Mapping[str, str]] = None) -> Deferred[None]:
+        """Stop ticking and close the peer connection (its ports, tasks and threads).  Idempotent."""
+        if self.closed:
+            return succeed(None)
+        self.closed = True
+        if self._on_closed is not None:
+            self._on_closed(self)
+        self._cancel_handshake_timer()
+        if self.attached:
+            self._media_clock.unsubscribe(self._receive_phase, RECEIVE)
+            self._media_clock.unsubscribe(self._send_phase, SEND)
+        self._source = self._sink = NO_AUDIO
+        self._events = NO_EVENTS
+        self._inbound.clear()
+        self.outbound.stop()
+        if self._pump is not None:
+            self._pump.cancel()
+        pc, self.pc = self.pc, None
+        if pc is None:
+            return succeed(None)
+        pc.remove_all_listeners()
+        return _deferred(self._loop, pc.close())
+
+    # -- set-up (the dialer's) -------------------------------------------
+
+    async def negotiate(self, offer: str, configuration: RTCConfiguration, codec_order: Sequence[str]) -> None:
+        """Apply the client's offer and make our answer (all candidates gathered)."""
+        pc = RTCPeerConnection(configuration)
+        self.pc = pc
+        transceiver = pc.addTransceiver(self.outbound, direction="sendrecv")
+        capabilities = RTCRtpSender.getCapabilities("audio").codecs
+        preferred = [c for mime in codec_order for c in capabilities if c.mimeType.lower() == mime.lower()]
+        transceiver.setCodecPreferences(preferred)
+        pc.on("track", self._track_arrived)
+        pc.on("connectionstatechange", self._connection_state_changed)
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
+        except Exception as e:  # aiortc's parse errors (ValueError), OperationError, InvalidStateError
+            raise LegOptionError(f"Failed to setup track: the offer was not accepted: {e or type(e).__name__}") from None
+        codecs = transceiver._codecs
+        audio = [c for c in codecs if c.mimeType.lower() != "audio/telephone-event"]
+        if not audio or codecs[0].mimeType.lower() == "audio/telephone-event":
+            raise LegOptionError("Failed to setup track: no common audio codec")
+        self.codec = audio[0].mimeType.split("/", 1)[1].lower()
+        self.native_rate_hz = 8000 if audio[0].mimeType.lower() in _NARROWBAND else MEDIA_RATE_HZ
+        self._dtmf_pt = next((c.payloadType for c in codecs if c.mimeType.lower() == "audio/telephone-event"), None)
+        if self._dtmf_pt is not None:
+            self._take_telephone_events(transceiver.receiver)
+        answer = await pc.createAnswer()
+        await pc.setLocalDescription(answer)
+        if self.closed:
+            raise LegSetupError("closed while negotiating")
+
+    def _take_telephone_events(self, receiver: Any) -> None:
+        # aiortc has no RFC 4733 receiver and would hand the packets to its decoder: take them first.
+        original = receiver._handle_rtp_packet
+        dtmf_pt = self._dtmf_pt
+
+        async def handle_rtp_packet(packet: Any, arrival_time_ms: int) -> None:
+            if packet.payload_type == dtmf_pt:
+                self._telephone_event(packet)
+                return
+            await original(packet, arrival_time_ms)
+
+        receiver._handle_rtp_packet = handle_rtp_packet
+
+    def _telephone_event(self, packet: Any) -> None:
+        try:
+            event = parse_telephone_event(packet.payload)
+        except RtpParseError:
+            return
+        digit = self._dtmf.feed(packet.ssrc, packet.timestamp, event, self._clock.seconds())
+        if digit is not None and not self.closed:
+            self._events.dtmf(digit)
+
+    # -- the peer ---------------------------------------------------------
+
+    def _track_arrived(self, track: Any) -> None:
+        if track.kind == "audio" and self._pump is None and not self.closed:
+            self._pump = self._loop.create_task(self._pump_caller_audio(track))
+
+    async def _pump_caller_audio(self, track: Any) -> None:
+        """Decoded caller frames (any rate, any layout) to 16 kHz mono PCM in the inbound buffer."""
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=MEDIA_RATE_HZ)
+        while not self.closed:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            pcm = b"".join(bytes(f.planes[0])[: f.samples * 2] for f in resampler.resample(frame))
+            self._last_rx_at = self._clock.seconds()
+            room = self._max_inbound - len(self._inbound)
+            if len(pcm) > room:
+                self.dropped_bytes += len(pcm) - room
+                pcm = pcm[:room]
+            self._inbound += pcm
+
+    def _connection_state_changed(self) -> None:
+        pc = self.pc
+        if pc is None:
+            return
+        state = pc.connectionState
+        if state == "connected":
+            self.handshake_done = True
+            self._cancel_handshake_timer()
+        elif state in ("failed", "closed"):
+            self._end_media(f"peer {state}")
+
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        if not self.handshake_done and not self.closed:
+            self._end_media("handshake timeout")
+
+    def _end_media(self, cause: str) -> None:
+        """The peer is gone for good: close it, stop the media; the call's session decides the rest."""
+        if self.media_ended or self.closed:
+            return
+        self.media_ended = True
+        self._cancel_handshake_timer()
+        self._log.info("WebRTC media ended: {cause}", cause=cause)
+        self.outbound.stop()
+        pc = self.pc
+        if pc is not None:
+            pc.remove_all_listeners()
+            self._spawn(pc.close(), "closing the peer")
+        if self.attached:
+            self._events.media_ended(cause)
+
+    def _cancel_handshake_timer(self) -> None:
+        timer, self._handshake_timer = self._handshake_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], what: str) -> None:
+        task = asyncio.ensure_future(coro, loop=self._loop)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Future[Any]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                self._log.warn("WebRTC: {what} failed: {e}", what=what, e=t.exception())
+
+        task.add_done_callback(done)
+
+    # -- media clock ------------------------------------------------------
+
+    def _receive_tick(self, frames: int) -> None:
+        buf = self._inbound
+        n = FRAME_BYTES
+        while len(buf) >= n and not self.closed:
+            frame = bytes(buf[:n])
+            del buf[:n]
+            self.frames_delivered += 1
+            self._sink.write_frame(frame)
+
+    def _send_tick(self, frames: int) -> None:
+        for _ in range(frames):
+            pcm = self._source.read_frame()
+            if self.closed:
+                return
+            if not self.media_ended:
+                self.outbound.push(pcm if pcm is not None else bytes(FRAME_BYTES))
+
+
+def _deferred(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any]) -> Deferred[Any]:
+    """The coroutine run on the loop, as a Deferred; cancelling it cancels the task (Twisted's CancelledError)."""
+    future = asyncio.ensure_future(coro, loop=loop)
+    d: Deferred[Any] = Deferred(lambda _: future.cancel())
+
+    def done(f: asyncio.Future[Any]) -> None:
+        if d.called:
+            return
+        if f.cancelled():
+            d.errback(Failure(CancelledError()))
+        elif f.exception() is not None:
+            e = f.exception()
+            d.errback(Failure(e, type(e), e.__traceback__))
+        else:
+            d.callback(f.result())
+
+    future.add_done_callback(done)
+    return d
+
+
+@implementer(ILegDialer)
+class WebRtcDialer:
+    """Legs for ``webrtc`` calls: the client's offer in ``option.offer`` (or ``sdp``), our answer back."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, media_clock: MediaClock, clock: IReactorTime, ids: Any, *,
+                 codecs: Sequence[str], ice_servers: Sequence[Any] = (), bind_ip: Optional[str] = None,
+                 external_ip: Optional[str] = None) -> None:
+        self._loop = loop
+        self._media_clock = media_clock
+        self._clock = clock
+        self._ids = ids
+        self._codec_order = webrtc_codec_order(codecs)
+        # Only what the operator configured: aiortc's default would ask a public STUN server.
+        self._ice_servers = [RTCIceServer(urls=list(s.urls), username=s.username, credential=s.credential,
+                                          credentialType=s.credential_type) for s in ice_servers]
+        self._bind_ip = bind_ip or None
+        self._external_ip = external_ip or None
+        self.live: set[WebRtcLeg] = set()
+        if self._bind_ip:
+            use_host_address(self._bind_ip)
+
+    def dial(self, option: Any, call_id: str, on_ringing: Callable[[bool], None]) -> Deferred[WebRtcLeg]:
+        """Negotiate the offer; fires with the leg (``answer_sdp`` set) once our answer is complete."""
+        offer = option.offer
+        if not offer or not offer.strip():
+            raise LegOptionError("Failed to setup track: option.offer (the client's SDP offer) is required")
+        if len(offer) > MAX_OFFER_BYTES:
+            raise LegOptionError(f"Failed to setup track: option.offer is larger than {MAX_OFFER_BYTES} bytes")
+        timeout = option.handshake_timeout
+        leg = WebRtcLeg(self._loop, self._media_clock, self._clock, self._ids.ssrc(),
+                        float(timeout) if timeout else DEFAULT_HANDSHAKE_TIMEOUT_S, on_closed=self.live.discard)
+        enable_ipv6 = bool(getattr(option, "enable_ipv6", False))
+        configuration = RTCConfiguration(iceServers=list(self._ice_servers))
+        self.live.add(leg)
+
+        async def negotiate() -> WebRtcLeg:
+            try:
+                await leg.negotiate(offer, configuration, self._codec_order)
+            except BaseException:
+                leg.close().addErrback(lambda f: None)
+                raise
+            assert leg.pc is not None and leg.pc.localDescription is not None
+            leg.answer_sdp = rewrite_answer(leg.pc.localDescription.sdp, bind_ip=self._bind_ip,
+                                            external_ip=self._external_ip, enable_ipv6=enable_ipv6)
+            return leg
+
+        return _deferred(self._loop, negotiate())
+
+    @property
+    def open_peers(self) -> int:
+        """Peer connections not yet closed (a gauge for /metrics)."""
+        return len(self.live)
+
+
+@implementer(ILegDialer)
+class WebRtcUnavailableDialer:
+    """Under a reactor other than asyncio aiortc cannot run: every WebRTC invite fails at once, clearly."""
+
+    open_peers = 0
+
+    def dial(self, option: Any, call_id: str, on_ringing: Callable[[bool], None]) -> Deferred[Any]:
+        raise LegOptionError("Failed to setup track: WebRTC needs the asyncio reactor "
+                             "(run twistd --reactor=asyncio activecall)")
