@@ -10,7 +10,8 @@ every coroutine is bridged to a Deferred here.
 * :class:`WebRtcLeg` (:class:`IIceLeg`) is ticked by the media clock like the
   other legs: in ``RECEIVE`` it writes the caller's decoded audio (16 kHz
   PCM) to its sink, in ``SEND`` it hands one agent frame to the outbound
-  track, whose ``recv()`` aiortc awaits.  Opus encoding runs in aiortc's
+  track, whose ``recv()`` aiortc awaits; the agent's audio starts once the
+  peer has connected, so a greeting sent with the answer is heard whole.  Opus encoding runs in aiortc's
   executor and decoding in its decoder thread, never on the reactor thread.
   RFC 4733 telephone-events from the browser are taken before aiortc's
   decoder and reported as DTMF.
@@ -481,6 +482,8 @@ class WebRtcLeg:
             self._sink.write_frame(frame)
 
     def _send_tick(self, frames: int) -> None:
+        if not self.handshake_done:
+            return  # the agent's first words wait for the peer (a greeting is heard from its start)
         for _ in range(frames):
             pcm = self._source.read_frame()
             if self.closed:
