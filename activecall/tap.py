@@ -314,7 +314,7 @@ def makeService(options: Options) -> service.IService:
                            precache=lambda command: Deferred.fromCoroutine(precache(services, command)),
                            gzip=config.http_gzip, registrations=registrations.registrations_json,
                            metrics=metrics.render, api=config.api, playbook_runs=playbook_runs,
-                           run_blocking=run_blocking, environ=os.environ)
+                           run_blocking=run_blocking, environ=os.environ, recording_path=config.recording.path)
     site = ActivecallSite(resource, config.http_access_skip_paths, header_timeout_s=config.api.header_timeout_s,
                           max_body_bytes=config.api.max_message_bytes)
     WebService(resource).setServiceParent(top)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import heapq
 import io
 import json
 import os
@@ -53,6 +54,19 @@ _PLAYBOOK_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,124}\.md")
 MAX_PLAYBOOK_BYTES = 256 * 1024
 # GET /api/playbooks lists at most this many files (the first by name).
 MAX_LISTED_PLAYBOOKS = 1000
+# The built-in test page and its files (package data); GET / serves index.html from here.
+STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+# A static file name: one path component, no hidden file, an extension from _STATIC_TYPES.
+_STATIC_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}")
+_STATIC_TYPES = {
+    ".html": b"text/html; charset=utf-8", ".js": b"text/javascript; charset=utf-8",
+    ".css": b"text/css; charset=utf-8", ".json": b"application/json", ".svg": b"image/svg+xml",
+    ".png": b"image/png", ".ico": b"image/x-icon", ".txt": b"text/plain; charset=utf-8",
+}
+MAX_STATIC_BYTES = 4 * 1024 * 1024
+# GET /api/records lists at most this many event dumps (the newest).
+MAX_LISTED_RECORDS = 200
+_DUMP_SUFFIX = ".events.jsonl"
 # Routes that answer without a token, for load balancers.
 _OPEN_PATHS = (["health"],)
 _JSON_TYPES = (b"application/json",)
@@ -173,6 +187,71 @@ def check_playbook_run(directory: str, value: str, environ: Mapping[str, str], e
     parse_playbook(text, environ, source, env_prefix=env_prefix)
 
 
+# --- the test page, its static files and the records list: blocking, run through run_blocking ---
+
+
+class _StaticNotFound(Exception):
+    """A static file that is not served (missing, not regular, too large)."""
+
+
+def read_static_file(directory: str, name: str, limit: Optional[int] = None) -> bytes:
+    """The bytes of regular file ``name`` inside ``directory`` (at most ``limit``, default
+    MAX_STATIC_BYTES); raises _StaticNotFound. Blocking."""
+    if limit is None:
+        limit = MAX_STATIC_BYTES
+    try:
+        path = safe_join(directory, name)
+        # O_NONBLOCK: a FIFO in the directory must not hold a worker thread in open().
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except (UnsafePathError, OSError):
+        raise _StaticNotFound(name) from None
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        regular = False
+    if not regular:
+        os.close(fd)
+        raise _StaticNotFound(name)
+    with os.fdopen(fd, "rb") as f:
+        try:
+            data = f.read(limit + 1)
+        except OSError:
+            raise _StaticNotFound(name) from None
+    if len(data) > limit:
+        raise _StaticNotFound(name)
+    return data
+
+
+def list_event_dumps(directory: Optional[str], limit: Optional[int] = None) -> list[tuple[str, float]]:
+    """``(id, mtime)`` of the newest ``limit`` (default MAX_LISTED_RECORDS) ``*.events.jsonl`` regular
+    files in ``directory``, newest first (ties by id); the id is the file name without the suffix. Blocking."""
+    if limit is None:
+        limit = MAX_LISTED_RECORDS
+    if not directory:
+        return []
+    found: list[tuple[float, str]] = []
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                name = entry.name
+                if not name.endswith(_DUMP_SUFFIX) or name.startswith(".") or len(name) == len(_DUMP_SUFFIX):
+                    continue
+                try:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    mtime = entry.stat(follow_symlinks=False).st_mtime
+                except OSError:
+                    continue
+                found.append((mtime, name[:-len(_DUMP_SUFFIX)]))
+                if len(found) > 4 * limit + 64:
+                    # Keep memory bounded in a directory of many dumps.
+                    found = heapq.nlargest(limit, found, key=lambda t: (t[0], t[1]))
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return []
+    newest = heapq.nlargest(limit, found, key=lambda t: (t[0], t[1]))
+    return [(sid, mtime) for mtime, sid in newest]
+
+
 class _BodyError(Exception):
     """A request body refused before it is used: ``code`` 413 or 415."""
 
@@ -255,8 +334,11 @@ class ApiResource(Resource):
                  metrics: Optional[Callable[[], tuple[bytes, str]]] = None, api: ApiConfig = ApiConfig(),
                  playbook_runs: Optional[PlaybookRuns] = None,
                  run_blocking: Optional[Callable[..., Deferred[Any]]] = None,
-                 environ: Optional[Mapping[str, str]] = None) -> None:
+                 environ: Optional[Mapping[str, str]] = None, recording_path: Optional[str] = None,
+                 static_dir: str = STATIC_DIR) -> None:
         super().__init__()
+        self._recording_path = recording_path  # where event dumps lie (GET /api/records); None: none listed
+        self._static_dir = static_dir  # the test page (GET /, GET /static/{name})
         # POST /api/playbook/run hands out its ids here; None: the route answers 503.
         self._playbook_runs = playbook_runs
         # Playbook file I/O and parsing run through it; None runs them inline (tests, embedding).
@@ -407,7 +489,40 @@ class ApiResource(Resource):
             return body
         if parts == ["health"] and method == "GET":
             return _json(request, {"status": "ok"})
+        if parts == [] and method == "GET":
+            return self._static(request, "index.html", "Index not found")
+        if len(parts) == 2 and parts[0] == "static" and method == "GET":
+            return self._static(request, unquote(parts[1]), "Not Found")
+        if parts == ["api", "records"] and method == "GET":
+            return self._records(request)
         return _text(request, "Not Found", 404)
+
+    def _static(self, request: Request, name: str, missing: str) -> Any:
+        """``GET /`` and ``GET /static/{name}``: a file of the test page, by extension; 404 otherwise."""
+        content_type = _STATIC_TYPES.get(os.path.splitext(name)[1].lower())
+        if (content_type is None or _STATIC_NAME.fullmatch(name) is None or ".." in name
+                or "/" in name or "\\" in name or os.path.isabs(name)):
+            return _text(request, missing, 404)
+        directory = self._static_dir
+
+        def served(data: bytes) -> bytes:
+            request.setHeader(b"Content-Type", content_type)
+            request.setHeader(b"X-Content-Type-Options", b"nosniff")
+            request.setHeader(b"Cache-Control", b"no-cache")
+            return data
+
+        return self._off_reactor(
+            request, lambda: read_static_file(directory, name), served,
+            lambda e: _text(request, missing, 404) if isinstance(e, _StaticNotFound) else None)
+
+    def _records(self, request: Request) -> Any:
+        """``GET /api/records``: the newest event dumps of the recording directory, newest first."""
+        directory = self._recording_path
+        return self._off_reactor(
+            request, lambda: list_event_dumps(directory),
+            lambda found: _json(request, [{"id": sid, "date": format_rfc3339(mtime), "duration": "0s",
+                                           "status": "completed"} for sid, mtime in found]),
+            lambda e: None)
 
     def _kill(self, request: Request, sid: str) -> bytes:
         session = self._sessions.get(sid)

@@ -1,0 +1,159 @@
+"""End to end in a real browser: headless Chromium loads the daemon's test page and calls it over WebRTC.
+
+The fake microphone plays espeak-ng speech (the daemon hears it: VAD, ASR); the agent's TTS comes
+back on the same peer connection and is measured with WebAudio in the page (protocol.md §5.2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import wave
+from typing import Any
+
+from twisted.trial.unittest import SkipTest, TestCase
+
+from chromium import Chromium, chromium_path
+from harness import BASE_CONFIG, start_daemon
+
+from activecall.media.resample import Resampler
+
+RATE = 16000
+SPOKEN = "Please call me tomorrow at nine in the morning."
+GREETING = "Hello, thank you for calling. This is the automated test agent speaking to you now."
+OPTION = {"vad": {"type": "silero"}, "asr": {"provider": "whisper"}, "tts": {"provider": "piper"}}
+PLAYBOOK = "---\nllm:\n  provider: openai\n---\nYou are a test agent.\n"
+
+
+def fake_mic_wav(text: str, workdir: str) -> str:
+    """A 16 kHz mono WAV: 1 s silence, ``text`` spoken by espeak-ng, 2 s silence (Chromium loops it)."""
+    if shutil.which("espeak-ng") is None:
+        raise SkipTest("espeak-ng is not installed")
+    raw = os.path.join(workdir, "espeak.wav")
+    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "150", "-w", raw, text], check=True, capture_output=True)
+    with wave.open(raw, "rb") as w:
+        pcm, rate = w.readframes(w.getnframes()), w.getframerate()
+    resampler = Resampler(rate, RATE)
+    words = resampler.process(pcm) + resampler.flush()
+    path = os.path.join(workdir, "mic.wav")
+    with wave.open(path, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(RATE)
+        w.writeframes(bytes(RATE * 2) + words + bytes(RATE * 4))
+    return path
+
+
+class BrowserCallTests(TestCase):
+    timeout = 180
+
+    async def _setup(self) -> tuple[Any, Chromium]:
+        if chromium_path() is None:
+            raise SkipTest("chromium is not installed (apt-get install chromium)")
+        workdir = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(workdir, "config", "playbook"))
+        with open(os.path.join(workdir, "config", "playbook", "demo.md"), "w") as f:
+            f.write(PLAYBOOK)
+        self.workdir = workdir
+        mic = fake_mic_wav(SPOKEN, workdir)
+        daemon = await start_daemon(workdir, BASE_CONFIG)
+        self.addCleanup(daemon.stop)
+        self.daemon = daemon
+        browser = await Chromium.launch(mic)
+        self.addCleanup(browser.stop)
+        self.browser = browser
+        await browser.navigate(f"{daemon.base_url}/")
+        await browser.evaluate("window.acTest.ready")
+        return daemon, browser
+
+    async def events(self) -> list[dict[str, Any]]:
+        return await self.browser.evaluate("window.acTest.events")  # type: ignore[no-any-return]
+
+    async def wait_event(self, name: str, timeout_s: float = 30, **fields: Any) -> dict[str, Any]:
+        """The first page-received event ``name`` whose fields match, polled within the deadline."""
+        match = " && ".join([f"e.event === {json.dumps(name)}"] +
+                            [f"e[{json.dumps(k)}] === {json.dumps(v)}" for k, v in fields.items()])
+        try:
+            found = await self.browser.wait_for(f"window.acTest.events.find(e => {match}) || null", timeout_s,
+                                                f"event {name} {fields}")
+        except AssertionError as e:
+            seen = [{k: v for k, v in ev.items() if k != "sdp"} for ev in await self.events()]
+            raise AssertionError(f"{e}; the page got {json.dumps(seen)[-4000:]}\n--- daemon output ---\n"
+                                 f"{self.daemon.output[-6000:]}") from None
+        return found  # type: ignore[no-any-return]
+
+    async def test_page_loads_with_playbooks_and_no_errors(self) -> None:
+        """GET / serves the page; it lists the playbooks and records and reports no error."""
+        _, browser = await self._setup()
+        options = await browser.evaluate("Array.from(document.querySelectorAll('#playbook option')).map(o => o.value)")
+        self.assertEqual(options, ["", "demo.md"])
+        self.assertEqual(await browser.evaluate("window.acTest.state"), "idle")
+        self.assertEqual(await browser.evaluate("window.acTest.errors"), [])
+        self.assertEqual(browser.console_errors, [])
+        self.assertEqual(browser.exceptions, [])
+
+    async def test_call_hears_the_caller_and_plays_tts(self) -> None:
+        """A WebRTC call from the page: trackStart and answer; the fake mic's speech is heard (speaking,
+        asrFinal); TTS is heard in the page for about its duration; hangup ends with trackEnd and hangup."""
+        _, browser = await self._setup()
+        sid = await browser.evaluate(f"window.acTest.start({{option: {json.dumps(OPTION)}}})", timeout_s=60)
+        self.assertTrue(sid.startswith("s."), sid)
+        names = [e["event"] for e in await self.events()]
+        self.assertIn("trackStart", names)
+        self.assertLess(names.index("trackStart"), names.index("answer"))
+        answer = await self.wait_event("answer", trackId=sid)
+        self.assertIn("a=candidate", answer["sdp"])
+        self.assertEqual(await browser.evaluate("window.acTest.state"), "active")
+
+        # The daemon hears the fake microphone.
+        await self.wait_event("speaking", timeout_s=30, trackId=sid)
+        final = await self.wait_event("asrFinal", timeout_s=60, trackId=sid)
+        self.assertIn("tomorrow", final["text"].lower())
+        transcript = await browser.evaluate("window.acTest.transcript")
+        self.assertIn({"speaker": "caller", "text": final["text"]}, [
+            {"speaker": t["speaker"], "text": t["text"]} for t in transcript])
+
+        # The agent speaks: audio arrives on the peer connection for about the TTS duration.
+        before = await browser.evaluate("window.acTest.agentAudio")
+        self.assertLess(before["nonSilentMs"], 300, before)
+        play_id = await browser.evaluate(f"window.acTest.tts({json.dumps(GREETING)})")
+        end = await self.wait_event("trackEnd", timeout_s=60, trackId="server-side-track", playId=play_id)
+        self.assertIn({"speaker": "agent", "text": GREETING}, [
+            {"speaker": t["speaker"], "text": t["text"]} for t in await browser.evaluate("window.acTest.transcript")])
+        # What was still in flight (jitter buffer, playout) is heard just after trackEnd. Speech has pauses
+        # between words, so the audible share is well below the play's duration.
+        duration = end["duration"]
+        try:
+            heard = await browser.wait_for(
+                f"(a => a.nonSilentMs >= {0.35 * duration} && a) (window.acTest.agentAudio)", 10,
+                f"agent audio for about {duration} ms")
+        except AssertionError as e:
+            raise AssertionError(f"{e}: measured {await browser.evaluate('window.acTest.agentAudio')}, "
+                                 f"RTP {await browser.evaluate('window.acTest.rtpStats()')}") from None
+        heard = await browser.evaluate("window.acTest.agentAudio")
+        self.assertGreater(duration, 2000, end)
+        self.assertGreater(heard["maxRms"], 0.03, heard)
+        self.assertLess(heard["nonSilentMs"] - before["nonSilentMs"], duration, (heard, end))
+        # From the first to the last audible window: about the TTS audio (the play's duration also
+        # counts the synthesis before its first frame).
+        self.assertGreater(heard["spanMs"], 0.5 * duration, (heard, end))
+        self.assertLess(heard["spanMs"], duration + 1000, (heard, end))
+        self.assertGreater(heard["totalMs"], duration, heard)
+
+        # Hang up from the page.
+        state = await browser.evaluate("window.acTest.hangup()", timeout_s=30)
+        self.assertEqual(state, "ended")
+        names = [e["event"] for e in await self.events()]
+        self.assertIn("trackEnd", names)
+        self.assertIn("hangup", names)
+        ends = [e for e in await self.events() if e["event"] == "trackEnd" and e.get("trackId") == sid]
+        self.assertTrue(ends, "trackEnd of the WebRTC leg")
+        self.assertEqual(await browser.evaluate("window.acTest.errors"), [])
+        self.assertEqual(browser.exceptions, [])
+        # The call's event dump is listed under recent calls.
+        records = await browser.wait_for(
+            f"fetch('/api/records').then(r => r.json()).then(l => l.find(r => r.id === {json.dumps(sid)}) || null)",
+            10, "the call in /api/records")
+        self.assertEqual(records["status"], "completed")
