@@ -245,6 +245,16 @@ class AmbianceConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """``[cluster]`` (config.md §14b, docs/cluster.md): the shared call registry of several nodes."""
+
+    redis_url: str | None = None
+    advertise_url: str | None = None  # None: http://<http_addr>
+    node_id: str | None = None  # None: the host name
+    registry_ttl_s: float = 30.0
+
+
+@dataclass(frozen=True)
 class ApiConfig:
     """``[api]`` (config.md §14a, docs/security.md): who may use the control plane, and its limits.
 
@@ -341,6 +351,7 @@ class Config:
     recording: RecordingConfig = field(default_factory=RecordingConfig)
     callrecord: CallRecordConfig | None = None
     ambiance: AmbianceConfig = field(default_factory=AmbianceConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     rewrites: tuple[Rewrite, ...] = ()
     trunk_rules: tuple[TrunkRule, ...] = ()
     api: ApiConfig = field(default_factory=ApiConfig)
@@ -1079,6 +1090,27 @@ def _read_ambiance(t: _Table | None) -> AmbianceConfig:
     return result
 
 
+_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+def _read_cluster(t: _Table | None) -> ClusterConfig:
+    if t is None:
+        return ClusterConfig()
+    redis_url = t.opt_string("redis_url")
+    if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(t.key_path("redis_url"), "expected a redis://host:port/db (or rediss://, unix://) URL")
+    advertise_url = t.opt_string("advertise_url")
+    if advertise_url is not None and not advertise_url.startswith(("http://", "https://")):
+        raise ConfigError(t.key_path("advertise_url"), "expected this node's http:// or https:// base URL")
+    node_id = t.opt_string("node_id")
+    if node_id is not None and not _NODE_ID.fullmatch(node_id):
+        raise ConfigError(t.key_path("node_id"), "expected 1-63 letters, digits, '.', '_' or '-'")
+    result = ClusterConfig(redis_url=redis_url, advertise_url=advertise_url.rstrip("/") if advertise_url else None,
+                           node_id=node_id, registry_ttl_s=_duration(t, "registry_ttl", 30.0, minimum=3.0))
+    t.finish()
+    return result
+
+
 def _read_rewrite(t: _Table) -> Rewrite | None:
     source = t.req_string("match")
     rewrite = t.req_string("rewrite")
@@ -1356,6 +1388,7 @@ def parse_config(text: str, overrides: Overrides = Overrides(), source: str = "<
     callrecord_table = root.table("callrecord")
     callrecord = None if callrecord_table is None else _read_callrecord(callrecord_table)
     ambiance = _read_ambiance(root.table("ambiance"))
+    cluster = _read_cluster(root.table("cluster"))
     rewrites = tuple(
         r for r in (_read_rewrite(t) for t in root.tables("rewrites")) if r is not None
     )
@@ -1406,6 +1439,7 @@ def parse_config(text: str, overrides: Overrides = Overrides(), source: str = "<
         recording=recording,
         callrecord=callrecord,
         ambiance=ambiance,
+        cluster=cluster,
         rewrites=rewrites,
         trunk_rules=trunk_rules,
         api=api,

@@ -134,7 +134,8 @@ def _webrtc_dialer(config: Any, reactor: Any, media_clock: Any, ids: Any, log: A
     Under another reactor aiortc cannot run: with ``[[ice_servers]]`` configured (WebRTC in use)
     the daemon refuses to start; otherwise WebRTC invites fail at once with that reason.
     """
-    from activecall.legs.webrtc import WebRtcDialer, WebRtcUnavailableDialer, asyncio_loop_of
+    from activecall.aio import asyncio_loop_of
+    from activecall.legs.webrtc import WebRtcDialer, WebRtcUnavailableDialer
 
     loop = asyncio_loop_of(reactor)
     if loop is None:

@@ -42,12 +42,12 @@ from aiortc.codecs import CODECS
 from aiortc.mediastreams import MediaStreamError
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.sdp import candidate_from_sdp
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from activecall.aio import deferred_from_coroutine
 from activecall.legs import NO_EVENTS, PhaseTicker
 from activecall.media.clock import RECEIVE, SEND, MediaClock
 from activecall.media.tracks import (
@@ -66,7 +66,7 @@ from activecall.rtp.packet import RtpParseError, parse_telephone_event
 
 __all__ = ["WebRtcLeg", "WebRtcDialer", "WebRtcUnavailableDialer", "WEBRTC_CODECS",
            "webrtc_codec_order", "parse_ice_candidate", "rewrite_answer", "DEFAULT_HANDSHAKE_TIMEOUT_S",
-           "MAX_OFFER_BYTES", "MAX_CANDIDATE_CHARS", "use_host_address", "asyncio_loop_of"]
+           "MAX_OFFER_BYTES", "MAX_CANDIDATE_CHARS", "use_host_address"]
 
 MEDIA_RATE_HZ = 16000
 FRAME_SAMPLES = MEDIA_RATE_HZ // 50
@@ -91,17 +91,6 @@ _TELEPHONE_EVENT = RTCRtpCodecParameters(mimeType="audio/telephone-event", clock
                                          payloadType=101)
 if not any(c.mimeType.lower() == "audio/telephone-event" for c in CODECS["audio"]):
     CODECS["audio"].append(_TELEPHONE_EVENT)
-
-
-def asyncio_loop_of(reactor: Any) -> Optional[asyncio.AbstractEventLoop]:
-    """The asyncio loop under ``reactor``, or None when it is not Twisted's asyncio reactor."""
-    try:
-        from twisted.internet.asyncioreactor import AsyncioSelectorReactor
-    except ImportError:  # pragma: no cover - always there with Twisted >= 18
-        return None
-    if isinstance(reactor, AsyncioSelectorReactor):
-        return reactor._asyncioEventloop  # type: ignore[no-any-return]
-    return None
 
 
 def use_host_address(bind_ip: str) -> None:
@@ -347,7 +336,7 @@ class WebRtcLeg:
         if pc is None:
             return succeed(None)
         pc.remove_all_listeners()
-        return _deferred(self._loop, pc.close())
+        return deferred_from_coroutine(self._loop, pc.close())
 
     # -- set-up (the dialer's) -------------------------------------------
 
@@ -492,26 +481,6 @@ class WebRtcLeg:
                 self.outbound.push(pcm if pcm is not None else bytes(FRAME_BYTES))
 
 
-def _deferred(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any]) -> Deferred[Any]:
-    """The coroutine run on the loop, as a Deferred; cancelling it cancels the task (Twisted's CancelledError)."""
-    future = asyncio.ensure_future(coro, loop=loop)
-    d: Deferred[Any] = Deferred(lambda _: future.cancel())
-
-    def done(f: asyncio.Future[Any]) -> None:
-        if d.called:
-            return
-        if f.cancelled():
-            d.errback(Failure(CancelledError()))
-        elif f.exception() is not None:
-            e = f.exception()
-            d.errback(Failure(e, type(e), e.__traceback__))
-        else:
-            d.callback(f.result())
-
-    future.add_done_callback(done)
-    return d
-
-
 @implementer(ILegDialer)
 class WebRtcDialer:
     """Legs for ``webrtc`` calls: the client's offer in ``option.offer`` (or ``sdp``), our answer back."""
@@ -558,7 +527,7 @@ class WebRtcDialer:
                                             external_ip=self._external_ip, enable_ipv6=enable_ipv6)
             return leg
 
-        return _deferred(self._loop, negotiate())
+        return deferred_from_coroutine(self._loop, negotiate())
 
     @property
     def open_peers(self) -> int:

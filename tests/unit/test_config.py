@@ -882,3 +882,26 @@ class HugePortTests(_ConfigCase):
         """A 4301-digit port is 'expected IP:PORT', not a bare ValueError."""
         self.assert_error('http_addr = "127.0.0.1:' + "9" * 4301 + '"', "http_addr")
         self.assert_error('http_addr = "127.0.0.1:\u00b2"', "http_addr")
+
+
+class ClusterTableTests(_ConfigCase):
+    """``[cluster]`` (config.md §14b): the registry's Redis URL, this node's name, URL and TTL."""
+
+    def test_defaults_and_values(self) -> None:
+        """Absent: no registry. Given: the URL, node name, advertised URL (no trailing slash) and TTL."""
+        self.assertIsNone(parse_config("").cluster.redis_url)
+        cluster = parse_config('[cluster]\nredis_url = "redis://127.0.0.1:6379/2"\nnode_id = "edge-1.a"\n'
+                               'advertise_url = "http://10.0.0.5:8080/"\nregistry_ttl = "1m"\n').cluster
+        self.assertEqual((cluster.redis_url, cluster.node_id, cluster.advertise_url, cluster.registry_ttl_s),
+                         ("redis://127.0.0.1:6379/2", "edge-1.a", "http://10.0.0.5:8080", 60.0))
+
+    def test_bad_values_name_their_key(self) -> None:
+        """A non-Redis URL, a non-HTTP advertised URL, a bad node name or a tiny TTL is a ConfigError."""
+        for text, key in {
+            '[cluster]\nredis_url = "http://x"': "cluster.redis_url",
+            '[cluster]\nadvertise_url = "ws://x"': "cluster.advertise_url",
+            '[cluster]\nnode_id = "a b"': "cluster.node_id",
+            '[cluster]\nnode_id = "' + "n" * 70 + '"': "cluster.node_id",
+            '[cluster]\nregistry_ttl = "1s"': "cluster.registry_ttl",
+        }.items():
+            self.assert_error(text, key)

@@ -51,10 +51,12 @@ LAYERS: dict[str, str] = {
     "activecall.clock": "helpers",
     "activecall.logs": "helpers",
     "activecall.metrics": "helpers",
+    "activecall.aio": "helpers",
     # protocol cores and their adapters
     "activecall.rtp": "rtp",
     "activecall.media": "media",
     "activecall.fetch": "fetch",
+    "activecall.cluster": "cluster",
     "activecall.systemd": "systemd",
     "activecall.sdp": "sdp",
     "activecall.sip": "sip",
@@ -90,6 +92,7 @@ RANKS: dict[str, int] = {
     "rtp": 2,
     "media": 2,
     "fetch": 2,
+    "cluster": 2,  # the shared call registry: which node owns which id
     "systemd": 2,
     "sdp": 3,  # uses rtp (SRTP suites, the crypto model) and media (the codec table)
     "sip": 4,  # the dialog layer reads SDP
@@ -125,6 +128,7 @@ RULES: tuple[Rule, ...] = (
     Rule(("activecall.sip.transport", "activecall.rtp.transport", "activecall.legs"), ("activecall.call",),
          "a transport never imports call/"),
     Rule((ROOT,), ("aiortc",), "only legs/webrtc.py imports aiortc", exempt=("activecall.legs.webrtc",)),
+    Rule((ROOT,), ("redis",), "only cluster/redisstore.py imports redis", exempt=("activecall.cluster.redisstore",)),
     Rule((ROOT,), ("twisted.internet.reactor",), "only tap.py imports the global reactor",
          exempt=("activecall.tap",)),
 )
