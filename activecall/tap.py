@@ -150,6 +150,42 @@ def _webrtc_dialer(config: Any, reactor: Any, media_clock: Any, ids: Any, log: A
                         external_ip=config.external_ip)
 
 
+def _cluster(config: Any, reactor: Any, sessions: Any, log: Any) -> tuple[Any, Any]:
+    """The shared call registry of ``[cluster]`` (None without ``redis_url``) and where sockets and REST
+    requests for ids hosted elsewhere go (the registry's owner, else the static ``peers``)."""
+    import socket
+
+    from activecall.aio import asyncio_loop_of
+    from activecall.cluster.registry import CallRegistry, RegistryService
+    from activecall.control.tunnel import OwnerLocator
+    from activecall.sip.service import first_interface_address
+
+    cluster = config.cluster
+    service_ = None
+    registry = None
+    if cluster.redis_url:
+        loop = asyncio_loop_of(reactor)
+        if loop is None:
+            raise SystemExit("activecall: configuration error: cluster.redis_url: the registry needs the asyncio "
+                             "reactor; run twistd --reactor=asyncio activecall ...")
+        from activecall.cluster.redisstore import RedisStore
+
+        host = config.http_host if config.http_host not in ("", "0.0.0.0", "::") else (
+            config.external_ip or first_interface_address())
+        store = RedisStore(loop, cluster.redis_url)
+        registry = CallRegistry(
+            store, reactor, node_id=cluster.node_id or socket.gethostname(),
+            url=cluster.advertise_url or f"http://{host}:{config.http_port}", ttl_s=int(cluster.registry_ttl_s),
+            hosted=sessions.hosted_ids, load=lambda: {"sessions": len(sessions)})
+        sessions.registry = registry
+        service_ = RegistryService(registry, sessions.wait_idle, reactor,
+                                   drain_timeout_s=float(config.graceful_shutdown_timeout) + 1.0,
+                                   close_store=store.close)
+        log.info("call registry at {url}: this node is {node} ({advertise})", url=cluster.redis_url,
+                 node=registry.node_id, advertise=registry.url)
+    return service_, OwnerLocator(registry.owner if registry is not None else None, config.peers)
+
+
 def makeService(options: Options) -> service.IService:
     """Build the daemon's MultiService from validated options (the composition root)."""
     from twisted.internet import reactor
@@ -311,11 +347,15 @@ def makeService(options: Options) -> service.IService:
         trunk_rules=config.trunk_rules)
     services.dialers = {"sip": SipDialer(sip_media, reactor, services.ids), "webrtc": webrtc}
     services.inbound_legs = SipInboundFactory(sip_media, reactor, services.ids)
+    registry_service, locator = _cluster(config, reactor, sessions, log)
+    if registry_service is not None:
+        registry_service.setServiceParent(top)
     resource = ApiResource(sessions, reactor, config.ice_servers,
                            precache=lambda command: Deferred.fromCoroutine(precache(services, command)),
                            gzip=config.http_gzip, registrations=registrations.registrations_json,
                            metrics=metrics.render, api=config.api, playbook_runs=playbook_runs,
-                           run_blocking=run_blocking, environ=os.environ, recording_path=config.recording.path)
+                           run_blocking=run_blocking, environ=os.environ, recording_path=config.recording.path,
+                           locator=locator)
     site = ActivecallSite(resource, config.http_access_skip_paths, header_timeout_s=config.api.header_timeout_s,
                           max_body_bytes=config.api.max_message_bytes)
     WebService(resource).setServiceParent(top)

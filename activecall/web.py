@@ -34,6 +34,7 @@ from activecall.control.playbookruns import PlaybookRuns, RunsFullError
 from activecall.control.wirejson import JsonInputError, parse_json
 from activecall.fileio import UnsafePathError, safe_join, write_atomically
 from activecall.control.protocol import ControlFactory
+from activecall.control.tunnel import OwnerLocator
 from activecall.interfaces import ISessionListener
 from activecall.playbook.model import (INLINE_SOURCE, PlaybookError, PlaybookNotFound, parse_playbook,
                                        resolve_playbook_path)
@@ -335,8 +336,10 @@ class ApiResource(Resource):
                  playbook_runs: Optional[PlaybookRuns] = None,
                  run_blocking: Optional[Callable[..., Deferred[Any]]] = None,
                  environ: Optional[Mapping[str, str]] = None, recording_path: Optional[str] = None,
-                 static_dir: str = STATIC_DIR) -> None:
+                 static_dir: str = STATIC_DIR, locator: Optional[OwnerLocator] = None) -> None:
         super().__init__()
+        # Where sockets and REST requests for ids hosted on another node go (control/tunnel.py).
+        self._locator = locator
         self._recording_path = recording_path  # where event dumps lie (GET /api/records); None: none listed
         self._static_dir = static_dir  # the test page (GET /, GET /static/{name})
         # POST /api/playbook/run hands out its ids here; None: the route answers 503.
@@ -355,7 +358,8 @@ class ApiResource(Resource):
         self._access = AccessPolicy(api.tokens, api.allowed_origins)
         self._max_body_bytes = api.max_message_bytes
         self.factories = {
-            name: ControlFactory(sessions, name, None, clock, api) for name in ("webSocket", "sip", "webrtc")
+            name: ControlFactory(sessions, name, None, clock, api, locator=locator)
+            for name in ("webSocket", "sip", "webrtc")
         }
         self._ws = {name: WebSocketResource(f) for name, f in self.factories.items()}
 

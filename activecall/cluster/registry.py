@@ -24,13 +24,14 @@ import json
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence
 
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-__all__ = ["IRegistryStore", "Owner", "CallRegistry", "CALL_PREFIX", "NODE_PREFIX", "MAX_ID_CHARS"]
+__all__ = ["IRegistryStore", "Owner", "CallRegistry", "RegistryService", "CALL_PREFIX", "NODE_PREFIX", "MAX_ID_CHARS"]
 
 CALL_PREFIX = "activecall:call:"
 NODE_PREFIX = "activecall:node:"
@@ -193,3 +194,30 @@ class CallRegistry:
             return fallback
 
         return d.addErrback(failed)
+
+
+class RegistryService(Service):
+    """Runs the registry with the daemon: joins at start; at stop (drain) keeps the ids of running
+    calls findable until they ended (at most ``drain_timeout_s``), then leaves and closes the store."""
+
+    def __init__(self, registry: CallRegistry, wait_idle: Callable[[], Deferred[None]], clock: IReactorTime,
+                 drain_timeout_s: float, close_store: Callable[[], Deferred[Any]] = lambda: succeed(None)) -> None:
+        self.registry = registry
+        self._wait_idle = wait_idle
+        self._clock = clock
+        self._drain_timeout_s = drain_timeout_s
+        self._close_store = close_store
+
+    def startService(self) -> None:
+        super().startService()
+        self.registry.start()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        idle = self._wait_idle()
+        idle.addTimeout(self._drain_timeout_s, self._clock)
+        idle.addErrback(lambda f: None)
+        idle.addCallback(lambda _: self.registry.stop())
+        idle.addCallback(lambda _: self._close_store())
+        idle.addErrback(lambda f: None)
+        return idle

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections import OrderedDict
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
@@ -81,6 +81,11 @@ class PlaybookRuns:
         """``sid`` is waiting and not expired (for "is this id hosted here"; nothing is removed)."""
         run = self._runs.get(sid) if isinstance(sid, str) else None
         return run is not None and self._clock.seconds() < run.expires_at
+
+    def __iter__(self) -> Iterator[str]:
+        """The ids waiting and not expired."""
+        now = self._clock.seconds()
+        return iter([sid for sid, run in self._runs.items() if now < run.expires_at])
 
     def __len__(self) -> int:
         """Entries held now, expired ones not yet swept included."""

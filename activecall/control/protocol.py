@@ -7,12 +7,14 @@ from typing import Any, Callable, Optional, Protocol
 import txaio
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from activecall.config import ApiConfig
 from activecall.control.query import QueryError, SessionParams, parse_session_query
+from activecall.control.tunnel import OwnerLocator, Tunnel, UpstreamProtocol
 from activecall.interfaces import IControlChannel
 
 
@@ -156,15 +158,21 @@ class ControlProtocol(WebSocketServerProtocol):
         self._params: Optional[SessionParams] = None
         self._session: Optional[ISession] = None
         self._watchdog: Optional[PeerWatchdog] = None
+        # The owner's socket when another node hosts this id (control/tunnel.py): frames are relayed.
+        self._upstream: Optional[UpstreamProtocol] = None
 
     def connectionMade(self) -> None:
         for name in _FACTORY_OPTIONS:
             setattr(self, name, getattr(self.factory, name))
         super().connectionMade()
 
-    def onConnect(self, request: ConnectionRequest) -> None:
+    def onConnect(self, request: ConnectionRequest) -> Any:
         try:
-            self._params = self._admit(request)
+            params = self._admit(request)
+            locator = self.factory.locator
+            if params.forward is None and locator is not None and locator.enabled and not self.factory.host.hosts(params.sid):
+                return Deferred.fromCoroutine(self._route(request, params))
+            self._params = params
         except ConnectionDeny as e:
             if e.code == 503:
                 self.factory.refusing_sessions()
@@ -175,6 +183,38 @@ class ControlProtocol(WebSocketServerProtocol):
             self._log.failure("control client {peer}: opening handshake failed", peer=self.peer)
             raise ConnectionDeny(500, "internal error")
         self.factory.admitting_sessions()
+
+    async def _route(self, request: ConnectionRequest, params: SessionParams) -> None:
+        """Tunnel to the node that owns ``params.sid``; nobody takes it: a local session, as usual."""
+        assert self.factory.locator is not None
+        try:
+            bases = await self.factory.locator.candidates(params.sid)
+            headers = {}
+            authorization = request.headers.get("authorization")
+            if authorization:
+                headers["Authorization"] = authorization
+            upstream = await Tunnel(self.factory.clock, self.factory.limits).open(
+                bases, request.path, request.params, headers)
+        except Exception:
+            self._log.failure("control client {peer}: finding the owner of {sid} failed", peer=self.peer, sid=params.sid)
+            upstream = None
+        if upstream is None:
+            if params.sid in self.factory.host:
+                raise ConnectionDeny(409, "session id already in use")
+            self._params = params
+        else:
+            self._log.info("control client {peer}: {sid} tunnelled to its owner", peer=self.peer, sid=params.sid)
+            self._upstream = upstream
+        self.factory.admitting_sessions()
+
+    def relay_from_owner(self, payload: bytes, is_binary: bool) -> None:
+        """A message from the owner's socket, for the client."""
+        self.sendMessage(payload, is_binary)
+
+    def owner_closed(self, code: Optional[int], reason: Optional[str]) -> None:
+        """The owner closed the tunnelled socket (the call is over): close the client's."""
+        self._upstream = None
+        self.sendClose(code=1000 if code in (None, 1005, 1006) else code, reason=reason or None)
 
     def _admit(self, request: ConnectionRequest) -> SessionParams:
         """The session this handshake opens, or ConnectionDeny."""
@@ -193,6 +233,10 @@ class ControlProtocol(WebSocketServerProtocol):
         return params
 
     def onOpen(self) -> None:
+        upstream = self._upstream
+        if upstream is not None:
+            upstream.pair(self)
+            return
         assert self._params is not None
         limits = self.factory.limits
         self._watchdog = PeerWatchdog(self.factory.clock, limits.pong_timeout_s, self._peer_gone,
@@ -226,7 +270,14 @@ class ControlProtocol(WebSocketServerProtocol):
             self._max_message_size_exceeded(
                 self.message_data_total_length, limit, f"binary message larger than {limit} bytes")
 
+    def onPong(self, payload: bytes) -> None:
+        if self._upstream is not None:
+            self._upstream.sendPong(payload)  # the answer to the owner's keep-alive
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self._upstream is not None:
+            self._upstream.sendMessage(payload, isBinary)
+            return
         session = self._session
         if session is None:
             return
@@ -240,6 +291,10 @@ class ControlProtocol(WebSocketServerProtocol):
             self._log.failure("handling a frame of session failed")
 
     def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None:
+            upstream.downstream = None
+            upstream.sendClose(code=1000)
         if self._watchdog is not None:
             self._watchdog.stop()
         session, self._session = self._session, None
@@ -254,10 +309,12 @@ class ControlFactory(WebSocketServerFactory):
     _log = Logger()
 
     def __init__(self, host: ISessionHost, call_type: str, url: Optional[str], clock: IReactorTime,
-                 limits: ApiConfig = ApiConfig()) -> None:
+                 limits: ApiConfig = ApiConfig(), locator: Optional[OwnerLocator] = None) -> None:
         super().__init__(url, reactor=clock)
         self.noisy = False
         self.host = host
+        # Where sockets for ids hosted elsewhere go (the registry, the peers); None: always local.
+        self.locator = locator
         self.call_type = call_type
         self.clock = clock
         self.limits = limits

@@ -334,6 +334,8 @@ class SessionManager:
         self._runs = runs
         self._sessions: dict[str, CallSession] = {}
         self._idle_waiters: list[Deferred[None]] = []
+        #: The shared call registry (cluster/registry.py) told of each session; None: a lone node.
+        self.registry: Any = None
 
     def open(self, params: SessionParams) -> CallSession:
         """Create a session and list it at once."""
@@ -342,11 +344,15 @@ class SessionManager:
                               playbooks=self.playbooks, playbook=playbook)
         self._sessions[params.sid] = session
         self._log.info("session {sid} opened ({call_type})", sid=params.sid, call_type=params.call_type)
+        if self.registry is not None:
+            self.registry.claim(params.sid)
         return session
 
     def _forget(self, session: CallSession) -> None:
         if self._sessions.get(session.sid) is session:
             del self._sessions[session.sid]
+            if self.registry is not None and not self.hosts(session.sid):
+                self.registry.release(session.sid)
         self._log.info("session {sid} ended", sid=session.sid)
         if not self._sessions:
             waiters, self._idle_waiters = self._idle_waiters, []
@@ -379,6 +385,15 @@ class SessionManager:
         pending = self._services.pending
         return (sid in self._sessions or (pending is not None and sid in pending)
                 or (self._runs is not None and sid in self._runs))
+
+    def hosted_ids(self) -> list[str]:
+        """Every id :meth:`hosts` answers for: sessions, inbound calls waiting, playbook runs waiting."""
+        ids = list(self._sessions)
+        if self._services.pending is not None:
+            ids.extend(self._services.pending)
+        if self._runs is not None:
+            ids.extend(self._runs)
+        return ids
 
     def __len__(self) -> int:
         return len(self._sessions)
