@@ -19,6 +19,7 @@
     dtmf: sendDtmf,
     send: sendCommand,
     events: [],
+    commands: [], // sent on the control socket
     transcript: [],
     // totalMs: remote audio measured; nonSilentMs: of it audible; spanMs: first to last audible window
     agentAudio: { totalMs: 0, nonSilentMs: 0, maxRms: 0, spanMs: 0 },
@@ -241,11 +242,13 @@
     }
     var text = JSON.stringify(command);
     call.ws.send(text);
+    acTest.commands.push(command);
     logLine("out", "> " + (command.command === "invite" ? text.replace(/"offer":"[^"]*"/, '"offer":"…"') : text));
   }
 
   // start(opts) -> Promise resolving (with the session id) once the answer is applied.
-  // opts: {playbook: "name.md" | undefined, option: {...} | undefined, id: "sid" | undefined}
+  // opts: {playbook: "name.md" | undefined, option: {...} | undefined, id: "sid" | undefined,
+  //        trickle: true to send the offer at once and trickle the candidates (addIceCandidate)}
   function start(opts) {
     opts = opts || {};
     if (call) { return Promise.reject(new Error("a call is already running")); }
@@ -258,13 +261,15 @@
     }
     var playbook = opts.playbook !== undefined ? opts.playbook : $("playbook").value;
     acTest.events.length = 0;
+    acTest.commands.length = 0;
     acTest.transcript.length = 0;
     acTest.agentAudio.totalMs = 0;
     acTest.agentAudio.nonSilentMs = 0;
     acTest.agentAudio.maxRms = 0;
     acTest.agentAudio.spanMs = 0;
     while ($("transcript").firstChild) { $("transcript").removeChild($("transcript").firstChild); }
-    var current = { sid: null, ws: null, pc: null, mic: null, trickle: false, ended: null };
+    var current = { sid: null, ws: null, pc: null, mic: null, trickle: false, offerSdp: null, queued: [],
+                    ended: null };
     call = current;
     setState("starting");
 
@@ -293,20 +298,22 @@
         logLine("in", "remote audio track " + event.track.id);
         startMeter(stream);
       };
+      // Candidates found after the offer's SDP was taken are trickled: queued until invite is sent.
       pc.onicecandidate = function (event) {
-        if (current.trickle && event.candidate && event.candidate.candidate) {
-          sendIfOpen({ command: "addIceCandidate", candidate: event.candidate.candidate,
-                       sdpMid: event.candidate.sdpMid || "0", sdpMLineIndex: event.candidate.sdpMLineIndex || 0 });
-        }
+        if (current.offerSdp === null || !event.candidate || !event.candidate.candidate) { return; }
+        var command = { command: "addIceCandidate", candidate: event.candidate.candidate,
+                        sdpMid: event.candidate.sdpMid || "0", sdpMLineIndex: event.candidate.sdpMLineIndex || 0 };
+        if (current.trickle) { sendIfOpen(command); } else { current.queued.push(command); }
       };
       pc.onconnectionstatechange = function () {
         logLine("in", "peer connection " + pc.connectionState);
         if (pc.connectionState === "failed") { noteError("WebRTC peer connection failed"); }
       };
       return pc.createOffer().then(function (offer) { return pc.setLocalDescription(offer); })
-        .then(function () { return waitGathering(pc, GATHER_WAIT_MS); });
+        .then(function () { return opts.trickle ? false : waitGathering(pc, GATHER_WAIT_MS); });
     }).then(function (complete) {
       if (call !== current) { throw new Error("call ended during setup"); }
+      current.offerSdp = current.pc.localDescription.sdp;
       if (!complete) { logLine("in", "ICE gathering still running: trickling the rest"); }
       if (playbook) {
         return fetchJson("/api/playbook/run", {
@@ -321,7 +328,7 @@
       acTest.sessionId = r.sid;
       $("sid").textContent = r.sid + (playbook ? "  (playbook " + playbook + ")" : "");
       setState("connecting");
-      return openSocket(current, r.complete, option);
+      return openSocket(current, option);
     });
 
     setup.catch(function (e) {
@@ -336,14 +343,15 @@
     try { sendCommand(command); } catch (e) { noteError(e.message); }
   }
 
-  function openSocket(current, gatheringComplete, option) {
+  function openSocket(current, option) {
     return new Promise(function (resolve, reject) {
       var ws = new WebSocket(socketUrl(current.sid));
       current.ws = ws;
       ws.onopen = function () {
-        var invite = { command: "invite", option: Object.assign({}, option, { offer: current.pc.localDescription.sdp }) };
+        var invite = { command: "invite", option: Object.assign({}, option, { offer: current.offerSdp }) };
         sendCommand(invite);
-        if (!gatheringComplete) { current.trickle = true; }
+        current.trickle = true;
+        current.queued.splice(0).forEach(sendIfOpen);
         resolve();
       };
       ws.onerror = function () { noteError("WebSocket error"); };
@@ -387,6 +395,13 @@
         break;
       case "asrFinal":
         addTranscript("caller", event.text);
+        break;
+      case "metrics":
+        // The text of each play the daemon speaks itself (playbook greeting, LLM replies).
+        if (event.key === "tts_play_id_map" && event.data && event.data.text &&
+            !(current.ownPlays && current.ownPlays[event.data.playId])) {
+          addTranscript("agent", event.data.text);
+        }
         break;
       case "addHistory":
         addTranscript(event.speaker || "agent", event.text);
@@ -435,6 +450,7 @@
   function sendTts(text) {
     ttsCount += 1;
     var playId = "page-" + ttsCount;
+    if (call) { call.ownPlays = call.ownPlays || {}; call.ownPlays[playId] = true; }
     sendCommand({ command: "tts", text: text, playId: playId, endOfStream: true });
     addTranscript("agent", text);
     return playId;
