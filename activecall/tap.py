@@ -350,6 +350,10 @@ def makeService(options: Options) -> service.IService:
     registry_service, locator = _cluster(config, reactor, sessions, log)
     if registry_service is not None:
         registry_service.setServiceParent(top)
+        # Ids claimed as they appear: a client may reach another node a moment later.
+        playbook_runs.on_added = registry_service.registry.claim
+        if services.pending is not None:
+            services.pending.on_added = registry_service.registry.claim
     resource = ApiResource(sessions, reactor, config.ice_servers,
                            precache=lambda command: Deferred.fromCoroutine(precache(services, command)),
                            gzip=config.http_gzip, registrations=registrations.registrations_json,

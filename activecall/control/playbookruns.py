@@ -54,6 +54,8 @@ class PlaybookRuns:
         self._runs: OrderedDict[str, _Run] = OrderedDict()
         self._sweep: Optional[IDelayedCall] = None
         self._stopped = False
+        #: Told each new id (the cluster's registry claims it at once, so any node finds it).
+        self.on_added: Optional[Callable[[str], object]] = None
 
     def add(self, value: str) -> str:
         """Store ``value`` and return the new session id it waits under; raises RunsFullError."""
@@ -68,6 +70,8 @@ class PlaybookRuns:
             raise RuntimeError("session id source keeps repeating pending ids")
         self._runs[sid] = _Run(value, self._clock.seconds() + self._ttl_s)
         self._arm()
+        if self.on_added is not None:
+            self.on_added(sid)
         return sid
 
     def take(self, sid: str) -> Optional[str]:

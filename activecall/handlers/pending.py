@@ -113,6 +113,8 @@ class PendingCalls:
         self._entries: dict[str, _Entry] = {}
         # Told (dialog_id, call, added_at, final status) when a call leaves unanswered, for its call record.
         self._on_closed = on_closed
+        #: Told each dialog id as it starts waiting (the cluster's registry claims it at once).
+        self.on_added: Callable[[str], object] | None = None
 
     # ------------------------------------------------------------ queries
 
@@ -154,6 +156,8 @@ class PendingCalls:
         self._entries[dialog_id] = _Entry(call, timer, self._clock.seconds(), counted)
         if counted is not None:
             self._per_source[counted] = self._per_source.get(counted, 0) + 1
+        if self.on_added is not None:
+            self.on_added(dialog_id)
         return True
 
     def _full(self, source_ip: str | None) -> bool:
