@@ -21,7 +21,7 @@ to the provider call sites (``CallServices.observe_provider``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -29,6 +29,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 __all__ = [
+    "CpuMeter",
+    "Capacity",
     "DaemonMetrics",
     "DaemonCollector",
     "TICK_LATENESS_BUCKETS_S",
@@ -39,6 +41,62 @@ TICK_LATENESS_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.1, 0
 _PROVIDER_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 _RTP_COUNTERS = ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes", "rtp_lost", "jitter_lost",
                  "rx_malformed", "rx_srtp_errors", "tx_errors")
+
+
+class CpuMeter:
+    """This process's CPU use (percent of one core) over the window since the previous reading.
+
+    ``cpu_seconds`` (user + system time so far) and ``now`` (wall seconds) are injected;
+    a reading less than ``min_window_s`` after the previous one returns that one again, so
+    frequent probes neither cost nor jitter.
+    """
+
+    def __init__(self, cpu_seconds: Callable[[], float], now: Callable[[], float], min_window_s: float = 1.0) -> None:
+        self._cpu_seconds = cpu_seconds
+        self._now = now
+        self._min_window_s = min_window_s
+        self._at = now()
+        self._cpu = cpu_seconds()
+        self._percent = 0.0
+
+    def percent(self) -> float:
+        """CPU percent (100 = one core busy) over the last window."""
+        now = self._now()
+        if now - self._at >= self._min_window_s:
+            cpu = self._cpu_seconds()
+            self._percent = max(0.0, (cpu - self._cpu) / (now - self._at) * 100.0)
+            self._at, self._cpu = now, cpu
+        return self._percent
+
+
+class Capacity:
+    """What the edge and an autoscaler read (``/health``, ``/metrics``): calls, the limit, CPU, drain.
+
+    ``user_agent`` (calls in progress, ``max_calls``), ``sessions`` (len) and ``draining`` are read
+    duck-typed at each reading.
+    """
+
+    def __init__(self, *, user_agent: Any = None, sessions: Any = None, cpu: CpuMeter | None = None,
+                 draining: Callable[[], bool] = lambda: False, node: str | None = None) -> None:
+        self.user_agent = user_agent
+        self.sessions = sessions
+        self.cpu = cpu
+        self.draining = draining
+        self.node = node
+
+    def snapshot(self) -> dict[str, Any]:
+        """``{"status", "calls", "max_calls", "sessions", "cpu_percent", "node"?}``; status ``draining`` on drain."""
+        ua = self.user_agent
+        out: dict[str, Any] = {
+            "status": "draining" if self.draining() else "ok",
+            "calls": ua.calls_in_progress() if ua is not None else 0,
+            "max_calls": ua.max_calls if ua is not None else None,
+            "sessions": len(self.sessions) if self.sessions is not None else 0,
+            "cpu_percent": round(self.cpu.percent(), 1) if self.cpu is not None else None,
+        }
+        if self.node is not None:
+            out["node"] = self.node
+        return out
 
 
 class DaemonMetrics:
@@ -97,8 +155,10 @@ class DaemonCollector(Collector):
     """
 
     def __init__(self, *, user_agent: Any = None, stack: Any = None, guard: Any = None, pending: Any = None,
-                 sessions: Any = None, engine: Any = None, media_clock: Any = None, webrtc: Any = None) -> None:
+                 sessions: Any = None, engine: Any = None, media_clock: Any = None, webrtc: Any = None,
+                 capacity: Capacity | None = None) -> None:
         self.webrtc = webrtc
+        self.capacity = capacity
         self.user_agent = user_agent
         self.stack = stack
         self.guard = guard
@@ -147,6 +207,17 @@ class DaemonCollector(Collector):
         if self.webrtc is not None:
             yield GaugeMetricFamily("activecall_webrtc_peers", "WebRTC peer connections open now.",
                                     value=self.webrtc.open_peers)
+        if self.capacity is not None:
+            snapshot = self.capacity.snapshot()
+            if snapshot["max_calls"] is not None:
+                yield GaugeMetricFamily("activecall_calls_limit", "[sip_limits] max_calls: SIP calls this node takes.",
+                                        value=snapshot["max_calls"])
+            if snapshot["cpu_percent"] is not None:
+                yield GaugeMetricFamily("activecall_cpu_percent",
+                                        "CPU used by the daemon since the previous reading (100 = one core).",
+                                        value=snapshot["cpu_percent"])
+            yield GaugeMetricFamily("activecall_draining", "1 while the node drains (SIGTERM): it takes no new calls.",
+                                    value=1 if snapshot["status"] == "draining" else 0)
 
     # ------------------------------------------------------------ SIP
 

@@ -206,7 +206,7 @@ def makeService(options: Options) -> service.IService:
     from activecall.config import PlaybookHandlerConfig
     from activecall.sip.registration import RegistrationService, fixed_retry
     from activecall.sip.security import SipGuard, registrar_hosts
-    from activecall.metrics import DaemonCollector, DaemonMetrics
+    from activecall.metrics import Capacity, CpuMeter, DaemonCollector, DaemonMetrics
     from activecall.systemd import SystemdNotify
     from activecall.legs.sip import SipDialer, SipInboundFactory, SipMedia
     from activecall.legs.rtp import RtpMediaEngine
@@ -334,9 +334,15 @@ def makeService(options: Options) -> service.IService:
         config.addr if config.addr not in ("", "0.0.0.0", "::") else first_interface_address())
     rtp_engine = RtpMediaEngine(reactor, media_clock)
     webrtc = _webrtc_dialer(config, reactor, media_clock, services.ids, log)
+    registry_service, locator = _cluster(config, reactor, sessions, log)
+    registry = registry_service.registry if registry_service is not None else None
+    capacity = Capacity(user_agent=sip.user_agent, sessions=sessions,
+                        cpu=CpuMeter(lambda: sum(os.times()[:2]), reactor.seconds),
+                        draining=lambda: bool(getattr(router, "draining", False)),
+                        node=registry.node_id if registry is not None else None)
     metrics.add_collector(DaemonCollector(
         user_agent=sip.user_agent, stack=sip.stack, guard=guard, pending=services.pending,
-        sessions=sessions, engine=rtp_engine, media_clock=media_clock, webrtc=webrtc))
+        sessions=sessions, engine=rtp_engine, media_clock=media_clock, webrtc=webrtc, capacity=capacity))
     sip_media = SipMedia(
         reactor=reactor, user_agent=sip.user_agent, engine=rtp_engine,
         allocator=RtpPortAllocator(config.rtp_start_port, config.rtp_end_port),
@@ -347,7 +353,6 @@ def makeService(options: Options) -> service.IService:
         trunk_rules=config.trunk_rules)
     services.dialers = {"sip": SipDialer(sip_media, reactor, services.ids), "webrtc": webrtc}
     services.inbound_legs = SipInboundFactory(sip_media, reactor, services.ids)
-    registry_service, locator = _cluster(config, reactor, sessions, log)
     if registry_service is not None:
         registry_service.setServiceParent(top)
         # Ids claimed as they appear: a client may reach another node a moment later.
@@ -359,7 +364,9 @@ def makeService(options: Options) -> service.IService:
                            gzip=config.http_gzip, registrations=registrations.registrations_json,
                            metrics=metrics.render, api=config.api, playbook_runs=playbook_runs,
                            run_blocking=run_blocking, environ=os.environ, recording_path=config.recording.path,
-                           locator=locator)
+                           locator=locator, health=capacity.snapshot,
+                           cluster_nodes=registry.nodes if registry is not None else None,
+                           node_id=registry.node_id if registry is not None else None)
     site = ActivecallSite(resource, config.http_access_skip_paths, header_timeout_s=config.api.header_timeout_s,
                           max_body_bytes=config.api.max_message_bytes)
     WebService(resource).setServiceParent(top)

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.web.http import HTTPChannel, combinedLogFormatter
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
@@ -34,7 +35,7 @@ from activecall.control.playbookruns import PlaybookRuns, RunsFullError
 from activecall.control.wirejson import JsonInputError, parse_json
 from activecall.fileio import UnsafePathError, safe_join, write_atomically
 from activecall.control.protocol import ControlFactory
-from activecall.control.tunnel import OwnerLocator
+from activecall.control.tunnel import OwnerLocator, forward_http
 from activecall.interfaces import ISessionListener
 from activecall.playbook.model import (INLINE_SOURCE, PlaybookError, PlaybookNotFound, parse_playbook,
                                        resolve_playbook_path)
@@ -336,10 +337,18 @@ class ApiResource(Resource):
                  playbook_runs: Optional[PlaybookRuns] = None,
                  run_blocking: Optional[Callable[..., Deferred[Any]]] = None,
                  environ: Optional[Mapping[str, str]] = None, recording_path: Optional[str] = None,
-                 static_dir: str = STATIC_DIR, locator: Optional[OwnerLocator] = None) -> None:
+                 static_dir: str = STATIC_DIR, locator: Optional[OwnerLocator] = None,
+                 health: Optional[Callable[[], dict[str, Any]]] = None,
+                 cluster_nodes: Optional[Callable[[], Deferred[Any]]] = None, node_id: Optional[str] = None) -> None:
         super().__init__()
+        self._node_id = node_id or "local"  # this node's name in /list?scope=cluster
+        # GET /health's body (capacity: calls, limit, CPU, drain); None: {"status":"ok"}.
+        self._health = health
+        # The cluster's nodes (the registry's), for /list?scope=cluster; None: the static peers.
+        self._cluster_nodes = cluster_nodes
         # Where sockets and REST requests for ids hosted on another node go (control/tunnel.py).
         self._locator = locator
+        self._agent: Any = None  # made on the first request forwarded
         self._recording_path = recording_path  # where event dumps lie (GET /api/records); None: none listed
         self._static_dir = static_dir  # the test page (GET /, GET /static/{name})
         # POST /api/playbook/run hands out its ids here; None: the route answers 503.
@@ -468,7 +477,10 @@ class ApiResource(Resource):
         if parts == ["call", "webrtc"]:
             return self._ws["webrtc"].render(request)
         if parts in (["list"], ["call", "lists"]) and method == "GET":
-            return _json(request, {"active_calls": [s.list_entry() for s in self._sessions.sessions()]})
+            local = [s.list_entry() for s in self._sessions.sessions()]
+            if request.args.get(b"scope") == [b"cluster"] and b"forward" not in request.args:
+                return self._cluster_list(request, local)
+            return _json(request, {"active_calls": local})
         if len(parts) == 2 and parts[0] == "kill" and method == "GET":
             return self._kill(request, unquote(parts[1]))
         if len(parts) == 3 and parts[:2] == ["call", "kill"] and method in ("GET", "POST"):
@@ -492,7 +504,9 @@ class ApiResource(Resource):
             request.setHeader(b"Content-Type", content_type.encode("ascii"))
             return body
         if parts == ["health"] and method == "GET":
-            return _json(request, {"status": "ok"})
+            body = self._health() if self._health is not None else {"status": "ok"}
+            # A draining node answers 503 so a load balancer's HTTP probe takes it out too.
+            return _json(request, body, 503 if body.get("status") == "draining" else 200)
         if parts == [] and method == "GET":
             return self._static(request, "index.html", "Index not found")
         if len(parts) == 2 and parts[0] == "static" and method == "GET":
@@ -528,17 +542,113 @@ class ApiResource(Resource):
                                            "status": "completed"} for sid, mtime in found]),
             lambda e: None)
 
-    def _kill(self, request: Request, sid: str) -> bytes:
+    def _kill(self, request: Request, sid: str) -> Any:
         session = self._sessions.get(sid)
         if session is None:
-            return _json(request, {"status": "not_found", "id": sid}, 404)
+            return self._elsewhere(request, sid, None, lambda: _json(request, {"status": "not_found", "id": sid}, 404))
         session.kill()
         return _json(request, {"status": "killed", "id": sid})
 
-    def _command(self, request: Request, sid: str) -> bytes:
+    def _elsewhere(self, request: Request, sid: str, body: Optional[bytes], not_found: Callable[[], bytes]) -> Any:
+        """A request for an id this node does not host: sent to its owner (the registry's, else each peer),
+        whose answer is streamed back; nobody has it: ``not_found()``.  A forwarded request never hops again."""
+        locator = self._locator
+        if locator is None or not locator.enabled or b"forward" in request.args:
+            return not_found()
+        headers = {}
+        authorization = request.getHeader(b"authorization")
+        if authorization:
+            headers["Authorization"] = authorization.decode("latin-1")
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        gone: list[bool] = []
+        request.notifyFinish().addBoth(lambda _: gone.append(True))
+
+        async def forward() -> None:
+            bases = await locator.candidates(sid)
+            sent = await forward_http(self._forward_agent(), self._clock, request, bases,
+                                      request.path.decode("ascii", "replace"), body, headers)
+            if not gone:
+                if not sent:
+                    request.write(not_found())
+                request.finish()
+
+        def failed(f: Failure) -> None:
+            self._log.failure("forwarding {path} failed", f, path=request.path)
+            if not gone:
+                request.write(_error(request, "internal error", 500))
+                request.finish()
+
+        Deferred.fromCoroutine(forward()).addErrback(failed)
+        return NOT_DONE_YET
+
+    def _cluster_list(self, request: Request, local: list[dict[str, Any]]) -> Any:
+        """``/list?scope=cluster``: every node's calls, each entry naming its ``node``, plus the nodes."""
+        from twisted.internet.defer import DeferredList
+        from twisted.web.client import readBody
+
+        node_id = self._node_id
+        gone: list[bool] = []
+        request.notifyFinish().addBoth(lambda _: gone.append(True))
+
+        async def gather() -> dict[str, Any]:
+            if self._cluster_nodes is not None:
+                nodes = [(o.node, o.url) for o in await self._cluster_nodes()]
+            else:
+                nodes = [(url, url) for url in (self._locator.peers if self._locator is not None else ())]
+            others = [(name, url) for name, url in nodes if name != node_id]
+
+            def fetch(url: str) -> Deferred[Any]:
+                base = url.replace("ws://", "http://", 1).replace("wss://", "https://", 1).rstrip("/")
+                headers = Headers()
+                authorization = request.getHeader(b"authorization")
+                if authorization:
+                    headers.addRawHeader(b"authorization", authorization)
+                d = self._forward_agent().request(b"GET", f"{base}/list?forward=true".encode("ascii"), headers)
+                d.addCallback(lambda r: readBody(r) if r.code == 200 else None)
+                return d.addTimeout(3.0, self._clock)
+
+            results = await DeferredList([fetch(url) for _, url in others], consumeErrors=True)
+            calls = [dict(entry, node=node_id) for entry in local]
+            listed = [{"node": node_id, "reachable": True, "calls": len(local)}]
+            for (name, url), (ok, body) in zip(others, results):
+                entries: list[Any] = []
+                if ok and body:
+                    try:
+                        entries = [e for e in json.loads(body).get("active_calls", []) if isinstance(e, dict)]
+                    except (ValueError, AttributeError):
+                        ok = False
+                listed.append({"node": name, "url": url, "reachable": bool(ok and body is not None),
+                               "calls": len(entries)})
+                calls.extend(dict(e, node=name) for e in entries)
+            return {"active_calls": calls, "nodes": listed}
+
+        def done(body: dict[str, Any]) -> None:
+            if not gone:
+                request.write(_json(request, body))
+                request.finish()
+
+        def failed(f: Failure) -> None:
+            self._log.failure("listing the cluster failed", f)
+            if not gone:
+                request.write(_error(request, "internal error", 500))
+                request.finish()
+
+        Deferred.fromCoroutine(gather()).addCallbacks(done, failed)
+        return NOT_DONE_YET
+
+    def _forward_agent(self) -> Any:
+        if self._agent is None:
+            from twisted.web.client import Agent, HTTPConnectionPool
+
+            self._agent = Agent(self._clock, pool=HTTPConnectionPool(self._clock, persistent=False))
+        return self._agent
+
+    def _command(self, request: Request, sid: str) -> Any:
         session = self._sessions.get(sid)
         if session is None:
-            return _json(request, {"status": "not_found", "id": sid}, 404)
+            body = self._body(request, _JSON_TYPES)
+            return self._elsewhere(request, sid, body, lambda: _json(request, {"status": "not_found", "id": sid}, 404))
         try:
             obj = parse_json(self._body(request, _JSON_TYPES))
             command = command_from_object(obj)
@@ -659,7 +769,7 @@ class ApiResource(Resource):
     def _events(self, request: Request, sid: str) -> Any:
         session = self._sessions.get(sid)
         if session is None:
-            return _text(request, "track not active", 404)
+            return self._elsewhere(request, sid, None, lambda: _text(request, "track not active", 404))
         request.setHeader(b"Content-Type", b"text/event-stream;charset=utf-8")
         request.setHeader(b"Cache-Control", b"no-cache")
         request.write(b": connected\n\n")

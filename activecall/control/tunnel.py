@@ -1,4 +1,4 @@
-"""Control sockets for ids another node owns: tunnelled frame by frame to that node (protocol.md §1.5).
+"""Control sockets and REST requests for ids another node owns: sent to that node (protocol.md §1.5).
 
 A client may reach any node of a cluster; a WebSocket whose ``id`` this node
 does not host goes to the owner: the one the call registry names
@@ -8,11 +8,13 @@ hops twice), the client's token but not its Origin (this node already checked
 it; node-to-node requests are not browsers).  Once the owner has upgraded, the
 client's handshake completes here and every frame is relayed both ways: text
 and binary messages, the owner's Pings to the client and the client's Pongs
-back, and the close.
+back, and the close.  ``/kill``, ``/command`` and ``/events`` for such ids are
+sent there the same way (:func:`forward_http`), the answer streamed back.
 """
 
 from __future__ import annotations
 
+import io
 from typing import Any, Callable, Mapping, Optional, Sequence
 from urllib.parse import urlencode, urlsplit
 
@@ -20,9 +22,12 @@ import txaio
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol, connectWS
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.web.client import FileBodyProducer
+from twisted.web.http_headers import Headers
 
-__all__ = ["UpstreamProtocol", "OwnerLocator", "connect_upstream", "forward_url", "CONNECT_TIMEOUT_S"]
+__all__ = ["UpstreamProtocol", "OwnerLocator", "connect_upstream", "forward_url", "forward_http", "CONNECT_TIMEOUT_S"]
 
 #: A candidate owner that has not upgraded within this is skipped (AC: 3 s).
 CONNECT_TIMEOUT_S = 3.0
@@ -46,6 +51,11 @@ class OwnerLocator:
     def __init__(self, registry_owner: Optional[Callable[[str], Deferred[Any]]], peers: Sequence[str]) -> None:
         self._registry_owner = registry_owner
         self._peers = tuple(peers)
+
+    @property
+    def peers(self) -> tuple[str, ...]:
+        """The static ``peers`` (ws:// base URLs)."""
+        return self._peers
 
     @property
     def enabled(self) -> bool:
@@ -150,3 +160,68 @@ class Tunnel:
             except Exception as e:
                 self._log.info("control: {url} did not take the socket: {e}", url=url, e=e)
         return None
+
+
+class _BodyRelay(Protocol):
+    """Copies an owner's response body into the client's request as it arrives (SSE included)."""
+
+    def __init__(self, request: Any, done: Deferred[None]) -> None:
+        self._request = request
+        self._done = done
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._done.called:
+            self._request.write(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if not self._done.called:
+            self._done.callback(None)
+
+
+#: Response headers copied from the owner.
+_COPIED_HEADERS = (b"content-type", b"cache-control")
+
+
+async def forward_http(agent: Any, clock: IReactorTime, request: Any, bases: Sequence[str], path: str,
+                       body: Optional[bytes], headers: Mapping[str, str],
+                       timeout_s: float = CONNECT_TIMEOUT_S) -> bool:
+    """Send ``request`` (same method, ``path`` + ``forward=true``) to the first base that knows the id
+    and stream its answer back; False when none did (each answered 404 or could not be reached)."""
+    method = request.method
+    for base in bases:
+        scheme, netloc = urlsplit(base)[:2]
+        http_scheme = {"ws": "http", "wss": "https"}.get(scheme, scheme)
+        url = f"{http_scheme}://{netloc}{path}{'&' if '?' in path else '?'}forward=true"
+        send_headers = Headers({k: [v] for k, v in headers.items()})
+        producer = FileBodyProducer(io.BytesIO(body)) if body is not None else None
+        try:
+            pending = agent.request(method, url.encode("ascii"), send_headers, producer)
+            response = await pending.addTimeout(timeout_s, clock)
+        except Exception as e:
+            _tunnel_log.info("REST {method} {url}: owner unreachable: {e}", method=method.decode(), url=url, e=e)
+            continue
+        if response.code == 404 and len(bases) > 1:
+            response.deliverBody(_BodyRelay(_Discard(), Deferred()))
+            continue
+        request.setResponseCode(response.code)
+        for name in _COPIED_HEADERS:
+            values = response.headers.getRawHeaders(name)
+            if values:
+                request.setHeader(name, values[0])
+        done: Deferred[None] = Deferred()
+        relay = _BodyRelay(request, done)
+        response.deliverBody(relay)
+        gone = request.notifyFinish()
+        gone.addErrback(lambda f: None)
+        gone.addCallback(lambda _: None if done.called else done.callback(None))
+        await done
+        return True
+    return False
+
+
+class _Discard:
+    def write(self, data: bytes) -> None:
+        return None
+
+
+_tunnel_log = Logger(namespace="activecall.control.tunnel")

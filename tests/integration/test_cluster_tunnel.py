@@ -10,6 +10,7 @@ import socket
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import SkipTest, TestCase
 
 from harness import BASE_CONFIG, Daemon, connect, free_port, http_client, start_daemon
@@ -44,6 +45,16 @@ class RedisServer(Daemon):
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+
+class _Collect(Protocol):
+    """Keeps the chunks of a streamed response body."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
 
 
 class TunnelTests(TestCase):
@@ -83,6 +94,37 @@ class TunnelTests(TestCase):
         self.assertEqual(hangup["trackId"], sid)
         await client.wait_closed()
 
+    async def _rest_through(self, a: Any, b: Any) -> None:
+        """/command, /events and /kill for a call on A, sent to B; /list?scope=cluster on B shows it on A."""
+        sid = await self._run_on(a)
+        client = await connect(f"{a.ws_url}/call?id={sid}")
+        self.addCleanup(lambda: client.transport.loseConnection() if not client.closed else None)
+        client.send({"command": "invite", "option": {"codec": "pcm", "sampleRate": 16000}})
+        await client.wait_event("answer", trackId=sid)
+        events = await http_client().get(f"{b.base_url}/events/{sid}")
+        self.assertEqual(events.code, 200)
+        self.assertEqual(events.headers.getRawHeaders(b"content-type"), [b"text/event-stream;charset=utf-8"])
+        seen = []
+        events.deliverBody(_Collect(seen))
+        sent = await http_client().post(f"{b.base_url}/command/{sid}",
+                                        json.dumps({"command": "custom", "data": {"via": "b"}}).encode(),
+                                        headers={"Content-Type": "application/json"})
+        self.assertEqual(json.loads(await sent.content()), {"status": "sent", "id": sid})
+        custom = await client.wait_event("custom")
+        self.assertEqual(custom["data"], {"via": "b"})
+        listed = await (await http_client().get(f"{b.base_url}/list?scope=cluster")).json()
+        self.assertIn((sid, "a"), [(c["id"], c["node"]) for c in listed["active_calls"]])
+        self.assertEqual(sorted(n["node"] for n in listed["nodes"]), ["a", "b"])
+        health = await (await http_client().get(f"{a.base_url}/health")).json()
+        self.assertEqual((health["status"], health["node"], health["sessions"]), ("ok", "a", 1))
+        killed = await http_client().get(f"{b.base_url}/kill/{sid}")
+        self.assertEqual(json.loads(await killed.content()), {"status": "killed", "id": sid})
+        await client.wait_event("hangup", trackId=sid)
+        await client.wait_closed()
+        self.assertTrue(any(b'"event":"custom"' in chunk for chunk in seen), seen[:3])
+        missing = await http_client().get(f"{b.base_url}/kill/nobody")
+        self.assertEqual(missing.code, 404)
+
     async def test_static_peers(self) -> None:
         """peers = [A] on B: B probes A with forward=true; A takes the run's socket."""
         a = await self._daemon("a")
@@ -98,6 +140,7 @@ class TunnelTests(TestCase):
         b = await self._daemon("b", tables=cluster.replace("NODE", "b"))
         sid = await self._run_on(a)
         await self._call_through(a, b, sid)
+        await self._rest_through(a, b)
         # Redis goes away: each node says so once and goes on alone.
         await redis.stop()
         alone = await self._run_on(a)
