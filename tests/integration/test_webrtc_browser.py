@@ -9,14 +9,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import wave
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.trial.unittest import SkipTest, TestCase
 
 from chromium import Chromium, chromium_path
-from harness import BASE_CONFIG, start_daemon
+from harness import BASE_CONFIG, Daemon, free_port, start_daemon
 
 from activecall.media.resample import Resampler
 
@@ -213,3 +215,32 @@ class BrowserCallTests(TestCase):
         names = [e["event"] for e in await self.events()]
         self.assertLess(names.index("trackStart"), names.index("answer"))
         self.assertEqual(await browser.evaluate("window.acTest.hangup()", timeout_s=30), "ended")
+
+    async def test_refer_bridges_the_browser_to_a_phone(self) -> None:
+        """refer from a WebRTC call to SIPp (which echoes RTP): the browser's microphone reaches the phone
+        and the phone's audio reaches the browser, through the bridged transfer leg; hangup ends both."""
+        sipp_binary = shutil.which("sipp")
+        if sipp_binary is None:
+            raise SkipTest("sipp (sip-tester) is not installed")
+        _, browser = await self._setup()
+        phone = Daemon()
+        phone_port = free_port(socket.SOCK_DGRAM)
+        argv = ["sipp", "-sn", "uas", "-rtp_echo", "-p", str(phone_port), "-i", "127.0.0.1",
+                "-mp", str(free_port(socket.SOCK_DGRAM)), "-m", "1", "-nostdin", "-timeout", "90s"]
+        reactor.spawnProcess(phone, sipp_binary, argv, env=dict(os.environ), path=self.workdir)
+        self.addCleanup(phone.stop)
+        sid = await browser.evaluate("window.acTest.start({option: {}})", timeout_s=60)
+        await browser.wait_for("window.acTest.rtpStats().then(s => s && s.connectionState === 'connected')", 15,
+                               "peer connected")
+        before = await browser.evaluate("window.acTest.agentAudio.nonSilentMs")
+        await browser.evaluate(f"window.acTest.send({{command: 'refer', caller: '', "
+                               f"callee: 'sip:human@127.0.0.1:{phone_port}'}})")
+        answer = await self.wait_event("answer", timeout_s=30, trackId="server-side-track", refer=True)
+        self.assertIn("m=audio", answer["sdp"])
+        # Only speech that went to the phone and came back can be heard: the page plays nothing else.
+        await browser.wait_for(f"window.acTest.agentAudio.nonSilentMs > {before + 1500}", 30,
+                               "the browser's own speech echoed by the phone")
+        self.assertEqual(await browser.evaluate("window.acTest.hangup()", timeout_s=30), "ended")
+        await self.wait_event("hangup", trackId=sid)
+        (code,) = await phone.wait_exit()
+        self.assertEqual(code, 0, phone.output[-2000:])
