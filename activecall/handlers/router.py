@@ -14,7 +14,10 @@
 
 :class:`InboundRouter` is the user agent's handler; at shutdown
 :meth:`InboundRouter.refuse_new_calls` makes new INVITEs 503 "Server shutting
-down" and answers those still waiting for a client.
+down" and answers those still waiting for a client. It also sets
+:attr:`InboundRouter.draining`, which the user agent reads: out-of-dialog OPTIONS
+get 503 too, so an edge proxy probing the node (Kamailio ``dispatcher``,
+docs/cluster.md) stops sending it calls while its running calls go on.
 """
 
 from __future__ import annotations
@@ -157,7 +160,8 @@ class InboundRouter:
 
     ``pending`` is the registry of calls waiting for a client (webhook route only),
     else None. :attr:`call_handler` is what the user agent is given: this router,
-    or None when no route is configured.
+    or None when no route is configured. :attr:`draining` turns true at shutdown
+    (:meth:`refuse_new_calls`); the user agent then answers OPTIONS with 503.
     """
 
     _log = Logger()
@@ -165,6 +169,7 @@ class InboundRouter:
     def __init__(self, route: _Route | None, pending: PendingCalls | None = None) -> None:
         self._route = route
         self.pending = pending
+        self.draining = False
 
     @property
     def call_handler(self) -> InboundRouter | None:
@@ -177,7 +182,11 @@ class InboundRouter:
         self._route.incoming_call(call)
 
     def refuse_new_calls(self) -> None:
-        """Shutdown: new INVITEs get 503 "Server shutting down"; calls still waiting for a client too."""
+        """Shutdown: new INVITEs (and, through :attr:`draining`, out-of-dialog OPTIONS) get 503
+        "Server shutting down"; calls still waiting for a client too."""
+        if not self.draining:
+            self._log.info("draining: new INVITEs and out-of-dialog OPTIONS get 503")
+        self.draining = True
         if self._route is not None:
             self._route.shutting_down = True
         if self.pending is not None:

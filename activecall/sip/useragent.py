@@ -28,6 +28,12 @@ Out-of-dialog requests follow config.md §5: INVITE without a handler → 503
 with ``Reason``; OPTIONS → 200 with Allow/Accept (or silence when disabled);
 REFER → 400; anything else → 200; requests with a To tag matching no dialog → 481.
 
+Drain (docs/cluster.md): once :meth:`SipUserAgent.start_draining` was called, or
+while the handler's ``draining`` attribute is true (the router sets it at shutdown),
+out-of-dialog OPTIONS and new INVITEs get ``503`` with the "Server shutting down"
+``Reason``, so a dispatcher probing with OPTIONS takes the node out; dialogs go on
+(in-dialog OPTIONS, BYE, re-INVITE are answered as before).
+
 Limits (docs/config-security.md): with ``max_calls`` set, a new INVITE while
 that many calls are held (inbound dialogs, early or confirmed, plus outbound
 calls and INVITEs in progress) gets ``503`` with ``Retry-After`` and a
@@ -73,6 +79,7 @@ __all__ = [
     "ALLOW",
     "MAX_CALLS_REASON",
     "MAX_CALLS_RETRY_AFTER_S",
+    "SHUTTING_DOWN_REASON",
     "CallRejected",
     "ICallHandler",
     "IDialogListener",
@@ -90,6 +97,8 @@ _SUPPORTED = "timer, replaces"
 _KNOWN_EXTENSIONS = frozenset({"timer", "replaces"})
 _NO_HANDLER_REASON = 'SIP;cause=503;text="No invite handler configured"'
 MAX_CALLS_REASON = 'SIP;cause=503;text="Too many calls"'
+#: The Reason of the 503 a draining node gives to OPTIONS and new INVITEs (as handlers/pending.py's).
+SHUTTING_DOWN_REASON = 'SIP;cause=503;text="Server shutting down"'
 # Methods counted by name in request_counts/response_counts; anything else is "other"
 # (a method is any token on the wire: labels must stay a bounded set).
 _COUNTED_METHODS = frozenset(ALLOW.split(", ")) | {"REGISTER", "SUBSCRIBE", "PUBLISH"}
@@ -113,7 +122,12 @@ class CallRejected(Exception):
 
 
 class ICallHandler(Interface):
-    """Receives new inbound calls (the call layer's router implements it)."""
+    """Receives new inbound calls (the call layer's router implements it).
+
+    A handler may also have a ``draining`` attribute (not declared here, so that
+    handlers without it still verify): while it is ``True`` the user agent answers
+    out-of-dialog OPTIONS and new INVITEs with 503 "Server shutting down" itself.
+    """
 
     def incoming_call(call: InboundCall) -> None:
         """A new INVITE arrived: eventually call ``call.ringing()``, ``call.answer(sdp)`` or ``call.reject(code)``.
@@ -503,6 +517,7 @@ class SipUserAgent:
         self.max_calls = max_calls
         # The per-source rate limit, asked only for requests that start something.
         self.admit_new_request = admit_new_request
+        self._draining = False
         self._ops: dict[TransactionKey, _Op] = {}
         self._dialogs: dict[tuple[str, str], CallDialog] = {}
         self._invites: dict[TransactionKey, InboundCall] = {}
@@ -518,6 +533,23 @@ class SipUserAgent:
         setter = getattr(stack, "set_user", None)
         if setter is not None:
             setter(self)
+
+    # ------------------------------------------------------------ drain
+
+    def start_draining(self) -> None:
+        """Shutdown: from now on out-of-dialog OPTIONS and new INVITEs get 503 "Server shutting down".
+
+        A dispatcher (Kamailio ``dispatcher`` with OPTIONS probing, docs/cluster.md) then
+        stops sending new calls here while the dialogs already up continue.
+        """
+        if not self._draining:
+            self._log.info("draining: answering OPTIONS and new INVITEs with 503")
+        self._draining = True
+
+    @property
+    def draining(self) -> bool:
+        """Whether the node drains: :meth:`start_draining` was called or the handler says so."""
+        return self._draining or getattr(self.handler, "draining", False) is True
 
     # ------------------------------------------------------------ addresses
 
@@ -1042,6 +1074,9 @@ class SipUserAgent:
         elif method == "INVITE":
             self._new_invite(request, key, flow, source)
         elif method == "OPTIONS":
+            if self.draining:
+                self._respond(key, request, 503, headers=[("Reason", SHUTTING_DOWN_REASON)], to_tag=self._ids.tag())
+                return
             self._respond(key, request, 200, headers=[("Allow", ALLOW), ("Accept", "application/sdp")],
                           to_tag=self._ids.tag())
         elif method == "REFER":
@@ -1069,6 +1104,10 @@ class SipUserAgent:
                     source: tuple[str, int] = ("", 0)) -> None:
         self.counters["invites_in"] += 1
         tag = self._ids.tag()
+        if self.draining:
+            self.counters["rejected_503"] += 1
+            self._respond(key, request, 503, headers=[("Reason", SHUTTING_DOWN_REASON)], to_tag=tag)
+            return
         if self.handler is None:
             self.counters["rejected_503"] += 1
             self._respond(key, request, 503, headers=[("Reason", _NO_HANDLER_REASON)], to_tag=tag)
@@ -1108,6 +1147,10 @@ class SipUserAgent:
     def _respond_invite(self, call: InboundCall, status: int, *, reason: str | None = None,
                         body: bytes = b"", headers: Iterable[tuple[str, str]] = (), final: bool = False) -> None:
         extra = list(headers)
+        if 100 < status < 300:
+            # §12.1.1: a response that establishes the dialog carries the request's Record-Route,
+            # values and order as received, so the caller's ACK and BYE take the proxies' path.
+            extra = [("Record-Route", value) for value in call.invite_request.headers.get_all("Record-Route")] + extra
         if status < 300:
             extra += [("Contact", call.dialog.local_contact), ("Allow", ALLOW), ("Supported", _SUPPORTED)]
         if final:

@@ -177,6 +177,13 @@ class RouterTests(SynchronousTestCase):
         self.assertEqual(self.http.requests, [])
         self.assertEqual(self.sessions.opened, {})
 
+    def test_shutdown_marks_the_router_draining(self) -> None:
+        """refuse_new_calls sets draining (which the user agent reads to answer OPTIONS 503), with or without a route."""
+        for router in (self.webhook(), self.playbook(), self.router("")):
+            self.assertFalse(router.draining)
+            router.refuse_new_calls()
+            self.assertTrue(router.draining)
+
     def test_shutdown_answers_calls_still_waiting(self) -> None:
         """Calls waiting for a client are answered 503 at shutdown and forgotten."""
         router = self.webhook()

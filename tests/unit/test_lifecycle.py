@@ -244,6 +244,82 @@ class DrainCallsServiceTests(SynchronousTestCase):
         self.successResultOf(d)
 
 
+class DrainProbeTests(SynchronousTestCase):
+    """The drain seen by an edge proxy: the real router and user agent on a memory UDP transport."""
+
+    def test_drain_answers_probes_503_and_keeps_the_running_call(self) -> None:
+        """On stop the node answers OPTIONS and new INVITEs 503 at once; the call up before goes on and its BYE ends the drain."""
+        import random
+
+        from twisted.internet.task import Clock
+
+        from activecall.handlers.router import InboundRouter
+        from activecall.ids import IdSource
+        from activecall.lifecycle import DrainCallsService
+        from activecall.sip.message import parse_message
+        from activecall.sip.transport import SipDatagramProtocol, SipStack
+        from activecall.sip.useragent import SHUTTING_DOWN_REASON, SipUserAgent
+        from activecall.testing_sip import AutoAnswerHandler, MemoryDatagramTransport, minimal_sdp
+
+        clock = Clock()
+        ids = IdSource(random.Random(7))
+        stack = SipStack(clock, ids, shards=1)
+        route = AutoAnswerHandler()
+        route.shutting_down = False  # type: ignore[attr-defined]
+        router = InboundRouter(route)
+        SipUserAgent(stack, ids=ids, handler=router.call_handler)
+        proto = SipDatagramProtocol(stack)
+        transport = MemoryDatagramTransport(("10.0.0.1", 5060))
+        proto.makeConnection(transport)  # type: ignore[arg-type]
+        stack.add_listener("udp", "10.0.0.1", 5060, proto)
+        edge = ("10.0.0.9", 5060)
+
+        def send(method: str, n: int, to_tag: str = "", body: bytes = b"") -> None:
+            to = "<sip:agent@10.0.0.1>" + (f";tag={to_tag}" if to_tag else "")
+            cseq = 1 if method in ("INVITE", "ACK") else 2
+            data = (f"{method} sip:agent@10.0.0.1:5060 SIP/2.0\r\n"
+                    f"Via: SIP/2.0/UDP 10.0.0.9:5060;branch=z9hG4bK{method}{n}\r\n"
+                    f"From: <sip:dispatcher@10.0.0.9>;tag=f{n}\r\nTo: {to}\r\nCall-ID: c{n}\r\n"
+                    f"CSeq: {cseq} {method}\r\nContact: <sip:edge@10.0.0.9>\r\nMax-Forwards: 70\r\n"
+                    + ("Content-Type: application/sdp\r\n" if body else "")
+                    + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+            proto.datagramReceived(data, edge)
+
+        def answers() -> list[Any]:
+            out = [parse_message(data) for data, _ in transport.written]
+            transport.written.clear()
+            return out
+
+        send("INVITE", 1, body=minimal_sdp("10.0.0.9"))
+        (ok,) = answers()
+        self.assertEqual(ok.status, 200)
+        send("ACK", 1, to_tag=ok.to.tag)
+        send("OPTIONS", 2)
+        self.assertEqual([r.status for r in answers()], [200])
+
+        sessions = FakeSessions(live=1)
+        svc = DrainCallsService(sessions, clock, graceful=True, timeout_s=30.0,
+                                refuse_new_calls=router.refuse_new_calls)
+        svc.startService()
+        stopped = svc.stopService()
+        send("OPTIONS", 3)
+        send("INVITE", 4, body=minimal_sdp("10.0.0.9"))
+        refused = answers()
+        self.assertEqual([(r.status, r.cseq.method) for r in refused], [(503, "OPTIONS"), (503, "INVITE")])
+        self.assertEqual({r.headers.get("Reason") for r in refused}, {SHUTTING_DOWN_REASON})
+        self.assertEqual(len(route.calls), 1, "the refused INVITE never reached the route")
+
+        clock.advance(10)
+        self.assertNoResult(stopped)
+        answers()  # the unacknowledged 503's retransmissions
+        send("BYE", 1, to_tag=ok.to.tag)
+        self.assertEqual([(r.status, r.cseq.method) for r in answers()], [(200, "BYE")])
+        self.assertEqual(route.calls[0].listener.names()[-2:], ["bye", "terminated"])  # type: ignore[union-attr]
+        sessions.end_all()
+        self.successResultOf(stopped)
+        self.assertEqual(sessions.killed, 0)
+
+
 class StartupCallServiceTests(SynchronousTestCase):
     """``--call URI``: one outbound call through the typed controller API, a second after start-up."""
 

@@ -15,7 +15,7 @@ from activecall.sip.message import Headers, SipRequest, SipResponse, parse_messa
 from activecall.sdp.model import parse_sdp
 from activecall.sip.transport import SipDatagramProtocol, SipStack
 from activecall.sip.uri import parse_uri
-from activecall.sip.useragent import CallRejected, InboundCall, OutboundCall, SipUserAgent
+from activecall.sip.useragent import SHUTTING_DOWN_REASON, CallRejected, InboundCall, OutboundCall, SipUserAgent
 from activecall.testing_sip import AutoAnswerHandler, MemoryDatagramTransport, RecordingListener, minimal_sdp
 
 PEER = ("10.0.0.2", 5070)
@@ -154,6 +154,77 @@ class OutOfDialogTests(UaTestCase):
         self.assertEqual(r.headers.get("Unsupported"), "100rel")
 
 
+class DrainTests(UaTestCase):
+    """A draining node (docs/cluster.md) answers OPTIONS and new INVITEs 503; its dialogs go on."""
+
+    def test_options_503_while_draining(self) -> None:
+        """After start_draining an out-of-dialog OPTIONS gets 503 with the shutting-down Reason, not 200."""
+        self.make(AutoAnswerHandler())
+        self.feed(req("OPTIONS", branch="z9hG4bKo1"))
+        self.assertEqual(self.one().status, 200)
+        self.assertFalse(self.ua.draining)
+        self.ua.start_draining()
+        self.assertTrue(self.ua.draining)
+        self.feed(req("OPTIONS", branch="z9hG4bKo2", call_id="probe-2"))
+        r = self.one()
+        self.assertEqual(r.status, 503)
+        self.assertEqual(r.headers.get("Reason"), SHUTTING_DOWN_REASON)
+        self.assertEqual(r.headers.get("Server"), "test-ua")
+        self.assertIsNotNone(r.to.tag)
+
+    def test_new_invite_503_before_the_handler(self) -> None:
+        """A new INVITE while draining gets 503 "Server shutting down" and never reaches the handler."""
+        handler = AutoAnswerHandler()
+        self.make(handler)
+        self.ua.start_draining()
+        self.feed(req("INVITE", body=SDP))
+        r = self.one()
+        self.assertEqual(r.status, 503)
+        self.assertEqual(r.headers.get("Reason"), SHUTTING_DOWN_REASON)
+        self.assertEqual(handler.calls, [])
+        self.assertEqual(self.ua.counters["rejected_503"], 1)
+        self.assertEqual(self.ua.dialogs(), [])
+
+    def test_handler_draining_attribute(self) -> None:
+        """A handler whose draining attribute is True drains the user agent; one without it never does."""
+        handler = AutoAnswerHandler()
+        self.make(handler)
+        handler.draining = False  # type: ignore[attr-defined]
+        self.feed(req("OPTIONS", branch="z9hG4bKo1"))
+        self.assertEqual(self.one().status, 200)
+        handler.draining = True  # type: ignore[attr-defined]
+        self.assertTrue(self.ua.draining)
+        self.feed(req("OPTIONS", branch="z9hG4bKo2", call_id="probe-2"))
+        self.assertEqual(self.one().status, 503)
+
+    def test_established_call_goes_on(self) -> None:
+        """A call answered before the drain keeps working: in-dialog OPTIONS 200, re-INVITE answered, BYE 200."""
+        handler = AutoAnswerHandler()
+        self.make(handler)
+        self.feed(req("INVITE", body=SDP))
+        ok = self.one()
+        self.assertEqual(ok.status, 200)
+        self.feed(req("ACK", to_tag=ok.to.tag))
+        self.ua.start_draining()
+        self.feed(req("OPTIONS", to_tag=ok.to.tag, cseq=2, branch="z9hG4bKin1"))
+        self.assertEqual(self.one().status, 200)
+        self.feed(req("INVITE", to_tag=ok.to.tag, cseq=3, branch="z9hG4bKre1", body=SDP))
+        reinvite_ok = self.one()
+        self.assertEqual((reinvite_ok.status, reinvite_ok.cseq.method), (200, "INVITE"))
+        self.feed(req("ACK", to_tag=ok.to.tag, cseq=3, branch="z9hG4bKre2"))
+        self.feed(req("BYE", to_tag=ok.to.tag, cseq=4, branch="z9hG4bKbye"))
+        self.assertEqual(self.one().status, 200)
+        self.assertEqual(handler.calls[0].listener.names()[-2:], ["bye", "terminated"])  # type: ignore[union-attr]
+        self.assertEqual(self.ua.dialogs(), [])
+
+    def test_options_disabled_stays_silent(self) -> None:
+        """With enable_options_response false a draining node still sends nothing to OPTIONS."""
+        self.make(AutoAnswerHandler(), enable_options_response=False)
+        self.ua.start_draining()
+        self.feed(req("OPTIONS"))
+        self.assertEqual(self.sent(), [])
+
+
 class InboundCallTests(UaTestCase):
     """UAS INVITE handling."""
 
@@ -189,6 +260,27 @@ class InboundCallTests(UaTestCase):
         self.assertEqual(listener.names(), ["bye", "terminated"])
         self.assertEqual(listener.events[-1][1], "bye-received")
         self.assertEqual(self.ua.dialogs(), [])
+
+    def test_record_route_copied_into_dialog_responses(self) -> None:
+        """180 and 200 carry the INVITE's Record-Route values in order (§12.1.1); our BYE follows them as Route."""
+        rr = "Record-Route: <sip:10.0.0.9:5060;lr>\r\nRecord-Route: <sip:10.0.0.8;lr;ftag=x>, <sip:10.0.0.7;lr>\r\n"
+        call = self.invite(extra=rr)
+        call.ringing()
+        call.answer(minimal_sdp())
+        ringing, ok = self.sent()
+        want = ["<sip:10.0.0.9:5060;lr>", "<sip:10.0.0.8;lr;ftag=x>, <sip:10.0.0.7;lr>"]
+        for response in (ringing, ok):
+            self.assertEqual(response.headers.get_all("Record-Route"), want)
+        self.feed(req("ACK", to_tag=call.to_tag))
+        call.bye()
+        (bye,) = self.sent()
+        self.assertEqual(bye.headers.get_all("Route")[0], "<sip:10.0.0.9:5060;lr>")
+
+    def test_no_record_route_in_a_rejection(self) -> None:
+        """A final non-2xx answer establishes nothing and carries no Record-Route."""
+        call = self.invite(extra="Record-Route: <sip:10.0.0.9;lr>\r\n")
+        call.reject(486)
+        self.assertEqual(self.one().headers.get_all("Record-Route"), [])
 
     def test_200_retransmitted_until_ack(self) -> None:
         """The 2xx is resent on T1 doubling until the ACK arrives, then stops."""
