@@ -136,6 +136,22 @@ class AuthTests(_ResourceCase):
         self.assertEqual((code, json.loads(body)), (200, {"status": "ok"}))
 
 
+class HealthTests(SynchronousTestCase):
+    """/health reports capacity; a draining node answers 503 so HTTP probes take it out."""
+
+    def test_draining_is_503(self) -> None:
+        """The snapshot is the body; status draining makes the code 503; forwarded ids never hop."""
+        state = {"status": "ok", "calls": 3}
+        resource = ApiResource(FakeSessions("s1"), Clock(), (), health=lambda: dict(state))
+        request = make_request(b"GET", b"/health")
+        body = resource.render(request)
+        self.assertEqual((request.responseCode or 200, json.loads(body)), (200, {"status": "ok", "calls": 3}))
+        state["status"] = "draining"
+        request = make_request(b"GET", b"/health")
+        body = resource.render(request)
+        self.assertEqual((request.responseCode, json.loads(body)["status"]), (503, "draining"))
+
+
 class NoTokenTests(_ResourceCase):
     """Without tokens (Active Call's behaviour) clients need none; Origin is still checked."""
 
