@@ -140,7 +140,7 @@ class HealthTests(SynchronousTestCase):
     """/health reports capacity; a draining node answers 503 so HTTP probes take it out."""
 
     def test_draining_is_503(self) -> None:
-        """The snapshot is the body; status draining makes the code 503; forwarded ids never hop."""
+        """The snapshot is the body; status draining makes the code 503."""
         state = {"status": "ok", "calls": 3}
         resource = ApiResource(FakeSessions("s1"), Clock(), (), health=lambda: dict(state))
         request = make_request(b"GET", b"/health")
@@ -150,6 +150,15 @@ class HealthTests(SynchronousTestCase):
         request = make_request(b"GET", b"/health")
         body = resource.render(request)
         self.assertEqual((request.responseCode, json.loads(body)["status"]), (503, "draining"))
+
+    def test_a_forwarded_request_never_hops_again(self) -> None:
+        """/kill for an id not here, carrying forward: 404 at once, even with peers to ask."""
+        from activecall.control.tunnel import OwnerLocator
+
+        resource = ApiResource(FakeSessions("s1"), Clock(), (), locator=OwnerLocator(None, ["ws://127.0.0.1:9"]))
+        request = make_request(b"GET", b"/kill/other", args={b"forward": [b"true"]})
+        body = resource.render(request)
+        self.assertEqual((request.responseCode, json.loads(body)), (404, {"status": "not_found", "id": "other"}))
 
 
 class NoTokenTests(_ResourceCase):
