@@ -24,6 +24,16 @@ once all N are connected, asks the agent to play a long WAV; during the
     python benchmarks/webrtc_sessions.py --sessions 50 --seconds 20 --processes 2
 
 Target (2 cores): 50 concurrent Opus sessions with < 1 % frame loss.
+
+Lost agent frames do not show as RTP loss: the daemon drops them before
+packetization (its media clock catches up at most 5 frames, the leg's outbound
+queue keeps 200 ms), so the RTP sequence stays continuous; compare frames
+received with frames expected.  The daemon's main thread's run-queue wait is
+printed too: on a busy machine (clients included) a starved loop thread, not
+the daemon's own cost, explains lost frames.  ``--inline-executor``,
+``--inline-decode``, ``--executor-workers`` and ``--switch-interval`` are
+experiments on the daemon's threading (patched at its start, not options of
+the daemon).
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -58,6 +69,34 @@ path = "{workdir}/recorders"
 """
 
 
+# --inline-decode: aiortc starts one decoder thread per receiver (a queue.Queue in, the track's asyncio
+# queue out); this decodes in put() on the loop thread instead.  Patches only aiortc.rtcrtpreceiver's names.
+INLINE_DECODE = """import threading, types, aiortc.rtcrtpreceiver as _r
+class _InlineDecoder:
+    def __init__(self):
+        self.out = None; self.name = None; self.decoder = None
+    def put(self, task):
+        if task is None:
+            self.out.put_nowait(None); return
+        codec, encoded = task
+        if codec.name != self.name:
+            self.decoder = _r.get_decoder(codec); self.name = codec.name
+        try:
+            frames = self.decoder.decode(encoded)
+        except _r.av.FFmpegError:
+            return
+        for frame in frames:
+            self.out.put_nowait(frame)
+class _NoThread:
+    def __init__(self, target=None, name=None, args=()):
+        args[1].out = args[2]
+    def start(self): pass
+    def join(self): pass
+_r.queue = types.SimpleNamespace(Queue=_InlineDecoder)
+_r.threading = types.SimpleNamespace(Thread=_NoThread, Event=threading.Event)
+"""
+
+
 def free_port(kind: int) -> int:
     import socket
 
@@ -68,6 +107,17 @@ def free_port(kind: int) -> int:
 
 def threads(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def runqueue_wait_s(pid: int) -> float:
+    """Seconds the daemon's main thread spent runnable but waiting for a CPU (/proc schedstat)."""
+    with open(f"/proc/{pid}/task/{pid}/schedstat") as f:
+        return int(f.read().split()[1]) / 1e9
+
+
+def main_thread_cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/task/{pid}/schedstat") as f:
+        return int(f.read().split()[0]) / 1e9
 
 
 def pct(values: list[float], q: float) -> float:
@@ -135,7 +185,9 @@ async def spawn_client(args: argparse.Namespace, url: str, wav: str, first: int,
     return Client(proc)
 
 
-async def start_daemon(workdir: str) -> tuple[subprocess.Popen, int, Any]:
+async def start_daemon(workdir: str, switch_interval: Optional[float] = None,
+                       executor_workers: Optional[int] = None,
+                       inline_executor: bool = False, inline_decode: bool = False) -> tuple[subprocess.Popen, int, Any]:
     http_port = free_port(1)
     sip_port = free_port(2)
     conf = os.path.join(workdir, "activecall.toml")
@@ -144,7 +196,25 @@ async def start_daemon(workdir: str) -> tuple[subprocess.Popen, int, Any]:
     log = open(os.path.join(workdir, "daemon.log"), "w+")
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "PYTHONUNBUFFERED": "1", "OPENBLAS_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
+    boot = "from twisted.scripts.twistd import run; run()"
+    if switch_interval is not None:  # an experiment: the GIL hand-over interval (Python's default 5 ms)
+        boot = f"import sys; sys.setswitchinterval({switch_interval}); " + boot
+    if inline_executor:  # an experiment: loop.run_in_executor(None, f) runs f on the loop thread (aiortc's encodes)
+        boot = ("import asyncio; _rie = asyncio.BaseEventLoop.run_in_executor\n"
+                "def _inline(self, executor, func, *args):\n"
+                "    if executor is not None: return _rie(self, executor, func, *args)\n"
+                "    f = self.create_future()\n"
+                "    try: f.set_result(func(*args))\n"
+                "    except BaseException as e: f.set_exception(e)\n"
+                "    return f\n"
+                "asyncio.BaseEventLoop.run_in_executor = _inline\n" + boot)
+    if inline_decode:  # an experiment: aiortc's per-receiver decoder thread replaced by decoding on the loop
+        boot = INLINE_DECODE + boot
+    if executor_workers is not None:  # an experiment: thread pools made without max_workers get this many
+        boot = ("import concurrent.futures.thread as t; _init = t.ThreadPoolExecutor.__init__; "
+                f"t.ThreadPoolExecutor.__init__ = lambda self, max_workers=None, *a, **k: "
+                f"_init(self, max_workers or {executor_workers}, *a, **k); " + boot)
+    proc = subprocess.Popen([sys.executable, "-c", boot, "-n",
                              "--reactor=asyncio", "--pidfile=", "activecall", "--conf", conf],
                             cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
@@ -185,7 +255,8 @@ async def run(args: argparse.Namespace) -> None:
     os.makedirs(media)
     wav = os.path.join(media, "agent.wav")
     write_tone_wav(wav, args.seconds + 60, hz=660)
-    daemon, http_port, log = await start_daemon(workdir)
+    daemon, http_port, log = await start_daemon(workdir, args.switch_interval, args.executor_workers,
+                                                args.inline_executor, args.inline_decode)
     pid = daemon.pid
     url = f"ws://127.0.0.1:{http_port}"
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -219,6 +290,7 @@ async def run(args: argparse.Namespace) -> None:
         def client_cpu() -> float:
             return sum(cpu_seconds(c.proc.pid) for c in clients)
 
+        wait0, main0 = runqueue_wait_s(pid), main_thread_cpu_s(pid)
         cpu0, ccpu0, t0 = cpu_seconds(pid), client_cpu(), time.monotonic()
         for c in clients:
             assert c.proc.stdin is not None
@@ -228,6 +300,7 @@ async def run(args: argparse.Namespace) -> None:
         rss_mid, threads_mid = rss_mb(pid), threads(pid)
         await asyncio.sleep(args.seconds * 0.5)
         cpu1, ccpu1, t1 = cpu_seconds(pid), client_cpu(), time.monotonic()
+        wait1, main1 = runqueue_wait_s(pid), main_thread_cpu_s(pid)
         rss_end = rss_mb(pid)
 
         reports: list[dict[str, Any]] = []
@@ -246,6 +319,10 @@ async def run(args: argparse.Namespace) -> None:
                 await c.proc.wait()
         stop(daemon)
         log.close()
+        if args.keep:
+            print(f"daemon directory      {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
 
     ok = [r for r in reports if not r["errors"]]
     failed = [r for r in reports if r["errors"]]
@@ -262,6 +339,14 @@ async def run(args: argparse.Namespace) -> None:
     answer = [r["answer_ms"] for r in ok if "answer_ms" in r]
     jitter = [r["stats"]["inbound"]["jitter"] for r in ok if r.get("stats", {}).get("inbound")]
     window = t1 - t0
+    if args.switch_interval is not None:
+        print(f"daemon GIL interval   sys.setswitchinterval({args.switch_interval})")
+    if args.executor_workers is not None:
+        print(f"daemon thread pools   {args.executor_workers} workers")
+    if args.inline_executor:
+        print("daemon executor       inline (run_in_executor(None, ...) on the loop thread)")
+    if args.inline_decode:
+        print("daemon decoding       inline (no aiortc decoder thread per receiver)")
     print(f"sessions              {args.sessions} ({args.codec}{', trickle' if args.trickle else ''}), "
           f"{len(ok)} ok, {len(failed)} failed, {ready} connected before the window")
     print(f"client processes      {args.processes}: {100 * (ccpu1 - ccpu0) / window:.1f} % of one core in all "
@@ -269,6 +354,8 @@ async def run(args: argparse.Namespace) -> None:
     print(f"window                {window:.1f} s")
     print(f"daemon CPU            {100 * (cpu1 - cpu0) / window:.1f} % of one core "
           f"({100 * (cpu1 - cpu0) / window / max(1, args.sessions):.2f} % per session)")
+    print(f"daemon main thread    on a CPU {100 * (main1 - main0) / window:.1f} % of the window, runnable but "
+          f"waiting for a CPU {100 * (wait1 - wait0) / window:.1f} % (the machine's other load; GIL waits are neither)")
     print(f"daemon RSS            idle {rss_idle:.1f} MB, window {rss_mid:.1f}/{rss_end:.1f} MB: "
           f"{(rss_end - rss_idle) / max(1, args.sessions):.2f} MB per session")
     print(f"daemon threads        idle {threads_idle}, window {threads_mid}")
@@ -297,6 +384,18 @@ def main() -> None:
     p.add_argument("--codec", default="opus", choices=["opus", "g722", "pcmu", "pcma"])
     p.add_argument("--trickle", action="store_true")
     p.add_argument("--encode", action="store_true", help="clients encode their mic audio (default: pre-encoded Opus)")
+    p.add_argument("--switch-interval", type=float, default=None,
+                   help="run the daemon with sys.setswitchinterval(S) (an experiment; default Python's 0.005)")
+    p.add_argument("--executor-workers", type=int, default=None,
+                   help="the daemon's default thread pools get this many workers (an experiment; default "
+                        "min(32, cores + 4) = 6 here: aiortc encodes every outgoing frame in the loop's pool)")
+    p.add_argument("--inline-executor", action="store_true",
+                   help="the daemon's loop.run_in_executor(None, ...) runs on the loop thread (an experiment: "
+                        "aiortc's per-frame encodes without a thread hand-over)")
+    p.add_argument("--inline-decode", action="store_true",
+                   help="the daemon decodes caller audio on the loop thread instead of aiortc's decoder thread per "
+                        "receiver (an experiment)")
+    p.add_argument("--keep", action="store_true", help="keep the daemon's temp directory (config, log)")
     p.add_argument("--json", default=None, help="write every session report to this file")
     # the client-process side
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import sys
 import time
 import urllib.parse
