@@ -83,12 +83,13 @@ def dispatcher_list(node_ports: Iterable[int], attrs: dict[int, str] | None = No
 
 
 def spawn_edge(workdir: str, node_ports: list[int], *, ping_interval_s: int = 1, children: int = 2,
-               attrs: dict[int, str] | None = None, defines: Iterable[str] = ()) -> Edge:
-    """Start Kamailio with the shipped edge config on a free 127.0.0.1 UDP port in front of ``node_ports``."""
+               attrs: dict[int, str] | None = None, defines: Iterable[str] = (), port: int = 0) -> Edge:
+    """Start Kamailio with the shipped edge config on 127.0.0.1:``port`` (0: a free one) in front of ``node_ports``;
+    ``defines`` are more ``-A`` knobs."""
     os.makedirs(workdir, exist_ok=True)
     if len(os.path.join(workdir, "ctl.sock")) > 100:
         raise ValueError(f"{workdir}: too long for a unix socket path; use a short directory (tempfile.mkdtemp)")
-    port = free_port(socket.SOCK_DGRAM)
+    port = port or free_port(socket.SOCK_DGRAM)
     edge = Edge(workdir, port, node_ports)
     path = os.path.join(workdir, "dispatcher.list")
     with open(path, "w") as f:
