@@ -150,15 +150,24 @@ def _webrtc_dialer(config: Any, reactor: Any, media_clock: Any, ids: Any, log: A
                         external_ip=config.external_ip)
 
 
+def _node_identity(config: Any) -> tuple[str, str]:
+    """This node's name and HTTP base URL in a cluster (``[cluster] node_id``, ``advertise_url``)."""
+    import socket
+
+    from activecall.sip.service import first_interface_address
+
+    cluster = config.cluster
+    host = config.http_host if config.http_host not in ("", "0.0.0.0", "::") else (
+        config.external_ip or first_interface_address())
+    return cluster.node_id or socket.gethostname(), cluster.advertise_url or f"http://{host}:{config.http_port}"
+
+
 def _cluster(config: Any, reactor: Any, sessions: Any, log: Any) -> tuple[Any, Any]:
     """The shared call registry of ``[cluster]`` (None without ``redis_url``) and where sockets and REST
     requests for ids hosted elsewhere go (the registry's owner, else the static ``peers``)."""
-    import socket
-
     from activecall.aio import asyncio_loop_of
     from activecall.cluster.registry import CallRegistry, RegistryService
     from activecall.control.tunnel import OwnerLocator
-    from activecall.sip.service import first_interface_address
 
     cluster = config.cluster
     service_ = None
@@ -170,12 +179,10 @@ def _cluster(config: Any, reactor: Any, sessions: Any, log: Any) -> tuple[Any, A
                              "reactor; run twistd --reactor=asyncio activecall ...")
         from activecall.cluster.redisstore import RedisStore
 
-        host = config.http_host if config.http_host not in ("", "0.0.0.0", "::") else (
-            config.external_ip or first_interface_address())
+        node_id, url = _node_identity(config)
         store = RedisStore(loop, cluster.redis_url)
         registry = CallRegistry(
-            store, reactor, node_id=cluster.node_id or socket.gethostname(),
-            url=cluster.advertise_url or f"http://{host}:{config.http_port}", ttl_s=int(cluster.registry_ttl_s),
+            store, reactor, node_id=node_id, url=url, ttl_s=int(cluster.registry_ttl_s),
             hosted=sessions.hosted_ids, load=lambda: {"sessions": len(sessions)})
         sessions.registry = registry
         service_ = RegistryService(registry, sessions.wait_idle, reactor,
@@ -298,7 +305,7 @@ def makeService(options: Options) -> service.IService:
     guard = SipGuard.from_config(config.sip_acl, config.sip_rate_limit)
     router = build_router(config, clock=reactor, sessions=sessions, http_client=fetcher, run_blocking=run_blocking,
                           environ=os.environ, call_records=services.call_records, trusted=guard.bypasses_limit,
-                          playbooks=playbooks)
+                          playbooks=playbooks, node=_node_identity(config) if config.cluster.redis_url else None)
     services.pending = router.pending
     sip = build_sip_service(config, reactor, services.ids, router.call_handler,
                             admit=guard.source_admitted, budget=guard.datagram_allowed,

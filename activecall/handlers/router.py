@@ -196,7 +196,8 @@ class InboundRouter:
 def build_router(config: Config, *, clock: IReactorTime, sessions: RouterSessions, http_client: HttpClient,
                  run_blocking: Callable[..., Deferred[Any]], environ: Mapping[str, str],
                  call_records: RecordWriter | None, trusted: Callable[[str], bool],
-                 playbooks: Optional[PlaybookRunner] = None) -> InboundRouter:
+                 playbooks: Optional[PlaybookRunner] = None,
+                 node: Optional[tuple[str, str]] = None) -> InboundRouter:
     """The router for ``config.handler`` (config.md §5).
 
     ``http_client`` sends the webhook (an :class:`activecall.fetch.Fetcher`);
@@ -214,7 +215,7 @@ def build_router(config: Config, *, clock: IReactorTime, sessions: RouterSession
             max_pending=limits.max_pending_invites, max_per_source=limits.max_pending_per_source,
             trusted=trusted)
         notifier = WebhookNotifier(handler, http_client, clock, signing_secret=config.webhook.signing_secret)
-        return InboundRouter(WebhookCallHandler(notifier, pending, clock), pending)
+        return InboundRouter(WebhookCallHandler(notifier, pending, clock, node=node), pending)
     if isinstance(handler, PlaybookHandlerConfig):
         return InboundRouter(PlaybookCallHandler(handler, PlaybookCallStarter(sessions, playbooks), run_blocking, environ,
                                                  env_prefix=config.api.env_prefix, clock=clock))

@@ -28,7 +28,8 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn, Optional, Protocol
+from urllib.parse import quote
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
@@ -140,6 +141,15 @@ def build_invite_payload(call: _InviteView, created_at: float, dialog_id: str) -
         # AC uses from_utf8_lossy; "replace" is the same policy.
         "offer": bytes(request.body).decode("utf-8", "replace"),
     }
+
+
+def owner_fields(node: tuple[str, str], dialog_id: str) -> dict[str, str]:
+    """``node`` and ``wsUrl`` (config.md §14b): the owning node, and its socket URL for this call, so an
+    application may connect there directly (any node would tunnel it)."""
+    node_id, base = node
+    scheme, rest = base.split("://", 1)
+    ws = ("wss" if scheme == "https" else "ws") + "://" + rest.rstrip("/")
+    return {"node": node_id, "wsUrl": f"{ws}/call/sip?id={quote(dialog_id, safe='')}"}
 
 
 def _one_line(text: str) -> str:
@@ -297,10 +307,13 @@ class WebhookCallHandler:
 
     _log = Logger()
 
-    def __init__(self, notifier: Notifier, pending: PendingCalls, clock: IReactorTime) -> None:
+    def __init__(self, notifier: Notifier, pending: PendingCalls, clock: IReactorTime,
+                 node: Optional[tuple[str, str]] = None) -> None:
         self._notifier = notifier
         self._pending = pending
         self._clock = clock
+        # (node_id, HTTP base URL) of this node in a cluster: the payload names where to connect.
+        self._node = node
         self.shutting_down = False
 
     def incoming_call(self, call: InboundCall) -> None:
@@ -311,6 +324,8 @@ class WebhookCallHandler:
         dialog_id = call.dialog_id
         try:
             payload = build_invite_payload(call, self._clock.seconds(), dialog_id)
+            if self._node is not None:
+                payload.update(owner_fields(self._node, dialog_id))
         except Exception as err:
             # A header the parser accepted but we cannot render: refuse rather than leave it ringing.
             self._log.failure("building the webhook payload for {dialog_id} failed", dialog_id=dialog_id)

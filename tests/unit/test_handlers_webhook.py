@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from urllib.parse import quote
 import random
 from typing import Any, cast
 
@@ -378,7 +379,7 @@ class Harness:
     """A SIP user agent on a memory transport whose handler is a WebhookCallHandler over StubTreq."""
 
     def __init__(self, test: SynchronousTestCase, config: WebhookHandlerConfig | None = None,
-                 notifier: Any = None) -> None:
+                 notifier: Any = None, node: tuple[str, str] | None = None) -> None:
         self.test = test
         self.sip_clock = Clock()
         self.clock = Clock()  # the handler's own clock, so SIP timers do not mix with ours
@@ -387,7 +388,7 @@ class Harness:
         self.notifier = notifier or WebhookNotifier(config or webhook_config("a.example"),
                                                     cast(HttpClient, StubTreq(self.hook)), self.clock)
         self.pending = PendingCalls(self.clock, accept_timeout_s=60.0)
-        self.handler = WebhookCallHandler(self.notifier, self.pending, self.clock)
+        self.handler = WebhookCallHandler(self.notifier, self.pending, self.clock, node=node)
         ids = IdSource(random.Random(7))
         self.stack = SipStack(self.sip_clock, ids, shards=1)
         self.ua = SipUserAgent(self.stack, ids=ids, handler=self.handler, useragent="test-ua")
@@ -432,6 +433,17 @@ class HandlerTests(SynchronousTestCase):
         payload = json.loads(req["body"])
         self.assertEqual(payload, build_invite_payload(call, CREATED_AT, call.dialog_id))
         self.assertIn(payload["dialogId"], harness.pending)
+
+    def test_cluster_payload_names_the_owner(self) -> None:
+        """In a cluster the payload also names this node and its /call/sip socket for the dialogId."""
+        harness = Harness(self, node=("node-a", "https://10.0.0.5:8443/"))
+        harness.feed(INVITE)
+        call = harness.only_pending()
+        payload = json.loads(harness.hook.requests[0]["body"])
+        self.assertEqual(payload["node"], "node-a")
+        self.assertEqual(payload["wsUrl"], "wss://10.0.0.5:8443/call/sip?id=" + quote(call.dialog_id, safe=""))
+        self.assertEqual({k: v for k, v in payload.items() if k not in ("node", "wsUrl")},
+                         build_invite_payload(call, CREATED_AT, call.dialog_id))
 
     def test_webhook_error_rejects_503(self) -> None:
         """A non-2xx webhook answer rejects the INVITE 503 with Reason Failed to process invite and forgets it."""
