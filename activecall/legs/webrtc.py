@@ -8,13 +8,16 @@ every coroutine is bridged to a Deferred here.
   ``webrtc`` calls) applies the client's offer (``option.offer``), gathers all
   of our candidates and answers; the leg it gives carries the answer SDP.
 * :class:`WebRtcLeg` (:class:`IIceLeg`) is ticked by the media clock like the
-  other legs: in ``RECEIVE`` it writes the caller's decoded audio (16 kHz
-  PCM) to its sink, in ``SEND`` it hands one agent frame to the outbound
-  track, whose ``recv()`` aiortc awaits; the agent's audio starts once the
-  peer has connected, so a greeting sent with the answer is heard whole.  Opus encoding runs in aiortc's
-  executor and decoding in its decoder thread, never on the reactor thread.
-  RFC 4733 telephone-events from the browser are taken before aiortc's
-  decoder and reported as DTMF.
+  other legs.  aiortc keeps ICE, DTLS, SRTP and RTP packetization; the audio is
+  ours.  The caller's RTP packets are taken from aiortc's receiver as they
+  arrive (after SRTP) into our jitter buffer, and in ``RECEIVE`` each tick
+  decodes one (our codecs, 16 kHz out) and writes the frame to the sink; RFC
+  4733 telephone-events become DTMF.  In ``SEND`` one agent frame goes to the
+  outbound track, whose ``recv()`` encodes it (Opus from 16 kHz mono at
+  32 kbit/s) and hands aiortc the packet.  No per-frame thread hand-over in
+  either direction: at 50 sessions those cost more than the codecs.  The
+  agent's audio starts once the peer has connected, so a greeting sent with
+  the answer is heard whole.
 * A peer that fails, closes or does not connect within ``handshakeTimeout``
   stops only the media (``ILegEvents.media_ended``): the session stays until
   hangup, socket close, ``/kill``, inactivity or autoHangup.
@@ -41,6 +44,7 @@ from aiortc import (
 from aiortc.codecs import CODECS
 from aiortc.mediastreams import MediaStreamError
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+from aiortc.rtcrtpreceiver import StreamStatistics
 from aiortc.sdp import candidate_from_sdp
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -61,7 +65,9 @@ from activecall.media.tracks import (
     LegSetupError,
     frame_bytes_at,
 )
+from activecall.media.codecs import CodecError, Decoder, Encoder, make_decoder, make_encoder
 from activecall.rtp.dtmf import DtmfReceiver
+from activecall.rtp.jitter import LOSS, JitterBuffer
 from activecall.rtp.packet import RtpParseError, parse_telephone_event
 
 __all__ = ["WebRtcLeg", "WebRtcDialer", "WebRtcUnavailableDialer", "WEBRTC_CODECS",
@@ -71,6 +77,7 @@ __all__ = ["WebRtcLeg", "WebRtcDialer", "WebRtcUnavailableDialer", "WEBRTC_CODEC
 MEDIA_RATE_HZ = 16000
 FRAME_SAMPLES = MEDIA_RATE_HZ // 50
 FRAME_BYTES = frame_bytes_at(MEDIA_RATE_HZ)
+_SILENCE = bytes(FRAME_BYTES)
 #: A peer that has not connected this long after our answer stops the media (no ``handshakeTimeout`` given).
 DEFAULT_HANDSHAKE_TIMEOUT_S = 30
 MAX_OFFER_BYTES = 64 * 1024
@@ -181,7 +188,11 @@ def rewrite_answer(sdp: str, *, bind_ip: Optional[str], external_ip: Optional[st
 
 
 class _AgentTrack(MediaStreamTrack):
-    """The agent's audio to the browser: frames handed over by the leg's SEND tick, silence between plays."""
+    """The agent's audio to the browser: frames handed over by the leg's SEND tick, silence between plays.
+
+    ``recv()`` gives aiortc encoded packets (our codecs, 16 kHz mono in: Opus at 32 kbit/s), which its
+    sender only packetizes: no per-frame executor hop, no 48 kHz stereo encode.
+    """
 
     kind = "audio"
 
@@ -190,9 +201,14 @@ class _AgentTrack(MediaStreamTrack):
         self._loop = loop
         self._frames: deque[bytes] = deque(maxlen=_MAX_OUTBOUND_FRAMES)
         self._waiter: Optional[asyncio.Future[None]] = None
+        self._encoder: Optional[Encoder] = None
         self._pts = 0
         self._time_base = Fraction(1, MEDIA_RATE_HZ)
         self.frames_sent = 0
+
+    def use_codec(self, name: str) -> None:
+        """Encode in ``name`` (``opus``, ``g722``, ``pcmu``, ``pcma``) from now on."""
+        self._encoder = make_encoder(name, MEDIA_RATE_HZ)
 
     def push(self, pcm: bytes) -> None:
         """One 20 ms frame of 16 kHz PCM (the oldest waiting one is dropped when full)."""
@@ -201,21 +217,19 @@ class _AgentTrack(MediaStreamTrack):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def recv(self) -> av.AudioFrame:
-        while not self._frames:
+    async def recv(self) -> av.Packet:
+        while not self._frames or self._encoder is None:
             if self.readyState != "live":
                 raise MediaStreamError
             self._waiter = self._loop.create_future()
             await self._waiter
             self._waiter = None
-        frame = av.AudioFrame(format="s16", layout="mono", samples=FRAME_SAMPLES)
-        frame.planes[0].update(self._frames.popleft())
-        frame.sample_rate = MEDIA_RATE_HZ
-        frame.pts = self._pts
-        frame.time_base = self._time_base
+        packet = av.Packet(self._encoder.encode(self._frames.popleft()))
+        packet.pts = self._pts
+        packet.time_base = self._time_base
         self._pts += FRAME_SAMPLES
         self.frames_sent += 1
-        return frame
+        return packet
 
     def stop(self) -> None:
         super().stop()
@@ -265,7 +279,9 @@ class WebRtcLeg:
         self._send_phase = PhaseTicker(self._send_tick)
         self._inbound = bytearray()
         self._max_inbound = _MAX_INBOUND_S * MEDIA_RATE_HZ * 2
-        self._pump: Optional[asyncio.Task[None]] = None
+        self._jitter: Optional[JitterBuffer] = None  # caller audio payloads, reordered, until the tick decodes them
+        self._decoder: Optional[Decoder] = None
+        self._audio_pt: Optional[int] = None
         self._tasks: set[asyncio.Future[Any]] = set()
         self._dtmf = DtmfReceiver()
         self._dtmf_pt: Optional[int] = None
@@ -276,6 +292,7 @@ class WebRtcLeg:
         self.handshake_done = False
         self.frames_delivered = 0
         self.dropped_bytes = 0
+        self.undecodable = 0
 
     # -- ILeg -------------------------------------------------------------
 
@@ -330,8 +347,6 @@ class WebRtcLeg:
         self._events = NO_EVENTS
         self._inbound.clear()
         self.outbound.stop()
-        if self._pump is not None:
-            self._pump.cancel()
         pc, self.pc = self.pc, None
         if pc is None:
             return succeed(None)
@@ -348,7 +363,6 @@ class WebRtcLeg:
         capabilities = RTCRtpSender.getCapabilities("audio").codecs
         preferred = [c for mime in codec_order for c in capabilities if c.mimeType.lower() == mime.lower()]
         transceiver.setCodecPreferences(preferred)
-        pc.on("track", self._track_arrived)
         pc.on("connectionstatechange", self._connection_state_changed)
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
@@ -361,25 +375,49 @@ class WebRtcLeg:
         self.codec = audio[0].mimeType.split("/", 1)[1].lower()
         self.native_rate_hz = 8000 if audio[0].mimeType.lower() in _NARROWBAND else MEDIA_RATE_HZ
         self._dtmf_pt = next((c.payloadType for c in codecs if c.mimeType.lower() == "audio/telephone-event"), None)
-        if self._dtmf_pt is not None:
-            self._take_telephone_events(transceiver.receiver)
+        self._audio_pt = audio[0].payloadType
+        self._jitter = JitterBuffer(audio[0].clockRate, 20)
+        self._decoder = make_decoder(self.codec, MEDIA_RATE_HZ)
+        self.outbound.use_codec(self.codec)
+        self._take_rtp(transceiver.receiver)
         answer = await pc.createAnswer()
         await pc.setLocalDescription(answer)
         if self.closed:
             raise LegSetupError("closed while negotiating")
 
-    def _take_telephone_events(self, receiver: Any) -> None:
-        # aiortc has no RFC 4733 receiver and would hand the packets to its decoder: take them first.
+    def _take_rtp(self, receiver: Any) -> None:
+        # The caller's RTP (after SRTP) comes to us, not to aiortc's receiver: its decoder thread and
+        # per-frame hand-over back to the loop cost more than the media itself.  Audio goes into our
+        # jitter buffer, decoded once per media tick; RFC 4733 events (unknown to aiortc) become DTMF.
         original = receiver._handle_rtp_packet
-        dtmf_pt = self._dtmf_pt
+        dtmf_pt, audio_pt = self._dtmf_pt, self._audio_pt
+        # aiortc's per-source reception statistics, which its RTCP receiver reports are built from.
+        streams = getattr(receiver, "_RTCRtpReceiver__remote_streams", None)
+        clock_rate = self._jitter.clock_rate_hz if self._jitter is not None else 8000
 
         async def handle_rtp_packet(packet: Any, arrival_time_ms: int) -> None:
-            if packet.payload_type == dtmf_pt:
+            pt = packet.payload_type
+            if pt == audio_pt:
+                if streams is not None:
+                    stats = streams.get(packet.ssrc)
+                    if stats is None:
+                        stats = streams[packet.ssrc] = StreamStatistics(clock_rate)
+                    stats.add(packet)
+                self._caller_packet(packet)
+            elif pt == dtmf_pt:
                 self._telephone_event(packet)
-                return
-            await original(packet, arrival_time_ms)
+            else:
+                await original(packet, arrival_time_ms)
 
         receiver._handle_rtp_packet = handle_rtp_packet
+
+    def _caller_packet(self, packet: Any) -> None:
+        jitter = self._jitter
+        if jitter is None or self.closed:
+            return
+        now = self._clock.seconds()
+        self._last_rx_at = now
+        jitter.put(packet.sequence_number, packet.timestamp, packet.payload, now, packet.marker)
 
     def _telephone_event(self, packet: Any) -> None:
         try:
@@ -391,26 +429,6 @@ class WebRtcLeg:
             self._events.dtmf(digit)
 
     # -- the peer ---------------------------------------------------------
-
-    def _track_arrived(self, track: Any) -> None:
-        if track.kind == "audio" and self._pump is None and not self.closed:
-            self._pump = self._loop.create_task(self._pump_caller_audio(track))
-
-    async def _pump_caller_audio(self, track: Any) -> None:
-        """Decoded caller frames (any rate, any layout) to 16 kHz mono PCM in the inbound buffer."""
-        resampler = av.AudioResampler(format="s16", layout="mono", rate=MEDIA_RATE_HZ)
-        while not self.closed:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
-            pcm = b"".join(bytes(f.planes[0])[: f.samples * 2] for f in resampler.resample(frame))
-            self._last_rx_at = self._clock.seconds()
-            room = self._max_inbound - len(self._inbound)
-            if len(pcm) > room:
-                self.dropped_bytes += len(pcm) - room
-                pcm = pcm[:room]
-            self._inbound += pcm
 
     def _connection_state_changed(self) -> None:
         pc = self.pc
@@ -462,7 +480,29 @@ class WebRtcLeg:
     # -- media clock ------------------------------------------------------
 
     def _receive_tick(self, frames: int) -> None:
+        """Decode what the jitter buffer gives for each slot (silence for a lost or missing packet once
+        the caller's audio started) and write every complete 20 ms frame to the sink."""
+        jitter, decoder = self._jitter, self._decoder
+        if jitter is None or decoder is None or not self.handshake_done:
+            return
+        now = self._clock.seconds()
         buf = self._inbound
+        for _ in range(frames):
+            item = jitter.pop(now)
+            if item is None or item is LOSS:
+                if jitter.received:
+                    buf += _SILENCE
+                continue
+            try:
+                pcm = decoder.decode(bytes(item))
+            except CodecError:
+                self.undecodable += 1
+                pcm = _SILENCE
+            room = self._max_inbound - len(buf)
+            if len(pcm) > room:
+                self.dropped_bytes += len(pcm) - room
+                pcm = pcm[:room]
+            buf += pcm
         n = FRAME_BYTES
         while len(buf) >= n and not self.closed:
             frame = bytes(buf[:n])
@@ -478,7 +518,7 @@ class WebRtcLeg:
             if self.closed:
                 return
             if not self.media_ended:
-                self.outbound.push(pcm if pcm is not None else bytes(FRAME_BYTES))
+                self.outbound.push(pcm if pcm is not None else _SILENCE)
 
 
 @implementer(ILegDialer)
