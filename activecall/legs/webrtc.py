@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import queue
+import threading
 from collections import deque
 from fractions import Fraction
 from typing import Any, Callable, Coroutine, Mapping, Optional, Sequence
@@ -70,7 +72,7 @@ from activecall.rtp.dtmf import DtmfReceiver
 from activecall.rtp.jitter import LOSS, JitterBuffer
 from activecall.rtp.packet import RtpParseError, parse_telephone_event
 
-__all__ = ["WebRtcLeg", "WebRtcDialer", "WebRtcUnavailableDialer", "WEBRTC_CODECS",
+__all__ = ["EncodeWorker", "WebRtcLeg", "WebRtcDialer", "WebRtcUnavailableDialer", "WEBRTC_CODECS",
            "webrtc_codec_order", "parse_ice_candidate", "rewrite_answer", "DEFAULT_HANDSHAKE_TIMEOUT_S",
            "MAX_OFFER_BYTES", "MAX_CANDIDATE_CHARS", "use_host_address"]
 
@@ -187,44 +189,111 @@ def rewrite_answer(sdp: str, *, bind_ip: Optional[str], external_ip: Optional[st
     return "\n".join(out) + "\n" if changed else "\r\n".join(out) + "\r\n"
 
 
+class EncodeWorker:
+    """One thread encoding the agent frames of every WebRTC leg of the process, a tick's worth at a time.
+
+    libopus runs without the GIL: on this thread it costs the reactor nothing.  The SEND phase
+    submits each leg's frame; the batch goes to the thread once the phase is over (one hand-over
+    per tick, not per frame) and the payloads come back in one loop callback.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._batch: list[tuple[_AgentTrack, bytes]] = []
+        self._queue: "queue.SimpleQueue[Optional[list[tuple[_AgentTrack, bytes]]]]" = queue.SimpleQueue()
+        self._thread: Optional[threading.Thread] = None
+        self.errors = 0
+
+    def submit(self, track: "_AgentTrack", pcm: bytes) -> None:
+        """Encode ``pcm`` for ``track`` (it gets the payload back in order)."""
+        if not self._batch:
+            self._loop.call_soon(self._flush)
+        self._batch.append((track, pcm))
+
+    def _flush(self) -> None:
+        batch, self._batch = self._batch, []
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="webrtc-encode", daemon=True)
+            self._thread.start()
+        self._queue.put(batch)
+
+    def _run(self) -> None:
+        while True:
+            batch = self._queue.get()
+            if batch is None:
+                return
+            out = []
+            for track, pcm in batch:
+                encoder = track.encoder
+                if encoder is None:
+                    continue
+                try:
+                    out.append((track, encoder.encode(pcm)))
+                except Exception:
+                    self.errors += 1
+            try:
+                self._loop.call_soon_threadsafe(_deliver, out)
+            except RuntimeError:  # the loop is closed: nothing is waiting any more
+                return
+
+    def stop(self) -> None:
+        """End the thread (after what it was given)."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread = None
+
+
+def _deliver(encoded: list[tuple["_AgentTrack", bytes]]) -> None:
+    for track, payload in encoded:
+        track.deliver(payload)
+
+
 class _AgentTrack(MediaStreamTrack):
     """The agent's audio to the browser: frames handed over by the leg's SEND tick, silence between plays.
 
-    ``recv()`` gives aiortc encoded packets (our codecs, 16 kHz mono in: Opus at 32 kbit/s), which its
-    sender only packetizes: no per-frame executor hop, no 48 kHz stereo encode.
+    ``recv()`` gives aiortc encoded packets (our codecs, 16 kHz mono in: Opus at 32 kbit/s, encoded
+    on the :class:`EncodeWorker`), which its sender only packetizes.
     """
 
     kind = "audio"
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, worker: EncodeWorker) -> None:
         super().__init__()
         self._loop = loop
-        self._frames: deque[bytes] = deque(maxlen=_MAX_OUTBOUND_FRAMES)
+        self._worker = worker
+        self._packets: deque[bytes] = deque(maxlen=_MAX_OUTBOUND_FRAMES)
         self._waiter: Optional[asyncio.Future[None]] = None
-        self._encoder: Optional[Encoder] = None
+        self.encoder: Optional[Encoder] = None  # used on the worker's thread only
         self._pts = 0
         self._time_base = Fraction(1, MEDIA_RATE_HZ)
         self.frames_sent = 0
 
     def use_codec(self, name: str) -> None:
         """Encode in ``name`` (``opus``, ``g722``, ``pcmu``, ``pcma``) from now on."""
-        self._encoder = make_encoder(name, MEDIA_RATE_HZ)
+        self.encoder = make_encoder(name, MEDIA_RATE_HZ)
 
     def push(self, pcm: bytes) -> None:
-        """One 20 ms frame of 16 kHz PCM (the oldest waiting one is dropped when full)."""
-        self._frames.append(pcm)
+        """One 20 ms frame of 16 kHz PCM, to be encoded and sent."""
+        if self.encoder is not None and self.readyState == "live":
+            self._worker.submit(self, pcm)
+
+    def deliver(self, payload: bytes) -> None:
+        """An encoded frame back from the worker (the oldest waiting one is dropped when full)."""
+        if self.readyState != "live":
+            return
+        self._packets.append(payload)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     async def recv(self) -> av.Packet:
-        while not self._frames or self._encoder is None:
+        while not self._packets:
             if self.readyState != "live":
                 raise MediaStreamError
             self._waiter = self._loop.create_future()
             await self._waiter
             self._waiter = None
-        packet = av.Packet(self._encoder.encode(self._frames.popleft()))
+        packet = av.Packet(self._packets.popleft())
         packet.pts = self._pts
         packet.time_base = self._time_base
         self._pts += FRAME_SAMPLES
@@ -259,7 +328,8 @@ class WebRtcLeg:
     frame_bytes = FRAME_BYTES
 
     def __init__(self, loop: asyncio.AbstractEventLoop, media_clock: MediaClock, clock: IReactorTime, ssrc: int,
-                 handshake_timeout_s: float, on_closed: Optional[Callable[[WebRtcLeg], None]] = None) -> None:
+                 handshake_timeout_s: float, on_closed: Optional[Callable[[WebRtcLeg], None]] = None,
+                 worker: Optional[EncodeWorker] = None) -> None:
         self._loop = loop
         self._on_closed = on_closed
         self._media_clock = media_clock
@@ -269,7 +339,8 @@ class WebRtcLeg:
         self.answer_sdp = ""
         self.codec = ""
         self.pc: Optional[RTCPeerConnection] = None
-        self.outbound = _AgentTrack(loop)
+        self._own_worker = EncodeWorker(loop) if worker is None else None  # a leg made alone (tests)
+        self.outbound = _AgentTrack(loop, worker if worker is not None else self._own_worker)
         self._handshake_timeout_s = handshake_timeout_s
         self._handshake_timer: Optional[IDelayedCall] = None
         self._source: AudioSource = NO_AUDIO
@@ -347,6 +418,8 @@ class WebRtcLeg:
         self._events = NO_EVENTS
         self._inbound.clear()
         self.outbound.stop()
+        if self._own_worker is not None:
+            self._own_worker.stop()
         pc, self.pc = self.pc, None
         if pc is None:
             return succeed(None)
@@ -539,6 +612,7 @@ class WebRtcDialer:
         self._bind_ip = bind_ip or None
         self._external_ip = external_ip or None
         self.live: set[WebRtcLeg] = set()
+        self.encode_worker = EncodeWorker(loop)
         if self._bind_ip:
             use_host_address(self._bind_ip)
 
@@ -551,7 +625,8 @@ class WebRtcDialer:
             raise LegOptionError(f"Failed to setup track: option.offer is larger than {MAX_OFFER_BYTES} bytes")
         timeout = option.handshake_timeout
         leg = WebRtcLeg(self._loop, self._media_clock, self._clock, self._ids.ssrc(),
-                        float(timeout) if timeout else DEFAULT_HANDSHAKE_TIMEOUT_S, on_closed=self.live.discard)
+                        float(timeout) if timeout else DEFAULT_HANDSHAKE_TIMEOUT_S, on_closed=self.live.discard,
+                        worker=self.encode_worker)
         enable_ipv6 = bool(getattr(option, "enable_ipv6", False))
         configuration = RTCConfiguration(iceServers=list(self._ice_servers))
         self.live.add(leg)
