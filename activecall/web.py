@@ -140,27 +140,33 @@ def list_playbook_files(directory: str, limit: int = MAX_LISTED_PLAYBOOKS) -> li
     return found
 
 
-def read_playbook_file(directory: str, name: str, limit: int = MAX_PLAYBOOK_BYTES) -> bytes:
-    """The bytes of playbook ``name``; raises _PlaybookFileError (400 outside, 404 missing or not a
-    regular file, 413 larger than ``limit``). Blocking."""
-    path = _playbook_path(directory, name)
+def _read_regular_file(path: str, limit: int) -> Optional[bytes]:
+    """At most ``limit + 1`` bytes of ``path`` if it is a regular file we can read, else None. Blocking."""
     try:
-        # O_NONBLOCK: a FIFO named x.md must not hold a worker thread in open().
+        # O_NONBLOCK: a FIFO in the directory must not hold a worker thread in open().
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError:
-        raise _PlaybookFileError(404, "Playbook not found") from None
+        return None
     try:
         regular = stat.S_ISREG(os.fstat(fd).st_mode)
     except OSError:
         regular = False
     if not regular:
         os.close(fd)
-        raise _PlaybookFileError(404, "Playbook not found")
+        return None
     with os.fdopen(fd, "rb") as f:
         try:
-            data = f.read(limit + 1)
+            return f.read(limit + 1)
         except OSError:
-            raise _PlaybookFileError(404, "Playbook not found") from None
+            return None
+
+
+def read_playbook_file(directory: str, name: str, limit: int = MAX_PLAYBOOK_BYTES) -> bytes:
+    """The bytes of playbook ``name``; raises _PlaybookFileError (400 outside, 404 missing or not a
+    regular file, 413 larger than ``limit``). Blocking."""
+    data = _read_regular_file(_playbook_path(directory, name), limit)
+    if data is None:
+        raise _PlaybookFileError(404, "Playbook not found")
     if len(data) > limit:
         raise _PlaybookFileError(413, f"Playbook larger than {limit} bytes")
     return data
@@ -203,23 +209,10 @@ def read_static_file(directory: str, name: str, limit: Optional[int] = None) -> 
         limit = MAX_STATIC_BYTES
     try:
         path = safe_join(directory, name)
-        # O_NONBLOCK: a FIFO in the directory must not hold a worker thread in open().
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except (UnsafePathError, OSError):
+    except UnsafePathError:
         raise _StaticNotFound(name) from None
-    try:
-        regular = stat.S_ISREG(os.fstat(fd).st_mode)
-    except OSError:
-        regular = False
-    if not regular:
-        os.close(fd)
-        raise _StaticNotFound(name)
-    with os.fdopen(fd, "rb") as f:
-        try:
-            data = f.read(limit + 1)
-        except OSError:
-            raise _StaticNotFound(name) from None
-    if len(data) > limit:
+    data = _read_regular_file(path, limit)
+    if data is None or len(data) > limit:
         raise _StaticNotFound(name)
     return data
 

@@ -8,13 +8,14 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from zope.interface import implementer
 
+from activecall.media.clock import RECEIVE, SEND
 from activecall.media.tracks import ILegEvents
 
-__all__ = ["NO_EVENTS", "PhaseTicker"]
+__all__ = ["NO_EVENTS", "PhaseTicker", "LegTicks"]
 
 
 @implementer(ILegEvents)
@@ -58,3 +59,30 @@ class PhaseTicker:
 
     def __init__(self, tick: Callable[[int], None]) -> None:
         self.media_tick = tick
+
+
+class LegTicks:
+    """A leg's two subscriptions to the media clock, made and dropped together: ``receive(frames)`` in
+    the ``RECEIVE`` phase (caller audio to the sink), ``send(frames)`` in ``SEND`` (agent audio out)."""
+
+    __slots__ = ("_media_clock", "_receive", "_send", "running")
+
+    def __init__(self, media_clock: Any, receive: Callable[[int], None], send: Callable[[int], None]) -> None:
+        self._media_clock = media_clock
+        self._receive = PhaseTicker(receive)
+        self._send = PhaseTicker(send)
+        self.running = False
+
+    def start(self) -> None:
+        """Tick from the next media tick on (idempotent)."""
+        if not self.running:
+            self.running = True
+            self._media_clock.subscribe(self._receive, RECEIVE)
+            self._media_clock.subscribe(self._send, SEND)
+
+    def stop(self) -> None:
+        """Tick no more (idempotent)."""
+        if self.running:
+            self.running = False
+            self._media_clock.unsubscribe(self._receive, RECEIVE)
+            self._media_clock.unsubscribe(self._send, SEND)

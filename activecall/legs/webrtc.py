@@ -54,8 +54,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from activecall.aio import deferred_from_coroutine
-from activecall.legs import NO_EVENTS, PhaseTicker
-from activecall.media.clock import RECEIVE, SEND, MediaClock
+from activecall.legs import NO_EVENTS, LegTicks
+from activecall.media.clock import MediaClock
 from activecall.media.tracks import (
     NO_AUDIO,
     AudioSink,
@@ -332,7 +332,6 @@ class WebRtcLeg:
                  worker: Optional[EncodeWorker] = None) -> None:
         self._loop = loop
         self._on_closed = on_closed
-        self._media_clock = media_clock
         self._clock = clock
         self.ssrc = ssrc
         self.native_rate_hz = MEDIA_RATE_HZ
@@ -346,8 +345,7 @@ class WebRtcLeg:
         self._source: AudioSource = NO_AUDIO
         self._sink: AudioSink = NO_AUDIO
         self._events: ILegEvents = NO_EVENTS
-        self._receive_phase = PhaseTicker(self._receive_tick)
-        self._send_phase = PhaseTicker(self._send_tick)
+        self._ticks = LegTicks(media_clock, self._receive_tick, self._send_tick)
         self._inbound = bytearray()
         self._max_inbound = _MAX_INBOUND_S * MEDIA_RATE_HZ * 2
         self._jitter: Optional[JitterBuffer] = None  # caller audio payloads, reordered, until the tick decodes them
@@ -381,8 +379,7 @@ class WebRtcLeg:
         self._events = events
         if not self.attached:
             self.attached = True
-            self._media_clock.subscribe(self._receive_phase, RECEIVE)
-            self._media_clock.subscribe(self._send_phase, SEND)
+            self._ticks.start()
             if self.media_ended:
                 events.media_ended("peer closed")
             elif not self.handshake_done and self._handshake_timeout_s > 0:
@@ -411,9 +408,7 @@ class WebRtcLeg:
         if self._on_closed is not None:
             self._on_closed(self)
         self._cancel_handshake_timer()
-        if self.attached:
-            self._media_clock.unsubscribe(self._receive_phase, RECEIVE)
-            self._media_clock.unsubscribe(self._send_phase, SEND)
+        self._ticks.stop()
         self._source = self._sink = NO_AUDIO
         self._events = NO_EVENTS
         self._inbound.clear()

@@ -26,8 +26,8 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
-from activecall.legs import PhaseTicker
-from activecall.media.clock import RECEIVE, SEND, MediaClock
+from activecall.legs import LegTicks
+from activecall.media.clock import MediaClock
 from activecall.media.codecs import get_codec, make_decoder, make_encoder
 from activecall.media.tracks import (
     NO_AUDIO,
@@ -121,7 +121,6 @@ class WebSocketLeg:
         self.native_rate_hz = self.media_rate_hz
         self.ssrc = ssrc
         self._port = port
-        self._media_clock = media_clock
         self._clock = clock
         self._last_rx_at: Optional[float] = None
         self._encoder = make_encoder(self.codec, self.media_rate_hz)
@@ -131,8 +130,7 @@ class WebSocketLeg:
         self._max_buffer = BUFFER_S * self.media_rate_hz * 2
         self._source: AudioSource = NO_AUDIO
         self._sink: AudioSink = NO_AUDIO
-        self._receive_phase = PhaseTicker(self._receive_tick)
-        self._send_phase = PhaseTicker(self._send_tick)
+        self._ticks = LegTicks(media_clock, self._receive_tick, self._send_tick)
         self.attached = False
         self.closed = False
         self.frames_sent = 0
@@ -154,8 +152,7 @@ class WebSocketLeg:
         self._sink = sink
         if not self.attached:
             self.attached = True
-            self._media_clock.subscribe(self._receive_phase, RECEIVE)
-            self._media_clock.subscribe(self._send_phase, SEND)
+            self._ticks.start()
             self._port._bind(self)
 
     def refer(self, target: str) -> Deferred[Any]:
@@ -170,9 +167,7 @@ class WebSocketLeg:
         """Stop ticking; the WebSocket itself belongs to the session.  Idempotent."""
         if not self.closed:
             self.closed = True
-            if self.attached:
-                self._media_clock.unsubscribe(self._receive_phase, RECEIVE)
-                self._media_clock.unsubscribe(self._send_phase, SEND)
+            self._ticks.stop()
             self._port._unbind(self)
             self._source = self._sink = NO_AUDIO
             self._buffer.clear()

@@ -16,10 +16,9 @@ from typing import Any, Optional
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol, connectWS
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessDone, ProcessExitedAlready
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.error import ProcessExitedAlready
 
-from harness import TIMEOUT_S, _Waiters, http_client
+from harness import TIMEOUT_S, Daemon, _Waiters, http_client
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -39,56 +38,19 @@ class CdpError(Exception):
     """A CDP command answered with an error."""
 
 
-class _BrowserProcess(ProcessProtocol):
-    """The Chromium child: its output (for failure messages) and its exit, reaped without SIGCHLD."""
+class _BrowserProcess(Daemon):
+    """The Chromium child, reaped as the harness reaps the daemon; its output bounded (Chromium is chatty)."""
 
     def __init__(self, waiters: _Waiters) -> None:
-        self.output = ""
-        self.exit_code: Optional[int] = None
+        super().__init__()
         self._waiters = waiters
-        self._reaper: Optional[task.LoopingCall] = None
-
-    def connectionMade(self) -> None:
-        self.transport.closeStdin()
 
     def outReceived(self, data: bytes) -> None:
-        # Bounded: Chromium can be chatty; the tail is what explains a failure.
+        # The tail is what explains a failure.
         self.output = (self.output + data.decode("utf-8", "replace"))[-20000:]
+        self._waiters.poke()
 
     errReceived = outReceived
-
-    def childConnectionLost(self, childFD: int) -> None:
-        if childFD in (1, 2) and self._reaper is None:
-            self._reaper = task.LoopingCall(self._reap)
-            self._reaper.start(0.05)
-
-    def _reap(self) -> None:
-        if self.exit_code is not None:
-            self._stop_reaper()
-            return
-        try:
-            self.transport.reapProcess()
-        except Exception:
-            pass
-
-    def _stop_reaper(self) -> None:
-        if self._reaper is not None and self._reaper.running:
-            self._reaper.stop()
-
-    def processExited(self, reason: Any) -> None:
-        self.processEnded(reason)
-
-    def processEnded(self, reason: Any) -> None:
-        if self.exit_code is not None:
-            return
-        if reason.check(ProcessDone):
-            self.exit_code = 0
-        elif reason.value.exitCode is not None:
-            self.exit_code = reason.value.exitCode
-        else:
-            self.exit_code = -(reason.value.signal or 1)
-        self._stop_reaper()
-        self._waiters.poke()
 
 
 class _CdpClient(WebSocketClientProtocol):
