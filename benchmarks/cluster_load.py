@@ -12,7 +12,8 @@ Three figures per node count (``--nodes 1,2,3``):
 calls/s
     Short calls (``-d 0``) at rising rates (``--rates``), ``--seconds`` each; a step passes when
     no call failed and SIPp achieved >= 90 % of the planned rate. Printed: the highest passing rate,
-    and the CPU ms per call of the nodes and of Kamailio at that rate.
+    the CPU ms per call of the nodes and of Kamailio at that rate, and how busy the whole host was
+    (/proc/stat, every process: a saturated host caps every node count alike).
 concurrent calls
     ``--hold`` calls brought up at ``--hold-rate`` calls/s and held until all are up (plus 3 s), for
     each count in ``--concurrency``; a step passes when every call succeeded. The nodes send RTP (the
@@ -28,8 +29,9 @@ anything. Every process started here is stopped before exit; everything binds 12
 
 Usage::
 
-    python benchmarks/cluster_load.py [--nodes 1,2,3] [--rates 50,100,150,200,300] [--seconds 8]
-                                      [--concurrency 50,100,200] [--latency-calls 50] [--workdir DIR]
+    python benchmarks/cluster_load.py [--nodes 1,2,3] [--rates 60,80,100,120,140,160,200] [--seconds 8]
+                                      [--concurrency 100,200,400,600] [--hold-rate 40] [--latency-calls 50]
+                                      [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -253,6 +255,20 @@ def _rtts(path: str) -> list[float]:
     return values
 
 
+def host_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of all CPUs so far, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [float(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_share(before: tuple[float, float]) -> float:
+    """Share of the host's CPU time busy since ``before`` (every process, ours and others')."""
+    busy, total = host_busy()
+    return (busy - before[0]) / max(total - before[1], 1.0)
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -266,14 +282,16 @@ def bench_rates(root: str, edge_port: int, nodes: list[Node], edge: Proc, rates:
     best, best_node_ms, best_edge_ms = 0, float("nan"), float("nan")
     for rate in rates:
         calls = int(rate * seconds)
-        node_cpu0, edge_cpu0 = sum(n.proc.cpu_s() for n in nodes), edge.cpu_s()
+        node_cpu0, edge_cpu0, host0 = sum(n.proc.cpu_s() for n in nodes), edge.cpu_s(), host_busy()
         run = run_sipp(root, edge_port, "-r", str(rate), "-m", str(calls), "-l", str(max(rate * 4, 100)), "-d", "0",
                        timeout_s=seconds + 30)
         node_ms = (sum(n.proc.cpu_s() for n in nodes) - node_cpu0) * 1000 / max(run.ok, 1)
         edge_ms = (edge.cpu_s() - edge_cpu0) * 1000 / max(run.ok, 1)
+        host = busy_share(host0)
         passed = run.failed == 0 and run.ok == calls and run.rate_cps >= 0.9 * rate
         print(f"    {rate:4d} calls/s planned: {run.ok:5d} ok {run.failed:4d} failed, {run.rate_cps:6.1f} calls/s achieved, "
-              f"nodes {node_ms:5.2f} CPU ms/call, edge {edge_ms:5.2f} CPU ms/call {'PASS' if passed else 'FAIL'}",
+              f"nodes {node_ms:5.2f} CPU ms/call, edge {edge_ms:5.2f} CPU ms/call, host {host:4.0%} busy "
+              f"{'PASS' if passed else 'FAIL'}",
               flush=True)
         if not passed:
             break
@@ -286,11 +304,12 @@ def bench_concurrency(root: str, edge_port: int, counts: list[int], hold_rate: i
     best = 0
     for count in counts:
         hold_ms = int((count / hold_rate + 3) * 1000)
+        host0 = host_busy()
         run = run_sipp(root, edge_port, "-r", str(hold_rate), "-m", str(count), "-l", str(count), "-d", str(hold_ms),
                        timeout_s=hold_ms / 1000 * 2 + 30)
         passed = run.failed == 0 and run.ok == count
         print(f"    {count:4d} calls held {hold_ms / 1000:.1f} s each: {run.ok:5d} ok {run.failed:4d} failed "
-              f"{'PASS' if passed else 'FAIL'}", flush=True)
+              f"(host {busy_share(host0):4.0%} busy) {'PASS' if passed else 'FAIL'}", flush=True)
         if not passed:
             break
         best = count
@@ -300,10 +319,10 @@ def bench_concurrency(root: str, edge_port: int, counts: list[int], hold_rate: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", default="1,2,3")
-    parser.add_argument("--rates", default="50,100,150,200,300")
+    parser.add_argument("--rates", default="60,80,100,120,140,160,200")
     parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--concurrency", default="50,100,200")
-    parser.add_argument("--hold-rate", type=int, default=25)
+    parser.add_argument("--concurrency", default="100,200,400,600")
+    parser.add_argument("--hold-rate", type=int, default=40)
     parser.add_argument("--latency-calls", type=int, default=50)
     parser.add_argument("--workdir", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
     args = parser.parse_args()
@@ -326,15 +345,18 @@ def main() -> None:
             procs.append(edge)
             print(f"{n} node(s) behind the edge:", flush=True)
             # setup latency first, on an idle cluster
+            # -timer_resol 1: SIPp's clock otherwise moves in 4-10 ms steps, coarser than what is measured.
             via = run_sipp(root, edge_port, "-r", "5", "-m", str(args.latency_calls), "-d", "200",
-                           timeout_s=args.latency_calls / 5 + 30)
+                           "-timer_resol", "1", timeout_s=args.latency_calls / 5 + 30)
             direct = run_sipp(root, nodes[0].sip_port, "-r", "5", "-m", str(args.latency_calls), "-d", "200",
-                              timeout_s=args.latency_calls / 5 + 30)
+                              "-timer_resol", "1", timeout_s=args.latency_calls / 5 + 30)
             lat = (statistics.median(via.rtt_ms) if via.rtt_ms else float("nan"), pct(via.rtt_ms, 0.95),
                    statistics.median(direct.rtt_ms) if direct.rtt_ms else float("nan"), pct(direct.rtt_ms, 0.95))
-            print(f"    setup INVITE->200: via edge median {lat[0]:.2f} ms p95 {lat[1]:.2f} ms "
+            # SIPp's times come in whole clock steps (4 ms here): the means show what the medians round away.
+            means = tuple(statistics.fmean(v) if v else float("nan") for v in (via.rtt_ms, direct.rtt_ms))
+            print(f"    setup INVITE->200: via edge median {lat[0]:.2f} ms p95 {lat[1]:.2f} ms mean {means[0]:.2f} ms "
                   f"({via.ok} ok {via.failed} failed); direct to node1 median {lat[2]:.2f} ms p95 {lat[3]:.2f} ms "
-                  f"({direct.ok} ok {direct.failed} failed)", flush=True)
+                  f"mean {means[1]:.2f} ms ({direct.ok} ok {direct.failed} failed)", flush=True)
             best_rate, node_ms, edge_ms = bench_rates(root, edge_port, nodes, edge, rates, args.seconds)
             held = bench_concurrency(root, edge_port, counts, args.hold_rate)
             results.append((n, best_rate, node_ms, edge_ms, held, lat))
