@@ -331,12 +331,6 @@ def makeService(options: Options) -> service.IService:
         StartupCallService(sessions, reactor, config.call,
                            playbook=handler.default if isinstance(handler, PlaybookHandlerConfig) else None,
                            ).setServiceParent(top)
-    # Stopped first (SequentialService): calls end while SIP and registrations still work.
-    DrainCallsService(sessions, reactor, graceful=config.graceful_shutdown,
-                      timeout_s=float(config.graceful_shutdown_timeout),
-                      refuse_new_calls=router.refuse_new_calls,
-                      records_in_flight=services.records_in_flight, record_writer=services.call_records,
-                      ).setServiceParent(sip_group)
     advertise_ip = config.external_ip or (
         config.addr if config.addr not in ("", "0.0.0.0", "::") else first_interface_address())
     rtp_engine = RtpMediaEngine(reactor, media_clock)
@@ -378,7 +372,20 @@ def makeService(options: Options) -> service.IService:
                           max_body_bytes=config.api.max_message_bytes)
     WebService(resource).setServiceParent(top)
     CyclicGarbageService(reactor).setServiceParent(top)
+    # In the SIP group: the HTTP listener stays up while the calls drain (their clients, /kill, and the
+    # sockets other nodes tunnel to this one), and closes before SIP does.
     internet.TCPServer(config.http_port, ConnectionLimiter(site, config.api.max_connections_per_ip),
-                       backlog=LISTEN_BACKLOG, interface=config.http_host).setServiceParent(top)
+                       backlog=LISTEN_BACKLOG, interface=config.http_host).setServiceParent(sip_group)
+
+    def refuse_new_calls() -> None:
+        router.refuse_new_calls()
+        sip.user_agent.start_draining()  # OPTIONS 503 also without an inbound handler
+
+    # Stopped first (SequentialService): calls end while SIP, registrations and HTTP still work.
+    DrainCallsService(sessions, reactor, graceful=config.graceful_shutdown,
+                      timeout_s=float(config.graceful_shutdown_timeout),
+                      refuse_new_calls=refuse_new_calls,
+                      records_in_flight=services.records_in_flight, record_writer=services.call_records,
+                      ).setServiceParent(sip_group)
     top.systemd = SystemdNotify.from_environment(reactor)
     return top

@@ -131,6 +131,26 @@ class TunnelTests(TestCase):
         b = await self._daemon("b", top=f'peers = ["127.0.0.1:{a.http_port}"]\n')
         sid = await self._run_on(a)
         await self._call_through(a, b, sid)
+        await self._drain_keeps_the_tunnel(a, b)
+
+    async def _drain_keeps_the_tunnel(self, a: Any, b: Any) -> None:
+        """SIGTERM on the owner: its HTTP side stays up for the call (health 503 draining), the call
+        tunnelled through B goes on, /kill through B ends it, and then the owner exits."""
+        sid = await self._run_on(a)
+        client = await connect(f"{b.ws_url}/call?id={sid}")
+        self.addCleanup(lambda: client.transport.loseConnection() if not client.closed else None)
+        client.send({"command": "invite", "option": {"codec": "pcm", "sampleRate": 16000}})
+        await client.wait_event("answer", trackId=sid)
+        a.transport.signalProcess("TERM")
+        await a.wait_output("shutting down: waiting up to")
+        health = await http_client().get(f"{a.base_url}/health")
+        self.assertEqual((health.code, (await health.json())["status"]), (503, "draining"))
+        client.send({"command": "history", "speaker": "user", "text": "still here"})
+        await client.wait_event("addHistory")
+        killed = await http_client().get(f"{b.base_url}/kill/{sid}")
+        self.assertEqual(json.loads(await killed.content()), {"status": "killed", "id": sid})
+        await client.wait_event("hangup", trackId=sid)
+        await a.wait_exit()
 
     async def test_registry_then_redis_restart(self) -> None:
         """With Redis, B asks the registry where the id lives; Redis restarted empty: calls go on, ids return."""

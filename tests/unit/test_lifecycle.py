@@ -379,9 +379,15 @@ class PrepareProcessTests(SynchronousTestCase):
         from activecall.lifecycle import prepare_process
 
         observer = EventLoggingObserver()
+        self.switch_intervals: list[float] = []
         prepare_process(parse_config(toml, Overrides()), Logger(observer=observer),
-                        raise_limit=lambda: (1024, open_files))
+                        raise_limit=lambda: (1024, open_files), set_switch_interval=self.switch_intervals.append)
         return [formatEvent(e) for e in observer]
+
+    def test_the_reactor_gets_the_gil_sooner(self) -> None:
+        """Worker threads hold the GIL at most 0.2 ms while the reactor waits (CPython's default is 5 ms)."""
+        self.warnings('http_addr = "127.0.0.1:8080"\n')
+        self.assertEqual(self.switch_intervals, [0.0002])
 
     def test_quiet_on_loopback_with_enough_files(self) -> None:
         """A loopback API and 65536 files log nothing."""
