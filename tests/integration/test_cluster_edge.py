@@ -19,6 +19,7 @@ import socket
 import tempfile
 import time
 from typing import Any
+from urllib.parse import quote
 
 import treq
 from twisted.internet import reactor
@@ -28,6 +29,12 @@ from edge import (Edge, edge_available, node_config, sipp_counts, spawn_edge, sp
                   write_playbook)
 from harness import Daemon, free_port, http_client, start_daemon
 from test_sip_limits_sipp import sample
+
+from activecall.media._audioop import audioop
+
+
+def audioop_rms(pcm: bytes) -> float:
+    return float(audioop.rms(pcm, 2)) if len(pcm) >= 2 else 0.0
 
 PING_INTERVAL_S = 1
 
@@ -235,3 +242,73 @@ class TrunkRegistrationTests(TestCase):
         self.assertIn("AoR: 2001", dump)
         info = await edge.kamcmd("uac.reg_info", "l_uuid", "trunk1")
         self.assertIn("trunk1", info)
+
+
+class ClusterRegistryTests(ClusterEdgeTestCase):
+    """Redis, the edge and three webhook nodes: the application may reach a call through any node."""
+
+    async def test_webhook_client_through_another_node_and_redis_restart(self) -> None:
+        """SIPp calls through the edge; the webhook names the owner; the application connects to another
+        node, accepts and hears the call (SIPp echoes the agent's TTS: both directions cross the tunnel);
+        Redis stops and comes back (the call goes on; the next call, which may arrive meanwhile, is found
+        again); /kill through a third node ends each call."""
+        from test_cluster_tunnel import RedisServer
+        from test_daemon_sip import webhook_app
+        from harness import BASE_CONFIG, connect
+
+        redis = await RedisServer.start(self)
+        hook_url, hooks = webhook_app(self)
+        nodes = []
+        for i in range(3):
+            workdir = os.path.join(self.workdir, f"node{i + 1}")
+            os.makedirs(workdir)
+            base = 20000 + (free_port(socket.SOCK_DGRAM) % 10000 + 1000 * i) % 20000 & ~1
+            config = (f"rtp_start_port = {base}\nrtp_end_port = {base + 400}\n" + BASE_CONFIG
+                      + f'[handler]\ntype = "webhook"\nurl = "{hook_url}"\n[sip_rate_limit]\nenabled = false\n'
+                      + f'[cluster]\nredis_url = "{redis.url}"\nnode_id = "n{i + 1}"\nregistry_ttl = "3s"\n')
+            node = await start_daemon(workdir, config)
+            self.addCleanup(node.stop)
+            nodes.append(node)
+        by_name = {f"n{i + 1}": node for i, node in enumerate(nodes)}
+        edge = await self.edge(nodes)
+
+        async def attach_elsewhere() -> tuple[Any, Any, Any]:
+            """The next webhook call, accepted through a node that does not own it."""
+            payload = await hooks.get()
+            owner = by_name[payload["node"]]
+            self.assertEqual(payload["wsUrl"].split("/call/sip?id=")[0], owner.ws_url)
+            other = next(n for n in nodes if n is not owner)
+            client = await connect(f"{other.ws_url}/call/sip?id={quote(payload['dialogId'], safe='')}")
+            self.addCleanup(lambda: client.transport.loseConnection() if not client.closed else None)
+            client.send({"command": "accept", "option": {"subscribe": True, "tts": {"provider": "piper"}}})
+            await client.wait_event("answer", trackId=payload["dialogId"])
+            return payload, owner, client
+
+        async def hears_echo(client: Any, text: str) -> None:
+            before = len(client.frames)
+            client.send({"command": "tts", "text": text, "endOfStream": True})
+            # Binary frames tagged 0x01 are the caller's audio: SIPp's echo of the agent's speech.
+            await client.factory.waiters.wait(
+                lambda: sum(1 for _, f in client.frames[before:] if f[:1] == b"\x01" and audioop_rms(f[1:]) > 300) >= 25,
+                30, "the caller's echo of the agent's speech")
+
+        first_call = self.sipp(edge, "-m", "2", "-r", "1", "-rp", "4000", "-d", "60000", "-rtp_echo", name="calls")
+        payload, owner, client = await attach_elsewhere()
+        await hears_echo(client, "Hello, this is the agent speaking through another node.")
+        # Redis away: the tunnel already up carries on; every node says so once.
+        await redis.stop()
+        await hears_echo(client, "The registry is down but this call goes on.")
+        for node in nodes:
+            await node.wait_output("call registry unreachable")
+        await RedisServer.start(self, port=redis.port)
+        for node in nodes:
+            await node.wait_output("call registry reachable again", timeout_s=20)
+        second, second_owner, second_client = await attach_elsewhere()
+        await hears_echo(second_client, "A second call, found again through the registry.")
+        # /kill through a node that is neither the owner nor the one the client used.
+        for payload_, owner_, client_ in ((payload, owner, client), (second, second_owner, second_client)):
+            third = next(n for n in nodes if n is not owner_ and f"ws://127.0.0.1:{n.http_port}" not in str(client_.factory.url))
+            killed = await http_client().get(f"{third.base_url}/kill/{quote(payload_['dialogId'], safe='')}")
+            self.assertEqual((await killed.json())["status"], "killed")
+            await client_.wait_event("hangup", trackId=payload_["dialogId"])
+        await first_call.wait_exit(60)
