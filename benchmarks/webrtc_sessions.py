@@ -177,8 +177,9 @@ class Client:
 
 
 async def spawn_client(args: argparse.Namespace, url: str, wav: str, first: int, count: int) -> Client:
+    nice = ["nice", "-n", str(args.client_nice)] if args.client_nice else []
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, os.path.abspath(__file__), "--worker", "--url", url, "--sid", "bench", "--first", str(first),
+        *nice, sys.executable, os.path.abspath(__file__), "--worker", "--url", url, "--sid", "bench", "--first", str(first),
         "--count", str(count), "--seconds", str(args.seconds), "--codec", args.codec, "--wav", wav,
         *(["--trickle"] if args.trickle else []), *(["--encode"] if args.encode else []),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
@@ -383,6 +384,8 @@ def main() -> None:
     p.add_argument("--processes", type=int, default=2, help="client processes the sessions are split over")
     p.add_argument("--codec", default="opus", choices=["opus", "g722", "pcmu", "pcma"])
     p.add_argument("--trickle", action="store_true")
+    p.add_argument("--client-nice", type=int, default=0,
+                   help="run the clients at this nice level, so that on a small machine they yield to the daemon")
     p.add_argument("--encode", action="store_true", help="clients encode their mic audio (default: pre-encoded Opus)")
     p.add_argument("--switch-interval", type=float, default=None,
                    help="run the daemon with sys.setswitchinterval(S) (an experiment; default Python's 0.005)")
