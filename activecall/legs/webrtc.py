@@ -13,9 +13,10 @@ every coroutine is bridged to a Deferred here.
   arrive (after SRTP) into our jitter buffer, and in ``RECEIVE`` each tick
   decodes one (our codecs, 16 kHz out) and writes the frame to the sink; RFC
   4733 telephone-events become DTMF.  In ``SEND`` one agent frame goes to the
-  outbound track, whose ``recv()`` encodes it (Opus from 16 kHz mono at
-  32 kbit/s) and hands aiortc the packet.  No per-frame thread hand-over in
-  either direction: at 50 sessions those cost more than the codecs.  The
+  :class:`EncodeWorker`, one thread for every leg (libopus runs there without
+  the GIL; Opus from 16 kHz mono at 32 kbit/s), a tick's batch per hand-over;
+  the outbound track's ``recv()`` hands aiortc the packets.  Nothing hands a
+  single frame to a thread: at 50 sessions that cost more than the codecs.  The
   agent's audio starts once the peer has connected, so a greeting sent with
   the answer is heard whole.
 * A peer that fails, closes or does not connect within ``handshakeTimeout``
