@@ -68,7 +68,7 @@ from activecall.media.tracks import (
     LegSetupError,
     frame_bytes_at,
 )
-from activecall.media.codecs import CodecError, Decoder, Encoder, make_decoder, make_encoder
+from activecall.media.codecs import CodecError, Decoder, Encoder, get_codec, make_decoder, make_encoder
 from activecall.rtp.dtmf import DtmfReceiver
 from activecall.rtp.jitter import LOSS, JitterBuffer
 from activecall.rtp.packet import RtpParseError, parse_telephone_event
@@ -267,11 +267,16 @@ class _AgentTrack(MediaStreamTrack):
         self.encoder: Optional[Encoder] = None  # used on the worker's thread only
         self._pts = 0
         self._time_base = Fraction(1, MEDIA_RATE_HZ)
+        self._pts_step = FRAME_SAMPLES
         self.frames_sent = 0
 
     def use_codec(self, name: str) -> None:
         """Encode in ``name`` (``opus``, ``g722``, ``pcmu``, ``pcma``) from now on."""
         self.encoder = make_encoder(name, MEDIA_RATE_HZ)
+        # Packets in the codec's RTP clock: aiortc then copies the timestamp instead of doing Fraction math.
+        clock_rate = get_codec(name).clock_rate_hz
+        self._time_base = Fraction(1, clock_rate)
+        self._pts_step = clock_rate // 50
 
     def push(self, pcm: bytes) -> None:
         """One 20 ms frame of 16 kHz PCM, to be encoded and sent."""
@@ -297,7 +302,7 @@ class _AgentTrack(MediaStreamTrack):
         packet = av.Packet(self._packets.popleft())
         packet.pts = self._pts
         packet.time_base = self._time_base
-        self._pts += FRAME_SAMPLES
+        self._pts += self._pts_step
         self.frames_sent += 1
         return packet
 
