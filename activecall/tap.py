@@ -339,7 +339,7 @@ def makeService(options: Options) -> service.IService:
     registry = registry_service.registry if registry_service is not None else None
     capacity = Capacity(user_agent=sip.user_agent, sessions=sessions,
                         cpu=CpuMeter(lambda: sum(os.times()[:2]), reactor.seconds),
-                        draining=lambda: bool(getattr(router, "draining", False)),
+                        draining=lambda: sip.user_agent.draining,
                         node=registry.node_id if registry is not None else None)
     metrics.add_collector(DaemonCollector(
         user_agent=sip.user_agent, stack=sip.stack, guard=guard, pending=services.pending,

@@ -160,6 +160,7 @@ class ControlProtocol(WebSocketServerProtocol):
         self._watchdog: Optional[PeerWatchdog] = None
         # The owner's socket when another node hosts this id (control/tunnel.py): frames are relayed.
         self._upstream: Optional[UpstreamProtocol] = None
+        self._closed = False  # onClose ran (a client may leave while its owner is being found)
 
     def connectionMade(self) -> None:
         for name in _FACTORY_OPTIONS:
@@ -202,6 +203,8 @@ class ControlProtocol(WebSocketServerProtocol):
             if params.sid in self.factory.host:
                 raise ConnectionDeny(409, "session id already in use")
             self._params = params
+        elif self._closed:
+            upstream.sendClose(code=1000)  # the client left meanwhile: the owner's socket must not linger
         else:
             self._log.info("control client {peer}: {sid} tunnelled to its owner", peer=self.peer, sid=params.sid)
             self._upstream = upstream
@@ -291,6 +294,7 @@ class ControlProtocol(WebSocketServerProtocol):
             self._log.failure("handling a frame of session failed")
 
     def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
+        self._closed = True
         upstream, self._upstream = self._upstream, None
         if upstream is not None:
             upstream.downstream = None

@@ -70,3 +70,55 @@ class LocatorTests(SynchronousTestCase):
         parts = urlsplit(url)
         self.assertEqual((parts.scheme, parts.netloc, parts.path), ("wss", "node-a:8443", "/call/sip"))
         self.assertEqual(parse_qs(parts.query), {"id": ["d@1"], "token": ["t"], "dump": ["true"], "forward": ["true"]})
+
+
+class TunnelPairingTests(SynchronousTestCase):
+    """A client that leaves while its owner is being found does not leave the owner's socket open."""
+
+    def test_owner_socket_closed_when_the_client_left(self) -> None:
+        """The owner upgrades after the client closed: its socket is closed at once, never paired."""
+        from twisted.internet.defer import Deferred
+
+        from activecall.control import protocol as control_protocol
+        from activecall.control.query import SessionParams
+
+        class Upstream:
+            closed: list[int] = []
+
+            def sendClose(self, code: int = 1000) -> None:
+                self.closed.append(code)
+
+        upstream = Upstream()
+        opening: Deferred[Any] = Deferred()
+
+        class FakeTunnel:
+            def __init__(self, clock: Any, limits: Any) -> None:
+                pass
+
+            def open(self, bases: Any, path: Any, params: Any, headers: Any) -> Deferred[Any]:
+                return opening
+
+        self.patch(control_protocol, "Tunnel", FakeTunnel)
+
+        class Factory:
+            locator = OwnerLocator(None, ["ws://127.0.0.1:9"])
+            clock = limits = None
+            host: dict[str, Any] = {}
+
+            def admitting_sessions(self) -> None:
+                pass
+
+        proto = control_protocol.ControlProtocol()
+        proto.factory = Factory()  # type: ignore[assignment]
+
+        class Request:
+            headers: dict[str, str] = {}
+            path = "/call"
+            params: dict[str, list[str]] = {"id": ["x"]}
+
+        d = Deferred.fromCoroutine(proto._route(Request(), SessionParams(sid="x", call_type="webSocket")))  # type: ignore[arg-type]
+        proto.onClose(False, 1006, "gone")
+        opening.callback(upstream)
+        self.successResultOf(d)
+        self.assertEqual(upstream.closed, [1000])
+        self.assertIsNone(proto._upstream)
