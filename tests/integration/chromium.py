@@ -44,6 +44,12 @@ class _BrowserProcess(Daemon):
     def __init__(self, waiters: _Waiters) -> None:
         super().__init__()
         self._waiters = waiters
+        self.open_pipes = {1, 2}
+
+    def childConnectionLost(self, childFD: int) -> None:
+        super().childConnectionLost(childFD)
+        self.open_pipes.discard(childFD)
+        self._waiters.poke()
 
     def outReceived(self, data: bytes) -> None:
         # The tail is what explains a failure.
@@ -307,7 +313,20 @@ class Chromium:
                 except ProcessExitedAlready:
                     pass
                 await self._waiters.wait(lambda: self.process.exit_code is not None, timeout_s, "chromium kill")
+        await self._close_pipes()
         shutil.rmtree(self._profile, ignore_errors=True)
+
+
+    async def _close_pipes(self, grace_s: float = 3.0) -> None:
+        """Chromium's helper processes inherit its stdout/stderr and may hold them open after the browser
+        exited; past a short grace, close our ends so no reader outlives the test."""
+        if self.process.transport is None:
+            return
+        try:
+            await self._waiters.wait(lambda: not self.process.open_pipes, grace_s, "chromium output closed")
+        except AssertionError:
+            self.process.transport.loseConnection()  # the pipes report closed on the next turn
+            await self._waiters.wait(lambda: not self.process.open_pipes, grace_s, "chromium output closed")
 
 
 def _remote_text(obj: dict[str, Any]) -> str:
