@@ -7,7 +7,7 @@ client processes.  Every session sends microphone audio (a tone, real time; for
 Opus pre-encoded once and looped, so the clients spend no CPU on encoding, and
 received audio measured per decoded frame without resampling) and,
 once all N are connected, asks the agent to play a long WAV; during the
-``--seconds`` window that follows the script measures:
+``--seconds`` window that follows (from one second after the play command) the script measures:
 
 * daemon CPU % of one core (utime+stime from /proc over the window), and the
   client processes' own CPU (so a saturated client is visible);
@@ -56,6 +56,9 @@ sys.path.insert(0, os.path.join(REPO, "tests", "integration"))
 sys.path.insert(0, HERE)
 
 from procstats import cpu_seconds, rss_mb  # noqa: E402
+
+# The measurement window opens this long after the play command, so it holds steady playing only.
+SETTLE_S = 1.0
 
 CONFIG = """
 http_addr = "127.0.0.1:{http_port}"
@@ -143,7 +146,7 @@ async def worker(args: argparse.Namespace) -> None:
     tasks = [asyncio.ensure_future(run_session(args.url, sid, seconds=args.seconds, codec=args.codec,
                                                trickle=args.trickle, commands=play, query="dump=false&ping=0",
                                                timeout_s=60, mic_packets=packets, light=True, ready=ev,
-                                               start=start))
+                                               start=start, settle_s=SETTLE_S))
              for sid, ev in zip(sids, ready)]
     # A session that fails before connecting never sets its event: wait for "ready or finished".
     await asyncio.gather(*(asyncio.wait([asyncio.ensure_future(ev.wait()), t], return_when=asyncio.FIRST_COMPLETED)
@@ -291,12 +294,13 @@ async def run(args: argparse.Namespace) -> None:
         def client_cpu() -> float:
             return sum(cpu_seconds(c.proc.pid) for c in clients)
 
-        wait0, main0 = runqueue_wait_s(pid), main_thread_cpu_s(pid)
-        cpu0, ccpu0, t0 = cpu_seconds(pid), client_cpu(), time.monotonic()
         for c in clients:
             assert c.proc.stdin is not None
             c.proc.stdin.write(b"GO\n")
             await c.proc.stdin.drain()
+        await asyncio.sleep(SETTLE_S)
+        wait0, main0 = runqueue_wait_s(pid), main_thread_cpu_s(pid)
+        cpu0, ccpu0, t0 = cpu_seconds(pid), client_cpu(), time.monotonic()
         await asyncio.sleep(args.seconds * 0.5)
         rss_mid, threads_mid = rss_mb(pid), threads(pid)
         await asyncio.sleep(args.seconds * 0.5)

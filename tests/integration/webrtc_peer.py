@@ -465,7 +465,7 @@ async def run_session(url: str, sid: str, *, seconds: float = 3.0, codec: str = 
                       wait_track_end: Optional[str] = None, keep_pcm: bool = False,
                       canary: bool = False, mic_packets: Optional[list[bytes]] = None, light: bool = False,
                       ready: Optional[asyncio.Event] = None,
-                      start: Optional[asyncio.Event] = None) -> dict[str, Any]:
+                      start: Optional[asyncio.Event] = None, settle_s: float = 0.0) -> dict[str, Any]:
     """One call on ``/call/webrtc``; the report (a JSON-able dict, ``errors`` empty when all went well).
 
     ``canary`` (with ``trickle``): one more candidate, a UDP socket of ours that
@@ -476,7 +476,8 @@ async def run_session(url: str, sid: str, *, seconds: float = 3.0, codec: str = 
     ``wait_track_end``: a ``playId`` whose ``trackEnd`` ends the talking phase
     early (else it lasts ``seconds``).  ``ready``/``start`` (benchmark): set
     ``ready`` once the peer is connected, then wait for ``start`` before sending
-    ``commands``; the measurement window is the ``seconds`` after that.
+    ``commands``; the measurement window is the ``seconds`` after that, or, with ``settle_s``, the
+    ``seconds`` after ``settle_s`` more (the call then lasts ``settle_s + seconds``).
     """
     use_loopback()
     loop = asyncio.get_running_loop()
@@ -592,13 +593,13 @@ async def run_session(url: str, sid: str, *, seconds: float = 3.0, codec: str = 
             await start.wait()
 
         t_talk = time.monotonic()
-        meter.window = [t_talk, t_talk + seconds]
+        meter.window = [t_talk + settle_s, t_talk + settle_s + seconds]
         for command in commands:
             session.send(command)
         if wait_track_end:
-            await session.wait_event("trackEnd", seconds + timeout_s, playId=wait_track_end)
+            await session.wait_event("trackEnd", settle_s + seconds + timeout_s, playId=wait_track_end)
         else:
-            await asyncio.sleep(seconds)  # the call's length: audio flows meanwhile
+            await asyncio.sleep(settle_s + seconds)  # the call's length: audio flows meanwhile
         if canary_probe is not None:
             result["canary_checks"] = canary_probe.requests
         t_stats = time.monotonic()
@@ -649,10 +650,12 @@ async def run_session(url: str, sid: str, *, seconds: float = 3.0, codec: str = 
     result["event_times_ms"] = [round(t * 1000) for t in session.event_times]
     audio = meter.report()
     if meter.window is not None and meter.window_first is not None:
-        # Frames expected from the first one in the window to its end (the jitter buffer's delay
-        # before the first frame is latency, not loss); every codec aiortc sends is 20 ms a packet.
+        # Every codec aiortc sends is 20 ms a packet.  Once settled, audio already flows when the window
+        # opens, so the whole window is expected; else from its first frame on (the delay before it is
+        # latency, not loss).
         audio["window_frames"] = meter.window_frames
-        audio["window_expected"] = int((meter.window[1] - meter.window_first) * 1000 / FRAME_MS) + 1
+        opened = meter.window[0] if settle_s > 0 else meter.window_first
+        audio["window_expected"] = round((meter.window[1] - opened) * 1000 / FRAME_MS)
     if meter.first_sound_at is not None and "answer" in timing:
         audio["first_sound_after_answer_ms"] = round((meter.first_sound_at - timing["answer"]) * 1000, 1)
     result["audio"] = audio
