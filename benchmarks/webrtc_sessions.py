@@ -142,7 +142,7 @@ async def worker(args: argparse.Namespace) -> None:
     sids = [f"{args.sid}-{i}" for i in range(args.first, args.first + args.count)]
     ready = [asyncio.Event() for _ in sids]
     start = asyncio.Event()
-    play = [{"command": "play", "url": args.wav, "playId": "bench"}]
+    play = [] if args.silent_agent else [{"command": "play", "url": args.wav, "playId": "bench"}]
     tasks = [asyncio.ensure_future(run_session(args.url, sid, seconds=args.seconds, codec=args.codec,
                                                trickle=args.trickle, commands=play, query="dump=false&ping=0",
                                                timeout_s=60, mic_packets=packets, light=True, ready=ev,
@@ -185,6 +185,7 @@ async def spawn_client(args: argparse.Namespace, url: str, wav: str, first: int,
         *nice, sys.executable, os.path.abspath(__file__), "--worker", "--url", url, "--sid", "bench", "--first", str(first),
         "--count", str(count), "--seconds", str(args.seconds), "--codec", args.codec, "--wav", wav,
         *(["--trickle"] if args.trickle else []), *(["--encode"] if args.encode else []),
+        *(["--silent-agent"] if args.silent_agent else []),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
     return Client(proc)
 
@@ -390,6 +391,8 @@ def main() -> None:
     p.add_argument("--trickle", action="store_true")
     p.add_argument("--client-nice", type=int, default=0,
                    help="run the clients at this nice level, so that on a small machine they yield to the daemon")
+    p.add_argument("--silent-agent", action="store_true",
+                   help="the agent plays nothing (a listening agent: it sends silence all the time)")
     p.add_argument("--encode", action="store_true", help="clients encode their mic audio (default: pre-encoded Opus)")
     p.add_argument("--switch-interval", type=float, default=None,
                    help="run the daemon with sys.setswitchinterval(S) (an experiment; default Python's 0.005)")

@@ -374,6 +374,33 @@ class OpusTests(SynchronousTestCase):
         corr, _ = best_correlation(pcm, out, 960, 4800)
         self.assertGreater(corr, 0.98)
 
+    def test_settled_silence_is_not_encoded(self) -> None:
+        """Digital silence is encoded until the encoder repeats its packet; then that packet is sent
+        without calling libopus, byte for byte what encoding gives, and speech after it still decodes."""
+        import activecall.media.codecs.opus as opus
+
+        speech = sine(440, 16000, 0.6).tobytes()
+        frames = [speech[i : i + 640] for i in range(0, len(speech), 640)]
+        sequence = frames[:10] + [bytes(640)] * 40 + frames[10:30]
+        reference = opus.OpusEncoder(16000)
+        expected = []
+        for pcm in sequence:
+            expected.append(reference.encode(pcm))
+            reference._zeros = b"never silent"  # the shortcut off: every frame really encoded
+        calls = []
+        real = opus.encode_frame
+        self.patch(opus, "encode_frame", lambda *a: calls.append(1) or real(*a))
+        encoder = opus.OpusEncoder(16000)
+        got = [encoder.encode(pcm) for pcm in sequence]
+        self.assertEqual(got[:50], expected[:50])
+        self.assertLess(len(calls), len(sequence) - 30)  # most of the 40 silent frames skipped libopus
+        out = decode_all("opus", got, 16000)
+        after = out[52 * 320 :].astype(np.float64)
+        ref = decode_all("opus", expected, 16000)[52 * 320 :].astype(np.float64)
+        self.assertLess(abs(np.sqrt((after * after).mean()) / np.sqrt((ref * ref).mean()) - 1.0), 0.05)
+        corr, _ = best_correlation(np.frombuffer(speech, "<i2")[12 * 320 :], after.astype("<i2"), 320, 320)
+        self.assertGreater(corr, 0.98)
+
     def test_corrupt_and_empty_payloads(self) -> None:
         """Empty or corrupt Opus payloads yield 20 ms of silence, count errors, and decoding continues."""
         payloads = run_codec("opus", sine(440, 48000, 0.1), 960)

@@ -53,8 +53,11 @@ class OpusEncoder:
         "_ctx",
         "_frame",
         "_frame_samples",
+        "_last_silent",
         "_plane",
         "_pts",
+        "_silent_packet",
+        "_zeros",
         "sample_rate_hz",
     )
 
@@ -72,6 +75,9 @@ class OpusEncoder:
         self._plane: memoryview | None = None
         self._frame_samples = 0
         self._pts = 0
+        self._zeros = b""
+        self._last_silent: bytes | None = None
+        self._silent_packet: bytes | None = None
 
     def _duration_option(self, samples: int) -> str:
         for dms in _FRAME_DURATIONS_DMS:
@@ -98,9 +104,17 @@ class OpusEncoder:
         self._frame = frame
         self._plane = memoryview(frame.planes[0]).cast("B")[: 2 * samples]
         self._frame_samples = samples
+        self._zeros = bytes(2 * samples)
+        self._last_silent = self._silent_packet = None
 
     def encode(self, pcm: bytes) -> bytes:
-        """Encode one frame into one Opus packet."""
+        """Encode one frame into one Opus packet.
+
+        A listening agent sends digital silence most of a call, and libopus spends more on a silent
+        frame than on speech.  Once silence has settled (the encoder gave the same packet for two
+        silent frames running, so its state no longer changes) that packet is repeated without
+        encoding: the bytes are those encoding would give.
+        """
         size = len(pcm)
         if size % 2 or size == 0:
             raise FrameSizeError(f"Opus input must be whole s16 samples, got {size} bytes")
@@ -108,7 +122,17 @@ class OpusEncoder:
         if samples != self._frame_samples:
             self._open(samples)
         assert self._ctx is not None and self._frame is not None and self._plane is not None
-        payload = encode_frame(self._ctx, self._frame, self._plane, pcm, self._pts)
+        if pcm == self._zeros:
+            if self._silent_packet is not None:
+                self._pts += samples
+                return self._silent_packet
+            payload = encode_frame(self._ctx, self._frame, self._plane, pcm, self._pts)
+            if payload == self._last_silent:
+                self._silent_packet = payload
+            self._last_silent = payload
+        else:
+            self._last_silent = self._silent_packet = None
+            payload = encode_frame(self._ctx, self._frame, self._plane, pcm, self._pts)
         self._pts += samples
         return payload
 
