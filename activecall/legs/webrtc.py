@@ -200,16 +200,16 @@ class EncodeWorker:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._batch: list[tuple[_AgentTrack, bytes]] = []
-        self._queue: "queue.SimpleQueue[Optional[list[tuple[_AgentTrack, bytes]]]]" = queue.SimpleQueue()
+        self._batch: list[tuple[_AgentTrack, int, bytes]] = []
+        self._queue: "queue.SimpleQueue[Optional[list[tuple[_AgentTrack, int, bytes]]]]" = queue.SimpleQueue()
         self._thread: Optional[threading.Thread] = None
         self.errors = 0
 
-    def submit(self, track: "_AgentTrack", pcm: bytes) -> None:
-        """Encode ``pcm`` for ``track`` (it gets the payload back in order)."""
+    def submit(self, track: "_AgentTrack", index: int, pcm: bytes) -> None:
+        """Encode ``pcm``, frame ``index`` of ``track`` (it gets the payload back in order)."""
         if not self._batch:
             self._loop.call_soon(self._flush)
-        self._batch.append((track, pcm))
+        self._batch.append((track, index, pcm))
 
     def _flush(self) -> None:
         batch, self._batch = self._batch, []
@@ -224,12 +224,12 @@ class EncodeWorker:
             if batch is None:
                 return
             out = []
-            for track, pcm in batch:
+            for track, index, pcm in batch:
                 encoder = track.encoder
                 if encoder is None:
                     continue
                 try:
-                    out.append((track, encoder.encode(pcm)))
+                    out.append((track, index, encoder.encode(pcm)))
                 except Exception:
                     self.errors += 1
             try:
@@ -244,9 +244,9 @@ class EncodeWorker:
             self._thread = None
 
 
-def _deliver(encoded: list[tuple["_AgentTrack", bytes]]) -> None:
-    for track, payload in encoded:
-        track.deliver(payload)
+def _deliver(encoded: list[tuple["_AgentTrack", int, bytes]]) -> None:
+    for track, index, payload in encoded:
+        track.deliver(index, payload)
 
 
 class _AgentTrack(MediaStreamTrack):
@@ -262,10 +262,10 @@ class _AgentTrack(MediaStreamTrack):
         super().__init__()
         self._loop = loop
         self._worker = worker
-        self._packets: deque[bytes] = deque(maxlen=_MAX_OUTBOUND_FRAMES)
+        self._packets: deque[tuple[int, bytes]] = deque(maxlen=_MAX_OUTBOUND_FRAMES)
         self._waiter: Optional[asyncio.Future[None]] = None
         self.encoder: Optional[Encoder] = None  # used on the worker's thread only
-        self._pts = 0
+        self._frames_pushed = 0
         self._time_base = Fraction(1, MEDIA_RATE_HZ)
         self._pts_step = FRAME_SAMPLES
         self.frames_sent = 0
@@ -281,13 +281,14 @@ class _AgentTrack(MediaStreamTrack):
     def push(self, pcm: bytes) -> None:
         """One 20 ms frame of 16 kHz PCM, to be encoded and sent."""
         if self.encoder is not None and self.readyState == "live":
-            self._worker.submit(self, pcm)
+            self._worker.submit(self, self._frames_pushed, pcm)
+            self._frames_pushed += 1
 
-    def deliver(self, payload: bytes) -> None:
-        """An encoded frame back from the worker (the oldest waiting one is dropped when full)."""
+    def deliver(self, index: int, payload: bytes) -> None:
+        """Encoded frame ``index`` back from the worker (the oldest waiting one is dropped when full)."""
         if self.readyState != "live":
             return
-        self._packets.append(payload)
+        self._packets.append((index, payload))
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -299,10 +300,12 @@ class _AgentTrack(MediaStreamTrack):
             self._waiter = self._loop.create_future()
             await self._waiter
             self._waiter = None
-        packet = av.Packet(self._packets.popleft())
-        packet.pts = self._pts
+        index, payload = self._packets.popleft()
+        packet = av.Packet(payload)
+        # The frame's own slot: a frame dropped on the way leaves a gap in the RTP timestamps, so the
+        # browser's jitter buffer conceals it instead of playing on as if nothing were missing.
+        packet.pts = index * self._pts_step
         packet.time_base = self._time_base
-        self._pts += self._pts_step
         self.frames_sent += 1
         return packet
 

@@ -374,3 +374,35 @@ class WebRtcLegTests(SynchronousTestCase):
                          ["audio/G722", "audio/PCMA", "audio/telephone-event"])
         self.assertEqual(webrtc.webrtc_codec_order(("g729",)),
                          ["audio/opus", "audio/G722", "audio/PCMU", "audio/PCMA", "audio/telephone-event"])
+
+
+class AgentTrackTests(SynchronousTestCase):
+    """The agent track aiortc reads: RTP timestamps from each frame's media-clock slot."""
+
+    def setUp(self) -> None:
+        if webrtc is None:  # pragma: no cover
+            self.skipTest("aiortc is not installed")
+        self.loop = asyncio.new_event_loop()
+        self.addCleanup(self.loop.close)
+        self.worker = webrtc.EncodeWorker(self.loop)
+        self.track = webrtc._AgentTrack(self.loop, self.worker)
+        self.track.use_codec("pcmu")
+
+    def test_frames_dropped_while_full_leave_a_timestamp_gap(self) -> None:
+        """15 frames delivered while aiortc reads none: the oldest 5 go, and the first packet read
+        then is stamped with frame 5's slot (160 samples a frame at 8 kHz), not frame 0's."""
+        for index in range(15):
+            self.track.deliver(index, bytes([index]) * 160)
+        packets = [self.loop.run_until_complete(self.track.recv()) for _ in range(10)]
+        self.assertEqual([p.pts for p in packets], [i * 160 for i in range(5, 15)])
+        self.assertEqual(bytes(packets[0])[:1], b"\x05")
+        self.track.deliver(20, b"\x14" * 160)
+        self.assertEqual(self.loop.run_until_complete(self.track.recv()).pts, 20 * 160)
+
+    def test_pushed_frames_are_numbered_in_order(self) -> None:
+        """Each pushed frame goes to the worker with the next frame number."""
+        seen: list[tuple[int, bytes]] = []
+        self.patch(self.worker, "submit", lambda track, index, pcm: seen.append((index, pcm)))
+        for n in range(3):
+            self.track.push(bytes([n]) * 640)
+        self.assertEqual([i for i, _ in seen], [0, 1, 2])

@@ -201,6 +201,10 @@ class AudioMeter:
         self.window: Optional[list[float]] = None  # [t0, t1] of a measurement window
         self.window_frames = 0
         self.window_first: Optional[float] = None  # the first frame in the window
+        # Frames the sender's RTP timestamps skipped in the window (the daemon stamps each frame with its
+        # media-clock slot, so a frame it dropped shows as a gap whatever the arrival times).
+        self.window_skipped = 0
+        self._last_pts: Optional[int] = None
 
     def add(self, frame: av.AudioFrame, now: float) -> None:
         self.frames += 1
@@ -211,6 +215,10 @@ class AudioMeter:
             if self.window_first is None:
                 self.window_first = now
             self.window_frames += 1
+            if self._last_pts is not None and frame.pts is not None and frame.samples:
+                gap = (frame.pts - self._last_pts) % (1 << 32)
+                self.window_skipped += max(0, round(gap / frame.samples) - 1)
+        self._last_pts = frame.pts
         if self.light:
             samples = np.frombuffer(frame.planes[0], "<i2")[: frame.samples * len(frame.layout.channels)]
             rms = float(np.sqrt(np.dot(samples, samples.astype(np.float64)) / max(1, len(samples))))
@@ -654,6 +662,7 @@ async def run_session(url: str, sid: str, *, seconds: float = 3.0, codec: str = 
         # opens, so the whole window is expected; else from its first frame on (the delay before it is
         # latency, not loss).
         audio["window_frames"] = meter.window_frames
+        audio["window_skipped"] = meter.window_skipped
         opened = meter.window[0] if settle_s > 0 else meter.window_first
         audio["window_expected"] = round((meter.window[1] - opened) * 1000 / FRAME_MS)
     if meter.first_sound_at is not None and "answer" in timing:
