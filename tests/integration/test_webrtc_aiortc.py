@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import sys
 import wave
 from typing import Any
@@ -168,6 +170,36 @@ class WebRtcAiortcTests(TestCase):
         self.assertAlmostEqual(dominant_hz(caller, 16000), 440, delta=10)
         agent = right[np.argmax(np.abs(right) > 2000):][:16000]
         self.assertAlmostEqual(dominant_hz(agent, 16000), 660, delta=10)
+
+    async def test_caller_speech_interrupts_the_agent(self) -> None:
+        """Barge-in on the WebRTC leg, as on the others: the client starts talking (espeak-ng speech after
+        3 s of silence) over a long TTS answer; with ``interruption`` on, the daemon reports
+        ``interruption`` for that play, then its ``trackEnd``, long before the text would end."""
+        if shutil.which("espeak-ng") is None or shutil.which("sox") is None:
+            raise SkipTest("espeak-ng and sox are needed for the caller's speech")
+        daemon = await self._start()
+        said = os.path.join(self.workdir, "said.wav")
+        mic = os.path.join(self.workdir, "mic.wav")
+        subprocess.run(["espeak-ng", "-v", "en-us", "-w", said, "Stop please, I want to speak to a person."],
+                       check=True, capture_output=True)
+        subprocess.run(["sox", said, "-r", "16000", "-c", "1", "-b", "16", mic, "pad", "3", "0"],
+                       check=True, capture_output=True)
+        long_text = ("Thank you for calling. This is a long answer that keeps talking for quite a while, so that "
+                     "the caller has plenty of time to interrupt it before it ends on its own. " * 3)
+        tts = {"command": "tts", "playId": "long", "endOfStream": True, "text": long_text}
+        option = {"vad": {"type": "silero"}, "tts": {"provider": "piper"},
+                  "interruption": {"strategy": "vad", "ignoreFirstMs": 0}}
+        [r] = await run_peer(daemon, "wrtc-barge", "--wav", mic, "--seconds", "30", "--wait-track-end", "long",
+                             "--command", json.dumps(tts), "--option", json.dumps(option), timeout_s=90)
+        self._ok(r)
+        events = [e for e in r["events"] if e.get("playId") == "long"]
+        kinds = [e["event"] for e in events]
+        self.assertIn("interruption", kinds, r["events"])
+        self.assertLess(kinds.index("interruption"), kinds.index("trackEnd"))
+        cut = events[kinds.index("interruption")]
+        self.assertGreater(cut["current"], 0)
+        self.assertLess(cut["current"], cut["totalDuration"])
+        self.assertIn(("speaking", "wrtc-barge"), names(r))
 
     async def test_candidates_before_invite_are_buffered(self) -> None:
         """Every candidate sent before the invite (the offer has none): kept, applied when the leg starts."""
