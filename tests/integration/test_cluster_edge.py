@@ -186,16 +186,15 @@ class FullNodeTests(ClusterEdgeTestCase):
                          "a full node stays in the set")
 
 
-class TrunkRegistrationTests(TestCase):
-    """``WITH_UAC_REG``: the edge, not the nodes, registers to an upstream registrar (Kamailio with digest)."""
+class TrunkRegistrationTests(ClusterEdgeTestCase):
+    """``WITH_UAC_REG``: the edge, not the nodes, registers to an upstream registrar (Kamailio with digest)
+    and routes the trunk's calls to the nodes."""
 
     timeout = 90
 
-    async def test_edge_registers_the_uacreg_account(self) -> None:
-        """A uacreg row makes the edge REGISTER (answering the digest challenge); the registrar binds the edge's contact."""
-        missing = edge_available()
-        if missing:
-            raise SkipTest(missing)
+    async def trunk_edge(self, node_ports: list[int]) -> tuple[Edge, int, str, Daemon]:
+        """A registrar (Kamailio with digest) and the edge with one uacreg account, l_uuid ``trunk1`` for
+        local user 2001, registered there: (edge, edge port, the registrar's control socket, registrar)."""
         from test_sip_kamailio import CONFIG, PASSWORD, Kamailio as Registrar
 
         from edge import KAMAILIO, MODULES
@@ -214,7 +213,7 @@ class TrunkRegistrationTests(TestCase):
                              env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
         self.addCleanup(registrar.stop)
 
-        # The shipped empty table plus one account: l_uuid trunk1 for local user 2001, registered at the registrar.
+        # The shipped empty table plus the account.
         dbtext = os.path.join(tmp, "dbtext")
         shutil.copytree(os.path.join(REPO, "etc", "kamailio", "dbtext"), dbtext)
         with open(os.path.join(dbtext, "uacreg"), "a") as f:
@@ -222,14 +221,18 @@ class TrunkRegistrationTests(TestCase):
                     f"sip\\:127.0.0.1\\:{registrar_port}:60:0:0::\n")
         edge_dir = os.path.join(tmp, "e")
         edge_port = free_port(socket.SOCK_DGRAM)
-        edge = spawn_edge(edge_dir, [free_port(socket.SOCK_DGRAM)], defines=(
+        edge = spawn_edge(edge_dir, node_ports, ping_interval_s=PING_INTERVAL_S, defines=(
             "WITH_UAC_REG", f'UAC_REG_DB_URL="text://{dbtext}"', f'UAC_REG_CONTACT="127.0.0.1:{edge_port}"'),
             port=edge_port)
         self.addCleanup(edge.stop)
+        return edge, edge_port, registrar_ctl, registrar
 
+    async def test_edge_registers_the_uacreg_account(self) -> None:
+        """A uacreg row makes the edge REGISTER (answering the digest challenge); the registrar binds the edge's contact."""
         from twisted.internet.task import deferLater
         from twisted.internet.utils import getProcessOutputAndValue
 
+        edge, edge_port, registrar_ctl, registrar = await self.trunk_edge([free_port(socket.SOCK_DGRAM)])
         deadline = time.monotonic() + 30
         dump = ""
         while f"sip:trunk1@127.0.0.1:{edge_port}" not in dump:
@@ -242,6 +245,19 @@ class TrunkRegistrationTests(TestCase):
         self.assertIn("AoR: 2001", dump)
         info = await edge.kamcmd("uac.reg_info", "l_uuid", "trunk1")
         self.assertIn("trunk1", info)
+
+    async def test_call_from_the_trunk_reaches_a_node(self) -> None:
+        """The carrier sends a call to the registered contact (sip:trunk1@edge): the edge restores the local
+        user (sip:2001@...) and dispatches it to a node, which answers; the call completes through the edge."""
+        [node] = await self.nodes([""])
+        edge, _, _, _ = await self.trunk_edge([node.sip_port])
+        await wait_states(edge, {node.sip_port: "A"})
+        carrier = self.sipp(edge, "-s", "trunk1", "-m", "1", "-d", "1000", "-timeout", "30s")
+        (code,) = await carrier.wait_exit(45)
+        self.assertEqual(sipp_counts(carrier.output), (1, 0), carrier.output[-3000:] + edge.output[-3000:])
+        self.assertEqual(code, 0)
+        self.assertIn("call from a registered trunk for sip:2001@127.0.0.1", edge.output)
+        self.assertEqual(self.answered(node), 1)
 
 
 class ClusterRegistryTests(ClusterEdgeTestCase):
