@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from activecall.config import Config
 from activecall.control.commands import InviteCommand
 from activecall.control.query import SessionParams
+from activecall.media.codecs import limit_codec_threads
 from activecall.options import CallOption
 
 __all__ = [
@@ -83,9 +84,11 @@ GIL_SWITCH_INTERVAL_S = 0.0002
 
 def prepare_process(config: Config, log: Logger,
                     raise_limit: Callable[[], tuple[int, int]] = raise_open_files_limit,
-                    set_switch_interval: Callable[[float], None] = sys.setswitchinterval) -> None:
+                    set_switch_interval: Callable[[float], None] = sys.setswitchinterval,
+                    limit_codec_threads: Callable[[], bool] = limit_codec_threads) -> None:
     """Before the daemon is built: log the config's warnings, lift the open-files limit, hand the GIL
-    to the reactor sooner (:data:`GIL_SWITCH_INTERVAL_S`), warn of risks.
+    to the reactor sooner (:data:`GIL_SWITCH_INTERVAL_S`), keep FFmpeg from starting thread pools per
+    encoder, warn of risks.
 
     Warns when fewer than :data:`MIN_OPEN_FILES` descriptors are allowed after
     ``raise_limit()``, and when the control API listens beyond loopback without a token.
@@ -93,6 +96,8 @@ def prepare_process(config: Config, log: Logger,
     for warning in config.warnings:
         log.warn("config: {warning}", warning=warning)
     set_switch_interval(GIL_SWITCH_INTERVAL_S)
+    if not limit_codec_threads():
+        log.warn("FFmpeg's libavutil not found: each G.722 or Opus call keeps two idle FFmpeg threads")
     _, open_files = raise_limit()
     if open_files < MIN_OPEN_FILES:
         log.warn("only {n} open files allowed (RLIMIT_NOFILE); raise LimitNOFILE for more than a few hundred calls",

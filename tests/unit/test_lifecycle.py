@@ -371,7 +371,7 @@ class StartupCallServiceTests(SynchronousTestCase):
 class PrepareProcessTests(SynchronousTestCase):
     """Start-up checks: config warnings, the open-files limit and an open control API are logged."""
 
-    def warnings(self, toml: str, open_files: int = 65536) -> list[str]:
+    def warnings(self, toml: str, open_files: int = 65536, ffmpeg_found: bool = True) -> list[str]:
         from twisted.internet.testing import EventLoggingObserver
         from twisted.logger import Logger, formatEvent
 
@@ -380,14 +380,28 @@ class PrepareProcessTests(SynchronousTestCase):
 
         observer = EventLoggingObserver()
         self.switch_intervals: list[float] = []
+        self.codec_limits = 0
+
+        def limit_codec_threads() -> bool:
+            self.codec_limits += 1
+            return ffmpeg_found
+
         prepare_process(parse_config(toml, Overrides()), Logger(observer=observer),
-                        raise_limit=lambda: (1024, open_files), set_switch_interval=self.switch_intervals.append)
+                        raise_limit=lambda: (1024, open_files), set_switch_interval=self.switch_intervals.append,
+                        limit_codec_threads=limit_codec_threads)
         return [formatEvent(e) for e in observer]
 
     def test_the_reactor_gets_the_gil_sooner(self) -> None:
         """Worker threads hold the GIL at most 0.2 ms while the reactor waits (CPython's default is 5 ms)."""
         self.warnings('http_addr = "127.0.0.1:8080"\n')
         self.assertEqual(self.switch_intervals, [0.0002])
+
+    def test_ffmpeg_thread_pools_limited_once(self) -> None:
+        """FFmpeg is told once to start no thread pools; when its library is not found, that is a warning."""
+        self.assertEqual(self.warnings('http_addr = "127.0.0.1:8080"\n'), [])
+        self.assertEqual(self.codec_limits, 1)
+        [line] = self.warnings('http_addr = "127.0.0.1:8080"\n', ffmpeg_found=False)
+        self.assertIn("two idle FFmpeg threads", line)
 
     def test_quiet_on_loopback_with_enough_files(self) -> None:
         """A loopback API and 65536 files log nothing."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fractions
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -306,6 +307,30 @@ class G722Tests(SynchronousTestCase):
         self.assertEqual(dec.decode(b""), bytes(640))
         self.assertEqual(dec.errors, 1)
         self.assertEqual(len(dec.decode(payloads[0])), 640)
+
+
+class CodecThreadTests(SynchronousTestCase):
+    """FFmpeg's per-encoder thread pools (PyAV's frame-fitting filter graphs), with and without the limit."""
+
+    def threads_added(self, limit: bool) -> int:
+        script = (
+            "import os\n"
+            "from activecall.media.codecs import limit_codec_threads, make_encoder\n"
+            f"assert {limit} is False or limit_codec_threads()\n"
+            "_ = make_encoder('pcmu', 16000).encode(bytes(640))  # a one-off thread of the imports\n"
+            "before = len(os.listdir('/proc/self/task'))\n"
+            "encoders = [make_encoder(c, 16000) for c in ('g722', 'opus') * 3]\n"
+            "for e in encoders: e.encode(bytes(640))\n"
+            "print(len(os.listdir('/proc/self/task')) - before)\n")
+        out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True)
+        return int(out.stdout.strip())
+
+    def test_encoders_start_no_threads_once_limited(self) -> None:
+        """Six G.722/Opus encoders start no thread once the limit is set (PyAV's graphs otherwise start
+        a pool each on a machine with more than one CPU)."""
+        self.assertEqual(self.threads_added(limit=True), 0)
+        if (os.cpu_count() or 1) > 1:
+            self.assertGreaterEqual(self.threads_added(limit=False), 6)
 
 
 class OpusTests(SynchronousTestCase):

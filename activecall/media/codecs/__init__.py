@@ -28,6 +28,7 @@ __all__ = [
     "FrameSizeError",
     "UnknownCodecError",
     "get_codec",
+    "limit_codec_threads",
     "make_decoder",
     "make_encoder",
 ]
@@ -250,3 +251,11 @@ def make_decoder(name: str, sample_rate_hz: int | None = None) -> Decoder:
     if sample_rate_hz is None or sample_rate_hz == inner.sample_rate_hz:
         return inner
     return _ResamplingDecoder(inner, sample_rate_hz)
+
+
+def limit_codec_threads() -> bool:
+    """Keep FFmpeg from starting a thread pool per encoder (call once, before the first encoder);
+    False when FFmpeg's libavutil cannot be found.  See :func:`activecall.media.codecs._av.limit_ffmpeg_threads`."""
+    from activecall.media.codecs._av import limit_ffmpeg_threads
+
+    return limit_ffmpeg_threads()

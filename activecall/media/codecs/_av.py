@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import glob
+import os
 from typing import Any
 
 import av
@@ -29,3 +33,31 @@ def decode_packet(ctx: Any, payload: bytes) -> list[Any] | None:
         return ctx.decode(av.Packet(payload))  # type: ignore[no-any-return]
     except (av.error.FFmpegError, ValueError):
         return None
+
+
+def limit_ffmpeg_threads() -> bool:
+    """Tell FFmpeg this process has one CPU; False when its libavutil cannot be found.
+
+    PyAV fits every frame it encodes to the codec through a filter graph, and each graph starts
+    a thread pool sized to the CPUs: two idle threads per G.722 or Opus call on two cores, a
+    thousand calls two thousand threads.  Our frames already fit and our codecs are audio, which
+    FFmpeg does not thread: one CPU costs nothing.  Must run before the first encoder.
+    """
+    libavutil = _libavutil_path()
+    if libavutil is None:
+        return False
+    try:
+        lib = ctypes.CDLL(libavutil)  # the copy PyAV loaded: dlopen gives the same handle
+        lib.av_cpu_force_count(ctypes.c_int(1))
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def _libavutil_path() -> str | None:
+    # PyAV's wheels bundle FFmpeg under av.libs/ with hashed names; a source build links the system's.
+    bundled = os.path.join(os.path.dirname(os.path.dirname(av.__file__)), "av.libs")
+    found = sorted(glob.glob(os.path.join(bundled, "libavutil-*.so*")))
+    if found:
+        return found[0]
+    return ctypes.util.find_library("avutil")
