@@ -34,7 +34,7 @@ from activecall.control.events import format_rfc3339
 from activecall.control.playbookruns import PlaybookRuns, RunsFullError
 from activecall.control.wirejson import JsonInputError, parse_json
 from activecall.fileio import UnsafePathError, safe_join, write_atomically
-from activecall.control.protocol import ControlFactory
+from activecall.control.protocol import ControlFactory, RelaySlots
 from activecall.control.tunnel import OwnerLocator, forward_http
 from activecall.interfaces import ISessionListener
 from activecall.playbook.model import (INLINE_SOURCE, PlaybookError, PlaybookNotFound, parse_playbook,
@@ -359,8 +359,9 @@ class ApiResource(Resource):
         self._ice_servers = ice_servers
         self._access = AccessPolicy(api.tokens, api.allowed_origins)
         self._max_body_bytes = api.max_message_bytes
+        relays = RelaySlots()  # one max_sessions budget: tunnels of every endpoint count
         self.factories = {
-            name: ControlFactory(sessions, name, None, clock, api, locator=locator)
+            name: ControlFactory(sessions, name, None, clock, api, locator=locator, relays=relays)
             for name in ("webSocket", "sip", "webrtc")
         }
         self._ws = {name: WebSocketResource(f) for name, f in self.factories.items()}

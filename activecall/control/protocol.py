@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Awaitable, Callable, Mapping, Optional, Protocol, Sequence
 
 import txaio
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -111,6 +111,31 @@ class PeerWatchdog:
             self._probe_call = self._clock.callLater(self._timeout_s, self._probe_tick)
 
 
+class RelaySlots:
+    """Sockets this node relays to their owner (control/tunnel.py), shared by the endpoints' factories.
+
+    A tunnel counts against ``max_sessions`` like a local session: its slot is taken when the
+    owner is looked for and given back when the tunnel closes, whichever side closes first.
+    """
+
+    def __init__(self) -> None:
+        self._held = 0
+
+    def __len__(self) -> int:
+        return self._held
+
+    def take(self) -> None:
+        self._held += 1
+
+    def give_back(self) -> None:
+        self._held -= 1
+
+
+#: Opens the owner's socket: (candidate bases, path, query, headers) -> the socket, or None.
+OpenUpstream = Callable[[Sequence[str], str, Mapping[str, Sequence[str]], Mapping[str, str]],
+                        Awaitable[Optional[UpstreamProtocol]]]
+
+
 @implementer(IControlChannel)
 class _Channel:
     """The IControlChannel a session writes to."""
@@ -161,6 +186,7 @@ class ControlProtocol(WebSocketServerProtocol):
         # The owner's socket when another node hosts this id (control/tunnel.py): frames are relayed.
         self._upstream: Optional[UpstreamProtocol] = None
         self._closed = False  # onClose ran (a client may leave while its owner is being found)
+        self._holds_relay_slot = False  # a RelaySlots slot is held for this (possible) tunnel
 
     def connectionMade(self) -> None:
         for name in _FACTORY_OPTIONS:
@@ -172,6 +198,8 @@ class ControlProtocol(WebSocketServerProtocol):
             params = self._admit(request)
             locator = self.factory.locator
             if params.forward is None and locator is not None and locator.enabled and not self.factory.host.hosts(params.sid):
+                self.factory.relays.take()
+                self._holds_relay_slot = True
                 return Deferred.fromCoroutine(self._route(request, params))
             self._params = params
         except ConnectionDeny as e:
@@ -194,21 +222,29 @@ class ControlProtocol(WebSocketServerProtocol):
             authorization = request.headers.get("authorization")
             if authorization:
                 headers["Authorization"] = authorization
-            upstream = await Tunnel(self.factory.clock, self.factory.limits).open(
-                bases, request.path, request.params, headers)
+            upstream = await self.factory.open_upstream(bases, request.path, request.params, headers)
         except Exception:
             self._log.failure("control client {peer}: finding the owner of {sid} failed", peer=self.peer, sid=params.sid)
             upstream = None
+        if upstream is None or self._closed:
+            self._release_relay_slot()  # a local session counts itself; a client gone holds nothing
+        if self._closed:
+            if upstream is not None:
+                upstream.sendClose(code=1000)  # the client left meanwhile: the owner's socket must not linger
+            return  # and no session is opened for it (onOpen sees _closed)
         if upstream is None:
             if params.sid in self.factory.host:
                 raise ConnectionDeny(409, "session id already in use")
             self._params = params
-        elif self._closed:
-            upstream.sendClose(code=1000)  # the client left meanwhile: the owner's socket must not linger
         else:
             self._log.info("control client {peer}: {sid} tunnelled to its owner", peer=self.peer, sid=params.sid)
             self._upstream = upstream
         self.factory.admitting_sessions()
+
+    def _release_relay_slot(self) -> None:
+        if self._holds_relay_slot:
+            self._holds_relay_slot = False
+            self.factory.relays.give_back()
 
     def relay_from_owner(self, payload: bytes, is_binary: bool) -> None:
         """A message from the owner's socket, for the client."""
@@ -217,6 +253,7 @@ class ControlProtocol(WebSocketServerProtocol):
     def owner_closed(self, code: Optional[int], reason: Optional[str]) -> None:
         """The owner closed the tunnelled socket (the call is over): close the client's."""
         self._upstream = None
+        self._release_relay_slot()
         self.sendClose(code=1000 if code in (None, 1005, 1006) else code, reason=reason or None)
 
     def _admit(self, request: ConnectionRequest) -> SessionParams:
@@ -231,11 +268,14 @@ class ControlProtocol(WebSocketServerProtocol):
         # A second client would orphan the first session's socket and call.
         if params.sid in host:
             raise ConnectionDeny(409, "session id already in use")
-        if len(host) >= self.factory.limits.max_sessions:
+        # Sockets relayed to their owner count too: tunnels through this node are not free.
+        if len(host) + len(self.factory.relays) >= self.factory.limits.max_sessions:
             raise ConnectionDeny(503, "too many sessions")
         return params
 
     def onOpen(self) -> None:
+        if self._closed:
+            return  # the client left while its owner was looked for
         upstream = self._upstream
         if upstream is not None:
             upstream.pair(self)
@@ -295,6 +335,7 @@ class ControlProtocol(WebSocketServerProtocol):
 
     def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
         self._closed = True
+        self._release_relay_slot()
         upstream, self._upstream = self._upstream, None
         if upstream is not None:
             upstream.downstream = None
@@ -307,18 +348,25 @@ class ControlProtocol(WebSocketServerProtocol):
 
 
 class ControlFactory(WebSocketServerFactory):
-    """The factory of one endpoint; ``call_type`` is fixed by its path; ``limits`` is ``config.api``."""
+    """The factory of one endpoint; ``call_type`` is fixed by its path; ``limits`` is ``config.api``.
+
+    ``relays`` counts the tunnelled sockets against ``max_sessions``; the endpoints of one daemon
+    share one. ``open_upstream`` opens an owner's socket (default: :class:`Tunnel`).
+    """
 
     protocol = ControlProtocol
     _log = Logger()
 
     def __init__(self, host: ISessionHost, call_type: str, url: Optional[str], clock: IReactorTime,
-                 limits: ApiConfig = ApiConfig(), locator: Optional[OwnerLocator] = None) -> None:
+                 limits: ApiConfig = ApiConfig(), locator: Optional[OwnerLocator] = None,
+                 relays: Optional[RelaySlots] = None, open_upstream: Optional[OpenUpstream] = None) -> None:
         super().__init__(url, reactor=clock)
         self.noisy = False
         self.host = host
         # Where sockets for ids hosted elsewhere go (the registry, the peers); None: always local.
         self.locator = locator
+        self.relays = relays if relays is not None else RelaySlots()
+        self.open_upstream: OpenUpstream = open_upstream or Tunnel(clock, limits).open
         self.call_type = call_type
         self.clock = clock
         self.limits = limits
@@ -335,7 +383,7 @@ class ControlFactory(WebSocketServerFactory):
         if not self._refusing:
             self._refusing = True
             self._log.warn("control: {n} sessions open (max_sessions); refusing new WebSocket sessions with 503",
-                           n=len(self.host))
+                           n=len(self.host) + len(self.relays))
 
     def admitting_sessions(self) -> None:
         """A handshake was accepted: the next refusal is logged again."""

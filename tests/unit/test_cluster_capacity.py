@@ -91,19 +91,14 @@ class TunnelPairingTests(SynchronousTestCase):
         upstream = Upstream()
         opening: Deferred[Any] = Deferred()
 
-        class FakeTunnel:
-            def __init__(self, clock: Any, limits: Any) -> None:
-                pass
-
-            def open(self, bases: Any, path: Any, params: Any, headers: Any) -> Deferred[Any]:
-                return opening
-
-        self.patch(control_protocol, "Tunnel", FakeTunnel)
-
         class Factory:
             locator = OwnerLocator(None, ["ws://127.0.0.1:9"])
             clock = limits = None
             host: dict[str, Any] = {}
+            relays = control_protocol.RelaySlots()
+
+            def open_upstream(self, bases: Any, path: Any, params: Any, headers: Any) -> Deferred[Any]:
+                return opening
 
             def admitting_sessions(self) -> None:
                 pass

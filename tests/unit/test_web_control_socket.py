@@ -11,6 +11,7 @@ from typing import Any, Optional
 import autobahn.websocket.protocol as autobahn_protocol
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, globalLogPublisher
@@ -18,8 +19,9 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from activecall.config import ApiConfig
-from activecall.control.protocol import ControlFactory, PeerWatchdog
+from activecall.control.protocol import ControlFactory, PeerWatchdog, RelaySlots
 from activecall.control.query import SessionParams
+from activecall.control.tunnel import OwnerLocator
 
 
 class FakeSession:
@@ -203,6 +205,111 @@ class UpgradeRefusalTests(_SocketCase):
         _, client, _ = self.connect("?id=a%0Ab")
         self.assertIn("400", self.handshake_status(client))
         self.assertEqual(self.host.sessions, {})
+
+
+class FakeUpstream:
+    """The owner's socket as the relaying protocol sees it: records what is sent to the owner."""
+
+    def __init__(self) -> None:
+        self.downstream: Any = None
+        self.sent: list[tuple[bytes, bool]] = []
+        self.closed_with: Optional[int] = None
+
+    def pair(self, downstream: Any) -> None:
+        self.downstream = downstream
+
+    def sendMessage(self, payload: bytes, isBinary: bool = False) -> None:
+        self.sent.append((payload, isBinary))
+
+    def sendPong(self, payload: bytes) -> None:
+        return None
+
+    def sendClose(self, code: Optional[int] = None, reason: Optional[str] = None) -> None:
+        self.closed_with = code
+
+
+class TunnelSessionLimitTests(_SocketCase):
+    """A socket relayed to its owner counts against max_sessions on the relaying node, until it closes."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.upstreams: list[FakeUpstream] = []
+        self.lookups: list[Deferred[Any]] = []
+        self.answer_at_once = True
+        self.factory = ControlFactory(self.host, "webSocket", None, self.clock, self.limits,
+                                      locator=OwnerLocator(None, ["ws://owner:8080"]), open_upstream=self._open)
+
+    def _open(self, bases: Any, path: str, params: Any, headers: Any) -> Deferred[Any]:
+        upstream = FakeUpstream()
+        self.upstreams.append(upstream)
+        if self.answer_at_once:
+            return succeed(upstream)
+        d: Deferred[Any] = Deferred()
+        self.lookups.append(d)
+        return d
+
+    def test_tunnels_fill_max_sessions(self) -> None:
+        """Three tunnels (max_sessions 3) and no local session: a fourth tunnel and a local session get 503."""
+        clients = [self.connect(f"?id=remote{i}")[1] for i in range(3)]
+        self.assertEqual([c.opened for c in clients], [True] * 3)
+        self.assertEqual(self.host.sessions, {})
+        _, refused, _ = self.connect("?id=remote3")
+        self.assertIn("503", self.handshake_status(refused))
+        self.host.pending.add("local")  # hosted here: no tunnel, a local session
+        _, local, _ = self.connect("?id=local")
+        self.assertIn("503", self.handshake_status(local))
+        self.assertEqual(len(self.upstreams), 3, "the refused handshake never reached an owner")
+
+    def test_client_close_gives_the_slot_back(self) -> None:
+        """The client closing its tunnel frees its slot (and closes the owner's socket)."""
+        tunnels = [self.connect(f"?id=remote{i}") for i in range(3)]
+        _, client, pump = tunnels[0]
+        client.sendClose(code=1000)
+        pump.flush()
+        self.assertEqual(self.upstreams[0].closed_with, 1000)
+        self.assertTrue(self.connect("?id=again")[1].opened)
+
+    def test_owner_close_gives_the_slot_back(self) -> None:
+        """The owner closing the tunnelled socket frees its slot; the client's socket is closed too."""
+        tunnels = [self.connect(f"?id=remote{i}") for i in range(3)]
+        server, client, pump = tunnels[1]
+        server.owner_closed(1000, None)
+        pump.flush()
+        self.assertTrue(client.closed)
+        self.assertTrue(self.connect("?id=again")[1].opened)
+        self.assertEqual(len(self.factory.relays), 3)
+
+    def test_owner_lookup_in_progress_holds_a_slot(self) -> None:
+        """Handshakes still looking for their owner count; a client leaving meanwhile gives its slot back."""
+        self.answer_at_once = False
+        waiting = [self.connect(f"?id=remote{i}") for i in range(3)]
+        _, refused, _ = self.connect("?id=remote3")
+        self.assertIn("503", self.handshake_status(refused))
+        server, client, pump = waiting[0]
+        server.transport.loseConnection()
+        pump.flush()
+        self.lookups[0].callback(self.upstreams[0])
+        self.assertEqual(self.upstreams[0].closed_with, 1000, "the owner's socket does not linger")
+        self.assertEqual(len(self.factory.relays), 2)
+        self.assertEqual(self.host.sessions, {}, "no session for the client that left")
+        self.assertFalse(self.connect("?id=again")[1].opened)  # its lookup is still pending
+        self.assertEqual(len(self.factory.relays), 3)
+
+    def test_nobody_takes_it_then_a_local_session(self) -> None:
+        """No owner upgraded: the slot is given back and the local session counts itself instead."""
+        self.answer_at_once = False
+        self.connect("?id=orphan")
+        self.lookups[0].callback(None)
+        self.assertEqual((len(self.factory.relays), list(self.host.sessions)), (0, ["orphan"]))
+
+    def test_endpoints_share_one_budget(self) -> None:
+        """ApiResource gives its three endpoints one RelaySlots."""
+        from activecall.web import ApiResource
+
+        resource = ApiResource(self.host, self.clock, ())
+        slots = {id(f.relays) for f in resource.factories.values()}
+        self.assertEqual(len(slots), 1)
+        self.assertIsInstance(next(iter(resource.factories.values())).relays, RelaySlots)
 
 
 class _NoDelayTransport(iosim.FakeTransport):
