@@ -68,6 +68,12 @@ _STATIC_TYPES = {
 MAX_STATIC_BYTES = 4 * 1024 * 1024
 # GET /api/records lists at most this many event dumps (the newest).
 MAX_LISTED_RECORDS = 200
+#: /list?scope=cluster: each other node's /list must answer within this (seconds) ...
+CLUSTER_LIST_TIMEOUT_S = 3.0
+#: ... in at most this many bytes (about 8000 calls with their options); a bigger body is cut off ...
+CLUSTER_LIST_NODE_MAX_BYTES = 8 * 1024 * 1024
+#: ... and the answer lists at most this many calls in all (this node's first, then each node's in turn).
+CLUSTER_LIST_MAX_ENTRIES = 10000
 _DUMP_SUFFIX = ".events.jsonl"
 # Routes that answer without a token, for load balancers.
 _OPEN_PATHS = (["health"],)
@@ -332,7 +338,8 @@ class ApiResource(Resource):
                  environ: Optional[Mapping[str, str]] = None, recording_path: Optional[str] = None,
                  static_dir: str = STATIC_DIR, locator: Optional[OwnerLocator] = None,
                  health: Optional[Callable[[], dict[str, Any]]] = None,
-                 cluster_nodes: Optional[Callable[[], Deferred[Any]]] = None, node_id: Optional[str] = None) -> None:
+                 cluster_nodes: Optional[Callable[[], Deferred[Any]]] = None, node_id: Optional[str] = None,
+                 http_agent: Any = None) -> None:
         super().__init__()
         self._node_id = node_id or "local"  # this node's name in /list?scope=cluster
         # GET /health's body (capacity: calls, limit, CPU, drain); None: {"status":"ok"}.
@@ -341,7 +348,7 @@ class ApiResource(Resource):
         self._cluster_nodes = cluster_nodes
         # Where sockets and REST requests for ids hosted on another node go (control/tunnel.py).
         self._locator = locator
-        self._agent: Any = None  # made on the first request forwarded
+        self._agent: Any = http_agent  # IAgent for requests to other nodes; None: made on the first one
         self._recording_path = recording_path  # where event dumps lie (GET /api/records); None: none listed
         self._static_dir = static_dir  # the test page (GET /, GET /static/{name})
         # POST /api/playbook/run hands out its ids here; None: the route answers 503.
@@ -577,45 +584,76 @@ class ApiResource(Resource):
         return NOT_DONE_YET
 
     def _cluster_list(self, request: Request, local: list[dict[str, Any]]) -> Any:
-        """``/list?scope=cluster``: every node's calls, each entry naming its ``node``, plus the nodes."""
+        """``/list?scope=cluster``: every node's calls, each entry naming its ``node``, plus the nodes.
+
+        Each other node's ``/list`` is read within :data:`CLUSTER_LIST_TIMEOUT_S` and
+        :data:`CLUSTER_LIST_NODE_MAX_BYTES`; at most :data:`CLUSTER_LIST_MAX_ENTRIES` calls are listed.
+        A node that fails, is slow, answers too much or is cut off by the entry cap says so in its
+        ``nodes`` entry (``error``, ``truncated``) and in ``errors``; the answer itself is always 200.
+        """
         from twisted.internet.defer import DeferredList
-        from twisted.web.client import readBody
 
         node_id = self._node_id
         gone: list[bool] = []
         request.notifyFinish().addBoth(lambda _: gone.append(True))
 
         async def gather() -> dict[str, Any]:
+            errors: list[dict[str, str]] = []
+            nodes: list[tuple[str, str]] = []
             if self._cluster_nodes is not None:
-                nodes = [(o.node, o.url) for o in await self._cluster_nodes()]
+                try:
+                    nodes = [(o.node, o.url) for o in await self._cluster_nodes()]
+                except Exception as e:
+                    self._log.info("listing the cluster: the registry's nodes are unknown: {e}", e=e)
+                    errors.append({"node": "registry", "error": "registry unreachable"})
             else:
                 nodes = [(url, url) for url in (self._locator.peers if self._locator is not None else ())]
             others = [(name, url) for name, url in nodes if name != node_id]
 
-            def fetch(url: str) -> Deferred[Any]:
+            def fetch(url: str) -> Deferred[bytes]:
                 base = url.replace("ws://", "http://", 1).replace("wss://", "https://", 1).rstrip("/")
                 headers = Headers()
                 authorization = request.getHeader(b"authorization")
                 if authorization:
                     headers.addRawHeader(b"authorization", authorization)
                 d = self._forward_agent().request(b"GET", f"{base}/list?forward=true".encode("ascii"), headers)
-                d.addCallback(lambda r: readBody(r) if r.code == 200 else None)
-                return d.addTimeout(3.0, self._clock)
+                d.addCallback(_read_node_list, CLUSTER_LIST_NODE_MAX_BYTES)
+                return d.addTimeout(CLUSTER_LIST_TIMEOUT_S, self._clock)
 
             results = await DeferredList([fetch(url) for _, url in others], consumeErrors=True)
-            calls = [dict(entry, node=node_id) for entry in local]
-            listed = [{"node": node_id, "reachable": True, "calls": len(local)}]
-            for (name, url), (ok, body) in zip(others, results):
-                entries: list[Any] = []
-                if ok and body:
+            room = CLUSTER_LIST_MAX_ENTRIES
+            calls = [dict(entry, node=node_id) for entry in local[:room]]
+            mine: dict[str, Any] = {"node": node_id, "reachable": True, "calls": len(calls)}
+            if len(local) > room:
+                mine["truncated"] = True
+            listed = [mine]
+            room -= len(calls)
+            for (name, url), (ok, outcome) in zip(others, results):
+                entry: dict[str, Any] = {"node": name, "url": url}
+                entries: list[dict[str, Any]] = []
+                error: Optional[str] = None
+                if not ok:
+                    error = _node_list_error(outcome)
+                else:
                     try:
-                        entries = [e for e in json.loads(body).get("active_calls", []) if isinstance(e, dict)]
-                    except (ValueError, AttributeError):
-                        ok = False
-                listed.append({"node": name, "url": url, "reachable": bool(ok and body is not None),
-                               "calls": len(entries)})
+                        entries = [e for e in json.loads(outcome).get("active_calls", []) if isinstance(e, dict)]
+                    except (ValueError, AttributeError, TypeError):
+                        error = "invalid JSON"
+                entry["reachable"] = error is None
+                if len(entries) > room:
+                    entries, entry["truncated"] = entries[:room], True
+                    errors.append({"node": name, "error": f"more than {CLUSTER_LIST_MAX_ENTRIES} calls in the cluster"})
+                room -= len(entries)
+                entry["calls"] = len(entries)
+                if error is not None:
+                    entry["error"] = error
+                    errors.append({"node": name, "error": error})
+                listed.append(entry)
                 calls.extend(dict(e, node=name) for e in entries)
-            return {"active_calls": calls, "nodes": listed}
+            body: dict[str, Any] = {"active_calls": calls, "nodes": listed}
+            if errors:
+                body["errors"] = errors
+            return body
 
         def done(body: dict[str, Any]) -> None:
             if not gone:
@@ -936,6 +974,103 @@ class ActivecallSite(Site):
         if path in self._skip_exact or (self._skip_prefix and path.startswith(self._skip_prefix)):
             return
         super().log(request)
+
+
+class _NodeListTooLarge(Exception):
+    """A node's /list body went over CLUSTER_LIST_NODE_MAX_BYTES."""
+
+
+class _NodeListStatus(Exception):
+    """A node's /list answered another code than 200."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def _drop(transport: Any) -> None:
+    if transport is not None:
+        abort = getattr(transport, "abortConnection", None)
+        abort() if abort is not None else transport.stopProducing()
+
+
+class _Unwanted(Protocol):
+    """A response body nobody reads: its connection is dropped at once."""
+
+    def connectionMade(self) -> None:
+        _drop(self.transport)
+
+
+class _BoundedBody(Protocol):
+    """Collects a response body up to ``limit`` bytes; beyond, the connection is dropped and it fails."""
+
+    def __init__(self, done: Deferred[bytes], limit: int) -> None:
+        self._done = done
+        self._limit = limit
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._cancelled = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._done.called:
+            return
+        self._size += len(data)
+        if self._size > self._limit:
+            self._chunks = []
+            self._done.errback(_NodeListTooLarge())
+            self.stop()
+            return
+        self._chunks.append(data)
+
+    def stop(self) -> None:
+        """Drop the connection to the node (as ``readBody`` does on cancel)."""
+        _drop(self.transport)
+
+    def cancel(self) -> None:
+        """The deadline passed: drop the connection; the Deferred fails with CancelledError."""
+        self._cancelled = True
+        self.stop()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self._done.called or self._cancelled:
+            return
+        from twisted.web.client import PotentialDataLoss, ResponseDone
+
+        if reason is None or reason.check(ResponseDone, PotentialDataLoss):
+            self._done.callback(b"".join(self._chunks))
+        else:
+            self._done.errback(reason)
+
+
+def _read_node_list(response: Any, limit: int) -> Deferred[bytes]:
+    """The body of another node's ``/list`` answer: 200 and at most ``limit`` bytes, else a failure.
+
+    Cancelling (the deadline) drops the connection, as ``readBody`` does.
+    """
+    from twisted.web.iweb import UNKNOWN_LENGTH
+
+    reader: list[_BoundedBody] = []
+    done: Deferred[bytes] = Deferred(lambda d: reader[0].cancel() if reader else None)
+    if response.code != 200 or (response.length is not UNKNOWN_LENGTH and response.length > limit):
+        done.errback(_NodeListStatus(response.code) if response.code != 200 else _NodeListTooLarge())
+        response.deliverBody(_Unwanted())
+        return done
+    reader.append(_BoundedBody(done, limit))
+    response.deliverBody(reader[0])
+    return done
+
+
+def _node_list_error(failure: Failure) -> str:
+    """What /list?scope=cluster says of a node whose /list could not be read."""
+    from twisted.internet.defer import CancelledError, TimeoutError as DeferredTimeout
+
+    if failure.check(_NodeListTooLarge):
+        return f"answer larger than {CLUSTER_LIST_NODE_MAX_BYTES} bytes"
+    if failure.check(_NodeListStatus):
+        return f"HTTP {failure.value.code}"
+    if failure.check(DeferredTimeout, CancelledError):
+        return f"no answer within {CLUSTER_LIST_TIMEOUT_S:g} s"
+    return "unreachable"
 
 
 class _CountedConnection(ProtocolWrapper):
