@@ -378,8 +378,8 @@ def makeService(options: Options) -> service.IService:
                        backlog=LISTEN_BACKLOG, interface=config.http_host).setServiceParent(sip_group)
 
     def refuse_new_calls() -> None:
-        router.refuse_new_calls()
-        sip.user_agent.start_draining()  # OPTIONS 503 also without an inbound handler
+        sip.user_agent.start_draining()  # the drain state: OPTIONS and new INVITEs 503, /health, the gauge
+        router.reject_waiting_calls()
 
     # Stopped first (SequentialService): calls end while SIP, registrations and HTTP still work.
     DrainCallsService(sessions, reactor, graceful=config.graceful_shutdown,

@@ -42,13 +42,10 @@ class PlaybookCallHandler:
         self._environ = environ
         self._env_prefix = env_prefix  # [api] env_prefix: the ${VAR}s a playbook may read
         self._clock = clock
-        self.shutting_down = False
 
     def incoming_call(self, call: InboundCall) -> None:
-        """Refuse during shutdown or without a rule; else load the rule's playbook and start the call."""
-        if self.shutting_down:
-            call.reject(503, None, headers=_reason("Server shutting down"))
-            return
+        """Refuse without a rule; else load the rule's playbook and start the call (a draining user
+        agent answers new INVITEs itself)."""
         name = self._config.select(call.caller, call.callee)
         if name is None:
             self._log.info("inbound call from {caller} to {callee}: no playbook rule matches", caller=call.caller, callee=call.callee)

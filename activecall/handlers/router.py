@@ -12,12 +12,13 @@
 - no ``[handler]``: no route, so no :class:`ICallHandler`; the user agent answers
   503 "No invite handler configured" itself, before building a dialog.
 
-:class:`InboundRouter` is the user agent's handler; at shutdown
-:meth:`InboundRouter.refuse_new_calls` makes new INVITEs 503 "Server shutting
-down" and answers those still waiting for a client. It also sets
-:attr:`InboundRouter.draining`, which the user agent reads: out-of-dialog OPTIONS
-get 503 too, so an edge proxy probing the node (Kamailio ``dispatcher``,
-docs/cluster.md) stops sending it calls while its running calls go on.
+:class:`InboundRouter` is the user agent's handler. The drain state is the user
+agent's (:meth:`SipUserAgent.start_draining`): from then on new INVITEs and
+out-of-dialog OPTIONS get 503 "Server shutting down" before reaching a handler, so
+an edge proxy probing the node (Kamailio ``dispatcher``, docs/cluster.md) stops
+sending it calls while its running calls go on. At shutdown
+:meth:`InboundRouter.reject_waiting_calls` answers the calls still waiting for a
+client the same way.
 """
 
 from __future__ import annotations
@@ -85,8 +86,6 @@ class RecordWriter(Protocol):
 
 class _Route(Protocol):
     """A handler the router sends INVITEs to: :class:`WebhookCallHandler` or :class:`PlaybookCallHandler`."""
-
-    shutting_down: bool
 
     def incoming_call(self, call: InboundCall) -> None:
         """A new INVITE arrived."""
@@ -160,8 +159,7 @@ class InboundRouter:
 
     ``pending`` is the registry of calls waiting for a client (webhook route only),
     else None. :attr:`call_handler` is what the user agent is given: this router,
-    or None when no route is configured. :attr:`draining` turns true at shutdown
-    (:meth:`refuse_new_calls`); the user agent then answers OPTIONS with 503.
+    or None when no route is configured. It keeps no drain state: the user agent does.
     """
 
     _log = Logger()
@@ -169,7 +167,6 @@ class InboundRouter:
     def __init__(self, route: _Route | None, pending: PendingCalls | None = None) -> None:
         self._route = route
         self.pending = pending
-        self.draining = False
 
     @property
     def call_handler(self) -> InboundRouter | None:
@@ -181,14 +178,9 @@ class InboundRouter:
         assert self._route is not None, "without a route the user agent is given no handler (call_handler)"
         self._route.incoming_call(call)
 
-    def refuse_new_calls(self) -> None:
-        """Shutdown: new INVITEs (and, through :attr:`draining`, out-of-dialog OPTIONS) get 503
-        "Server shutting down"; calls still waiting for a client too."""
-        if not self.draining:
-            self._log.info("draining: new INVITEs and out-of-dialog OPTIONS get 503")
-        self.draining = True
-        if self._route is not None:
-            self._route.shutting_down = True
+    def reject_waiting_calls(self) -> None:
+        """Shutdown (after the user agent started draining): calls still waiting for a client get 503
+        "Server shutting down"."""
         if self.pending is not None:
             self.pending.reject_all()
 

@@ -45,7 +45,7 @@ from zope.interface import implementer
 from activecall.config import WebhookHandlerConfig
 from activecall.control.events import format_rfc3339
 from activecall.fetch import SIGNATURE_HEADER, signature
-from activecall.handlers.pending import SHUTTING_DOWN_REASON, PendingCalls
+from activecall.handlers.pending import PendingCalls
 from activecall.sip.message import SipRequest
 from activecall.sip.useragent import ICallHandler, InboundCall
 
@@ -301,8 +301,8 @@ class WebhookCallHandler:
     For each new INVITE: register the call in ``pending`` under its dialogId
     (armed with the accept timeout), then notify the webhook; a failed
     notification rejects the call 503 ``Reason: Failed to process invite: <error>``
-    if it is still pending.  Set :attr:`shutting_down` during a graceful
-    shutdown: new INVITEs then get 503 ``Server shutting down``.
+    if it is still pending.  During a graceful shutdown the user agent answers
+    new INVITEs 503 itself; they never come here.
     """
 
     _log = Logger()
@@ -314,13 +314,9 @@ class WebhookCallHandler:
         self._clock = clock
         # (node_id, HTTP base URL) of this node in a cluster: the payload names where to connect.
         self._node = node
-        self.shutting_down = False
 
     def incoming_call(self, call: InboundCall) -> None:
         """Park ``call`` in the pending registry and send the webhook (protocol.md §5.4 step 1)."""
-        if self.shutting_down:
-            call.reject(503, None, headers=[("Reason", SHUTTING_DOWN_REASON)])
-            return
         dialog_id = call.dialog_id
         try:
             payload = build_invite_payload(call, self._clock.seconds(), dialog_id)

@@ -28,11 +28,11 @@ Out-of-dialog requests follow config.md §5: INVITE without a handler → 503
 with ``Reason``; OPTIONS → 200 with Allow/Accept (or silence when disabled);
 REFER → 400; anything else → 200; requests with a To tag matching no dialog → 481.
 
-Drain (docs/cluster.md): once :meth:`SipUserAgent.start_draining` was called, or
-while the handler's ``draining`` attribute is true (the router sets it at shutdown),
-out-of-dialog OPTIONS and new INVITEs get ``503`` with the "Server shutting down"
+Drain (docs/cluster.md): the user agent owns the node's drain state. Once
+:meth:`SipUserAgent.start_draining` was called (at shutdown), out-of-dialog OPTIONS and new INVITEs get ``503`` with the "Server shutting down"
 ``Reason``, so a dispatcher probing with OPTIONS takes the node out; dialogs go on
-(in-dialog OPTIONS, BYE, re-INVITE are answered as before).
+(in-dialog OPTIONS, BYE, re-INVITE are answered as before). Everything else that
+says "draining" (/health, the ``activecall_draining`` gauge) reads :attr:`SipUserAgent.draining`.
 
 Limits (docs/config-security.md): with ``max_calls`` set, a new INVITE while
 that many calls are held (inbound dialogs, early or confirmed, plus outbound
@@ -124,9 +124,7 @@ class CallRejected(Exception):
 class ICallHandler(Interface):
     """Receives new inbound calls (the call layer's router implements it).
 
-    A handler may also have a ``draining`` attribute (not declared here, so that
-    handlers without it still verify): while it is ``True`` the user agent answers
-    out-of-dialog OPTIONS and new INVITEs with 503 "Server shutting down" itself.
+    While the user agent drains, new INVITEs are answered 503 before a handler sees them.
     """
 
     def incoming_call(call: InboundCall) -> None:
@@ -543,13 +541,13 @@ class SipUserAgent:
         stops sending new calls here while the dialogs already up continue.
         """
         if not self._draining:
-            self._log.info("draining: answering OPTIONS and new INVITEs with 503")
+            self._log.info("draining: new INVITEs and out-of-dialog OPTIONS get 503")
         self._draining = True
 
     @property
     def draining(self) -> bool:
-        """Whether the node drains: :meth:`start_draining` was called or the handler says so."""
-        return self._draining or getattr(self.handler, "draining", False) is True
+        """Whether the node drains (:meth:`start_draining` was called); the one drain state of the daemon."""
+        return self._draining
 
     # ------------------------------------------------------------ addresses
 

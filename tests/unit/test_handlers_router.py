@@ -131,7 +131,7 @@ class RouterTests(SynchronousTestCase):
         router = self.router("")
         self.assertIsNone(router.call_handler)
         self.assertIsNone(router.pending)
-        router.refuse_new_calls()  # nothing to refuse
+        router.reject_waiting_calls()  # nothing to refuse
 
     def test_webhook_invite_notifies_and_waits_for_a_session(self) -> None:
         """A webhook route parks the INVITE in pending under its dialogId and posts the webhook once."""
@@ -167,29 +167,18 @@ class RouterTests(SynchronousTestCase):
         self.assertEqual(option.inactivity_timeout, 50)
         self.assertEqual(self.http.requests, [])
 
-    def test_shutdown_refuses_new_calls_on_each_route(self) -> None:
-        """After refuse_new_calls, a new INVITE gets 503 Server shutting down, webhook or playbook."""
-        for router in (self.webhook(), self.playbook()):
-            router.refuse_new_calls()
-            call = FakeCall()
-            router.incoming_call(call)
-            self.assertEqual(call.rejected, [(503, {"Reason": SHUTTING_DOWN_REASON})])
-        self.assertEqual(self.http.requests, [])
-        self.assertEqual(self.sessions.opened, {})
-
-    def test_shutdown_marks_the_router_draining(self) -> None:
-        """refuse_new_calls sets draining (which the user agent reads to answer OPTIONS 503), with or without a route."""
+    def test_the_router_keeps_no_drain_state(self) -> None:
+        """Draining is the user agent's alone: the router has no draining flag for it to read."""
         for router in (self.webhook(), self.playbook(), self.router("")):
-            self.assertFalse(router.draining)
-            router.refuse_new_calls()
-            self.assertTrue(router.draining)
+            router.reject_waiting_calls()
+            self.assertFalse(hasattr(router, "draining"))
 
     def test_shutdown_answers_calls_still_waiting(self) -> None:
         """Calls waiting for a client are answered 503 at shutdown and forgotten."""
         router = self.webhook()
         call = FakeCall()
         router.incoming_call(call)
-        router.refuse_new_calls()
+        router.reject_waiting_calls()
         self.assertEqual(call.rejected, [(503, {"Reason": SHUTTING_DOWN_REASON})])
         assert router.pending is not None
         self.assertEqual(len(router.pending), 0)

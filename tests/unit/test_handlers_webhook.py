@@ -514,17 +514,6 @@ class HandlerTests(SynchronousTestCase):
         self.assertEqual(final.headers.get("Reason"), "handler disconnected")
         self.assertEqual(harness.clock.getDelayedCalls(), [])
 
-    def test_shutting_down_503(self) -> None:
-        """While shutting down a new INVITE gets 503 Server shutting down and no webhook is sent."""
-        harness = Harness(self)
-        harness.handler.shutting_down = True
-        harness.feed(INVITE)
-        (final,) = harness.finals()
-        self.assertEqual(final.status, 503)
-        self.assertEqual(final.headers.get("Reason"), 'SIP;cause=503;text="Server shutting down"')
-        self.assertEqual(harness.hook.requests, [])
-        self.assertEqual(len(harness.pending), 0)
-
     def test_late_failure_after_take_is_ignored(self) -> None:
         """A webhook failure after a client already claimed the call does not reject it."""
         waiting: Deferred[None] = Deferred()

@@ -265,9 +265,8 @@ class DrainProbeTests(SynchronousTestCase):
         ids = IdSource(random.Random(7))
         stack = SipStack(clock, ids, shards=1)
         route = AutoAnswerHandler()
-        route.shutting_down = False  # type: ignore[attr-defined]
         router = InboundRouter(route)
-        SipUserAgent(stack, ids=ids, handler=router.call_handler)
+        ua = SipUserAgent(stack, ids=ids, handler=router.call_handler)
         proto = SipDatagramProtocol(stack)
         transport = MemoryDatagramTransport(("10.0.0.1", 5060))
         proto.makeConnection(transport)  # type: ignore[arg-type]
@@ -299,7 +298,7 @@ class DrainProbeTests(SynchronousTestCase):
 
         sessions = FakeSessions(live=1)
         svc = DrainCallsService(sessions, clock, graceful=True, timeout_s=30.0,
-                                refuse_new_calls=router.refuse_new_calls)
+                                refuse_new_calls=lambda: (ua.start_draining(), router.reject_waiting_calls()))
         svc.startService()
         stopped = svc.stopService()
         send("OPTIONS", 3)

@@ -185,14 +185,15 @@ class DrainTests(UaTestCase):
         self.assertEqual(self.ua.counters["rejected_503"], 1)
         self.assertEqual(self.ua.dialogs(), [])
 
-    def test_handler_draining_attribute(self) -> None:
-        """A handler whose draining attribute is True drains the user agent; one without it never does."""
+    def test_only_start_draining_drains(self) -> None:
+        """The drain state is the user agent's own: a handler attribute named draining is not read."""
         handler = AutoAnswerHandler()
         self.make(handler)
-        handler.draining = False  # type: ignore[attr-defined]
+        handler.draining = True  # type: ignore[attr-defined]
+        self.assertFalse(self.ua.draining)
         self.feed(req("OPTIONS", branch="z9hG4bKo1"))
         self.assertEqual(self.one().status, 200)
-        handler.draining = True  # type: ignore[attr-defined]
+        self.ua.start_draining()
         self.assertTrue(self.ua.draining)
         self.feed(req("OPTIONS", branch="z9hG4bKo2", call_id="probe-2"))
         self.assertEqual(self.one().status, 503)
