@@ -459,14 +459,15 @@ class WebRtcLeg:
         self._take_rtp(transceiver.receiver)
         answer = await pc.createAnswer()
         await pc.setLocalDescription(answer)
+        _end_decoder_thread(transceiver.receiver)
         if self.closed:
             raise LegSetupError("closed while negotiating")
 
     def _take_rtp(self, receiver: Any) -> None:
         # The caller's RTP (after SRTP) comes to us, not to aiortc's receiver: its decoder thread and
         # per-frame hand-over back to the loop cost more than the media itself.  Audio goes into our
-        # jitter buffer, decoded once per media tick; RFC 4733 events (unknown to aiortc) become DTMF.
-        original = receiver._handle_rtp_packet
+        # jitter buffer, decoded once per media tick; RFC 4733 events (unknown to aiortc) become DTMF;
+        # other payload types were not negotiated and are dropped, as on a SIP leg.
         dtmf_pt, audio_pt = self._dtmf_pt, self._audio_pt
         # aiortc's per-source reception statistics, which its RTCP receiver reports are built from.
         streams = getattr(receiver, "_RTCRtpReceiver__remote_streams", None)
@@ -483,8 +484,6 @@ class WebRtcLeg:
                 self._caller_packet(packet)
             elif pt == dtmf_pt:
                 self._telephone_event(packet)
-            else:
-                await original(packet, arrival_time_ms)
 
         receiver._handle_rtp_packet = handle_rtp_packet
 
@@ -596,6 +595,14 @@ class WebRtcLeg:
                 return
             if not self.media_ended:
                 self.outbound.push(pcm if pcm is not None else _SILENCE)
+
+
+def _end_decoder_thread(receiver: Any) -> None:
+    """End the decoder thread aiortc starts per receiver: no packet reaches it (see ``_take_rtp``),
+    and idle it would still be one thread per call.  Its stop() then joins a finished thread."""
+    decoder_queue = getattr(receiver, "_RTCRtpReceiver__decoder_queue", None)
+    if decoder_queue is not None:
+        decoder_queue.put(None)
 
 
 @implementer(ILegDialer)

@@ -234,16 +234,18 @@ class WebRtcAiortcTests(TestCase):
 
     async def test_hundred_sessions_leave_nothing_behind(self) -> None:
         """10 rounds of 10 concurrent short sessions (trickled, hung up, peers closed, sockets closed): the
-        daemon's descriptors, threads and UDP ports come back to what they were after a warm-up, /list is empty
-        and no peer connection stays open."""
+        daemon's descriptors and UDP ports come back to what they were after a warm-up, its threads stop growing,
+        /list is empty and no peer connection stays open."""
         daemon = await self._start()
         pid = daemon.transport.pid
         wav = os.path.join(self.media, "agent.wav")
         write_tone(wav, 2, 660)
-        # Warm-up: the loop's executor threads (Opus encoding) and the media cache for the file.
-        warm = await run_peer(daemon, "wrtc-warm", "--sessions", "6", "--seconds", "0.5", "--play", wav)
-        for r in warm:
-            self._ok(r)
+        # Warm-up at the rounds' concurrency, both kinds: the thread pools (file reads, records) grow to
+        # what 10 sessions at once need and keep those workers, and the file gets into the media cache.
+        for kind in ((), ("--trickle",)):
+            warm = await run_peer(daemon, "wrtc-warm", "--sessions", "10", "--seconds", "0.4", "--play", wav, *kind)
+            for r in warm:
+                self._ok(r)
 
         async def idle() -> bool:
             body = await (await treq.get(daemon.base_url + "/list")).json()
@@ -257,11 +259,16 @@ class WebRtcAiortcTests(TestCase):
 
         ends = ["hangup", "peer", "socket"]
         reports: list[dict[str, Any]] = []
+        halfway: ProcState | None = None
         for i, end in enumerate(ends + ends + ends + ["hangup"]):
             args = ["--sessions", "10", "--seconds", "0.4", "--end", end, "--play", wav]
             if i % 2:
                 args.append("--trickle")
             reports += await run_peer(daemon, f"wrtc-r{i}", *args, timeout_s=90)
+            if i == 4:
+                await until(idle, 15, lambda: "first 50 sessions still listed")
+                halfway = ProcState(pid)
+        assert halfway is not None
         self.assertEqual(len(reports), 100)
         for r in reports:
             self._ok(r)
@@ -274,12 +281,13 @@ class WebRtcAiortcTests(TestCase):
             after = ProcState(pid)
             body = await (await treq.get(daemon.base_url + "/list")).json()
             state["after"], state["list"] = after, body["active_calls"]
-            # Two threads of slack: a thread pool that grew past what the warm-up needed.
+            # The thread pools (the reactor's, asyncio's executor) grow on a burst and keep their workers,
+            # up to sizes that depend on the machine: a leak shows as growth over the second 50 sessions.
             return (not body["active_calls"] and after.udp == before.udp and after.fds <= before.fds
-                    and after.threads <= before.threads + 2)
+                    and after.threads <= max(before.threads + 2, halfway.threads + 1))
 
         state: dict[str, Any] = {}
-        await until(settled, 30, lambda: f"before {before!r}; after {state.get('after')!r}; list {state.get('list')}")
+        await until(settled, 30, lambda: f"before {before!r}; halfway {halfway!r}; after {state.get('after')!r}; list {state.get('list')}")
         if peers_metric is not None:
             metrics_text = await (await treq.get(daemon.base_url + "/metrics")).text()
             values = [line.split()[-1] for line in metrics_text.splitlines() if line.startswith(peers_metric + " ")]
