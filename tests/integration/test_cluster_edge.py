@@ -192,9 +192,10 @@ class TrunkRegistrationTests(ClusterEdgeTestCase):
 
     timeout = 90
 
-    async def trunk_edge(self, node_ports: list[int]) -> tuple[Edge, int, str, Daemon]:
+    async def trunk_edge(self, node_ports: list[int], rows: str = "") -> tuple[Edge, int, str, Daemon]:
         """A registrar (Kamailio with digest) and the edge with one uacreg account, l_uuid ``trunk1`` for
-        local user 2001, registered there: (edge, edge port, the registrar's control socket, registrar)."""
+        local user 2001, registered there, plus ``rows`` (more uacreg lines):
+        (edge, edge port, the registrar's control socket, registrar)."""
         from test_sip_kamailio import CONFIG, PASSWORD, Kamailio as Registrar
 
         from edge import KAMAILIO, MODULES
@@ -218,7 +219,7 @@ class TrunkRegistrationTests(ClusterEdgeTestCase):
         shutil.copytree(os.path.join(REPO, "etc", "kamailio", "dbtext"), dbtext)
         with open(os.path.join(dbtext, "uacreg"), "a") as f:
             f.write(f"1:trunk1:2001:127.0.0.1:2001:127.0.0.1:127.0.0.1:2001:{PASSWORD}::"
-                    f"sip\\:127.0.0.1\\:{registrar_port}:60:0:0::\n")
+                    f"sip\\:127.0.0.1\\:{registrar_port}:60:0:0::\n" + rows)
         edge_dir = os.path.join(tmp, "e")
         edge_port = free_port(socket.SOCK_DGRAM)
         edge = spawn_edge(edge_dir, node_ports, ping_interval_s=PING_INTERVAL_S, defines=(
@@ -258,6 +259,41 @@ class TrunkRegistrationTests(ClusterEdgeTestCase):
         self.assertEqual(code, 0)
         self.assertIn("call from a registered trunk for sip:2001@127.0.0.1", edge.output)
         self.assertEqual(self.answered(node), 1)
+
+
+    async def test_node_call_out_on_a_trunk_gets_the_accounts_credentials(self) -> None:
+        """A node calls a number with the account's l_uuid as its From user: the edge sends the INVITE to
+        that number at the carrier (the account's auth_proxy), answers the carrier's digest challenge with
+        the account's credentials (SIPp verifies them), and the call is answered, then hung up by the node."""
+        [node] = await self.nodes([""])
+        carrier_port = free_port(socket.SOCK_DGRAM)
+        # Account trunk2: registration disabled (flags 1), calls only; SIPp's scenario expects agent/s3cret.
+        row = f"2:trunk2:2002:127.0.0.1:agent:127.0.0.1:sipp.test:agent:s3cret::sip\\:127.0.0.1\\:{carrier_port}:60:1:0::\n"
+        edge, edge_port, _, _ = await self.trunk_edge([node.sip_port], rows=row)
+        await wait_states(edge, {node.sip_port: "A"})
+        from edge import SIPP
+        from harness import connect
+
+        carrier = Daemon()
+        reactor.spawnProcess(carrier, SIPP, [
+            SIPP, "-sf", os.path.join(os.path.dirname(__file__), "sipp", "uas_auth.xml"), "-i", "127.0.0.1",
+            "-p", str(carrier_port), "-mp", str(free_port(socket.SOCK_DGRAM) & ~1), "-m", "1", "-nostdin",
+            "-timeout", "40s", "-trace_msg", "-message_file", os.path.join(self.workdir, "carrier.log")],
+            env=dict(os.environ), path=self.workdir)
+        self.addCleanup(carrier.stop)
+        client = await connect(f"{node.ws_url}/call/sip?id=trunk-out")
+        client.send({"command": "invite", "option": {
+            "callee": f"sip:5550100@127.0.0.1:{edge_port}", "caller": "sip:trunk2@127.0.0.1"}})
+        await client.wait_event("answer", trackId="trunk-out")
+        client.send({"command": "hangup"})
+        await client.wait_closed()
+        (code,) = await carrier.wait_exit(30)
+        with open(os.path.join(self.workdir, "carrier.log"), errors="replace") as f:
+            messages = f.read()
+        self.assertEqual(code, 0, carrier.output[-2000:] + messages[-3000:] + edge.output[-3000:])
+        self.assertIn("INVITE sip:5550100@127.0.0.1 SIP/2.0", messages)
+        self.assertRegex(messages, r'Authorization: Digest [^\n]*username="agent"')
+        self.assertIn("call out on trunk trunk2: sip:5550100@127.0.0.1", edge.output)
 
 
 class ClusterRegistryTests(ClusterEdgeTestCase):
