@@ -289,6 +289,15 @@ class WebRtcLegTests(SynchronousTestCase):
         self.wait_until(lambda: sum(1 for f in sink.frames if rms(f) > 1000) >= 25, "the caller's tone")
         self.drive(leg.close().asFuture(self.loop))
 
+    def test_no_decoder_thread_per_call(self) -> None:
+        """The caller's audio is decoded on the media tick: aiortc's per-receiver decoder thread has ended,
+        and the caller is still heard."""
+        dialer, pc, leg, events, sink = self.connected_call()
+        thread = getattr(leg.pc.getTransceivers()[0].receiver, "_RTCRtpReceiver__decoder_thread", None)
+        self.wait_until(lambda: thread is None or not thread.is_alive(), "aiortc's decoder thread to end")
+        self.wait_until(lambda: sum(1 for f in sink.frames if rms(f) > 1000) >= 25, "the caller's tone")
+        self.drive(leg.close().asFuture(self.loop))
+
     def test_telephone_events_become_one_digit_per_press(self) -> None:
         """RFC 4733 packets from the browser are taken before aiortc's decoder: one digit per press."""
         dialer, pc, leg, events, sink = self.connected_call()
