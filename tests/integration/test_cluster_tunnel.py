@@ -168,6 +168,7 @@ class TunnelTests(TestCase):
         client.send({"command": "invite", "option": {"codec": "pcm", "sampleRate": 16000}})
         await client.wait_event("answer", trackId=alone)
         await a.wait_output("call registry unreachable")
+        await b.wait_output("call registry unreachable")  # B's next refresh (a third of the TTL) fails
         # Back (empty) on the same port: the next refresh rewrites what A hosts, and B finds it again.
         await RedisServer.start(self, port=redis.port)
         await a.wait_output("call registry reachable again", timeout_s=15)
