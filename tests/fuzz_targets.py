@@ -823,6 +823,24 @@ def _query(data: bytes) -> None:
     parse_session_query(params, "websocket", lambda: "sid")
 
 
+def _ice_candidate(data: bytes) -> None:
+    from activecall.legs.webrtc import parse_ice_candidate
+
+    parse_ice_candidate(_text(data), "0", 0)
+
+
+ICE_SEEDS: tuple[bytes, ...] = (
+    b"candidate:842163049 1 udp 1677729535 192.0.2.7 46154 typ srflx raddr 10.0.0.2 rport 46154 generation 0",
+    b"a=candidate:1 1 UDP 2122260223 127.0.0.1 50000 typ host",
+    b"candidate:2 1 tcp 1518280447 2001:db8::1 9 typ host tcptype active",
+    b"candidate:3 1 udp 2122194687 4f3c2b1a-0000-4000-8000-000000000000.local 51000 typ host",
+)
+ICE_TEMPLATES: tuple[str, ...] = (
+    "candidate:{n} {n} udp {n} 127.0.0.1 {n} typ host",
+    "candidate:1 1 udp 1 10.0.0.1 9 typ relay raddr 10.0.0.{n} rport {n} generation {n}",
+)
+
+
 QUERY_SEEDS: tuple[bytes, ...] = (b"id=abc&dump=false&ping=20&serverSideTrack=t1", b"forward=true&id=x%20y", b"")
 QUERY_TEMPLATES: tuple[str, ...] = ("ping={n}", "id=s{n}&ping={n}&dump=true")
 
@@ -875,6 +893,8 @@ def _build() -> tuple[Target, ...]:
         Target("inband_dtmf", _inband_dtmf, (), _inband_seeds()),
         Target("control_command", _command, (CommandError,), COMMAND_SEEDS, COMMAND_TEMPLATES,
                owner="activecall/control/commands.py"),
+        Target("ice_candidate", _ice_candidate, (ValueError,), ICE_SEEDS, ICE_TEMPLATES,
+               owner="activecall/legs/webrtc.py"),
         Target("control_query", _query, (QueryError,), QUERY_SEEDS, QUERY_TEMPLATES,
                owner="activecall/control/query.py"),
         Target("playbook", _playbook, (PlaybookError,), PLAYBOOK_SEEDS, PLAYBOOK_TEMPLATES,

@@ -75,7 +75,7 @@ from activecall.rtp.packet import RtpParseError, parse_telephone_event
 
 __all__ = ["EncodeWorker", "WebRtcLeg", "WebRtcDialer", "WebRtcUnavailableDialer", "WEBRTC_CODECS",
            "webrtc_codec_order", "parse_ice_candidate", "rewrite_answer", "DEFAULT_HANDSHAKE_TIMEOUT_S",
-           "MAX_OFFER_BYTES", "MAX_CANDIDATE_CHARS", "use_host_address"]
+           "MAX_OFFER_BYTES", "MAX_CANDIDATE_CHARS", "MAX_MEDIA_SECTIONS", "use_host_address"]
 
 MEDIA_RATE_HZ = 16000
 FRAME_SAMPLES = MEDIA_RATE_HZ // 50
@@ -85,6 +85,8 @@ _SILENCE = bytes(FRAME_BYTES)
 DEFAULT_HANDSHAKE_TIMEOUT_S = 30
 MAX_OFFER_BYTES = 64 * 1024
 MAX_CANDIDATE_CHARS = 512
+#: Media sections (m= lines) an offer may have: audio, perhaps video and data the call leaves inactive.
+MAX_MEDIA_SECTIONS = 8
 #: Agent frames waiting for aiortc's sender (200 ms); a sender that lags loses the oldest.
 _MAX_OUTBOUND_FRAMES = 10
 #: Seconds of decoded caller audio kept between ticks.
@@ -445,6 +447,11 @@ class WebRtcLeg:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
         except Exception as e:  # aiortc's parse errors (ValueError), OperationError, InvalidStateError
             raise LegOptionError(f"Failed to setup track: the offer was not accepted: {e or type(e).__name__}") from None
+        # One audio stream per call: every other section of the offer is answered inactive, so aiortc
+        # neither sends on it nor starts a receiver (and its decoder thread) for it.
+        for other in pc.getTransceivers():
+            if other is not transceiver:
+                other.direction = "inactive"
         codecs = transceiver._codecs
         audio = [c for c in codecs if c.mimeType.lower() != "audio/telephone-event"]
         if not audio or codecs[0].mimeType.lower() == "audio/telephone-event":
@@ -634,6 +641,10 @@ class WebRtcDialer:
             raise LegOptionError("Failed to setup track: option.offer (the client's SDP offer) is required")
         if len(offer) > MAX_OFFER_BYTES:
             raise LegOptionError(f"Failed to setup track: option.offer is larger than {MAX_OFFER_BYTES} bytes")
+        sections = sum(1 for line in offer.splitlines() if line.startswith("m="))
+        if sections > MAX_MEDIA_SECTIONS:
+            raise LegOptionError(f"Failed to setup track: option.offer has {sections} media sections "
+                                 f"(at most {MAX_MEDIA_SECTIONS})")
         timeout = option.handshake_timeout
         leg = WebRtcLeg(self._loop, self._media_clock, self._clock, self._ids.ssrc(),
                         float(timeout) if timeout else DEFAULT_HANDSHAKE_TIMEOUT_S, on_closed=self.live.discard,

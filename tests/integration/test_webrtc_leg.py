@@ -298,6 +298,33 @@ class WebRtcLegTests(SynchronousTestCase):
         self.wait_until(lambda: sum(1 for f in sink.frames if rms(f) > 1000) >= 25, "the caller's tone")
         self.drive(leg.close().asFuture(self.loop))
 
+    def test_extra_media_sections_are_answered_inactive(self) -> None:
+        """An offer with more streams than the call's one audio: the first audio section carries the call,
+        the others are answered inactive and start no receiver thread; too many sections are refused."""
+        dialer = self.dialer()
+        pc = self.client()
+        pc.addTransceiver("audio", direction="sendrecv")
+        pc.addTransceiver("video", direction="sendrecv")
+        leg = self.dial(dialer, self.offer(pc))
+        events, sink = Events(), Sink()
+        leg.attach(ToneSource(), sink, events)
+        sections = leg.answer_sdp.split("\r\nm=")[1:]
+        self.assertEqual([s.split()[0] for s in sections], ["audio", "audio", "video"])
+        self.assertIn("a=sendrecv", sections[0])
+        self.assertTrue(all("a=inactive" in s for s in sections[1:]), sections)
+        self.drive(pc.setRemoteDescription(RTCSessionDescription(sdp=leg.answer_sdp, type="answer")))
+        self.wait_until(lambda: leg.handshake_done, "the peer to connect")
+        self.wait_until(lambda: sum(1 for f in sink.frames if rms(f) > 1000) >= 25, "the caller's tone")
+        threads = [getattr(t.receiver, "_RTCRtpReceiver__decoder_thread", None) for t in leg.pc.getTransceivers()]
+        self.assertEqual([t for t in threads if t is not None and t.is_alive()], [])
+        self.drive(leg.close().asFuture(self.loop))
+
+        many = "v=0\r\n" + "m=audio 9 UDP/TLS/RTP/SAVPF 0\r\n" * (webrtc.MAX_MEDIA_SECTIONS + 1)
+        with self.assertRaises(LegOptionError) as e:
+            dialer.dial(CallOption(offer=many), "s2", lambda early: None)
+        self.assertIn(f"option.offer has {webrtc.MAX_MEDIA_SECTIONS + 1} media sections", str(e.exception))
+        self.assertEqual(dialer.open_peers, 0)
+
     def test_telephone_events_become_one_digit_per_press(self) -> None:
         """RFC 4733 packets from the browser are taken before aiortc's decoder: one digit per press."""
         dialer, pc, leg, events, sink = self.connected_call()
