@@ -125,6 +125,18 @@ def check_f32(value: Any, path: str) -> float:
     return result
 
 
+def float_range(low: float, high: float) -> Checker:
+    """A checker for a finite JSON number within ``[low, high]``."""
+
+    def check(value: Any, path: str) -> float:
+        result = check_f32(value, path)
+        if not low <= result <= high:
+            raise CommandError.invalid(path, f"expected a number from {low:g} to {high:g}")
+        return result
+
+    return check
+
+
 def check_map(value: Any, path: str) -> dict[str, str]:
     """A JSON object whose values are all strings; a bad value is named by its key."""
     if not isinstance(value, dict):
@@ -572,19 +584,20 @@ class RingbackDetectionOption(WireObject):
 
 @dataclass(frozen=True, slots=True)
 class AgcOption(WireObject):
-    """Automatic gain control (§4.13); ``{}`` means all defaults."""
+    """Automatic gain control (§4.13); ``{}`` means all defaults.  Values are bounded to what the model
+    can use (a 90 dB gain already lifts the quietest 16-bit sample to full scale)."""
 
-    headroom_db: float = wire_field("headroomDb", check_f32, 5.0)
-    max_gain_db: float = wire_field("maxGainDb", check_f32, 50.0)
-    initial_gain_db: float = wire_field("initialGainDb", check_f32, 15.0)
+    headroom_db: float = wire_field("headroomDb", float_range(0.0, 60.0), 5.0)
+    max_gain_db: float = wire_field("maxGainDb", float_range(0.0, 90.0), 50.0)
+    initial_gain_db: float = wire_field("initialGainDb", float_range(0.0, 90.0), 15.0)
     max_gain_change_db_per_second: float = wire_field(
-        "maxGainChangeDbPerSecond", check_f32, 6.0
+        "maxGainChangeDbPerSecond", float_range(0.1, 1000.0), 6.0
     )
     max_output_noise_level_dbfs: float = wire_field(
-        "maxOutputNoiseLevelDbfs", check_f32, -50.0
+        "maxOutputNoiseLevelDbfs", float_range(-90.0, 0.0), -50.0
     )
     adjacent_speech_frames_threshold: int = wire_field(
-        "adjacentSpeechFramesThreshold", check_i32, 12
+        "adjacentSpeechFramesThreshold", int_range(1, 1000), 12
     )
     enable_limiter: bool = wire_field("enableLimiter", check_bool, True)
 

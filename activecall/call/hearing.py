@@ -1,9 +1,10 @@
-"""What a call hears: the caller's audio through denoise -> VAD -> ASR, turned into events and barge-in.
+"""What a call hears: the caller's audio through denoise -> VAD -> AGC -> ASR, turned into events and barge-in.
 
 One :class:`CallHearing` per call leg that has ``vad``, ``asr``, ``denoise`` or
 ``eou`` in its option.  It is a sink on the call's caller fan-out (receive
 phase): each 20 ms frame is denoised if asked, brought to the VAD's rate (8 kHz
-for G.711 legs, no resampling; 16 kHz otherwise) and to the recognizer's 16 kHz.
+for G.711 legs, no resampling; 16 kHz otherwise) and to the recognizer's 16 kHz,
+where ``agc`` lifts a quiet caller (its gain adapting while the VAD hears speech).
 VAD runs batched across calls (:class:`activecall.speech.vad.engine.VadEngine`,
 process phase); its results and the recognizer's arrive on the reactor thread
 and become ``speaking``/``silence``/``asrDelta``/``asrFinal``/``eou`` events.
@@ -28,8 +29,9 @@ from activecall.call.events import (
     MetricsMeasured, SilenceLasted, SpeechEnded, SpeechStarted, TranscriptHeard, TurnEnded,
 )
 from activecall.call.services import AudioFilter, VoiceStream
+from activecall.media.agc import GainController
 from activecall.media.resample import Resampler
-from activecall.options import CallOption, InterruptionOption, TranscriptionOption
+from activecall.options import AgcOption, CallOption, InterruptionOption, TranscriptionOption
 from activecall.speech.interfaces import (
     IRecognitionListener, IRecognitionStream, IRecognizer, RecognitionError, RecognitionRequest, Transcript,
     UnknownProviderError,
@@ -113,6 +115,7 @@ class CallHearing:
         self._closed = False
         self._denoiser: Optional[AudioFilter] = None
         self._vad: Optional[VoiceStream] = None
+        self._agc: Optional[GainController] = None
         # Narrowband callers are heard at 8 kHz (cheaper Silero windows): an 8 kHz leg as it is, a
         # G.711 SIP leg's 16 kHz frames (upsampled from 8 kHz, nothing above 4 kHz) by taking every other
         # sample, which aliases nothing.
@@ -165,8 +168,11 @@ class CallHearing:
         if option.asr is not None:
             hearing._open_recognizer(option.asr)
         needs_segments = hearing._recognizer is not None and not hearing._recognizer.streaming
-        if wants_vad or needs_segments or option.eou is not None:
+        wants_agc = option.agc is not None and hearing._recognizer is not None
+        if wants_vad or needs_segments or option.eou is not None or wants_agc:
             hearing._open_vad(events=wants_vad)
+        if wants_agc:
+            hearing._open_agc(option.agc)
         if option.eou is not None:
             hearing._open_eou()
         return hearing
@@ -205,6 +211,13 @@ class CallHearing:
             self._error(f"VAD type not available: {kind}: {e}")
             return
         self._vad_events = events
+
+    def _open_agc(self, agc: AgcOption) -> None:
+        """Gain on what the recognizer hears, adapting while the VAD hears speech (§4.13)."""
+        if self._vad is None:
+            self._error("agc needs a VAD (agc is off for this call)")
+            return
+        self._agc = GainController(agc, ASR_RATE_HZ)
 
     def _open_eou(self) -> None:
         eou = self._option.eou
@@ -268,6 +281,8 @@ class CallHearing:
                 self._vad.write(self._to_vad.process(frame) if self._to_vad is not None else frame)
         if self._asr is not None and not self.asr_paused:
             pcm = self._to_asr.process(frame) if self._to_asr is not None else frame
+            if self._agc is not None:
+                pcm = self._agc.process(pcm, self._speaking)
             self._asr.write(pcm)
 
     def _at(self, stream_ms: int) -> float:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import shutil
 import subprocess
@@ -119,3 +121,60 @@ class SpeechTests(TestCase):
         late = [f for at, f in client.frames if at > cut_at + 0.05]
         self.assertEqual(late, [], "no agent audio after the interruption (beyond frames already in flight)")
         self.assertGreaterEqual(end["duration"], 500)
+
+    async def test_agc_lifts_a_quiet_caller_for_the_recognizer(self) -> None:
+        """Two calls on one daemon hear the same quiet caller (espeak 30 dB down); an OpenAI-compatible
+        transcription server on 127.0.0.1 receives each utterance.  With ``agc`` it arrives over 10 dB
+        louder, and it is transcribed on both."""
+        from email.parser import BytesParser
+        from email.policy import HTTP
+
+        import numpy as np
+        from twisted.web.resource import Resource
+        from twisted.web.server import Site
+
+        heard: dict[str, list[float]] = {}
+
+        class Transcriptions(Resource):
+            isLeaf = True
+
+            def render_POST(self, request: Any) -> bytes:
+                body = request.content.read()
+                ctype = request.getHeader("content-type").encode()
+                form = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + ctype + b"\r\n\r\n" + body)
+                parts = {p.get_param("name", header="content-disposition"): p for p in form.iter_parts()}
+                with wave.open(io.BytesIO(parts["file"].get_payload(decode=True)), "rb") as w:
+                    pcm = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float64)
+                caller = request.getHeader("authorization").split("-")[-1]
+                heard.setdefault(caller, []).append(float(10 * np.log10(np.mean(pcm ** 2) / 32768 ** 2 + 1e-12)))
+                request.setHeader("content-type", "application/json")
+                return json.dumps({"text": "call me tomorrow"}).encode()
+
+        port = reactor.listenTCP(0, Site(Transcriptions()), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        endpoint = f"http://127.0.0.1:{port.getHost().port}/v1"
+
+        workdir = os.path.abspath(self.mktemp())
+        os.makedirs(workdir)
+        daemon = await start_daemon(workdir, BASE_CONFIG)
+        self.addCleanup(daemon.stop)
+        words = np.frombuffer(speech("Please call me tomorrow at nine in the morning.", workdir), dtype="<i2")
+        quiet = (words.astype(np.float64) * 10 ** (-30 / 20)).astype("<i2").tobytes()
+        hiss = (np.random.RandomState(3).randn(RATE) * 3).astype("<i2").tobytes()  # -80 dBFS line noise
+        clients = {}
+        for name, extra in (("plain", {}), ("agc", {"agc": {}})):
+            client = await connect(f"{daemon.ws_url}/call?id=agc-{name}")
+            self.addCleanup(lambda c=client: c.transport.loseConnection() if not c.closed else None)
+            client.send({"command": "invite", "option": {
+                "codec": "pcm", "sampleRate": RATE, "vad": {"type": "silero"},
+                "asr": {"provider": "openai", "endpoint": endpoint, "secretKey": f"sk-{name}"}, **extra}})
+            await client.wait_event("answer", trackId=f"agc-{name}")
+            clients[name] = client
+        talkers = [_Talker(c, hiss + quiet + hiss + hiss) for c in clients.values()]
+        for talker in talkers:
+            self.addCleanup(talker.stop)
+        for name, client in clients.items():
+            final = await client.wait_event("asrFinal", trackId=f"agc-{name}", timeout_s=60)
+            self.assertEqual(final["text"], "call me tomorrow")
+        self.assertEqual(sorted(heard), ["agc", "plain"])
+        self.assertGreater(max(heard["agc"]) - max(heard["plain"]), 10.0, heard)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -12,7 +13,7 @@ from activecall.call.controller import CallController
 from activecall.call.hearing import BargeIn, read_fillers
 from activecall.control.dispatch import wire_event
 from activecall.options import (
-    CallOption, EouOption, InterruptionOption, SynthesisOption, TranscriptionOption, VadOption,
+    AgcOption, CallOption, EouOption, InterruptionOption, SynthesisOption, TranscriptionOption, VadOption,
 )
 from activecall.speech.interfaces import RecognitionError, Transcript
 from activecall.speech.registry import RecognizerRegistry
@@ -239,6 +240,43 @@ class AsrTests(_Case):
         self.vad.streams[0].listener.speech_started(0)
         self.assertEqual(len(self.obs.events), before)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class GainControlTests(_Case):
+    QUIET = b"".join(int(30 * ((i // 20) % 2 * 2 - 1)).to_bytes(2, "little", signed=True) for i in range(320))  # -61 dBFS
+
+    def test_agc_lifts_what_the_recognizer_hears_while_the_caller_speaks(self) -> None:
+        """With agc the recognizer hears a quiet caller louder, and more so once the VAD has heard speech
+        for a while; the VAD itself hears the caller as they are.  A streaming recognizer gets a silent VAD."""
+        c, leg = self.call(asr=TranscriptionOption(provider="live"), agc=AgcOption())
+        [vad] = self.vad.streams
+        stream = self.streaming.streams[0]
+        hiss = b"\x01\x00\xff\xff" * 160  # the line before the caller speaks: -90 dBFS
+        leg.sink.write_frame(hiss)
+        leg.sink.write_frame(self.QUIET)  # not speech yet to the VAD: the gain stays
+        first = np.frombuffer(bytes(stream.audio)[640:], dtype="<i2")
+        self.assertEqual(int(np.max(np.abs(first))), int(30 * 10 ** (15 / 20)))  # the initial 15 dB
+        vad.listener.speech_started(20)
+        for _ in range(150):
+            leg.sink.write_frame(self.QUIET)
+        last = np.frombuffer(bytes(stream.audio)[-640:], dtype="<i2")
+        self.assertGreater(int(np.max(np.abs(last))), 30 * 10 ** (30 / 20))  # 6 dB/s for 3 s: over 30 dB
+        self.assertEqual(vad.frames[-1], self.QUIET)
+        self.assertEqual(self.obs.of(ce.SpeechStarted), [])
+
+    def test_without_agc_the_recognizer_hears_the_caller_unchanged(self) -> None:
+        c, leg = self.call(asr=TranscriptionOption(provider="live"))
+        leg.sink.write_frame(self.QUIET)
+        self.assertEqual(bytes(self.streaming.streams[0].audio), self.QUIET)
+
+    def test_agc_without_a_vad_is_an_error_and_the_call_hears_on(self) -> None:
+        self.services = fake_call_services(self.clock, synthesizer=self.synth, dialers={"sip": self.dialer},
+                                           recognizers=self.services.recognizers, vad=None)
+        c, leg = self.call(asr=TranscriptionOption(provider="live"), agc=AgcOption())
+        errors = [e.message for e in self.obs.of(ce.ErrorOccurred)]
+        self.assertIn("agc needs a VAD (agc is off for this call)", errors)
+        leg.sink.write_frame(self.QUIET)
+        self.assertEqual(bytes(self.streaming.streams[-1].audio), self.QUIET)
 
 
 class BargeInTests(_Case):

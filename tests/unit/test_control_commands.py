@@ -288,8 +288,15 @@ BAD: list[tuple[str | bytes, str]] = [
     ),
     (
         '{"command":"invite","option":{"agc":{"adjacentSpeechFramesThreshold":1.5}}}',
-        "invalid invite.option.agc.adjacentSpeechFramesThreshold: "
-        "expected an integer from -2147483648 to 2147483647",
+        "invalid invite.option.agc.adjacentSpeechFramesThreshold: expected an integer from 1 to 1000",
+    ),
+    (
+        '{"command":"invite","option":{"agc":{"maxGainDb":1e6}}}',
+        "invalid invite.option.agc.maxGainDb: expected a number from 0 to 90",
+    ),
+    (
+        '{"command":"invite","option":{"agc":{"maxGainChangeDbPerSecond":0}}}',
+        "invalid invite.option.agc.maxGainChangeDbPerSecond: expected a number from 0.1 to 1000",
     ),
     (
         '{"command":"invite","option":{"ringbackDetection":{"enabled":"true"}}}',

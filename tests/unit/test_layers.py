@@ -164,6 +164,7 @@ PURE: tuple[str, ...] = (
     "activecall.media.resample",
     "activecall.media.mixer",
     "activecall.media.dtmf_detect",
+    "activecall.media.agc",
     "activecall.media.tracks",
     "activecall.speech.interfaces",
     "activecall.speech.vad.segmenter",
