@@ -118,7 +118,7 @@ class BridgedTransfer:
         self.leg = leg
         self.answered_at = c.now()
         sink: AudioSink = bridge
-        hearing_option = CallOption(vad=options.vad, asr=options.asr, denoise=options.denoise)
+        hearing_option = CallOption(vad=options.vad, asr=options.asr, denoise=options.denoise, agc=options.agc)
         self.hearing = CallHearing.start(c, hearing_option, int(leg.media_rate_hz), "refer", track=c.sst, refer=True,
                                          native_rate_hz=int(leg.native_rate_hz))
         if self.hearing is not None:

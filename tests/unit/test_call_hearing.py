@@ -427,6 +427,24 @@ class TransferLegTests(_Case):
         self.assertEqual(len(parent.audio), 2 * 640)
 
 
+    def test_transfer_leg_agc_lifts_only_the_target(self) -> None:
+        """refer.options.agc applies to what the transfer target's recognizer hears, not to the caller's."""
+        from activecall.options import ReferOption
+
+        c, leg = self.call(asr=TranscriptionOption(provider="live"))
+        c.transfer("sip:agent@example.com", options=ReferOption(
+            asr=TranscriptionOption(provider="live"), agc=AgcOption(), auto_hangup=False))
+        target = FakeLeg(ssrc=7)
+        self.dialer.attempts[-1][3].callback(target)
+        parent, child = self.streaming.streams
+        quiet = GainControlTests.QUIET
+        target.sink.write_frame(quiet)
+        leg.sink.write_frame(quiet)
+        self.assertEqual(int(np.max(np.abs(np.frombuffer(bytes(child.audio), dtype="<i2")))),
+                         int(30 * 10 ** (15 / 20)))
+        self.assertEqual(bytes(parent.audio), quiet)
+
+
 class StreamingEouTests(_Case):
     def test_final_before_vad_end_does_not_delay_eou(self) -> None:
         """A streaming final that beat the VAD's end of speech: eou comes after the timeout, not 2 s later."""
