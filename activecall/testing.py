@@ -184,10 +184,17 @@ class FakeLeg:
         self.messages: list[tuple[str, str, dict[str, str]]] = []
         self.message_result: Deferred[Any] = Deferred()
         self.prepare_error: Optional[str] = None
+        self.dtmf_sent: list[str] = []
 
     @property
     def native_rate_hz(self) -> int:
         return self.media_rate_hz
+
+    def send_dtmf(self, digits: str) -> bool:
+        if self.closed:
+            return False
+        self.dtmf_sent.append(digits)
+        return True
 
     def attach(self, source: Any, sink: Any, events: Any) -> None:
         self.source, self.sink, self.events = source, sink, events

@@ -712,6 +712,8 @@ class _MainLegEvents:
     def dtmf(self, digit: str) -> None:
         c = self._c
         c.report(DtmfReceived(c.now(), c.sid, digit))
+        if isinstance(c._transfer, BridgedTransfer):
+            c._transfer.relay_dtmf(digit, to_target=True)
 
     def hold(self, on_hold: bool) -> None:
         self._c._hold(on_hold)

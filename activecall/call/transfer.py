@@ -6,7 +6,8 @@ Bridged transfer::
                        \\--rejected / timeout / cancelled--> idle
 
 While bridged, the caller's audio goes to the transfer leg (a sink on the call's
-fan-out) and the transfer leg's audio plays on the server-side track.
+fan-out) and the transfer leg's audio plays on the server-side track; keys pressed
+on either side are played to the other (``forwardDtmf``).
 """
 
 from __future__ import annotations
@@ -133,6 +134,18 @@ class BridgedTransfer:
         c.track.set_source(bridge)
         c.report(CallAnswered(c.now(), c.sst, leg.answer_sdp, refer=True))
 
+    def relay_dtmf(self, digit: str, to_target: bool) -> None:
+        """A key pressed on one side of the bridge, played to the other (unless ``forwardDtmf`` is false)."""
+        if self._ended or self.leg is None or not self._options.forward_dtmf:
+            return
+        leg = self.leg if to_target else self._call.leg
+        if leg is None:
+            return
+        try:
+            leg.send_dtmf(digit)
+        except ValueError:  # not a key a leg can play (a receiver reports only keys)
+            pass
+
     def end(self, reason: str, initiator: str, send_bye: bool, headers: Optional[Mapping[str, str]] = None) -> None:
         """The transfer leg ended: trackEnd{SST}, hangup{SST, refer}, then autoHangup the call (byRefer)."""
         if self._ended:
@@ -176,6 +189,7 @@ class _TransferLegEvents:
     def dtmf(self, digit: str) -> None:
         c = self._t._call
         c.report(DtmfReceived(c.now(), c.sst, digit, refer=True))
+        self._t.relay_dtmf(digit, to_target=False)
 
     def hold(self, on_hold: bool) -> None:
         """Not reported for the transfer leg."""

@@ -64,9 +64,10 @@ from activecall.media._audioop import audioop
 from activecall.media.clock import RECEIVE, SEND, MediaClock
 from activecall.media.codecs import Decoder, Encoder, make_decoder, make_encoder
 from activecall.media.dtmf_detect import InbandDtmfDetector
+from activecall.media.dtmf_tones import DIGITS as DTMF_DIGITS, MAX_QUEUED_DIGITS, DtmfTones
 from activecall.sdp.negotiation import NegotiatedMedia
 from activecall.media.tracks import NO_AUDIO, AudioSink, AudioSource, ILegEvents
-from activecall.rtp.dtmf import DtmfReceiver
+from activecall.rtp.dtmf import DtmfReceiver, DtmfSender
 from activecall.rtp.jitter import LOSS, JitterBuffer
 from activecall.rtp.packet import RtpHeaderView, RtpParseError, parse_rtcp, parse_rtp, parse_telephone_event
 from activecall.rtp.session import ReceiveStatus, RandomBits, RtpSession
@@ -402,6 +403,9 @@ class RtpLeg:
         self._view = RtpHeaderView()
         self._dtmf_rx = DtmfReceiver()
         self._inband_rx: InbandDtmfDetector | None = None
+        # Digits we play to the far end: RFC 4733 events, or tones when telephone-event was not negotiated.
+        self._dtmf_tx: DtmfSender | None = None
+        self._tones_tx: DtmfTones | None = None
         self._rx_fifo = bytearray()
         self._row = -1
         self._up_dirty = False
@@ -422,6 +426,8 @@ class RtpLeg:
         self.rx_rtcp_errors = 0
         self.tx_audio_packets = 0
         self.tx_silent_slots = 0
+        self.tx_dtmf_packets = 0
+        self.tx_dtmf_dropped = 0
         self.frames_delivered = 0
         self.negotiated = negotiated
         self._apply_codec(None, negotiated)
@@ -518,6 +524,29 @@ class RtpLeg:
             self._engine._rebatch(self)
         self._apply_transport(old, negotiated)
 
+    def send_dtmf(self, digits: str) -> None:
+        """Play ``digits`` to the far end: RFC 4733 events when telephone-event was negotiated (100 ms
+        each, 60 ms apart, audio paused meanwhile), else in-band tones in place of the audio.  At most
+        32 digits wait; more are dropped (counted).  ValueError for a character that is not a digit."""
+        digits = digits.upper()
+        bad = [d for d in digits if d not in DTMF_DIGITS]
+        if bad:
+            raise ValueError(f"not a DTMF digit: {bad[0]!r}")
+        if self._te_pt >= 0:
+            sender = self._dtmf_tx
+            if sender is None:
+                sender = self._dtmf_tx = DtmfSender(self.negotiated.clock_rate_hz)
+            room = max(0, MAX_QUEUED_DIGITS - sender.pending)
+            sender.send(digits[:room])
+            self.tx_dtmf_dropped += max(0, len(digits) - room)
+            return
+        tones = self._tones_tx
+        if tones is None:
+            tones = self._tones_tx = DtmfTones(MEDIA_RATE_HZ)
+        before = tones.dropped
+        tones.push(digits)
+        self.tx_dtmf_dropped += tones.dropped - before
+
     def stats(self) -> dict[str, Any]:
         """Counters of the leg, its endpoint and its jitter buffer."""
         jb = self._jb
@@ -530,6 +559,7 @@ class RtpLeg:
             "rx_dtmf_packets": self.rx_dtmf_packets,
             "tx_audio_packets": self.tx_audio_packets,
             "tx_silent_slots": self.tx_silent_slots,
+            "tx_dtmf_packets": self.tx_dtmf_packets,
             "frames_delivered": self.frames_delivered,
             "jitter_lost": jb.lost,
             "jitter_late": jb.late,
@@ -548,6 +578,8 @@ class RtpLeg:
         self._te_pt = -1 if neg.telephone_event_pt is None else neg.telephone_event_pt
         self._cn_pt = -1 if neg.comfort_noise_pt is None else neg.comfort_noise_pt
         self._cn_wait = -1
+        if old is None or (old.telephone_event_pt, old.clock_rate_hz) != (neg.telephone_event_pt, neg.clock_rate_hz):
+            self._dtmf_tx = None  # digits still waiting are dropped with the old stream's clock
         self._silence_payload = _PCMU_SILENCE if codec == "pcmu" else _PCMA_SILENCE if codec == "pcma" else None
         sender = self._session.sender
         sender.payload_type = neg.payload_type
@@ -712,6 +744,11 @@ class RtpLeg:
             self._session.sender.skip(self._spf)
             self._tx_marker = True
             return None
+        if self._dtmf_tx is not None and self._dtmf_tx.busy:
+            self._send_dtmf_event(now)
+            return None
+        if self._tones_tx is not None:
+            pcm = self._tones_tx.next_frame() or pcm
         if pcm is not None:
             if self._cn_wait >= 0:
                 # The end of a comfort noise silence: a new talkspurt.
@@ -723,6 +760,20 @@ class RtpLeg:
         self._session.sender.skip(self._spf)
         self._tx_marker = True
         return None
+
+    def _send_dtmf_event(self, now: float) -> None:
+        """One slot of an RFC 4733 digit (or of the gap after it); the next audio starts a talkspurt."""
+        assert self._dtmf_tx is not None
+        sender = self._session.sender
+        packet = self._dtmf_tx.tick(sender.timestamp)
+        if packet is None:
+            sender.skip(self._spf)
+        else:
+            data = sender.build(packet.payload, self._spf, now, marker=packet.marker, payload_type=self._te_pt,
+                                rtp_ts=packet.rtp_ts)
+            self._endpoint.send_rtp(data)
+            self.tx_dtmf_packets += 1
+        self._tx_marker = True
 
     def _send_silence(self, now: float) -> None:
         """One silent slot of the stream: comfort noise if the peer offered it, else coded silence."""

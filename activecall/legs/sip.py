@@ -351,6 +351,13 @@ class _SipLegBase:
         if self._rtp is not None and not self._rtp.closed:
             self._rtp.attach(source, sink, events)
 
+    def send_dtmf(self, digits: str) -> bool:
+        """Play ``digits`` on the RTP stream (RFC 4733, else in-band); False before there is one."""
+        if self._closed or self._rtp is None or self._rtp.closed:
+            return False
+        self._rtp.send_dtmf(digits)
+        return True
+
     def refer(self, target: str) -> Deferred[Any]:
         """Send REFER for ``target``; its NOTIFYs arrive as ``events.transfer_progress``."""
         return self.call.refer(target)

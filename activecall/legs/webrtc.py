@@ -71,6 +71,7 @@ from activecall.media.tracks import (
 from activecall.media.codecs import CodecError, Decoder, Encoder, get_codec, make_decoder, make_encoder
 from activecall.rtp.dtmf import DtmfReceiver
 from activecall.rtp.jitter import LOSS, JitterBuffer
+from activecall.media.dtmf_tones import DtmfTones
 from activecall.rtp.packet import RtpParseError, parse_telephone_event
 
 __all__ = ["EncodeWorker", "WebRtcLeg", "WebRtcDialer", "WebRtcUnavailableDialer", "WEBRTC_CODECS",
@@ -365,6 +366,7 @@ class WebRtcLeg:
         self._tasks: set[asyncio.Future[Any]] = set()
         self._dtmf = DtmfReceiver()
         self._dtmf_pt: Optional[int] = None
+        self._tones: Optional[DtmfTones] = None  # digits we play (relayed from a bridged phone)
         self._last_rx_at: Optional[float] = None
         self.attached = False
         self.closed = False
@@ -399,6 +401,15 @@ class WebRtcLeg:
     def refer(self, target: str) -> Deferred[Any]:
         """A SIP REFER needs a SIP dialog; a bridged transfer (refer without sipRefer) works."""
         return fail(LegSetupError("sipRefer needs a SIP leg; a WebRTC call can only bridge a transfer"))
+
+    def send_dtmf(self, digits: str) -> bool:
+        """In-band tones in the agent audio (aiortc sends no RFC 4733 events)."""
+        if self.closed:
+            return False
+        if self._tones is None:
+            self._tones = DtmfTones(MEDIA_RATE_HZ)
+        self._tones.push(digits.upper())
+        return True
 
     def send_message(self, body: str, content_type: str, headers: Optional[Mapping[str, str]] = None) -> Deferred[Any]:
         """A WebRTC leg has no SIP dialog."""
@@ -600,6 +611,8 @@ class WebRtcLeg:
             pcm = self._source.read_frame()
             if self.closed:
                 return
+            if self._tones is not None:
+                pcm = self._tones.next_frame() or pcm
             if not self.media_ended:
                 self.outbound.push(pcm if pcm is not None else _SILENCE)
 

@@ -144,6 +144,10 @@ class WebSocketLeg:
         before the leg counts when it is handed over at attach), or None."""
         return self._last_rx_at
 
+    def send_dtmf(self, digits: str) -> bool:
+        """The client's audio has no signalling channel: nothing is sent."""
+        return False
+
     def attach(self, source: AudioSource, sink: AudioSink, events: ILegEvents) -> None:
         """Start ticking; audio that came before is handed over first.  The far end reports no events."""
         if self.closed:

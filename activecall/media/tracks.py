@@ -190,6 +190,11 @@ class ILeg(Interface):
         """Start exchanging audio: caller frames go to ``sink`` in the receive phase, agent frames
         are pulled from ``source`` in the send phase, far-end happenings go to ``events``."""
 
+    def send_dtmf(digits: str) -> bool:
+        """Play DTMF ``digits`` to the far end (RFC 4733 events where the peer negotiated them, else
+        in-band tones); False when this leg has no way to (audio on the control socket).  ValueError for
+        a character that is not a DTMF digit."""
+
     def refer(target: str) -> Any:
         """Send a SIP REFER for ``target`` (RFC 3515): Deferred firing with the response
         (``.status``, ``.reason``); NOTIFYs arrive as :meth:`ILegEvents.transfer_progress`."""

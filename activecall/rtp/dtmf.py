@@ -176,6 +176,11 @@ class DtmfSender:
         """Whether digits are playing or queued (gaps included)."""
         return self._event >= 0 or self._gap > 0 or bool(self._queue)
 
+    @property
+    def pending(self) -> int:
+        """Digits queued and not started."""
+        return len(self._queue)
+
     def send(self, digits: str, duration_ms: int | None = None) -> None:
         """Queue ``digits`` (``0-9 * # A-D``); raises ValueError for anything else."""
         dur = self.duration_ms if duration_ms is None else duration_ms

@@ -141,6 +141,13 @@ class ToneSource:
         return pcm
 
 
+class Silence:
+    """Agent audio: nothing (the leg sends silence)."""
+
+    def read_frame(self) -> None:
+        return None
+
+
 class Sink:
     def __init__(self) -> None:
         self.frames: list[bytes] = []
@@ -324,6 +331,27 @@ class WebRtcLegTests(SynchronousTestCase):
             dialer.dial(CallOption(offer=many), "s2", lambda early: None)
         self.assertIn(f"option.offer has {webrtc.MAX_MEDIA_SECTIONS + 1} media sections", str(e.exception))
         self.assertEqual(dialer.open_peers, 0)
+
+    def test_keys_played_to_the_browser_as_tones(self) -> None:
+        """send_dtmf (a bridged phone's keys) reaches the peer as in-band tones through Opus."""
+        from activecall.media.dtmf_detect import InbandDtmfDetector
+
+        dialer, pc, leg, events, sink = self.connected_call()
+        leg.attach(Silence(), sink, events)
+        self.wait_until(lambda: len(self.received) >= 10, "the agent's audio to flow")
+        self.assertTrue(leg.send_dtmf("3#"))
+        detector = InbandDtmfDetector(16000)
+        heard: list[str] = []
+        seen = [0]
+
+        def both_heard() -> bool:
+            heard.extend(detector.feed(b"".join(self.received[seen[0]:])))
+            seen[0] = len(self.received)
+            return heard == ["3", "#"]
+
+        self.wait_until(both_heard, "the two keys as tones")
+        self.drive(leg.close().asFuture(self.loop))
+        self.assertFalse(leg.send_dtmf("1"))
 
     def test_telephone_events_become_one_digit_per_press(self) -> None:
         """RFC 4733 packets from the browser are taken before aiortc's decoder: one digit per press."""

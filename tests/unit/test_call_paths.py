@@ -359,6 +359,24 @@ class TransferTests(_Case):
         self.assertTrue(self.obs.events[-3].refer)
         self.assertEqual(self.obs.events[-1].reason, "byRefer")
 
+    def test_keys_are_relayed_across_the_bridge_unless_forward_dtmf_is_false(self) -> None:
+        """A key the caller presses is played to the transfer target and one the target presses to the
+        caller, both still reported (dtmf, dtmf{refer}); with forwardDtmf false nothing is played."""
+        for forward in (True, False):
+            c, leg = self.answered_outbound()
+            c.transfer("sip:carol@example.com", "", ReferOption(forward_dtmf=forward, auto_hangup=False))
+            leg.events.dtmf("5")  # before the target answers: nowhere to play it
+            target = FakeLeg(ssrc=7)
+            self.dialer.attempts[-1][3].callback(target)
+            leg.events.dtmf("1")
+            target.events.dtmf("#")
+            heard = [(e.track, e.digit, e.refer) for e in self.obs.of(ce.DtmfReceived)[-3:]]
+            self.assertEqual(heard, [(SID, "5", None), (SID, "1", None), ("server-side-track", "#", True)])
+            self.assertEqual((target.dtmf_sent, leg.dtmf_sent), ((["1"], ["#"]) if forward else ([], [])))
+            c.end_transfer("byClient", "client")
+            leg.events.dtmf("2")  # the bridge is gone
+            self.assertEqual(target.dtmf_sent, ["1"] if forward else [])
+
     def test_transfer_rejected_or_timed_out_keeps_the_call(self) -> None:
         """A declined target gives reject{refer}; a target that never answers gives 408 after timeout."""
         c, _ = self.answered_outbound()

@@ -165,6 +165,7 @@ PURE: tuple[str, ...] = (
     "activecall.media.mixer",
     "activecall.media.dtmf_detect",
     "activecall.media.agc",
+    "activecall.media.dtmf_tones",
     "activecall.media.tracks",
     "activecall.speech.interfaces",
     "activecall.speech.vad.segmenter",

@@ -22,6 +22,7 @@ from activecall.legs.rtp import FRAME_BYTES, RtpLeg, RtpMediaEngine
 from activecall.media.tracks import FrameQueue, ILegEvents
 from activecall.rtp.packet import (
     TelephoneEvent,
+    parse_telephone_event,
     build_rtp,
     is_rtcp,
     parse_rtcp,
@@ -331,6 +332,59 @@ class SendTests(LegTestBase):
         ts = [p.timestamp for p in self.sent_rtp()]
         self.assertEqual([(t - ts[0]) & 0xFFFFFFFF for t in ts], [0, 160, 320])
         self.assertEqual(self.engine.late_frames, 2)
+
+class DtmfSendTests(LegTestBase):
+    """Keys we play to the far end (a bridged transfer relaying the other side's presses)."""
+
+    def test_rfc4733_events_pause_the_audio_and_keep_the_clock(self) -> None:
+        """With telephone-event negotiated, each digit is 100 ms of events on one timestamp (marker on the
+        first, three end packets), 60 ms of nothing, then audio resumes as a new talkspurt on the media clock."""
+        self.make_leg()
+        self.leg.start_stream()
+        self.agent.write_frame(_tone(1000, 320, 16000))
+        self.tick()
+        self.leg.send_dtmf("1#")
+        for _ in range(25):  # 2 x (7 event slots + 3 of gap), then audio again
+            self.agent.write_frame(_tone(1000, 320, 16000))
+            self.tick()
+        pkts = self.sent_rtp()
+        events = [p for p in pkts if p.payload_type == 101]
+        self.assertEqual(len(events), 2 * 7)  # per digit: 4 updates, then the end packet 3 times
+        parsed = [parse_telephone_event(bytes(p.payload)) for p in events]
+        self.assertEqual([e.event for e in parsed], [1] * 7 + [11] * 7)
+        first = events[:7]
+        self.assertEqual({p.timestamp for p in first}, {first[0].timestamp})
+        self.assertEqual([p.marker for p in first], [True] + [False] * 6)
+        self.assertEqual([e.end for e in parsed[:7]], [False] * 4 + [True] * 3)
+        self.assertEqual(parsed[6].duration, 800)
+        audio = [p for p in pkts if p.payload_type == 0]
+        self.assertEqual([p.marker for p in audio], [True, True, False, False, False, False])
+        self.assertEqual((events[0].timestamp - audio[0].timestamp) & 0xFFFFFFFF, 160)
+        self.assertEqual((events[7].timestamp - audio[0].timestamp) & 0xFFFFFFFF, 11 * 160)
+        # One media clock: audio resumes where 21 ticks of 160 put it.
+        self.assertEqual((audio[1].timestamp - audio[0].timestamp) & 0xFFFFFFFF, 21 * 160)
+        self.assertEqual(self.leg.stats()["tx_dtmf_packets"], 14)
+
+    def test_inband_tones_without_telephone_event(self) -> None:
+        """Without telephone-event the digits are tones in the audio, which a DTMF detector reads back."""
+        from activecall.media.dtmf_detect import InbandDtmfDetector
+
+        self.make_leg(_neg(te=None))
+        self.leg.start_stream()
+        self.leg.send_dtmf("7*")
+        for _ in range(20):
+            self.tick()
+        dec = make_decoder("pcmu")
+        pcm = b"".join(dec.decode(bytes(p.payload)) for p in self.sent_rtp())
+        self.assertEqual(InbandDtmfDetector(8000).feed(pcm), ["7", "*"])
+
+    def test_bad_digits_and_a_flood(self) -> None:
+        """A character that is no key is refused; more than 32 waiting digits are dropped and counted."""
+        self.make_leg()
+        self.assertRaises(ValueError, self.leg.send_dtmf, "1x")
+        self.leg.send_dtmf("1" * 40)
+        self.assertEqual(self.leg.tx_dtmf_dropped, 8)
+
 
 class ControlTests(LegTestBase):
     """Hold, re-offers, SRTP, RTCP, latching and close."""
