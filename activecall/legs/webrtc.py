@@ -69,9 +69,9 @@ from activecall.media.tracks import (
     frame_bytes_at,
 )
 from activecall.media.codecs import CodecError, Decoder, Encoder, get_codec, make_decoder, make_encoder
+from activecall.media.dtmf_tones import DtmfTones
 from activecall.rtp.dtmf import DtmfReceiver
 from activecall.rtp.jitter import LOSS, JitterBuffer
-from activecall.media.dtmf_tones import DtmfTones
 from activecall.rtp.packet import RtpParseError, parse_telephone_event
 
 __all__ = ["EncodeWorker", "WebRtcLeg", "WebRtcDialer", "WebRtcUnavailableDialer", "WEBRTC_CODECS",
