@@ -36,6 +36,7 @@ from activecall.call.hearing import CallHearing
 from activecall.call.recording import CallRecording, recording_file
 from activecall.call.recordstore import file_sizes
 from activecall.call.services import CallServices, PendingInbound
+from activecall.call.bridge import SessionBridge
 from activecall.call.transfer import BlindTransfer, BridgedTransfer
 from activecall.call.track import ServerSideTrack
 from activecall.clock import CallClock
@@ -150,6 +151,9 @@ class CallController:
         self._ice_candidates: list[tuple[str, Optional[str], Optional[int]]] = []  # trickled before the leg
         # The agent's BYE headers (a playbook's rendered sip.hangup_headers); None: the option's.
         self.bye_headers: Optional[dict[str, str]] = None
+        # Audio bridges to other calls of this node, by their session id.
+        self.bridges: dict[str, SessionBridge] = {}
+        services.calls.setdefault(sid, self)
 
     # -- plumbing -------------------------------------------------------
 
@@ -554,6 +558,29 @@ class CallController:
         """A line of conversation history (echoed as addHistory)."""
         self.report(HistoryAdded(self.now(), self.sid, speaker, text))
 
+    def bridge(self, target_sid: str) -> None:
+        """``bridge``: patch this call's remote party and ``target_sid``'s both ways (protocol.md §5.8);
+        bridging the same pair again replaces the bridge."""
+        if target_sid == self.sid:
+            self.error("cannot bridge a call to itself")
+            return
+        target = self.services.calls.get(target_sid)
+        if target is None or target.ended or target.leg is None:
+            self.error(f"bridge target session not found: {target_sid}")
+            return
+        if self.leg is None or self.ended:
+            raise NotAllowedError("the call has no media yet (invite or accept first)")
+        old = self.bridges.get(target_sid)
+        if old is not None:
+            old.stop()
+        SessionBridge(self, target)
+
+    def unbridge(self, target_sid: str) -> None:
+        """``unbridge``: remove the bridge with ``target_sid`` (from both calls); none is not an error."""
+        bridge = self.bridges.get(target_sid)
+        if bridge is not None:
+            bridge.stop()
+
     def custom(self, sender: Optional[str], data: Any) -> None:
         """A client's custom payload, echoed to every listener."""
         self.report(CustomSent(self.now(), sender, data))
@@ -571,6 +598,10 @@ class CallController:
         if self.track.ambiance is not None:
             self.track.ambiance.stop()
         self.ended = True
+        if self.services.calls.get(self.sid) is self:
+            del self.services.calls[self.sid]
+        for bridge in list(self.bridges.values()):
+            bridge.stop()
         if self.hearing is not None:
             self.hearing.close()
         self.hangup_reason = reason

@@ -123,3 +123,5 @@ class CallServices:
     observe_provider: Callable[[str, str, Optional[float], bool], None] = _not_observed
     # The [ambiance] table: fills the keys a call's ambiance block leaves unset; None: built-in defaults.
     ambiance_defaults: Optional[AmbianceConfig] = None
+    # The calls of this node that have not ended, by session id (what ``bridge`` finds its target in).
+    calls: dict[str, Any] = field(default_factory=dict)

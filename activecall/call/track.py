@@ -1,7 +1,7 @@
 """The server-side track: what the agent plays on a call (TTS, files, a transfer bridge).
 
 It is the :class:`~activecall.media.tracks.AudioSource` the call's leg pulls once
-per tick.  One source plays at a time; starting another cuts it (``interruption``
+per tick; ambiance and the remote parties of bridged calls (``bridge``) are mixed in.  One source plays at a time; starting another cuts it (``interruption``
 for TTS, then ``trackEnd``).  A source that finished ends on the next pull,
 after its last frame left; a normal end arms autoHangup or waitInputTimeout.
 """
@@ -20,6 +20,8 @@ from activecall.call.events import InputTimedOut, PlayInterrupted, TrackEnded, T
 from activecall.call.fileplay import load_audio
 from activecall.call.playback import FilePlay, SstSource, TtsPlay, strip_emoji
 from activecall.call.tts import Speech, TtsJob
+from activecall.media._audioop import audioop
+from activecall.media.tracks import AudioSource
 from activecall.options import SynthesisOption
 from activecall.speech.interfaces import UnknownProviderError
 
@@ -44,6 +46,8 @@ class ServerSideTrack:
         self._speech = Speech(call, call.services)
         # Background sound mixed under whatever plays (activecall.call.ambiance); None: none.
         self.ambiance: Optional[Ambiance] = None
+        # Other calls' remote parties (activecall.call.bridge), by their session id.
+        self.bridges: dict[str, AudioSource] = {}
         self._wait_input: Any = None
 
     # -- the leg's AudioSource ------------------------------------------------
@@ -63,10 +67,25 @@ class ServerSideTrack:
         if self.ambiance is not None and not self.muted:
             # Under the agent's frame, or alone: the remote party, subscribers and the recording hear the mix.
             frame = self.ambiance.mix(frame)
+        if self.bridges:
+            frame = self._mix_bridges(frame)
         if frame is not None and self.mirror is not None:
             self.mirror(b"\x00" + frame)
         if self.recording is not None and not self._call.ended:
             self.recording.agent_frame(frame)
+        return frame
+
+    def _mix_bridges(self, frame: Optional[bytes]) -> Optional[bytes]:
+        """``frame`` (or silence) with each bridged call's remote party added, saturating."""
+        for feed in list(self.bridges.values()):
+            other = feed.read_frame()
+            if other is None:
+                continue
+            if frame is None:
+                frame = bytes(self._call.leg.frame_bytes if self._call.leg is not None else len(other))
+            if len(other) != len(frame):  # rates whose 20 ms is not a whole number of samples
+                other = other[: len(frame)].ljust(len(frame), b"\0")
+            frame = audioop.add(frame, other, 2)
         return frame
 
     # -- sources --------------------------------------------------------------

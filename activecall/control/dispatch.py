@@ -103,8 +103,8 @@ _COMMANDS: dict[type, Callable[[CallController, Any], Optional[Deferred[Any]]]] 
     cmds.ReferCommand: _refer,
     cmds.MessageCommand: lambda c, cmd: c.send_message(cmd.body, cmd.content_type, cmd.headers, refer=cmd.refer),
     cmds.AddIceCandidateCommand: lambda c, cmd: c.add_ice_candidate(cmd.candidate, cmd.sdp_mid, cmd.sdp_mline_index),
-    cmds.BridgeCommand: lambda c, cmd: c.error(f"bridge target session not found: {cmd.target_session_id}"),
-    cmds.UnbridgeCommand: lambda c, cmd: None,  # no bridge exists on this call, which is not an error (spec §2.2)
+    cmds.BridgeCommand: lambda c, cmd: c.bridge(cmd.target_session_id),
+    cmds.UnbridgeCommand: lambda c, cmd: c.unbridge(cmd.target_session_id),
     cmds.HistoryCommand: lambda c, cmd: c.add_history(cmd.speaker, cmd.text),
     cmds.CustomCommand: lambda c, cmd: c.custom(cmd.sender, cmd.data),
 }
