@@ -44,7 +44,7 @@ from activecall.fileio import UnsafePathError
 from activecall.media.tracks import (
     FanOut, IIceLeg, IInboundLeg, ILeg, ILegDialer, ILegEvents, LegOptionError, LegRejectedError, LegSetupError,
 )
-from activecall.options import CallOption, CommandError, ReferOption, SynthesisOption
+from activecall.options import CallOption, CommandError, RecorderOption, ReferOption, SynthesisOption
 from activecall.timefmt import format_rfc3339
 
 _INACTIVITY_CHECK_S = 1.0
@@ -306,8 +306,10 @@ class CallController:
         assert option is not None
         self._after_answer(option, sender="accept")
 
-    def ring(self, early_media: bool = False, ringtone: Optional[str] = None) -> None:
-        """180 Ringing (or 183 with early media) to the waiting caller; a ringtone plays on the early media."""
+    def ring(self, early_media: bool = False, ringtone: Optional[str] = None,
+             recorder: Optional[RecorderOption] = None) -> None:
+        """180 Ringing (or 183 with early media) to the waiting caller; a ringtone plays on the early media.
+        ``recorder`` starts the call's recording now, so it holds the early media too."""
         call = self._pending_call(take=False)
         if call is None or self.answered_at is not None:
             raise NotAllowedError("no pending inbound call")
@@ -318,6 +320,8 @@ class CallController:
         self._inbound.ring(early)
         if self.rang_at is None:
             self.rang_at = self.now()
+        if recorder is not None and self._recording is None:
+            self._start_recording(CallOption(recorder=recorder), int(self._inbound.media_rate_hz), sender="ringing")
         if ringtone:
             self.play(ringtone)
 
@@ -388,7 +392,8 @@ class CallController:
             self.caller_audio.add(_ClientMirror(self._observer))
             self.track.mirror = self._observer.client_audio
         self._start_hearing(option, sender=sender)
-        self._start_recording(option)
+        if self._recording is None:  # else it started at ringing
+            self._start_recording(option, self.media_rate_hz, sender="invite")
         self.track.ambiance = start_ambiance(self, option.ambiance)
         if option.inactivity_timeout:
             self._watch_from = self.now()
@@ -403,7 +408,7 @@ class CallController:
             self.hearing = hearing
             self.caller_audio.add(hearing)
 
-    def _start_recording(self, option: CallOption) -> None:
+    def _start_recording(self, option: CallOption, rate_hz: int, sender: str) -> None:
         services = self.services
         if services.make_recorder is None or (option.recorder is None and not services.auto_record):
             return
@@ -413,14 +418,14 @@ class CallController:
         except UnsafePathError:
             # The call goes on unrecorded; nothing is written outside the recording directory.
             self.error(str(CommandError.invalid("option.recorder.recorderFile", "must stay inside the recording directory")),
-                       sender="invite")
+                       sender=sender)
             return
         try:
             recorder = services.make_recorder(path)
         except (OSError, ValueError) as e:
-            self.error(f"cannot record to {path}: {e}", sender="invite")
+            self.error(f"cannot record to {path}: {e}", sender=sender)
             return
-        self._recording = CallRecording(recorder, path, self.media_rate_hz)
+        self._recording = CallRecording(recorder, path, rate_hz)
         self.caller_audio.add(self._recording)
         self.track.recording = self._recording
 

@@ -52,7 +52,7 @@ def _reject(c: CallController, cmd: cmds.RejectCommand) -> None:
 
 
 def _ringing(c: CallController, cmd: cmds.RingingCommand) -> None:
-    c.ring(cmd.early_media, cmd.ringtone)
+    c.ring(cmd.early_media, cmd.ringtone, cmd.recorder)
 
 
 def _tts(c: CallController, cmd: cmds.TtsCommand) -> None:

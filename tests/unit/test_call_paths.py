@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from typing import Any
 
@@ -14,7 +15,7 @@ from zope.interface.verify import verifyObject
 from activecall.call import events as ce
 from activecall.call.controller import CallController, NotAllowedError
 from activecall.media.tracks import IInboundLeg, LegRejectedError, LegSetupError
-from activecall.options import CallOption, ReferOption, SipOption
+from activecall.options import CallOption, RecorderOption, ReferOption, SipOption
 from activecall.testing import fake_call_services, FakeDialer, FakeLeg, FakePending, FakeRecorder, FakeSynthesizer
 
 SID = "s.paths"
@@ -208,6 +209,31 @@ class InboundTests(_Case):
         self.assertIsNotNone(leg.answering)
         leg.events.ended("hangup")
         self.assertEqual(self.obs.of(ce.CallEnded)[0].reason, "byCaller")
+
+    def test_ringing_recorder_records_the_early_media(self) -> None:
+        """ringing with a recorder starts the recording then: the early media is in it, accept keeps it (one
+        recording), and its path is the recorder's."""
+        made: list[tuple[str, FakeRecorder]] = []
+
+        def make(path: str) -> FakeRecorder:
+            made.append((path, FakeRecorder()))
+            return made[-1][1]
+
+        self.services.make_recorder = make
+        self.services.recording_path = tempfile.mkdtemp()
+        leg = FakeLeg()
+        c = self.controller(FakePending({SID: leg}))
+        c.ring(early_media=True, recorder=RecorderOption(recorder_file="early.wav"))
+        self.assertEqual([os.path.basename(p) for p, _ in made], ["early.wav"])
+        leg.caller_frames.append(b"\x05" * 640)
+        leg.tick()
+        c.answer(CallOption(recorder=RecorderOption(recorder_file="other.wav")))
+        leg.caller_frames.append(b"\x06" * 640)
+        leg.tick()
+        self.assertEqual(len(made), 1)
+        self.assertEqual(bytes(made[0][1].left), b"\x05" * 640 + b"\x06" * 640)
+        c.hangup("byClient", "client")
+        self.assertTrue(made[0][1].closed)
 
     def test_accept_without_a_pending_call(self) -> None:
         """accept with nothing waiting: reject{486} and not allowed."""
