@@ -489,10 +489,10 @@ class MediaPassOption(WireObject):
     """Agent audio from an external WebSocket (§4.7); url and both rates are required."""
 
     url: str = wire_field("url", check_str)
-    input_sample_rate: int = wire_field("inputSampleRate", check_u32)
-    output_sample_rate: int = wire_field("outputSampleRate", check_u32)
-    packet_size: int = wire_field("packetSize", check_u32, 3200)
-    ptime: int | None = wire_field("ptime", check_u32, None)
+    input_sample_rate: int = wire_field("inputSampleRate", int_range(8000, 48000))
+    output_sample_rate: int = wire_field("outputSampleRate", int_range(8000, 48000))
+    packet_size: int = wire_field("packetSize", int_range(320, 64000), 3200)
+    ptime: int | None = wire_field("ptime", int_range(10, 1000), None)
 
 
 # --- §4.8 ----------------------------------------------------------------------------------

@@ -233,6 +233,8 @@ def makeService(options: Options) -> service.IService:
     from activecall.speech.registry import RecognizerRegistry, SynthesizerRegistry
     from activecall.speech.tts import register_builtin_synthesizers
     from activecall.speech.vad.engine import VadEngine
+    from activecall.speech.asr.wsstream import check_ws_url
+    from activecall.speech.wsclient import connect_ws
     from activecall.lifecycle import (CyclicGarbageService, DrainCallsService, SequentialService, StartupCallService,
                                       WorkersService, prepare_process)
     from activecall.web import LISTEN_BACKLOG, ActivecallSite, ApiResource, ConnectionLimiter, WebService
@@ -264,6 +266,12 @@ def makeService(options: Options) -> service.IService:
         recognizers, reactor=reactor, clock=reactor, asr_threadpool=asr_threadpool, http_client=http_client,
         environ=os.environ, models_dir=config.models_dir, fetch=config.fetch)
     vad = VadEngine(media_clock, reactor, reactor)
+
+    def open_websocket(url: str, listener: Any) -> Any:
+        """A client WebSocket (mediaPass) to a URL the [fetch] policy allows; 1 MiB messages at most."""
+        check_ws_url(url, config.fetch.allowed_hosts)
+        return connect_ws(reactor, url, listener=listener, max_message_bytes=1 << 20)
+
     services = CallServices(
         clock=reactor,
         media_clock=media_clock,
@@ -283,6 +291,7 @@ def makeService(options: Options) -> service.IService:
         make_denoiser=_make_denoiser,
         fillers=read_fillers(FILLERS_FILE),
         ambiance_defaults=config.ambiance,
+        open_websocket=open_websocket,
     )
     if config.callrecord is not None:
         try:

@@ -59,8 +59,8 @@ class SessionBridge:
         a_to_b, b_to_a = self._feeds
         a.caller_audio.add(a_to_b)
         b.caller_audio.add(b_to_a)
-        a.track.bridges[b.sid] = b_to_a
-        b.track.bridges[a.sid] = a_to_b
+        a.track.mixes[b.sid] = b_to_a
+        b.track.mixes[a.sid] = a_to_b
         for call, other in ((a, b), (b, a)):
             call.bridges[other.sid] = self
             call.report(TrackStarted(call.now(), bridge_track(call.sid, other.sid)))
@@ -78,7 +78,7 @@ class SessionBridge:
         a.caller_audio.remove(a_to_b)
         b.caller_audio.remove(b_to_a)
         for call, other in ((a, b), (b, a)):
-            call.track.bridges.pop(other.sid, None)
+            call.track.mixes.pop(other.sid, None)
             if call.bridges.get(other.sid) is self:
                 del call.bridges[other.sid]
             if not call.ended:

@@ -37,6 +37,7 @@ from activecall.call.recording import CallRecording, recording_file
 from activecall.call.recordstore import file_sizes
 from activecall.call.services import CallServices, PendingInbound
 from activecall.call.bridge import SessionBridge
+from activecall.call.mediapass import MediaPass
 from activecall.call.transfer import BlindTransfer, BridgedTransfer
 from activecall.call.track import ServerSideTrack
 from activecall.clock import CallClock
@@ -153,6 +154,8 @@ class CallController:
         self.bye_headers: Optional[dict[str, str]] = None
         # Audio bridges to other calls of this node, by their session id.
         self.bridges: dict[str, SessionBridge] = {}
+        self._media_pass: Optional[MediaPass] = None
+        self._ringing_sent = False  # the ringing command prepared the media: accept applies no mediaPass
         services.calls.setdefault(sid, self)
 
     # -- plumbing -------------------------------------------------------
@@ -318,6 +321,7 @@ class CallController:
             return
         assert self._inbound is not None
         self._inbound.ring(early)
+        self._ringing_sent = True
         if self.rang_at is None:
             self.rang_at = self.now()
         if recorder is not None and self._recording is None:
@@ -395,6 +399,9 @@ class CallController:
         if self._recording is None:  # else it started at ringing
             self._start_recording(option, self.media_rate_hz, sender="invite")
         self.track.ambiance = start_ambiance(self, option.ambiance)
+        if option.media_pass is not None and not self._ringing_sent:
+            self._media_pass = MediaPass(self, option.media_pass)
+            self._media_pass.start()
         if option.inactivity_timeout:
             self._watch_from = self.now()
             self.timers.call_later(_INACTIVITY_CHECK_S, self._check_inactivity)
@@ -607,6 +614,8 @@ class CallController:
             del self.services.calls[self.sid]
         for bridge in list(self.bridges.values()):
             bridge.stop()
+        if self._media_pass is not None:
+            self._media_pass.stop()
         if self.hearing is not None:
             self.hearing.close()
         self.hangup_reason = reason

@@ -1,7 +1,8 @@
 """The server-side track: what the agent plays on a call (TTS, files, a transfer bridge).
 
 It is the :class:`~activecall.media.tracks.AudioSource` the call's leg pulls once
-per tick; ambiance and the remote parties of bridged calls (``bridge``) are mixed in.  One source plays at a time; starting another cuts it (``interruption``
+per tick; ambiance, the remote parties of bridged calls (``bridge``) and a ``mediaPass``
+server's answer are mixed in.  One source plays at a time; starting another cuts it (``interruption``
 for TTS, then ``trackEnd``).  A source that finished ends on the next pull,
 after its last frame left; a normal end arms autoHangup or waitInputTimeout.
 """
@@ -46,8 +47,9 @@ class ServerSideTrack:
         self._speech = Speech(call, call.services)
         # Background sound mixed under whatever plays (activecall.call.ambiance); None: none.
         self.ambiance: Optional[Ambiance] = None
-        # Other calls' remote parties (activecall.call.bridge), by their session id.
-        self.bridges: dict[str, AudioSource] = {}
+        # Audio mixed into the agent's: bridged calls' remote parties (activecall.call.bridge, by their
+        # session id) and a mediaPass server's answer (activecall.call.mediapass).
+        self.mixes: dict[object, AudioSource] = {}
         self._wait_input: Any = None
 
     # -- the leg's AudioSource ------------------------------------------------
@@ -67,17 +69,17 @@ class ServerSideTrack:
         if self.ambiance is not None and not self.muted:
             # Under the agent's frame, or alone: the remote party, subscribers and the recording hear the mix.
             frame = self.ambiance.mix(frame)
-        if self.bridges:
-            frame = self._mix_bridges(frame)
+        if self.mixes:
+            frame = self._mix_in(frame)
         if frame is not None and self.mirror is not None:
             self.mirror(b"\x00" + frame)
         if self.recording is not None and not self._call.ended:
             self.recording.agent_frame(frame)
         return frame
 
-    def _mix_bridges(self, frame: Optional[bytes]) -> Optional[bytes]:
-        """``frame`` (or silence) with each bridged call's remote party added, saturating."""
-        for feed in list(self.bridges.values()):
+    def _mix_in(self, frame: Optional[bytes]) -> Optional[bytes]:
+        """``frame`` (or silence) with each of :attr:`mixes` added, saturating."""
+        for feed in list(self.mixes.values()):
             other = feed.read_frame()
             if other is None:
                 continue

@@ -142,7 +142,7 @@ class BridgeTests(SynchronousTestCase):
         a.bridge("s.b")
         a.bridge("s.b")
         self.assertEqual(len(a.bridges), 1)
-        self.assertEqual(len(b.track.bridges), 1)
+        self.assertEqual(len(b.track.mixes), 1)
         a_leg.caller_frames.append(A_FRAME)
         self.tick(a_leg, b_leg)
         self.assertEqual(b_leg.sent[-1], A_FRAME)  # once, not twice

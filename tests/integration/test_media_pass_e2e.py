@@ -1,0 +1,116 @@
+"""End to end: ``mediaPass`` hands a /call session's audio to an external WebSocket server on 127.0.0.1 and
+plays what that server sends back (protocol.md §4.7).
+
+The server here is an echo: it records the query it was opened with and the size of every packet, and sends
+each packet straight back, so the caller hears its own tone through the external server.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from twisted.internet import reactor
+from twisted.internet.task import LoopingCall
+from twisted.trial.unittest import TestCase
+
+from harness import BASE_CONFIG, connect, free_port, start_daemon
+
+RATE = 16000
+
+
+def tone_frames(hz: float, frames: int) -> list[bytes]:
+    samples = [int(8000 * math.sin(2 * math.pi * hz * i / RATE)) for i in range(frames * 320)]
+    pcm = struct.pack(f"<{len(samples)}h", *samples)
+    return [pcm[i:i + 640] for i in range(0, len(pcm), 640)]
+
+
+def power_at(pcm: bytes, hz: float) -> float:
+    x = np.frombuffer(pcm, dtype="<i2").astype(np.float64)
+    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    return float(spectrum[int(round(hz * len(x) / RATE))] / len(x))
+
+
+class EchoServer(WebSocketServerProtocol):
+    def onConnect(self, request: Any) -> None:
+        self.factory.queries.append(parse_qs(urlsplit(self.http_request_uri).query))
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.factory.sizes.append(len(payload))
+        self.sendMessage(payload, isBinary=True)
+
+    def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
+        self.factory.closed.append(code)
+
+
+class MediaPassTests(TestCase):
+    timeout = 60
+
+    async def test_caller_heard_through_the_external_server(self) -> None:
+        factory = WebSocketServerFactory()
+        factory.protocol = EchoServer
+        factory.queries, factory.sizes, factory.closed = [], [], []
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        url = f"ws://127.0.0.1:{port.getHost().port}/agent?token=t1"
+
+        workdir = os.path.abspath(self.mktemp())
+        os.makedirs(workdir)
+        daemon = await start_daemon(workdir, BASE_CONFIG)
+        self.addCleanup(daemon.stop)
+        client = await connect(f"{daemon.ws_url}/call?id=mp-1")
+        self.addCleanup(lambda: client.transport.loseConnection() if not client.closed else None)
+        client.send({"command": "invite", "option": {"codec": "pcm", "sampleRate": RATE, "mediaPass": {
+            "url": url, "inputSampleRate": 8000, "outputSampleRate": 8000, "packetSize": 1280}}})
+        await client.wait_event("answer", trackId="mp-1")
+        await client.wait_event("trackStart", trackId="server-side-track")
+        frames = tone_frames(500.0, 50)
+        sent = [0]
+
+        def talk() -> None:
+            if client.state == client.STATE_OPEN:
+                client.sendMessage(frames[sent[0] % len(frames)], isBinary=True)
+                sent[0] += 1
+
+        loop = LoopingCall(talk)
+        loop.start(0.02)
+        self.addCleanup(lambda: loop.stop() if loop.running else None)
+
+        def echoed() -> bool:
+            pcm = b"".join(f for _, f in client.frames)
+            return len(pcm) >= 640 * 25 and power_at(pcm[-640 * 25:], 500.0) > 500
+
+        await client.factory.waiters.wait(echoed, 10, "the caller's tone back through the external server")
+        self.assertEqual(factory.queries[0]["token"], ["t1"])
+        self.assertEqual((factory.queries[0]["sample_rate"], factory.queries[0]["packet_size"]), (["8000"], ["1280"]))
+        # 1280 bytes at 16 kHz (40 ms) resampled to 8 kHz: 640 bytes each.
+        self.assertEqual(set(factory.sizes[2:-2]), {640})
+        client.send({"command": "hangup"})
+        await client.wait_event("hangup", trackId="mp-1")
+        await client.factory.waiters.wait(lambda: bool(factory.closed), 10, "the external server's socket to close")
+
+    async def test_unreachable_server_is_an_error_and_the_call_goes_on(self) -> None:
+        workdir = os.path.abspath(self.mktemp())
+        os.makedirs(workdir)
+        daemon = await start_daemon(workdir, BASE_CONFIG)
+        self.addCleanup(daemon.stop)
+        client = await connect(f"{daemon.ws_url}/call?id=mp-2")
+        self.addCleanup(lambda: client.transport.loseConnection() if not client.closed else None)
+        url = f"ws://127.0.0.1:{free_port()}/"
+        client.send({"command": "invite", "option": {"codec": "pcm", "sampleRate": RATE, "mediaPass": {
+            "url": url, "inputSampleRate": 16000, "outputSampleRate": 16000}}})
+        await client.wait_event("answer", trackId="mp-2")
+        error = await client.wait_event("error", sender=f"media_pass: {url}")
+        self.assertIn("cannot connect", error["error"])
+        client.send({"command": "invite", "option": {"mediaPass": {"url": url, "inputSampleRate": 4000,
+                                                                   "outputSampleRate": 16000}}})
+        bad = await client.wait_event("error", sender="command")
+        self.assertIn("invite.option.mediaPass.inputSampleRate", bad["error"])
+        client.send({"command": "tts", "text": "Still here.", "playId": "p", "endOfStream": True,
+                     "option": {"provider": "piper"}})
+        await client.wait_event("trackEnd", trackId="server-side-track", playId="p", timeout_s=30)
