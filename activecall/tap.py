@@ -267,10 +267,10 @@ def makeService(options: Options) -> service.IService:
         environ=os.environ, models_dir=config.models_dir, fetch=config.fetch)
     vad = VadEngine(media_clock, reactor, reactor)
 
-    def open_websocket(url: str, listener: Any) -> Any:
-        """A client WebSocket (mediaPass) to a URL the [fetch] policy allows; 1 MiB messages at most."""
+    def open_websocket(url: str, listener: Any, headers: Any = None) -> Any:
+        """A client WebSocket (mediaPass, realtime) to a URL the [fetch] policy allows; 1 MiB messages at most."""
         check_ws_url(url, config.fetch.allowed_hosts)
-        return connect_ws(reactor, url, listener=listener, max_message_bytes=1 << 20)
+        return connect_ws(reactor, url, listener=listener, headers=headers, max_message_bytes=1 << 20)
 
     services = CallServices(
         clock=reactor,
@@ -292,6 +292,7 @@ def makeService(options: Options) -> service.IService:
         fillers=read_fillers(FILLERS_FILE),
         ambiance_defaults=config.ambiance,
         open_websocket=open_websocket,
+        openai_api_key=os.environ.get("OPENAI_API_KEY") or None,
     )
     if config.callrecord is not None:
         try:

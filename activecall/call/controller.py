@@ -38,6 +38,7 @@ from activecall.call.recordstore import file_sizes
 from activecall.call.services import CallServices, PendingInbound
 from activecall.call.bridge import SessionBridge
 from activecall.call.mediapass import MediaPass
+from activecall.call.realtime import RealtimeSession
 from activecall.call.transfer import BlindTransfer, BridgedTransfer
 from activecall.call.track import ServerSideTrack
 from activecall.clock import CallClock
@@ -155,6 +156,7 @@ class CallController:
         # Audio bridges to other calls of this node, by their session id.
         self.bridges: dict[str, SessionBridge] = {}
         self._media_pass: Optional[MediaPass] = None
+        self._realtime: Optional[RealtimeSession] = None
         self._ringing_sent = False  # the ringing command prepared the media: accept applies no mediaPass
         services.calls.setdefault(sid, self)
 
@@ -395,14 +397,19 @@ class CallController:
         if option.subscribe and not self.leg.audio_on_control_socket:
             self.caller_audio.add(_ClientMirror(self._observer))
             self.track.mirror = self._observer.client_audio
-        self._start_hearing(option, sender=sender)
+        if option.realtime is not None:
+            # The model hears and answers: no denoise/VAD/AGC/ASR/EOU and no inactivity check of our own.
+            self._realtime = RealtimeSession(self, option.realtime)
+            self._realtime.start()
+        else:
+            self._start_hearing(option, sender=sender)
         if self._recording is None:  # else it started at ringing
             self._start_recording(option, self.media_rate_hz, sender="invite")
         self.track.ambiance = start_ambiance(self, option.ambiance)
         if option.media_pass is not None and not self._ringing_sent:
             self._media_pass = MediaPass(self, option.media_pass)
             self._media_pass.start()
-        if option.inactivity_timeout:
+        if option.inactivity_timeout and option.realtime is None:
             self._watch_from = self.now()
             self.timers.call_later(_INACTIVITY_CHECK_S, self._check_inactivity)
 
@@ -616,6 +623,8 @@ class CallController:
             bridge.stop()
         if self._media_pass is not None:
             self._media_pass.stop()
+        if self._realtime is not None:
+            self._realtime.stop()
         if self.hearing is not None:
             self.hearing.close()
         self.hangup_reason = reason

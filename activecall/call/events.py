@@ -254,6 +254,25 @@ class ErrorOccurred:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelInterrupted:
+    """Realtime mode: the remote party's speech cut the model's answer (``receiver``: that leg's track)."""
+
+    now: float
+    receiver: str
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionCalled:
+    """Realtime mode: the model asked for tool ``name`` with ``arguments`` (JSON text)."""
+
+    now: float
+    track: str
+    call_id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
 class CallEnded:
     """The call (or its transfer leg, ``refer``) ended.
 
@@ -276,7 +295,8 @@ class CallEnded:
 CallEvent = Union[
     CallOffered, RingingReported, CallAnswered, CallDeclined, MediaArrived, TrackStarted, TrackEnded,
     PlayInterrupted, SpeechStarted, SpeechEnded, SilenceLasted, TranscriptHeard, TurnEnded, DtmfReceived, HoldChanged, InputTimedOut, CallInactive, MessageReceived,
-    TransferRequested, MetricsMeasured, HistoryAdded, CustomSent, ErrorOccurred, CallEnded,
+    TransferRequested, MetricsMeasured, HistoryAdded, CustomSent, ErrorOccurred, ModelInterrupted, FunctionCalled,
+    CallEnded,
 ]
 
 #: Events that count as "the caller reacted": they cancel a pending waitInputTimeout.

@@ -123,8 +123,11 @@ class CallServices:
     observe_provider: Callable[[str, str, Optional[float], bool], None] = _not_observed
     # The [ambiance] table: fills the keys a call's ambiance block leaves unset; None: built-in defaults.
     ambiance_defaults: Optional[AmbianceConfig] = None
-    # Opens a client WebSocket under the [fetch] policy: open_websocket(url, listener) -> Deferred[connection]
-    # (send_binary, close; the listener gets ws_binary/ws_text/ws_closed); None: not available (mediaPass).
-    open_websocket: Optional[Callable[[str, Any], Deferred[Any]]] = None
+    # Opens a client WebSocket under the [fetch] policy: open_websocket(url, listener, headers=None) ->
+    # Deferred[connection] (send_text, send_binary, close; the listener gets ws_binary/ws_text/ws_closed);
+    # None: not available (mediaPass, realtime).
+    open_websocket: Optional[Callable[..., Deferred[Any]]] = None
+    # The operator's OPENAI_API_KEY: only ever sent to OpenAI's own realtime endpoint.
+    openai_api_key: Optional[str] = None
     # The calls of this node that have not ended, by session id (what ``bridge`` finds its target in).
     calls: dict[str, Any] = field(default_factory=dict)

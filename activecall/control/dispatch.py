@@ -191,6 +191,17 @@ def _(e: ce.TranscriptHeard) -> Any:
 
 
 @wire_event.register
+def _(e: ce.ModelInterrupted) -> Any:
+    return ev.InterruptEvent(receiver=e.receiver)
+
+
+@wire_event.register
+def _(e: ce.FunctionCalled) -> Any:
+    return ev.FunctionCallEvent(track_id=e.track, call_id=e.call_id, function_name=e.name, arguments=e.arguments,
+                                timestamp=_ms(e.now))
+
+
+@wire_event.register
 def _(e: ce.TurnEnded) -> Any:
     return ev.EouEvent(track_id=e.track, timestamp=_ms(e.now), completed=e.completed, text=e.text, refer=e.refer)
 
