@@ -297,6 +297,9 @@ class PlaybookEngine:
             return
         if getattr(event, "refer", None):
             return  # the transfer leg's own speech and keys are not the agent's business
+        if isinstance(event, ce.FunctionCalled):
+            self._realtime_tool(event)
+            return
         name = _EVENT_NAMES.get(type(event))
         if name is None or self._hanging_up:
             return
@@ -936,6 +939,30 @@ class PlaybookEngine:
         else:
             data = json.dumps(body).encode("utf-8")
         return call_http(self._render(url), method, data, headers, tool)
+
+    def _realtime_tool(self, event: ce.FunctionCalled) -> None:
+        """§8.4: a realtime model's tool call the engine carries out (others are the client's)."""
+        if self._hanging_up or self.call.ended:
+            return
+        try:
+            args = json.loads(event.arguments) if event.arguments else {}
+        except ValueError:
+            args = {}
+        if not isinstance(args, dict):
+            args = {}
+        if event.name == "hangup_call":
+            reason = args.get("reason")
+            self._hangup_now(str(reason)[:128] if reason else "bySystem", "ai")
+        elif event.name in ("transfer_call", "refer_call"):
+            callee = args.get("callee") or args.get("callee_uri")
+            if isinstance(callee, str) and callee:
+                self._transfer(callee[:1024])
+        elif event.name == "goto_scene":
+            scene = args.get("scene")
+            if isinstance(scene, str) and self._switch_scene(scene):
+                entry = self.scene.play if self.scene is not None else None
+                if entry:
+                    self._play_file(self._render(entry))
 
     def _transfer(self, target: str, caller: Optional[str] = None, options: Optional[ReferOption] = None) -> None:
         """§11.3: agent audio stops, a new leg is bridged; failure is the controller's reject event."""

@@ -580,3 +580,42 @@ class UnexpandedVariableTests(SynchronousTestCase):
         self.assertTrue(parse_playbook(text, {}, "t.md").ivr)
         with_env = parse_playbook(text, {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}, "t.md")
         self.assertEqual(with_env.llm["baseUrl"], "http://127.0.0.1:9/v1")
+
+
+REALTIME_PLAYBOOK = """---
+llm:
+  provider: openai
+  model: test-model
+realtime:
+  provider: ws://127.0.0.1:9/rt
+---
+# Scene: main
+You answer calls.
+
+# Scene: billing
+Billing.
+"""
+
+
+class RealtimeToolTests(_Case):
+    """§8.4: the engine carries out a realtime model's hangup_call, transfer_call/refer_call and goto_scene."""
+
+    def called(self, c: CallController, name: str, arguments: str) -> None:
+        c.report(ce.FunctionCalled(c.now(), SID, "call_1", name, arguments))
+
+    def test_goto_then_transfer_then_hangup(self) -> None:
+        c, engine, _ = self.start(REALTIME_PLAYBOOK)
+        self.advance(1)
+        self.called(c, "goto_scene", '{"scene": "billing"}')
+        self.assertEqual(engine.scene_id, "billing")
+        self.called(c, "goto_scene", '{"scene": "nowhere"}')
+        self.called(c, "lookup_order", '{"id": 5}')  # not the engine's: nothing happens
+        self.called(c, "transfer_call", "not json")
+        self.assertEqual(len(self.dialer.attempts), 1)
+        self.called(c, "refer_call", '{"callee_uri": "sip:human@example.com"}')
+        self.assertEqual(self.dialer.attempts[-1][0].callee, "sip:human@example.com")
+        self.assertEqual(engine.scene_id, "billing")
+        self.called(c, "hangup_call", '{"reason": "customer is done"}')
+        self.assertTrue(c.ended)
+        ended = self.of(ce.CallEnded)[-1]
+        self.assertEqual((ended.reason, ended.initiator), ("customer is done", "ai"))
