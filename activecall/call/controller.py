@@ -495,9 +495,10 @@ class CallController:
                        end_of_stream=end_of_stream, base64_pcm=base64_pcm, cache_key=cache_key,
                        auto_hangup=auto_hangup, wait_input_timeout_ms=wait_input_timeout_ms)
 
-    def interrupt(self, graceful: bool = False) -> None:
-        """Stop the agent's audio; ``graceful`` lets the sentence being spoken finish."""
-        self.track.interrupt(graceful)
+    def interrupt(self, graceful: bool = False, fade_out_ms: int = 0) -> None:
+        """Stop the agent's audio; ``graceful`` lets the sentence being spoken finish, ``fade_out_ms``
+        fades it out instead of cutting it."""
+        self.track.interrupt(graceful, fade_out_ms)
 
     def pause(self, paused: bool) -> None:
         """Pause or resume what plays on the server-side track."""

@@ -416,7 +416,7 @@ class CallHearing:
         since_final = (now - self._last_final_at) * 1000 if self._last_final_at is not None else None
         speech_ms = max(0, self._written_ms - self._speech_started_ms)
         if policy.allows(by_vad, text, (now - speaking_since) * 1000, since_final, speech_ms):
-            track.barge_in()
+            track.barge_in(policy.option.volume_fade_ms or 0)
 
     def _arm_eou(self) -> None:
         if self._eou_ms is None or self._closed:

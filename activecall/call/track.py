@@ -22,12 +22,25 @@ from activecall.call.fileplay import load_audio
 from activecall.call.playback import FilePlay, SstSource, TtsPlay, strip_emoji
 from activecall.call.tts import Speech, TtsJob
 from activecall.media._audioop import audioop
+from activecall.media.mixer import fade
 from activecall.media.tracks import AudioSource
 from activecall.options import SynthesisOption
 from activecall.speech.interfaces import UnknownProviderError
 
 if TYPE_CHECKING:
     from activecall.call.controller import CallController
+
+#: The longest fade-out an interrupt may ask for (``fadeOutMs``, ``interruption.volumeFadeMs``).
+MAX_FADE_MS = 2000
+
+
+@dataclasses.dataclass
+class _FadeOut:
+    """A play being faded out: ``left`` of ``total`` 20 ms frames still to go."""
+
+    source: Any
+    total: int
+    left: int
 
 
 class ServerSideTrack:
@@ -50,6 +63,7 @@ class ServerSideTrack:
         # Audio mixed into the agent's: bridged calls' remote parties (activecall.call.bridge, by their
         # session id) and a mediaPass server's answer (activecall.call.mediapass).
         self.mixes: dict[object, AudioSource] = {}
+        self._fade: Optional[_FadeOut] = None
         self._wait_input: Any = None
 
     # -- the leg's AudioSource ------------------------------------------------
@@ -57,13 +71,22 @@ class ServerSideTrack:
     def read_frame(self) -> Optional[bytes]:
         """The agent's next 20 ms frame, or None when nothing plays."""
         source = self.source
-        if source is not None and source.finished:
+        fading = self._fade
+        if fading is not None and fading.source is not source:
+            fading = self._fade = None  # something else plays now
+        if source is not None and (source.finished or (fading is not None and fading.left == 0)):
             # Its last frame left on the previous pull: the track ends after its audio.
-            self.end_play(source, interrupted=isinstance(source, TtsPlay) and source.stop_after_current)
-            source = self.source
+            self._fade = None
+            self.end_play(source, interrupted=fading is not None
+                          or (isinstance(source, TtsPlay) and source.stop_after_current))
+            source, fading = self.source, None
         frame = None
         if source is not None:
             frame = source.read_frame()
+            if frame is not None and fading is not None:
+                frame = fade(frame, fading.left / fading.total, (fading.left - 1) / fading.total)
+            if fading is not None:
+                fading.left -= 1
             if frame is not None and self.muted:
                 frame = bytes(len(frame))
         if self.ambiance is not None and not self.muted:
@@ -125,8 +148,9 @@ class ServerSideTrack:
             self._report_interruption(source)
         self.end_play(source, interrupted=True)
 
-    def interrupt(self, graceful: bool) -> None:
-        """Stop the agent's audio; ``graceful`` lets the sentence being spoken finish."""
+    def interrupt(self, graceful: bool, fade_out_ms: int = 0) -> None:
+        """Stop the agent's audio; ``graceful`` lets the sentence being spoken finish, ``fade_out_ms``
+        (at most 2 s) fades what plays out over that time instead of cutting it."""
         source = self.source
         if source is None:
             return
@@ -134,7 +158,20 @@ class ServerSideTrack:
             self._report_interruption(source)
             source.cut_after_current()
             return
+        if fade_out_ms > 0:
+            self.fade_out(fade_out_ms)
+            return
         self.cut()
+
+    def fade_out(self, fade_ms: int) -> None:
+        """``interruption`` now (speech), then what plays fades to silence over ``fade_ms`` and ends."""
+        source = self.source
+        if source is None or (self._fade is not None and self._fade.source is source):
+            return
+        if isinstance(source, TtsPlay):
+            self._report_interruption(source)
+        frames = max(1, -(-min(fade_ms, MAX_FADE_MS) // 20))
+        self._fade = _FadeOut(source, frames, frames)
 
     def agent_speaking_since(self) -> Optional[float]:
         """When the TTS play now speaking started; None when no TTS plays, or it ends the call (barge-in
@@ -144,11 +181,14 @@ class ServerSideTrack:
             return None
         return source.started_at
 
-    def barge_in(self) -> None:
-        """The caller spoke over the agent: cut its speech now (``interruption``, ``trackEnd``). The leg
-        pulls nothing more of it: its queued sentences and syntheses are dropped with the play."""
+    def barge_in(self, fade_ms: int = 0) -> None:
+        """The caller spoke over the agent: cut its speech now (``interruption``, ``trackEnd``), or fade it
+        out over ``fade_ms``. Its queued sentences and syntheses are dropped with the play."""
         if isinstance(self.source, TtsPlay):
-            self.cut()
+            if fade_ms > 0:
+                self.fade_out(fade_ms)
+            else:
+                self.cut()
 
     def pause(self, paused: bool) -> None:
         """Pause or resume what plays."""

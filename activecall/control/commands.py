@@ -147,7 +147,7 @@ class PlayCommand(WireObject):
 
 @dataclass(frozen=True, slots=True)
 class InterruptCommand(WireObject):
-    """Stop playback on the server-side track; ``fade_out_ms`` is accepted and ignored."""
+    """Stop playback on the server-side track (``fade_out_ms``: fade it out over that time, at most 2 s)."""
 
     name: ClassVar[str] = "interrupt"
 

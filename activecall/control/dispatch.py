@@ -94,7 +94,7 @@ _COMMANDS: dict[type, Callable[[CallController, Any], Optional[Deferred[Any]]]] 
     cmds.RingingCommand: _ringing,
     cmds.TtsCommand: _tts,
     cmds.PlayCommand: _play,
-    cmds.InterruptCommand: lambda c, cmd: c.interrupt(cmd.graceful),
+    cmds.InterruptCommand: lambda c, cmd: c.interrupt(cmd.graceful, cmd.fade_out_ms or 0),
     cmds.PauseCommand: lambda c, cmd: c.pause(True),
     cmds.ResumeCommand: lambda c, cmd: c.pause(False),
     cmds.MuteCommand: lambda c, cmd: c.mute(cmd.track_id, True),

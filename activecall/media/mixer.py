@@ -9,9 +9,11 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
+import numpy as np
+
 from activecall.media._audioop import audioop
 
-__all__ = ["MixError", "apply_gain", "silence"]
+__all__ = ["MixError", "apply_gain", "silence", "fade"]
 
 
 class MixError(ValueError):
@@ -30,6 +32,13 @@ def apply_gain(pcm: bytes, gain: float) -> bytes:
         return silence(len(pcm) // 2)
     # audioop.mul is C and already saturates (it rounds toward -inf).
     return audioop.mul(pcm, 2, float(gain))
+
+
+def fade(pcm: bytes, start_gain: float, end_gain: float) -> bytes:
+    """PCM s16le with its gain ramped linearly from ``start_gain`` to ``end_gain`` (both in 0..1)."""
+    samples = np.frombuffer(pcm, dtype="<i2", count=len(pcm) // 2).astype(np.float32)
+    ramp = np.linspace(start_gain, end_gain, len(samples), endpoint=False, dtype=np.float32)
+    return (samples * ramp).astype("<i2").tobytes()
 
 
 @lru_cache(maxsize=64)

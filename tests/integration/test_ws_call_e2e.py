@@ -200,6 +200,28 @@ class WebSocketCallTests(TestCase):
         self.assertEqual({len(f) for _, f in client.frames}, {960})
         self.assertGreater(rms(b"".join(f for _, f in client.frames)), 2000)
 
+    async def test_interrupt_fades_the_speech_out(self) -> None:
+        """interrupt with fadeOutMs: interruption at once, then 300 ms of ever quieter audio, then trackEnd.
+        The play is 3 s of a steady 1 kHz tone (``base64`` PCM), so the fade is all that changes its level."""
+        import base64
+
+        daemon = await self._start()
+        client = await self._call(daemon, "e2e-fade", {"codec": "pcm", "sampleRate": 16000,
+                                                       "tts": {"provider": "piper"}})
+        pcm = b"".join(struct.pack("<h", int(8000 * math.sin(2 * math.pi * 1000 * i / 16000))) for i in range(48000))
+        client.send({"command": "tts", "playId": "tone", "base64": True, "text": base64.b64encode(pcm).decode()})
+        await client.wait_frames(25, timeout_s=30)
+        client.send({"command": "interrupt", "fadeOutMs": 300})
+        await client.wait_event("interruption", trackId="server-side-track", playId="tone")
+        at_cut = len(client.frames)
+        await client.wait_event("trackEnd", trackId="server-side-track", playId="tone")
+        levels = [rms(f) for _, f in client.frames[at_cut:]]
+        self.assertLessEqual(abs(len(levels) - 15), 3, "about 300 ms of audio after the interruption")
+        fading = [level for level in levels if level < 5600]  # below the tone's own level
+        self.assertGreaterEqual(len(fading), 10, levels)
+        self.assertEqual(fading, sorted(fading, reverse=True), levels)
+        self.assertLess(fading[-1], 600, levels)
+
     async def test_bad_commands_get_error_events_and_the_call_goes_on(self) -> None:
         """Each kind of bad command produces an error event naming it; the session keeps working."""
         daemon = await self._start()

@@ -161,6 +161,29 @@ class ControllerTests(_ControllerCase):
         self.assertEqual(len(self.session.of(ev.TrackEndEvent)), 1)
         self.assertEqual(len(self.session.audio), 20, "400 ms sentence a only")
 
+    def test_interrupt_with_fade_out(self) -> None:
+        """interrupt fadeOutMs: interruption at once, the speech fades to silence over that time (frame by frame
+        quieter), then trackEnd; the queued rest is dropped."""
+        import numpy as np
+
+        self.invite()
+        self.run_cmd({"command": "tts", "text": "a" * 100, "playId": "p1", "endOfStream": True})
+        self.advance(0.2)
+        before = len(self.session.audio)
+        self.run_cmd({"command": "interrupt", "fadeOutMs": 100})
+        self.assertEqual(self.session.names()[-1], "interruption")
+        self.advance(0.5)
+        ended = self.session.of(ev.TrackEndEvent)
+        self.assertEqual([e.play_id for e in ended], ["p1"])
+        faded = self.session.audio[before:]
+        self.assertEqual(len(faded), 5, "100 ms of fade, then nothing")
+        peaks = [int(np.abs(np.frombuffer(f, dtype="<i2")).max()) for f in faded]
+        level = int(np.abs(np.frombuffer(self.session.audio[before - 1], dtype="<i2")).max())
+        self.assertGreater(level, 0)
+        self.assertEqual(peaks, sorted(peaks, reverse=True))
+        self.assertLess(peaks[-1], level // 4)
+        self.assertEqual(self.session.names().count("interruption"), 1)
+
     def test_auto_hangup_after_play(self) -> None:
         """autoHangup ends the call after the play: trackEnd{SST}, trackEnd{sid}, hangup{bySystem}."""
         self.invite()

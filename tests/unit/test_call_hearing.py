@@ -304,6 +304,22 @@ class BargeInTests(_Case):
             self.clock.advance(0.02)
         self.assertEqual(set(leg.sent[-50:]), {None})
 
+    def test_volume_fade_ms_fades_the_agent_out(self) -> None:
+        """interruption.volumeFadeMs: interruption now, then 60 ms of fading agent audio, then trackEnd."""
+        c, leg = self.speaking_call(ignore_first_ms=0, volume_fade_ms=60)
+        self.vad.streams[0].listener.speech_started(0)
+        self.assertEqual(len(self.obs.of(ce.PlayInterrupted)), 1)
+        self.assertNotIn("p1", [e.play_id for e in self.obs.of(ce.TrackEnded)])  # still fading
+        before = len(leg.sent)
+        for _ in range(10):
+            leg.tick()
+            self.clock.advance(0.02)
+        self.assertEqual(self.obs.of(ce.TrackEnded)[-1].play_id, "p1")
+        audible = [f for f in leg.sent[before:] if f is not None]
+        self.assertEqual(len(audible), 3)
+        self.vad.streams[0].listener.speech_started(0)  # speech again: no second interruption
+        self.assertEqual(len(self.obs.of(ce.PlayInterrupted)), 1)
+
     def test_same_play_id_after_a_cut_starts_fresh(self) -> None:
         """A tts for the cut play's id is a new play: the old sentences never resume."""
         c, leg = self.speaking_call(ignore_first_ms=0)
