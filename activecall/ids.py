@@ -11,6 +11,9 @@ import uuid
 from typing import Protocol
 
 _ALNUM = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+#: The longest session or track id a client may use (and that is ever echoed back): long enough for an
+#: inbound call's dialogId ({Call-ID}-{tag}-{tag}), short enough for logs and file names.
+MAX_ID_CHARS = 256
 
 
 class RandomBits(Protocol):

@@ -24,7 +24,8 @@ from activecall.speech.interfaces import (
 from activecall.speech.registry import SynthesizerRegistry
 
 __all__ = ["fake_call_services", "FakeSynthesizer", "SynthesizerConformanceMixin", "FakeLeg", "FakeDialer", "FakeRecorder", "FakePending",
-           "FakeRecognizer", "FakeRecognitionStream", "FakeVadEngine", "FakeVadStream", "RecordingListener"]
+           "FakeRecognizer", "FakeRecognitionStream", "FakeVadEngine", "FakeVadStream", "RecordingListener",
+           "RecordingObserver"]
 
 
 def fake_call_services(clock: IReactorTime, *, synthesizer: Optional[ISpeechSynthesizer] = None,
@@ -385,6 +386,37 @@ class FakeVadEngine:
         stream = FakeVadStream(kind, rate_hz, params, listener)
         self.streams.append(stream)
         return stream
+
+
+class RecordingObserver:
+    """A call's observer that keeps what the controller reports: its domain ``events``, the client
+    ``audio`` (``subscribe``), and whether the call ``finished``."""
+
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+        self.audio: list[bytes] = []
+        self.finished = False
+
+    def call_event(self, event: Any) -> None:
+        self.events.append(event)
+
+    def client_audio(self, data: bytes) -> None:
+        self.audio.append(data)
+
+    def call_finished(self) -> None:
+        self.finished = True
+
+    def of(self, cls: type) -> list[Any]:
+        """The events of type ``cls``, in order."""
+        return [e for e in self.events if isinstance(e, cls)]
+
+    def kinds(self) -> list[str]:
+        """The type names of the events, in order."""
+        return [type(e).__name__ for e in self.events]
+
+    def errors(self) -> list[str]:
+        """The messages of the error events, in order."""
+        return [e.message for e in self.events if type(e).__name__ == "ErrorOccurred"]
 
 
 @implementer(IRecognitionListener)

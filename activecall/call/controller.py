@@ -46,6 +46,7 @@ from activecall.fileio import UnsafePathError
 from activecall.media.tracks import (
     FanOut, IIceLeg, IInboundLeg, ILeg, ILegDialer, ILegEvents, LegOptionError, LegRejectedError, LegSetupError,
 )
+from activecall.ids import MAX_ID_CHARS
 from activecall.options import CallOption, CommandError, RecorderOption, ReferOption, SynthesisOption
 from activecall.timefmt import format_rfc3339
 
@@ -586,7 +587,7 @@ class CallController:
             return
         target = self.services.calls.get(target_sid)
         if target is None or target.ended or target.leg is None:
-            self.error(f"bridge target session not found: {target_sid}")
+            self.error(f"bridge target session not found: {target_sid[:MAX_ID_CHARS]}")
             return
         if self.leg is None or self.ended:
             raise NotAllowedError("the call has no media yet (invite or accept first)")

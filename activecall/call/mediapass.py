@@ -19,21 +19,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Optional
 from urllib.parse import urlsplit, urlunsplit
 
-from twisted.logger import Logger
-
-from activecall.call.events import TrackEnded, TrackStarted
+from activecall.call.wsaudio import WebSocketAudio
 from activecall.media.resample import Resampler
 from activecall.options import MediaPassOption
 
 if TYPE_CHECKING:
     from activecall.call.controller import CallController
 
-__all__ = ["MediaPass", "media_pass_url", "MAX_BUFFER_S", "MIX_KEY"]
+__all__ = ["MediaPass", "media_pass_url", "MAX_BUFFER_S"]
 
 MAX_BUFFER_S = 10
 MEDIA_RATE_HZ = 16000
-#: The key of the server's audio among what the server-side track mixes in (no session id can equal it).
-MIX_KEY = object()
 
 
 def media_pass_url(option: MediaPassOption) -> str:
@@ -105,89 +101,33 @@ class _FromServer:
         return None
 
 
-class MediaPass:
-    """One call's mediaPass connection, from connecting to its end."""
+class MediaPass(WebSocketAudio):
+    """One call's mediaPass connection."""
 
-    _log = Logger()
+    unavailable = "mediaPass is not available here"
 
     def __init__(self, call: "CallController", option: MediaPassOption) -> None:
-        self._call = call
+        super().__init__(call)
         self._option = option
         self._sender = f"media_pass: {option.url[:200]}"
-        self._conn: Any = None
-        self._to_server: Optional[_ToServer] = None
         self._from_server: Optional[_FromServer] = None
-        self._started_at: Optional[float] = None
-        self.closed = False
 
-    def start(self) -> None:
-        """Connect; the audio flows from the upgrade on."""
+    def _target(self) -> tuple[str, None]:
+        return media_pass_url(self._option), None
+
+    def _attach(self, conn: Any) -> tuple[_ToServer, _FromServer]:
         c = self._call
-        open_websocket = c.services.open_websocket
-        if open_websocket is None:
-            c.error("mediaPass is not available here", sender=self._sender, track=c.sst)
-            return
-        try:
-            d = open_websocket(media_pass_url(self._option), self)
-        except Exception as e:  # the [fetch] policy refused the URL, or it is not ws:// or wss://
-            c.error(f"cannot connect: {e}", sender=self._sender, track=c.sst)
-            return
-        d.addCallbacks(self._opened, self._failed)
+        assert c.leg is not None
+        self._from_server = _FromServer(c.media_rate_hz, int(c.leg.frame_bytes), self._option)
+        return _ToServer(conn.send_binary, c.media_rate_hz, self._option), self._from_server
 
-    def _opened(self, conn: Any) -> None:
-        c = self._call
-        if self.closed or c.ended or c.leg is None:
-            conn.close()
-            return
-        self._conn = conn
-        rate, frame_bytes = c.media_rate_hz, int(c.leg.frame_bytes)
-        self._to_server = _ToServer(conn.send_binary, rate, self._option)
-        self._from_server = _FromServer(rate, frame_bytes, self._option)
-        c.caller_audio.add(self._to_server)
-        c.track.mixes[MIX_KEY] = self._from_server
-        self._started_at = c.now()
-        c.report(TrackStarted(c.now(), c.sst))
+    def _report(self, text: str) -> None:
+        self._call.error(text, sender=self._sender, track=self._call.sst)
 
-    def _failed(self, failure: Any) -> None:
-        c = self._call
-        if not self.closed and not c.ended:
-            c.error(f"cannot connect: {failure.getErrorMessage()}", sender=self._sender, track=c.sst)
-
-    def stop(self) -> None:
-        """The call ended: close the connection."""
-        self.closed = True
-        conn, self._conn = self._conn, None
-        self._detach()
-        if conn is not None:
-            conn.close()
-
-    def _detach(self) -> None:
-        c = self._call
-        if self._to_server is not None:
-            c.caller_audio.remove(self._to_server)
-            self._to_server = None
-        if self._from_server is not None and c.track.mixes.get(MIX_KEY) is self._from_server:
-            del c.track.mixes[MIX_KEY]
-        self._from_server = None
-        if self._started_at is not None:
-            started, self._started_at = self._started_at, None
-            if not c.ended:
-                c.report(TrackEnded(c.now(), c.sst, c.now() - started, 0))
-
-    # -- WsListener ------------------------------------------------------------
+    def _lost(self, clean: bool, code: Optional[int], reason: str) -> None:
+        if not clean:
+            self._report(f"connection lost ({code}: {reason[:200]})" if code else "connection lost")
 
     def ws_binary(self, data: bytes) -> None:
-        if self._from_server is not None:
+        if self.connected and self._from_server is not None:
             self._from_server.push(data)
-
-    def ws_text(self, text: str) -> None:
-        """Text messages carry nothing for mediaPass."""
-
-    def ws_closed(self, clean: bool, code: Optional[int], reason: str) -> None:
-        was_open = self._conn is not None
-        self._conn = None
-        self._detach()
-        c = self._call
-        if was_open and not self.closed and not c.ended and not clean:
-            c.error(f"connection lost ({code}: {reason[:200]})" if code else "connection lost",
-                    sender=self._sender, track=c.sst)

@@ -31,10 +31,8 @@ import json
 from typing import TYPE_CHECKING, Any, Optional
 from urllib.parse import quote
 
-from twisted.logger import Logger
-
-from activecall.call.events import FunctionCalled, ModelInterrupted, SpeechStarted, TrackEnded, TrackStarted, \
-    TranscriptHeard
+from activecall.call.events import FunctionCalled, ModelInterrupted, SpeechStarted, TranscriptHeard
+from activecall.call.wsaudio import WebSocketAudio
 from activecall.media.resample import Resampler
 from activecall.options import RealtimeOption
 
@@ -50,8 +48,6 @@ DEFAULT_TURN_DETECTION = {"type": "server_vad", "threshold": 0.5, "prefix_paddin
 OPENAI_URL = "wss://api.openai.com/v1/realtime"
 _SEND_EVERY_BYTES = REALTIME_RATE_HZ * 2 // 10  # 100 ms
 _MAX_PLAYBACK_S = 60
-#: The key of the model's voice among what the server-side track mixes in.
-MIX_KEY = object()
 
 
 class RealtimeSetupError(ValueError):
@@ -124,42 +120,24 @@ class _ToModel:
             self._send(json.dumps({"type": "input_audio_buffer.append", "audio": audio}))
 
 
-class RealtimeSession:
-    """One call's realtime model session, from connecting to its end."""
+class RealtimeSession(WebSocketAudio):
+    """One call's realtime model session."""
 
-    _log = Logger()
+    unavailable = "not available here"
 
     def __init__(self, call: "CallController", option: RealtimeOption) -> None:
-        self._call = call
+        super().__init__(call)
         self._option = option
-        self._conn: Any = None
-        self._to_model: Optional[_ToModel] = None
         self._voice: Optional[_Voice] = None
-        self._started_at: Optional[float] = None
         self._responding = False
         self._items: dict[str, int] = {}  # transcript item id -> asrDelta index
-        self.closed = False
 
-    def start(self) -> None:
-        c = self._call
-        open_websocket = c.services.open_websocket
-        if open_websocket is None:
-            c.error("realtime is not available here", sender="realtime", code=500)
-            return
-        try:
-            url, headers = realtime_target(self._option, c.services.openai_api_key)
-            d = open_websocket(url, self, headers=headers)
-        except Exception as e:  # no key or endpoint, a refused URL
-            c.error(f"realtime: {e}", sender="realtime", code=500)
-            return
-        d.addCallbacks(self._opened, self._failed)
+    def _target(self) -> tuple[str, dict[str, str]]:
+        return realtime_target(self._option, self._call.services.openai_api_key)
 
-    def _opened(self, conn: Any) -> None:
+    def _attach(self, conn: Any) -> tuple[_ToModel, _Voice]:
         c = self._call
-        if self.closed or c.ended or c.leg is None:
-            conn.close()
-            return
-        self._conn = conn
+        assert c.leg is not None
         extra = self._option.extra or {}
         session: dict[str, Any] = {
             "modalities": ["audio", "text"],
@@ -174,38 +152,14 @@ class RealtimeSession:
         if self._option.tools:
             session["tools"] = self._option.tools
         conn.send_text(json.dumps({"type": "session.update", "session": session}))
-        self._to_model = _ToModel(conn.send_text, c.media_rate_hz)
         self._voice = _Voice(c.media_rate_hz, int(c.leg.frame_bytes))
-        c.caller_audio.add(self._to_model)
-        c.track.mixes[MIX_KEY] = self._voice
-        self._started_at = c.now()
-        c.report(TrackStarted(c.now(), c.sst))
+        return _ToModel(conn.send_text, c.media_rate_hz), self._voice
 
-    def _failed(self, failure: Any) -> None:
-        c = self._call
-        if not self.closed and not c.ended:
-            c.error(f"realtime: {failure.getErrorMessage()}", sender="realtime", code=500)
+    def _report(self, text: str) -> None:
+        self._call.error(f"realtime: {text}", sender="realtime", code=500)
 
-    def stop(self) -> None:
-        """The call ended: close the session."""
-        self.closed = True
-        conn, self._conn = self._conn, None
-        self._detach()
-        if conn is not None:
-            conn.close()
-
-    def _detach(self) -> None:
-        c = self._call
-        if self._to_model is not None:
-            c.caller_audio.remove(self._to_model)
-            self._to_model = None
-        if self._voice is not None and c.track.mixes.get(MIX_KEY) is self._voice:
-            del c.track.mixes[MIX_KEY]
-        self._voice = None
-        if self._started_at is not None:
-            started, self._started_at = self._started_at, None
-            if not c.ended:
-                c.report(TrackEnded(c.now(), c.sst, c.now() - started, 0))
+    def _lost(self, clean: bool, code: Optional[int], reason: str) -> None:
+        self._report(f"the model's connection closed ({code or 'no code'})")
 
     # -- the server's events (WsListener) -----------------------------------------
 
@@ -218,7 +172,7 @@ class RealtimeSession:
             return
         kind = message["type"]
         c = self._call
-        if c.ended or self._voice is None:
+        if c.ended or not self.connected or self._voice is None:
             return
         if kind == "response.audio.delta":
             try:
@@ -245,15 +199,4 @@ class RealtimeSession:
         elif kind == "error":
             error = message.get("error")
             text = error.get("message") if isinstance(error, dict) else None
-            c.error(f"realtime: {str(text or 'error')[:500]}", sender="realtime", code=500)
-
-    def ws_binary(self, data: bytes) -> None:
-        """The protocol carries audio in JSON events only."""
-
-    def ws_closed(self, clean: bool, code: Optional[int], reason: str) -> None:
-        was_open = self._conn is not None
-        self._conn = None
-        self._detach()
-        c = self._call
-        if was_open and not self.closed and not c.ended:
-            c.error(f"realtime: the model's connection closed ({code or 'no code'})", sender="realtime", code=500)
+            self._report(str(text or "error")[:500])

@@ -6,10 +6,10 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
+from activecall.ids import MAX_ID_CHARS
+
 DEFAULT_SERVER_SIDE_TRACK = "server-side-track"
 DEFAULT_PING_S = 20
-# Long enough for an inbound call's dialogId ({Call-ID}-{tag}-{tag}), short enough for logs and file names.
-MAX_ID_CHARS = 256
 _U32_TEXT = re.compile(r"[0-9]{1,10}")
 
 

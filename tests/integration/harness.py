@@ -282,6 +282,24 @@ class CallClient(WebSocketClientProtocol):
         return self.factory.waiters.wait(lambda: len(self.frames) >= count, timeout_s, f"{count} audio frames")
 
 
+def talk_in_loop(test: Any, client: CallClient, pcm: bytes, frame_bytes: int = 640) -> None:
+    """The client as a caller: ``pcm`` sent over and over as Binary frames of 20 ms, in real time, until the
+    socket closes or the test ends."""
+    from twisted.internet.task import LoopingCall
+
+    sent = [0]
+
+    def talk() -> None:
+        if client.state == client.STATE_OPEN:
+            offset = (sent[0] * frame_bytes) % len(pcm)
+            client.sendMessage(pcm[offset:offset + frame_bytes], isBinary=True)
+            sent[0] += 1
+
+    loop = LoopingCall(talk)
+    loop.start(0.02)
+    test.addCleanup(lambda: loop.stop() if loop.running else None)
+
+
 def connect(url: str) -> Deferred[CallClient]:
     """Open a control WebSocket; fires with the connected client."""
     factory = WebSocketClientFactory(url)

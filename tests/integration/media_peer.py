@@ -499,6 +499,13 @@ def dominant_hz(samples: np.ndarray, rate_hz: int) -> float:
     return float(np.argmax(spectrum) * rate_hz / len(x))
 
 
+def power_at(samples: np.ndarray, hz: float, rate_hz: int) -> float:
+    """The windowed FFT magnitude at ``hz`` of a mono signal, per sample (a tone's level, not its rank)."""
+    x = samples.astype(np.float64)
+    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    return float(spectrum[int(round(hz * len(x) / rate_hz))] / len(x))
+
+
 def rms(samples: np.ndarray) -> float:
     """Root mean square of int16 samples."""
     return float(np.sqrt(np.mean(samples.astype(np.float64) ** 2))) if len(samples) else 0.0

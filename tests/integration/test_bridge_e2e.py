@@ -7,29 +7,15 @@ other's tone in the audio the daemon sends back, each session reports its ``brid
 
 from __future__ import annotations
 
-import math
 import os
-import struct
 
 import numpy as np
-from twisted.internet.task import LoopingCall
 from twisted.trial.unittest import TestCase
 
-from harness import BASE_CONFIG, CallClient, connect, start_daemon
+from harness import BASE_CONFIG, CallClient, connect, start_daemon, talk_in_loop
+from media_peer import power_at, tone
 
 RATE = 16000
-
-
-def tone(hz: float, frames: int) -> list[bytes]:
-    samples = [int(8000 * math.sin(2 * math.pi * hz * i / RATE)) for i in range(frames * 320)]
-    pcm = struct.pack(f"<{len(samples)}h", *samples)
-    return [pcm[i:i + 640] for i in range(0, len(pcm), 640)]
-
-
-def power_at(pcm: bytes, hz: float) -> float:
-    x = np.frombuffer(pcm, dtype="<i2").astype(np.float64)
-    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
-    return float(spectrum[int(round(hz * len(x) / RATE))] / len(x))
 
 
 class BridgeTests(TestCase):
@@ -40,22 +26,12 @@ class BridgeTests(TestCase):
         self.addCleanup(lambda: client.transport.loseConnection() if not client.closed else None)
         client.send({"command": "invite", "option": {"codec": "pcm", "sampleRate": RATE}})
         await client.wait_event("answer", trackId=sid)
-        frames = tone(hz, 50)
-        sent = [0]
-
-        def talk() -> None:
-            if client.state == client.STATE_OPEN:
-                client.sendMessage(frames[sent[0] % len(frames)], isBinary=True)
-                sent[0] += 1
-
-        loop = LoopingCall(talk)
-        loop.start(0.02)
-        self.addCleanup(lambda: loop.stop() if loop.running else None)
+        talk_in_loop(self, client, tone(hz, 1.0, RATE, 8000))
         return client
 
     def heard(self, client: CallClient, since: int, hz: float) -> bool:
         pcm = b"".join(f for _, f in client.frames[since:])
-        return len(pcm) >= 640 * 25 and power_at(pcm[-640 * 25:], hz) > 500
+        return len(pcm) >= 640 * 25 and power_at(np.frombuffer(pcm[-640 * 25:], dtype="<i2"), hz, RATE) > 500
 
     async def test_two_callers_hear_each_other_until_unbridged(self) -> None:
         workdir = os.path.abspath(self.mktemp())

@@ -7,9 +7,7 @@ each packet straight back, so the caller hears its own tone through the external
 
 from __future__ import annotations
 
-import math
 import os
-import struct
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -17,24 +15,12 @@ import numpy as np
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import LoopingCall
 from twisted.trial.unittest import TestCase
 
-from harness import BASE_CONFIG, connect, free_port, start_daemon
+from harness import BASE_CONFIG, connect, free_port, start_daemon, talk_in_loop
+from media_peer import power_at, tone
 
 RATE = 16000
-
-
-def tone_frames(hz: float, frames: int) -> list[bytes]:
-    samples = [int(8000 * math.sin(2 * math.pi * hz * i / RATE)) for i in range(frames * 320)]
-    pcm = struct.pack(f"<{len(samples)}h", *samples)
-    return [pcm[i:i + 640] for i in range(0, len(pcm), 640)]
-
-
-def power_at(pcm: bytes, hz: float) -> float:
-    x = np.frombuffer(pcm, dtype="<i2").astype(np.float64)
-    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
-    return float(spectrum[int(round(hz * len(x) / RATE))] / len(x))
 
 
 class EchoServer(WebSocketServerProtocol):
@@ -73,21 +59,11 @@ class MediaPassTests(TestCase):
             "url": url, "inputSampleRate": 8000, "outputSampleRate": 8000, "packetSize": 1280}}})
         await client.wait_event("answer", trackId="mp-1")
         await client.wait_event("trackStart", trackId="server-side-track")
-        frames = tone_frames(500.0, 50)
-        sent = [0]
-
-        def talk() -> None:
-            if client.state == client.STATE_OPEN:
-                client.sendMessage(frames[sent[0] % len(frames)], isBinary=True)
-                sent[0] += 1
-
-        loop = LoopingCall(talk)
-        loop.start(0.02)
-        self.addCleanup(lambda: loop.stop() if loop.running else None)
+        talk_in_loop(self, client, tone(500.0, 1.0, RATE, 8000))
 
         def echoed() -> bool:
             pcm = b"".join(f for _, f in client.frames)
-            return len(pcm) >= 640 * 25 and power_at(pcm[-640 * 25:], 500.0) > 500
+            return len(pcm) >= 640 * 25 and power_at(np.frombuffer(pcm[-640 * 25:], dtype="<i2"), 500.0, RATE) > 500
 
         await client.factory.waiters.wait(echoed, 10, "the caller's tone back through the external server")
         self.assertEqual(factory.queries[0]["token"], ["t1"])

@@ -11,31 +11,18 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 import os
-import struct
 from typing import Any
 
 import numpy as np
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet import reactor
-from twisted.internet.task import LoopingCall
 from twisted.trial.unittest import TestCase
 
-from harness import BASE_CONFIG, connect, start_daemon
+from harness import BASE_CONFIG, connect, start_daemon, talk_in_loop
+from media_peer import dominant_hz, tone
 
 RATE = 16000
-
-
-def tone(hz: float, rate: int, seconds: float, amplitude: int = 8000) -> bytes:
-    n = int(rate * seconds)
-    return struct.pack(f"<{n}h", *(int(amplitude * math.sin(2 * math.pi * hz * i / rate)) for i in range(n)))
-
-
-def dominant_hz(pcm: bytes, rate: int) -> float:
-    x = np.frombuffer(pcm, dtype="<i2").astype(np.float64)
-    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
-    return float(np.argmax(spectrum) * rate / len(x))
 
 
 class ScriptedRealtime(WebSocketServerProtocol):
@@ -54,7 +41,7 @@ class ScriptedRealtime(WebSocketServerProtocol):
             self.heard += base64.b64decode(message["audio"])
             if len(self.heard) >= 24000 * 2 * 3 // 10 and not self.answered:
                 self.answered = True
-                self.factory.heard_hz = dominant_hz(bytes(self.heard[-24000:]), 24000)
+                self.factory.heard_hz = dominant_hz(np.frombuffer(bytes(self.heard[-24000:]), dtype="<i2"), 24000)
                 self.answer()
 
     def send(self, message: dict[str, Any]) -> None:
@@ -64,7 +51,7 @@ class ScriptedRealtime(WebSocketServerProtocol):
         self.send({"type": "input_audio_buffer.speech_started", "audio_start_ms": 0, "item_id": "item_in"})
         self.send({"type": "response.created", "response": {"id": "resp_1"}})
         self.send({"type": "response.audio_transcript.delta", "item_id": "item_1", "delta": "Hello there"})
-        voice = tone(700.0, 24000, 0.6)
+        voice = tone(700.0, 0.6, 24000, 8000)
         for i in range(0, len(voice), 4800):
             self.send({"type": "response.audio.delta", "item_id": "item_1",
                        "delta": base64.b64encode(voice[i:i + 4800]).decode()})
@@ -93,18 +80,7 @@ class RealtimeTests(TestCase):
             "tools": [{"type": "function", "name": "hangup_call", "parameters": {"type": "object"}}],
             "extra": {"instructions": "Be brief.", "voice": "verse"}}}})
         await client.wait_event("answer", trackId="rt-1")
-        frames = tone(440.0, RATE, 1.0)
-        sent = [0]
-
-        def talk() -> None:
-            if client.state == client.STATE_OPEN:
-                offset = (sent[0] * 640) % len(frames)
-                client.sendMessage(frames[offset:offset + 640], isBinary=True)
-                sent[0] += 1
-
-        loop = LoopingCall(talk)
-        loop.start(0.02)
-        self.addCleanup(lambda: loop.stop() if loop.running else None)
+        talk_in_loop(self, client, tone(440.0, 1.0, RATE, 8000))
         await client.wait_event("speaking", trackId="rt-1")
         await client.wait_event("interrupt", receiver="rt-1")
         delta = await client.wait_event("asrDelta", trackId="rt-1")
@@ -115,7 +91,7 @@ class RealtimeTests(TestCase):
 
         def model_heard() -> bool:
             loud = [f for _, f in client.frames if np.abs(np.frombuffer(f, dtype="<i2")).max(initial=0) > 2000]
-            return len(loud) >= 25 and abs(dominant_hz(b"".join(loud[:25]), RATE) - 700.0) < 20
+            return len(loud) >= 25 and abs(dominant_hz(np.frombuffer(b"".join(loud[:25]), dtype="<i2"), RATE) - 700.0) < 20
 
         await client.factory.waiters.wait(model_heard, 10, "the model's 700 Hz voice")
         headers = factory.seen_headers[0]

@@ -17,7 +17,7 @@ from activecall.call.ambiance import Ambiance, AmbianceSettings, resolve_ambianc
 from activecall.call.controller import CallController
 from activecall.config import AmbianceConfig
 from activecall.options import AmbianceOption, CallOption, SynthesisOption
-from activecall.testing import fake_call_services, FakeDialer, FakeLeg, FakeRecorder, FakeSynthesizer
+from activecall.testing import fake_call_services, FakeDialer, FakeLeg, FakeRecorder, FakeSynthesizer, RecordingObserver
 
 SID = "s.ambiance"
 SST = "server-side-track"
@@ -41,26 +41,6 @@ def write_wav(path: str, data: bytes, rate: int = 16000) -> None:
         w.setsampwidth(2)
         w.setframerate(rate)
         w.writeframes(data)
-
-
-class Observer:
-    """Collects the domain events and client audio of one call."""
-
-    def __init__(self) -> None:
-        self.events: list[Any] = []
-        self.audio: list[bytes] = []
-
-    def call_event(self, event: Any) -> None:
-        self.events.append(event)
-
-    def client_audio(self, data: bytes) -> None:
-        self.audio.append(data)
-
-    def call_finished(self) -> None:
-        pass
-
-    def of(self, cls: type) -> list[Any]:
-        return [e for e in self.events if isinstance(e, cls)]
 
 
 class MixTests(SynchronousTestCase):
@@ -178,7 +158,7 @@ class CallAmbianceTests(SynchronousTestCase):
         write_wav(self.bg, pcm([LEVEL] * 8000))  # 0.5 s
         self.services = fake_call_services(self.clock, synthesizer=self.synth, dialers={"sip": self.dialer},
                                            inbound_legs=self.dialer, media_dirs=(self.media,))
-        self.obs = Observer()
+        self.obs = RecordingObserver()
 
     def answered(self, ambiance: AmbianceOption | None, **option: Any) -> tuple[CallController, FakeLeg]:
         c = CallController(SID, SST, "sip", self.services, self.obs, dialers=self.services.dialers)
@@ -252,7 +232,7 @@ class CallAmbianceTests(SynchronousTestCase):
         self.assertEqual(self.tick(leg, 3), [None] * 3)
         self.assertFalse(c.ended)
         c.hangup("byClient", "client")
-        self.obs = Observer()
+        self.obs = RecordingObserver()
         c, leg = self.answered(AmbianceOption(path=os.path.join(self.media, "missing.wav")))
         [(sender, _)] = self.errors()
         self.assertEqual(sender, "ambiance")
@@ -306,7 +286,7 @@ class CallAmbianceTests(SynchronousTestCase):
         self.assertIsNone(c.track.read_frame())
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
-        self.obs = Observer()
+        self.obs = RecordingObserver()
         loads: list[Deferred[Any]] = []
 
         def blocking(f: Any, *args: Any) -> Deferred[Any]:

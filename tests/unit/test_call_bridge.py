@@ -11,31 +11,11 @@ from activecall.call import events as ce
 from activecall.call.controller import CallController, NotAllowedError
 from activecall.control.dispatch import wire_event
 from activecall.options import CallOption
-from activecall.testing import FakeDialer, FakeLeg, FakeSynthesizer, fake_call_services
+from activecall.testing import FakeDialer, FakeLeg, FakeSynthesizer, fake_call_services, RecordingObserver
 
 A_FRAME = b"\x01\x00" * 320
 B_FRAME = b"\x02\x00" * 320
 AGENT = b"\x10\x00" * 320
-
-
-class Observer:
-    def __init__(self) -> None:
-        self.events: list[Any] = []
-
-    def call_event(self, event: Any) -> None:
-        self.events.append(event)
-
-    def client_audio(self, data: bytes) -> None:
-        pass
-
-    def call_finished(self) -> None:
-        pass
-
-    def of(self, cls: type) -> list[Any]:
-        return [e for e in self.events if isinstance(e, cls)]
-
-    def errors(self) -> list[str]:
-        return [e.message for e in self.of(ce.ErrorOccurred)]
 
 
 class _Source:
@@ -65,8 +45,8 @@ class BridgeTests(SynchronousTestCase):
         self.services = fake_call_services(self.clock, synthesizer=FakeSynthesizer(self.clock),
                                            dialers={"sip": self.dialer})
 
-    def call(self, sid: str, leg_rate: int = 16000) -> tuple[CallController, FakeLeg, Observer]:
-        obs = Observer()
+    def call(self, sid: str, leg_rate: int = 16000) -> tuple[CallController, FakeLeg, RecordingObserver]:
+        obs = RecordingObserver()
         c = CallController(sid, "server-side-track", "sip", self.services, obs, dialers=self.services.dialers)
         c.dial(CallOption(callee=f"sip:{sid}@example.com"))
         leg = FakeLeg()
@@ -134,7 +114,9 @@ class BridgeTests(SynchronousTestCase):
         a.bridge("s.a")
         a.bridge("s.x")
         self.assertEqual(a_obs.errors(), ["cannot bridge a call to itself", "bridge target session not found: s.x"])
-        fresh = CallController("s.c", "server-side-track", "sip", self.services, Observer(),
+        a.bridge("x" * 1_000_000)  # a hostile id is not echoed whole
+        self.assertEqual(a_obs.errors()[-1], "bridge target session not found: " + "x" * 256)
+        fresh = CallController("s.c", "server-side-track", "sip", self.services, RecordingObserver(),
                                dialers=self.services.dialers)
         self.assertRaises(NotAllowedError, fresh.bridge, "s.a")
         a.bridge("s.c")  # s.c has no leg yet

@@ -17,28 +17,11 @@ from activecall.options import (
 )
 from activecall.speech.interfaces import RecognitionError, Transcript
 from activecall.speech.registry import RecognizerRegistry
-from activecall.testing import fake_call_services, FakeDialer, FakeLeg, FakeRecognizer, FakeSynthesizer, FakeVadEngine
+from activecall.testing import fake_call_services, FakeDialer, FakeLeg, FakeRecognizer, FakeSynthesizer, FakeVadEngine, RecordingObserver
 
 SID = "s.hear"
 FRAME_16K = b"\x10\x00" * 320
 TTS = SynthesisOption(provider="fake")
-
-
-class Observer:
-    def __init__(self) -> None:
-        self.events: list[Any] = []
-
-    def call_event(self, event: Any) -> None:
-        self.events.append(event)
-
-    def client_audio(self, data: bytes) -> None:
-        pass
-
-    def call_finished(self) -> None:
-        pass
-
-    def of(self, cls: type) -> list[Any]:
-        return [e for e in self.events if isinstance(e, cls)]
 
 
 class _Case(SynchronousTestCase):
@@ -57,7 +40,7 @@ class _Case(SynchronousTestCase):
         self.dialer = FakeDialer()
         self.services = fake_call_services(self.clock, synthesizer=self.synth, dialers={"sip": self.dialer},
                                            recognizers=recognizers, vad=self.vad)
-        self.obs = Observer()
+        self.obs = RecordingObserver()
 
     def call(self, leg_rate: int = 16000, **option: Any) -> tuple[CallController, FakeLeg]:
         c = CallController(SID, "sst", "sip", self.services, self.obs, dialers=self.services.dialers)

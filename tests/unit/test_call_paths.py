@@ -16,34 +16,10 @@ from activecall.call import events as ce
 from activecall.call.controller import CallController, NotAllowedError
 from activecall.media.tracks import IInboundLeg, LegRejectedError, LegSetupError
 from activecall.options import CallOption, RecorderOption, ReferOption, SipOption
-from activecall.testing import fake_call_services, FakeDialer, FakeLeg, FakePending, FakeRecorder, FakeSynthesizer
+from activecall.testing import fake_call_services, FakeDialer, FakeLeg, FakePending, FakeRecorder, FakeSynthesizer, RecordingObserver
 
 SID = "s.paths"
 SST = "server-side-track"
-
-
-class Observer:
-    """Collects the domain events and client audio of one call."""
-
-    def __init__(self) -> None:
-        self.events: list[Any] = []
-        self.audio: list[bytes] = []
-        self.finished = False
-
-    def call_event(self, event: Any) -> None:
-        self.events.append(event)
-
-    def client_audio(self, data: bytes) -> None:
-        self.audio.append(data)
-
-    def call_finished(self) -> None:
-        self.finished = True
-
-    def of(self, cls: type) -> list[Any]:
-        return [e for e in self.events if isinstance(e, cls)]
-
-    def kinds(self) -> list[str]:
-        return [type(e).__name__ for e in self.events]
 
 
 class _Case(SynchronousTestCase):
@@ -54,7 +30,7 @@ class _Case(SynchronousTestCase):
         self.dialer = FakeDialer()
         self.services = fake_call_services(self.clock, synthesizer=self.synth, dialers={"sip": self.dialer},
                                            inbound_legs=self.dialer)
-        self.obs = Observer()
+        self.obs = RecordingObserver()
 
     def controller(self, pending: Any = None) -> CallController:
         return CallController(SID, SST, "sip", self.services, self.obs, dialers=self.services.dialers, pending=pending)
@@ -105,7 +81,7 @@ class OutboundTests(_Case):
         ended = self.obs.of(ce.CallEnded)[0]
         self.assertEqual(ended.rang_at, rang)
         self.assertEqual(wire_event(ended).to_json()["ringingTime"], "2023-11-14T22:13:20.000000+00:00")
-        self.obs = Observer()
+        self.obs = RecordingObserver()
         c, _ = self.answered_outbound()
         c.hangup("byClient", "client")
         self.assertNotIn("ringingTime", wire_event(self.obs.of(ce.CallEnded)[0]).to_json())
@@ -250,7 +226,7 @@ class InboundTests(_Case):
         leg.events.ended("hangup")
         self.assertEqual(pending.log, [("cancelled", SID)])
         self.assertEqual(self.obs.of(ce.CallEnded)[0].reason, "canceled")
-        self.obs = Observer()
+        self.obs = RecordingObserver()
         c = self.controller()
         leg = FakeLeg()
         c.answer(CallOption(), call=leg)
@@ -273,7 +249,7 @@ class InboundTests(_Case):
         c.ring()
         c.hangup("byClient", "client")
         self.assertEqual(pending.log, [("reject", 487)])
-        self.obs = Observer()
+        self.obs = RecordingObserver()
         leg = FakeLeg()
         pending = FakePending({SID: leg})
         c = self.controller(pending)

@@ -43,7 +43,7 @@ class SessionTests(SynchronousTestCase):
 
         from activecall.call.controller import CallController
         from activecall.options import CallOption
-        from activecall.testing import FakeDialer, FakeLeg, FakeSynthesizer, fake_call_services
+        from activecall.testing import FakeDialer, FakeLeg, FakeSynthesizer, RecordingObserver, fake_call_services
 
         self.rng = random.Random(3)
         self.clock = Clock()
@@ -66,19 +66,9 @@ class SessionTests(SynchronousTestCase):
             return succeed(Conn())
 
         services.open_websocket = open_websocket
-        self.events: list[Any] = []
-
-        class Observer:
-            def call_event(self, event: Any) -> None:
-                test.events.append(event)
-
-            def client_audio(self, data: bytes) -> None:
-                pass
-
-            def call_finished(self) -> None:
-                pass
-
-        self.call = CallController("rt", "server-side-track", "sip", services, Observer(), dialers=services.dialers)
+        observer = RecordingObserver()
+        self.events = observer.events
+        self.call = CallController("rt", "server-side-track", "sip", services, observer, dialers=services.dialers)
         self.call.dial(CallOption(callee="sip:x@example.com",
                                   realtime=RealtimeOption(provider="ws://127.0.0.1:9/rt", secret_key="k")))
         self.leg = FakeLeg()

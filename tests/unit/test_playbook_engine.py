@@ -20,23 +20,9 @@ from activecall.options import CallOption
 from activecall.playbook.engine import EngineServices, PlaybookEngine
 from activecall.playbook.model import parse_playbook, render_playbook
 from activecall.playbook.prompt import PromptTexts
-from activecall.testing import fake_call_services, FakeDialer, FakeLeg, FakeSynthesizer
+from activecall.testing import fake_call_services, FakeDialer, FakeLeg, FakeSynthesizer, RecordingObserver
 
 SID = "s.engine"
-
-
-class _Observer:
-    def __init__(self) -> None:
-        self.events: list[Any] = []
-
-    def call_event(self, event: Any) -> None:
-        self.events.append(event)
-
-    def client_audio(self, data: bytes) -> None:
-        pass
-
-    def call_finished(self) -> None:
-        pass
 
 
 class _Request:
@@ -146,7 +132,7 @@ class _Case(SynchronousTestCase):
         self.dialer = FakeDialer()
         self.services = fake_call_services(self.clock, synthesizer=self.synth, dialers={"sip": self.dialer},
                                            inbound_legs=self.dialer)
-        self.obs = _Observer()
+        self.obs = RecordingObserver()
         self.chat = FakeChat()
         self.http_calls: list[tuple[Any, ...]] = []
         self.posthooks: list[PlaybookEngine] = []
